@@ -1,0 +1,597 @@
+//! The CPU backend: f32 compute, parallel over blocks with rayon, dense per-block math
+//! through faer. Used when there is no GPU, and as a fast second opinion in tests.
+//!
+//! Every operation validates all of its arguments before it writes anything: on error the
+//! caller's buffers are unchanged. Operations that need scratch memory take a
+//! [`Workspace`] sized by their `*_workspace_size` query and never allocate.
+
+mod workspace;
+
+pub use workspace::Workspace;
+
+use faer::dyn_stack::{MemStack, StackReq};
+use faer::linalg::cholesky::llt;
+use faer::linalg::matmul::triangular::BlockStructure;
+use faer::linalg::matmul::{matmul, triangular};
+use faer::reborrow::{Reborrow, ReborrowMut};
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use crate::dtype::Element;
+use crate::error::{check_finite, check_len, check_min_len, Error, Result};
+use crate::layout::{check_block_size, BlockLayout, FactorSet};
+use workspace::{for_each_group, workspace_size};
+
+/// Rows of an f16 / bf16 input converted to f32 at a time by [`accumulate`].
+const ACCUMULATE_CHUNK_ROWS: usize = 256;
+
+/// Finds the first non-finite element of a row-major `rows x cols` view with row stride `ld`.
+fn find_non_finite<E: Element>(
+    x: &[E],
+    rows: usize,
+    cols: usize,
+    ld: usize,
+) -> Option<(usize, usize)> {
+    (0..rows).into_par_iter().find_map_first(|r| {
+        x[r * ld..r * ld + cols]
+            .iter()
+            .position(|v| !v.to_f32().is_finite())
+            .map(|c| (r, c))
+    })
+}
+
+fn non_finite_error(arg: &'static str, at: (usize, usize)) -> Error {
+    Error::invalid(
+        arg,
+        format!("non-finite value at row {}, column {}", at.0, at.1),
+    )
+}
+
+/// Splits a dense row-major `d x d` factor (row stride `ld >= d`) into its padded diagonal
+/// blocks, `out` being `[nb, b, b]`. Rows and columns past `d` are identity.
+///
+/// Errors on shape mismatches and on a non-finite element in the diagonal blocks read.
+pub fn split(dense: &[f32], ld: usize, layout: &BlockLayout, out: &mut [f32]) -> Result<()> {
+    let (d, b) = (layout.dim(), layout.block());
+    if ld < d {
+        return Err(Error::shape("ld", format!(">= {d}"), ld));
+    }
+    check_min_len("dense", (d - 1) * ld + d, dense.len())?;
+    check_len("out", layout.buffer_len(), out.len())?;
+    if let Some(at) = find_non_finite(dense, d, d, ld) {
+        return Err(non_finite_error("dense", at));
+    }
+    out.par_chunks_mut(b * b).enumerate().for_each(|(j, s)| {
+        let w = layout.valid(j);
+        for (r, row) in s.chunks_exact_mut(b).enumerate() {
+            row.fill(0.0);
+            if r < w {
+                let src = (j * b + r) * ld + j * b;
+                row[..w].copy_from_slice(&dense[src..src + w]);
+            } else {
+                row[r] = 1.0;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Merges `[nb, b, b]` diagonal blocks back into a dense row-major `d x d` matrix (row
+/// stride `ld >= d`): the block-diagonal entries from the blocks, zero elsewhere.
+pub fn merge(blocks: &[f32], layout: &BlockLayout, dense: &mut [f32], ld: usize) -> Result<()> {
+    let (d, b) = (layout.dim(), layout.block());
+    if ld < d {
+        return Err(Error::shape("ld", format!(">= {d}"), ld));
+    }
+    check_len("blocks", layout.buffer_len(), blocks.len())?;
+    check_min_len("dense", (d - 1) * ld + d, dense.len())?;
+    let dense = &mut dense[..(d - 1) * ld + d];
+    dense.par_chunks_mut(ld).enumerate().for_each(|(gr, row)| {
+        let j = gr / b;
+        let w = layout.valid(j);
+        let row = &mut row[..d];
+        row.fill(0.0);
+        let src = j * b * b + (gr % b) * b;
+        row[j * b..j * b + w].copy_from_slice(&blocks[src..src + w]);
+    });
+    Ok(())
+}
+
+/// Traces of every block of a set (`block_traces`, padding included) and of every factor
+/// (`factor_traces`, the factor's real diagonal only), in one pass.
+pub fn traces(
+    set: &FactorSet,
+    blocks: &[f32],
+    block_traces: &mut [f32],
+    factor_traces: &mut [f32],
+) -> Result<()> {
+    let b = set.block();
+    check_len("blocks", set.buffer_len(), blocks.len())?;
+    check_len("block_traces", set.total_blocks(), block_traces.len())?;
+    check_len("factor_traces", set.len(), factor_traces.len())?;
+    let diag = |blk: usize, i: usize| blocks[blk * b * b + i * b + i];
+    if let Some(blk) = (0..set.total_blocks())
+        .into_par_iter()
+        .find_first(|&blk| (0..b).any(|i| !diag(blk, i).is_finite()))
+    {
+        return Err(Error::invalid(
+            "blocks",
+            format!("block {blk} has a non-finite diagonal element"),
+        ));
+    }
+    block_traces
+        .par_iter_mut()
+        .enumerate()
+        .for_each(|(blk, t)| *t = (0..b).map(|i| diag(blk, i)).sum());
+    factor_traces
+        .par_iter_mut()
+        .zip(set.entries())
+        .for_each(|(t, e)| {
+            let sum: f64 = (0..e.layout.dim())
+                .map(|i| diag(e.first_block + i / b, i % b) as f64)
+                .sum();
+            *t = sum as f32;
+        });
+    Ok(())
+}
+
+/// Workspace bytes [`accumulate`] needs for inputs of type `E` with this layout.
+pub fn accumulate_workspace_size<E: Element>(layout: &BlockLayout) -> usize {
+    if E::DTYPE == crate::dtype::DType::F32 {
+        0
+    } else {
+        workspace_size(ACCUMULATE_CHUNK_ROWS * layout.block() * 4, layout.blocks())
+    }
+}
+
+/// Fused covariance accumulation into the block layout: for every diagonal block `j`,
+/// `S_j <- beta * S_j + alpha * X_j^T X_j`, with `X_j` the j-th `b`-column slice of the
+/// row-major `rows x d` input `x` (row stride `ld >= d`). Padding is set to identity and
+/// `block_traces[j]` receives the trace of the updated block (padding included).
+///
+/// Each symmetric block is computed once (lower triangle) and mirrored. f16 and bf16
+/// inputs are widened to f32 in chunks of rows; accumulation is f32.
+///
+/// Errors on shape mismatches, `rows == 0`, non-finite `alpha` / `beta`, a non-finite
+/// element of `x`, or a workspace smaller than [`accumulate_workspace_size`].
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate<E: Element>(
+    x: &[E],
+    rows: usize,
+    ld: usize,
+    layout: &BlockLayout,
+    alpha: f32,
+    beta: f32,
+    blocks: &mut [f32],
+    block_traces: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let (d, b) = (layout.dim(), layout.block());
+    if rows == 0 {
+        return Err(Error::invalid("rows", "at least one row is needed"));
+    }
+    if ld < d {
+        return Err(Error::shape("ld", format!(">= {d}"), ld));
+    }
+    check_finite("alpha", alpha as f64)?;
+    check_finite("beta", beta as f64)?;
+    check_min_len("x", (rows - 1) * ld + d, x.len())?;
+    check_len("blocks", layout.buffer_len(), blocks.len())?;
+    check_len("block_traces", layout.blocks(), block_traces.len())?;
+    let need = accumulate_workspace_size::<E>(layout);
+    if need > 0 && ws.len() < workspace::slot_bytes(ACCUMULATE_CHUNK_ROWS * b * 4) {
+        return Err(Error::shape(
+            "workspace",
+            format!("at least {need} bytes"),
+            format!("{} bytes", ws.len()),
+        ));
+    }
+    if let Some(at) = find_non_finite(x, rows, d, ld) {
+        return Err(non_finite_error("x", at));
+    }
+    let per_slot = if need == 0 {
+        0
+    } else {
+        ACCUMULATE_CHUNK_ROWS * b * 4
+    };
+    for_each_group(
+        blocks,
+        b * b,
+        block_traces,
+        1,
+        layout.blocks(),
+        ws,
+        per_slot,
+        |range, out, tr, stack| {
+            for (k, j) in range.enumerate() {
+                let s = &mut out[k * b * b..(k + 1) * b * b];
+                let w = layout.valid(j);
+                let mut sm = MatMut::from_row_major_slice_mut(s, b, b);
+                let mut sw = sm.rb_mut().submatrix_mut(0, 0, w, w);
+                // Lower triangle: S <- beta * S, then S += alpha * X_j^T X_j.
+                for c in 0..w {
+                    for r in c..w {
+                        sw[(r, c)] = if beta == 0.0 { 0.0 } else { beta * sw[(r, c)] };
+                    }
+                }
+                let col0 = j * b;
+                if E::DTYPE == crate::dtype::DType::F32 {
+                    // SAFETY: E is f32 (checked through its DTYPE); the sealed trait admits
+                    // exactly one type with that DTYPE, so the cast is an identity.
+                    let xf: &[f32] =
+                        unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) };
+                    let xj = MatRef::from_row_major_slice_with_stride(&xf[col0..], rows, w, ld);
+                    syrk_lower(sw.rb_mut(), xj, alpha);
+                } else {
+                    let (mut chunk, _) = stack.make_with::<f32>(ACCUMULATE_CHUNK_ROWS * w, |_| 0.0);
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let n = ACCUMULATE_CHUNK_ROWS.min(rows - r0);
+                        for (i, dst) in chunk.chunks_exact_mut(w).take(n).enumerate() {
+                            let src = &x[(r0 + i) * ld + col0..(r0 + i) * ld + col0 + w];
+                            for (o, v) in dst.iter_mut().zip(src) {
+                                *o = v.to_f32();
+                            }
+                        }
+                        let xc = MatRef::from_row_major_slice(&chunk[..n * w], n, w);
+                        syrk_lower(sw.rb_mut(), xc, alpha);
+                        r0 += n;
+                    }
+                }
+                mirror_and_pad(s, b, w);
+                tr[k] = (0..b).map(|i| s[i * b + i]).sum();
+            }
+        },
+    )
+}
+
+/// `dst(lower) += alpha * x^T x`.
+fn syrk_lower(dst: MatMut<'_, f32>, x: MatRef<'_, f32>, alpha: f32) {
+    triangular::matmul(
+        dst,
+        BlockStructure::TriangularLower,
+        Accum::Add,
+        x.transpose(),
+        BlockStructure::Rectangular,
+        x,
+        BlockStructure::Rectangular,
+        alpha,
+        Par::Seq,
+    );
+}
+
+/// Copies the lower triangle of the top-left `w x w` of a `b x b` block to its upper
+/// triangle (bit for bit) and sets everything past `w` to identity.
+fn mirror_and_pad(s: &mut [f32], b: usize, w: usize) {
+    for r in 0..b {
+        for c in r + 1..b {
+            s[r * b + c] = if c < w { s[c * b + r] } else { 0.0 };
+        }
+        if r >= w {
+            for c in 0..r {
+                s[r * b + c] = 0.0;
+            }
+            s[r * b + r] = 1.0;
+        }
+    }
+}
+
+/// Damping for [`invert`]: one value for every block, or one per block.
+#[derive(Debug, Clone, Copy)]
+pub enum Damping<'a> {
+    /// The same damping for every block.
+    Uniform(f32),
+    /// `damping[j]` for block `j` (see [`FactorSet::damping_per_block`]).
+    PerBlock(&'a [f32]),
+}
+
+impl Damping<'_> {
+    pub(crate) fn validate(&self, blocks: usize) -> Result<()> {
+        let check = |v: f32| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(Error::invalid(
+                    "damping",
+                    format!("must be finite and >= 0, got {v}"),
+                ))
+            }
+        };
+        match *self {
+            Damping::Uniform(v) => check(v),
+            Damping::PerBlock(d) => {
+                check_len("damping", blocks, d.len())?;
+                d.iter().try_for_each(|&v| check(v))
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, j: usize) -> f32 {
+        match *self {
+            Damping::Uniform(v) => v,
+            Damping::PerBlock(d) => d[j],
+        }
+    }
+}
+
+fn invert_stack_req(b: usize) -> StackReq {
+    StackReq::new::<f32>(b * b)
+        .and(llt::factor::cholesky_in_place_scratch::<f32>(
+            b,
+            Par::Seq,
+            Default::default(),
+        ))
+        .and(llt::inverse::inverse_scratch::<f32>(b, Par::Seq))
+}
+
+/// Workspace bytes [`invert`] needs for `blocks` blocks of `b x b`.
+pub fn invert_workspace_size(b: usize, blocks: usize) -> usize {
+    workspace_size(invert_stack_req(b).unaligned_bytes_required(), blocks)
+}
+
+/// Batched damped Cholesky inversion: for every `b x b` block `j` of `input` (`[nb, b, b]`),
+/// `out_j = (S_j + l_j I)^-1` through `S + l I = L L^T`, `L^-1`, `L^-T L^-1`, written as a
+/// full symmetric block (lower triangle computed, mirrored bit for bit). Reads the lower
+/// triangle of each input block only.
+///
+/// `info[j]` receives 0, or the LAPACK-style 1-based pivot that was not positive and finite
+/// (a non-SPD, NaN or Inf block); such a block's output is left as it was before the call.
+/// Use [`check_info`] to turn a failure into an error.
+pub fn invert(
+    b: usize,
+    input: &[f32],
+    damping: Damping<'_>,
+    out: &mut [f32],
+    info: &mut [i32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    check_block_size(b)?;
+    let nb = info.len();
+    check_len("input", nb * b * b, input.len())?;
+    check_len("out", nb * b * b, out.len())?;
+    invert_impl(b, Some(input), damping, out, info, ws)
+}
+
+/// [`invert`] in place: `blocks` is overwritten with the inverses, except failed blocks,
+/// which keep their input values.
+pub fn invert_in_place(
+    b: usize,
+    blocks: &mut [f32],
+    damping: Damping<'_>,
+    info: &mut [i32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    check_block_size(b)?;
+    check_len("blocks", info.len() * b * b, blocks.len())?;
+    invert_impl(b, None, damping, blocks, info, ws)
+}
+
+fn invert_impl(
+    b: usize,
+    input: Option<&[f32]>,
+    damping: Damping<'_>,
+    out: &mut [f32],
+    info: &mut [i32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    let nb = info.len();
+    if nb == 0 {
+        return Err(Error::invalid("info", "at least one block is needed"));
+    }
+    damping.validate(nb)?;
+    let req = invert_stack_req(b);
+    for_each_group(
+        out,
+        b * b,
+        info,
+        1,
+        nb,
+        ws,
+        req.unaligned_bytes_required(),
+        |range, o, inf, stack| {
+            for (k, j) in range.enumerate() {
+                let dst = &mut o[k * b * b..(k + 1) * b * b];
+                let src: &[f32] = match input {
+                    Some(inp) => &inp[j * b * b..(j + 1) * b * b],
+                    None => dst,
+                };
+                let (mut l, stack) = stack.make_with::<f32>(b * b, |_| 0.0);
+                let pivot = factor_block(src, b, damping.get(j), &mut l, stack);
+                inf[k] = pivot as i32;
+                if pivot == 0 {
+                    let lref = MatRef::from_row_major_slice(&l, b, b);
+                    let mut x = MatMut::from_row_major_slice_mut(dst, b, b);
+                    llt::inverse::inverse(x.rb_mut(), lref, Par::Seq, stack);
+                    // faer writes the lower triangle; mirror it.
+                    for r in 0..b {
+                        for c in r + 1..b {
+                            dst[r * b + c] = dst[c * b + r];
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Copies the damped lower triangle of `src` into `l` and factors it. Returns 0, or the
+/// 1-based pivot that was not positive and finite.
+fn factor_block(src: &[f32], b: usize, damping: f32, l: &mut [f32], stack: &mut MemStack) -> usize {
+    // A non-finite entry in row r of the lower triangle makes pivot r + 1 non-finite in exact
+    // Cholesky arithmetic, unless an earlier pivot fails first; factor the finite leading
+    // part to find out which.
+    let bad_row = (0..b).find(|&r| (0..=r).any(|c| !src[r * b + c].is_finite()));
+    let n = bad_row.unwrap_or(b);
+    for r in 0..b {
+        for c in 0..b {
+            l[r * b + c] = if c <= r { src[r * b + c] } else { 0.0 };
+        }
+        l[r * b + r] += damping;
+    }
+    if n > 0 {
+        let lm = MatMut::from_row_major_slice_mut(l, b, b).submatrix_mut(0, 0, n, n);
+        match llt::factor::cholesky_in_place(
+            lm,
+            Default::default(),
+            Par::Seq,
+            stack,
+            Default::default(),
+        ) {
+            Err(llt::factor::LltError::NonPositivePivot { index }) => return index + 1,
+            Ok(_) => {
+                if let Some(p) = (0..n).find(|&i| !(l[i * b + i] > 0.0 && l[i * b + i].is_finite()))
+                {
+                    return p + 1;
+                }
+            }
+        }
+    }
+    match bad_row {
+        Some(r) => r + 1,
+        None => 0,
+    }
+}
+
+/// Turns the first failed block of an `info` array into [`Error::NotPositiveDefinite`].
+pub fn check_info(info: &[i32]) -> Result<()> {
+    match info.iter().position(|&p| p != 0) {
+        Some(block) => Err(Error::NotPositiveDefinite {
+            block,
+            pivot: info[block] as usize,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Workspace bytes [`apply`] needs for a gradient of `out_dim x in_dim` whose output side
+/// is split at `g_block` (or processed in panels of 128 rows when there is no G side).
+pub fn apply_workspace_size(g_block: Option<usize>, out_dim: usize, in_dim: usize) -> usize {
+    let rb = g_block.unwrap_or(128);
+    workspace_size(rb * in_dim * 4, out_dim.div_ceil(rb))
+}
+
+/// The preconditioner apply for one layer:
+/// `out = scale * blockdiag(G^-1) * grad * blockdiag(A^-1)`.
+///
+/// `grad` and `out` are row-major `[out_dim, in_dim]`. `g_inv` holds the inverse blocks of
+/// the output-side factor (dimension `out_dim`), `a_inv` those of the input-side factor
+/// (dimension `in_dim`); a side given as `None` is the identity. Padding never touches the
+/// gradient: each inverse block is used cropped to its real rows and columns.
+#[allow(clippy::too_many_arguments)]
+pub fn apply(
+    g_inv: Option<(&BlockLayout, &[f32])>,
+    grad: &[f32],
+    a_inv: Option<(&BlockLayout, &[f32])>,
+    out_dim: usize,
+    in_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    if out_dim == 0 || in_dim == 0 {
+        return Err(Error::invalid(
+            "out_dim/in_dim",
+            "gradient must not be empty",
+        ));
+    }
+    check_finite("scale", scale as f64)?;
+    check_len("grad", out_dim * in_dim, grad.len())?;
+    check_len("out", out_dim * in_dim, out.len())?;
+    for (side, arg, dim) in [(g_inv, "g_inv", out_dim), (a_inv, "a_inv", in_dim)] {
+        if let Some((layout, blocks)) = side {
+            if layout.dim() != dim {
+                return Err(Error::shape(
+                    arg,
+                    format!("dim {dim}"),
+                    format!("dim {}", layout.dim()),
+                ));
+            }
+            check_len(arg, layout.buffer_len(), blocks.len())?;
+        }
+    }
+    if let Some(at) = find_non_finite(grad, out_dim, in_dim, in_dim) {
+        return Err(non_finite_error("grad", at));
+    }
+    let rb = g_inv.map(|(l, _)| l.block()).unwrap_or(128);
+    let n_panels = out_dim.div_ceil(rb);
+    let per_slot = rb * in_dim * 4;
+    for_each_group(
+        out,
+        rb * in_dim,
+        &mut [] as &mut [u8],
+        0,
+        n_panels,
+        ws,
+        per_slot,
+        |range, o, _, stack| {
+            let (mut t, _) = stack.make_with::<f32>(rb * in_dim, |_| 0.0);
+            for (k, i) in range.enumerate() {
+                let r0 = i * rb;
+                let wi = rb.min(out_dim - r0);
+                let gi = MatRef::from_row_major_slice(
+                    &grad[r0 * in_dim..(r0 + wi) * in_dim],
+                    wi,
+                    in_dim,
+                );
+                let mut tm = MatMut::from_row_major_slice_mut(&mut t[..wi * in_dim], wi, in_dim);
+                match g_inv {
+                    Some((_, blocks)) => {
+                        let gb = MatRef::from_row_major_slice(
+                            &blocks[i * rb * rb..(i + 1) * rb * rb],
+                            rb,
+                            rb,
+                        )
+                        .submatrix(0, 0, wi, wi);
+                        matmul(tm.rb_mut(), Accum::Replace, gb, gi, scale, Par::Seq);
+                    }
+                    None => {
+                        for r in 0..wi {
+                            for c in 0..in_dim {
+                                tm[(r, c)] = scale * gi[(r, c)];
+                            }
+                        }
+                    }
+                }
+                let dst = &mut o[k * rb * in_dim..k * rb * in_dim + wi * in_dim];
+                match a_inv {
+                    Some((layout, blocks)) => {
+                        let ba = layout.block();
+                        let mut om = MatMut::from_row_major_slice_mut(dst, wi, in_dim);
+                        for jb in 0..layout.blocks() {
+                            let c0 = jb * ba;
+                            let wj = layout.valid(jb);
+                            let ab = MatRef::from_row_major_slice(
+                                &blocks[jb * ba * ba..(jb + 1) * ba * ba],
+                                ba,
+                                ba,
+                            )
+                            .submatrix(0, 0, wj, wj);
+                            matmul(
+                                om.rb_mut().submatrix_mut(0, c0, wi, wj),
+                                Accum::Replace,
+                                tm.rb().submatrix(0, c0, wi, wj),
+                                ab,
+                                1.0,
+                                Par::Seq,
+                            );
+                        }
+                    }
+                    None => dst.copy_from_slice(&t[..wi * in_dim]),
+                }
+            }
+        },
+    )
+}
+
+impl FactorSet {
+    /// Expands one damping value per factor into one per block, for [`Damping::PerBlock`].
+    pub fn damping_per_block(&self, per_factor: &[f32]) -> Result<Vec<f32>> {
+        check_len("per_factor", self.len(), per_factor.len())?;
+        Ok(self
+            .entries()
+            .iter()
+            .zip(per_factor)
+            .flat_map(|(e, &l)| std::iter::repeat_n(l, e.layout.blocks()))
+            .collect())
+    }
+}

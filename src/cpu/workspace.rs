@@ -1,0 +1,115 @@
+//! Scratch memory for the CPU backend, allocated once by the caller and reused every step.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use faer::dyn_stack::MemStack;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Scratch memory for CPU operations that need it.
+///
+/// Size it with the operation's `*_workspace_size` query, once, outside the training loop;
+/// operations never allocate. A workspace may be shared by every operation whose size
+/// query it satisfies.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    buf: Vec<MaybeUninit<u8>>,
+}
+
+impl Workspace {
+    /// A workspace of `bytes` bytes.
+    pub fn new(bytes: usize) -> Self {
+        let mut buf = Vec::new();
+        buf.resize(bytes, MaybeUninit::uninit());
+        Self { buf }
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether it holds no memory at all.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+/// Alignment of each per-thread slot inside a workspace.
+const SLOT_ALIGN: usize = 64;
+
+/// Parallel slots a workspace is sized for: one per rayon worker.
+pub(crate) fn slot_count() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Bytes of one slot that holds `bytes` of scratch plus alignment slack.
+pub(crate) fn slot_bytes(bytes: usize) -> usize {
+    if bytes == 0 {
+        0
+    } else {
+        (bytes + SLOT_ALIGN).next_multiple_of(SLOT_ALIGN)
+    }
+}
+
+/// The workspace size for an operation whose every parallel slot needs `per_slot` bytes.
+pub(crate) fn workspace_size(per_slot: usize, items: usize) -> usize {
+    slot_bytes(per_slot) * slot_count().min(items.max(1))
+}
+
+/// One group's share: its index, outputs, auxiliary outputs and scratch.
+type Part<'a, T, U> = (usize, &'a mut [T], &'a mut [U], &'a mut [MaybeUninit<u8>]);
+
+/// Runs `f` over `n_items` work items split into contiguous groups, in parallel, each group
+/// with its own slot of the workspace. `out` holds `item_len` elements per item (the last
+/// item may be shorter) and `aux` holds `aux_len` per item (0 when unused); both are split
+/// along with the items, so each group writes only its own items.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn for_each_group<T: Send, U: Send>(
+    out: &mut [T],
+    item_len: usize,
+    aux: &mut [U],
+    aux_len: usize,
+    n_items: usize,
+    ws: &mut Workspace,
+    per_slot: usize,
+    f: impl Fn(Range<usize>, &mut [T], &mut [U], &mut MemStack) + Sync,
+) -> Result<()> {
+    if n_items == 0 {
+        return Ok(());
+    }
+    let sb = slot_bytes(per_slot);
+    let slots = ws.len().checked_div(sb).unwrap_or_else(slot_count);
+    if slots == 0 {
+        return Err(Error::shape(
+            "workspace",
+            format!("at least {sb} bytes (use the operation's workspace_size query)"),
+            format!("{} bytes", ws.len()),
+        ));
+    }
+    let per_group = n_items.div_ceil(slots.min(n_items));
+    let groups = n_items.div_ceil(per_group);
+    // A handful of pointers per call (one entry per worker), not a data-sized allocation.
+    let mut parts: Vec<Part<'_, T, U>> = Vec::with_capacity(groups);
+    let (mut o, mut a, mut w) = (out, aux, &mut ws.buf[..]);
+    for g in 0..groups {
+        let items = per_group.min(n_items - g * per_group);
+        let (oh, ot) = o.split_at_mut((items * item_len).min(o.len()));
+        let (ah, at) = a.split_at_mut((items * aux_len).min(a.len()));
+        let (wh, wt) = w.split_at_mut(sb.min(w.len()));
+        parts.push((g, oh, ah, wh));
+        (o, a, w) = (ot, at, wt);
+    }
+    parts.into_par_iter().for_each(|(g, o, a, w)| {
+        let start = g * per_group;
+        f(
+            start..(start + per_group).min(n_items),
+            o,
+            a,
+            MemStack::new(w),
+        )
+    });
+    Ok(())
+}

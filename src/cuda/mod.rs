@@ -1,0 +1,297 @@
+//! The CUDA backend: device handle, kernel module loading, raw launchers and safe ops.
+//!
+//! Everything is loaded at run time (`cudarc` with dynamic loading): a machine without
+//! CUDA builds and runs the crate, and [`CudaDevice::new`] returns [`Error::NoDevice`].
+//!
+//! Kernels come from the fatbin that `build.rs` embedded (nvcc), or, when none was built or
+//! `THOR_KERNEL_SOURCE=nvrtc` is set, from the embedded source compiled by NVRTC for the
+//! device's architecture on first use. Modules are loaded lazily, once per device handle.
+
+mod ops;
+pub mod raw;
+pub(crate) mod tuning;
+
+pub use ops::DeviceFactorSet;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::error::{Error, Result};
+
+/// The kernel modules compiled into this build.
+pub mod kernels {
+    /// One kernel module: a `kernels/*.cu` file.
+    #[derive(Debug)]
+    pub struct KernelModule {
+        /// The file stem (`split`, `trace`).
+        pub name: &'static str,
+        /// The CUDA C++ source with local includes inlined, for NVRTC.
+        pub source: &'static str,
+        /// The fatbin nvcc built at compile time, if nvcc was available.
+        pub fatbin: Option<&'static [u8]>,
+    }
+
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+    /// The module called `name`, if this build has it.
+    pub fn find(name: &str) -> Option<&'static KernelModule> {
+        MODULES.iter().find(|m| m.name == name)
+    }
+}
+
+impl From<DriverError> for Error {
+    fn from(e: DriverError) -> Self {
+        Error::Driver(format!("{e:?}"))
+    }
+}
+
+/// Whether the CUDA driver library can be loaded on this machine. False means no CUDA work
+/// is possible; true does not yet mean a device exists.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether the NVRTC library can be loaded on this machine.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the NVRTC library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles a kernel module's source to PTX with NVRTC for `compute_<arch>`.
+///
+/// The include path for CUDA headers comes from `THOR_NVRTC_INCLUDE`, else
+/// `$CUDA_HOME/include`, else `/usr/local/cuda/include`, when the folder exists.
+pub fn compile_nvrtc(module: &kernels::KernelModule, arch: u32) -> Result<Ptx> {
+    if !nvrtc_present() {
+        return Err(Error::KernelLoad(
+            "libnvrtc not found (install the CUDA NVRTC library or put it on LD_LIBRARY_PATH)"
+                .into(),
+        ));
+    }
+    let include = std::env::var("THOR_NVRTC_INCLUDE")
+        .ok()
+        .or_else(|| {
+            std::env::var("CUDA_HOME")
+                .ok()
+                .map(|h| format!("{h}/include"))
+        })
+        .unwrap_or_else(|| "/usr/local/cuda/include".into());
+    let mut opts = CompileOptions {
+        name: Some(format!("{}.cu", module.name)),
+        options: vec![
+            format!("--gpu-architecture=compute_{arch}"),
+            "--std=c++17".into(),
+        ],
+        ..Default::default()
+    };
+    if std::path::Path::new(&include).is_dir() {
+        opts.include_paths.push(include);
+    }
+    cudarc::nvrtc::compile_ptx_with_opts(module.source, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => Error::KernelLoad(format!(
+            "NVRTC failed on {}.cu:\n{}",
+            module.name,
+            log.to_string_lossy()
+        )),
+        other => Error::KernelLoad(format!("NVRTC failed on {}.cu: {other:?}", module.name)),
+    })
+}
+
+/// Where kernel code comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The embedded fatbin when this build has one, else NVRTC.
+    Auto,
+    /// The embedded fatbin only.
+    Fatbin,
+    /// NVRTC on the embedded source.
+    Nvrtc,
+}
+
+impl KernelSource {
+    /// From `THOR_KERNEL_SOURCE` (`fatbin`, `nvrtc`, anything else or unset: `Auto`).
+    pub fn from_env() -> Self {
+        match std::env::var("THOR_KERNEL_SOURCE").as_deref() {
+            Ok("fatbin") => KernelSource::Fatbin,
+            Ok("nvrtc") => KernelSource::Nvrtc,
+            _ => KernelSource::Auto,
+        }
+    }
+}
+
+/// A CUDA device: its context, the stream every operation is queued on, and a cache of
+/// loaded kernel modules.
+///
+/// Operations are asynchronous on the stream; copies back to the host synchronize.
+#[derive(Debug)]
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: u32,
+    source: KernelSource,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal` with a stream of its own.
+    ///
+    /// Returns [`Error::NoDevice`] when the driver library is missing, the driver finds no
+    /// device, or `ordinal` is out of range.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let ctx = Self::context(ordinal)?;
+        let stream = ctx.new_stream()?;
+        Self::with_stream(ctx, stream)
+    }
+
+    /// Opens device `ordinal` and queues all work on `stream`, a stream owned by another
+    /// framework (PyTorch's current stream, say), in the device's primary context.
+    ///
+    /// # Safety
+    /// `stream` must be a valid CUDA stream of device `ordinal`'s primary context and must
+    /// outlive the returned handle and every buffer used with it. Ordering with work the
+    /// owner queues elsewhere is the caller's business.
+    pub unsafe fn wrap_borrowed_stream(
+        ordinal: usize,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<Self> {
+        let ctx = Self::context(ordinal)?;
+        // SAFETY: the caller guarantees the stream is valid, belongs to this context and
+        // outlives the handle.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream) };
+        Self::with_stream(ctx, stream)
+    }
+
+    fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+        if !driver_present() {
+            return Err(Error::NoDevice(
+                "the CUDA driver library (libcuda) is not installed".into(),
+            ));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| Error::NoDevice(format!("driver initialisation failed: {e:?}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice(format!(
+                "device {ordinal} requested, {count} present"
+            )));
+        }
+        CudaContext::new(ordinal)
+            .map_err(|e| Error::NoDevice(format!("cannot open device {ordinal}: {e:?}")))
+    }
+
+    fn with_stream(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+        let (major, minor) = ctx.compute_capability()?;
+        Ok(Self {
+            ctx,
+            stream,
+            arch: (major * 10 + minor) as u32,
+            source: KernelSource::from_env(),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Chooses where kernels come from for modules not yet loaded.
+    pub fn set_kernel_source(&mut self, source: KernelSource) {
+        self.source = source;
+    }
+
+    /// The device's name, as the driver reports it.
+    pub fn name(&self) -> Result<String> {
+        Ok(self.ctx.name()?)
+    }
+
+    /// Compute capability as one number (90 for sm_90).
+    pub fn arch(&self) -> u32 {
+        self.arch
+    }
+
+    /// The stream all work is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context_handle(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for all queued work; surfaces any asynchronous kernel error.
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Copies host data into a new device buffer.
+    pub fn upload<T: cudarc::driver::DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        Ok(self.stream.clone_htod(host)?)
+    }
+
+    /// Copies a device buffer into `host` (same length) and waits for it.
+    pub fn download_into<T: cudarc::driver::DeviceRepr>(
+        &self,
+        dev: &CudaSlice<T>,
+        host: &mut [T],
+    ) -> Result<()> {
+        crate::error::check_len("host", dev.len(), host.len())?;
+        self.stream.memcpy_dtoh(dev, host)?;
+        self.synchronize()
+    }
+
+    /// Copies a device buffer into a new host vector and waits for it.
+    pub fn download<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        dev: &CudaSlice<T>,
+    ) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); dev.len()];
+        self.download_into(dev, &mut v)?;
+        Ok(v)
+    }
+
+    /// A new zero-filled device buffer of `len` elements.
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        Ok(self.stream.alloc_zeros(len)?)
+    }
+
+    /// The kernel `function` of module `module`, loading the module on first use.
+    pub fn function(&self, module: &'static str, function: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut cache = self
+                .modules
+                .lock()
+                .map_err(|_| Error::KernelLoad("module cache poisoned".into()))?;
+            match cache.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self.load_module(module)?;
+                    cache.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        m.load_function(function).map_err(|e| {
+            Error::KernelLoad(format!("function {function} in module {module}: {e:?}"))
+        })
+    }
+
+    fn load_module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
+        let module = kernels::find(name)
+            .ok_or_else(|| Error::KernelLoad(format!("no kernel module {name} in this build")))?;
+        let image = match (self.source, module.fatbin) {
+            (KernelSource::Auto | KernelSource::Fatbin, Some(fb)) => Ptx::from_binary(fb.to_vec()),
+            (KernelSource::Fatbin, None) => {
+                return Err(Error::KernelLoad(format!(
+                    "module {name}: this build has no fatbin (built without nvcc)"
+                )))
+            }
+            (KernelSource::Auto | KernelSource::Nvrtc, _) => compile_nvrtc(module, self.arch)?,
+        };
+        self.ctx.load_module(image).map_err(|e| {
+            Error::KernelLoad(format!("loading module {name} on sm_{}: {e:?}", self.arch))
+        })
+    }
+}

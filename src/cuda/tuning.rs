@@ -1,0 +1,15 @@
+//! Launch shapes of every kernel, in one place. Each choice carries the measurement that
+//! chose it; none has been measured on a GPU yet, so these are the reasoned first picks.
+//!
+//! Must agree with the `#define`s of the matching `kernels/*.cu`.
+
+/// split / merge: one 32 x 32 tile per thread block (SPLIT_TILE), 32 x 8 threads
+/// (SPLIT_ROWS): each warp moves 128 contiguous bytes per row, 4 rows per thread.
+/// Not yet measured on a GPU.
+pub const SPLIT_TILE: u32 = 32;
+/// Rows of threads per split / merge thread block.
+pub const SPLIT_ROWS: u32 = 8;
+
+/// trace: 8 warps per factor (TRACE_WARPS), one factor per thread block.
+/// Not yet measured on a GPU (the whole ResNet-50 set is 654 x 128 diagonal loads).
+pub const TRACE_WARPS: u32 = 8;

@@ -1,0 +1,109 @@
+//! The crate's one error type.
+
+use std::fmt;
+
+/// Every fallible operation of the crate returns this error.
+///
+/// Errors name the offending argument and, for shapes, the expected and actual
+/// values, so that a caller can fix the call without reading the source.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An argument has an impossible value (a block size outside {32, 64, 128, 256},
+    /// negative damping, a non-finite scalar or input element, an empty input, ...).
+    #[error("invalid argument `{arg}`: {reason}")]
+    InvalidArgument {
+        /// The argument's name as it appears in the API.
+        arg: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A buffer or dimension does not match what the other arguments imply.
+    #[error("shape mismatch for `{arg}`: expected {expected}, got {actual}")]
+    Shape {
+        /// The argument's name as it appears in the API.
+        arg: &'static str,
+        /// What the other arguments imply.
+        expected: String,
+        /// What was passed.
+        actual: String,
+    },
+    /// A damped block was not positive definite.
+    #[error("block {block} is not positive definite (pivot {pivot} is not positive)")]
+    NotPositiveDefinite {
+        /// Index of the first failing block in the batch.
+        block: usize,
+        /// LAPACK-style 1-based index of the pivot that was not positive.
+        pivot: usize,
+    },
+    /// No usable CUDA driver or device.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    /// A kernel module could not be compiled or loaded.
+    #[error("kernel load failed: {0}")]
+    KernelLoad(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error: {0}")]
+    Driver(String),
+}
+
+/// Shorthand for `Result<T, thor_kernels::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::InvalidArgument`] for `arg`.
+    pub fn invalid(arg: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            arg,
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`Error::Shape`] for `arg`.
+    pub fn shape(
+        arg: &'static str,
+        expected: impl fmt::Display,
+        actual: impl fmt::Display,
+    ) -> Self {
+        Error::Shape {
+            arg,
+            expected: expected.to_string(),
+            actual: actual.to_string(),
+        }
+    }
+}
+
+/// Checks that `buf_len == expected`, naming `arg` otherwise.
+pub(crate) fn check_len(arg: &'static str, expected: usize, buf_len: usize) -> Result<()> {
+    if buf_len == expected {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            arg,
+            format!("{expected} elements"),
+            format!("{buf_len} elements"),
+        ))
+    }
+}
+
+/// Checks that `buf_len >= needed`, naming `arg` otherwise.
+pub(crate) fn check_min_len(arg: &'static str, needed: usize, buf_len: usize) -> Result<()> {
+    if buf_len >= needed {
+        Ok(())
+    } else {
+        Err(Error::shape(
+            arg,
+            format!("at least {needed} elements"),
+            format!("{buf_len} elements"),
+        ))
+    }
+}
+
+/// Checks that a scalar is finite, naming `arg` otherwise.
+pub(crate) fn check_finite(arg: &'static str, value: f64) -> Result<()> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(arg, format!("must be finite, got {value}")))
+    }
+}

@@ -1,0 +1,26 @@
+//! # thor-kernels
+//!
+//! Kernels for THOR (Chen et al., "THOR, Trace-Based Hardware-Driven Layer-Oriented Natural
+//! Gradient Descent Computation", AAAI 2021): block-diagonal Fisher factors, their fused
+//! accumulation and traces, batched damped Cholesky inversion, and the preconditioner apply,
+//! on CUDA GPUs (kernels in `kernels/`, loaded through `cudarc`) and on the CPU.
+//!
+//! Layers, from the bottom: [`layout`] (sizes, offsets, padding), [`reference`] (f64 oracle),
+//! [`cpu`] (the CPU backend), [`cuda`] (device, module loading, kernels), and [`backend`]
+//! (one trait over both, chosen at run time).
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod cpu;
+pub mod cuda;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod reference;
+pub mod shapes;
+
+pub use backend::{Backend, BackendKind};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use layout::{BlockLayout, FactorEntry, FactorSet, SUPPORTED_BLOCK_SIZES};
