@@ -1,0 +1,107 @@
+//! Helpers shared by the integration tests: seeded random inputs, error measures, GPU gating.
+#![allow(dead_code)]
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+
+/// A fresh generator for one case; the seed mixes the case's parameters.
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
+}
+
+/// `n` standard normal f32 values.
+pub fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
+}
+
+/// Widens to f64.
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Relative Frobenius error `||out - ref|| / ||ref||`; NaN anywhere gives infinity.
+pub fn rel_err(out: &[f32], reference: &[f64]) -> f64 {
+    assert_eq!(out.len(), reference.len(), "length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&o, &r) in out.iter().zip(reference) {
+        if !o.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (o as f64 - r).powi(2);
+        den += r * r;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// A symmetric positive definite `b x b` matrix with eigenvalues spread geometrically
+/// from 1 to `cond` (condition number `cond`), built as `Q diag Q^T` with a random
+/// orthogonal Q (Householder reflections), in f64.
+pub fn spd(rng: &mut StdRng, b: usize, cond: f64) -> Vec<f64> {
+    let mut m = vec![0.0; b * b];
+    for i in 0..b {
+        let t = if b > 1 {
+            i as f64 / (b - 1) as f64
+        } else {
+            0.0
+        };
+        m[i * b + i] = cond.powf(t);
+    }
+    for _ in 0..3 {
+        let v: Vec<f64> = (0..b)
+            .map(|_| rng.sample::<f64, _>(StandardNormal))
+            .collect();
+        let vv: f64 = v.iter().map(|x| x * x).sum();
+        // H = I - 2 v v^T / (v^T v);  M <- H M H
+        let mut hm = m.clone();
+        for c in 0..b {
+            let dot: f64 = (0..b).map(|k| v[k] * m[k * b + c]).sum();
+            for r in 0..b {
+                hm[r * b + c] = m[r * b + c] - 2.0 * v[r] * dot / vv;
+            }
+        }
+        for r in 0..b {
+            let dot: f64 = (0..b).map(|k| hm[r * b + k] * v[k]).sum();
+            for c in 0..b {
+                m[r * b + c] = hm[r * b + c] - 2.0 * dot * v[c] / vv;
+            }
+        }
+    }
+    // Exact symmetry.
+    for r in 0..b {
+        for c in 0..r {
+            let a = 0.5 * (m[r * b + c] + m[c * b + r]);
+            m[r * b + c] = a;
+            m[c * b + r] = a;
+        }
+    }
+    m
+}
+
+/// NaN-filled buffer, so that any element a kernel fails to write fails the comparison.
+pub fn poisoned(n: usize) -> Vec<f32> {
+    vec![f32::NAN; n]
+}
+
+/// Whether GPU tests must run (THOR_REQUIRE_GPU=1) rather than skip.
+pub fn gpu_required() -> bool {
+    std::env::var("THOR_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Opens device 0, or prints why the test is skipped (panics under THOR_REQUIRE_GPU=1).
+pub fn gpu_or_skip(test: &str) -> Option<thor_kernels::cuda::CudaDevice> {
+    match thor_kernels::cuda::CudaDevice::new(0) {
+        Ok(d) => Some(d),
+        Err(e) if gpu_required() => panic!("{test}: THOR_REQUIRE_GPU=1 but no GPU: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no usable GPU ({e}); set THOR_REQUIRE_GPU=1 to make this a failure");
+            None
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The CPU backend against the f64 reference, on sizes that miss tile boundaries.
+
+mod common;
+
+use common::*;
+use half::{bf16, f16};
+use thor_kernels::cpu::{self, Damping, Workspace};
+use thor_kernels::layout::{BlockLayout, FactorSet, SUPPORTED_BLOCK_SIZES};
+use thor_kernels::{reference, Element};
+
+fn dims(b: usize) -> [usize; 5] {
+    [1, b - 1, b, b + 1, 3 * b + 5]
+}
+
+#[test]
+fn split_and_merge_match_reference() {
+    for b in SUPPORTED_BLOCK_SIZES {
+        for d in dims(b) {
+            let mut r = rng((b * 1000 + d) as u64);
+            let layout = BlockLayout::new(d, b).unwrap();
+            let ld = d + 2;
+            let dense = normal(&mut r, d * ld);
+            let tight: Vec<f32> = (0..d * d).map(|k| dense[(k / d) * ld + k % d]).collect();
+            let want = reference::split(&f64s(&tight), &layout).unwrap();
+            let mut blocks = poisoned(layout.buffer_len());
+            cpu::split(&dense, ld, &layout, &mut blocks).unwrap();
+            assert_eq!(rel_err(&blocks, &want), 0.0, "split b={b} d={d}");
+            let want = reference::merge(&want, &layout).unwrap();
+            let mut merged = poisoned(d * ld);
+            cpu::merge(&blocks, &layout, &mut merged, ld).unwrap();
+            let merged_tight: Vec<f32> = (0..d * d).map(|k| merged[(k / d) * ld + k % d]).collect();
+            assert_eq!(rel_err(&merged_tight, &want), 0.0, "merge b={b} d={d}");
+        }
+    }
+}
+
+#[test]
+fn traces_match_reference() {
+    for b in SUPPORTED_BLOCK_SIZES {
+        let dims = dims(b);
+        let set = FactorSet::new(b, &dims).unwrap();
+        let mut r = rng(b as u64);
+        let blocks = normal(&mut r, set.buffer_len());
+        let mut bt = poisoned(set.total_blocks());
+        let mut ft = poisoned(set.len());
+        cpu::traces(&set, &blocks, &mut bt, &mut ft).unwrap();
+        let wb = reference::block_traces(&f64s(&blocks), b).unwrap();
+        let wf = reference::factor_traces(&set, &f64s(&blocks)).unwrap();
+        // Sums of up to 256 (blocks) and 773 (factors) standard normals: compare absolutely
+        // at f32 resolution of the magnitudes summed.
+        for (g, w) in bt.iter().zip(&wb) {
+            assert!(
+                (*g as f64 - w).abs() < 1e-4 * b as f64,
+                "block trace {g} vs {w}"
+            );
+        }
+        for (g, w) in ft.iter().zip(&wf) {
+            assert!(
+                (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()) * 10.0,
+                "factor trace {g} vs {w}"
+            );
+        }
+    }
+}
+
+fn accumulate_case<E: Element>(n: usize, d: usize, b: usize, beta: f32, tol: f64, seed: u64) {
+    let mut r = rng(seed);
+    let layout = BlockLayout::new(d, b).unwrap();
+    let ld = d + 3;
+    let x32 = normal(&mut r, n * ld);
+    let x: Vec<E> = x32.iter().map(|&v| E::from_f32(v)).collect();
+    let xr: Vec<f64> = x.iter().map(|v| v.to_f32() as f64).collect();
+    let prev = {
+        // A valid previous statistic: symmetric, so the blocks mean something.
+        let mut p = normal(&mut r, layout.buffer_len());
+        for j in 0..layout.blocks() {
+            for rr in 0..b {
+                for cc in 0..rr {
+                    p[j * b * b + cc * b + rr] = p[j * b * b + rr * b + cc];
+                }
+            }
+        }
+        p
+    };
+    let alpha = 1.0 / n as f32;
+    let mut want = f64s(&prev);
+    reference::accumulate(&xr, n, ld, &layout, alpha as f64, beta as f64, &mut want).unwrap();
+    let mut blocks = if beta == 0.0 {
+        poisoned(layout.buffer_len())
+    } else {
+        prev.clone()
+    };
+    let mut traces = poisoned(layout.blocks());
+    let mut ws = Workspace::new(cpu::accumulate_workspace_size::<E>(&layout));
+    cpu::accumulate(
+        &x,
+        n,
+        ld,
+        &layout,
+        alpha,
+        beta,
+        &mut blocks,
+        &mut traces,
+        &mut ws,
+    )
+    .unwrap();
+    let err = rel_err(&blocks, &want);
+    assert!(
+        err < tol,
+        "{:?} n={n} d={d} b={b} beta={beta}: rel err {err:e}",
+        E::DTYPE
+    );
+    let wt = reference::block_traces(&want, b).unwrap();
+    let terr = rel_err(&traces, &wt);
+    assert!(terr < tol, "traces n={n} d={d} b={b}: rel err {terr:e}");
+    // Bitwise symmetric blocks, identity padding.
+    for j in 0..layout.blocks() {
+        let w = layout.valid(j);
+        for rr in 0..b {
+            for cc in 0..b {
+                let v = blocks[j * b * b + rr * b + cc];
+                assert_eq!(v.to_bits(), blocks[j * b * b + cc * b + rr].to_bits());
+                if rr >= w || cc >= w {
+                    assert_eq!(v, if rr == cc { 1.0 } else { 0.0 });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn accumulate_f32_matches_reference() {
+    let mut seed = 0;
+    for b in SUPPORTED_BLOCK_SIZES {
+        for d in dims(b) {
+            for (n, beta) in [(1, 0.0), (7, 0.95), (1000, 0.0)] {
+                seed += 1;
+                accumulate_case::<f32>(n, d, b, beta, 1e-5, seed);
+            }
+        }
+    }
+    accumulate_case::<f32>(65537, 33, 32, 0.95, 1e-5, 9999);
+}
+
+#[test]
+fn accumulate_half_inputs_match_reference() {
+    for b in [32, 128] {
+        for d in [b - 1, b + 1] {
+            accumulate_case::<f16>(1000, d, b, 0.0, 1e-5, 500 + d as u64);
+            accumulate_case::<bf16>(1000, d, b, 0.95, 1e-5, 600 + d as u64);
+        }
+    }
+    accumulate_case::<bf16>(65537, 33, 32, 0.0, 1e-5, 700);
+}
+
+#[test]
+fn invert_matches_reference_residual() {
+    for b in SUPPORTED_BLOCK_SIZES {
+        let nb = 3;
+        let mut r = rng(40 + b as u64);
+        let conds = [1.0, 1e2, 1e4];
+        let mut s = Vec::new();
+        for &c in &conds {
+            s.extend(spd(&mut r, b, c));
+        }
+        let s32: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+        let s_used = f64s(&s32);
+        let damping = [0.0f32, 1e-3, 0.1];
+        let mut out = poisoned(nb * b * b);
+        let mut info = vec![-1; nb];
+        let mut ws = Workspace::new(cpu::invert_workspace_size(b, nb));
+        cpu::invert(
+            b,
+            &s32,
+            Damping::PerBlock(&damping),
+            &mut out,
+            &mut info,
+            &mut ws,
+        )
+        .unwrap();
+        assert_eq!(info, vec![0; nb]);
+        for j in 0..nb {
+            let blk = &out[j * b * b..(j + 1) * b * b];
+            let res = reference::inverse_residual(
+                &s_used[j * b * b..(j + 1) * b * b],
+                &f64s(blk),
+                b,
+                damping[j] as f64,
+            );
+            assert!(res < 1e-4, "b={b} cond={}: residual {res:e}", conds[j]);
+            for rr in 0..b {
+                for cc in 0..rr {
+                    assert_eq!(blk[rr * b + cc].to_bits(), blk[cc * b + rr].to_bits());
+                }
+            }
+        }
+        // In place gives the same bits.
+        let mut inplace = s32.clone();
+        let mut info2 = vec![-1; nb];
+        cpu::invert_in_place(
+            b,
+            &mut inplace,
+            Damping::PerBlock(&damping),
+            &mut info2,
+            &mut ws,
+        )
+        .unwrap();
+        assert_eq!(info2, info);
+        assert!(inplace
+            .iter()
+            .zip(&out)
+            .all(|(a, c)| a.to_bits() == c.to_bits()));
+    }
+}
+
+#[test]
+fn invert_reports_bad_blocks_and_leaves_them_untouched() {
+    let b = 32;
+    let mut r = rng(77);
+    let good = spd(&mut r, b, 10.0);
+    let mut blocks: Vec<f32> = Vec::new();
+    let mut nonspd = good.clone();
+    nonspd[3 * b + 3] = -100.0;
+    let mut nan = good.clone();
+    nan[10 * b + 4] = f64::NAN;
+    nan[4 * b + 10] = f64::NAN;
+    let mut inf = good.clone();
+    inf[0] = f64::INFINITY;
+    for m in [&good, &nonspd, &nan, &inf, &good] {
+        blocks.extend(m.iter().map(|&v| v as f32));
+    }
+    let nb = 5;
+    let (_, want_info) = reference::invert_blocks(&f64s(&blocks), b, &[0.0; 5]).unwrap();
+    assert_eq!(want_info, vec![0, 4, 11, 1, 0]);
+    let before = vec![7.0f32; nb * b * b];
+    let mut out = before.clone();
+    let mut info = vec![-1; nb];
+    let mut ws = Workspace::new(cpu::invert_workspace_size(b, nb));
+    cpu::invert(
+        b,
+        &blocks,
+        Damping::Uniform(0.0),
+        &mut out,
+        &mut info,
+        &mut ws,
+    )
+    .unwrap();
+    assert_eq!(info, want_info);
+    for j in [1, 2, 3] {
+        assert!(
+            out[j * b * b..(j + 1) * b * b].iter().all(|&v| v == 7.0),
+            "failed block {j} was written"
+        );
+    }
+    for j in [0, 4] {
+        assert!(out[j * b * b..(j + 1) * b * b]
+            .iter()
+            .all(|v| v.is_finite()));
+    }
+    assert_eq!(
+        cpu::check_info(&info),
+        Err(thor_kernels::Error::NotPositiveDefinite { block: 1, pivot: 4 })
+    );
+}
+
+#[test]
+fn apply_matches_reference_on_odd_shapes() {
+    let mut seed = 900;
+    for b in [32, 64] {
+        for (out_dim, in_dim) in [
+            (1, 1),
+            (b - 1, b + 1),
+            (b + 1, 3 * b + 5),
+            (2 * b, 1),
+            (5, b),
+        ] {
+            for sides in 0..4 {
+                seed += 1;
+                let mut r = rng(seed);
+                let gl = BlockLayout::new(out_dim, b).unwrap();
+                let al = BlockLayout::new(in_dim, b).unwrap();
+                let g = normal(&mut r, gl.buffer_len());
+                let a = normal(&mut r, al.buffer_len());
+                let grad = normal(&mut r, out_dim * in_dim);
+                let gs = (sides & 1 == 1).then_some((&gl, &g[..]));
+                let as_ = (sides & 2 == 2).then_some((&al, &a[..]));
+                let g64 = f64s(&g);
+                let a64 = f64s(&a);
+                let mut want = reference::apply(
+                    gs.map(|_| (&gl, &g64[..])),
+                    &f64s(&grad),
+                    as_.map(|_| (&al, &a64[..])),
+                    out_dim,
+                    in_dim,
+                )
+                .unwrap();
+                want.iter_mut().for_each(|v| *v *= 0.25);
+                let mut out = poisoned(out_dim * in_dim);
+                let mut ws =
+                    Workspace::new(cpu::apply_workspace_size(gs.map(|_| b), out_dim, in_dim));
+                cpu::apply(gs, &grad, as_, out_dim, in_dim, 0.25, &mut out, &mut ws).unwrap();
+                let err = rel_err(&out, &want);
+                assert!(
+                    err < 1e-5,
+                    "apply b={b} {out_dim}x{in_dim} sides={sides}: {err:e}"
+                );
+            }
+        }
+    }
+}
