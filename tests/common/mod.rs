@@ -1,6 +1,16 @@
 //! Helpers shared by the integration tests: seeded random inputs, error measures, GPU gating.
 #![allow(dead_code)]
 
+/// Prints a skip notice straight to the process's stderr, past the test harness's output
+/// capture, so that a skipped GPU test is visible in every log.
+#[macro_export]
+macro_rules! skip_note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -100,7 +110,7 @@ pub fn gpu_or_skip(test: &str) -> Option<thor_kernels::cuda::CudaDevice> {
         Ok(d) => Some(d),
         Err(e) if gpu_required() => panic!("{test}: THOR_REQUIRE_GPU=1 but no GPU: {e}"),
         Err(e) => {
-            eprintln!("SKIPPED {test}: no usable GPU ({e}); set THOR_REQUIRE_GPU=1 to make this a failure");
+            skip_note!("SKIPPED {test}: no usable GPU ({e}); set THOR_REQUIRE_GPU=1 to make this a failure");
             None
         }
     }

@@ -1,0 +1,222 @@
+//! Bad input gives a typed error naming the argument and leaves the caller's buffers as
+//! they were; nothing panics.
+
+mod common;
+
+use common::*;
+use thor_kernels::cpu::{self, Damping, Workspace};
+use thor_kernels::layout::{BlockLayout, FactorSet};
+use thor_kernels::Error;
+
+fn arg_of(e: &Error) -> &'static str {
+    match e {
+        Error::InvalidArgument { arg, .. } | Error::Shape { arg, .. } => arg,
+        other => panic!("expected an argument error, got {other:?}"),
+    }
+}
+
+#[test]
+fn layout_errors_are_typed() {
+    assert_eq!(arg_of(&BlockLayout::new(10, 100).unwrap_err()), "block");
+    assert_eq!(arg_of(&BlockLayout::new(0, 32).unwrap_err()), "dim");
+    assert_eq!(arg_of(&FactorSet::new(32, &[]).unwrap_err()), "dims");
+    let msg = BlockLayout::new(10, 100).unwrap_err().to_string();
+    assert!(
+        msg.contains("100") && msg.contains("[32, 64, 128, 256]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn split_rejects_bad_shapes_and_non_finite_values() {
+    let layout = BlockLayout::new(40, 32).unwrap();
+    let mut out = vec![3.0f32; layout.buffer_len()];
+    let short = vec![1.0f32; 40 * 40 - 1];
+    assert_eq!(
+        arg_of(&cpu::split(&short, 40, &layout, &mut out).unwrap_err()),
+        "dense"
+    );
+    let dense = vec![1.0f32; 40 * 40];
+    assert_eq!(
+        arg_of(&cpu::split(&dense, 39, &layout, &mut out).unwrap_err()),
+        "ld"
+    );
+    let mut small = vec![3.0f32; 10];
+    assert_eq!(
+        arg_of(&cpu::split(&dense, 40, &layout, &mut small).unwrap_err()),
+        "out"
+    );
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut d = dense.clone();
+        d[7 * 40 + 9] = bad;
+        let e = cpu::split(&d, 40, &layout, &mut out).unwrap_err();
+        assert_eq!(arg_of(&e), "dense");
+        assert!(e.to_string().contains("row 7, column 9"), "{e}");
+    }
+    assert!(out.iter().all(|&v| v == 3.0), "output touched on error");
+}
+
+#[test]
+fn accumulate_rejects_bad_input_and_keeps_statistics() {
+    let layout = BlockLayout::new(50, 32).unwrap();
+    let mut r = rng(1);
+    let x = normal(&mut r, 20 * 50);
+    let before = normal(&mut r, layout.buffer_len());
+    let mut blocks = before.clone();
+    let mut tr = vec![5.0f32; layout.blocks()];
+    let mut ws = Workspace::new(0);
+    let mut run = |x: &[f32], rows: usize, ld: usize, alpha: f32, beta: f32| {
+        cpu::accumulate(
+            x,
+            rows,
+            ld,
+            &layout,
+            alpha,
+            beta,
+            &mut blocks,
+            &mut tr,
+            &mut ws,
+        )
+        .unwrap_err()
+    };
+    assert_eq!(arg_of(&run(&x, 0, 50, 1.0, 0.0)), "rows");
+    assert_eq!(arg_of(&run(&x, 21, 50, 1.0, 0.0)), "x");
+    assert_eq!(arg_of(&run(&x, 20, 49, 1.0, 0.0)), "ld");
+    assert_eq!(arg_of(&run(&x, 20, 50, f32::NAN, 0.0)), "alpha");
+    assert_eq!(arg_of(&run(&x, 20, 50, 1.0, f32::INFINITY)), "beta");
+    let mut xn = x.clone();
+    xn[13 * 50 + 49] = f32::NAN;
+    assert_eq!(arg_of(&run(&xn, 20, 50, 1.0, 0.5)), "x");
+    assert!(blocks
+        .iter()
+        .zip(&before)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(tr.iter().all(|&v| v == 5.0));
+    // f16 input with a workspace that is too small.
+    let xh: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let mut tiny = Workspace::new(16);
+    let e = cpu::accumulate(
+        &xh,
+        20,
+        50,
+        &layout,
+        1.0,
+        0.0,
+        &mut blocks,
+        &mut tr,
+        &mut tiny,
+    )
+    .unwrap_err();
+    assert_eq!(arg_of(&e), "workspace");
+    assert!(blocks
+        .iter()
+        .zip(&before)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+#[test]
+fn invert_rejects_bad_damping_and_empty_input() {
+    let b = 32;
+    let mut r = rng(2);
+    let s: Vec<f32> = spd(&mut r, b, 10.0).iter().map(|&v| v as f32).collect();
+    let before = vec![9.0f32; b * b];
+    let mut out = before.clone();
+    let mut info = vec![-7; 1];
+    let mut ws = Workspace::new(cpu::invert_workspace_size(b, 1));
+    for d in [-1.0, f32::NAN, f32::INFINITY] {
+        let e = cpu::invert(b, &s, Damping::Uniform(d), &mut out, &mut info, &mut ws).unwrap_err();
+        assert_eq!(arg_of(&e), "damping");
+    }
+    let e = cpu::invert(
+        b,
+        &s,
+        Damping::PerBlock(&[0.1, 0.2]),
+        &mut out,
+        &mut info,
+        &mut ws,
+    )
+    .unwrap_err();
+    assert_eq!(arg_of(&e), "damping");
+    let e = cpu::invert(48, &s, Damping::Uniform(0.0), &mut out, &mut info, &mut ws).unwrap_err();
+    assert_eq!(arg_of(&e), "block");
+    let e = cpu::invert(b, &[], Damping::Uniform(0.0), &mut [], &mut [], &mut ws).unwrap_err();
+    assert_eq!(arg_of(&e), "info");
+    let mut none = Workspace::new(0);
+    let e = cpu::invert(b, &s, Damping::Uniform(0.0), &mut out, &mut info, &mut none).unwrap_err();
+    assert_eq!(arg_of(&e), "workspace");
+    assert_eq!(out, before);
+    assert_eq!(info, vec![-7]);
+}
+
+#[test]
+fn traces_and_apply_reject_bad_input() {
+    let set = FactorSet::new(32, &[40, 3]).unwrap();
+    let mut blocks = vec![1.0f32; set.buffer_len()];
+    let mut bt = vec![2.0f32; set.total_blocks()];
+    let mut ft = vec![2.0f32; set.len()];
+    blocks[32 * 32 + 5 * 32 + 5] = f32::NAN;
+    let e = cpu::traces(&set, &blocks, &mut bt, &mut ft).unwrap_err();
+    assert!(e.to_string().contains("block 1"), "{e}");
+    let e = cpu::traces(&set, &blocks[1..], &mut bt, &mut ft).unwrap_err();
+    assert_eq!(arg_of(&e), "blocks");
+    assert!(bt.iter().chain(&ft).all(|&v| v == 2.0));
+
+    let gl = BlockLayout::new(4, 32).unwrap();
+    let al = BlockLayout::new(6, 32).unwrap();
+    let g = vec![0.5f32; gl.buffer_len()];
+    let a = vec![0.5f32; al.buffer_len()];
+    let mut grad = vec![1.0f32; 24];
+    let mut out = vec![4.0f32; 24];
+    let mut ws = Workspace::new(cpu::apply_workspace_size(Some(32), 4, 6));
+    // The G factor of the wrong dimension.
+    let e = cpu::apply(
+        Some((&al, &a)),
+        &grad,
+        Some((&al, &a)),
+        4,
+        6,
+        1.0,
+        &mut out,
+        &mut ws,
+    )
+    .unwrap_err();
+    assert_eq!(arg_of(&e), "g_inv");
+    let e = cpu::apply(
+        Some((&gl, &g)),
+        &grad,
+        Some((&al, &a)),
+        4,
+        6,
+        f32::NAN,
+        &mut out,
+        &mut ws,
+    )
+    .unwrap_err();
+    assert_eq!(arg_of(&e), "scale");
+    let e = cpu::apply(
+        Some((&gl, &g)),
+        &grad,
+        Some((&al, &a)),
+        0,
+        6,
+        1.0,
+        &mut out,
+        &mut ws,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { .. }));
+    grad[3] = f32::INFINITY;
+    let e = cpu::apply(
+        Some((&gl, &g)),
+        &grad,
+        Some((&al, &a)),
+        4,
+        6,
+        1.0,
+        &mut out,
+        &mut ws,
+    )
+    .unwrap_err();
+    assert_eq!(arg_of(&e), "grad");
+    assert!(out.iter().all(|&v| v == 4.0));
+}
