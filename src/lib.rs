@@ -5,7 +5,7 @@
 //! accumulation and traces, batched damped Cholesky inversion, and the preconditioner apply,
 //! on CUDA GPUs (kernels in `kernels/`, loaded through `cudarc`) and on the CPU.
 //!
-//! Layers, from the bottom: [`layout`] (sizes, offsets, padding), [`reference`] (f64 oracle),
+//! Layers, from the bottom: [`layout`] (sizes, offsets, padding), [`reference`](mod@reference) (f64 oracle),
 //! [`cpu`] (the CPU backend), [`cuda`] (device, module loading, kernels), and [`backend`]
 //! (one trait over both, chosen at run time).
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Builds release test, bench and example binaries with the kernels prebuilt by nvcc, and
+# gathers them with scripts/gpu-run.sh into gpu-bundle/ (ignored by git, kept under 60 MiB),
+# for a machine with a GPU and no Rust:
+#
+#   scripts/gpu-bundle.sh            # -> gpu-bundle/
+#   (on the GPU machine) gpu-bundle/run.sh OUTDIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-cuda.sh >/dev/null
+# shellcheck source=cuda-env.sh
+source scripts/cuda-env.sh
+export THOR_REQUIRE_NVCC=1
+out=gpu-bundle
+rm -rf "$out"
+mkdir -p "$out/tests" "$out/benches" "$out/examples"
+
+executables() { # cargo args... -> paths of the executables built
+  cargo "$@" --message-format=json |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    try: m=json.loads(l)
+    except ValueError: continue
+    if m.get("reason")=="compiler-artifact" and m.get("executable"):
+        print(m["target"]["kind"][0], m["target"]["name"], m["executable"])'
+}
+
+echo "building tests ..." >&2
+executables test --release --no-run --tests --lib | while read -r kind name exe; do
+  if [ "$kind" = lib ]; then name=unit; fi
+  cp "$exe" "$out/tests/$name"
+done
+echo "building benches ..." >&2
+executables bench --no-run | while read -r kind name exe; do
+  if [ "$kind" = bench ]; then cp "$exe" "$out/benches/$name"; fi
+done
+echo "building examples ..." >&2
+executables build --release --examples | while read -r kind name exe; do
+  if [ "$kind" = example ]; then cp "$exe" "$out/examples/$name"; fi
+done
+strip --strip-debug "$out"/tests/* "$out"/benches/* "$out"/examples/*
+cp scripts/gpu-run.sh "$out/run.sh"
+chmod +x "$out/run.sh"
+git rev-parse --short HEAD > "$out/COMMIT" 2>/dev/null || echo unknown > "$out/COMMIT"
+size=$(du -sm "$out" | cut -f1)
+ls -la "$out"/tests "$out"/benches "$out"/examples >&2
+if [ "$size" -ge 60 ]; then
+  echo "gpu-bundle is ${size} MiB, over the 60 MiB limit" >&2
+  exit 1
+fi
+echo "gpu-bundle: ${size} MiB, commit $(cat "$out/COMMIT")" >&2

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs the GPU bundle (built by scripts/gpu-bundle.sh) on a machine with a GPU and no Rust:
+#   run.sh OUTDIR [--no-bench]
+# Every test binary with THOR_REQUIRE_GPU=1 (GPU tests fail instead of skipping), the GPU
+# tests again under compute-sanitizer memcheck and racecheck, the GPU benches in a short
+# mode and the main example on the GPU. Logs go to OUTDIR; a summary table is printed last
+# and written to OUTDIR/summary.txt.
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:?usage: run.sh OUTDIR [--no-bench]}"
+mkdir -p "$out"
+bench=1
+[ "${2:-}" = "--no-bench" ] && bench=0
+export THOR_REQUIRE_GPU=1
+# NVRTC for the run-time compile path, from the machine's CUDA toolkit when it has one.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+done
+export PATH="$PATH:/usr/local/cuda/bin"
+summary="$out/summary.txt"
+printf '%-34s %-6s %8s  %s\n' step status seconds notes > "$summary"
+
+step() { # name log notes-command... ; runs the rest of the line
+  local name="$1" log="$2"; shift 2
+  local t0=$SECONDS
+  "$@" > "$log" 2>&1
+  local rc=$?
+  local status=ok
+  [ $rc -ne 0 ] && status="FAIL($rc)"
+  local notes
+  notes=$(grep -hE '^test result|ERROR SUMMARY|RACECHECK SUMMARY|SKIPPED' "$log" | sort | uniq -c | sed 's/^ *//' | tr '\n' ';' | cut -c1-160)
+  printf '%-34s %-6s %8d  %s\n' "$name" "$status" $((SECONDS - t0)) "$notes" >> "$summary"
+}
+
+{ nvidia-smi; echo; cat "$here/COMMIT"; } > "$out/device.txt" 2>&1
+for t in "$here"/tests/*; do
+  n=$(basename "$t")
+  step "test $n" "$out/test-$n.log" "$t" --test-threads=1
+done
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    step "sanitizer $tool gpu" "$out/sanitizer-$tool.log" \
+      compute-sanitizer --tool "$tool" --error-exitcode 99 "$here/tests/gpu" --test-threads=1
+  done
+else
+  echo "compute-sanitizer not found" >> "$summary"
+fi
+if [ "$bench" = 1 ]; then
+  export CRITERION_HOME="$out/criterion"
+  step "bench gpu/ (short)" "$out/bench.log" "$here/benches/ops" --bench gpu/ --warm-up-time 0.5 --measurement-time 2 --noplot
+  grep -E '^gpu/|time:' "$out/bench.log" | paste - - | awk '{$1=$1};1' > "$out/bench-table.txt"
+fi
+step "example resnet50_ops cuda" "$out/example.log" "$here/examples/resnet50_ops" --backend cuda --batch 32
+cat "$summary"
+[ -f "$out/bench-table.txt" ] && { echo; cat "$out/bench-table.txt"; }
+! grep -q FAIL "$summary"
