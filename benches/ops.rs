@@ -25,7 +25,10 @@ fn normal(seed: u64, n: usize) -> Vec<f32> {
 }
 
 fn resnet_dims() -> Vec<usize> {
-    shapes::resnet50().iter().flat_map(|l| [l.d_a, l.d_g]).collect()
+    shapes::resnet50()
+        .iter()
+        .flat_map(|l| [l.d_a, l.d_g])
+        .collect()
 }
 
 /// Diagonal-block-dominant SPD blocks: `X^T X / n + I` per block.
@@ -35,7 +38,18 @@ fn spd_blocks(b: usize, nb: usize, seed: u64) -> Vec<f32> {
     let x = normal(seed, n * nb * b);
     let mut s = vec![0.0; layout.buffer_len()];
     let mut t = vec![0.0; nb];
-    cpu::accumulate(&x, n, nb * b, &layout, 1.0 / n as f32, 0.0, &mut s, &mut t, &mut Workspace::new(0)).unwrap();
+    cpu::accumulate(
+        &x,
+        n,
+        nb * b,
+        &layout,
+        1.0 / n as f32,
+        0.0,
+        &mut s,
+        &mut t,
+        &mut Workspace::new(0),
+    )
+    .unwrap();
     s
 }
 
@@ -55,7 +69,9 @@ fn cpu_benches(c: &mut Criterion) {
     let dense = normal(2, 2304 * 2304);
     let mut out = vec![0.0; layout.buffer_len()];
     g.throughput(Throughput::Bytes((2 * 4 * layout.buffer_len()) as u64));
-    g.bench_function("split/d2304_b128", |bch| bch.iter(|| cpu::split(&dense, 2304, &layout, &mut out).unwrap()));
+    g.bench_function("split/d2304_b128", |bch| {
+        bch.iter(|| cpu::split(&dense, 2304, &layout, &mut out).unwrap())
+    });
 
     for (n, d) in [(8192usize, 576usize), (4096, 4608)] {
         let layout = BlockLayout::new(d, 128).unwrap();
@@ -63,10 +79,17 @@ fn cpu_benches(c: &mut Criterion) {
         let mut s = vec![0.0; layout.buffer_len()];
         let mut t = vec![0.0; layout.blocks()];
         let mut ws = Workspace::new(0);
-        g.throughput(Throughput::Elements((2 * n * layout.blocks() * 128 * 128) as u64));
-        g.bench_function(BenchmarkId::new("accumulate_f32", format!("n{n}_d{d}_b128")), |bch| {
-            bch.iter(|| cpu::accumulate(&x, n, d, &layout, 1.0, 0.0, &mut s, &mut t, &mut ws).unwrap())
-        });
+        g.throughput(Throughput::Elements(
+            (2 * n * layout.blocks() * 128 * 128) as u64,
+        ));
+        g.bench_function(
+            BenchmarkId::new("accumulate_f32", format!("n{n}_d{d}_b128")),
+            |bch| {
+                bch.iter(|| {
+                    cpu::accumulate(&x, n, d, &layout, 1.0, 0.0, &mut s, &mut t, &mut ws).unwrap()
+                })
+            },
+        );
     }
 
     for (b, nb) in [(128usize, 654usize), (64, 512)] {
@@ -76,19 +99,36 @@ fn cpu_benches(c: &mut Criterion) {
         let mut ws = Workspace::new(cpu::invert_workspace_size(b, nb));
         g.throughput(Throughput::Elements((nb * b * b * b) as u64));
         g.bench_function(BenchmarkId::new("invert", format!("b{b}_x{nb}")), |bch| {
-            bch.iter(|| cpu::invert(b, &s, Damping::Uniform(0.03), &mut out, &mut info, &mut ws).unwrap())
+            bch.iter(|| {
+                cpu::invert(b, &s, Damping::Uniform(0.03), &mut out, &mut info, &mut ws).unwrap()
+            })
         });
     }
 
     let (o, i, b) = (512usize, 4608usize, 128usize);
-    let (gl, al) = (BlockLayout::new(o, b).unwrap(), BlockLayout::new(i, b).unwrap());
+    let (gl, al) = (
+        BlockLayout::new(o, b).unwrap(),
+        BlockLayout::new(i, b).unwrap(),
+    );
     let (gi, ai) = (spd_blocks(b, gl.blocks(), 5), spd_blocks(b, al.blocks(), 6));
     let grad = normal(7, o * i);
     let mut out = vec![0.0; o * i];
     let mut ws = Workspace::new(cpu::apply_workspace_size(Some(b), o, i));
     g.throughput(Throughput::Elements((2 * o * i * 2 * b) as u64));
     g.bench_function("apply/512x4608_b128", |bch| {
-        bch.iter(|| cpu::apply(Some((&gl, &gi)), &grad, Some((&al, &ai)), o, i, 1.0, &mut out, &mut ws).unwrap())
+        bch.iter(|| {
+            cpu::apply(
+                Some((&gl, &gi)),
+                &grad,
+                Some((&al, &ai)),
+                o,
+                i,
+                1.0,
+                &mut out,
+                &mut ws,
+            )
+            .unwrap()
+        })
     });
     g.finish();
 }
@@ -96,8 +136,12 @@ fn cpu_benches(c: &mut Criterion) {
 /// Device time of `iters` runs of `f`, measured with events around the whole batch.
 fn device_time(dev: &CudaDevice, iters: u64, mut f: impl FnMut()) -> Duration {
     let ctx = dev.context_handle();
-    let start = ctx.new_event(Some(drv::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-    let end = ctx.new_event(Some(drv::CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+    let start = ctx
+        .new_event(Some(drv::CUevent_flags::CU_EVENT_DEFAULT))
+        .unwrap();
+    let end = ctx
+        .new_event(Some(drv::CUevent_flags::CU_EVENT_DEFAULT))
+        .unwrap();
     start.record(dev.stream()).unwrap();
     for _ in 0..iters {
         f();
@@ -124,9 +168,18 @@ fn gpu_benches(c: &mut Criterion) {
     // Split of every ResNet-50 factor with d <= 2304 (dense factors of all 108 would be 615 MB),
     // against a user's route: per block, cuBLAS geam copying the w x w diagonal block.
     let dims: Vec<usize> = resnet_dims().into_iter().filter(|&d| d <= 2304).collect();
-    let layouts: Vec<BlockLayout> = dims.iter().map(|&d| BlockLayout::new(d, 128).unwrap()).collect();
-    let dense: Vec<CudaSlice<f32>> = dims.iter().map(|&d| dev.upload(&normal(d as u64, d * d)).unwrap()).collect();
-    let mut blocks: Vec<CudaSlice<f32>> = layouts.iter().map(|l| dev.zeros(l.buffer_len()).unwrap()).collect();
+    let layouts: Vec<BlockLayout> = dims
+        .iter()
+        .map(|&d| BlockLayout::new(d, 128).unwrap())
+        .collect();
+    let dense: Vec<CudaSlice<f32>> = dims
+        .iter()
+        .map(|&d| dev.upload(&normal(d as u64, d * d)).unwrap())
+        .collect();
+    let mut blocks: Vec<CudaSlice<f32>> = layouts
+        .iter()
+        .map(|l| dev.zeros(l.buffer_len()).unwrap())
+        .collect();
     let bytes: usize = layouts.iter().map(|l| 2 * 4 * l.buffer_len()).sum();
     g.throughput(Throughput::Bytes(bytes as u64));
     g.bench_function("split/resnet50_d_le_2304_b128/thor", |bch| {
@@ -138,41 +191,44 @@ fn gpu_benches(c: &mut Criterion) {
             })
         })
     });
-    g.bench_function("split/resnet50_d_le_2304_b128/cublas_geam_per_block", |bch| {
-        bch.iter_custom(|iters| {
-            device_time(&dev, iters, || {
-                for ((d, l), o) in dense.iter().zip(&layouts).zip(blocks.iter_mut()) {
-                    let (dp, _r) = d.device_ptr(dev.stream());
-                    let (op, _w) = o.device_ptr_mut(dev.stream());
-                    let (one, zero) = (1.0f32, 0.0f32);
-                    for j in 0..l.blocks() {
-                        let w = l.valid(j) as i32;
-                        let src = dp + 4 * (j * 128 * l.dim() + j * 128) as u64;
-                        let dst = op + 4 * (j * 128 * 128) as u64;
-                        // SAFETY: pointers address live allocations sized for these copies.
-                        let st = unsafe {
-                            cublas_sys::cublasSgeam(
-                                h,
-                                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                                cublas_sys::cublasOperation_t::CUBLAS_OP_N,
-                                w,
-                                w,
-                                &one,
-                                src as *const f32,
-                                l.dim() as i32,
-                                &zero,
-                                dst as *const f32,
-                                128,
-                                dst as *mut f32,
-                                128,
-                            )
-                        };
-                        assert_eq!(st, cublas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+    g.bench_function(
+        "split/resnet50_d_le_2304_b128/cublas_geam_per_block",
+        |bch| {
+            bch.iter_custom(|iters| {
+                device_time(&dev, iters, || {
+                    for ((d, l), o) in dense.iter().zip(&layouts).zip(blocks.iter_mut()) {
+                        let (dp, _r) = d.device_ptr(dev.stream());
+                        let (op, _w) = o.device_ptr_mut(dev.stream());
+                        let (one, zero) = (1.0f32, 0.0f32);
+                        for j in 0..l.blocks() {
+                            let w = l.valid(j) as i32;
+                            let src = dp + 4 * (j * 128 * l.dim() + j * 128) as u64;
+                            let dst = op + 4 * (j * 128 * 128) as u64;
+                            // SAFETY: pointers address live allocations sized for these copies.
+                            let st = unsafe {
+                                cublas_sys::cublasSgeam(
+                                    h,
+                                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                                    cublas_sys::cublasOperation_t::CUBLAS_OP_N,
+                                    w,
+                                    w,
+                                    &one,
+                                    src as *const f32,
+                                    l.dim() as i32,
+                                    &zero,
+                                    dst as *const f32,
+                                    128,
+                                    dst as *mut f32,
+                                    128,
+                                )
+                            };
+                            assert_eq!(st, cublas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+                        }
                     }
-                }
+                })
             })
-        })
-    });
+        },
+    );
 
     // Traces of the whole ResNet-50 set (654 blocks, 108 factors) in one launch, against a
     // user's route: one cuBLAS dot of each block's diagonal with a ones vector.
@@ -184,10 +240,19 @@ fn gpu_benches(c: &mut Criterion) {
     let ones = dev.upload(&vec![1.0f32; 128]).unwrap();
     g.throughput(Throughput::Bytes((set.total_blocks() * 128 * 4) as u64));
     g.bench_function("trace/resnet50_b128/thor", |bch| {
-        bch.iter_custom(|iters| device_time(&dev, iters, || dev.traces(&dset, &dblocks, &mut bt, &mut ft).unwrap()))
+        bch.iter_custom(|iters| {
+            device_time(&dev, iters, || {
+                dev.traces(&dset, &dblocks, &mut bt, &mut ft).unwrap()
+            })
+        })
     });
     // SAFETY: valid handle; results go to device memory from here on.
-    unsafe { cublas_sys::cublasSetPointerMode_v2(h, cublas_sys::cublasPointerMode_t::CUBLAS_POINTER_MODE_DEVICE) };
+    unsafe {
+        cublas_sys::cublasSetPointerMode_v2(
+            h,
+            cublas_sys::cublasPointerMode_t::CUBLAS_POINTER_MODE_DEVICE,
+        )
+    };
     g.bench_function("trace/resnet50_b128/cublas_dot_per_block", |bch| {
         bch.iter_custom(|iters| {
             device_time(&dev, iters, || {

@@ -27,7 +27,12 @@ struct Args {
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
-    let mut a = Args { backend: BackendKind::Auto, batch: 4, block: 128, reps: 3 };
+    let mut a = Args {
+        backend: BackendKind::Auto,
+        batch: 4,
+        block: 128,
+        reps: 3,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut val = || it.next().ok_or(format!("{flag} needs a value"));
@@ -60,7 +65,9 @@ struct Row {
 }
 
 fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
 }
 
 fn f64s(v: &[f32]) -> Vec<f64> {
@@ -102,23 +109,47 @@ fn gflop_s(flops: f64, ms: f64) -> String {
 }
 
 /// Split, merge and traces through the [`Backend`] trait.
-fn backend_ops<B: Backend>(be: &B, a: &Args, split_dims: &[usize], all_dims: &[usize], rows: &mut Vec<Row>) -> Result<()> {
+fn backend_ops<B: Backend>(
+    be: &B,
+    a: &Args,
+    split_dims: &[usize],
+    all_dims: &[usize],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     let name = be.name();
     let b = a.block;
     let mut rng = StdRng::seed_from_u64(11);
     // Split: every factor of dimension <= 2304 (all ResNet-50 factors would be 615 MB dense).
-    eprintln!("[{name}] split / merge of {} dense factors ...", split_dims.len());
-    let layouts: Vec<BlockLayout> = split_dims.iter().map(|&d| BlockLayout::new(d, b)).collect::<Result<_>>()?;
-    let dense_host: Vec<Vec<f32>> = split_dims.iter().map(|&d| normal(&mut rng, d * d)).collect();
-    let dense: Vec<B::Buffer> = dense_host.iter().map(|h| be.upload(h)).collect::<Result<_>>()?;
-    let mut blocks: Vec<B::Buffer> = layouts.iter().map(|l| be.upload(&vec![f32::NAN; l.buffer_len()])).collect::<Result<_>>()?;
+    eprintln!(
+        "[{name}] split / merge of {} dense factors ...",
+        split_dims.len()
+    );
+    let layouts: Vec<BlockLayout> = split_dims
+        .iter()
+        .map(|&d| BlockLayout::new(d, b))
+        .collect::<Result<_>>()?;
+    let dense_host: Vec<Vec<f32>> = split_dims
+        .iter()
+        .map(|&d| normal(&mut rng, d * d))
+        .collect();
+    let dense: Vec<B::Buffer> = dense_host
+        .iter()
+        .map(|h| be.upload(h))
+        .collect::<Result<_>>()?;
+    let mut blocks: Vec<B::Buffer> = layouts
+        .iter()
+        .map(|l| be.upload(&vec![f32::NAN; l.buffer_len()]))
+        .collect::<Result<_>>()?;
     let ms = time_ms(a.reps, || {
         for ((d, l), o) in dense.iter().zip(&layouts).zip(blocks.iter_mut()) {
             be.split(d, l.dim(), l, o)?;
         }
         be.synchronize()
     })?;
-    let bytes: f64 = layouts.iter().map(|l| 2.0 * 4.0 * l.buffer_len() as f64).sum();
+    let bytes: f64 = layouts
+        .iter()
+        .map(|l| 2.0 * 4.0 * l.buffer_len() as f64)
+        .sum();
     let k = layouts.len() / 2;
     let mut got = vec![0.0; layouts[k].buffer_len()];
     be.download(&blocks[k], &mut got)?;
@@ -131,14 +162,20 @@ fn backend_ops<B: Backend>(be: &B, a: &Args, split_dims: &[usize], all_dims: &[u
         rate: gb_s(bytes, ms),
         err: format!("{:.1e} (d={})", rel_err(&got, &want), layouts[k].dim()),
     });
-    let mut merged: Vec<B::Buffer> = split_dims.iter().map(|&d| be.zeros(d * d)).collect::<Result<_>>()?;
+    let mut merged: Vec<B::Buffer> = split_dims
+        .iter()
+        .map(|&d| be.zeros(d * d))
+        .collect::<Result<_>>()?;
     let ms = time_ms(a.reps, || {
         for ((bl, l), o) in blocks.iter().zip(&layouts).zip(merged.iter_mut()) {
             be.merge(bl, l, o, l.dim())?;
         }
         be.synchronize()
     })?;
-    let mbytes: f64 = layouts.iter().map(|l| 4.0 * (l.buffer_len() + l.dim() * l.dim()) as f64).sum();
+    let mbytes: f64 = layouts
+        .iter()
+        .map(|l| 4.0 * (l.buffer_len() + l.dim() * l.dim()) as f64)
+        .sum();
     let mut got = vec![0.0; split_dims[k] * split_dims[k]];
     be.download(&merged[k], &mut got)?;
     let want = reference::merge(&want, &layouts[k])?;
@@ -165,7 +202,11 @@ fn backend_ops<B: Backend>(be: &B, a: &Args, split_dims: &[usize], all_dims: &[u
     let mut got = vec![0.0; set.len()];
     be.download(&ft, &mut got)?;
     let want = reference::factor_traces(&set, &f64s(&host_blocks))?;
-    let max_abs = got.iter().zip(&want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
+    let max_abs = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| (*g as f64 - w).abs())
+        .fold(0.0, f64::max);
     rows.push(Row {
         op: "trace",
         backend: name,
@@ -192,31 +233,74 @@ fn cpu_only_ops(a: &Args, layers: &[LayerShape], rows: &mut Vec<Row>) -> Result<
     let factors: Vec<F> = layers
         .iter()
         .flat_map(|l| [l.d_a, l.d_g].map(|d| (d, l.rows(a.batch))))
-        .map(|(d, n)| Ok(F { x: normal(&mut rng, n * d), n, layout: BlockLayout::new(d, b)? }))
+        .map(|(d, n)| {
+            Ok(F {
+                x: normal(&mut rng, n * d),
+                n,
+                layout: BlockLayout::new(d, b)?,
+            })
+        })
         .collect::<Result<_>>()?;
-    let mut stats: Vec<Vec<f32>> = factors.iter().map(|f| vec![0.0; f.layout.buffer_len()]).collect();
-    let mut traces: Vec<Vec<f32>> = factors.iter().map(|f| vec![0.0; f.layout.blocks()]).collect();
+    let mut stats: Vec<Vec<f32>> = factors
+        .iter()
+        .map(|f| vec![0.0; f.layout.buffer_len()])
+        .collect();
+    let mut traces: Vec<Vec<f32>> = factors
+        .iter()
+        .map(|f| vec![0.0; f.layout.blocks()])
+        .collect();
     let mut ws = Workspace::new(0);
     let ms = time_ms(a.reps, || {
         for ((f, s), t) in factors.iter().zip(stats.iter_mut()).zip(traces.iter_mut()) {
-            cpu::accumulate(&f.x, f.n, f.layout.dim(), &f.layout, 1.0 / f.n as f32, 0.0, s, t, &mut ws)?;
+            cpu::accumulate(
+                &f.x,
+                f.n,
+                f.layout.dim(),
+                &f.layout,
+                1.0 / f.n as f32,
+                0.0,
+                s,
+                t,
+                &mut ws,
+            )?;
         }
         Ok(())
     })?;
-    let flops: f64 = factors.iter().map(|f| 2.0 * f.n as f64 * (f.layout.blocks() * b * b) as f64).sum();
-    let xbytes: f64 = factors.iter().map(|f| 4.0 * (f.n * f.layout.dim()) as f64).sum();
+    let flops: f64 = factors
+        .iter()
+        .map(|f| 2.0 * f.n as f64 * (f.layout.blocks() * b * b) as f64)
+        .sum();
+    let xbytes: f64 = factors
+        .iter()
+        .map(|f| 4.0 * (f.n * f.layout.dim()) as f64)
+        .sum();
     // Sampled: layer3.0.conv2's A factor.
-    let k = 2 * layers.iter().position(|l| l.name == "layer3.0.conv2").unwrap_or(0);
+    let k = 2 * layers
+        .iter()
+        .position(|l| l.name == "layer3.0.conv2")
+        .unwrap_or(0);
     let f = &factors[k];
     let mut want = vec![0.0; f.layout.buffer_len()];
-    reference::accumulate(&f64s(&f.x), f.n, f.layout.dim(), &f.layout, 1.0 / f.n as f64, 0.0, &mut want)?;
+    reference::accumulate(
+        &f64s(&f.x),
+        f.n,
+        f.layout.dim(),
+        &f.layout,
+        1.0 / f.n as f64,
+        0.0,
+        &mut want,
+    )?;
     rows.push(Row {
         op: "accumulate",
         backend: name.clone(),
         work: format!("108 factors, X {:.2} GB", xbytes / 1e9),
         ms,
         rate: gflop_s(flops, ms),
-        err: format!("{:.1e} ({} A)", rel_err(&stats[k], &want), layers[k / 2].name),
+        err: format!(
+            "{:.1e} ({} A)",
+            rel_err(&stats[k], &want),
+            layers[k / 2].name
+        ),
     });
 
     // Invert every block of every factor (one FactorSet), damping 0.03 per factor.
@@ -228,7 +312,16 @@ fn cpu_only_ops(a: &Args, layers: &[LayerShape], rows: &mut Vec<Row>) -> Result<
     let mut inv = vec![0.0; set.buffer_len()];
     let mut info = vec![0; set.total_blocks()];
     let mut ws = Workspace::new(cpu::invert_workspace_size(b, set.total_blocks()));
-    let ms = time_ms(a.reps, || cpu::invert(b, &all, Damping::PerBlock(&damping), &mut inv, &mut info, &mut ws))?;
+    let ms = time_ms(a.reps, || {
+        cpu::invert(
+            b,
+            &all,
+            Damping::PerBlock(&damping),
+            &mut inv,
+            &mut info,
+            &mut ws,
+        )
+    })?;
     cpu::check_info(&info)?;
     let j = set.entries()[k].first_block;
     let blk = |v: &[f32]| v[j * b * b..(j + 1) * b * b].to_vec();
@@ -245,19 +338,42 @@ fn cpu_only_ops(a: &Args, layers: &[LayerShape], rows: &mut Vec<Row>) -> Result<
 
     // Apply to every layer's gradient.
     eprintln!("[cpu] apply to all 54 layers ...");
-    let grads: Vec<Vec<f32>> = layers.iter().map(|l| normal(&mut rng, l.d_g * l.d_a)).collect();
+    let grads: Vec<Vec<f32>> = layers
+        .iter()
+        .map(|l| normal(&mut rng, l.d_g * l.d_a))
+        .collect();
     let mut outs: Vec<Vec<f32>> = layers.iter().map(|l| vec![0.0; l.d_g * l.d_a]).collect();
-    let max_ws = layers.iter().map(|l| cpu::apply_workspace_size(Some(b), l.d_g, l.d_a)).max().unwrap_or(0);
+    let max_ws = layers
+        .iter()
+        .map(|l| cpu::apply_workspace_size(Some(b), l.d_g, l.d_a))
+        .max()
+        .unwrap_or(0);
     let mut ws = Workspace::new(max_ws);
     let inv_of = |i: usize| {
         let e = &set.entries()[i];
-        (e.layout, &inv[e.offset()..e.offset() + e.layout.buffer_len()])
+        (
+            e.layout,
+            &inv[e.offset()..e.offset() + e.layout.buffer_len()],
+        )
     };
     let ms = time_ms(a.reps, || {
-        for (li, (l, (g, o))) in layers.iter().zip(grads.iter().zip(outs.iter_mut())).enumerate() {
+        for (li, (l, (g, o))) in layers
+            .iter()
+            .zip(grads.iter().zip(outs.iter_mut()))
+            .enumerate()
+        {
             let (al, ab) = inv_of(2 * li);
             let (gl, gb) = inv_of(2 * li + 1);
-            cpu::apply(Some((&gl, gb)), g, Some((&al, ab)), l.d_g, l.d_a, 1.0, o, &mut ws)?;
+            cpu::apply(
+                Some((&gl, gb)),
+                g,
+                Some((&al, ab)),
+                l.d_g,
+                l.d_a,
+                1.0,
+                o,
+                &mut ws,
+            )?;
         }
         Ok(())
     })?;
@@ -265,10 +381,19 @@ fn cpu_only_ops(a: &Args, layers: &[LayerShape], rows: &mut Vec<Row>) -> Result<
         .iter()
         .map(|l| 2.0 * (l.d_g * l.d_a) as f64 * (b.min(l.d_g) + b.min(l.d_a)) as f64)
         .sum();
-    let li = layers.iter().position(|l| l.name == "layer2.0.conv2").unwrap_or(0);
+    let li = layers
+        .iter()
+        .position(|l| l.name == "layer2.0.conv2")
+        .unwrap_or(0);
     let (al, ab) = inv_of(2 * li);
     let (gl, gb) = inv_of(2 * li + 1);
-    let want = reference::apply(Some((&gl, &f64s(gb))), &f64s(&grads[li]), Some((&al, &f64s(ab))), layers[li].d_g, layers[li].d_a)?;
+    let want = reference::apply(
+        Some((&gl, &f64s(gb))),
+        &f64s(&grads[li]),
+        Some((&al, &f64s(ab))),
+        layers[li].d_g,
+        layers[li].d_a,
+    )?;
     rows.push(Row {
         op: "apply",
         backend: name,
@@ -318,9 +443,15 @@ fn run(a: &Args) -> Result<()> {
     backend_ops(&CpuBackend, a, &split_dims, &all_dims, &mut rows)?;
     cpu_only_ops(a, &layers, &mut rows)?;
     println!();
-    println!("{:<11} {:<28} {:<30} {:>10} {:>16}  error vs f64 reference", "op", "backend", "work", "time", "rate");
+    println!(
+        "{:<11} {:<28} {:<30} {:>10} {:>16}  error vs f64 reference",
+        "op", "backend", "work", "time", "rate"
+    );
     for r in &rows {
-        println!("{:<11} {:<28} {:<30} {:>7.3} ms {:>16}  {}", r.op, r.backend, r.work, r.ms, r.rate, r.err);
+        println!(
+            "{:<11} {:<28} {:<30} {:>7.3} ms {:>16}  {}",
+            r.op, r.backend, r.work, r.ms, r.rate, r.err
+        );
     }
     println!("\ntotal wall time {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())

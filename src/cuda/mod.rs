@@ -101,6 +101,10 @@ pub fn compile_nvrtc(module: &kernels::KernelModule, arch: u32) -> Result<Ptx> {
     })
 }
 
+fn cache_poisoned() -> Error {
+    Error::KernelLoad("kernel cache poisoned by a panic in another thread".into())
+}
+
 /// Where kernel code comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelSource {
@@ -134,6 +138,17 @@ pub struct CudaDevice {
     arch: u32,
     source: KernelSource,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+/// A kernel: its module (a `kernels/*.cu` file stem) and its extern "C" name,
+/// `<op>_<variant>_<dtype>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelId {
+    /// The module, e.g. `split`.
+    pub module: &'static str,
+    /// The function, e.g. `split_blocks_f32`.
+    pub name: &'static str,
 }
 
 impl CudaDevice {
@@ -190,12 +205,22 @@ impl CudaDevice {
             arch: (major * 10 + minor) as u32,
             source: KernelSource::from_env(),
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Chooses where kernels come from for modules not yet loaded.
+    /// Chooses where kernels come from; drops the modules loaded so far, so the next
+    /// launch loads from the new source.
     pub fn set_kernel_source(&mut self, source: KernelSource) {
         self.source = source;
+        self.functions
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.modules
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// The device's name, as the driver reports it.
@@ -257,25 +282,36 @@ impl CudaDevice {
         Ok(self.stream.alloc_zeros(len)?)
     }
 
-    /// The kernel `function` of module `module`, loading the module on first use.
-    pub fn function(&self, module: &'static str, function: &str) -> Result<CudaFunction> {
+    /// The kernel `k`, loading its module on first use; cached, so the hot path does not
+    /// touch the driver's symbol lookup again.
+    pub fn function(&self, k: KernelId) -> Result<CudaFunction> {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .map_err(|_| cache_poisoned())?
+            .get(k.name)
+        {
+            return Ok(f.clone());
+        }
         let m = {
-            let mut cache = self
-                .modules
-                .lock()
-                .map_err(|_| Error::KernelLoad("module cache poisoned".into()))?;
-            match cache.get(module) {
+            let mut cache = self.modules.lock().map_err(|_| cache_poisoned())?;
+            match cache.get(k.module) {
                 Some(m) => m.clone(),
                 None => {
-                    let m = self.load_module(module)?;
-                    cache.insert(module, m.clone());
+                    let m = self.load_module(k.module)?;
+                    cache.insert(k.module, m.clone());
                     m
                 }
             }
         };
-        m.load_function(function).map_err(|e| {
-            Error::KernelLoad(format!("function {function} in module {module}: {e:?}"))
-        })
+        let f = m.load_function(k.name).map_err(|e| {
+            Error::KernelLoad(format!("function {} in module {}: {e:?}", k.name, k.module))
+        })?;
+        self.functions
+            .lock()
+            .map_err(|_| cache_poisoned())?
+            .insert(k.name, f.clone());
+        Ok(f)
     }
 
     fn load_module(&self, name: &'static str) -> Result<Arc<CudaModule>> {

@@ -6,9 +6,29 @@ use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::tuning::{SPLIT_ROWS, SPLIT_TILE, TRACE_WARPS};
-use super::CudaDevice;
+use super::{CudaDevice, KernelId};
 use crate::error::{Error, Result};
 use crate::layout::BlockLayout;
+
+/// Every kernel the launchers use, in one place.
+pub mod kernels {
+    use super::KernelId;
+    /// Dense factor into padded blocks, f32.
+    pub const SPLIT_BLOCKS_F32: KernelId = KernelId {
+        module: "split",
+        name: "split_blocks_f32",
+    };
+    /// Padded blocks back into a dense factor, f32.
+    pub const MERGE_BLOCKS_F32: KernelId = KernelId {
+        module: "split",
+        name: "merge_blocks_f32",
+    };
+    /// Block and factor traces of a whole set, f32.
+    pub const TRACE_SET_F32: KernelId = KernelId {
+        module: "trace",
+        name: "trace_set_f32",
+    };
+}
 
 fn check_ptr(arg: &'static str, p: CUdeviceptr, align: u64) -> Result<()> {
     if p == 0 {
@@ -62,7 +82,7 @@ pub unsafe fn split_blocks_f32(
     let tiles = (layout.block() / SPLIT_TILE as usize).pow(2);
     let grid = grid_u32("dim", layout.blocks() * tiles)?;
     let (d, b) = (layout.dim() as i32, layout.block() as i32);
-    let f = dev.function("split", "split_blocks_f32")?;
+    let f = dev.function(kernels::SPLIT_BLOCKS_F32)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&dense).arg(&ld).arg(&d).arg(&b).arg(&blocks);
     let cfg = LaunchConfig {
@@ -94,7 +114,7 @@ pub unsafe fn merge_blocks_f32(
     let tiles = layout.dim().div_ceil(SPLIT_TILE as usize);
     let grid = grid_u32("dim", tiles * tiles)?;
     let (d, b) = (layout.dim() as i32, layout.block() as i32);
-    let f = dev.function("split", "merge_blocks_f32")?;
+    let f = dev.function(kernels::MERGE_BLOCKS_F32)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&blocks).arg(&d).arg(&b).arg(&dense).arg(&ld);
     let cfg = LaunchConfig {
@@ -135,7 +155,7 @@ pub unsafe fn trace_set_f32(
     }
     let grid = grid_u32("factors", factors)?;
     let b = b as i32;
-    let f = dev.function("trace", "trace_set_f32")?;
+    let f = dev.function(kernels::TRACE_SET_F32)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&blocks)
         .arg(&b)
