@@ -14,7 +14,7 @@ use cudarc::driver::{sys as drv, CudaSlice, DevicePtr, DevicePtrMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
-use thor_kernels::cpu::{self, Damping, Workspace};
+use thor_kernels::cpu::{self, InvertOptions, Workspace};
 use thor_kernels::cuda::CudaDevice;
 use thor_kernels::layout::{BlockLayout, FactorSet};
 use thor_kernels::shapes;
@@ -100,7 +100,16 @@ fn cpu_benches(c: &mut Criterion) {
         g.throughput(Throughput::Elements((nb * b * b * b) as u64));
         g.bench_function(BenchmarkId::new("invert", format!("b{b}_x{nb}")), |bch| {
             bch.iter(|| {
-                cpu::invert(b, &s, Damping::Uniform(0.03), &mut out, &mut info, &mut ws).unwrap()
+                cpu::invert(
+                    b,
+                    &s,
+                    &mut out,
+                    &mut info,
+                    None,
+                    &InvertOptions::uniform(0.03),
+                    &mut ws,
+                )
+                .unwrap()
             })
         });
     }

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use thor_kernels::backend::{AnyBackend, Backend, CpuBackend};
-use thor_kernels::cpu::{self, Damping, Workspace};
+use thor_kernels::cpu::{self, InvertOptions, Workspace};
 use thor_kernels::layout::{BlockLayout, FactorSet};
 use thor_kernels::shapes::{self, LayerShape};
 use thor_kernels::{reference, BackendKind, Result};
@@ -316,9 +316,10 @@ fn cpu_only_ops(a: &Args, layers: &[LayerShape], rows: &mut Vec<Row>) -> Result<
         cpu::invert(
             b,
             &all,
-            Damping::PerBlock(&damping),
             &mut inv,
             &mut info,
+            None,
+            &InvertOptions::per_block(&damping),
             &mut ws,
         )
     })?;

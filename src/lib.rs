@@ -16,6 +16,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod invert;
 pub mod layout;
 pub mod reference;
 pub mod shapes;

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use thor_kernels::cpu::{self, Damping, Workspace};
+use thor_kernels::cpu::{self, InvertOptions, Workspace};
 use thor_kernels::layout::{BlockLayout, FactorSet};
 use thor_kernels::Error;
 
@@ -124,25 +124,62 @@ fn invert_rejects_bad_damping_and_empty_input() {
     let mut info = vec![-7; 1];
     let mut ws = Workspace::new(cpu::invert_workspace_size(b, 1));
     for d in [-1.0, f32::NAN, f32::INFINITY] {
-        let e = cpu::invert(b, &s, Damping::Uniform(d), &mut out, &mut info, &mut ws).unwrap_err();
+        let e = cpu::invert(
+            b,
+            &s,
+            &mut out,
+            &mut info,
+            None,
+            &InvertOptions::uniform(d),
+            &mut ws,
+        )
+        .unwrap_err();
         assert_eq!(arg_of(&e), "damping");
     }
     let e = cpu::invert(
         b,
         &s,
-        Damping::PerBlock(&[0.1, 0.2]),
         &mut out,
         &mut info,
+        None,
+        &InvertOptions::per_block(&[0.1, 0.2]),
         &mut ws,
     )
     .unwrap_err();
     assert_eq!(arg_of(&e), "damping");
-    let e = cpu::invert(48, &s, Damping::Uniform(0.0), &mut out, &mut info, &mut ws).unwrap_err();
+    let e = cpu::invert(
+        48,
+        &s,
+        &mut out,
+        &mut info,
+        None,
+        &InvertOptions::uniform(0.0),
+        &mut ws,
+    )
+    .unwrap_err();
     assert_eq!(arg_of(&e), "block");
-    let e = cpu::invert(b, &[], Damping::Uniform(0.0), &mut [], &mut [], &mut ws).unwrap_err();
+    let e = cpu::invert(
+        b,
+        &[],
+        &mut [],
+        &mut [],
+        None,
+        &InvertOptions::uniform(0.0),
+        &mut ws,
+    )
+    .unwrap_err();
     assert_eq!(arg_of(&e), "info");
     let mut none = Workspace::new(0);
-    let e = cpu::invert(b, &s, Damping::Uniform(0.0), &mut out, &mut info, &mut none).unwrap_err();
+    let e = cpu::invert(
+        b,
+        &s,
+        &mut out,
+        &mut info,
+        None,
+        &InvertOptions::uniform(0.0),
+        &mut none,
+    )
+    .unwrap_err();
     assert_eq!(arg_of(&e), "workspace");
     assert_eq!(out, before);
     assert_eq!(info, vec![-7]);

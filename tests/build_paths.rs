@@ -142,7 +142,7 @@ fn every_kernel_source_compiles_with_nvrtc() {
 #[test]
 fn every_launched_kernel_exists_in_its_module() {
     use thor_kernels::cuda::raw::kernels as k;
-    for id in [k::SPLIT_BLOCKS_F32, k::MERGE_BLOCKS_F32, k::TRACE_SET_F32] {
+    for id in k::ALL {
         let m = kernels::find(id.module).unwrap_or_else(|| panic!("no module {}", id.module));
         assert!(
             kernel_names(m.source).iter().any(|n| n == id.name),

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use half::{bf16, f16};
-use thor_kernels::cpu::{self, Damping, Workspace};
+use thor_kernels::cpu::{self, FailurePolicy, InvertOptions, Workspace};
 use thor_kernels::layout::{BlockLayout, FactorSet, SUPPORTED_BLOCK_SIZES};
 use thor_kernels::{reference, Element};
 
@@ -172,9 +172,10 @@ fn invert_matches_reference_residual() {
         cpu::invert(
             b,
             &s32,
-            Damping::PerBlock(&damping),
             &mut out,
             &mut info,
+            None,
+            &InvertOptions::per_block(&damping),
             &mut ws,
         )
         .unwrap();
@@ -200,8 +201,9 @@ fn invert_matches_reference_residual() {
         cpu::invert_in_place(
             b,
             &mut inplace,
-            Damping::PerBlock(&damping),
             &mut info2,
+            None,
+            &InvertOptions::per_block(&damping),
             &mut ws,
         )
         .unwrap();
@@ -239,9 +241,10 @@ fn invert_reports_bad_blocks_and_leaves_them_untouched() {
     cpu::invert(
         b,
         &blocks,
-        Damping::Uniform(0.0),
         &mut out,
         &mut info,
+        None,
+        &InvertOptions::uniform(0.0),
         &mut ws,
     )
     .unwrap();
@@ -305,6 +308,164 @@ fn apply_matches_reference_on_odd_shapes() {
                     "apply b={b} {out_dim}x{in_dim} sides={sides}: {err:e}"
                 );
             }
+        }
+    }
+}
+
+/// Residual bound of the f32 inversion, in units of `cond * eps_f32` (measured).
+const INVERT_BOUND: f64 = 0.5;
+
+fn cpu_invert(
+    b: usize,
+    input: &[f32],
+    out: &mut [f32],
+    opts: &InvertOptions<'_>,
+) -> (Vec<i32>, Vec<f32>) {
+    let nb = input.len() / (b * b);
+    let mut info = vec![i32::MIN; nb];
+    let mut used = vec![f32::NAN; nb];
+    let mut ws = Workspace::new(cpu::invert_workspace_size(b, nb));
+    cpu::invert(b, input, out, &mut info, Some(&mut used), opts, &mut ws).unwrap();
+    (info, used)
+}
+
+#[test]
+fn invert_odd_batch_sizes_every_block_size() {
+    for b in SUPPORTED_BLOCK_SIZES {
+        for nb in [1usize, 3, 1000] {
+            let mut r = rng((b * 10_000 + nb) as u64);
+            let input = spd_batch(&mut r, b, nb, &[1.0, 1e2, 1e4]);
+            let mut out = poisoned(nb * b * b);
+            let (info, used) = cpu_invert(b, &input, &mut out, &InvertOptions::uniform(1e-3));
+            assert!(
+                info.iter().all(|&i| i == 0),
+                "b={b} nb={nb}: {:?}",
+                &info[..info.len().min(8)]
+            );
+            assert!(used.iter().all(|&u| u == 1e-3));
+            for j in (0..nb).step_by(nb.div_ceil(5)) {
+                let res = block_residual(&input, &out, b, j, 1e-3);
+                assert!(res < 1e-4, "b={b} nb={nb} block {j}: residual {res:e}");
+                assert!(bitwise_symmetric(&out, b, j));
+            }
+            assert!(out.iter().all(|v| v.is_finite()));
+        }
+    }
+}
+
+#[test]
+fn invert_mask_nothing_everything_and_some() {
+    let b = 64;
+    let nb = 6;
+    let mut r = rng(61);
+    let input = spd_batch(&mut r, b, nb, &[10.0]);
+    for mask in [vec![0u8; nb], vec![1u8; nb], vec![1, 0, 0, 1, 0, 1]] {
+        let before = vec![5.0f32; nb * b * b];
+        let mut out = before.clone();
+        let opts = InvertOptions {
+            mask: Some(&mask),
+            ..InvertOptions::uniform(0.0)
+        };
+        let (info, used) = cpu_invert(b, &input, &mut out, &opts);
+        for j in 0..nb {
+            let blk = &out[j * b * b..(j + 1) * b * b];
+            if mask[j] == 0 {
+                assert_eq!(info[j], cpu::INFO_SKIPPED);
+                assert!(used[j].is_nan(), "skipped block reports no damping");
+                assert!(blk.iter().all(|&v| v == 5.0), "skipped block {j} written");
+            } else {
+                assert_eq!(info[j], 0);
+                assert!(block_residual(&input, &out, b, j, 0.0) < 1e-4);
+            }
+        }
+        assert_eq!(cpu::check_info(&info), Ok(()));
+    }
+}
+
+#[test]
+fn invert_retry_raises_damping_until_spd() {
+    let b = 32;
+    let mut r = rng(62);
+    // Eigenvalues in [1, 100], shifted down by 5: the smallest is -4.
+    let mut s = spd(&mut r, b, 100.0);
+    for i in 0..b {
+        s[i * b + i] -= 5.0;
+    }
+    let input: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+    let (_, want) = reference::invert_blocks(&s, b, &[0.0]).unwrap();
+    assert!(want[0] > 0, "the block must be indefinite");
+    // Report: untouched, pivot as the reference.
+    let mut out = vec![3.0f32; b * b];
+    let (info, used) = cpu_invert(b, &input, &mut out, &InvertOptions::uniform(0.0));
+    assert_eq!(info, want);
+    assert_eq!(used, vec![0.0]);
+    assert!(out.iter().all(|&v| v == 3.0));
+    // Retry from 0.5 by x10: 0.5 fails, 5 succeeds (eigenvalues >= -4 + 5 = 1).
+    let opts = InvertOptions {
+        policy: FailurePolicy::retry(),
+        ..InvertOptions::uniform(0.5)
+    };
+    let (info, used) = cpu_invert(b, &input, &mut out, &opts);
+    assert_eq!(info, vec![0]);
+    assert_eq!(used, vec![5.0]);
+    assert!(block_residual(&input, &out, b, 0, 5.0) < 1e-4);
+    // Retries never rescue a NaN block: reported with its pivot, untouched.
+    let mut nan = input.clone();
+    nan[7 * b + 2] = f32::NAN;
+    let mut out = vec![3.0f32; b * b];
+    let (info, _) = cpu_invert(b, &nan, &mut out, &opts);
+    assert_eq!(info, vec![8]);
+    assert!(out.iter().all(|&v| v == 3.0));
+    // Bad policies are typed errors.
+    let bad = InvertOptions {
+        policy: FailurePolicy::Retry {
+            factor: 1.0,
+            max_retries: 3,
+            floor: 1e-6,
+        },
+        ..InvertOptions::uniform(0.0)
+    };
+    let mut info = vec![0];
+    let e = cpu::invert(
+        b,
+        &input,
+        &mut out,
+        &mut info,
+        None,
+        &bad,
+        &mut Workspace::new(cpu::invert_workspace_size(b, 1)),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            thor_kernels::Error::InvalidArgument {
+                arg: "policy.factor",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn invert_residual_bound_up_to_cond_1e7() {
+    // Measured bound (docs/PERF.md): residual <= 0.5 * cond * eps_f32 for every b; the
+    // largest measured ratio was 0.13 (b = 32, cond 1e5). At cond 1e7 that allows 0.6:
+    // f32 has run out of digits there, as for any f32 inverse.
+    for b in SUPPORTED_BLOCK_SIZES {
+        let mut r = rng(70 + b as u64);
+        for cond in [1e4, 1e5, 1e6, 1e7] {
+            let input = spd_batch(&mut r, b, 1, &[cond]);
+            let mut out = poisoned(b * b);
+            let (info, _) = cpu_invert(b, &input, &mut out, &InvertOptions::uniform(0.0));
+            assert_eq!(info, vec![0], "b={b} cond={cond:e}");
+            let res = block_residual(&input, &out, b, 0, 0.0);
+            eprintln!("cpu invert b={b} cond={cond:e}: residual {res:.2e}");
+            assert!(
+                res <= INVERT_BOUND * cond * f32::EPSILON as f64,
+                "b={b} cond={cond:e}: residual {res:e}"
+            );
         }
     }
 }

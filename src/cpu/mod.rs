@@ -20,7 +20,9 @@ use rayon::prelude::*;
 use crate::dtype::Element;
 use crate::error::{check_finite, check_len, check_min_len, Error, Result};
 use crate::layout::{check_block_size, BlockLayout, FactorSet};
-use workspace::{for_each_group, workspace_size};
+use workspace::{for_each_group, workspace_size, PerItem};
+
+pub use crate::invert::{check_info, FailurePolicy, INFO_SKIPPED};
 
 /// Rows of an f16 / bf16 input converted to f32 at a time by [`accumulate`].
 const ACCUMULATE_CHUNK_ROWS: usize = 256;
@@ -199,15 +201,13 @@ pub fn accumulate<E: Element>(
     } else {
         ACCUMULATE_CHUNK_ROWS * b * 4
     };
+    let none = PerItem(&mut [0u8][..0], 0);
     for_each_group(
-        blocks,
-        b * b,
-        block_traces,
-        1,
+        (PerItem(blocks, b * b), PerItem(block_traces, 1), none),
         layout.blocks(),
         ws,
         per_slot,
-        |range, out, tr, stack| {
+        |range, out, tr, _, stack| {
             for (k, j) in range.enumerate() {
                 let s = &mut out[k * b * b..(k + 1) * b * b];
                 let w = layout.valid(j);
@@ -319,6 +319,37 @@ impl Damping<'_> {
     }
 }
 
+/// Options of [`invert`]: damping, an optional mask and the failure policy.
+#[derive(Debug, Clone, Copy)]
+pub struct InvertOptions<'a> {
+    /// Damping added to the diagonal before factoring.
+    pub damping: Damping<'a>,
+    /// One byte per block: 0 skips the block (output untouched, info [`INFO_SKIPPED`]).
+    pub mask: Option<&'a [u8]>,
+    /// What to do with blocks that are not positive definite.
+    pub policy: FailurePolicy,
+}
+
+impl<'a> InvertOptions<'a> {
+    /// Uniform damping, no mask, report failures.
+    pub fn uniform(damping: f32) -> Self {
+        Self {
+            damping: Damping::Uniform(damping),
+            mask: None,
+            policy: FailurePolicy::Report,
+        }
+    }
+
+    /// Per-block damping, no mask, report failures.
+    pub fn per_block(damping: &'a [f32]) -> Self {
+        Self {
+            damping: Damping::PerBlock(damping),
+            mask: None,
+            policy: FailurePolicy::Report,
+        }
+    }
+}
+
 fn invert_stack_req(b: usize) -> StackReq {
     StackReq::new::<f32>(b * b)
         .and(llt::factor::cholesky_in_place_scratch::<f32>(
@@ -334,75 +365,103 @@ pub fn invert_workspace_size(b: usize, blocks: usize) -> usize {
     workspace_size(invert_stack_req(b).unaligned_bytes_required(), blocks)
 }
 
-/// Batched damped Cholesky inversion: for every `b x b` block `j` of `input` (`[nb, b, b]`),
-/// `out_j = (S_j + l_j I)^-1` through `S + l I = L L^T`, `L^-1`, `L^-T L^-1`, written as a
-/// full symmetric block (lower triangle computed, mirrored bit for bit). Reads the lower
-/// triangle of each input block only.
+/// Batched damped Cholesky inversion: for every `b x b` block `j` of `input` (`[nb, b, b]`,
+/// `nb = info.len()`), `out_j = (S_j + l_j I)^-1` through `S + l I = L L^T`, `L^-1`,
+/// `L^-T L^-1`, written as a full symmetric block (lower triangle computed, mirrored bit for
+/// bit). Reads the lower triangle of each input block only.
 ///
-/// `info[j]` receives 0, or the LAPACK-style 1-based pivot that was not positive and finite
-/// (a non-SPD, NaN or Inf block); such a block's output is left as it was before the call.
+/// `info[j]` receives 0, the LAPACK-style 1-based pivot that was not positive and finite (a
+/// non-SPD, NaN or Inf block, after any retries), or [`INFO_SKIPPED`] for a masked block.
+/// A block that fails or is skipped keeps its output as it was before the call.
+/// `damping_used[j]`, when given, receives the damping of the block's last attempt.
 /// Use [`check_info`] to turn a failure into an error.
 pub fn invert(
     b: usize,
     input: &[f32],
-    damping: Damping<'_>,
     out: &mut [f32],
     info: &mut [i32],
+    damping_used: Option<&mut [f32]>,
+    opts: &InvertOptions<'_>,
     ws: &mut Workspace,
 ) -> Result<()> {
     check_block_size(b)?;
     let nb = info.len();
     check_len("input", nb * b * b, input.len())?;
     check_len("out", nb * b * b, out.len())?;
-    invert_impl(b, Some(input), damping, out, info, ws)
+    invert_impl(b, Some(input), out, info, damping_used, opts, ws)
 }
 
-/// [`invert`] in place: `blocks` is overwritten with the inverses, except failed blocks,
-/// which keep their input values.
+/// [`invert`] in place: `blocks` is overwritten with the inverses, except failed and
+/// skipped blocks, which keep their input values.
 pub fn invert_in_place(
     b: usize,
     blocks: &mut [f32],
-    damping: Damping<'_>,
     info: &mut [i32],
+    damping_used: Option<&mut [f32]>,
+    opts: &InvertOptions<'_>,
     ws: &mut Workspace,
 ) -> Result<()> {
     check_block_size(b)?;
     check_len("blocks", info.len() * b * b, blocks.len())?;
-    invert_impl(b, None, damping, blocks, info, ws)
+    invert_impl(b, None, blocks, info, damping_used, opts, ws)
 }
 
 fn invert_impl(
     b: usize,
     input: Option<&[f32]>,
-    damping: Damping<'_>,
     out: &mut [f32],
     info: &mut [i32],
+    damping_used: Option<&mut [f32]>,
+    opts: &InvertOptions<'_>,
     ws: &mut Workspace,
 ) -> Result<()> {
     let nb = info.len();
     if nb == 0 {
         return Err(Error::invalid("info", "at least one block is needed"));
     }
-    damping.validate(nb)?;
+    opts.damping.validate(nb)?;
+    let (max_retries, factor, floor) = opts.policy.params()?;
+    if let Some(m) = opts.mask {
+        check_len("mask", nb, m.len())?;
+    }
+    let used = match damping_used {
+        Some(d) => {
+            check_len("damping_used", nb, d.len())?;
+            PerItem(d, 1)
+        }
+        None => PerItem(&mut [][..], 0),
+    };
     let req = invert_stack_req(b);
     for_each_group(
-        out,
-        b * b,
-        info,
-        1,
+        (PerItem(out, b * b), PerItem(info, 1), used),
         nb,
         ws,
         req.unaligned_bytes_required(),
-        |range, o, inf, stack| {
+        |range, o, inf, used, stack| {
             for (k, j) in range.enumerate() {
+                if opts.mask.is_some_and(|m| m[j] == 0) {
+                    inf[k] = INFO_SKIPPED;
+                    continue;
+                }
                 let dst = &mut o[k * b * b..(k + 1) * b * b];
                 let src: &[f32] = match input {
                     Some(inp) => &inp[j * b * b..(j + 1) * b * b],
                     None => dst,
                 };
                 let (mut l, stack) = stack.make_with::<f32>(b * b, |_| 0.0);
-                let pivot = factor_block(src, b, damping.get(j), &mut l, stack);
+                let mut lam = opts.damping.get(j);
+                let mut pivot = factor_block(src, b, lam, &mut l, stack);
+                for _ in 0..max_retries {
+                    if pivot == 0 {
+                        break;
+                    }
+                    lam = lam.max(floor) * factor;
+                    pivot = factor_block(src, b, lam, &mut l, stack);
+                }
                 inf[k] = pivot as i32;
+                if let Some(u) = used.get_mut(k) {
+                    *u = lam;
+                }
                 if pivot == 0 {
                     let lref = MatRef::from_row_major_slice(&l, b, b);
                     let mut x = MatMut::from_row_major_slice_mut(dst, b, b);
@@ -454,17 +513,6 @@ fn factor_block(src: &[f32], b: usize, damping: f32, l: &mut [f32], stack: &mut 
     match bad_row {
         Some(r) => r + 1,
         None => 0,
-    }
-}
-
-/// Turns the first failed block of an `info` array into [`Error::NotPositiveDefinite`].
-pub fn check_info(info: &[i32]) -> Result<()> {
-    match info.iter().position(|&p| p != 0) {
-        Some(block) => Err(Error::NotPositiveDefinite {
-            block,
-            pivot: info[block] as usize,
-        }),
-        None => Ok(()),
     }
 }
 
@@ -520,15 +568,13 @@ pub fn apply(
     let rb = g_inv.map(|(l, _)| l.block()).unwrap_or(128);
     let n_panels = out_dim.div_ceil(rb);
     let per_slot = rb * in_dim * 4;
+    let (none, none2) = (PerItem(&mut [0u8][..0], 0), PerItem(&mut [0u8][..0], 0));
     for_each_group(
-        out,
-        rb * in_dim,
-        &mut [] as &mut [u8],
-        0,
+        (PerItem(out, rb * in_dim), none, none2),
         n_panels,
         ws,
         per_slot,
-        |range, o, _, stack| {
+        |range, o, _, _, stack| {
             let (mut t, _) = stack.make_with::<f32>(rb * in_dim, |_| 0.0);
             for (k, i) in range.enumerate() {
                 let r0 = i * rb;

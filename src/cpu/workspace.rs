@@ -60,22 +60,27 @@ pub(crate) fn workspace_size(per_slot: usize, items: usize) -> usize {
 }
 
 /// One group's share: its index, outputs, auxiliary outputs and scratch.
-type Part<'a, T, U> = (usize, &'a mut [T], &'a mut [U], &'a mut [MaybeUninit<u8>]);
+type Part<'a, T, U, V> = (
+    usize,
+    &'a mut [T],
+    &'a mut [U],
+    &'a mut [V],
+    &'a mut [MaybeUninit<u8>],
+);
+
+/// Per-item outputs handed to [`for_each_group`]: a slice and how many of its elements
+/// belong to each item (0 when unused; the last item may own fewer).
+pub(crate) struct PerItem<'a, T>(pub &'a mut [T], pub usize);
 
 /// Runs `f` over `n_items` work items split into contiguous groups, in parallel, each group
-/// with its own slot of the workspace. `out` holds `item_len` elements per item (the last
-/// item may be shorter) and `aux` holds `aux_len` per item (0 when unused); both are split
-/// along with the items, so each group writes only its own items.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn for_each_group<T: Send, U: Send>(
-    out: &mut [T],
-    item_len: usize,
-    aux: &mut [U],
-    aux_len: usize,
+/// with its own slot of the workspace. The three per-item outputs are split along with the
+/// items, so each group writes only its own items.
+pub(crate) fn for_each_group<T: Send, U: Send, V: Send>(
+    (out, aux, aux2): (PerItem<'_, T>, PerItem<'_, U>, PerItem<'_, V>),
     n_items: usize,
     ws: &mut Workspace,
     per_slot: usize,
-    f: impl Fn(Range<usize>, &mut [T], &mut [U], &mut MemStack) + Sync,
+    f: impl Fn(Range<usize>, &mut [T], &mut [U], &mut [V], &mut MemStack) + Sync,
 ) -> Result<()> {
     if n_items == 0 {
         return Ok(());
@@ -92,22 +97,24 @@ pub(crate) fn for_each_group<T: Send, U: Send>(
     let per_group = n_items.div_ceil(slots.min(n_items));
     let groups = n_items.div_ceil(per_group);
     // A handful of pointers per call (one entry per worker), not a data-sized allocation.
-    let mut parts: Vec<Part<'_, T, U>> = Vec::with_capacity(groups);
-    let (mut o, mut a, mut w) = (out, aux, &mut ws.buf[..]);
+    let mut parts: Vec<Part<'_, T, U, V>> = Vec::with_capacity(groups);
+    let (mut o, mut a, mut a2, mut w) = (out.0, aux.0, aux2.0, &mut ws.buf[..]);
     for g in 0..groups {
         let items = per_group.min(n_items - g * per_group);
-        let (oh, ot) = o.split_at_mut((items * item_len).min(o.len()));
-        let (ah, at) = a.split_at_mut((items * aux_len).min(a.len()));
+        let (oh, ot) = o.split_at_mut((items * out.1).min(o.len()));
+        let (ah, at) = a.split_at_mut((items * aux.1).min(a.len()));
+        let (bh, bt) = a2.split_at_mut((items * aux2.1).min(a2.len()));
         let (wh, wt) = w.split_at_mut(sb.min(w.len()));
-        parts.push((g, oh, ah, wh));
-        (o, a, w) = (ot, at, wt);
+        parts.push((g, oh, ah, bh, wh));
+        (o, a, a2, w) = (ot, at, bt, wt);
     }
-    parts.into_par_iter().for_each(|(g, o, a, w)| {
+    parts.into_par_iter().for_each(|(g, o, a, a2, w)| {
         let start = g * per_group;
         f(
             start..(start + per_group).min(n_items),
             o,
             a,
+            a2,
             MemStack::new(w),
         )
     });

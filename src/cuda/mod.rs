@@ -11,7 +11,7 @@ mod ops;
 pub mod raw;
 pub(crate) mod tuning;
 
-pub use ops::DeviceFactorSet;
+pub use ops::{DeviceDamping, DeviceFactorSet, DeviceInvertOptions};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -139,6 +139,7 @@ pub struct CudaDevice {
     source: KernelSource,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    smem_configured: Mutex<HashMap<&'static str, usize>>,
 }
 
 /// A kernel: its module (a `kernels/*.cu` file stem) and its extern "C" name,
@@ -206,6 +207,7 @@ impl CudaDevice {
             source: KernelSource::from_env(),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            smem_configured: Mutex::new(HashMap::new()),
         })
     }
 
@@ -311,6 +313,35 @@ impl CudaDevice {
             .lock()
             .map_err(|_| cache_poisoned())?
             .insert(k.name, f.clone());
+        Ok(f)
+    }
+
+    /// The kernel `k`, allowed `bytes` of dynamic shared memory (opting in past 48 KiB once
+    /// per function); errors when the device cannot give that much to one thread block.
+    pub fn function_with_smem(&self, k: KernelId, bytes: usize) -> Result<CudaFunction> {
+        let f = self.function(k)?;
+        if bytes <= 48 * 1024 {
+            return Ok(f);
+        }
+        let mut done = self.smem_configured.lock().map_err(|_| cache_poisoned())?;
+        if done.get(k.name).is_some_and(|&b| b >= bytes) {
+            return Ok(f);
+        }
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        let max = self
+            .ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        if bytes > max.max(0) as usize {
+            return Err(Error::invalid(
+                "block",
+                format!("{} needs {bytes} bytes of shared memory per thread block; this device allows {max}", k.name),
+            ));
+        }
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )?;
+        done.insert(k.name, bytes);
         Ok(f)
     }
 

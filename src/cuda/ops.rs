@@ -7,6 +7,40 @@ use super::{raw, CudaDevice};
 use crate::error::{check_len, check_min_len, Error, Result};
 use crate::layout::{BlockLayout, FactorSet};
 
+/// Damping for [`CudaDevice::invert`]: one value for all blocks, or one per block in device
+/// memory (checked by the kernel: a negative or non-finite value gives that block
+/// [`crate::invert::INFO_BAD_DAMPING`]).
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceDamping<'a> {
+    /// The same damping for every block.
+    Uniform(f32),
+    /// `damping[j]` for block `j`.
+    PerBlock(&'a CudaSlice<f32>),
+}
+
+/// Options of [`CudaDevice::invert`].
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceInvertOptions<'a> {
+    /// Damping added to the diagonal before factoring.
+    pub damping: DeviceDamping<'a>,
+    /// One byte per block in device memory: 0 skips the block (THOR's trace rule writes it
+    /// on the device, so skipping needs no host round trip).
+    pub mask: Option<&'a CudaSlice<u8>>,
+    /// What to do with blocks that are not positive definite.
+    pub policy: crate::invert::FailurePolicy,
+}
+
+impl DeviceInvertOptions<'_> {
+    /// Uniform damping, no mask, report failures.
+    pub fn uniform(damping: f32) -> Self {
+        Self {
+            damping: DeviceDamping::Uniform(damping),
+            mask: None,
+            policy: crate::invert::FailurePolicy::Report,
+        }
+    }
+}
+
 /// A [`FactorSet`] with its layer table uploaded once, ready for set-wide launches.
 #[derive(Debug)]
 pub struct DeviceFactorSet {
@@ -120,5 +154,102 @@ impl CudaDevice {
         let (fp, _w2) = factor_traces.device_ptr_mut(&self.stream);
         // SAFETY: the table was built from the same set whose lengths were checked above.
         unsafe { raw::trace_set_f32(self, bp, s.block(), dp, s.len(), tp, fp) }
+    }
+}
+
+impl CudaDevice {
+    /// Batched damped Cholesky inversion of `info.len()` blocks of `b x b` in one launch, no
+    /// host synchronization: `out_j = (in_j + l_j I)^-1`, full symmetric (mirrored bit for
+    /// bit), lower triangle of the input read. `info` receives per block 0, the failing
+    /// 1-based pivot, or a negative code ([`crate::invert`]); failed and skipped blocks keep
+    /// their output. `damping_used`, when given, receives each attempted block's final damping.
+    pub fn invert(
+        &self,
+        b: usize,
+        input: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        info: &mut CudaSlice<i32>,
+        damping_used: Option<&mut CudaSlice<f32>>,
+        opts: &DeviceInvertOptions<'_>,
+    ) -> Result<()> {
+        crate::layout::check_block_size(b)?;
+        let nb = info.len();
+        check_len("input", nb * b * b, input.len())?;
+        check_len("out", nb * b * b, out.len())?;
+        self.check_same_context("input", input)?;
+        self.check_same_context("out", out)?;
+        let (ip, _r) = input.device_ptr(&self.stream);
+        let (op, _w) = out.device_ptr_mut(&self.stream);
+        self.invert_launch(b, ip, op, info, damping_used, opts)
+    }
+
+    /// [`CudaDevice::invert`] in place: failed and skipped blocks keep their input values.
+    pub fn invert_in_place(
+        &self,
+        b: usize,
+        blocks: &mut CudaSlice<f32>,
+        info: &mut CudaSlice<i32>,
+        damping_used: Option<&mut CudaSlice<f32>>,
+        opts: &DeviceInvertOptions<'_>,
+    ) -> Result<()> {
+        crate::layout::check_block_size(b)?;
+        check_len("blocks", info.len() * b * b, blocks.len())?;
+        self.check_same_context("blocks", blocks)?;
+        let (p, _w) = blocks.device_ptr_mut(&self.stream);
+        self.invert_launch(b, p, p, info, damping_used, opts)
+    }
+
+    fn invert_launch(
+        &self,
+        b: usize,
+        input: u64,
+        output: u64,
+        info: &mut CudaSlice<i32>,
+        damping_used: Option<&mut CudaSlice<f32>>,
+        opts: &DeviceInvertOptions<'_>,
+    ) -> Result<()> {
+        let nb = info.len();
+        self.check_same_context("info", info)?;
+        let (damping, damping_all, _rd) = match opts.damping {
+            DeviceDamping::Uniform(v) => (0, v, None),
+            DeviceDamping::PerBlock(d) => {
+                check_len("damping", nb, d.len())?;
+                self.check_same_context("damping", d)?;
+                let (p, g) = d.device_ptr(&self.stream);
+                (p, 0.0, Some(g))
+            }
+        };
+        let (mask, _rm) = match opts.mask {
+            Some(m) => {
+                check_len("mask", nb, m.len())?;
+                self.check_same_context("mask", m)?;
+                let (p, g) = m.device_ptr(&self.stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (used, _wu) = match damping_used {
+            Some(u) => {
+                check_len("damping_used", nb, u.len())?;
+                self.check_same_context("damping_used", u)?;
+                let (p, g) = u.device_ptr_mut(&self.stream);
+                (p, Some(g))
+            }
+            None => (0, None),
+        };
+        let (info_p, _wi) = info.device_ptr_mut(&self.stream);
+        let args = raw::InvertArgs {
+            b,
+            blocks: nb,
+            damping,
+            damping_all,
+            mask,
+            policy: opts.policy,
+            info: info_p,
+            damping_used: used,
+        };
+        // SAFETY: every buffer belongs to this context and was checked against nb and b;
+        // input and output are one allocation (in place) or two distinct CudaSlices.
+        unsafe { raw::invert_chol_f32(self, input, output, &args) }
     }
 }

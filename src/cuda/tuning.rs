@@ -13,3 +13,21 @@ pub const SPLIT_ROWS: u32 = 8;
 /// trace: 8 warps per factor (TRACE_WARPS), one factor per thread block.
 /// Not yet measured on a GPU (the whole ResNet-50 set is 654 x 128 diagonal loads).
 pub const TRACE_WARPS: u32 = 8;
+
+/// invert: threads per matrix (one matrix per thread block) for b = 32, 64, 128, 256:
+/// 2, 4, 8 and 16 warps. A warp per row in the trailing update, the triangular inverse and
+/// the L^-T L^-1 product, so the thread count sets how many rows move at once.
+/// Not yet measured on a GPU.
+pub fn invert_threads(b: usize) -> u32 {
+    match b {
+        32 => 64,
+        64 => 128,
+        128 => 256,
+        _ => 512,
+    }
+}
+
+/// invert: dynamic shared memory per matrix: the packed lower triangle plus one column.
+pub fn invert_smem_bytes(b: usize) -> usize {
+    (b * (b + 1) / 2 + b) * 4
+}

@@ -115,3 +115,48 @@ pub fn gpu_or_skip(test: &str) -> Option<thor_kernels::cuda::CudaDevice> {
         }
     }
 }
+
+/// `nb` SPD blocks of `b x b` in f32, condition numbers cycling through `conds`.
+pub fn spd_batch(rng: &mut StdRng, b: usize, nb: usize, conds: &[f64]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(nb * b * b);
+    for j in 0..nb {
+        out.extend(
+            spd(rng, b, conds[j % conds.len()])
+                .iter()
+                .map(|&v| v as f32),
+        );
+    }
+    out
+}
+
+/// A batch of 5 blocks mixing good, non-SPD, NaN and Inf ones, with the reference's info
+/// for zero damping: [good, non-SPD at pivot 4, NaN in row 10, Inf on the diagonal, good].
+pub fn mixed_bad_batch(rng: &mut StdRng, b: usize) -> (Vec<f32>, Vec<i32>) {
+    let good = spd(rng, b, 10.0);
+    let mut nonspd = good.clone();
+    nonspd[3 * b + 3] = -100.0;
+    let mut nan = good.clone();
+    nan[10 * b + 4] = f64::NAN;
+    nan[4 * b + 10] = f64::NAN;
+    let mut inf = good.clone();
+    inf[0] = f64::INFINITY;
+    let good2 = spd(rng, b, 100.0);
+    let mut blocks = Vec::new();
+    for m in [&good, &nonspd, &nan, &inf, &good2] {
+        blocks.extend(m.iter().map(|&v| v as f32));
+    }
+    (blocks, vec![0, 4, 11, 1, 0])
+}
+
+/// The inverse residual `||(S + l I) X - I||_F / sqrt(b)` of block `j`, in f64.
+pub fn block_residual(input: &[f32], out: &[f32], b: usize, j: usize, damping: f64) -> f64 {
+    let s = f64s(&input[j * b * b..(j + 1) * b * b]);
+    let x = f64s(&out[j * b * b..(j + 1) * b * b]);
+    thor_kernels::reference::inverse_residual(&s, &x, b, damping)
+}
+
+/// Whether block `j` of a `[nb, b, b]` buffer is symmetric bit for bit.
+pub fn bitwise_symmetric(out: &[f32], b: usize, j: usize) -> bool {
+    let m = &out[j * b * b..(j + 1) * b * b];
+    (0..b).all(|r| (0..r).all(|c| m[r * b + c].to_bits() == m[c * b + r].to_bits()))
+}
