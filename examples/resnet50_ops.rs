@@ -5,7 +5,8 @@
 //!         [--block 32|64|128|256] [--reps N]
 //!
 //! Split and trace run on the chosen backend (the GPU when one is usable, through the
-//! [`Backend`] trait) and on the CPU; accumulate, invert and apply run on the CPU backend.
+//! [`Backend`] trait) and on the CPU; invert runs on the GPU when there is one and on the
+//! CPU; accumulate and apply run on the CPU backend.
 //! Prints a table: op, backend, work, time (median), rate, error against the reference.
 
 use std::time::Instant;
@@ -214,6 +215,62 @@ fn backend_ops<B: Backend>(
         ms,
         rate: gb_s((set.total_blocks() * b * 4) as f64, ms),
         err: format!("{max_abs:.1e} abs (sums of N(0,1))"),
+    });
+    Ok(())
+}
+
+/// The batched inversion of every block of the set on the GPU.
+fn gpu_invert(
+    dev: &thor_kernels::cuda::CudaDevice,
+    a: &Args,
+    all_dims: &[usize],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let b = a.block;
+    eprintln!("[gpu] invert all blocks ...");
+    let set = FactorSet::new(b, all_dims)?;
+    let nb = set.total_blocks();
+    // SPD blocks: X^T X / n + I per block, from 2b random rows.
+    let layout = BlockLayout::new(nb * b, b)?;
+    let mut rng = StdRng::seed_from_u64(5);
+    let x = normal(&mut rng, 2 * b * nb * b);
+    let mut host = vec![0.0; layout.buffer_len()];
+    let mut tr = vec![0.0; nb];
+    cpu::accumulate(
+        &x,
+        2 * b,
+        nb * b,
+        &layout,
+        1.0 / (2 * b) as f32,
+        0.0,
+        &mut host,
+        &mut tr,
+        &mut Workspace::new(0),
+    )?;
+    let input = dev.upload(&host)?;
+    let mut out = dev.upload(&vec![f32::NAN; host.len()])?;
+    let mut info = dev.zeros::<i32>(nb)?;
+    let opts = thor_kernels::cuda::DeviceInvertOptions::uniform(0.03);
+    let ms = time_ms(a.reps.max(10), || {
+        dev.invert(b, &input, &mut out, &mut info, None, &opts)?;
+        dev.synchronize()
+    })?;
+    thor_kernels::invert::check_info(&dev.download(&info)?)?;
+    let got = dev.download(&out)?;
+    let j = nb / 2;
+    let blk = |v: &[f32]| f64s(&v[j * b * b..(j + 1) * b * b]);
+    let (want, _) = reference::invert_blocks(&blk(&host), b, &[0.03])?;
+    let resid = reference::inverse_residual(&blk(&host), &blk(&got), b, 0.03);
+    rows.push(Row {
+        op: "invert",
+        backend: Backend::name(dev),
+        work: format!("{nb} blocks of {b}"),
+        ms,
+        rate: gflop_s((nb * b * b * b) as f64, ms),
+        err: format!(
+            "{:.1e}, residual {resid:.1e}",
+            rel_err(&got[j * b * b..(j + 1) * b * b], &want)
+        ),
     });
     Ok(())
 }
@@ -440,6 +497,7 @@ fn run(a: &Args) -> Result<()> {
     let mut rows = Vec::new();
     if let AnyBackend::Cuda(dev) = &backend {
         backend_ops(dev, a, &split_dims, &all_dims, &mut rows)?;
+        gpu_invert(dev, a, &all_dims, &mut rows)?;
     }
     backend_ops(&CpuBackend, a, &split_dims, &all_dims, &mut rows)?;
     cpu_only_ops(a, &layers, &mut rows)?;
