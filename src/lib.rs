@@ -20,6 +20,7 @@ pub mod invert;
 pub mod layout;
 pub mod reference;
 pub mod shapes;
+pub mod thor;
 
 pub use backend::{Backend, BackendKind};
 pub use dtype::{DType, Element};

@@ -1,0 +1,591 @@
+//! The THOR optimizer, independent of any framework: per-layer Kronecker factors split into
+//! blocks, THOR's trace rule deciding per layer whether to recompute, reuse or freeze the
+//! inverses, and the preconditioned gradient. The learning rate, momentum and weight decay
+//! stay the framework's.
+//!
+//! Wiring it into a training loop:
+//!
+//! ```no_run
+//! use thor_kernels::thor::{LayerKind, Thor, ThorConfig};
+//! # fn forward_backward() -> (Vec<f32>, Vec<f32>, Vec<f32>) { unimplemented!() }
+//! let mut thor = Thor::new(ThorConfig::thor())?;
+//! let fc = thor.add_layer(LayerKind::Linear { inputs: 64, outputs: 10, bias: true })?;
+//! for step in 0..100 {
+//!     thor.set_epoch(step as f64 / 50.0);
+//!     // Forward and backward in your framework: the layer's inputs a [N, 64], the
+//!     // per-example gradients of its outputs g [N, 10], and its gradient [10, 64 + 1]
+//!     // (weight gradient with the bias gradient as the last column).
+//!     let (a, g, grad) = forward_backward();
+//!     if thor.needs_statistics() {
+//!         thor.observe(fc, &a, &g, 32)?;
+//!     }
+//!     let mut update = vec![0.0; grad.len()];
+//!     thor.precondition(fc, &grad, &mut update)?;
+//!     // ... apply `update` with your optimizer (lr, momentum, weight decay) ...
+//!     thor.finish_step();
+//! }
+//! # Ok::<(), thor_kernels::Error>(())
+//! ```
+
+mod schedule;
+mod state;
+
+pub use schedule::{lr_poly, DampingSchedule, IntervalSchedule};
+
+use crate::backend::BackendKind;
+use crate::cpu::{self, InvertOptions, Workspace};
+use crate::error::{check_len, Error, Result};
+use crate::invert::FailurePolicy;
+use crate::layout::{check_block_size, BlockLayout};
+use crate::reference::{fisher_trace, trace_rule, Decision};
+
+/// The shape of a layer THOR preconditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// A fully connected layer `y = W x (+ b)`, W of `[outputs, inputs]`.
+    Linear {
+        /// Input features.
+        inputs: usize,
+        /// Output features.
+        outputs: usize,
+        /// Whether the layer has a bias; THOR then appends a ones column to the activations
+        /// and expects the bias gradient as the last column of the gradient.
+        bias: bool,
+    },
+    /// A 2-d convolution, weights flattened to `[c_out, c_in * kh * kw]`; the caller supplies
+    /// im2col'd activations, one row per output position.
+    Conv2d {
+        /// Input channels.
+        c_in: usize,
+        /// Output channels.
+        c_out: usize,
+        /// Kernel height.
+        kh: usize,
+        /// Kernel width.
+        kw: usize,
+        /// Whether the layer has a bias (as for [`LayerKind::Linear`]).
+        bias: bool,
+    },
+}
+
+impl LayerKind {
+    fn bias(&self) -> bool {
+        match *self {
+            LayerKind::Linear { bias, .. } | LayerKind::Conv2d { bias, .. } => bias,
+        }
+    }
+
+    /// Activation columns as the caller passes them (without the ones column).
+    pub fn inputs(&self) -> usize {
+        match *self {
+            LayerKind::Linear { inputs, .. } => inputs,
+            LayerKind::Conv2d { c_in, kh, kw, .. } => c_in * kh * kw,
+        }
+    }
+
+    /// Dimension of the input-side factor A (inputs, +1 with a bias).
+    pub fn d_a(&self) -> usize {
+        self.inputs() + self.bias() as usize
+    }
+
+    /// Dimension of the output-side factor G.
+    pub fn d_g(&self) -> usize {
+        match *self {
+            LayerKind::Linear { outputs, .. } => outputs,
+            LayerKind::Conv2d { c_out, .. } => c_out,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let zero = match *self {
+            LayerKind::Linear {
+                inputs, outputs, ..
+            } => inputs == 0 || outputs == 0,
+            LayerKind::Conv2d {
+                c_in,
+                c_out,
+                kh,
+                kw,
+                ..
+            } => c_in * c_out * kh * kw == 0,
+        };
+        if zero {
+            return Err(Error::invalid(
+                "layer",
+                format!("{self:?} has a zero dimension"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The trace-rule thresholds `(w1, w2)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    /// Above `w1` the inverses are recomputed.
+    pub w1: f64,
+    /// Below `w2` the layer is frozen; in between the inverses are reused.
+    pub w2: f64,
+}
+
+impl Thresholds {
+    /// THOR's default: (0.01, 0): never freeze.
+    pub const THOR: Thresholds = Thresholds { w1: 0.01, w2: 0.0 };
+    /// THOR-stop: (0.01, 0.001).
+    pub const THOR_STOP: Thresholds = Thresholds {
+        w1: 0.01,
+        w2: 0.001,
+    };
+    /// Recompute at every statistics step (unless the trace did not move at all).
+    pub const EVERY_TIME: Thresholds = Thresholds { w1: 0.0, w2: 0.0 };
+}
+
+/// The optimizer's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThorConfig {
+    /// Block size of the factors: 32, 64, 128 or 256.
+    pub block: usize,
+    /// Statistics decay: 0 keeps per-batch statistics (THOR's reference code), otherwise an
+    /// exponential moving average `S <- decay S + (1 - decay) X^T X / N`.
+    pub stat_decay: f32,
+    /// Damping schedule; `sqrt(l)` is added to each factor.
+    pub damping: DampingSchedule,
+    /// Steps between statistics (and inverse) refreshes.
+    pub interval: IntervalSchedule,
+    /// Trace-rule thresholds.
+    pub thresholds: Thresholds,
+    /// Where the preconditioner runs. The CPU backend is the one implemented end to end;
+    /// `Cuda` is refused until the accumulate and apply kernels land.
+    pub backend: BackendKind,
+    /// Non-SPD blocks: retry with more damping by default.
+    pub policy: FailurePolicy,
+    /// K-FAC's KL clip: when set, [`Thor::kl_clip_factor`] scales updates so that
+    /// `lr^2 * sum(g . dW)` stays under this bound.
+    pub kl_clip: Option<f32>,
+}
+
+impl ThorConfig {
+    /// THOR's recipe at toy scale: b = 128, per-batch statistics, damping 0.03 x 0.87^(e/10),
+    /// statistics every 20 steps, thresholds (0.01, 0), non-SPD retry.
+    pub fn thor() -> Self {
+        Self {
+            block: 128,
+            stat_decay: 0.0,
+            damping: DampingSchedule::Decay {
+                l0: 0.03,
+                decay: 0.87,
+                every: 10.0,
+            },
+            interval: IntervalSchedule::Fixed(20),
+            thresholds: Thresholds::THOR,
+            backend: BackendKind::Auto,
+            policy: FailurePolicy::retry(),
+            kl_clip: None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_block_size(self.block)?;
+        if !(self.stat_decay >= 0.0 && self.stat_decay < 1.0) {
+            return Err(Error::invalid(
+                "stat_decay",
+                format!("must be in [0, 1), got {}", self.stat_decay),
+            ));
+        }
+        self.damping.validate()?;
+        self.interval.validate()?;
+        let Thresholds { w1, w2 } = self.thresholds;
+        if !(w1.is_finite() && w2.is_finite() && w2 >= 0.0 && w1 >= w2) {
+            return Err(Error::invalid(
+                "thresholds",
+                format!("need w1 >= w2 >= 0, got ({w1}, {w2})"),
+            ));
+        }
+        self.policy.params()?;
+        if let Some(k) = self.kl_clip {
+            if !(k.is_finite() && k > 0.0) {
+                return Err(Error::invalid(
+                    "kl_clip",
+                    format!("must be finite and > 0, got {k}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A registered layer's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerId(pub usize);
+
+/// Per-layer counters, readable at any time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LayerCounters {
+    /// Statistics steps whose statistics were accepted.
+    pub statistics: u64,
+    /// Statistics steps that recomputed the inverses.
+    pub updates: u64,
+    /// Statistics steps that kept the previous inverses.
+    pub reuses: u64,
+    /// 1 once the layer froze (it stays frozen).
+    pub freezes: u64,
+    /// Statistics steps skipped because activations or gradients were not finite.
+    pub skipped: u64,
+    /// Inversions that failed even after retries (previous inverses kept).
+    pub failed_inversions: u64,
+}
+
+/// What [`Thor::observe`] did with a layer's statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation {
+    /// Accumulated; the trace rule decided this.
+    Accepted(Decision),
+    /// Not finite: nothing changed, the layer's `skipped` counter went up.
+    SkippedNonFinite,
+    /// The layer is frozen: nothing to do.
+    Frozen,
+}
+
+#[derive(Debug, Clone)]
+struct LayerState {
+    kind: LayerKind,
+    a: BlockLayout,
+    g: BlockLayout,
+    a_stats: Vec<f32>,
+    g_stats: Vec<f32>,
+    a_inv: Vec<f32>,
+    g_inv: Vec<f32>,
+    has_stats: bool,
+    has_inverse: bool,
+    frozen: bool,
+    prev_trace: f64,
+    counters: LayerCounters,
+}
+
+/// The THOR optimizer state.
+#[derive(Debug)]
+pub struct Thor {
+    cfg: ThorConfig,
+    layers: Vec<LayerState>,
+    step: u64,
+    epoch: f64,
+    next_stats: u64,
+    // Scratch, sized as layers are added; never allocated on the step path.
+    ws: Workspace,
+    ones_buf: Vec<f32>,
+    traces_buf: Vec<f32>,
+    info_buf: Vec<i32>,
+}
+
+impl Thor {
+    /// A new optimizer; errors on an invalid configuration or an unavailable backend.
+    pub fn new(cfg: ThorConfig) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.backend == BackendKind::Cuda {
+            return Err(Error::invalid(
+                "backend",
+                "the optimizer runs on the CPU backend for now (the CUDA accumulate and apply kernels are not in this version)",
+            ));
+        }
+        Ok(Self {
+            cfg,
+            layers: Vec::new(),
+            step: 0,
+            epoch: 0.0,
+            next_stats: 0,
+            ws: Workspace::new(0),
+            ones_buf: Vec::new(),
+            traces_buf: Vec::new(),
+            info_buf: Vec::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ThorConfig {
+        &self.cfg
+    }
+
+    /// Registers a layer; its factors start empty (identity inverses until the first
+    /// statistics).
+    pub fn add_layer(&mut self, kind: LayerKind) -> Result<LayerId> {
+        kind.validate()?;
+        let b = self.cfg.block;
+        let a = BlockLayout::new(kind.d_a(), b)?;
+        let g = BlockLayout::new(kind.d_g(), b)?;
+        let eye = |l: &BlockLayout| {
+            let mut v = vec![0.0f32; l.buffer_len()];
+            for j in 0..l.blocks() {
+                for i in 0..b {
+                    v[j * b * b + i * b + i] = 1.0;
+                }
+            }
+            v
+        };
+        let state = LayerState {
+            kind,
+            a,
+            g,
+            a_stats: vec![0.0; a.buffer_len()],
+            g_stats: vec![0.0; g.buffer_len()],
+            a_inv: eye(&a),
+            g_inv: eye(&g),
+            has_stats: false,
+            has_inverse: false,
+            frozen: false,
+            prev_trace: f64::NAN,
+            counters: LayerCounters::default(),
+        };
+        let blocks = a.blocks().max(g.blocks());
+        let need = cpu::invert_workspace_size(b, blocks).max(cpu::apply_workspace_size(
+            Some(b),
+            kind.d_g(),
+            kind.d_a(),
+        ));
+        if self.ws.len() < need {
+            self.ws = Workspace::new(need);
+        }
+        if self.traces_buf.len() < blocks {
+            self.traces_buf.resize(blocks, 0.0);
+            self.info_buf.resize(blocks, 0);
+        }
+        self.layers.push(state);
+        Ok(LayerId(self.layers.len() - 1))
+    }
+
+    /// Number of registered layers.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Sets the training position (fractional epochs) that the schedules read.
+    pub fn set_epoch(&mut self, epoch: f64) {
+        if epoch.is_finite() && epoch >= 0.0 {
+            self.epoch = epoch;
+        }
+    }
+
+    /// The current training position in epochs.
+    pub fn epoch(&self) -> f64 {
+        self.epoch
+    }
+
+    /// Steps finished so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The damping at the current epoch.
+    pub fn damping(&self) -> f32 {
+        self.cfg.damping.at(self.epoch)
+    }
+
+    /// Whether this step is a statistics step: hand every layer's activations and output
+    /// gradients to [`Thor::observe`] before preconditioning.
+    pub fn needs_statistics(&self) -> bool {
+        self.step >= self.next_stats
+    }
+
+    fn layer(&self, id: LayerId) -> Result<&LayerState> {
+        self.layers.get(id.0).ok_or_else(|| {
+            Error::invalid(
+                "layer",
+                format!("no layer {} (have {})", id.0, self.layers.len()),
+            )
+        })
+    }
+
+    /// The counters of layer `id`.
+    pub fn counters(&self, id: LayerId) -> Result<LayerCounters> {
+        Ok(self.layer(id)?.counters)
+    }
+
+    /// Whether layer `id` is frozen.
+    pub fn is_frozen(&self, id: LayerId) -> Result<bool> {
+        Ok(self.layer(id)?.frozen)
+    }
+
+    /// Hands over layer `id`'s statistics: activations `acts` `[rows, inputs]` (im2col rows
+    /// for a conv layer, no ones column) and per-example output gradients `out_grads`
+    /// `[rows, d_g]` (the gradient of the summed loss, i.e. the mean loss's gradient times the
+    /// batch size). Updates the factors, applies the trace rule and, when it says so,
+    /// recomputes the layer's inverses.
+    ///
+    /// A non-finite value anywhere skips the layer for this step (counted) and changes
+    /// nothing; shape errors are typed errors.
+    pub fn observe(
+        &mut self,
+        id: LayerId,
+        acts: &[f32],
+        out_grads: &[f32],
+        rows: usize,
+    ) -> Result<Observation> {
+        let cfg = self.cfg.clone();
+        let damping = self.damping();
+        let b = cfg.block;
+        let l = self
+            .layers
+            .get_mut(id.0)
+            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        if rows == 0 {
+            return Err(Error::invalid("rows", "at least one row is needed"));
+        }
+        let (inputs, d_a, d_g) = (l.kind.inputs(), l.kind.d_a(), l.kind.d_g());
+        check_len("acts", rows * inputs, acts.len())?;
+        check_len("out_grads", rows * d_g, out_grads.len())?;
+        if l.frozen {
+            return Ok(Observation::Frozen);
+        }
+        if acts.iter().chain(out_grads).any(|v| !v.is_finite()) {
+            l.counters.skipped += 1;
+            return Ok(Observation::SkippedNonFinite);
+        }
+        let (alpha, beta) = if l.has_stats && cfg.stat_decay > 0.0 {
+            ((1.0 - cfg.stat_decay) / rows as f32, cfg.stat_decay)
+        } else {
+            (1.0 / rows as f32, 0.0)
+        };
+        let x_a: &[f32] = if l.kind.bias() {
+            self.ones_buf.resize(rows * d_a, 1.0);
+            for (dst, src) in self
+                .ones_buf
+                .chunks_exact_mut(d_a)
+                .zip(acts.chunks_exact(inputs))
+            {
+                dst[..inputs].copy_from_slice(src);
+                dst[inputs] = 1.0;
+            }
+            &self.ones_buf
+        } else {
+            acts
+        };
+        let tr = &mut self.traces_buf;
+        cpu::accumulate(
+            x_a,
+            rows,
+            d_a,
+            &l.a,
+            alpha,
+            beta,
+            &mut l.a_stats,
+            &mut tr[..l.a.blocks()],
+            &mut self.ws,
+        )?;
+        cpu::accumulate(
+            out_grads,
+            rows,
+            d_g,
+            &l.g,
+            alpha,
+            beta,
+            &mut l.g_stats,
+            &mut tr[..l.g.blocks()],
+            &mut self.ws,
+        )?;
+        l.has_stats = true;
+        l.counters.statistics += 1;
+        let tr_a = real_trace(&l.a, &l.a_stats);
+        let tr_g = real_trace(&l.g, &l.g_stats);
+        let cur = fisher_trace(tr_a, d_a, tr_g, d_g, damping as f64);
+        let decision = if l.has_inverse {
+            trace_rule(l.prev_trace, cur, cfg.thresholds.w1, cfg.thresholds.w2)
+        } else {
+            Decision::Update
+        };
+        l.prev_trace = cur;
+        match decision {
+            Decision::Update => {
+                let opts = InvertOptions {
+                    policy: cfg.policy,
+                    ..InvertOptions::uniform(damping.sqrt())
+                };
+                let info = &mut self.info_buf;
+                let mut ok = true;
+                for (layout, stats, inv) in [
+                    (&l.a, &l.a_stats, &mut l.a_inv),
+                    (&l.g, &l.g_stats, &mut l.g_inv),
+                ] {
+                    let nb = layout.blocks();
+                    cpu::invert(b, stats, inv, &mut info[..nb], None, &opts, &mut self.ws)?;
+                    ok &= info[..nb].iter().all(|&i| i == 0);
+                }
+                // A block that failed keeps its previous inverse (the kernel leaves it as it was).
+                if ok {
+                    l.counters.updates += 1;
+                } else {
+                    l.counters.failed_inversions += 1;
+                }
+                l.has_inverse = true;
+            }
+            Decision::Reuse => l.counters.reuses += 1,
+            Decision::Freeze => {
+                l.counters.freezes = 1;
+                l.frozen = true;
+            }
+        }
+        Ok(Observation::Accepted(decision))
+    }
+
+    /// The preconditioned gradient of layer `id`: `out = G^-1 grad A^-1` with the layer's
+    /// current block inverses; `grad` and `out` are `[d_g, d_a]` (bias gradient as the last
+    /// column for a layer with bias). Before the first statistics the inverses are identity.
+    pub fn precondition(&mut self, id: LayerId, grad: &[f32], out: &mut [f32]) -> Result<()> {
+        let l = self
+            .layers
+            .get(id.0)
+            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let (d_a, d_g) = (l.kind.d_a(), l.kind.d_g());
+        cpu::apply(
+            Some((&l.g, &l.g_inv)),
+            grad,
+            Some((&l.a, &l.a_inv)),
+            d_g,
+            d_a,
+            1.0,
+            out,
+            &mut self.ws,
+        )
+    }
+
+    /// K-FAC's KL clip factor for this step: `min(1, sqrt(kl_clip / (lr^2 * sum g . dW)))`
+    /// over every layer's gradient and preconditioned gradient; 1 when no clip is set.
+    pub fn kl_clip_factor<'a>(
+        &self,
+        lr: f32,
+        pairs: impl IntoIterator<Item = (&'a [f32], &'a [f32])>,
+    ) -> f32 {
+        let Some(k) = self.cfg.kl_clip else {
+            return 1.0;
+        };
+        let vg: f64 = pairs
+            .into_iter()
+            .map(|(g, d)| {
+                g.iter()
+                    .zip(d)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+            })
+            .sum::<f64>()
+            * (lr as f64).powi(2);
+        if vg > 0.0 && vg.is_finite() {
+            ((k as f64 / vg).sqrt().min(1.0)) as f32
+        } else {
+            1.0
+        }
+    }
+
+    /// Ends the step: on a statistics step, schedules the next one.
+    pub fn finish_step(&mut self) {
+        if self.step >= self.next_stats {
+            self.next_stats = self.step + self.cfg.interval.at(self.epoch);
+        }
+        self.step += 1;
+    }
+}
+
+/// Sum of the real (unpadded) diagonal of a factor.
+fn real_trace(layout: &BlockLayout, blocks: &[f32]) -> f64 {
+    let b = layout.block();
+    (0..layout.dim())
+        .map(|i| blocks[(i / b) * b * b + (i % b) * b + i % b] as f64)
+        .sum()
+}

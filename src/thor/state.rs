@@ -1,0 +1,252 @@
+//! Saving and loading the optimizer state: a versioned little-endian format with a
+//! checksum, written atomically (temporary file, then rename).
+//!
+//! Layout: magic `THORSTAT`, format version (u32), then the body, then an FNV-1a 64-bit
+//! checksum of everything before it. The body holds the step position and, per layer, its
+//! shape, flags, counters, last trace, and its factors and inverses as f32 arrays.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::{LayerKind, LayerState, Thor};
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"THORSTAT";
+/// The format version this build writes and reads.
+pub const STATE_VERSION: u32 = 1;
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f64(&mut self, v: f64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn f32s(&mut self, v: &[f32]) {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| corrupt("truncated"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn f32s(&mut self, expected: usize) -> Result<Vec<f32>> {
+        let n = self.u64()? as usize;
+        if n != expected {
+            return Err(corrupt(&format!(
+                "array of {n} values where the layout needs {expected}"
+            )));
+        }
+        let bytes = self.take(n.checked_mul(4).ok_or_else(|| corrupt("size overflow"))?)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::invalid("state", format!("not a valid optimizer state file: {what}"))
+}
+
+fn kind_words(k: &LayerKind) -> [u64; 6] {
+    match *k {
+        LayerKind::Linear {
+            inputs,
+            outputs,
+            bias,
+        } => [0, inputs as u64, outputs as u64, 0, 0, bias as u64],
+        LayerKind::Conv2d {
+            c_in,
+            c_out,
+            kh,
+            kw,
+            bias,
+        } => [
+            1,
+            c_in as u64,
+            c_out as u64,
+            kh as u64,
+            kw as u64,
+            bias as u64,
+        ],
+    }
+}
+
+impl Thor {
+    /// The whole state as bytes (see the module docs for the format).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut w = Writer(Vec::new());
+        w.0.extend_from_slice(MAGIC);
+        w.0.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        w.u64(self.cfg.block as u64);
+        w.u64(self.layers.len() as u64);
+        w.u64(self.step);
+        w.u64(self.next_stats);
+        w.f64(self.epoch);
+        for l in &self.layers {
+            for v in kind_words(&l.kind) {
+                w.u64(v);
+            }
+            w.u64(l.has_stats as u64 | (l.has_inverse as u64) << 1 | (l.frozen as u64) << 2);
+            let c = &l.counters;
+            for v in [
+                c.statistics,
+                c.updates,
+                c.reuses,
+                c.freezes,
+                c.skipped,
+                c.failed_inversions,
+            ] {
+                w.u64(v);
+            }
+            w.f64(l.prev_trace);
+            for v in [&l.a_stats, &l.g_stats, &l.a_inv, &l.g_inv] {
+                w.f32s(v);
+            }
+        }
+        let sum = fnv1a(&w.0);
+        w.u64(sum);
+        w.0
+    }
+
+    /// Restores a state produced by [`Thor::to_bytes`] for the same layers (same order and
+    /// shapes) and block size. On any error (truncated, corrupted, another version, other
+    /// layers) nothing changes.
+    pub fn load_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() < MAGIC.len() + 4 + 8 || &bytes[..8] != MAGIC {
+            return Err(corrupt("missing header"));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        if version != STATE_VERSION {
+            return Err(Error::invalid(
+                "state",
+                format!("format version {version}; this build reads version {STATE_VERSION}"),
+            ));
+        }
+        let (body, tail) = bytes.split_at(bytes.len() - 8);
+        if fnv1a(body) != u64::from_le_bytes(tail.try_into().unwrap()) {
+            return Err(corrupt("checksum mismatch (truncated or corrupted)"));
+        }
+        let mut r = Reader { buf: body, pos: 12 };
+        let block = r.u64()? as usize;
+        let n = r.u64()? as usize;
+        if block != self.cfg.block || n != self.layers.len() {
+            return Err(Error::invalid(
+                "state",
+                format!(
+                    "saved for {n} layers at block {block}; this optimizer has {} layers at block {}",
+                    self.layers.len(),
+                    self.cfg.block
+                ),
+            ));
+        }
+        let (step, next_stats, epoch) = (r.u64()?, r.u64()?, r.f64()?);
+        let mut layers: Vec<LayerState> = Vec::with_capacity(n);
+        for (i, cur) in self.layers.iter().enumerate() {
+            let mut words = [0u64; 6];
+            for w in &mut words {
+                *w = r.u64()?;
+            }
+            if words != kind_words(&cur.kind) {
+                return Err(Error::invalid(
+                    "state",
+                    format!("layer {i} was saved with another shape than {:?}", cur.kind),
+                ));
+            }
+            let flags = r.u64()?;
+            let mut c = cur.counters;
+            for v in [
+                &mut c.statistics,
+                &mut c.updates,
+                &mut c.reuses,
+                &mut c.freezes,
+                &mut c.skipped,
+                &mut c.failed_inversions,
+            ] {
+                *v = r.u64()?;
+            }
+            let prev_trace = r.f64()?;
+            let mut l = cur.clone();
+            l.a_stats = r.f32s(cur.a.buffer_len())?;
+            l.g_stats = r.f32s(cur.g.buffer_len())?;
+            l.a_inv = r.f32s(cur.a.buffer_len())?;
+            l.g_inv = r.f32s(cur.g.buffer_len())?;
+            l.has_stats = flags & 1 != 0;
+            l.has_inverse = flags & 2 != 0;
+            l.frozen = flags & 4 != 0;
+            l.counters = c;
+            l.prev_trace = prev_trace;
+            layers.push(l);
+        }
+        if r.pos != body.len() {
+            return Err(corrupt("trailing bytes"));
+        }
+        self.layers = layers;
+        self.step = step;
+        self.next_stats = next_stats;
+        self.epoch = epoch;
+        Ok(())
+    }
+
+    /// Saves the state to `path` atomically: a temporary file beside it, flushed to disk,
+    /// then renamed over `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let io = |e: std::io::Error| Error::invalid("path", format!("{}: {e}", path.display()));
+        let tmp = path.with_extension(format!(
+            "{}tmp{}",
+            path.extension()
+                .map(|e| e.to_string_lossy() + ".")
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&self.to_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })
+    }
+
+    /// Loads a state saved by [`Thor::save`]; on any error nothing changes.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::invalid("path", format!("{}: {e}", path.display())))?;
+        self.load_bytes(&bytes)
+    }
+}
