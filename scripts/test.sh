@@ -11,3 +11,5 @@ scripts/install-cuda.sh >/dev/null
 source scripts/cuda-env.sh
 export THOR_REQUIRE_NVCC=1 THOR_REQUIRE_NVRTC=1
 cargo test --all-targets "$@"
+# Doc examples are not part of --all-targets.
+cargo test --doc "$@"
