@@ -28,6 +28,11 @@ fn main() {
     ] {
         println!("cargo:rerun-if-env-changed={v}");
     }
+    // The target triple, for tests that compile C against the library.
+    println!(
+        "cargo:rustc-env=THOR_TARGET={}",
+        env::var("TARGET").expect("TARGET")
+    );
     let require = env::var("THOR_REQUIRE_NVCC").is_ok_and(|v| v == "1");
     let archs = parse_archs(&env::var("THOR_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()));
 

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod capi;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;

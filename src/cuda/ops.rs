@@ -53,6 +53,11 @@ impl DeviceFactorSet {
     pub fn set(&self) -> &FactorSet {
         &self.set
     }
+
+    /// The device address of the layer table (3 i32 per factor), for raw launchers.
+    pub fn table_ptr(&self, dev: &CudaDevice) -> u64 {
+        self.desc.device_ptr(dev.stream()).0
+    }
 }
 
 impl CudaDevice {

@@ -394,6 +394,11 @@ impl Thor {
         })
     }
 
+    /// The shape of layer `id`.
+    pub fn layer_kind(&self, id: LayerId) -> Result<LayerKind> {
+        Ok(self.layer(id)?.kind)
+    }
+
     /// The counters of layer `id`.
     pub fn counters(&self, id: LayerId) -> Result<LayerCounters> {
         Ok(self.layer(id)?.counters)

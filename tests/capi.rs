@@ -1,0 +1,196 @@
+//! The C ABI: the committed header is current and compiles as C99 and C++17, and a C program
+//! compiled here calls the CPU path with host pointers; its results are checked against the
+//! Rust reference and its status codes for bad input inside the program.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use thor_kernels::layout::{BlockLayout, FactorSet};
+use thor_kernels::reference;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn generated_header() -> String {
+    let cfg = cbindgen::Config::from_file(root().join("cbindgen.toml")).unwrap();
+    let mut out = Vec::new();
+    cbindgen::Builder::new()
+        .with_crate(root())
+        .with_config(cfg)
+        .generate()
+        .expect("cbindgen")
+        .write(&mut out);
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn committed_header_is_current() {
+    let path = root().join("include/thor_kernels.h");
+    let fresh = generated_header();
+    if std::env::var("THOR_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "include/thor_kernels.h is stale: regenerate with THOR_BLESS=1 cargo test --test capi"
+    );
+    assert!(
+        fresh.contains("thor_v1_invert") && fresh.contains("Batched damped Cholesky inversion"),
+        "doc comments carried into the header"
+    );
+    for line in fresh.lines().filter(|l| {
+        l.contains('(') && (l.starts_with("enum ThorStatus thor_") || l.contains(" thor_"))
+    }) {
+        if let Some(name) = line.split_whitespace().find(|w| w.starts_with("thor_")) {
+            assert!(
+                name.starts_with(thor_kernels::capi::ABI_PREFIX),
+                "{name} lacks the ABI prefix"
+            );
+        }
+    }
+}
+
+fn compiler(cpp: bool) -> cc::Tool {
+    let target = env!("THOR_TARGET");
+    let mut b = cc::Build::new();
+    b.target(target)
+        .host(target)
+        .opt_level(0)
+        .cargo_metadata(false)
+        .cpp(cpp);
+    b.get_compiler()
+}
+
+#[test]
+fn header_compiles_as_c99_and_cpp17() {
+    let hdr = root().join("include/thor_kernels.h");
+    let dir = std::env::temp_dir().join(format!("thor-hdr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (cpp, std, file) in [(false, "-std=c99", "t.c"), (true, "-std=c++17", "t.cpp")] {
+        let src = dir.join(file);
+        std::fs::write(&src, format!("#include \"{}\"\nint main(void) {{ return thor_v1_abi_version() == 1 ? 0 : 1; }}\n", hdr.display())).unwrap();
+        let status = compiler(cpp)
+            .to_command()
+            .args([
+                std,
+                "-Wall",
+                "-Wextra",
+                "-pedantic",
+                "-Werror",
+                "-fsyntax-only",
+            ])
+            .arg(&src)
+            .status()
+            .unwrap();
+        assert!(status.success(), "header does not compile with {std}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The library's shared object, built next to the test binaries.
+fn cdylib() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let lib = dir.join("libthor_kernels.so");
+    assert!(
+        lib.is_file(),
+        "{} not built (crate-type cdylib)",
+        lib.display()
+    );
+    lib
+}
+
+/// The C program's deterministic inputs: the same LCG as tests/c/capi_test.c.
+fn lcg_fill(seed: &mut u32, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            ((*seed >> 8) as f32 / (1u32 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn c_program_calls_the_cpu_path() {
+    let dir = std::env::temp_dir().join(format!("thor-capi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = cdylib();
+    let exe = dir.join("capi_test");
+    let status = compiler(false)
+        .to_command()
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join("tests/c/capi_test.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg(&lib)
+        .arg(format!("-Wl,-rpath,{}", lib.parent().unwrap().display()))
+        .arg("-lm")
+        .status()
+        .unwrap();
+    assert!(status.success(), "C test program did not compile");
+    let out = Command::new(&exe).arg(&dir).output().unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "C test program failed:\n{log}");
+
+    // Same inputs as the C program, then the reference.
+    let mut seed = 12345u32;
+    let (d, b) = (70usize, 32usize);
+    let layout = BlockLayout::new(d, b).unwrap();
+    let dense = lcg_fill(&mut seed, d * d);
+    let want = reference::split(&f64s(&dense), &layout).unwrap();
+    assert_eq!(rel_err(&read_f32(&dir.join("split.bin")), &want), 0.0);
+    let set = FactorSet::new(b, &[d]).unwrap();
+    let want_tr = reference::factor_traces(&set, &want).unwrap();
+    let got_tr = read_f32(&dir.join("traces.bin"));
+    assert!(
+        (got_tr[0] as f64 - want_tr[0]).abs() < 1e-4,
+        "{} vs {}",
+        got_tr[0],
+        want_tr[0]
+    );
+    // accumulate: x [n, d], then invert the statistics and apply to a gradient.
+    let n = 100;
+    let x = lcg_fill(&mut seed, n * d);
+    let mut stats = vec![0.0; layout.buffer_len()];
+    reference::accumulate(&f64s(&x), n, d, &layout, 1.0 / n as f64, 0.0, &mut stats).unwrap();
+    assert!(rel_err(&read_f32(&dir.join("accumulate.bin")), &stats) < 1e-5);
+    let acc32 = read_f32(&dir.join("accumulate.bin"));
+    let (inv, info) =
+        reference::invert_blocks(&f64s(&acc32), b, &vec![0.1; layout.blocks()]).unwrap();
+    assert_eq!(info, vec![0; layout.blocks()]);
+    let got_inv = read_f32(&dir.join("invert.bin"));
+    assert!(
+        rel_err(&got_inv, &inv) < 1e-4,
+        "{}",
+        rel_err(&got_inv, &inv)
+    );
+    let g_dim = 20;
+    let grad = lcg_fill(&mut seed, g_dim * d);
+    let want = reference::apply(
+        None,
+        &f64s(&grad),
+        Some((&layout, &f64s(&got_inv))),
+        g_dim,
+        d,
+    )
+    .unwrap();
+    assert!(rel_err(&read_f32(&dir.join("apply.bin")), &want) < 1e-5);
+    assert!(log.contains("bad-input checks passed"), "{log}");
+    assert!(log.contains("optimizer checks passed"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
