@@ -28,7 +28,7 @@ step() { # name log notes-command... ; runs the rest of the line
   local status=ok
   [ $rc -ne 0 ] && status="FAIL($rc)"
   local notes
-  notes=$(grep -hE '^test result|ERROR SUMMARY|RACECHECK SUMMARY|SKIPPED' "$log" | sort | uniq -c | sed 's/^ *//' | tr '\n' ';' | cut -c1-160)
+  notes=$(grep -hE '^test result|ERROR SUMMARY|RACECHECK SUMMARY|SKIPPED| passed| failed' "$log" | sort | uniq -c | sed 's/^ *//' | tr '\n' ';' | cut -c1-160)
   printf '%-34s %-6s %8d  %s\n' "$name" "$status" $((SECONDS - t0)) "$notes" >> "$summary"
 }
 
@@ -49,6 +49,14 @@ if [ "$bench" = 1 ]; then
   export CRITERION_HOME="$out/criterion"
   step "bench gpu/ (short)" "$out/bench.log" "$here/benches/ops" --bench gpu/ --warm-up-time 0.5 --measurement-time 2 --noplot
   grep -E '^gpu/|time:' "$out/bench.log" | paste - - | awk '{$1=$1};1' > "$out/bench-table.txt"
+fi
+if python3 -c "import torch, pytest; assert torch.cuda.is_available()" 2>/dev/null; then
+  export THOR_KERNELS_LIB="$here/python/libthor_kernels.so"
+  step "pytest bindings (torch, cuda)" "$out/pytest.log" python3 -m pytest -q "$here/python" -p no:cacheprovider
+  step "pytest cuda under memcheck" "$out/pytest-memcheck.log" \
+    compute-sanitizer --tool memcheck --error-exitcode 99 python3 -m pytest -q "$here/python" -k cuda -p no:cacheprovider
+else
+  echo "pytest: skipped (no python3 with torch, pytest and CUDA)" >> "$summary"
 fi
 step "example resnet50_ops cuda" "$out/example.log" "$here/examples/resnet50_ops" --backend cuda --batch 32
 cat "$summary"
