@@ -80,21 +80,24 @@ typedef struct ThorOptimizerConfig {
   int32_t retry;
 } ThorOptimizerConfig;
 
-// Per-layer counters.
-typedef struct ThorCounters {
-  // Accepted statistics steps.
+// Per-layer counters, readable at any time (also the C ABI's `ThorCounters`).
+typedef struct LayerCounters {
+  // Statistics steps whose statistics were accepted.
   uint64_t statistics;
-  // Inverse recomputations.
+  // Statistics steps that recomputed the inverses.
   uint64_t updates;
-  // Reuses of the previous inverses.
+  // Statistics steps that kept the previous inverses.
   uint64_t reuses;
-  // 1 once frozen.
+  // 1 once the layer froze (it stays frozen).
   uint64_t freezes;
-  // Statistics skipped for non-finite values.
+  // Statistics steps skipped because activations or gradients were not finite.
   uint64_t skipped;
-  // Inversions that failed after retries.
+  // Inversions that failed even after retries (previous inverses kept).
   uint64_t failed_inversions;
-} ThorCounters;
+} LayerCounters;
+
+// Per-layer counters (the optimizer's own struct, laid out for C).
+typedef struct LayerCounters ThorCounters;
 
 #ifdef __cplusplus
 extern "C" {
@@ -371,7 +374,7 @@ enum ThorStatus thor_v1_optimizer_finish_step(struct ThorOptimizer *opt);
 // CUDA context, until the queued work completes; handles must come from this library.
 enum ThorStatus thor_v1_optimizer_counters(struct ThorOptimizer *opt,
                                            int32_t layer,
-                                           struct ThorCounters *out);
+                                           ThorCounters *out);
 
 // Saves the optimizer state to the file `path` (atomically).
 //

@@ -1208,23 +1208,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_finish_step(opt: *mut ThorOptimizer) 
     })
 }
 
-/// Per-layer counters.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ThorCounters {
-    /// Accepted statistics steps.
-    pub statistics: u64,
-    /// Inverse recomputations.
-    pub updates: u64,
-    /// Reuses of the previous inverses.
-    pub reuses: u64,
-    /// 1 once frozen.
-    pub freezes: u64,
-    /// Statistics skipped for non-finite values.
-    pub skipped: u64,
-    /// Inversions that failed after retries.
-    pub failed_inversions: u64,
-}
+/// Per-layer counters (the optimizer's own struct, laid out for C).
+pub type ThorCounters = crate::thor::LayerCounters;
 
 /// Copies layer `layer`'s counters to `*out`.
 ///
@@ -1243,16 +1228,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_counters(
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let t = unsafe { opt_mut(opt)? };
         let c = t.counters(LayerId(size("layer", layer as i64)?))?;
-        let v = ThorCounters {
-            statistics: c.statistics,
-            updates: c.updates,
-            reuses: c.reuses,
-            freezes: c.freezes,
-            skipped: c.skipped,
-            failed_inversions: c.failed_inversions,
-        };
         // SAFETY: checked.
-        unsafe { *out = v };
+        unsafe { *out = c };
         Ok(())
     })
 }

@@ -219,21 +219,10 @@ fn invert_matches_reference_residual() {
 fn invert_reports_bad_blocks_and_leaves_them_untouched() {
     let b = 32;
     let mut r = rng(77);
-    let good = spd(&mut r, b, 10.0);
-    let mut blocks: Vec<f32> = Vec::new();
-    let mut nonspd = good.clone();
-    nonspd[3 * b + 3] = -100.0;
-    let mut nan = good.clone();
-    nan[10 * b + 4] = f64::NAN;
-    nan[4 * b + 10] = f64::NAN;
-    let mut inf = good.clone();
-    inf[0] = f64::INFINITY;
-    for m in [&good, &nonspd, &nan, &inf, &good] {
-        blocks.extend(m.iter().map(|&v| v as f32));
-    }
+    let (blocks, want) = mixed_bad_batch(&mut r, b);
     let nb = 5;
     let (_, want_info) = reference::invert_blocks(&f64s(&blocks), b, &[0.0; 5]).unwrap();
-    assert_eq!(want_info, vec![0, 4, 11, 1, 0]);
+    assert_eq!(want_info, want);
     let before = vec![7.0f32; nb * b * b];
     let mut out = before.clone();
     let mut info = vec![-1; nb];

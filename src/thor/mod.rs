@@ -218,7 +218,8 @@ impl ThorConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LayerId(pub usize);
 
-/// Per-layer counters, readable at any time.
+/// Per-layer counters, readable at any time (also the C ABI's `ThorCounters`).
+#[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LayerCounters {
     /// Statistics steps whose statistics were accepted.
