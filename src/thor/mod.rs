@@ -425,9 +425,9 @@ impl Thor {
         out_grads: &[f32],
         rows: usize,
     ) -> Result<Observation> {
-        let cfg = self.cfg.clone();
+        let (b, stat_decay, thresholds, policy) =
+            (self.cfg.block, self.cfg.stat_decay, self.cfg.thresholds, self.cfg.policy);
         let damping = self.damping();
-        let b = cfg.block;
         let l = self
             .layers
             .get_mut(id.0)
@@ -445,8 +445,8 @@ impl Thor {
             l.counters.skipped += 1;
             return Ok(Observation::SkippedNonFinite);
         }
-        let (alpha, beta) = if l.has_stats && cfg.stat_decay > 0.0 {
-            ((1.0 - cfg.stat_decay) / rows as f32, cfg.stat_decay)
+        let (alpha, beta) = if l.has_stats && stat_decay > 0.0 {
+            ((1.0 - stat_decay) / rows as f32, stat_decay)
         } else {
             (1.0 / rows as f32, 0.0)
         };
@@ -493,7 +493,7 @@ impl Thor {
         let tr_g = real_trace(&l.g, &l.g_stats);
         let cur = fisher_trace(tr_a, d_a, tr_g, d_g, damping as f64);
         let decision = if l.has_inverse {
-            trace_rule(l.prev_trace, cur, cfg.thresholds.w1, cfg.thresholds.w2)
+            trace_rule(l.prev_trace, cur, thresholds.w1, thresholds.w2)
         } else {
             Decision::Update
         };
@@ -501,7 +501,7 @@ impl Thor {
         match decision {
             Decision::Update => {
                 let opts = InvertOptions {
-                    policy: cfg.policy,
+                    policy,
                     ..InvertOptions::uniform(damping.sqrt())
                 };
                 let info = &mut self.info_buf;
