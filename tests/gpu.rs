@@ -414,3 +414,68 @@ fn gpu_invert_resnet50_factor_set() {
         );
     }
 }
+
+#[test]
+fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
+    use thor_kernels::cuda::RuleLayer;
+    use thor_kernels::reference::{rule_step, RuleState};
+    let Some(dev) = gpu_or_skip("gpu_trace_rule_matches_the_reference_and_keeps_history") else {
+        return;
+    };
+    // Three layers, A and G each; b = 32.
+    let dims = [40usize, 10, 64, 3, 100, 33];
+    let set = FactorSet::new(32, &dims).unwrap();
+    let layers = RuleLayer::pairs(&set);
+    let mut rule = dev.new_trace_rule(&set, &layers, 4).unwrap();
+    let (w1, w2, damping) = (0.01, 0.001, 0.04f32);
+    // Scripted factor traces per step: layer 0 drifts (update, reuse, freeze), layer 1 gets a
+    // NaN, layer 2 jumps.
+    let steps: [[f32; 6]; 6] = [
+        [10.0, 5.0, 20.0, 2.0, 30.0, 3.0],
+        [10.1, 5.0, f32::NAN, 2.0, 60.0, 3.0],
+        [10.2, 5.0, 20.0, 2.0, 60.0, 3.0],
+        [10.2001, 5.0, 20.0, 2.0, 60.0, 3.0],
+        [50.0, 5.0, 20.0, 2.0, 60.0, 9.0],
+        [f32::NAN, 5.0, 21.0, 2.0, 60.0, 9.0],
+    ];
+    let mut states = vec![RuleState::default(); 3];
+    let mut want_history = Vec::new();
+    let mut mask = dev.upload(&vec![9u8; set.total_blocks()]).unwrap();
+    let mut decisions = dev.zeros::<i32>(3).unwrap();
+    for tr in &steps {
+        let dtr = dev.upload(tr).unwrap();
+        dev.trace_rule(&mut rule, &dtr, damping, w1, w2, &mut mask, &mut decisions)
+            .unwrap();
+        let got = dev.download(&decisions).unwrap();
+        let s = (damping as f64).sqrt();
+        let want: Vec<i32> = (0..3)
+            .map(|l| {
+                let cur = (tr[2 * l] as f64 + s * dims[2 * l] as f64)
+                    * (tr[2 * l + 1] as f64 + s * dims[2 * l + 1] as f64);
+                rule_step(&mut states[l], cur, w1, w2).code()
+            })
+            .collect();
+        assert_eq!(got, want, "traces {tr:?}");
+        let m = dev.download(&mask).unwrap();
+        for (l, lay) in layers.iter().enumerate() {
+            let expect = (want[l] == 0) as u8;
+            assert!(
+                m[lay.first_block..lay.first_block + lay.blocks]
+                    .iter()
+                    .all(|&v| v == expect),
+                "mask of layer {l}"
+            );
+        }
+        want_history.push(want);
+    }
+    let (n, hist) = rule.history(&dev).unwrap();
+    assert_eq!(n, 6);
+    assert_eq!(
+        hist,
+        want_history[2..].to_vec(),
+        "the last 4 steps, oldest first"
+    );
+    // Layer 0 froze at step 4 and stays frozen through a NaN and a jump.
+    assert_eq!(want_history[3][0], 2);
+    assert_eq!((want_history[4][0], want_history[5][0]), (3, 3));
+}

@@ -9,9 +9,11 @@
 
 mod ops;
 pub mod raw;
+mod rule;
 pub(crate) mod tuning;
 
 pub use ops::{DeviceDamping, DeviceFactorSet, DeviceInvertOptions};
+pub use rule::{DeviceTraceRule, RuleLayer};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -33,6 +33,9 @@ pub mod kernels {
     /// Batched damped Cholesky inversion, b = 256, f32.
     pub const INVERT_CHOL_B256_F32: KernelId = id("invert", "invert_chol_b256_f32");
 
+    /// THOR's trace rule on the device.
+    pub const TRACE_RULE_F32: KernelId = id("rule", "trace_rule_f32");
+
     /// The inversion kernel for block size `b` (one of the supported sizes).
     pub fn invert_chol_f32(b: usize) -> KernelId {
         match b {
@@ -44,7 +47,8 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 7] = [
+    pub const ALL: [KernelId; 8] = [
+        TRACE_RULE_F32,
         SPLIT_BLOCKS_F32,
         MERGE_BLOCKS_F32,
         TRACE_SET_F32,

@@ -316,6 +316,63 @@ pub fn trace_rule(prev: f64, cur: f64, w1: f64, w2: f64) -> Decision {
     }
 }
 
+/// One layer's trace-rule state across statistics steps (the device rule keeps the same).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RuleState {
+    /// The last finite layer trace, if any.
+    pub prev: Option<f64>,
+    /// Frozen for good.
+    pub frozen: bool,
+}
+
+/// What one statistics step decides for a layer, frozen layers included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StepDecision {
+    /// Recompute the inverses (the first finite trace always does).
+    Update,
+    /// Keep the previous inverses (also for a non-finite trace).
+    Reuse,
+    /// Freeze from now on.
+    Freeze,
+    /// Already frozen: nothing to do.
+    Frozen,
+}
+
+impl StepDecision {
+    /// The code the C ABI and the device rule use: 0 update, 1 reuse, 2 freeze, 3 frozen.
+    pub fn code(self) -> i32 {
+        match self {
+            StepDecision::Update => 0,
+            StepDecision::Reuse => 1,
+            StepDecision::Freeze => 2,
+            StepDecision::Frozen => 3,
+        }
+    }
+}
+
+/// One statistics step of THOR's rule for a layer whose trace is now `cur`: applies
+/// [`trace_rule`] against the previous finite trace and updates `state`. A non-finite trace
+/// reuses and leaves the previous trace in place; a frozen layer stays frozen.
+pub fn rule_step(state: &mut RuleState, cur: f64, w1: f64, w2: f64) -> StepDecision {
+    if state.frozen {
+        return StepDecision::Frozen;
+    }
+    if !cur.is_finite() {
+        return StepDecision::Reuse;
+    }
+    let d = match state.prev {
+        None => StepDecision::Update,
+        Some(prev) => match trace_rule(prev, cur, w1, w2) {
+            Decision::Update => StepDecision::Update,
+            Decision::Reuse => StepDecision::Reuse,
+            Decision::Freeze => StepDecision::Freeze,
+        },
+    };
+    state.prev = Some(cur);
+    state.frozen = d == StepDecision::Freeze;
+    d
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,6 +415,19 @@ mod tests {
         assert_eq!(merged[5 * 33 + 7], dense[5 * 33 + 7]);
         assert_eq!(merged[5 * 33 + 32], 0.0);
         assert_eq!(merged[32 * 33 + 32], dense[32 * 33 + 32]);
+    }
+
+    #[test]
+    fn rule_step_sequence() {
+        let mut s = RuleState::default();
+        let seq = [1.0, f64::NAN, 2.0, 2.01, 2.0101, 5.0];
+        let got: Vec<_> = seq
+            .iter()
+            .map(|&t| rule_step(&mut s, t, 0.01, 0.001))
+            .collect();
+        use StepDecision::*;
+        assert_eq!(got, vec![Update, Reuse, Update, Reuse, Freeze, Frozen]);
+        assert_eq!(s.prev, Some(2.0101));
     }
 
     #[test]

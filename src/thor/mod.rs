@@ -425,8 +425,12 @@ impl Thor {
         out_grads: &[f32],
         rows: usize,
     ) -> Result<Observation> {
-        let (b, stat_decay, thresholds, policy) =
-            (self.cfg.block, self.cfg.stat_decay, self.cfg.thresholds, self.cfg.policy);
+        let (b, stat_decay, thresholds, policy) = (
+            self.cfg.block,
+            self.cfg.stat_decay,
+            self.cfg.thresholds,
+            self.cfg.policy,
+        );
         let damping = self.damping();
         let l = self
             .layers

@@ -1,0 +1,62 @@
+// THOR's trace rule on the device: per layer, from this statistics step's factor traces and
+// the last step's layer trace, decide update / reuse / freeze, write the block mask the
+// inversion kernel reads, and append the decisions to a ring buffer the host reads later,
+// so the step never waits for the host.
+//
+// One thread block; a thread per layer (strided). Layer trace, in double:
+//   tr(F) = (tr(A) + sqrt(l) d_A) * (tr(G) + sqrt(l) d_G),  a missing factor contributing 1.
+// delta = |tr - prev| / prev: > w1 update, [w2, w1] reuse, < w2 freeze (for good).
+// A non-finite trace never updates and never unfreezes: the layer reuses, and its previous
+// trace is kept. The first finite trace of a layer updates.
+#include "common.cuh"
+
+#define RULE_UPDATE 0
+#define RULE_REUSE 1
+#define RULE_FREEZE 2
+#define RULE_FROZEN 3
+#define RULE_HAS_PREV 1
+#define RULE_IS_FROZEN 2
+
+// layers: 6 ints per layer: A factor index (-1: none), G factor index (-1: none), d_A, d_G,
+// first block, block count (the layer's blocks in the set, A's then G's).
+extern "C" __global__ void __launch_bounds__(256)
+trace_rule_f32(const float* factor_traces, const int* layers, int n_layers, float damping,
+               double w1, double w2, double* prev, unsigned char* state, unsigned char* mask,
+               int* decisions, int* history, int history_capacity,
+               unsigned long long* step) {
+    const unsigned long long s = *step;
+    const double sq = sqrt((double)fmaxf(damping, 0.f));
+    for (int l = threadIdx.x; l < n_layers; l += blockDim.x) {
+        const int* d = layers + 6 * l;
+        double tr = 1.0;
+        if (d[0] >= 0) tr *= (double)factor_traces[d[0]] + sq * d[2];
+        if (d[1] >= 0) tr *= (double)factor_traces[d[1]] + sq * d[3];
+        unsigned char st = state[l];
+        const bool finite = fabs(tr) <= 1.7976931348623157e308;  // false for NaN and Inf
+        int decision;
+        if (st & RULE_IS_FROZEN) {
+            decision = RULE_FROZEN;
+        } else if (!finite) {
+            decision = RULE_REUSE;  // never an update, never an unfreeze
+        } else if (!(st & RULE_HAS_PREV) || !(prev[l] > 0.0)) {
+            decision = RULE_UPDATE;
+        } else {
+            const double delta = fabs(tr - prev[l]) / prev[l];
+            decision = delta > w1 ? RULE_UPDATE : (delta >= w2 ? RULE_REUSE : RULE_FREEZE);
+        }
+        if (decision != RULE_FROZEN && finite) {
+            prev[l] = tr;
+            st |= RULE_HAS_PREV;
+        }
+        if (decision == RULE_FREEZE) st |= RULE_IS_FROZEN;
+        state[l] = st;
+        decisions[l] = decision;
+        if (history_capacity > 0) {
+            history[(long long)(s % (unsigned long long)history_capacity) * n_layers + l] = decision;
+        }
+        const unsigned char m = decision == RULE_UPDATE ? 1 : 0;
+        for (int k = 0; k < d[5]; ++k) mask[d[4] + k] = m;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *step = s + 1;
+}

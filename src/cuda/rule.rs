@@ -1,0 +1,199 @@
+//! THOR's trace rule on the device: decisions, the block mask the inversion reads, and a
+//! history ring the host reads whenever it likes, with no host synchronization in the step.
+
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+
+use super::raw::kernels;
+use super::CudaDevice;
+use crate::error::{check_len, Error, Result};
+use crate::layout::FactorSet;
+
+/// A layer for the device rule: which factors of the set are its A and G (either may be
+/// absent), and the range of blocks its decision masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleLayer {
+    /// Index of the A factor in the set.
+    pub a_factor: Option<usize>,
+    /// Index of the G factor in the set.
+    pub g_factor: Option<usize>,
+    /// First block of the layer in the set.
+    pub first_block: usize,
+    /// Number of blocks the layer's decision applies to.
+    pub blocks: usize,
+}
+
+impl RuleLayer {
+    /// The usual layout: factors `2l` (A) and `2l + 1` (G) of a set built from
+    /// `[d_A0, d_G0, d_A1, d_G1, ...]`, masking both factors' blocks.
+    pub fn pairs(set: &FactorSet) -> Vec<RuleLayer> {
+        set.entries()
+            .chunks(2)
+            .enumerate()
+            .map(|(l, e)| RuleLayer {
+                a_factor: Some(2 * l),
+                g_factor: (e.len() == 2).then_some(2 * l + 1),
+                first_block: e[0].first_block,
+                blocks: e.iter().map(|x| x.layout.blocks()).sum(),
+            })
+            .collect()
+    }
+}
+
+/// The device-resident state of the rule for a set of layers.
+#[derive(Debug)]
+pub struct DeviceTraceRule {
+    layers: CudaSlice<i32>,
+    n_layers: usize,
+    total_blocks: usize,
+    prev: CudaSlice<f64>,
+    state: CudaSlice<u8>,
+    history: CudaSlice<i32>,
+    capacity: usize,
+    step: CudaSlice<u64>,
+}
+
+impl DeviceTraceRule {
+    /// Number of layers.
+    pub fn layers(&self) -> usize {
+        self.n_layers
+    }
+
+    /// Reads the decision history (waits for queued work): the number of statistics steps
+    /// run so far and the decisions of the last `min(steps, capacity)` of them, oldest first,
+    /// one code per layer (0 update, 1 reuse, 2 freeze, 3 frozen).
+    pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<i32>>)> {
+        let steps = dev.download(&self.step)?[0];
+        let ring = dev.download(&self.history)?;
+        let kept = (steps as usize).min(self.capacity);
+        let rows = (steps as usize - kept..steps as usize)
+            .map(|s| {
+                let r = s % self.capacity;
+                ring[r * self.n_layers..(r + 1) * self.n_layers].to_vec()
+            })
+            .collect();
+        Ok((steps, rows))
+    }
+}
+
+impl CudaDevice {
+    /// Sets up the device rule for `layers` of `set`, keeping the last `history_capacity`
+    /// decisions (at least 1).
+    pub fn new_trace_rule(
+        &self,
+        set: &FactorSet,
+        layers: &[RuleLayer],
+        history_capacity: usize,
+    ) -> Result<DeviceTraceRule> {
+        if layers.is_empty() {
+            return Err(Error::invalid("layers", "at least one layer is needed"));
+        }
+        if history_capacity == 0 {
+            return Err(Error::invalid("history_capacity", "must be at least 1"));
+        }
+        let mut table = Vec::with_capacity(6 * layers.len());
+        for (i, l) in layers.iter().enumerate() {
+            let dim = |f: Option<usize>| -> Result<(i32, i32)> {
+                match f {
+                    None => Ok((-1, 0)),
+                    Some(k) => Ok((
+                        k as i32,
+                        set.entry(k)
+                            .map_err(|_| {
+                                Error::invalid(
+                                    "layers",
+                                    format!("layer {i}: factor {k} not in the set"),
+                                )
+                            })?
+                            .layout
+                            .dim() as i32,
+                    )),
+                }
+            };
+            let (a, da) = dim(l.a_factor)?;
+            let (g, dg) = dim(l.g_factor)?;
+            if l.first_block + l.blocks > set.total_blocks() {
+                return Err(Error::invalid(
+                    "layers",
+                    format!(
+                        "layer {i}: blocks {}..{} past the set's {}",
+                        l.first_block,
+                        l.first_block + l.blocks,
+                        set.total_blocks()
+                    ),
+                ));
+            }
+            table.extend([a, g, da, dg, l.first_block as i32, l.blocks as i32]);
+        }
+        let n = layers.len();
+        Ok(DeviceTraceRule {
+            layers: self.upload(&table)?,
+            n_layers: n,
+            total_blocks: set.total_blocks(),
+            prev: self.zeros(n)?,
+            state: self.zeros(n)?,
+            history: self.upload(&vec![-1i32; history_capacity * n])?,
+            capacity: history_capacity,
+            step: self.zeros(1)?,
+        })
+    }
+
+    /// One statistics step of the rule: from this step's `factor_traces` (one per factor of
+    /// the set, as [`CudaDevice::traces`] writes them) and `damping`, writes `decisions` (one
+    /// per layer) and `mask` (one byte per block of the set: 1 where the layer updates; blocks
+    /// of no layer are left as they were), and appends to the history. One launch, no sync.
+    #[allow(clippy::too_many_arguments)]
+    pub fn trace_rule(
+        &self,
+        rule: &mut DeviceTraceRule,
+        factor_traces: &CudaSlice<f32>,
+        damping: f32,
+        w1: f64,
+        w2: f64,
+        mask: &mut CudaSlice<u8>,
+        decisions: &mut CudaSlice<i32>,
+    ) -> Result<()> {
+        if !(w1.is_finite() && w2.is_finite() && w2 >= 0.0 && w1 >= w2) {
+            return Err(Error::invalid(
+                "w1/w2",
+                format!("need w1 >= w2 >= 0, got ({w1}, {w2})"),
+            ));
+        }
+        crate::error::check_finite("damping", damping as f64)?;
+        check_len("mask", rule.total_blocks, mask.len())?;
+        check_len("decisions", rule.n_layers, decisions.len())?;
+        let f = self.function(kernels::TRACE_RULE_F32)?;
+        let s = &self.stream;
+        let (tp, _a) = factor_traces.device_ptr(s);
+        let (lp, _b) = rule.layers.device_ptr(s);
+        let (pp, _c) = rule.prev.device_ptr_mut(s);
+        let (sp, _d) = rule.state.device_ptr_mut(s);
+        let (mp, _e) = mask.device_ptr_mut(s);
+        let (dp, _f) = decisions.device_ptr_mut(s);
+        let (hp, _g) = rule.history.device_ptr_mut(s);
+        let (cp, _h) = rule.step.device_ptr_mut(s);
+        let (n, cap) = (rule.n_layers as i32, rule.capacity as i32);
+        let mut l = s.launch_builder(&f);
+        l.arg(&tp)
+            .arg(&lp)
+            .arg(&n)
+            .arg(&damping)
+            .arg(&w1)
+            .arg(&w2)
+            .arg(&pp)
+            .arg(&sp)
+            .arg(&mp)
+            .arg(&dp)
+            .arg(&hp)
+            .arg(&cap)
+            .arg(&cp);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every buffer belongs to this device and was sized from the same set and
+        // layer table; argument order matches trace_rule_f32.
+        unsafe { l.launch(cfg) }?;
+        Ok(())
+    }
+}
