@@ -438,7 +438,7 @@ fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
         [50.0, 5.0, 20.0, 2.0, 60.0, 9.0],
         [f32::NAN, 5.0, 21.0, 2.0, 60.0, 9.0],
     ];
-    let mut states = vec![RuleState::default(); 3];
+    let mut states = [RuleState::default(); 3];
     let mut want_history = Vec::new();
     let mut mask = dev.upload(&vec![9u8; set.total_blocks()]).unwrap();
     let mut decisions = dev.zeros::<i32>(3).unwrap();
