@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 scripts/install-cuda.sh >/dev/null
 # shellcheck source=cuda-env.sh
 source scripts/cuda-env.sh
-export THOR_REQUIRE_NVCC=1 THOR_REQUIRE_NVRTC=1
+export THOR_REQUIRE_NVCC=1 THOR_REQUIRE_NVRTC=1 THOR_REQUIRE_CAPI=1
+# The C-ABI test links a C program against the shared library, which `cargo test` alone
+# does not build.
+cargo build --lib
 cargo test --all-targets "$@"
 # Doc examples are not part of --all-targets.
 cargo test --doc "$@"
