@@ -479,3 +479,84 @@ fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
     assert_eq!(want_history[3][0], 2);
     assert_eq!((want_history[4][0], want_history[5][0]), (3, 3));
 }
+
+#[test]
+fn gpu_c_abi_on_a_cuda_context_with_a_borrowed_stream() {
+    use std::ffi::c_void;
+    use thor_kernels::capi::*;
+    let Some(owner) = gpu_or_skip("gpu_c_abi_on_a_cuda_context_with_a_borrowed_stream") else {
+        return;
+    };
+    let stream = owner.context_handle().new_stream().unwrap();
+    let mut ctx: *mut ThorContext = std::ptr::null_mut();
+    // SAFETY: `stream` is a live stream of device 0's primary context and outlives `ctx`.
+    let st = unsafe { thor_v1_context_create_cuda(0, stream.cu_stream() as *mut c_void, &mut ctx) };
+    assert_eq!(st, ThorStatus::Ok);
+    let (d, b) = (100usize, 64usize);
+    let layout = BlockLayout::new(d, b).unwrap();
+    let mut r = rng(9);
+    let dense = normal(&mut r, d * d);
+    let ddense = stream.clone_htod(&dense).unwrap();
+    let mut dblocks = stream.clone_htod(&poisoned(layout.buffer_len())).unwrap();
+    let mut inv = stream.clone_htod(&poisoned(layout.buffer_len())).unwrap();
+    let mut info = stream.clone_htod(&[i32::MIN; 2]).unwrap();
+    let spd_in = spd_batch(&mut r, b, 2, &[10.0]);
+    let dspd = stream.clone_htod(&spd_in).unwrap();
+    {
+        let (dp, _a) = ddense.device_ptr(&stream);
+        let (bp, _b) = dblocks.device_ptr_mut(&stream);
+        let (sp, _c) = dspd.device_ptr(&stream);
+        let (ip, _d) = inv.device_ptr_mut(&stream);
+        let (fp, _e) = info.device_ptr_mut(&stream);
+        // SAFETY: live device allocations of the sizes each call documents.
+        unsafe {
+            assert_eq!(
+                thor_v1_split(
+                    ctx,
+                    dp as *const f32,
+                    d as i64,
+                    d as i64,
+                    b as i32,
+                    bp as *mut f32
+                ),
+                ThorStatus::Ok
+            );
+            let st = thor_v1_invert(
+                ctx,
+                b as i32,
+                2,
+                sp as *const f32,
+                ip as *mut f32,
+                std::ptr::null(),
+                0.01,
+                std::ptr::null(),
+                std::ptr::null(),
+                fp as *mut i32,
+                std::ptr::null_mut(),
+            );
+            assert_eq!(st, ThorStatus::Ok);
+            let st = thor_v1_accumulate(
+                ctx,
+                dp as *const c_void,
+                0,
+                10,
+                d as i64,
+                d as i64,
+                b as i32,
+                1.0,
+                0.0,
+                bp as *mut f32,
+                ip as *mut f32,
+            );
+            assert_eq!(st, ThorStatus::NotSupported);
+            assert_eq!(thor_v1_context_synchronize(ctx), ThorStatus::Ok);
+        }
+    }
+    let want = reference::split(&f64s(&dense), &layout).unwrap();
+    assert_eq!(rel_err(&stream.clone_dtoh(&dblocks).unwrap(), &want), 0.0);
+    assert_eq!(stream.clone_dtoh(&info).unwrap(), vec![0, 0]);
+    let out = stream.clone_dtoh(&inv).unwrap();
+    assert!(block_residual(&spd_in, &out, b, 0, 0.01) < 1e-4);
+    // SAFETY: made above, destroyed once.
+    unsafe { thor_v1_context_destroy(ctx) };
+}
