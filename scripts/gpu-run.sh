@@ -2,8 +2,9 @@
 # Runs the GPU bundle (built by scripts/gpu-bundle.sh) on a machine with a GPU and no Rust:
 #   run.sh OUTDIR [--no-bench]
 # Every test binary with THOR_REQUIRE_GPU=1 (GPU tests fail instead of skipping), the GPU
-# tests again under compute-sanitizer memcheck and racecheck, the GPU benches in a short
-# mode and the main example on the GPU. Logs go to OUTDIR; a summary table is printed last
+# benches in a short mode, the kernel example on the GPU, the Python bindings' tests where
+# torch sees a GPU, then the GPU tests again under compute-sanitizer memcheck and racecheck
+# (smaller batches, 4 minutes at most each). Logs go to OUTDIR; a summary table is printed last
 # and written to OUTDIR/summary.txt.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -37,14 +38,6 @@ for t in "$here"/tests/*; do
   n=$(basename "$t")
   step "test $n" "$out/test-$n.log" "$t" --test-threads=1
 done
-if command -v compute-sanitizer >/dev/null; then
-  for tool in memcheck racecheck; do
-    step "sanitizer $tool gpu" "$out/sanitizer-$tool.log" \
-      compute-sanitizer --tool "$tool" --error-exitcode 99 "$here/tests/gpu" --test-threads=1
-  done
-else
-  echo "compute-sanitizer not found" >> "$summary"
-fi
 if [ "$bench" = 1 ]; then
   export CRITERION_HOME="$out/criterion"
   step "bench gpu/ (short)" "$out/bench.log" "$here/benches/ops" --bench gpu/ --warm-up-time 0.5 --measurement-time 2 --noplot
@@ -54,11 +47,19 @@ if python3 -c "import torch, pytest; assert torch.cuda.is_available()" 2>/dev/nu
   export THOR_KERNELS_LIB="$here/python/libthor_kernels.so"
   step "pytest bindings (torch, cuda)" "$out/pytest.log" python3 -m pytest -q "$here/python" -p no:cacheprovider
   step "pytest cuda under memcheck" "$out/pytest-memcheck.log" \
-    compute-sanitizer --tool memcheck --error-exitcode 99 python3 -m pytest -q "$here/python" -k cuda -p no:cacheprovider
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 python3 -m pytest -q "$here/python" -k cuda -p no:cacheprovider
 else
   echo "pytest: skipped (no python3 with torch, pytest and CUDA)" >> "$summary"
 fi
-step "example resnet50_ops cuda" "$out/example.log" "$here/examples/resnet50_ops" --backend cuda --batch 32
+step "example resnet50_ops cuda" "$out/example.log" "$here/examples/resnet50_ops" --backend cuda --batch 8
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    THOR_SANITIZER_QUICK=1 step "sanitizer $tool gpu" "$out/sanitizer-$tool.log" \
+      timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 99 "$here/tests/gpu" --test-threads=1
+  done
+else
+  echo "compute-sanitizer not found" >> "$summary"
+fi
 cat "$summary"
 [ -f "$out/bench-table.txt" ] && { echo; cat "$out/bench-table.txt"; }
 ! grep -q FAIL "$summary"

@@ -10,6 +10,16 @@ use thor_kernels::layout::{BlockLayout, FactorSet, SUPPORTED_BLOCK_SIZES};
 use thor_kernels::shapes;
 use thor_kernels::{reference, Error};
 
+/// Batch sizes shrink under THOR_SANITIZER_QUICK=1, for runs under compute-sanitizer
+/// (racecheck instruments every shared-memory access).
+fn batch(n: usize) -> usize {
+    if std::env::var("THOR_SANITIZER_QUICK").is_ok_and(|v| v == "1") {
+        n.min(8)
+    } else {
+        n
+    }
+}
+
 fn run_split_merge(dev: &CudaDevice, label: &str) {
     for b in SUPPORTED_BLOCK_SIZES {
         for d in [1, b - 1, b, b + 1, 3 * b + 5] {
@@ -215,7 +225,7 @@ fn gpu_invert_odd_batches_every_block_size() {
         return;
     };
     for b in SUPPORTED_BLOCK_SIZES {
-        for nb in [1usize, 3, 1000] {
+        for nb in [1usize, 3, batch(1000)] {
             let mut r = rng((b * 10_000 + nb) as u64);
             let input = spd_batch(&mut r, b, nb, &[1.0, 1e2, 1e4]);
             let (out, info, used) = gpu_invert(
@@ -394,7 +404,8 @@ fn gpu_invert_resnet50_factor_set() {
         .iter()
         .flat_map(|l| [l.d_a, l.d_g])
         .collect();
-    let set = FactorSet::new(128, &dims).unwrap();
+    let dims = &dims[..batch(dims.len())];
+    let set = FactorSet::new(128, dims).unwrap();
     let mut r = rng(654);
     let input = spd_batch(&mut r, 128, set.total_blocks(), &[10.0, 1e3]);
     let per_factor: Vec<f32> = (0..set.len()).map(|i| 1e-3 * (1 + i % 3) as f32).collect();
