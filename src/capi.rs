@@ -297,9 +297,8 @@ pub unsafe extern "C" fn thor_v1_context_create_cuda(
 #[no_mangle]
 pub unsafe extern "C" fn thor_v1_context_synchronize(ctx: *mut ThorContext) -> ThorStatus {
     guard(|| {
-        check_ptr("ctx", ctx as *const ThorContext)?;
-        // SAFETY: a context made by this library (checked non-null).
-        if let Device::Cuda(d) = unsafe { &(*ctx).device } {
+        // SAFETY: the pointer contract of this function (module docs).
+        if let Device::Cuda(d) = &unsafe { ctx_mut(ctx)? }.device {
             d.synchronize()?;
         }
         Ok(())
@@ -314,9 +313,18 @@ pub unsafe extern "C" fn thor_v1_context_synchronize(ctx: *mut ThorContext) -> T
 /// CUDA context, until the queued work completes; handles must come from this library.
 #[no_mangle]
 pub unsafe extern "C" fn thor_v1_context_destroy(ctx: *mut ThorContext) {
-    if !ctx.is_null() {
-        // SAFETY: made by Box::into_raw in a create function and not destroyed before.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(ctx) })));
+    // SAFETY: the caller passes a context made by this library, not destroyed before.
+    unsafe { destroy(ctx) }
+}
+
+/// Frees a handle made by `Box::into_raw` (null ignored), never unwinding into C.
+///
+/// # Safety
+/// `p` is null or came from `Box::into_raw` and was not freed before.
+unsafe fn destroy<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: per this function's contract.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(p) })));
     }
 }
 
@@ -353,11 +361,7 @@ pub unsafe extern "C" fn thor_v1_split(
         let c = unsafe { ctx_mut(ctx)? };
         let layout = BlockLayout::new(self::dim("dim", dim)?, block.max(0) as usize)?;
         let ld = self::dim("ld", ld)?;
-        let d = layout.dim();
-        if ld < d {
-            return Err(Error::shape("ld", format!(">= {d}"), ld).into());
-        }
-        let dense_len = count("ld", &[d - 1, ld])? + d;
+        let dense_len = layout.dense_len(ld)?;
         check_ptr("dense", dense)?;
         check_ptr("out", out as *const f32)?;
         check_disjoint(
@@ -409,11 +413,7 @@ pub unsafe extern "C" fn thor_v1_merge(
         let c = unsafe { ctx_mut(ctx)? };
         let layout = BlockLayout::new(self::dim("dim", dim)?, block.max(0) as usize)?;
         let ld = self::dim("ld", ld)?;
-        let d = layout.dim();
-        if ld < d {
-            return Err(Error::shape("ld", format!(">= {d}"), ld).into());
-        }
-        let dense_len = count("ld", &[d - 1, ld])? + d;
+        let dense_len = layout.dense_len(ld)?;
         check_ptr("blocks", blocks)?;
         check_ptr("dense", dense as *const f32)?;
         check_disjoint(
@@ -514,7 +514,7 @@ pub unsafe extern "C" fn thor_v1_traces(
                 // The layer table goes up on every call here; Rust callers keep a
                 // DeviceFactorSet instead.
                 let prepared = dev.prepare_set(&set)?;
-                let table = prepared_table(dev, &prepared);
+                let table = prepared.table_ptr(dev);
                 // SAFETY: device pointers checked; the table matches the set.
                 unsafe {
                     raw::trace_set_f32(
@@ -532,10 +532,6 @@ pub unsafe extern "C" fn thor_v1_traces(
         }
         Ok(())
     })
-}
-
-fn prepared_table(dev: &CudaDevice, s: &crate::cuda::DeviceFactorSet) -> u64 {
-    s.table_ptr(dev)
 }
 
 /// Accumulates `blocks <- beta * blocks + alpha * X_j^T X_j` for the factor of dimension
@@ -984,10 +980,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_create(
 /// CUDA context, until the queued work completes; handles must come from this library.
 #[no_mangle]
 pub unsafe extern "C" fn thor_v1_optimizer_destroy(opt: *mut ThorOptimizer) {
-    if !opt.is_null() {
-        // SAFETY: made by thor_v1_optimizer_create, not destroyed before.
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(opt) })));
-    }
+    // SAFETY: the caller passes an optimizer made by this library, not destroyed before.
+    unsafe { destroy(opt) }
 }
 
 /// # Safety

@@ -81,6 +81,20 @@ impl BlockLayout {
         self.blocks * self.block_len()
     }
 
+    /// Elements a dense row-major `d x d` matrix with row stride `ld` spans,
+    /// `(d - 1) * ld + d`; errors when `ld < d` or the size overflows.
+    pub fn dense_len(&self, ld: usize) -> Result<usize> {
+        let d = self.dim;
+        if ld < d {
+            return Err(Error::shape("ld", format!(">= {d}"), ld));
+        }
+        (d - 1)
+            .checked_mul(ld)
+            .and_then(|n| n.checked_add(d))
+            .filter(|&n| n <= isize::MAX as usize / 8)
+            .ok_or_else(|| Error::invalid("ld", format!("{d} rows of stride {ld} overflow")))
+    }
+
     /// Real (unpadded) rows of block `j`: `b`, or less for the last block.
     pub fn valid(&self, j: usize) -> usize {
         debug_assert!(j < self.blocks);

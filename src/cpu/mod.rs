@@ -55,11 +55,8 @@ fn non_finite_error(arg: &'static str, at: (usize, usize)) -> Error {
 /// Errors on shape mismatches and on a non-finite element in the diagonal blocks (the only
 /// part of `dense` that is read).
 pub fn split(dense: &[f32], ld: usize, layout: &BlockLayout, out: &mut [f32]) -> Result<()> {
-    let (d, b) = (layout.dim(), layout.block());
-    if ld < d {
-        return Err(Error::shape("ld", format!(">= {d}"), ld));
-    }
-    check_min_len("dense", (d - 1) * ld + d, dense.len())?;
+    let b = layout.block();
+    check_min_len("dense", layout.dense_len(ld)?, dense.len())?;
     check_len("out", layout.buffer_len(), out.len())?;
     // Only the diagonal blocks are read, so only they are checked.
     if let Some(at) = (0..layout.blocks()).into_par_iter().find_map_first(|j| {
@@ -87,12 +84,10 @@ pub fn split(dense: &[f32], ld: usize, layout: &BlockLayout, out: &mut [f32]) ->
 /// stride `ld >= d`): the block-diagonal entries from the blocks, zero elsewhere.
 pub fn merge(blocks: &[f32], layout: &BlockLayout, dense: &mut [f32], ld: usize) -> Result<()> {
     let (d, b) = (layout.dim(), layout.block());
-    if ld < d {
-        return Err(Error::shape("ld", format!(">= {d}"), ld));
-    }
+    let len = layout.dense_len(ld)?;
     check_len("blocks", layout.buffer_len(), blocks.len())?;
-    check_min_len("dense", (d - 1) * ld + d, dense.len())?;
-    let dense = &mut dense[..(d - 1) * ld + d];
+    check_min_len("dense", len, dense.len())?;
+    let dense = &mut dense[..len];
     dense.par_chunks_mut(ld).enumerate().for_each(|(gr, row)| {
         let j = gr / b;
         let w = layout.valid(j);

@@ -100,11 +100,7 @@ impl CudaDevice {
         layout: &BlockLayout,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let d = layout.dim();
-        if ld < d {
-            return Err(Error::shape("ld", format!(">= {d}"), ld));
-        }
-        check_min_len("dense", (d - 1) * ld + d, dense.len())?;
+        check_min_len("dense", layout.dense_len(ld)?, dense.len())?;
         check_len("out", layout.buffer_len(), out.len())?;
         self.check_same_context("dense", dense)?;
         self.check_same_context("out", out)?;
@@ -124,12 +120,8 @@ impl CudaDevice {
         dense: &mut CudaSlice<f32>,
         ld: usize,
     ) -> Result<()> {
-        let d = layout.dim();
-        if ld < d {
-            return Err(Error::shape("ld", format!(">= {d}"), ld));
-        }
         check_len("blocks", layout.buffer_len(), blocks.len())?;
-        check_min_len("dense", (d - 1) * ld + d, dense.len())?;
+        check_min_len("dense", layout.dense_len(ld)?, dense.len())?;
         self.check_same_context("blocks", blocks)?;
         self.check_same_context("dense", dense)?;
         let (bp, _r) = blocks.device_ptr(&self.stream);

@@ -84,10 +84,8 @@ fn grid_u32(arg: &'static str, n: usize) -> Result<u32> {
         })
 }
 
-fn check_ld(ld: usize, d: usize) -> Result<i64> {
-    if ld < d {
-        return Err(Error::shape("ld", format!(">= {d}"), ld));
-    }
+fn check_ld(ld: usize, layout: &BlockLayout) -> Result<i64> {
+    layout.dense_len(ld)?;
     i64::try_from(ld).map_err(|_| Error::invalid("ld", "too large"))
 }
 
@@ -107,7 +105,7 @@ pub unsafe fn split_blocks_f32(
 ) -> Result<()> {
     check_ptr("dense", dense, 4)?;
     check_ptr("blocks", blocks, 4)?;
-    let ld = check_ld(ld, layout.dim())?;
+    let ld = check_ld(ld, layout)?;
     let tiles = (layout.block() / SPLIT_TILE as usize).pow(2);
     let grid = grid_u32("dim", layout.blocks() * tiles)?;
     let (d, b) = (layout.dim() as i32, layout.block() as i32);
@@ -139,7 +137,7 @@ pub unsafe fn merge_blocks_f32(
 ) -> Result<()> {
     check_ptr("blocks", blocks, 4)?;
     check_ptr("dense", dense, 4)?;
-    let ld = check_ld(ld, layout.dim())?;
+    let ld = check_ld(ld, layout)?;
     let tiles = layout.dim().div_ceil(SPLIT_TILE as usize);
     let grid = grid_u32("dim", tiles * tiles)?;
     let (d, b) = (layout.dim() as i32, layout.block() as i32);
