@@ -37,7 +37,7 @@ use crate::cpu::{self, InvertOptions, Workspace};
 use crate::error::{check_len, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{check_block_size, BlockLayout};
-use crate::reference::{fisher_trace, trace_rule, Decision};
+use crate::reference::{fisher_trace, rule_step, Decision, RuleState, StepDecision};
 
 /// The shape of a layer THOR preconditions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,9 +257,8 @@ struct LayerState {
     a_inv: Vec<f32>,
     g_inv: Vec<f32>,
     has_stats: bool,
-    has_inverse: bool,
-    frozen: bool,
-    prev_trace: f64,
+    /// The trace rule's state: last finite layer trace, frozen flag.
+    rule: RuleState,
     counters: LayerCounters,
 }
 
@@ -331,9 +330,7 @@ impl Thor {
             a_inv: eye(&a),
             g_inv: eye(&g),
             has_stats: false,
-            has_inverse: false,
-            frozen: false,
-            prev_trace: f64::NAN,
+            rule: RuleState::default(),
             counters: LayerCounters::default(),
         };
         let blocks = a.blocks().max(g.blocks());
@@ -407,7 +404,7 @@ impl Thor {
 
     /// Whether layer `id` is frozen.
     pub fn is_frozen(&self, id: LayerId) -> Result<bool> {
-        Ok(self.layer(id)?.frozen)
+        Ok(self.layer(id)?.rule.frozen)
     }
 
     /// Hands over layer `id`'s statistics: activations `acts` `[rows, inputs]` (im2col rows
@@ -442,7 +439,7 @@ impl Thor {
         let (inputs, d_a, d_g) = (l.kind.inputs(), l.kind.d_a(), l.kind.d_g());
         check_len("acts", rows * inputs, acts.len())?;
         check_len("out_grads", rows * d_g, out_grads.len())?;
-        if l.frozen {
+        if l.rule.frozen {
             return Ok(Observation::Frozen);
         }
         if acts.iter().chain(out_grads).any(|v| !v.is_finite()) {
@@ -496,12 +493,12 @@ impl Thor {
         let tr_a = real_trace(&l.a, &l.a_stats);
         let tr_g = real_trace(&l.g, &l.g_stats);
         let cur = fisher_trace(tr_a, d_a, tr_g, d_g, damping as f64);
-        let decision = if l.has_inverse {
-            trace_rule(l.prev_trace, cur, thresholds.w1, thresholds.w2)
-        } else {
-            Decision::Update
+        let decision = match rule_step(&mut l.rule, cur, thresholds.w1, thresholds.w2) {
+            StepDecision::Update => Decision::Update,
+            StepDecision::Reuse => Decision::Reuse,
+            StepDecision::Freeze => Decision::Freeze,
+            StepDecision::Frozen => return Ok(Observation::Frozen),
         };
-        l.prev_trace = cur;
         match decision {
             Decision::Update => {
                 let opts = InvertOptions {
@@ -524,13 +521,9 @@ impl Thor {
                 } else {
                     l.counters.failed_inversions += 1;
                 }
-                l.has_inverse = true;
             }
             Decision::Reuse => l.counters.reuses += 1,
-            Decision::Freeze => {
-                l.counters.freezes = 1;
-                l.frozen = true;
-            }
+            Decision::Freeze => l.counters.freezes = 1,
         }
         Ok(Observation::Accepted(decision))
     }

@@ -121,7 +121,11 @@ impl Thor {
             for v in kind_words(&l.kind) {
                 w.u64(v);
             }
-            w.u64(l.has_stats as u64 | (l.has_inverse as u64) << 1 | (l.frozen as u64) << 2);
+            w.u64(
+                l.has_stats as u64
+                    | (l.rule.prev.is_some() as u64) << 1
+                    | (l.rule.frozen as u64) << 2,
+            );
             let c = &l.counters;
             for v in [
                 c.statistics,
@@ -133,7 +137,7 @@ impl Thor {
             ] {
                 w.u64(v);
             }
-            w.f64(l.prev_trace);
+            w.f64(l.rule.prev.unwrap_or(f64::NAN));
             for v in [&l.a_stats, &l.g_stats, &l.a_inv, &l.g_inv] {
                 w.f32s(v);
             }
@@ -206,10 +210,9 @@ impl Thor {
             l.a_inv = r.f32s(cur.a.buffer_len())?;
             l.g_inv = r.f32s(cur.g.buffer_len())?;
             l.has_stats = flags & 1 != 0;
-            l.has_inverse = flags & 2 != 0;
-            l.frozen = flags & 4 != 0;
+            l.rule.prev = (flags & 2 != 0).then_some(prev_trace);
+            l.rule.frozen = flags & 4 != 0;
             l.counters = c;
-            l.prev_trace = prev_trace;
             layers.push(l);
         }
         if r.pos != body.len() {
