@@ -2,6 +2,12 @@
 // into the embedded source so that NVRTC needs no include path for it.
 #pragma once
 
+// Dynamic shared memory of a kernel. A host emulation of the kernels (tests/emu) defines
+// its own version before including a kernel source.
+#ifndef THOR_DYNAMIC_SMEM
+#define THOR_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 #define THOR_WARP 32
 #define THOR_FULL_MASK 0xffffffffu
 

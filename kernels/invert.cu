@@ -97,7 +97,7 @@ __device__ void invert_chol(const float* in, float* out, int nblocks, const floa
                             float damping_all, const unsigned char* mask, int max_retries,
                             float retry_factor, float retry_floor, int* info,
                             float* damping_used) {
-    extern __shared__ float thor_smem[];
+    THOR_DYNAMIC_SMEM(float, thor_smem);
     float* a = thor_smem;               // B(B+1)/2 packed lower triangle
     float* col = thor_smem + tri(B);    // B
     const int blk = blockIdx.x;

@@ -176,6 +176,21 @@ impl FactorSet {
         self.block
     }
 
+    /// The per-factor table the set-wide kernels read: 3 i32 per factor (first block,
+    /// block count, dimension).
+    pub fn trace_table(&self) -> Vec<i32> {
+        self.entries
+            .iter()
+            .flat_map(|e| {
+                [
+                    e.first_block as i32,
+                    e.layout.blocks() as i32,
+                    e.layout.dim() as i32,
+                ]
+            })
+            .collect()
+    }
+
     /// Number of factors in the set.
     pub fn len(&self) -> usize {
         self.entries.len()

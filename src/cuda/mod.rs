@@ -10,7 +10,7 @@
 mod ops;
 pub mod raw;
 mod rule;
-pub(crate) mod tuning;
+pub mod tuning;
 
 pub use ops::{DeviceDamping, DeviceFactorSet, DeviceInvertOptions};
 pub use rule::{DeviceTraceRule, RuleLayer};

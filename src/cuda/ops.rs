@@ -74,17 +74,7 @@ impl CudaDevice {
 
     /// Uploads a set's layer table, once, for [`CudaDevice::traces`].
     pub fn prepare_set(&self, set: &FactorSet) -> Result<DeviceFactorSet> {
-        let table: Vec<i32> = set
-            .entries()
-            .iter()
-            .flat_map(|e| {
-                [
-                    e.first_block as i32,
-                    e.layout.blocks() as i32,
-                    e.layout.dim() as i32,
-                ]
-            })
-            .collect();
+        let table = set.trace_table();
         Ok(DeviceFactorSet {
             set: set.clone(),
             desc: self.upload(&table)?,

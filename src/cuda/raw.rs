@@ -1,6 +1,11 @@
 //! Raw launchers on device pointers, for callers that own their memory (another
 //! framework's tensors, through the C ABI). Each validates every scalar argument before
 //! launching and checks the launch error; pointer validity is the caller's contract.
+//!
+//! Every launcher first builds a [`LaunchPlan`] (kernel, grid, block, shared memory and the
+//! argument list), a plain value that [`launch`] queues on a device. The `plan_*` functions
+//! are public so that the same launches can be recorded elsewhere (a graph, a host
+//! emulation of the kernels in the tests) with exactly the arguments the launchers use.
 
 use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -59,6 +64,67 @@ pub mod kernels {
     ];
 }
 
+/// One kernel argument, by value.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KernelArg {
+    /// A device pointer (0 for null).
+    Ptr(CUdeviceptr),
+    /// A C `int`.
+    I32(i32),
+    /// A C `long long`.
+    I64(i64),
+    /// A C `unsigned long long`.
+    U64(u64),
+    /// A C `float`.
+    F32(f32),
+    /// A C `double`.
+    F64(f64),
+}
+
+/// One kernel launch, fully described: what [`launch`] queues.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchPlan {
+    /// The kernel.
+    pub kernel: KernelId,
+    /// Grid dimensions in thread blocks.
+    pub grid: (u32, u32, u32),
+    /// Thread block dimensions.
+    pub block: (u32, u32, u32),
+    /// Dynamic shared memory per thread block, bytes.
+    pub smem: u32,
+    /// The arguments, in the kernel's parameter order.
+    pub args: Vec<KernelArg>,
+}
+
+/// Queues `plan` on `dev`'s stream, opting into large shared memory where it needs it.
+///
+/// # Safety
+/// The plan's pointers must satisfy the contract of the `plan_*` function that built it
+/// and stay valid until the queued work completes.
+pub unsafe fn launch(dev: &CudaDevice, plan: &LaunchPlan) -> Result<()> {
+    let f = dev.function_with_smem(plan.kernel, plan.smem as usize)?;
+    let mut l = dev.stream().launch_builder(&f);
+    for a in &plan.args {
+        match a {
+            KernelArg::Ptr(v) | KernelArg::U64(v) => l.arg(v),
+            KernelArg::I32(v) => l.arg(v),
+            KernelArg::I64(v) => l.arg(v),
+            KernelArg::F32(v) => l.arg(v),
+            KernelArg::F64(v) => l.arg(v),
+        };
+    }
+    let cfg = LaunchConfig {
+        grid_dim: plan.grid,
+        block_dim: plan.block,
+        shared_mem_bytes: plan.smem,
+    };
+    // SAFETY: the plan's argument list follows the kernel's signature (built by its plan_*
+    // function); pointer validity is the caller's contract; the shared memory size was
+    // allowed for the function above.
+    unsafe { l.launch(cfg) }?;
+    Ok(())
+}
+
 fn check_ptr(arg: &'static str, p: CUdeviceptr, align: u64) -> Result<()> {
     if p == 0 {
         return Err(Error::invalid(arg, "null device pointer"));
@@ -89,8 +155,31 @@ fn check_ld(ld: usize, layout: &BlockLayout) -> Result<i64> {
     i64::try_from(ld).map_err(|_| Error::invalid("ld", "too large"))
 }
 
-/// Launches `split_blocks_f32`: the dense row-major `d x d` factor at `dense` (row stride
-/// `ld` elements) into `[nb, b, b]` padded blocks at `blocks`.
+/// The launch of `split_blocks_f32`: the dense row-major `d x d` factor at `dense` (row
+/// stride `ld` elements) into `[nb, b, b]` padded blocks at `blocks`.
+pub fn plan_split_blocks_f32(
+    dense: CUdeviceptr,
+    ld: usize,
+    layout: &BlockLayout,
+    blocks: CUdeviceptr,
+) -> Result<LaunchPlan> {
+    check_ptr("dense", dense, 4)?;
+    check_ptr("blocks", blocks, 4)?;
+    let ld = check_ld(ld, layout)?;
+    let tiles = (layout.block() / SPLIT_TILE as usize).pow(2);
+    let grid = grid_u32("dim", layout.blocks() * tiles)?;
+    let (d, b) = (layout.dim() as i32, layout.block() as i32);
+    use KernelArg::*;
+    Ok(LaunchPlan {
+        kernel: kernels::SPLIT_BLOCKS_F32,
+        grid: (grid, 1, 1),
+        block: (SPLIT_TILE, SPLIT_ROWS, 1),
+        smem: 0,
+        args: vec![Ptr(dense), I64(ld), I32(d), I32(b), Ptr(blocks)],
+    })
+}
+
+/// Launches `split_blocks_f32` ([`plan_split_blocks_f32`]).
 ///
 /// # Safety
 /// `dense` must address at least `(d - 1) * ld + d` f32 and `blocks` `layout.buffer_len()`
@@ -103,28 +192,36 @@ pub unsafe fn split_blocks_f32(
     layout: &BlockLayout,
     blocks: CUdeviceptr,
 ) -> Result<()> {
-    check_ptr("dense", dense, 4)?;
-    check_ptr("blocks", blocks, 4)?;
-    let ld = check_ld(ld, layout)?;
-    let tiles = (layout.block() / SPLIT_TILE as usize).pow(2);
-    let grid = grid_u32("dim", layout.blocks() * tiles)?;
-    let (d, b) = (layout.dim() as i32, layout.block() as i32);
-    let f = dev.function(kernels::SPLIT_BLOCKS_F32)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&dense).arg(&ld).arg(&d).arg(&b).arg(&blocks);
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (SPLIT_TILE, SPLIT_ROWS, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: argument types and order match the kernel's signature; pointer validity is
-    // the caller's contract, every scalar was checked above.
-    unsafe { l.launch(cfg) }?;
-    Ok(())
+    let plan = plan_split_blocks_f32(dense, ld, layout, blocks)?;
+    // SAFETY: the caller's contract above.
+    unsafe { launch(dev, &plan) }
 }
 
-/// Launches `merge_blocks_f32`: `[nb, b, b]` blocks at `blocks` into the dense row-major
-/// `d x d` matrix at `dense` (row stride `ld`), zero off the block diagonal.
+/// The launch of `merge_blocks_f32`: `[nb, b, b]` blocks at `blocks` into the dense
+/// row-major `d x d` matrix at `dense` (row stride `ld`), zero off the block diagonal.
+pub fn plan_merge_blocks_f32(
+    blocks: CUdeviceptr,
+    layout: &BlockLayout,
+    dense: CUdeviceptr,
+    ld: usize,
+) -> Result<LaunchPlan> {
+    check_ptr("blocks", blocks, 4)?;
+    check_ptr("dense", dense, 4)?;
+    let ld = check_ld(ld, layout)?;
+    let tiles = layout.dim().div_ceil(SPLIT_TILE as usize);
+    let grid = grid_u32("dim", tiles * tiles)?;
+    let (d, b) = (layout.dim() as i32, layout.block() as i32);
+    use KernelArg::*;
+    Ok(LaunchPlan {
+        kernel: kernels::MERGE_BLOCKS_F32,
+        grid: (grid, 1, 1),
+        block: (SPLIT_TILE, SPLIT_ROWS, 1),
+        smem: 0,
+        args: vec![Ptr(blocks), I32(d), I32(b), Ptr(dense), I64(ld)],
+    })
+}
+
+/// Launches `merge_blocks_f32` ([`plan_merge_blocks_f32`]).
 ///
 /// # Safety
 /// As for [`split_blocks_f32`], with `dense` written.
@@ -135,28 +232,48 @@ pub unsafe fn merge_blocks_f32(
     dense: CUdeviceptr,
     ld: usize,
 ) -> Result<()> {
-    check_ptr("blocks", blocks, 4)?;
-    check_ptr("dense", dense, 4)?;
-    let ld = check_ld(ld, layout)?;
-    let tiles = layout.dim().div_ceil(SPLIT_TILE as usize);
-    let grid = grid_u32("dim", tiles * tiles)?;
-    let (d, b) = (layout.dim() as i32, layout.block() as i32);
-    let f = dev.function(kernels::MERGE_BLOCKS_F32)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&blocks).arg(&d).arg(&b).arg(&dense).arg(&ld);
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (SPLIT_TILE, SPLIT_ROWS, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: as in split_blocks_f32.
-    unsafe { l.launch(cfg) }?;
-    Ok(())
+    let plan = plan_merge_blocks_f32(blocks, layout, dense, ld)?;
+    // SAFETY: the caller's contract above.
+    unsafe { launch(dev, &plan) }
 }
 
-/// Launches `trace_set_f32` over `factors` factors described at `desc` (3 i32 per factor:
-/// first block, block count, dimension), writing one trace per block to `block_traces` and
-/// one per factor to `factor_traces`.
+/// The launch of `trace_set_f32` over `factors` factors described at `desc` (3 i32 per
+/// factor: first block, block count, dimension), writing one trace per block to
+/// `block_traces` and one per factor to `factor_traces`.
+pub fn plan_trace_set_f32(
+    blocks: CUdeviceptr,
+    b: usize,
+    desc: CUdeviceptr,
+    factors: usize,
+    block_traces: CUdeviceptr,
+    factor_traces: CUdeviceptr,
+) -> Result<LaunchPlan> {
+    crate::layout::check_block_size(b)?;
+    check_ptr("blocks", blocks, 4)?;
+    check_ptr("desc", desc, 4)?;
+    check_ptr("block_traces", block_traces, 4)?;
+    check_ptr("factor_traces", factor_traces, 4)?;
+    if factors == 0 {
+        return Err(Error::invalid("factors", "at least one factor is needed"));
+    }
+    let grid = grid_u32("factors", factors)?;
+    use KernelArg::*;
+    Ok(LaunchPlan {
+        kernel: kernels::TRACE_SET_F32,
+        grid: (grid, 1, 1),
+        block: (TRACE_WARPS * 32, 1, 1),
+        smem: 0,
+        args: vec![
+            Ptr(blocks),
+            I32(b as i32),
+            Ptr(desc),
+            Ptr(block_traces),
+            Ptr(factor_traces),
+        ],
+    })
+}
+
+/// Launches `trace_set_f32` ([`plan_trace_set_f32`]).
 ///
 /// # Safety
 /// `blocks` must address every block `desc` names (`b * b` f32 each), `desc` `3 * factors`
@@ -172,31 +289,9 @@ pub unsafe fn trace_set_f32(
     block_traces: CUdeviceptr,
     factor_traces: CUdeviceptr,
 ) -> Result<()> {
-    crate::layout::check_block_size(b)?;
-    check_ptr("blocks", blocks, 4)?;
-    check_ptr("desc", desc, 4)?;
-    check_ptr("block_traces", block_traces, 4)?;
-    check_ptr("factor_traces", factor_traces, 4)?;
-    if factors == 0 {
-        return Err(Error::invalid("factors", "at least one factor is needed"));
-    }
-    let grid = grid_u32("factors", factors)?;
-    let b = b as i32;
-    let f = dev.function(kernels::TRACE_SET_F32)?;
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&blocks)
-        .arg(&b)
-        .arg(&desc)
-        .arg(&block_traces)
-        .arg(&factor_traces);
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (TRACE_WARPS * 32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: as in split_blocks_f32.
-    unsafe { l.launch(cfg) }?;
-    Ok(())
+    let plan = plan_trace_set_f32(blocks, b, desc, factors, block_traces, factor_traces)?;
+    // SAFETY: the caller's contract above.
+    unsafe { launch(dev, &plan) }
 }
 
 /// Arguments of [`invert_chol_f32`] besides the matrices.
@@ -220,20 +315,14 @@ pub struct InvertArgs {
     pub damping_used: CUdeviceptr,
 }
 
-/// Launches the batched damped Cholesky inversion (`invert_chol_b<b>_f32`): for every block
-/// `j`, `out_j = (in_j + l_j I)^-1`, one thread block per matrix. `input` may equal
+/// The launch of the batched damped Cholesky inversion (`invert_chol_b<b>_f32`): for every
+/// block `j`, `out_j = (in_j + l_j I)^-1`, one thread block per matrix. `input` may equal
 /// `output` (in place). See [`crate::invert`] for the info codes.
-///
-/// # Safety
-/// `input` and `output` must address `blocks * b * b` f32 each (the same allocation, or
-/// non-overlapping ones), and every non-zero pointer of `args` the element count its
-/// documentation gives, all of `dev`'s context and valid until the queued work completes.
-pub unsafe fn invert_chol_f32(
-    dev: &CudaDevice,
+pub fn plan_invert_chol_f32(
     input: CUdeviceptr,
     output: CUdeviceptr,
     args: &InvertArgs,
-) -> Result<()> {
+) -> Result<LaunchPlan> {
     crate::layout::check_block_size(args.b)?;
     check_ptr("input", input, 4)?;
     check_ptr("output", output, 4)?;
@@ -258,26 +347,124 @@ pub unsafe fn invert_chol_f32(
     let (max_retries, factor, floor) = args.policy.params()?;
     let grid = grid_u32("blocks", args.blocks)?;
     let smem = super::tuning::invert_smem_bytes(args.b);
-    let f = dev.function_with_smem(kernels::invert_chol_f32(args.b), smem)?;
-    let (nb, retries) = (args.blocks as i32, max_retries as i32);
-    let mut l = dev.stream().launch_builder(&f);
-    l.arg(&input)
-        .arg(&output)
-        .arg(&nb)
-        .arg(&args.damping)
-        .arg(&args.damping_all)
-        .arg(&args.mask)
-        .arg(&retries)
-        .arg(&factor)
-        .arg(&floor)
-        .arg(&args.info)
-        .arg(&args.damping_used);
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (super::tuning::invert_threads(args.b), 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    // SAFETY: as in split_blocks_f32; the shared memory size was allowed for the function.
-    unsafe { l.launch(cfg) }?;
-    Ok(())
+    use KernelArg::*;
+    Ok(LaunchPlan {
+        kernel: kernels::invert_chol_f32(args.b),
+        grid: (grid, 1, 1),
+        block: (super::tuning::invert_threads(args.b), 1, 1),
+        smem: smem as u32,
+        args: vec![
+            Ptr(input),
+            Ptr(output),
+            I32(args.blocks as i32),
+            Ptr(args.damping),
+            F32(args.damping_all),
+            Ptr(args.mask),
+            I32(max_retries as i32),
+            F32(factor),
+            F32(floor),
+            Ptr(args.info),
+            Ptr(args.damping_used),
+        ],
+    })
+}
+
+/// Launches the batched damped Cholesky inversion ([`plan_invert_chol_f32`]).
+///
+/// # Safety
+/// `input` and `output` must address `blocks * b * b` f32 each (the same allocation, or
+/// non-overlapping ones), and every non-zero pointer of `args` the element count its
+/// documentation gives, all of `dev`'s context and valid until the queued work completes.
+pub unsafe fn invert_chol_f32(
+    dev: &CudaDevice,
+    input: CUdeviceptr,
+    output: CUdeviceptr,
+    args: &InvertArgs,
+) -> Result<()> {
+    let plan = plan_invert_chol_f32(input, output, args)?;
+    // SAFETY: the caller's contract above.
+    unsafe { launch(dev, &plan) }
+}
+
+/// Arguments of [`plan_trace_rule_f32`]: THOR's trace rule on the device (see
+/// [`crate::cuda::DeviceTraceRule`] for the safe form).
+#[derive(Debug, Clone, Copy)]
+pub struct TraceRuleArgs {
+    /// One f32 trace per factor of the set.
+    pub factor_traces: CUdeviceptr,
+    /// The layer table, `6 * n_layers` i32 ([`crate::cuda::RuleLayer::table`]).
+    pub layers: CUdeviceptr,
+    /// Number of layers.
+    pub n_layers: usize,
+    /// The damping in the layer traces.
+    pub damping: f32,
+    /// Update threshold.
+    pub w1: f64,
+    /// Freeze threshold.
+    pub w2: f64,
+    /// `n_layers` f64: each layer's previous trace (state).
+    pub prev: CUdeviceptr,
+    /// `n_layers` bytes of state flags (zero initially).
+    pub state: CUdeviceptr,
+    /// One byte per block of the set: 1 where the layer updates.
+    pub mask: CUdeviceptr,
+    /// `n_layers` i32: this step's decisions.
+    pub decisions: CUdeviceptr,
+    /// `history_capacity * n_layers` i32: the decision ring.
+    pub history: CUdeviceptr,
+    /// Rows in the ring (at least 1).
+    pub history_capacity: usize,
+    /// One u64: statistics steps so far (state).
+    pub step: CUdeviceptr,
+}
+
+/// The launch of `trace_rule_f32`: one thread block, a thread per layer.
+pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
+    if !(a.w1.is_finite() && a.w2.is_finite() && a.w2 >= 0.0 && a.w1 >= a.w2) {
+        return Err(Error::invalid(
+            "w1/w2",
+            format!("need w1 >= w2 >= 0, got ({}, {})", a.w1, a.w2),
+        ));
+    }
+    crate::error::check_finite("damping", a.damping as f64)?;
+    if a.n_layers == 0 || a.n_layers > i32::MAX as usize {
+        return Err(Error::invalid("n_layers", "at least one layer is needed"));
+    }
+    if a.history_capacity == 0 || a.history_capacity > i32::MAX as usize {
+        return Err(Error::invalid("history_capacity", "must be at least 1"));
+    }
+    for (name, p, align) in [
+        ("factor_traces", a.factor_traces, 4),
+        ("layers", a.layers, 4),
+        ("prev", a.prev, 8),
+        ("state", a.state, 1),
+        ("mask", a.mask, 1),
+        ("decisions", a.decisions, 4),
+        ("history", a.history, 4),
+        ("step", a.step, 8),
+    ] {
+        check_ptr(name, p, align)?;
+    }
+    use KernelArg::*;
+    Ok(LaunchPlan {
+        kernel: kernels::TRACE_RULE_F32,
+        grid: (1, 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        args: vec![
+            Ptr(a.factor_traces),
+            Ptr(a.layers),
+            I32(a.n_layers as i32),
+            F32(a.damping),
+            F64(a.w1),
+            F64(a.w2),
+            Ptr(a.prev),
+            Ptr(a.state),
+            Ptr(a.mask),
+            Ptr(a.decisions),
+            Ptr(a.history),
+            I32(a.history_capacity as i32),
+            Ptr(a.step),
+        ],
+    })
 }

@@ -1,9 +1,9 @@
 //! THOR's trace rule on the device: decisions, the block mask the inversion reads, and a
 //! history ring the host reads whenever it likes, with no host synchronization in the step.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
-use super::raw::kernels;
+use super::raw;
 use super::CudaDevice;
 use crate::error::{check_len, Error, Result};
 use crate::layout::FactorSet;
@@ -36,6 +36,46 @@ impl RuleLayer {
                 blocks: e.iter().map(|x| x.layout.blocks()).sum(),
             })
             .collect()
+    }
+
+    /// The device table of `layers` (6 i32 per layer: A factor, G factor (-1 when absent),
+    /// d_A, d_G, first block, block count), checked against `set`.
+    pub fn table(set: &FactorSet, layers: &[RuleLayer]) -> Result<Vec<i32>> {
+        let mut table = Vec::with_capacity(6 * layers.len());
+        for (i, l) in layers.iter().enumerate() {
+            let dim = |f: Option<usize>| -> Result<(i32, i32)> {
+                match f {
+                    None => Ok((-1, 0)),
+                    Some(k) => Ok((
+                        k as i32,
+                        set.entry(k)
+                            .map_err(|_| {
+                                Error::invalid(
+                                    "layers",
+                                    format!("layer {i}: factor {k} not in the set"),
+                                )
+                            })?
+                            .layout
+                            .dim() as i32,
+                    )),
+                }
+            };
+            let (a, da) = dim(l.a_factor)?;
+            let (g, dg) = dim(l.g_factor)?;
+            if l.first_block + l.blocks > set.total_blocks() {
+                return Err(Error::invalid(
+                    "layers",
+                    format!(
+                        "layer {i}: blocks {}..{} past the set's {}",
+                        l.first_block,
+                        l.first_block + l.blocks,
+                        set.total_blocks()
+                    ),
+                ));
+            }
+            table.extend([a, g, da, dg, l.first_block as i32, l.blocks as i32]);
+        }
+        Ok(table)
     }
 }
 
@@ -90,40 +130,7 @@ impl CudaDevice {
         if history_capacity == 0 {
             return Err(Error::invalid("history_capacity", "must be at least 1"));
         }
-        let mut table = Vec::with_capacity(6 * layers.len());
-        for (i, l) in layers.iter().enumerate() {
-            let dim = |f: Option<usize>| -> Result<(i32, i32)> {
-                match f {
-                    None => Ok((-1, 0)),
-                    Some(k) => Ok((
-                        k as i32,
-                        set.entry(k)
-                            .map_err(|_| {
-                                Error::invalid(
-                                    "layers",
-                                    format!("layer {i}: factor {k} not in the set"),
-                                )
-                            })?
-                            .layout
-                            .dim() as i32,
-                    )),
-                }
-            };
-            let (a, da) = dim(l.a_factor)?;
-            let (g, dg) = dim(l.g_factor)?;
-            if l.first_block + l.blocks > set.total_blocks() {
-                return Err(Error::invalid(
-                    "layers",
-                    format!(
-                        "layer {i}: blocks {}..{} past the set's {}",
-                        l.first_block,
-                        l.first_block + l.blocks,
-                        set.total_blocks()
-                    ),
-                ));
-            }
-            table.extend([a, g, da, dg, l.first_block as i32, l.blocks as i32]);
-        }
+        let table = RuleLayer::table(set, layers)?;
         let n = layers.len();
         Ok(DeviceTraceRule {
             layers: self.upload(&table)?,
@@ -161,7 +168,6 @@ impl CudaDevice {
         crate::error::check_finite("damping", damping as f64)?;
         check_len("mask", rule.total_blocks, mask.len())?;
         check_len("decisions", rule.n_layers, decisions.len())?;
-        let f = self.function(kernels::TRACE_RULE_F32)?;
         let s = &self.stream;
         let (tp, _a) = factor_traces.device_ptr(s);
         let (lp, _b) = rule.layers.device_ptr(s);
@@ -171,29 +177,24 @@ impl CudaDevice {
         let (dp, _f) = decisions.device_ptr_mut(s);
         let (hp, _g) = rule.history.device_ptr_mut(s);
         let (cp, _h) = rule.step.device_ptr_mut(s);
-        let (n, cap) = (rule.n_layers as i32, rule.capacity as i32);
-        let mut l = s.launch_builder(&f);
-        l.arg(&tp)
-            .arg(&lp)
-            .arg(&n)
-            .arg(&damping)
-            .arg(&w1)
-            .arg(&w2)
-            .arg(&pp)
-            .arg(&sp)
-            .arg(&mp)
-            .arg(&dp)
-            .arg(&hp)
-            .arg(&cap)
-            .arg(&cp);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let plan = raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
+            factor_traces: tp,
+            layers: lp,
+            n_layers: rule.n_layers,
+            damping,
+            w1,
+            w2,
+            prev: pp,
+            state: sp,
+            mask: mp,
+            decisions: dp,
+            history: hp,
+            history_capacity: rule.capacity,
+            step: cp,
+        })?;
         // SAFETY: every buffer belongs to this device and was sized from the same set and
-        // layer table; argument order matches trace_rule_f32.
-        unsafe { l.launch(cfg) }?;
+        // layer table.
+        unsafe { raw::launch(self, &plan) }?;
         Ok(())
     }
 }

@@ -1,0 +1,3 @@
+#include "emu.hpp"
+#include "../../kernels/rule.cu"
+THOR_EMU_REGISTER(trace_rule_f32)

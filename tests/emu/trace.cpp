@@ -1,0 +1,3 @@
+#include "emu.hpp"
+#include "../../kernels/trace.cu"
+THOR_EMU_REGISTER(trace_set_f32)

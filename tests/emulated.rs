@@ -1,0 +1,379 @@
+//! The CUDA kernels run on the host through the kernel emulator (tests/emu): the same
+//! kernel sources, launch plans (grid, block, shared memory, arguments) and buffers as on a
+//! GPU, every launch under several thread scheduling orders, buffers guarded against
+//! out-of-bounds writes, shared memory poisoned with NaN. This checks the kernels' logic,
+//! indexing and barriers on machines without a GPU; it says nothing about speed, and the
+//! GPU tests (tests/gpu.rs) remain the word on real hardware.
+
+mod common;
+#[path = "emu/harness.rs"]
+mod harness;
+
+use common::*;
+use harness::{lock, run, Guarded, ORDERS};
+use thor_kernels::cuda::raw::{self, InvertArgs};
+use thor_kernels::cuda::RuleLayer;
+use thor_kernels::invert::{FailurePolicy, INFO_BAD_DAMPING, INFO_SKIPPED};
+use thor_kernels::layout::{BlockLayout, FactorSet, SUPPORTED_BLOCK_SIZES};
+use thor_kernels::reference;
+
+#[test]
+fn emulated_split_and_merge_match_reference() {
+    let _g = lock();
+    for b in SUPPORTED_BLOCK_SIZES {
+        for d in [1usize, b - 1, b + 1, 2 * b + 5] {
+            let layout = BlockLayout::new(d, b).unwrap();
+            let ld = d + 3;
+            let mut r = rng((b * 1000 + d) as u64);
+            let dense = normal(&mut r, (d - 1) * ld + d);
+            let mut dd = Guarded::new(&dense);
+            let order = ORDERS[d % ORDERS.len()];
+            let mut blocks = Guarded::new(&poisoned(layout.buffer_len()));
+            let plan = raw::plan_split_blocks_f32(dd.ptr(), ld, &layout, blocks.ptr()).unwrap();
+            run(&[plan], order).unwrap();
+            blocks.check("blocks");
+            let dense64: Vec<f64> = (0..d * d)
+                .map(|i| dense[(i / d) * ld + i % d] as f64)
+                .collect();
+            let want = reference::split(&dense64, &layout).unwrap();
+            let got = blocks.get();
+            assert!(
+                got.iter().zip(&want).all(|(g, w)| *g as f64 == *w),
+                "split b={b} d={d}"
+            );
+            // Merge back into a poisoned dense buffer with the same stride.
+            let mut back = Guarded::new(&poisoned((d - 1) * ld + d));
+            let plan = raw::plan_merge_blocks_f32(blocks.ptr(), &layout, back.ptr(), ld).unwrap();
+            run(&[plan], order).unwrap();
+            back.check("dense");
+            let want = reference::merge(&want, &layout).unwrap();
+            let back = back.get();
+            for r in 0..d {
+                for c in 0..d {
+                    assert_eq!(
+                        back[r * ld + c] as f64,
+                        want[r * d + c],
+                        "merge b={b} d={d}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn emulated_traces_match_reference() {
+    let _g = lock();
+    for (b, dims) in [
+        (32usize, vec![1usize, 31, 33, 200]),
+        (128, vec![129, 7, 300]),
+    ] {
+        let set = FactorSet::new(b, &dims).unwrap();
+        let mut r = rng(b as u64);
+        let blocks = normal(&mut r, set.buffer_len());
+        let mut db = Guarded::new(&blocks);
+        let mut desc = Guarded::new(&set.trace_table());
+        for order in ORDERS {
+            let mut bt = Guarded::new(&poisoned(set.total_blocks()));
+            let mut ft = Guarded::new(&poisoned(set.len()));
+            let plan =
+                raw::plan_trace_set_f32(db.ptr(), b, desc.ptr(), set.len(), bt.ptr(), ft.ptr())
+                    .unwrap();
+            run(&[plan], order).unwrap();
+            bt.check("block_traces");
+            ft.check("factor_traces");
+            let wb = reference::block_traces(&f64s(&blocks), b).unwrap();
+            let wf = reference::factor_traces(&set, &f64s(&blocks)).unwrap();
+            for (g, w) in bt.get().iter().zip(&wb) {
+                assert!((*g as f64 - w).abs() < 1e-5 * b as f64, "{g} vs {w}");
+            }
+            for (g, w) in ft.get().iter().zip(&wf) {
+                assert!((*g as f64 - w).abs() < 1e-4 * b as f64, "{g} vs {w}");
+            }
+        }
+    }
+}
+
+/// Options of one emulated inversion.
+#[derive(Clone, Copy)]
+struct Inv<'a> {
+    /// Initial output (out of place), or None for in place.
+    out_init: Option<&'a [f32]>,
+    damping: Option<&'a [f32]>,
+    damping_all: f32,
+    mask: Option<&'a [u8]>,
+    policy: FailurePolicy,
+    order: i32,
+}
+
+impl Default for Inv<'_> {
+    fn default() -> Self {
+        Inv {
+            out_init: None,
+            damping: None,
+            damping_all: 0.0,
+            mask: None,
+            policy: FailurePolicy::Report,
+            order: 0,
+        }
+    }
+}
+
+/// Runs the emulated inversion; returns (output, info, damping used).
+fn emu_invert(b: usize, input: &[f32], o: Inv<'_>) -> (Vec<f32>, Vec<i32>, Vec<f32>) {
+    let Inv {
+        out_init,
+        damping,
+        damping_all,
+        mask,
+        policy,
+        order,
+    } = o;
+    let nb = input.len() / (b * b);
+    let mut din = Guarded::new(input);
+    let mut dout = out_init.map(Guarded::new);
+    let mut info = Guarded::new(&vec![i32::MIN; nb]);
+    let mut used = Guarded::new(&vec![f32::NAN; nb]);
+    let mut dd = damping.map(Guarded::new);
+    let mut dm = mask.map(Guarded::new);
+    let inp = din.ptr();
+    let outp = dout.as_mut().map_or(inp, |o| o.ptr());
+    let args = InvertArgs {
+        b,
+        blocks: nb,
+        damping: dd.as_mut().map_or(0, |d| d.ptr()),
+        damping_all,
+        mask: dm.as_mut().map_or(0, |m| m.ptr()),
+        policy,
+        info: info.ptr(),
+        damping_used: used.ptr(),
+    };
+    let plan = raw::plan_invert_chol_f32(inp, outp, &args).unwrap();
+    run(&[plan], order).unwrap();
+    din.check("input");
+    info.check("info");
+    used.check("damping_used");
+    let out = match &dout {
+        Some(o) => {
+            o.check("output");
+            o.get()
+        }
+        None => din.get(),
+    };
+    (out, info.get(), used.get())
+}
+
+#[test]
+fn emulated_invert_every_block_size_matches_reference() {
+    let _g = lock();
+    for b in SUPPORTED_BLOCK_SIZES {
+        let nb = if b == 256 { 2 } else { 3 };
+        let mut r = rng(b as u64 * 7);
+        let input = spd_batch(&mut r, b, nb, &[1.0, 1e2, 1e4]);
+        let order = ORDERS[(b / 32) % ORDERS.len()];
+        let (out, info, used) = emu_invert(
+            b,
+            &input,
+            Inv {
+                out_init: Some(&poisoned(input.len())),
+                damping_all: 1e-3,
+                order,
+                ..Inv::default()
+            },
+        );
+        assert_eq!(info, vec![0; nb], "b={b}");
+        assert_eq!(used, vec![1e-3; nb]);
+        for j in 0..nb {
+            let res = block_residual(&input, &out, b, j, 1e-3);
+            assert!(res < 1e-4, "b={b} block {j}: residual {res:e}");
+            assert!(bitwise_symmetric(&out, b, j), "b={b} block {j}");
+        }
+    }
+}
+
+#[test]
+fn emulated_invert_reports_bad_blocks_in_place_and_out_of_place() {
+    let _g = lock();
+    for b in [32usize, 64] {
+        let mut r = rng(80 + b as u64);
+        let (input, want) = mixed_bad_batch(&mut r, b);
+        let before = vec![7.0f32; input.len()];
+        for order in [0, 3] {
+            let (out, info, _) = emu_invert(
+                b,
+                &input,
+                Inv {
+                    out_init: Some(&before),
+                    order,
+                    ..Inv::default()
+                },
+            );
+            assert_eq!(info, want, "b={b}");
+            let (ref_out, _) = reference::invert_blocks(&f64s(&input), b, &[0.0; 5]).unwrap();
+            for j in 0..5 {
+                let blk = &out[j * b * b..(j + 1) * b * b];
+                if want[j] != 0 {
+                    assert!(blk.iter().all(|&v| v == 7.0), "failed block {j} written");
+                } else {
+                    assert!(rel_err(blk, &ref_out[j * b * b..(j + 1) * b * b]) < 1e-4);
+                }
+            }
+            // In place: failed blocks keep their input bit for bit.
+            let (got, info, _) = emu_invert(
+                b,
+                &input,
+                Inv {
+                    order,
+                    ..Inv::default()
+                },
+            );
+            assert_eq!(info, want);
+            for j in [1, 2, 3] {
+                let (g, i) = (
+                    &got[j * b * b..(j + 1) * b * b],
+                    &input[j * b * b..(j + 1) * b * b],
+                );
+                assert!(g.iter().zip(i).all(|(a, c)| a.to_bits() == c.to_bits()));
+            }
+            assert!(block_residual(&input, &got, b, 0, 0.0) < 1e-4);
+        }
+    }
+}
+
+#[test]
+fn emulated_invert_mask_retry_and_per_block_damping() {
+    let _g = lock();
+    let (b, nb) = (32usize, 6usize);
+    let mut r = rng(61);
+    let input = spd_batch(&mut r, b, nb, &[10.0]);
+    for mask in [vec![0u8; nb], vec![1u8; nb], vec![1, 0, 0, 1, 0, 1]] {
+        let (out, info, used) = emu_invert(
+            b,
+            &input,
+            Inv {
+                out_init: Some(&vec![5.0; nb * b * b]),
+                mask: Some(&mask),
+                order: 2,
+                ..Inv::default()
+            },
+        );
+        for j in 0..nb {
+            if mask[j] == 0 {
+                assert_eq!(info[j], INFO_SKIPPED);
+                assert!(used[j].is_nan());
+                assert!(out[j * b * b..(j + 1) * b * b].iter().all(|&v| v == 5.0));
+            } else {
+                assert_eq!(info[j], 0);
+                assert!(block_residual(&input, &out, b, j, 0.0) < 1e-4);
+            }
+        }
+    }
+    // Retry: eigenvalues in [-4, 95] succeed at damping 5 from 0.5 (0.5 -> 5).
+    let mut s = spd(&mut r, 32, 100.0);
+    for i in 0..32 {
+        s[i * 32 + i] -= 5.0;
+    }
+    let ind: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+    let (out, info, used) = emu_invert(
+        32,
+        &ind,
+        Inv {
+            out_init: Some(&poisoned(32 * 32)),
+            damping_all: 0.5,
+            policy: FailurePolicy::retry(),
+            order: 1,
+            ..Inv::default()
+        },
+    );
+    assert_eq!((info, used), (vec![0], vec![5.0]));
+    assert!(block_residual(&ind, &out, 32, 0, 5.0) < 1e-4);
+    let damping = [0.0f32, 0.1, -1.0, f32::NAN, 0.2, 0.3];
+    let (out, info, _) = emu_invert(
+        b,
+        &input,
+        Inv {
+            out_init: Some(&vec![5.0; nb * b * b]),
+            damping: Some(&damping),
+            ..Inv::default()
+        },
+    );
+    assert_eq!(info, vec![0, 0, INFO_BAD_DAMPING, INFO_BAD_DAMPING, 0, 0]);
+    assert!(out[2 * b * b..4 * b * b].iter().all(|&v| v == 5.0));
+    assert!(block_residual(&input, &out, b, 1, 0.1) < 1e-4);
+}
+
+#[test]
+fn emulated_trace_rule_matches_the_reference() {
+    use thor_kernels::reference::{rule_step, RuleState};
+    let _g = lock();
+    let dims = [40usize, 10, 64, 3, 100, 33];
+    let set = FactorSet::new(32, &dims).unwrap();
+    let layers = RuleLayer::pairs(&set);
+    let mut table = Guarded::new(&RuleLayer::table(&set, &layers).unwrap());
+    let (w1, w2, damping) = (0.01, 0.001, 0.04f32);
+    let steps: [[f32; 6]; 6] = [
+        [10.0, 5.0, 20.0, 2.0, 30.0, 3.0],
+        [10.1, 5.0, f32::NAN, 2.0, 60.0, 3.0],
+        [10.2, 5.0, 20.0, 2.0, 60.0, 3.0],
+        [10.2001, 5.0, 20.0, 2.0, 60.0, 3.0],
+        [50.0, 5.0, 20.0, 2.0, 60.0, 9.0],
+        [f32::NAN, 5.0, 21.0, 2.0, 60.0, 9.0],
+    ];
+    let cap = 4;
+    let mut prev = Guarded::new(&[0.0f64; 3]);
+    let mut state = Guarded::new(&[0u8; 3]);
+    let mut mask = Guarded::new(&vec![9u8; set.total_blocks()]);
+    let mut decisions = Guarded::new(&[i32::MIN; 3]);
+    let mut history = Guarded::new(&vec![-1i32; cap * 3]);
+    let mut step = Guarded::new(&[0u64]);
+    let mut states = [RuleState::default(); 3];
+    let mut want_history = Vec::new();
+    for (k, tr) in steps.iter().enumerate() {
+        let mut dtr = Guarded::new(tr);
+        let plan = raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
+            factor_traces: dtr.ptr(),
+            layers: table.ptr(),
+            n_layers: 3,
+            damping,
+            w1,
+            w2,
+            prev: prev.ptr(),
+            state: state.ptr(),
+            mask: mask.ptr(),
+            decisions: decisions.ptr(),
+            history: history.ptr(),
+            history_capacity: cap,
+            step: step.ptr(),
+        })
+        .unwrap();
+        run(&[plan], ORDERS[k % ORDERS.len()]).unwrap();
+        let s = (damping as f64).sqrt();
+        let want: Vec<i32> = (0..3)
+            .map(|l| {
+                let cur = (tr[2 * l] as f64 + s * dims[2 * l] as f64)
+                    * (tr[2 * l + 1] as f64 + s * dims[2 * l + 1] as f64);
+                rule_step(&mut states[l], cur, w1, w2).code()
+            })
+            .collect();
+        assert_eq!(decisions.get(), want, "step {k}");
+        let m = mask.get();
+        for (l, lay) in layers.iter().enumerate() {
+            let expect = (want[l] == 0) as u8;
+            assert!(m[lay.first_block..lay.first_block + lay.blocks]
+                .iter()
+                .all(|&v| v == expect));
+        }
+        want_history.push(want);
+    }
+    mask.check("mask");
+    history.check("history");
+    assert_eq!(step.get(), vec![6]);
+    let ring = history.get();
+    for s in 2..6 {
+        assert_eq!(
+            &ring[(s % cap) * 3..(s % cap) * 3 + 3],
+            &want_history[s][..]
+        );
+    }
+    assert_eq!((want_history[4][0], want_history[5][0]), (3, 3));
+}
