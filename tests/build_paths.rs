@@ -83,16 +83,27 @@ fn kernel_names(src: &str) -> Vec<String> {
             rest = r.trim_start();
         }
         if let Some(r) = rest.strip_prefix("__launch_bounds__") {
-            let close = r.find(')').unwrap();
+            // Balanced parentheses: the bound may be an expression.
+            let mut depth = 0;
+            let close = r
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += (c == '(') as i32 - (c == ')') as i32;
+                    c == ')' && depth == 0
+                })
+                .unwrap()
+                .0;
             rest = r[close + 1..].trim_start();
+            rest = rest.trim_start_matches('\\').trim_start();
         }
         let name: String = rest
             .chars()
             .take_while(|c| c.is_alphanumeric() || *c == '_')
             .collect();
-        // A name built by token pasting in a macro (`invert_chol_b##B##_f32`) is checked
-        // through the launchers' kernel list instead.
-        if !rest[name.len()..].starts_with("##") {
+        // A name built by token pasting in a macro (`invert_chol_b##B##_f32`) or given as a
+        // macro parameter (`NAME`) is checked through the launchers' kernel list instead.
+        let macro_param = name.chars().all(|c| c.is_ascii_uppercase() || c == '_');
+        if !rest[name.len()..].starts_with("##") && !macro_param {
             names.push(name);
         }
     }

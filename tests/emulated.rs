@@ -377,3 +377,318 @@ fn emulated_trace_rule_matches_the_reference() {
     }
     assert_eq!((want_history[4][0], want_history[5][0]), (3, 3));
 }
+
+mod accumulate {
+    use super::*;
+    use thor_kernels::cuda::accumulate::{
+        AccumulateBuffers, AccumulateMode, AccumulatePlan, FactorInput,
+    };
+    use thor_kernels::Element;
+
+    /// One factor's input for the emulated grouped accumulation.
+    pub struct Input<E> {
+        pub x: Vec<E>,
+        pub rows: usize,
+        pub ld: usize,
+        pub alpha: f32,
+        pub beta: f32,
+    }
+
+    pub struct Out {
+        pub blocks: Vec<f32>,
+        pub block_traces: Vec<f32>,
+        pub factor_traces: Vec<f32>,
+        pub status: Vec<i32>,
+    }
+
+    /// Runs the three launches of a grouped accumulation on the emulator.
+    pub fn run_acc<E: Element + bytemuck::Pod>(
+        set: &FactorSet,
+        inputs: &[Input<E>],
+        init: &[f32],
+        mode: AccumulateMode,
+        order: i32,
+    ) -> Out {
+        let rows: Vec<usize> = inputs.iter().map(|i| i.rows).collect();
+        let plan = AccumulatePlan::new(set, &rows, E::DTYPE, mode, 132).unwrap();
+        let mut xs: Vec<Guarded<E>> = inputs.iter().map(|i| Guarded::new(&i.x)).collect();
+        let fi: Vec<FactorInput> = inputs
+            .iter()
+            .zip(xs.iter_mut())
+            .map(|(i, g)| FactorInput {
+                x: g.ptr(),
+                ld: i.ld,
+                alpha: i.alpha,
+                beta: i.beta,
+            })
+            .collect();
+        let mut factors = Guarded::new(&plan.factor_table(&fi).unwrap());
+        let mut items = Guarded::new(plan.items());
+        let mut finals = Guarded::new(plan.finals());
+        let mut ws = Guarded::new(&poisoned(plan.workspace_len()));
+        let mut flags = Guarded::new(&vec![-7i32; plan.slots()]);
+        let mut blocks = Guarded::new(init);
+        let mut status = Guarded::new(&vec![-7i32; set.len()]);
+        let mut desc = Guarded::new(&set.trace_table());
+        let mut bt = Guarded::new(&poisoned(set.total_blocks()));
+        let mut ft = Guarded::new(&poisoned(set.len()));
+        let launches = plan
+            .launches(&AccumulateBuffers {
+                factors: factors.ptr(),
+                items: items.ptr(),
+                finals: finals.ptr(),
+                workspace: ws.ptr(),
+                flags: flags.ptr(),
+                blocks: blocks.ptr(),
+                status: status.ptr(),
+                trace_desc: desc.ptr(),
+                block_traces: bt.ptr(),
+                factor_traces: ft.ptr(),
+            })
+            .unwrap();
+        assert_eq!(
+            launches.len(),
+            3,
+            "launch count does not depend on the factors"
+        );
+        run(&launches, order).unwrap();
+        for (g, name) in [
+            (&ws, "workspace"),
+            (&bt, "block_traces"),
+            (&ft, "factor_traces"),
+        ] {
+            g.check(name);
+        }
+        blocks.check("blocks");
+        flags.check("flags");
+        status.check("status");
+        for x in &xs {
+            x.check("x");
+        }
+        Out {
+            blocks: blocks.get(),
+            block_traces: bt.get(),
+            factor_traces: ft.get(),
+            status: status.get(),
+        }
+    }
+
+    /// The f64 reference of the whole set from `init`.
+    pub fn reference_set<E: Element>(
+        set: &FactorSet,
+        inputs: &[Input<E>],
+        init: &[f32],
+    ) -> Vec<f64> {
+        let mut out = f64s(init);
+        for (e, i) in set.entries().iter().zip(inputs) {
+            let x: Vec<f64> = i.x.iter().map(|v| v.to_f32() as f64).collect();
+            let s = &mut out[e.offset()..e.offset() + e.layout.buffer_len()];
+            reference::accumulate(
+                &x,
+                i.rows,
+                i.ld,
+                &e.layout,
+                i.alpha as f64,
+                i.beta as f64,
+                s,
+            )
+            .unwrap();
+        }
+        out
+    }
+
+    pub fn make_inputs<E: Element>(
+        set: &FactorSet,
+        rows: &[usize],
+        beta: f32,
+        seed: u64,
+    ) -> Vec<Input<E>> {
+        set.entries()
+            .iter()
+            .zip(rows)
+            .enumerate()
+            .map(|(f, (e, &n))| {
+                let d = e.layout.dim();
+                let ld = d + (f % 3) * 5;
+                let mut r = rng(seed * 31 + f as u64);
+                let x = normal(&mut r, (n - 1) * ld + d)
+                    .into_iter()
+                    .map(E::from_f32)
+                    .collect();
+                Input {
+                    x,
+                    rows: n,
+                    ld,
+                    alpha: 1.0 / n as f32,
+                    beta,
+                }
+            })
+            .collect()
+    }
+
+    /// A symmetric starting state (for beta != 0): a previous accumulation's blocks.
+    pub fn init_blocks(set: &FactorSet, seed: u64) -> Vec<f32> {
+        let mut r = rng(seed);
+        let mut v = normal(&mut r, set.buffer_len());
+        let b = set.block();
+        for k in 0..set.total_blocks() {
+            let m = &mut v[k * b * b..(k + 1) * b * b];
+            for i in 0..b {
+                for j in 0..i {
+                    m[j * b + i] = m[i * b + j];
+                }
+            }
+        }
+        v
+    }
+
+    pub fn check(set: &FactorSet, out: &Out, want: &[f64], tol: f64, label: &str) {
+        let b = set.block();
+        for (f, e) in set.entries().iter().enumerate() {
+            let range = e.offset()..e.offset() + e.layout.buffer_len();
+            let err = rel_err(&out.blocks[range.clone()], &want[range]);
+            assert!(
+                err < tol,
+                "{label} factor {f} (d={}): rel err {err:e}",
+                e.layout.dim()
+            );
+            for k in e.first_block..e.first_block + e.layout.blocks() {
+                assert!(bitwise_symmetric(&out.blocks, b, k), "{label} block {k}");
+                let w: f64 = (0..b).map(|i| want[k * b * b + i * b + i]).sum();
+                let g = out.block_traces[k] as f64;
+                assert!(
+                    (g - w).abs() <= tol * w.abs().max(1.0) * 4.0,
+                    "{label} trace {k}: {g} vs {w}"
+                );
+            }
+            // Padding exactly identity.
+            let j = e.layout.blocks() - 1;
+            let valid = e.layout.valid(j);
+            let blk = &out.blocks[(e.first_block + j) * b * b..(e.first_block + j + 1) * b * b];
+            for r in 0..b {
+                for c in 0..b {
+                    if r >= valid || c >= valid {
+                        let id = if r == c { 1.0 } else { 0.0 };
+                        assert_eq!(blk[r * b + c], id, "{label} padding ({r},{c})");
+                    }
+                }
+            }
+        }
+        assert!(
+            out.status.iter().all(|&s| s == 0),
+            "{label}: {:?}",
+            out.status
+        );
+    }
+}
+
+#[test]
+fn emulated_accumulate_f32_every_block_size_grouped() {
+    use accumulate::*;
+    use thor_kernels::cuda::accumulate::AccumulateMode;
+    let _g = lock();
+    for b in SUPPORTED_BLOCK_SIZES {
+        let dims = [1, b - 1, b, b + 1, 3 * b + 5];
+        let rows = [7usize, 1000, 1, 7, 300];
+        let set = FactorSet::new(b, &dims).unwrap();
+        for (k, beta) in [0.0f32, 0.95].into_iter().enumerate() {
+            let inputs = make_inputs::<f32>(&set, &rows, beta, b as u64 + k as u64);
+            let init = if beta == 0.0 {
+                poisoned(set.buffer_len())
+            } else {
+                init_blocks(&set, 5)
+            };
+            let out = run_acc(
+                &set,
+                &inputs,
+                &init,
+                AccumulateMode::F32,
+                ORDERS[(k + b / 64) % ORDERS.len()],
+            );
+            let want = reference_set(&set, &inputs, &init);
+            check(&set, &out, &want, 1e-5, &format!("f32 b={b} beta={beta}"));
+        }
+    }
+}
+
+#[test]
+fn emulated_accumulate_tensor_cores_and_half_inputs() {
+    use accumulate::*;
+    use half::{bf16, f16};
+    use thor_kernels::cuda::accumulate::AccumulateMode;
+    let _g = lock();
+    for b in [32usize, 128] {
+        let dims = [b - 1, b + 1, 2 * b + 5];
+        let rows = [100usize, 1000, 33];
+        let set = FactorSet::new(b, &dims).unwrap();
+        let init = init_blocks(&set, 9);
+        // TF32 on f32 input.
+        let inputs = make_inputs::<f32>(&set, &rows, 0.95, 40 + b as u64);
+        let out = run_acc(&set, &inputs, &init, AccumulateMode::TensorCore, 2);
+        let want = reference_set(&set, &inputs, &init);
+        check(&set, &out, &want, 5e-4, &format!("tf32 b={b}"));
+        // f16 and bf16 inputs on tensor cores and widened on the SIMT path.
+        for mode in [AccumulateMode::TensorCore, AccumulateMode::F32] {
+            let inputs = make_inputs::<f16>(&set, &rows, 0.0, 50 + b as u64);
+            let out = run_acc(&set, &inputs, &poisoned(set.buffer_len()), mode, 1);
+            let want = reference_set(&set, &inputs, &poisoned(set.buffer_len()));
+            check(&set, &out, &want, 1e-2, &format!("f16 {mode:?} b={b}"));
+            let inputs = make_inputs::<bf16>(&set, &rows, 0.95, 60 + b as u64);
+            let out = run_acc(&set, &inputs, &init, mode, 3);
+            let want = reference_set(&set, &inputs, &init);
+            check(&set, &out, &want, 1e-2, &format!("bf16 {mode:?} b={b}"));
+        }
+    }
+}
+
+#[test]
+fn emulated_accumulate_many_rows_and_non_finite_inputs() {
+    use accumulate::*;
+    use thor_kernels::cuda::accumulate::AccumulateMode;
+    let _g = lock();
+    // 65537 rows: many row ranges summed in a fixed order.
+    let set = FactorSet::new(32, &[33]).unwrap();
+    let inputs = make_inputs::<f32>(&set, &[65537], 0.0, 77);
+    let out = run_acc(
+        &set,
+        &inputs,
+        &poisoned(set.buffer_len()),
+        AccumulateMode::F32,
+        0,
+    );
+    let want = reference_set(&set, &inputs, &poisoned(set.buffer_len()));
+    check(&set, &out, &want, 1e-5, "65537 rows");
+    // A NaN in factor 1 and an Inf in factor 2: both reported and left as they were; the
+    // others updated.
+    let set = FactorSet::new(64, &[70, 64, 100, 5]).unwrap();
+    for mode in [AccumulateMode::F32, AccumulateMode::TensorCore] {
+        let mut inputs = make_inputs::<f32>(&set, &[300, 600, 40, 9], 0.95, 88);
+        let (ld1, ld2) = (inputs[1].ld, inputs[2].ld);
+        inputs[1].x[599 * ld1 + 17] = f32::NAN;
+        inputs[2].x[3 * ld2 + 99] = f32::INFINITY;
+        let init = init_blocks(&set, 3);
+        let out = run_acc(&set, &inputs, &init, mode, 2);
+        assert_eq!(out.status, vec![0, 1, 1, 0], "{mode:?}");
+        let want = reference_set(&set, &inputs, &init);
+        for (f, e) in set.entries().iter().enumerate() {
+            let range = e.offset()..e.offset() + e.layout.buffer_len();
+            if f == 1 || f == 2 {
+                assert!(
+                    out.blocks[range.clone()]
+                        .iter()
+                        .zip(&init[range])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{mode:?}: factor {f} changed"
+                );
+            } else {
+                let tol = if mode == AccumulateMode::F32 {
+                    1e-5
+                } else {
+                    5e-4
+                };
+                assert!(rel_err(&out.blocks[range.clone()], &want[range]) < tol);
+            }
+        }
+        assert!(out.factor_traces.iter().all(|t| t.is_finite()));
+    }
+}

@@ -7,6 +7,7 @@
 //! `THOR_KERNEL_SOURCE=nvrtc` is set, from the embedded source compiled by NVRTC for the
 //! device's architecture on first use. Modules are loaded lazily, once per device handle.
 
+pub mod accumulate;
 mod ops;
 pub mod raw;
 mod rule;

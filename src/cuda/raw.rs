@@ -38,6 +38,35 @@ pub mod kernels {
     /// Batched damped Cholesky inversion, b = 256, f32.
     pub const INVERT_CHOL_B256_F32: KernelId = id("invert", "invert_chol_b256_f32");
 
+    /// Accumulation partial products, 64 x 64 tiles, f32 input, SIMT f32.
+    pub const ACC_PARTIAL_T64_F32: KernelId = id("accumulate", "acc_partial_t64_f32");
+    /// Accumulation partial products, 32 x 32 tiles, f32 input, SIMT f32.
+    pub const ACC_PARTIAL_T32_F32: KernelId = id("accumulate", "acc_partial_t32_f32");
+    /// Accumulation partial products, 64 x 64 tiles, f16 input widened, SIMT f32.
+    pub const ACC_PARTIAL_T64_F16_SIMT: KernelId = id("accumulate", "acc_partial_t64_f16_simt");
+    /// Accumulation partial products, 32 x 32 tiles, f16 input widened, SIMT f32.
+    pub const ACC_PARTIAL_T32_F16_SIMT: KernelId = id("accumulate", "acc_partial_t32_f16_simt");
+    /// Accumulation partial products, 64 x 64 tiles, bf16 input widened, SIMT f32.
+    pub const ACC_PARTIAL_T64_BF16_SIMT: KernelId = id("accumulate", "acc_partial_t64_bf16_simt");
+    /// Accumulation partial products, 32 x 32 tiles, bf16 input widened, SIMT f32.
+    pub const ACC_PARTIAL_T32_BF16_SIMT: KernelId = id("accumulate", "acc_partial_t32_bf16_simt");
+    /// Accumulation partial products, 64 x 64 tiles, f32 input, TF32 tensor cores.
+    pub const ACC_PARTIAL_T64_TF32: KernelId = id("accumulate", "acc_partial_t64_tf32");
+    /// Accumulation partial products, 32 x 32 tiles, f32 input, TF32 tensor cores.
+    pub const ACC_PARTIAL_T32_TF32: KernelId = id("accumulate", "acc_partial_t32_tf32");
+    /// Accumulation partial products, 64 x 64 tiles, f16 input, tensor cores.
+    pub const ACC_PARTIAL_T64_F16: KernelId = id("accumulate", "acc_partial_t64_f16");
+    /// Accumulation partial products, 32 x 32 tiles, f16 input, tensor cores.
+    pub const ACC_PARTIAL_T32_F16: KernelId = id("accumulate", "acc_partial_t32_f16");
+    /// Accumulation partial products, 64 x 64 tiles, bf16 input, tensor cores.
+    pub const ACC_PARTIAL_T64_BF16: KernelId = id("accumulate", "acc_partial_t64_bf16");
+    /// Accumulation partial products, 32 x 32 tiles, bf16 input, tensor cores.
+    pub const ACC_PARTIAL_T32_BF16: KernelId = id("accumulate", "acc_partial_t32_bf16");
+    /// Accumulation finalize (sum, scale, mirror, padding), 64 x 64 tiles.
+    pub const ACC_FINALIZE_T64_F32: KernelId = id("accumulate", "acc_finalize_t64_f32");
+    /// Accumulation finalize, 32 x 32 tiles.
+    pub const ACC_FINALIZE_T32_F32: KernelId = id("accumulate", "acc_finalize_t32_f32");
+
     /// THOR's trace rule on the device.
     pub const TRACE_RULE_F32: KernelId = id("rule", "trace_rule_f32");
 
@@ -52,8 +81,22 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 8] = [
+    pub const ALL: [KernelId; 22] = [
         TRACE_RULE_F32,
+        ACC_PARTIAL_T64_F32,
+        ACC_PARTIAL_T32_F32,
+        ACC_PARTIAL_T64_F16_SIMT,
+        ACC_PARTIAL_T32_F16_SIMT,
+        ACC_PARTIAL_T64_BF16_SIMT,
+        ACC_PARTIAL_T32_BF16_SIMT,
+        ACC_PARTIAL_T64_TF32,
+        ACC_PARTIAL_T32_TF32,
+        ACC_PARTIAL_T64_F16,
+        ACC_PARTIAL_T32_F16,
+        ACC_PARTIAL_T64_BF16,
+        ACC_PARTIAL_T32_BF16,
+        ACC_FINALIZE_T64_F32,
+        ACC_FINALIZE_T32_F32,
         SPLIT_BLOCKS_F32,
         MERGE_BLOCKS_F32,
         TRACE_SET_F32,
@@ -125,7 +168,7 @@ pub unsafe fn launch(dev: &CudaDevice, plan: &LaunchPlan) -> Result<()> {
     Ok(())
 }
 
-fn check_ptr(arg: &'static str, p: CUdeviceptr, align: u64) -> Result<()> {
+pub(crate) fn check_ptr(arg: &'static str, p: CUdeviceptr, align: u64) -> Result<()> {
     if p == 0 {
         return Err(Error::invalid(arg, "null device pointer"));
     }
@@ -138,7 +181,7 @@ fn check_ptr(arg: &'static str, p: CUdeviceptr, align: u64) -> Result<()> {
     Ok(())
 }
 
-fn grid_u32(arg: &'static str, n: usize) -> Result<u32> {
+pub(crate) fn grid_u32(arg: &'static str, n: usize) -> Result<u32> {
     u32::try_from(n)
         .ok()
         .filter(|&g| g <= i32::MAX as u32)

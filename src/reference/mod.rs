@@ -49,6 +49,7 @@ pub fn merge(blocks: &[f64], layout: &BlockLayout) -> Result<Vec<f64>> {
 /// Covariance accumulation into the block layout: for every diagonal block `j`,
 /// `S_j <- beta * S_j + alpha * X_j^T X_j` with `X_j` the j-th column slice of the
 /// row-major `rows x d` matrix `x` (row stride `ld >= d`); padding is set to identity.
+/// With `beta == 0` the old blocks are not read (NaN there does not propagate).
 pub fn accumulate(
     x: &[f64],
     rows: usize,
@@ -77,7 +78,13 @@ pub fn accumulate(
                     for n in 0..rows {
                         acc += x[n * ld + gr] * x[n * ld + gc];
                     }
-                    beta * s[r * b + c] + alpha * acc
+                    // beta = 0 replaces: the old contents are not read (BLAS convention).
+                    let old = if beta == 0.0 {
+                        0.0
+                    } else {
+                        beta * s[r * b + c]
+                    };
+                    old + alpha * acc
                 } else if r == c {
                     1.0
                 } else {

@@ -43,7 +43,7 @@ extern dim3 gridDim;
 #define __noinline__
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 // Static shared arrays are function-local statics: one thread block runs at a time.
 #define __shared__ static
 #define THOR_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(thor_emu::dynamic_smem())
@@ -73,6 +73,10 @@ T exchange(T v, int src) {
 }  // namespace thor_emu
 
 inline void __syncthreads() { thor_emu::sync_block(); }
+namespace thor_emu {
+int sync_block_or(int pred);
+}
+inline int __syncthreads_or(int pred) { return thor_emu::sync_block_or(pred); }
 inline void __syncwarp(unsigned = 0xffffffffu) { thor_emu::sync_warp(); }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
@@ -126,6 +130,10 @@ inline float rsqrtf(float v) { return 1.f / std::sqrt(v); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float a) { return 1.f / a; }
 using std::fabs;
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
 using std::sqrt;
 
 template <typename T>

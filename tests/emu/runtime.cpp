@@ -78,6 +78,7 @@ struct Launch {
     std::vector<unsigned char> slots;    // 32 * 8 bytes per warp
     std::vector<unsigned char> scratch;  // per warp
     size_t scratch_per_warp = 0;
+    int or_pending = 0, or_result = 0;  // __syncthreads_or
     bool aborted = false;
     std::string error;
 };
@@ -153,6 +154,8 @@ bool run_block(std::mt19937_64& rng, int order) {
         }
         if (live == 0) return true;
         if (at_block == live) {
+            L->or_result = L->or_pending;
+            L->or_pending = 0;
             for (auto& f : L->fibers)
                 if (f.st == AT_BLOCK) f.st = READY;
             continue;
@@ -178,6 +181,11 @@ void register_kernel(const char* name, void* fn, Trampoline t) { registry()[name
 void* dynamic_smem() { return L->smem.data(); }
 
 void sync_block() { to_scheduler(AT_BLOCK); }
+int sync_block_or(int pred) {
+    if (pred) L->or_pending = 1;
+    to_scheduler(AT_BLOCK);
+    return L->or_result;
+}
 void sync_warp() { to_scheduler(AT_WARP); }
 int lane() { return L->fibers[L->cur].lane; }
 int warp() { return L->fibers[L->cur].warp; }

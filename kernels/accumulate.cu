@@ -1,0 +1,333 @@
+// Fused covariance accumulation into the block-diagonal layout, many factors per launch:
+// for every factor f and every diagonal block j of it,
+//   S_j <- beta_f * S_j + alpha_f * X_j^T X_j,
+// X_j the j-th b-column slice of the factor's row-major input X_f [N_f, d_f] (row stride ld).
+//
+// Two kernels (the set's traces come after, from trace_set_f32):
+//  1. acc_partial_*: one thread block per (factor, block, lower T x T tile, range of rows):
+//     the tile's partial product over its rows, to a workspace slot. Only the lower tiles of
+//     each block are computed; the row ranges split N so that small and large factors all
+//     fill the device. Each slot also gets a flag: 1 when the diagonal of its partial is not
+//     finite (a NaN or Inf in X always reaches the diagonal: C_ii = sum x_i^2).
+//  2. acc_finalize_f32: one thread block per (factor, block, tile): sums the tile's slots in
+//     a fixed order (deterministic), applies alpha and beta, writes the lower tile and its
+//     mirror (bit for bit), identity in the padding. A factor with any flagged slot is left
+//     untouched and reported in status[f], so a diverging batch never corrupts the running
+//     statistics.
+//
+// Precision: F32 (SIMT FMA), TF32 tensor cores on f32 input, or f16 / bf16 input on tensor
+// cores (mma.sync m16n8k8 / m16n8k16), always accumulating in f32.
+#include "common.cuh"
+
+// One factor of a grouped call (64 bytes, built by the host planner).
+struct AccFactor {
+    unsigned long long x;  // device address of X (f32, f16 or bf16 elements)
+    long long ld;          // row stride of X, elements
+    long long rows;        // N
+    int d;                 // columns of X = factor dimension
+    int first_block;       // the factor's first block in the output set
+    int slot_first;        // the factor's first workspace slot
+    int slot_count;        // its number of slots
+    float alpha;
+    float beta;
+    int pad[4];
+};
+
+// Work item of the partial kernel (8 ints): factor, block j within the factor, tile row and
+// column offsets within the block (elements), rows [n0, n1), workspace slot.
+// Work item of the finalize kernel (8 ints): factor, block j, tile row, tile column, first
+// slot, number of slots, 1 when this item reports the factor's status.
+
+#define ACC_BK 16  // rows per stage (F32) / 32-bit words per stage (tensor cores)
+
+__device__ __forceinline__ bool acc_finite(float v) {
+    return fabsf(v) <= 3.402823466e38f;  // false for NaN and Inf
+}
+
+template <typename T>
+__device__ __forceinline__ float acc_load(const T* p);
+template <>
+__device__ __forceinline__ float acc_load<float>(const float* p) { return *p; }
+template <>
+__device__ __forceinline__ float acc_load<thor_f16>(const thor_f16* p) {
+    return thor_half_to_float(p->bits);
+}
+template <>
+__device__ __forceinline__ float acc_load<thor_bf16>(const thor_bf16* p) {
+    return thor_bf16_to_float(p->bits);
+}
+
+// ---------------------------------------------------------------------------------------
+// Partial products, SIMT f32. Tile T x T, TM x TN outputs per thread.
+template <typename In, int T, int TM, int TN>
+__device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
+                                 const int* __restrict__ items, int b,
+                                 float* __restrict__ ws, int* __restrict__ flags) {
+    constexpr int TX = T / TN, TY = T / TM, NT = TX * TY;
+    __shared__ __align__(16) float As[ACC_BK][T];
+    __shared__ __align__(16) float Bs[ACC_BK][T];
+    const int* it = items + 8 * (long long)blockIdx.x;
+    const AccFactor f = factors[it[0]];
+    const int j = it[1], tr = it[2], tc = it[3], n0 = it[4], n1 = it[5], slot = it[6];
+    const int w = min(b, f.d - j * b);  // real columns of this block
+    const In* x = reinterpret_cast<const In*>(f.x);
+    const long long col0 = (long long)j * b;
+    const bool diag = tr == tc;
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int k = 0; k < TN; ++k) acc[i][k] = 0.f;
+    for (int n = n0; n < n1; n += ACC_BK) {
+        for (int idx = tid; idx < ACC_BK * T; idx += NT) {
+            const int k = idx / T, c = idx % T;
+            const int row = n + k;
+            float va = 0.f, vb = 0.f;
+            if (row < n1) {
+                const In* xr = x + (long long)row * f.ld + col0;
+                if (tr + c < w) va = acc_load<In>(xr + tr + c);
+                if (!diag && tc + c < w) vb = acc_load<In>(xr + tc + c);
+            }
+            As[k][c] = va;
+            Bs[k][c] = diag ? va : vb;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int k = 0; k < ACC_BK; ++k) {
+            float a[TM], bv[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) a[i] = As[k][ty * TM + i];
+#pragma unroll
+            for (int q = 0; q < TN; ++q) bv[q] = Bs[k][tx * TN + q];
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int q = 0; q < TN; ++q) acc[i][q] = fmaf(a[i], bv[q], acc[i][q]);
+        }
+        __syncthreads();
+    }
+    float* out = ws + (long long)slot * T * T;
+    bool mine_bad = false;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int q = 0; q < TN; ++q) {
+            const int r = ty * TM + i, c = tx * TN + q;
+            out[r * T + c] = acc[i][q];
+            if (diag && r == c && !acc_finite(acc[i][q])) mine_bad = true;
+        }
+    const int bad = __syncthreads_or(mine_bad);
+    if (tid == 0) flags[slot] = bad;
+}
+
+// ---------------------------------------------------------------------------------------
+// Partial products on tensor cores. Tile T x T by 2 x 2 warps, each (T/2) x (T/2) as
+// MT x NT mma tiles of 16 x 8. Shared memory holds the two column slices transposed,
+// As[col][word], one 32-bit word per tf32 value or per pair of 16-bit values along k, so
+// that both mma operands read consecutive k from one row (see the fragment layouts of
+// mma.sync in the PTX ISA).
+#define ACC_MMA_PAD 4
+
+template <typename In>
+__device__ __forceinline__ unsigned acc_word(const In* xr0, const In* xr1, bool ok0, bool ok1);
+
+// TF32: one value per word, rounded to nearest (ties away) as cvt.rna.tf32.f32 does.
+template <>
+__device__ __forceinline__ unsigned acc_word<float>(const float* xr0, const float*, bool ok0, bool) {
+    return __float_as_uint(ok0 ? thor_to_tf32(*xr0) : 0.f);
+}
+template <>
+__device__ __forceinline__ unsigned acc_word<thor_f16>(const thor_f16* xr0, const thor_f16* xr1,
+                                                       bool ok0, bool ok1) {
+    const unsigned lo = ok0 ? xr0->bits : 0u, hi = ok1 ? xr1->bits : 0u;
+    return lo | (hi << 16);
+}
+template <>
+__device__ __forceinline__ unsigned acc_word<thor_bf16>(const thor_bf16* xr0, const thor_bf16* xr1,
+                                                        bool ok0, bool ok1) {
+    const unsigned lo = ok0 ? xr0->bits : 0u, hi = ok1 ? xr1->bits : 0u;
+    return lo | (hi << 16);
+}
+
+template <typename In>
+__device__ __forceinline__ void acc_mma(float* d, const unsigned* a, const unsigned* b);
+template <>
+__device__ __forceinline__ void acc_mma<float>(float* d, const unsigned* a, const unsigned* b) {
+    thor_mma_tf32(d, a, b, d);
+}
+template <>
+__device__ __forceinline__ void acc_mma<thor_f16>(float* d, const unsigned* a, const unsigned* b) {
+    thor_mma_f16(d, a, b, d);
+}
+template <>
+__device__ __forceinline__ void acc_mma<thor_bf16>(float* d, const unsigned* a, const unsigned* b) {
+    thor_mma_bf16(d, a, b, d);
+}
+
+template <typename In, int T>
+__device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
+                                const int* __restrict__ items, int b,
+                                float* __restrict__ ws, int* __restrict__ flags) {
+    constexpr int KPW = sizeof(In) == 4 ? 1 : 2;  // k values per 32-bit word
+    constexpr int KSTEP = 8;                       // words per mma (k8 tf32, k16 16-bit)
+    constexpr int LDW = ACC_BK + ACC_MMA_PAD;
+    constexpr int WT = T / 2;                      // warp tile
+    constexpr int MT = WT / 16, NT = WT / 8;
+    __shared__ __align__(16) unsigned As[T][LDW];
+    __shared__ __align__(16) unsigned Bs[T][LDW];
+    const int* it = items + 8 * (long long)blockIdx.x;
+    const AccFactor f = factors[it[0]];
+    const int j = it[1], tr = it[2], tc = it[3], n0 = it[4], n1 = it[5], slot = it[6];
+    const int w = min(b, f.d - j * b);
+    const In* x = reinterpret_cast<const In*>(f.x);
+    const long long col0 = (long long)j * b;
+    const bool diag = tr == tc;
+    const int tid = threadIdx.x, warp = tid / THOR_WARP, lane = tid % THOR_WARP;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = (warp >> 1) * WT, wn = (warp & 1) * WT;
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][q][e] = 0.f;
+    for (int n = n0; n < n1; n += ACC_BK * KPW) {
+        for (int idx = tid; idx < ACC_BK * T; idx += 128) {
+            const int kw = idx / T, c = idx % T;
+            const int row0 = n + kw * KPW, row1 = row0 + 1;
+            const In* xa = x + (long long)row0 * f.ld + col0;
+            const In* xb = xa + (KPW == 2 ? f.ld : 0);
+            const bool r0 = row0 < n1, r1 = KPW == 2 && row1 < n1;
+            const bool ca = tr + c < w, cb = tc + c < w;
+            const unsigned va = acc_word<In>(xa + tr + c, xb + tr + c, r0 && ca, r1 && ca);
+            As[c][kw] = va;
+            Bs[c][kw] = diag ? va : acc_word<In>(xa + tc + c, xb + tc + c, r0 && cb, r1 && cb);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < ACC_BK; kk += KSTEP) {
+            unsigned af[MT][4], bf[NT][2];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                const int m0 = wm + 16 * i;
+                af[i][0] = As[m0 + g][kk + t];
+                af[i][1] = As[m0 + g + 8][kk + t];
+                af[i][2] = As[m0 + g][kk + t + 4];
+                af[i][3] = As[m0 + g + 8][kk + t + 4];
+            }
+#pragma unroll
+            for (int q = 0; q < NT; ++q) {
+                const int c0 = wn + 8 * q;
+                bf[q][0] = Bs[c0 + g][kk + t];
+                bf[q][1] = Bs[c0 + g][kk + t + 4];
+            }
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int q = 0; q < NT; ++q) acc_mma<In>(acc[i][q], af[i], bf[q]);
+        }
+        __syncthreads();
+    }
+    float* out = ws + (long long)slot * T * T;
+    bool mine_bad = false;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = wm + 16 * i + g + (e >= 2 ? 8 : 0);
+                const int c = wn + 8 * q + 2 * t + (e & 1);
+                out[r * T + c] = acc[i][q][e];
+                if (diag && r == c && !acc_finite(acc[i][q][e])) mine_bad = true;
+            }
+    const int bad = __syncthreads_or(mine_bad);
+    if (tid == 0) flags[slot] = bad;
+}
+
+// ---------------------------------------------------------------------------------------
+// Finalize: sum the slots, alpha / beta, mirror, identity padding. 256 threads.
+template <int T>
+__device__ void acc_finalize(const AccFactor* __restrict__ factors, const int* __restrict__ items,
+                             int b, const float* __restrict__ ws, const int* __restrict__ flags,
+                             float* __restrict__ blocks, int* __restrict__ status) {
+    __shared__ float tile[T][T + 1];
+    const int* it = items + 8 * (long long)blockIdx.x;
+    const AccFactor f = factors[it[0]];
+    const int j = it[1], tr = it[2], tc = it[3], s0 = it[4], ns = it[5], reports = it[6];
+    const int tid = threadIdx.x;
+    int mine = 0;
+    for (int s = tid; s < f.slot_count; s += blockDim.x) mine |= flags[f.slot_first + s];
+    const int bad = __syncthreads_or(mine != 0);
+    if (reports && tid == 0) status[it[0]] = bad;
+    if (bad) return;  // the factor keeps its previous statistics
+    const int w = min(b, f.d - j * b);
+    float* S = blocks + (long long)(f.first_block + j) * b * b;
+    const bool diag = tr == tc;
+    for (int idx = tid; idx < T * T; idx += blockDim.x) {
+        const int r = idx / T, c = idx % T;
+        const int R = tr + r, C = tc + c;
+        if (diag && c > r) continue;
+        float v;
+        if (R < w && C < w) {
+            float sum = 0.f;
+            for (int s = 0; s < ns; ++s) sum += ws[(long long)(s0 + s) * T * T + idx];
+            v = f.alpha * sum;
+            if (f.beta != 0.f) v = fmaf(f.beta, S[(long long)R * b + C], v);
+        } else {
+            v = R == C ? 1.f : 0.f;
+        }
+        tile[r][c] = v;
+    }
+    __syncthreads();
+    // Lower part, rows of the tile; then the mirror, rows of the transposed tile.
+    for (int idx = tid; idx < T * T; idx += blockDim.x) {
+        const int r = idx / T, c = idx % T;
+        if (diag && c > r) continue;
+        S[(long long)(tr + r) * b + tc + c] = tile[r][c];
+    }
+    for (int idx = tid; idx < T * T; idx += blockDim.x) {
+        const int c = idx / T, r = idx % T;  // writes S(tc + c, tr + r) = tile(r, c)
+        if (diag && c >= r) continue;
+        S[(long long)(tc + c) * b + tr + r] = tile[r][c];
+    }
+}
+
+#define ACC_SIMT(NAME, IN, T, TM, TN)                                                         \
+    extern "C" __global__ void __launch_bounds__((T / TM) * (T / TN))                         \
+        NAME(const AccFactor* factors, const int* items, int b, float* ws, int* flags) {      \
+        acc_partial_simt<IN, T, TM, TN>(factors, items, b, ws, flags);                        \
+    }
+#define ACC_MMA(NAME, IN, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                        \
+        NAME(const AccFactor* factors, const int* items, int b, float* ws, int* flags) {      \
+        acc_partial_mma<IN, T>(factors, items, b, ws, flags);                                 \
+    }
+
+// T = 64 tiles for b >= 64 (128 threads, 8 x 4 outputs each), T = 32 for b = 32 (64 threads,
+// 4 x 4). Tensor cores: 4 warps per tile at both sizes.
+ACC_SIMT(acc_partial_t64_f32, float, 64, 8, 4)
+ACC_SIMT(acc_partial_t32_f32, float, 32, 4, 4)
+ACC_SIMT(acc_partial_t64_f16_simt, thor_f16, 64, 8, 4)
+ACC_SIMT(acc_partial_t32_f16_simt, thor_f16, 32, 4, 4)
+ACC_SIMT(acc_partial_t64_bf16_simt, thor_bf16, 64, 8, 4)
+ACC_SIMT(acc_partial_t32_bf16_simt, thor_bf16, 32, 4, 4)
+ACC_MMA(acc_partial_t64_tf32, float, 64)
+ACC_MMA(acc_partial_t32_tf32, float, 32)
+ACC_MMA(acc_partial_t64_f16, thor_f16, 64)
+ACC_MMA(acc_partial_t32_f16, thor_f16, 32)
+ACC_MMA(acc_partial_t64_bf16, thor_bf16, 64)
+ACC_MMA(acc_partial_t32_bf16, thor_bf16, 32)
+
+extern "C" __global__ void __launch_bounds__(256)
+acc_finalize_t64_f32(const AccFactor* factors, const int* items, int b, const float* ws,
+                     const int* flags, float* blocks, int* status) {
+    acc_finalize<64>(factors, items, b, ws, flags, blocks, status);
+}
+extern "C" __global__ void __launch_bounds__(256)
+acc_finalize_t32_f32(const AccFactor* factors, const int* items, int b, const float* ws,
+                     const int* flags, float* blocks, int* status) {
+    acc_finalize<32>(factors, items, b, ws, flags, blocks, status);
+}

@@ -1,0 +1,366 @@
+//! Grouped covariance accumulation on the device: the host planner and its launches.
+//!
+//! An [`AccumulatePlan`] fixes, from the shapes alone, how the work of a whole
+//! [`FactorSet`] is cut: lower `T x T` tiles of every diagonal block (`T = 64`, or 32 at
+//! `b = 32`), and the rows of every factor's input split into ranges so that small and large
+//! factors together fill the device. Its tables go to device memory once; each call then
+//! needs only the per-factor table (input addresses, strides, alpha, beta, 64 bytes per
+//! factor) and three launches: partial products, finalize (sum, alpha / beta, mirror,
+//! padding, non-finite check) and the set's traces. The launch count does not grow with the
+//! number of factors.
+
+use cudarc::driver::sys::CUdeviceptr;
+
+use super::raw::{self, kernels, KernelArg, LaunchPlan};
+use super::KernelId;
+use crate::dtype::DType;
+use crate::error::{check_finite, check_len, Error, Result};
+use crate::layout::FactorSet;
+
+/// How the products are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum AccumulateMode {
+    /// SIMT fused multiply-adds in f32 on every input type: the accuracy baseline.
+    #[default]
+    F32,
+    /// Tensor cores: TF32 products on f32 input, f16 / bf16 products on 16-bit input;
+    /// accumulation is f32 in both.
+    TensorCore,
+}
+
+/// Rows of input per thread block at the least: below this the partial sums cost more to
+/// combine than they save in parallelism.
+pub const MIN_SPLIT_ROWS: usize = 256;
+
+/// Thread blocks per multiprocessor the planner aims for.
+pub const TARGET_BLOCKS_PER_SM: usize = 4;
+
+/// Bytes of one factor's entry in the per-call factor table.
+pub const FACTOR_ENTRY_BYTES: usize = 64;
+
+/// The tile edge the kernels use for block size `b`.
+pub fn tile_for(b: usize) -> usize {
+    if b >= 64 {
+        64
+    } else {
+        32
+    }
+}
+
+/// The cut of a grouped accumulation: which thread block does what. Depends on the set,
+/// the rows of each factor's input, the element type, the mode and the device size only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccumulatePlan {
+    set: FactorSet,
+    rows: Vec<usize>,
+    dtype: DType,
+    mode: AccumulateMode,
+    tile: usize,
+    items: Vec<i32>,
+    finals: Vec<i32>,
+    slots: usize,
+    factor_slots: Vec<(usize, usize)>,
+    rows_per_split: usize,
+}
+
+/// One factor's input for a call: where X is and how to scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FactorInput {
+    /// Device address of X, `rows x d` row-major.
+    pub x: CUdeviceptr,
+    /// Row stride of X in elements (`>= d`).
+    pub ld: usize,
+    /// Scale of the new product (`1 / rows` for a mean).
+    pub alpha: f32,
+    /// Scale of the old statistics (0: replace; EMA decay otherwise).
+    pub beta: f32,
+}
+
+/// Device addresses for [`AccumulatePlan::launches`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccumulateBuffers {
+    /// The factor table ([`AccumulatePlan::factor_table`]), 16-byte aligned.
+    pub factors: CUdeviceptr,
+    /// The plan's partial work items ([`AccumulatePlan::items`]).
+    pub items: CUdeviceptr,
+    /// The plan's finalize items ([`AccumulatePlan::finals`]).
+    pub finals: CUdeviceptr,
+    /// Workspace: [`AccumulatePlan::workspace_len`] f32.
+    pub workspace: CUdeviceptr,
+    /// One i32 per slot ([`AccumulatePlan::slots`]).
+    pub flags: CUdeviceptr,
+    /// The set's blocks, `[total_blocks, b, b]` f32, updated in place.
+    pub blocks: CUdeviceptr,
+    /// One i32 per factor: 0, or 1 when its input held a NaN or Inf (factor unchanged).
+    pub status: CUdeviceptr,
+    /// The set's trace table ([`FactorSet::trace_table`]).
+    pub trace_desc: CUdeviceptr,
+    /// One f32 per block of the set.
+    pub block_traces: CUdeviceptr,
+    /// One f32 per factor.
+    pub factor_traces: CUdeviceptr,
+}
+
+impl AccumulatePlan {
+    /// Plans the accumulation of every factor of `set`, factor `f` from an input of
+    /// `rows[f]` rows, for a device with `sms` multiprocessors.
+    pub fn new(
+        set: &FactorSet,
+        rows: &[usize],
+        dtype: DType,
+        mode: AccumulateMode,
+        sms: usize,
+    ) -> Result<Self> {
+        check_len("rows", set.len(), rows.len())?;
+        if let Some(f) = rows.iter().position(|&n| n == 0) {
+            return Err(Error::invalid(
+                "rows",
+                format!("factor {f}: at least one row is needed"),
+            ));
+        }
+        if let Some(f) = rows.iter().position(|&n| n > i32::MAX as usize) {
+            return Err(Error::invalid(
+                "rows",
+                format!("factor {f}: more than 2^31 - 1 rows"),
+            ));
+        }
+        let b = set.block();
+        let tile = tile_for(b);
+        let tb = b / tile;
+        let tiles: Vec<(usize, usize)> = (0..tb)
+            .flat_map(|r| (0..=r).map(move |c| (r * tile, c * tile)))
+            .collect();
+        let work: usize = set
+            .entries()
+            .iter()
+            .zip(rows)
+            .map(|(e, &n)| e.layout.blocks() * tiles.len() * n)
+            .sum();
+        let target = TARGET_BLOCKS_PER_SM * sms.max(1);
+        let per = work
+            .div_ceil(target)
+            .max(MIN_SPLIT_ROWS)
+            .next_multiple_of(32);
+        let (mut items, mut finals) = (Vec::new(), Vec::new());
+        let mut slot = 0usize;
+        let mut factor_slots = Vec::with_capacity(set.len());
+        for (f, (e, &n)) in set.entries().iter().zip(rows).enumerate() {
+            let splits = n.div_ceil(per);
+            let first = slot;
+            for j in 0..e.layout.blocks() {
+                for (k, &(tr, tc)) in tiles.iter().enumerate() {
+                    finals.extend([
+                        f as i32,
+                        j as i32,
+                        tr as i32,
+                        tc as i32,
+                        slot as i32,
+                        splits as i32,
+                        (j == 0 && k == 0) as i32,
+                        0,
+                    ]);
+                    for s in 0..splits {
+                        let n0 = s * per;
+                        let n1 = (n0 + per).min(n);
+                        items.extend([
+                            f as i32,
+                            j as i32,
+                            tr as i32,
+                            tc as i32,
+                            n0 as i32,
+                            n1 as i32,
+                            slot as i32,
+                            0,
+                        ]);
+                        slot += 1;
+                    }
+                }
+            }
+            factor_slots.push((first, slot - first));
+        }
+        if slot > i32::MAX as usize / (tile * tile) {
+            return Err(Error::invalid("set", "too much work for one launch"));
+        }
+        Ok(AccumulatePlan {
+            set: set.clone(),
+            rows: rows.to_vec(),
+            dtype,
+            mode,
+            tile,
+            items,
+            finals,
+            slots: slot,
+            factor_slots,
+            rows_per_split: per,
+        })
+    }
+
+    /// The set.
+    pub fn set(&self) -> &FactorSet {
+        &self.set
+    }
+
+    /// Input rows of each factor.
+    pub fn rows(&self) -> &[usize] {
+        &self.rows
+    }
+
+    /// The tile edge.
+    pub fn tile(&self) -> usize {
+        self.tile
+    }
+
+    /// Rows of input per partial thread block (the last range of a factor may be shorter).
+    pub fn rows_per_split(&self) -> usize {
+        self.rows_per_split
+    }
+
+    /// Partial work items, 8 i32 each (one thread block each).
+    pub fn items(&self) -> &[i32] {
+        &self.items
+    }
+
+    /// Finalize items, 8 i32 each (one thread block each).
+    pub fn finals(&self) -> &[i32] {
+        &self.finals
+    }
+
+    /// Workspace slots (one `tile x tile` partial each).
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// f32 elements of workspace the launches need.
+    pub fn workspace_len(&self) -> usize {
+        self.slots * self.tile * self.tile
+    }
+
+    /// The per-call factor table, 8 u64 per factor ([`FACTOR_ENTRY_BYTES`]): checks every
+    /// input against the plan (stride, scales).
+    pub fn factor_table(&self, inputs: &[FactorInput]) -> Result<Vec<u64>> {
+        check_len("inputs", self.set.len(), inputs.len())?;
+        let mut t = Vec::with_capacity(8 * inputs.len());
+        for (f, (inp, e)) in inputs.iter().zip(self.set.entries()).enumerate() {
+            let d = e.layout.dim();
+            if inp.ld < d {
+                return Err(Error::shape("ld", format!("factor {f}: >= {d}"), inp.ld));
+            }
+            if inp.x == 0 {
+                return Err(Error::invalid("x", format!("factor {f}: null pointer")));
+            }
+            if inp.x % self.dtype.size() as u64 != 0 {
+                return Err(Error::invalid(
+                    "x",
+                    format!("factor {f}: not aligned to its element size"),
+                ));
+            }
+            check_finite("alpha", inp.alpha as f64)?;
+            check_finite("beta", inp.beta as f64)?;
+            let n = self.rows[f];
+            (n - 1)
+                .checked_mul(inp.ld)
+                .and_then(|v| v.checked_add(d))
+                .filter(|&v| v <= i64::MAX as usize)
+                .ok_or_else(|| Error::invalid("ld", format!("factor {f}: input too large")))?;
+            let (first, count) = self.factor_slots[f];
+            t.extend([
+                inp.x,
+                inp.ld as u64,
+                n as u64,
+                (d as u32 as u64) | ((e.first_block as u32 as u64) << 32),
+                (first as u32 as u64) | ((count as u32 as u64) << 32),
+                (inp.alpha.to_bits() as u64) | ((inp.beta.to_bits() as u64) << 32),
+                0,
+                0,
+            ]);
+        }
+        Ok(t)
+    }
+
+    fn partial_kernel(&self) -> KernelId {
+        use AccumulateMode::*;
+        let t64 = self.tile == 64;
+        match (self.dtype, self.mode, t64) {
+            (DType::F32, F32, true) => kernels::ACC_PARTIAL_T64_F32,
+            (DType::F32, F32, false) => kernels::ACC_PARTIAL_T32_F32,
+            (DType::F16, F32, true) => kernels::ACC_PARTIAL_T64_F16_SIMT,
+            (DType::F16, F32, false) => kernels::ACC_PARTIAL_T32_F16_SIMT,
+            (DType::BF16, F32, true) => kernels::ACC_PARTIAL_T64_BF16_SIMT,
+            (DType::BF16, F32, false) => kernels::ACC_PARTIAL_T32_BF16_SIMT,
+            (DType::F32, TensorCore, true) => kernels::ACC_PARTIAL_T64_TF32,
+            (DType::F32, TensorCore, false) => kernels::ACC_PARTIAL_T32_TF32,
+            (DType::F16, TensorCore, true) => kernels::ACC_PARTIAL_T64_F16,
+            (DType::F16, TensorCore, false) => kernels::ACC_PARTIAL_T32_F16,
+            (DType::BF16, TensorCore, true) => kernels::ACC_PARTIAL_T64_BF16,
+            (DType::BF16, TensorCore, false) => kernels::ACC_PARTIAL_T32_BF16,
+        }
+    }
+
+    fn partial_threads(&self) -> u32 {
+        match (self.mode, self.tile) {
+            (AccumulateMode::TensorCore, _) => 128,
+            (AccumulateMode::F32, 64) => 128,
+            (AccumulateMode::F32, _) => 64,
+        }
+    }
+
+    /// The three launches (partial products, finalize, traces) on buffers `buf`.
+    pub fn launches(&self, buf: &AccumulateBuffers) -> Result<Vec<LaunchPlan>> {
+        for (name, p, align) in [
+            ("factors", buf.factors, 16),
+            ("items", buf.items, 4),
+            ("finals", buf.finals, 4),
+            ("workspace", buf.workspace, 4),
+            ("flags", buf.flags, 4),
+            ("blocks", buf.blocks, 4),
+            ("status", buf.status, 4),
+        ] {
+            raw::check_ptr(name, p, align)?;
+        }
+        let b = self.set.block() as i32;
+        let parts = raw::grid_u32("items", self.items.len() / 8)?;
+        let fins = raw::grid_u32("finals", self.finals.len() / 8)?;
+        use KernelArg::*;
+        let partial = LaunchPlan {
+            kernel: self.partial_kernel(),
+            grid: (parts, 1, 1),
+            block: (self.partial_threads(), 1, 1),
+            smem: 0,
+            args: vec![
+                Ptr(buf.factors),
+                Ptr(buf.items),
+                I32(b),
+                Ptr(buf.workspace),
+                Ptr(buf.flags),
+            ],
+        };
+        let finalize = LaunchPlan {
+            kernel: if self.tile == 64 {
+                kernels::ACC_FINALIZE_T64_F32
+            } else {
+                kernels::ACC_FINALIZE_T32_F32
+            },
+            grid: (fins, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+            args: vec![
+                Ptr(buf.factors),
+                Ptr(buf.finals),
+                I32(b),
+                Ptr(buf.workspace),
+                Ptr(buf.flags),
+                Ptr(buf.blocks),
+                Ptr(buf.status),
+            ],
+        };
+        let traces = raw::plan_trace_set_f32(
+            buf.blocks,
+            self.set.block(),
+            buf.trace_desc,
+            self.set.len(),
+            buf.block_traces,
+            buf.factor_traces,
+        )?;
+        Ok(vec![partial, finalize, traces])
+    }
+}

@@ -1,0 +1,16 @@
+#include "emu.hpp"
+#include "../../kernels/accumulate.cu"
+THOR_EMU_REGISTER(acc_partial_t64_f32)
+THOR_EMU_REGISTER(acc_partial_t32_f32)
+THOR_EMU_REGISTER(acc_partial_t64_f16_simt)
+THOR_EMU_REGISTER(acc_partial_t32_f16_simt)
+THOR_EMU_REGISTER(acc_partial_t64_bf16_simt)
+THOR_EMU_REGISTER(acc_partial_t32_bf16_simt)
+THOR_EMU_REGISTER(acc_partial_t64_tf32)
+THOR_EMU_REGISTER(acc_partial_t32_tf32)
+THOR_EMU_REGISTER(acc_partial_t64_f16)
+THOR_EMU_REGISTER(acc_partial_t32_f16)
+THOR_EMU_REGISTER(acc_partial_t64_bf16)
+THOR_EMU_REGISTER(acc_partial_t32_bf16)
+THOR_EMU_REGISTER(acc_finalize_t64_f32)
+THOR_EMU_REGISTER(acc_finalize_t32_f32)
