@@ -496,7 +496,7 @@ fn run(a: &Args) -> Result<()> {
     let t0 = Instant::now();
     let mut rows = Vec::new();
     if let AnyBackend::Cuda(dev) = &backend {
-        backend_ops(dev, a, &split_dims, &all_dims, &mut rows)?;
+        backend_ops(dev.as_ref(), a, &split_dims, &all_dims, &mut rows)?;
         gpu_invert(dev, a, &all_dims, &mut rows)?;
     }
     backend_ops(&CpuBackend, a, &split_dims, &all_dims, &mut rows)?;

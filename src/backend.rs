@@ -200,7 +200,7 @@ pub enum AnyBackend {
     /// The CPU backend.
     Cpu(CpuBackend),
     /// A CUDA device.
-    Cuda(CudaDevice),
+    Cuda(Box<CudaDevice>),
 }
 
 impl AnyBackend {
@@ -209,9 +209,9 @@ impl AnyBackend {
     pub fn select(kind: BackendKind) -> Result<(AnyBackend, Option<String>)> {
         match kind {
             BackendKind::Cpu => Ok((AnyBackend::Cpu(CpuBackend), None)),
-            BackendKind::Cuda => Ok((AnyBackend::Cuda(CudaDevice::new(0)?), None)),
+            BackendKind::Cuda => Ok((AnyBackend::Cuda(Box::new(CudaDevice::new(0)?)), None)),
             BackendKind::Auto => match CudaDevice::new(0) {
-                Ok(d) => Ok((AnyBackend::Cuda(d), None)),
+                Ok(d) => Ok((AnyBackend::Cuda(Box::new(d)), None)),
                 Err(e) => Ok((AnyBackend::Cpu(CpuBackend), Some(e.to_string()))),
             },
         }

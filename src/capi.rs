@@ -213,7 +213,7 @@ unsafe fn host_mut<'a, T>(arg: &'static str, p: *mut T, len: usize) -> Result<&'
 
 enum Device {
     Cpu,
-    Cuda(CudaDevice),
+    Cuda(Box<CudaDevice>),
 }
 
 /// A context: the CPU, or one CUDA device with the stream all work is queued on.
@@ -279,7 +279,7 @@ pub unsafe extern "C" fn thor_v1_context_create_cuda(
             unsafe { CudaDevice::wrap_borrowed_stream(ordinal, stream as _)? }
         };
         let ctx = Box::new(ThorContext {
-            device: Device::Cuda(dev),
+            device: Device::Cuda(Box::new(dev)),
             ws: Workspace::new(0),
         });
         // SAFETY: `out` was checked.

@@ -10,9 +10,10 @@
 //! number of factors.
 
 use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::raw::{self, kernels, KernelArg, LaunchPlan};
-use super::KernelId;
+use super::{CudaDevice, KernelId};
 use crate::dtype::DType;
 use crate::error::{check_finite, check_len, Error, Result};
 use crate::layout::FactorSet;
@@ -362,5 +363,237 @@ impl AccumulatePlan {
             buf.factor_traces,
         )?;
         Ok(vec![partial, finalize, traces])
+    }
+}
+
+/// A planned grouped accumulation on a device: the plan's tables, the workspace and the
+/// per-call factor table, allocated once and reused by every call.
+#[derive(Debug)]
+pub struct DeviceAccumulate {
+    plan: AccumulatePlan,
+    items: CudaSlice<i32>,
+    finals: CudaSlice<i32>,
+    factors: CudaSlice<u64>,
+    workspace: CudaSlice<f32>,
+    flags: CudaSlice<i32>,
+    trace_desc: CudaSlice<i32>,
+}
+
+impl DeviceAccumulate {
+    /// The plan.
+    pub fn plan(&self) -> &AccumulatePlan {
+        &self.plan
+    }
+}
+
+/// One factor's input for [`CudaDevice::accumulate`].
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceInput<'a, E> {
+    /// X, `rows x d` row-major with row stride `ld` (rows as planned).
+    pub x: &'a CudaSlice<E>,
+    /// Row stride in elements, `>= d`.
+    pub ld: usize,
+    /// Scale of the new product (`1 / rows` for a mean).
+    pub alpha: f32,
+    /// Scale of the old statistics: 0 replaces them (they are not read), otherwise EMA.
+    pub beta: f32,
+}
+
+/// Element types the device accumulation reads.
+pub trait DeviceElement: crate::Element + cudarc::driver::DeviceRepr {}
+impl DeviceElement for f32 {}
+impl DeviceElement for half::f16 {}
+impl DeviceElement for half::bf16 {}
+
+impl CudaDevice {
+    /// Number of multiprocessors.
+    pub fn sm_count(&self) -> Result<usize> {
+        use cudarc::driver::sys::CUdevice_attribute;
+        let n = self
+            .context_handle()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        Ok(n.max(1) as usize)
+    }
+
+    /// Plans the grouped accumulation of every factor of `set` (factor `f` from inputs of
+    /// `rows[f]` rows of type `dtype`) for this device, and allocates its tables and
+    /// workspace once.
+    pub fn plan_accumulate(
+        &self,
+        set: &FactorSet,
+        rows: &[usize],
+        dtype: DType,
+        mode: AccumulateMode,
+    ) -> Result<DeviceAccumulate> {
+        let plan = AccumulatePlan::new(set, rows, dtype, mode, self.sm_count()?)?;
+        Ok(DeviceAccumulate {
+            items: self.upload(plan.items())?,
+            finals: self.upload(plan.finals())?,
+            factors: self.zeros(8 * set.len())?,
+            workspace: self.zeros(plan.workspace_len())?,
+            flags: self.zeros(plan.slots())?,
+            trace_desc: self.upload(&set.trace_table())?,
+            plan,
+        })
+    }
+
+    /// Grouped covariance accumulation, three launches for the whole set, no host
+    /// synchronization: for every factor `f` and block `j`,
+    /// `S_j <- beta_f * S_j + alpha_f * X_j^T X_j` in `blocks` (the set's `[total, b, b]`
+    /// buffer), identity in the padding, then the traces of every block and factor.
+    ///
+    /// `status[f]` becomes 1 when factor `f`'s input held a NaN or Inf: that factor's
+    /// blocks are left as they were (its traces are those of the kept blocks); 0 otherwise.
+    /// Errors (nothing launched) on inputs that do not match the plan.
+    pub fn accumulate<E: DeviceElement>(
+        &self,
+        acc: &mut DeviceAccumulate,
+        inputs: &[DeviceInput<'_, E>],
+        blocks: &mut CudaSlice<f32>,
+        block_traces: &mut CudaSlice<f32>,
+        factor_traces: &mut CudaSlice<f32>,
+        status: &mut CudaSlice<i32>,
+    ) -> Result<()> {
+        let set = acc.plan.set().clone();
+        if E::DTYPE != acc.plan.dtype {
+            return Err(Error::invalid(
+                "inputs",
+                format!(
+                    "planned for {:?} input, given {:?}",
+                    acc.plan.dtype,
+                    E::DTYPE
+                ),
+            ));
+        }
+        check_len("inputs", set.len(), inputs.len())?;
+        check_len("blocks", set.buffer_len(), blocks.len())?;
+        check_len("block_traces", set.total_blocks(), block_traces.len())?;
+        check_len("factor_traces", set.len(), factor_traces.len())?;
+        check_len("status", set.len(), status.len())?;
+        let s = self.stream().clone();
+        let mut host = Vec::with_capacity(inputs.len());
+        let mut guards = Vec::with_capacity(inputs.len());
+        for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
+            if inp.x.context().cu_ctx() != self.context_handle().cu_ctx() {
+                return Err(Error::invalid(
+                    "inputs",
+                    format!("factor {f}: buffer belongs to another device or context"),
+                ));
+            }
+            let d = e.layout.dim();
+            let need = (acc.plan.rows()[f] - 1)
+                .checked_mul(inp.ld)
+                .and_then(|v| v.checked_add(d))
+                .ok_or_else(|| Error::invalid("ld", format!("factor {f}: too large")))?;
+            if inp.ld >= d && inp.x.len() < need {
+                return Err(Error::shape(
+                    "inputs",
+                    format!("factor {f}: at least {need} elements"),
+                    inp.x.len(),
+                ));
+            }
+            let (p, g) = inp.x.device_ptr(&s);
+            guards.push(g);
+            host.push(FactorInput {
+                x: p,
+                ld: inp.ld,
+                alpha: inp.alpha,
+                beta: inp.beta,
+            });
+        }
+        let table = acc.plan.factor_table(&host)?;
+        s.memcpy_htod(&table, &mut acc.factors)?;
+        let (fp, _a) = acc.factors.device_ptr(&s);
+        let (ip, _b) = acc.items.device_ptr(&s);
+        let (np, _c) = acc.finals.device_ptr(&s);
+        let (wp, _d) = acc.workspace.device_ptr_mut(&s);
+        let (gp, _e) = acc.flags.device_ptr_mut(&s);
+        let (tp, _f) = acc.trace_desc.device_ptr(&s);
+        let (bp, _g) = blocks.device_ptr_mut(&s);
+        let (sp, _h) = status.device_ptr_mut(&s);
+        let (btp, _i) = block_traces.device_ptr_mut(&s);
+        let (ftp, _j) = factor_traces.device_ptr_mut(&s);
+        let launches = acc.plan.launches(&AccumulateBuffers {
+            factors: fp,
+            items: ip,
+            finals: np,
+            workspace: wp,
+            flags: gp,
+            blocks: bp,
+            status: sp,
+            trace_desc: tp,
+            block_traces: btp,
+            factor_traces: ftp,
+        })?;
+        for l in &launches {
+            // SAFETY: every buffer belongs to this device, was sized from the plan above and
+            // stays borrowed (or owned by `acc`) until the launches are queued; the
+            // stream orders them.
+            unsafe { raw::launch(self, l) }?;
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    /// Dense covariance accumulation for users who keep whole factors: the lower triangle
+    /// (row-major) of the `d x d` matrix `c` (row stride `ldc`) becomes
+    /// `beta * C + alpha * X^T X`, X `rows x d` row-major with row stride `ld`, through
+    /// cuBLAS SYRK. The strict upper triangle is not touched (SYRK's contract).
+    #[allow(clippy::too_many_arguments)]
+    pub fn accumulate_dense(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        ld: usize,
+        d: usize,
+        alpha: f32,
+        beta: f32,
+        c: &mut CudaSlice<f32>,
+        ldc: usize,
+    ) -> Result<()> {
+        if rows == 0 || d == 0 {
+            return Err(Error::invalid("rows/d", "must be at least 1"));
+        }
+        if ld < d || ldc < d {
+            return Err(Error::shape("ld/ldc", format!(">= {d}"), ld.min(ldc)));
+        }
+        check_finite("alpha", alpha as f64)?;
+        check_finite("beta", beta as f64)?;
+        let big = |v: usize| v > i32::MAX as usize;
+        if big(rows) || big(ld) || big(ldc) || big(d) {
+            return Err(Error::invalid("rows/ld", "above 2^31 - 1"));
+        }
+        crate::error::check_min_len("x", (rows - 1) * ld + d, x.len())?;
+        crate::error::check_min_len("c", (d - 1) * ldc + d, c.len())?;
+        let blas = self.cublas()?;
+        let s = self.stream().clone();
+        let (xp, _a) = x.device_ptr(&s);
+        let (cp, _b) = c.device_ptr_mut(&s);
+        use cudarc::cublas::sys as cb;
+        // Row-major X (rows x d, ld) is column-major X^T (d x rows, ld): C = X^T X is
+        // SYRK with op N on it. Row-major lower of C is column-major upper.
+        // SAFETY: sizes checked above; both buffers belong to this device's stream.
+        let st = unsafe {
+            cb::cublasSsyrk_v2(
+                *blas.handle(),
+                cb::cublasFillMode_t::CUBLAS_FILL_MODE_UPPER,
+                cb::cublasOperation_t::CUBLAS_OP_N,
+                d as i32,
+                rows as i32,
+                &alpha,
+                xp as *const f32,
+                ld as i32,
+                &beta,
+                cp as *mut f32,
+                ldc as i32,
+            )
+        };
+        if st != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::invalid(
+                "cublas",
+                format!("cublasSsyrk failed: {st:?}"),
+            ));
+        }
+        Ok(())
     }
 }

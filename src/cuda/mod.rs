@@ -143,6 +143,7 @@ pub struct CudaDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     smem_configured: Mutex<HashMap<&'static str, usize>>,
+    blas: std::sync::OnceLock<Box<cudarc::cublas::CudaBlas>>,
 }
 
 /// A kernel: its module (a `kernels/*.cu` file stem) and its extern "C" name,
@@ -211,6 +212,7 @@ impl CudaDevice {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             smem_configured: Mutex::new(HashMap::new()),
+            blas: std::sync::OnceLock::new(),
         })
     }
 
@@ -246,6 +248,23 @@ impl CudaDevice {
     /// The context.
     pub fn context_handle(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// A cuBLAS handle on this device's stream, created on first use. Errors when the
+    /// cuBLAS library cannot be loaded.
+    pub fn cublas(&self) -> Result<&cudarc::cublas::CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        // SAFETY: only tries to dlopen the cuBLAS library.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::NoDevice(
+                "the cuBLAS library cannot be loaded".into(),
+            ));
+        }
+        let b = cudarc::cublas::CudaBlas::new(self.stream.clone())
+            .map_err(|e| Error::NoDevice(format!("cuBLAS initialisation failed: {e:?}")))?;
+        Ok(self.blas.get_or_init(|| Box::new(b)))
     }
 
     /// Waits for all queued work; surfaces any asynchronous kernel error.
