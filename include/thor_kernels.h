@@ -38,6 +38,19 @@ typedef enum ThorDType {
   THOR_D_TYPE_BF16 = 2,
 } ThorDType;
 
+// Math of the grouped accumulation.
+typedef enum ThorAccumulateMode {
+  // f32 fused multiply-adds on every input type (the accuracy baseline).
+  THOR_ACCUMULATE_MODE_F32 = 0,
+  // Tensor cores: TF32 on f32 input, f16 / bf16 products on 16-bit input (CUDA; the
+  // CPU computes in f32 either way).
+  THOR_ACCUMULATE_MODE_TENSOR_CORE = 1,
+} ThorAccumulateMode;
+
+// A planned grouped accumulation: a factor set and the rows of each factor's input, fixed
+// at creation; on a CUDA context also its device tables and workspace.
+typedef struct ThorAccumulatePlan ThorAccumulatePlan;
+
 // A context: the CPU, or one CUDA device with the stream all work is queued on.
 typedef struct ThorContext ThorContext;
 
@@ -192,8 +205,10 @@ enum ThorStatus thor_v1_traces(struct ThorContext *ctx,
 
 // Accumulates `blocks <- beta * blocks + alpha * X_j^T X_j` for the factor of dimension
 // `dim` split at `block`, from `x` (`rows x dim`, row stride `ld`, element type `dtype`),
-// with identity padding and the trace of each block in `block_traces`. CPU contexts only for
-// now (`NotSupported` on CUDA).
+// with identity padding and the trace of each block in `block_traces`. On a CUDA context the
+// call plans, launches and waits (for repeated calls on many factors use the grouped form,
+// `thor_v1_accumulate_plan_create` and `thor_v1_accumulate_grouped`). A NaN or Inf in `x`
+// is an `InvalidArgument` error and leaves `blocks` unchanged.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -210,6 +225,53 @@ enum ThorStatus thor_v1_accumulate(struct ThorContext *ctx,
                                    float beta,
                                    float *blocks,
                                    float *block_traces);
+
+// Plans the grouped accumulation of `n_factors` factors of dimensions `dims` (split at
+// `block`; their blocks back to back in one buffer, factor 0 first), factor `f` from inputs
+// of `rows[f]` rows of element type `dtype`, with math `mode` (`ThorAccumulateMode`).
+// Release with `thor_v1_accumulate_plan_destroy`. The plan belongs to `ctx`.
+//
+// # Safety
+// `dims` and `rows` must address `n_factors` int64 each; `out` one pointer.
+enum ThorStatus thor_v1_accumulate_plan_create(struct ThorContext *ctx,
+                                               int32_t block,
+                                               int64_t n_factors,
+                                               const int64_t *dims,
+                                               const int64_t *rows,
+                                               int32_t dtype,
+                                               int32_t mode,
+                                               struct ThorAccumulatePlan **out);
+
+// Releases a plan (null is ignored). On a CUDA context, call it after the work that uses
+// the plan has completed (`thor_v1_context_synchronize`).
+//
+// # Safety
+// `plan` must come from `thor_v1_accumulate_plan_create` and not be used afterwards.
+void thor_v1_accumulate_plan_destroy(struct ThorAccumulatePlan *plan);
+
+// Grouped covariance accumulation of every factor of `plan`: factor `f` from `xs[f]`
+// (`rows[f] x dims[f]` row-major, row stride `lds[f]`, the planned element type), `S <-
+// betas[f] * S + alphas[f] * X^T X` on its diagonal blocks in `blocks` (the set's
+// `[total_blocks, block, block]` f32), identity padding, then `block_traces` (one per
+// block) and `factor_traces` (one per factor). `status[f]` (int32) becomes 1 when factor
+// `f`'s input held a NaN or Inf (the factor is left unchanged), else 0. On a CUDA context
+// this queues three launches on the context's stream and returns without waiting; every
+// pointer is a device pointer.
+//
+// # Safety
+// `xs`, `lds`, `alphas`, `betas` are host arrays of one entry per factor; the rest address
+// what the description gives (host memory on a CPU context, device memory on a CUDA
+// context), outputs not overlapping inputs, valid until the queued work completes.
+enum ThorStatus thor_v1_accumulate_grouped(struct ThorContext *ctx,
+                                           struct ThorAccumulatePlan *plan,
+                                           const void *const *xs,
+                                           const int64_t *lds,
+                                           const float *alphas,
+                                           const float *betas,
+                                           float *blocks,
+                                           float *block_traces,
+                                           float *factor_traces,
+                                           int32_t *status);
 
 // Batched damped Cholesky inversion of `n_blocks` blocks of `block x block`: `output_j =
 // (input_j + l_j I)^-1` with `l_j = damping[j]` (or `damping_all` when `damping` is null).

@@ -9,7 +9,7 @@ import torch
 import thor_kernels_torch as tk
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-GPU_OPS = {"split", "merge", "traces", "invert"}  # ops the CUDA context implements
+GPU_OPS = {"split", "merge", "traces", "invert", "accumulate"}  # ops the CUDA context implements
 
 
 def dev_or_skip(device, op):
@@ -63,13 +63,16 @@ def test_traces(device):
     assert torch.allclose(ft.cpu(), torch.stack(want), atol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)])
-def test_accumulate(dtype, tol):
+def test_accumulate(device, dtype, tol):
+    dev = dev_or_skip(device, "accumulate")
     b, d, n = 32, 70, 257
     x = torch.randn(n, d + 2)[:, :d].to(dtype)
     prev = spd(3, b)
-    blocks = prev.clone()
-    tr = tk.accumulate(x, blocks, 1.0 / n, 0.5)
+    blocks = prev.clone().to(dev)
+    tr = tk.accumulate(x.to(dev), blocks, 1.0 / n, 0.5)
+    blocks, tr = blocks.cpu(), tr.cpu()
     xd = x.double()
     full = xd.T @ xd / n
     want = ref_blocks(full, b)

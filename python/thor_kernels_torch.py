@@ -197,7 +197,8 @@ def traces(blocks: torch.Tensor, dims: list[int]) -> tuple[torch.Tensor, torch.T
 
 def accumulate(x: torch.Tensor, blocks: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """In place ``blocks <- beta blocks + alpha X_j^T X_j`` for ``x [N, d]`` (f32, f16 or bf16,
-    unit column stride); returns the block traces. CPU tensors only for now."""
+    unit column stride); returns the block traces. On CUDA tensors the call waits for the
+    result (a NaN or Inf in x raises ThorError and leaves blocks unchanged)."""
     if x.dtype not in DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() != 2 or x.stride(1) != 1:

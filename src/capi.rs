@@ -14,7 +14,9 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::cpu::{self, Damping, InvertOptions, Workspace};
+use crate::cuda::accumulate::{AccumulateMode, DeviceAccumulate, FactorInput as DevInput};
 use crate::cuda::{raw, CudaDevice};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{BlockLayout, FactorSet};
@@ -22,6 +24,7 @@ use crate::thor::{
     DampingSchedule, IntervalSchedule, LayerId, LayerKind, Observation, Thor, ThorConfig,
     Thresholds,
 };
+use cudarc::driver::DevicePtrMut;
 
 /// The prefix of every exported function, carrying the ABI version.
 pub const ABI_PREFIX: &str = "thor_v1_";
@@ -536,8 +539,10 @@ pub unsafe extern "C" fn thor_v1_traces(
 
 /// Accumulates `blocks <- beta * blocks + alpha * X_j^T X_j` for the factor of dimension
 /// `dim` split at `block`, from `x` (`rows x dim`, row stride `ld`, element type `dtype`),
-/// with identity padding and the trace of each block in `block_traces`. CPU contexts only for
-/// now (`NotSupported` on CUDA).
+/// with identity padding and the trace of each block in `block_traces`. On a CUDA context the
+/// call plans, launches and waits (for repeated calls on many factors use the grouped form,
+/// `thor_v1_accumulate_plan_create` and `thor_v1_accumulate_grouped`). A NaN or Inf in `x`
+/// is an `InvalidArgument` error and leaves `blocks` unchanged.
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -577,10 +582,36 @@ pub unsafe extern "C" fn thor_v1_accumulate(
                 .into())
             }
         };
-        if let Device::Cuda(_) = c.device {
-            return Err(Fail::Unsupported(Unsupported(
-                "thor_v1_accumulate: the CUDA accumulate kernel is not in this version",
-            )));
+        if let Device::Cuda(dev) = &c.device {
+            // One factor through the grouped path (plan and tables made for this call).
+            let dt = dtype_of(dtype)?;
+            let set = FactorSet::new(block.max(0) as usize, &[layout.dim()])?;
+            let mut plan = dev.plan_accumulate(&set, &[rows], dt, AccumulateMode::F32)?;
+            let mut ft = dev.zeros::<f32>(1)?;
+            let mut st = dev.upload(&[-1i32])?;
+            check_ptr("blocks", blocks as *const f32)?;
+            check_ptr("block_traces", block_traces as *const f32)?;
+            let s = dev.stream().clone();
+            let (fp, _a) = ft.device_ptr_mut(&s);
+            let (sp, _b) = st.device_ptr_mut(&s);
+            let input = DevInput {
+                x: x as u64,
+                ld,
+                alpha,
+                beta,
+            };
+            // SAFETY: the pointer contract of this function; the plan's buffers live until
+            // the synchronization below.
+            unsafe { plan.launch_raw(dev, &[input], blocks as u64, block_traces as u64, fp, sp)? };
+            drop((_a, _b));
+            if dev.download(&st)?[0] != 0 {
+                return Err(Error::invalid(
+                    "x",
+                    "non-finite value in the input (blocks left unchanged)",
+                )
+                .into());
+            }
+            return Ok(());
         }
         check_disjoint(
             "x",
@@ -628,6 +659,240 @@ pub unsafe extern "C" fn thor_v1_accumulate(
                 let xs = unsafe { host("x", x as *const half::bf16, n)? };
                 let ws = c.ws(cpu::accumulate_workspace_size::<half::bf16>(&layout));
                 cpu::accumulate(xs, rows, ld, &layout, alpha, beta, out, tr, ws)?
+            }
+        }
+        Ok(())
+    })
+}
+
+fn dtype_of(dtype: i32) -> Result<DType> {
+    match dtype {
+        0 => Ok(DType::F32),
+        1 => Ok(DType::F16),
+        2 => Ok(DType::BF16),
+        other => Err(Error::invalid(
+            "dtype",
+            format!("unknown dtype {other} (0 f32, 1 f16, 2 bf16)"),
+        )),
+    }
+}
+
+/// Math of the grouped accumulation.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThorAccumulateMode {
+    /// f32 fused multiply-adds on every input type (the accuracy baseline).
+    F32 = 0,
+    /// Tensor cores: TF32 on f32 input, f16 / bf16 products on 16-bit input (CUDA; the
+    /// CPU computes in f32 either way).
+    TensorCore = 1,
+}
+
+/// A planned grouped accumulation: a factor set and the rows of each factor's input, fixed
+/// at creation; on a CUDA context also its device tables and workspace.
+pub struct ThorAccumulatePlan {
+    set: FactorSet,
+    rows: Vec<usize>,
+    dtype: DType,
+    device: Option<DeviceAccumulate>,
+}
+
+/// Plans the grouped accumulation of `n_factors` factors of dimensions `dims` (split at
+/// `block`; their blocks back to back in one buffer, factor 0 first), factor `f` from inputs
+/// of `rows[f]` rows of element type `dtype`, with math `mode` (`ThorAccumulateMode`).
+/// Release with `thor_v1_accumulate_plan_destroy`. The plan belongs to `ctx`.
+///
+/// # Safety
+/// `dims` and `rows` must address `n_factors` int64 each; `out` one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_accumulate_plan_create(
+    ctx: *mut ThorContext,
+    block: i32,
+    n_factors: i64,
+    dims: *const i64,
+    rows: *const i64,
+    dtype: i32,
+    mode: i32,
+    out: *mut *mut ThorAccumulatePlan,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("out", out as *const *mut ThorAccumulatePlan)?;
+        // SAFETY: checked non-null and aligned.
+        unsafe { *out = std::ptr::null_mut() };
+        // SAFETY: the pointer contract of this function; checked first.
+        let c = unsafe { ctx_mut(ctx)? };
+        let n = self::dim("n_factors", n_factors)?;
+        // SAFETY: as above.
+        let (d, r) = unsafe { (host("dims", dims, n)?, host("rows", rows, n)?) };
+        let d: Vec<usize> = d
+            .iter()
+            .map(|&v| self::dim("dims", v))
+            .collect::<Result<_>>()?;
+        let r: Vec<usize> = r
+            .iter()
+            .map(|&v| self::dim("rows", v))
+            .collect::<Result<_>>()?;
+        let dt = dtype_of(dtype)?;
+        let mode = match mode {
+            0 => AccumulateMode::F32,
+            1 => AccumulateMode::TensorCore,
+            other => {
+                return Err(Error::invalid(
+                    "mode",
+                    format!("unknown mode {other} (0 f32, 1 tensor cores)"),
+                )
+                .into())
+            }
+        };
+        let set = FactorSet::new(block.max(0) as usize, &d)?;
+        let device = match &c.device {
+            Device::Cpu => {
+                crate::cuda::accumulate::AccumulatePlan::new(&set, &r, dt, mode, 1)?;
+                None
+            }
+            Device::Cuda(dev) => Some(dev.plan_accumulate(&set, &r, dt, mode)?),
+        };
+        let plan = Box::new(ThorAccumulatePlan {
+            set,
+            rows: r,
+            dtype: dt,
+            device,
+        });
+        // SAFETY: checked non-null and aligned above.
+        unsafe { *out = Box::into_raw(plan) };
+        Ok(())
+    })
+}
+
+/// Releases a plan (null is ignored). On a CUDA context, call it after the work that uses
+/// the plan has completed (`thor_v1_context_synchronize`).
+///
+/// # Safety
+/// `plan` must come from `thor_v1_accumulate_plan_create` and not be used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_accumulate_plan_destroy(plan: *mut ThorAccumulatePlan) {
+    if !plan.is_null() {
+        // SAFETY: made by Box::into_raw in thor_v1_accumulate_plan_create.
+        drop(unsafe { Box::from_raw(plan) });
+    }
+}
+
+/// Grouped covariance accumulation of every factor of `plan`: factor `f` from `xs[f]`
+/// (`rows[f] x dims[f]` row-major, row stride `lds[f]`, the planned element type), `S <-
+/// betas[f] * S + alphas[f] * X^T X` on its diagonal blocks in `blocks` (the set's
+/// `[total_blocks, block, block]` f32), identity padding, then `block_traces` (one per
+/// block) and `factor_traces` (one per factor). `status[f]` (int32) becomes 1 when factor
+/// `f`'s input held a NaN or Inf (the factor is left unchanged), else 0. On a CUDA context
+/// this queues three launches on the context's stream and returns without waiting; every
+/// pointer is a device pointer.
+///
+/// # Safety
+/// `xs`, `lds`, `alphas`, `betas` are host arrays of one entry per factor; the rest address
+/// what the description gives (host memory on a CPU context, device memory on a CUDA
+/// context), outputs not overlapping inputs, valid until the queued work completes.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_accumulate_grouped(
+    ctx: *mut ThorContext,
+    plan: *mut ThorAccumulatePlan,
+    xs: *const *const c_void,
+    lds: *const i64,
+    alphas: *const f32,
+    betas: *const f32,
+    blocks: *mut f32,
+    block_traces: *mut f32,
+    factor_traces: *mut f32,
+    status: *mut i32,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function; checked first.
+        let c = unsafe { ctx_mut(ctx)? };
+        check_ptr("plan", plan as *const ThorAccumulatePlan)?;
+        // SAFETY: a live plan made by this library.
+        let p = unsafe { &mut *plan };
+        let n = p.set.len();
+        // SAFETY: host arrays of n entries, checked for null first.
+        let (xs, lds, alphas, betas) = unsafe {
+            (
+                host("xs", xs, n)?,
+                host("lds", lds, n)?,
+                host("alphas", alphas, n)?,
+                host("betas", betas, n)?,
+            )
+        };
+        let lds: Vec<usize> = lds
+            .iter()
+            .map(|&v| self::dim("lds", v))
+            .collect::<Result<_>>()?;
+        for (f, x) in xs.iter().enumerate() {
+            if x.is_null() {
+                return Err(Error::invalid("xs", format!("factor {f}: null pointer")).into());
+            }
+        }
+        let (nb, len) = (p.set.total_blocks(), p.set.buffer_len());
+        check_ptr("blocks", blocks as *const f32)?;
+        check_ptr("block_traces", block_traces as *const f32)?;
+        check_ptr("factor_traces", factor_traces as *const f32)?;
+        check_ptr("status", status as *const i32)?;
+        match (&c.device, p.device.as_mut()) {
+            (Device::Cuda(dev), Some(acc)) => {
+                let inputs: Vec<DevInput> = (0..n)
+                    .map(|f| DevInput {
+                        x: xs[f] as u64,
+                        ld: lds[f],
+                        alpha: alphas[f],
+                        beta: betas[f],
+                    })
+                    .collect();
+                // SAFETY: the pointer contract of this function.
+                unsafe {
+                    acc.launch_raw(
+                        dev,
+                        &inputs,
+                        blocks as u64,
+                        block_traces as u64,
+                        factor_traces as u64,
+                        status as u64,
+                    )?
+                };
+            }
+            (Device::Cpu, None) => {
+                // SAFETY: the pointer contract of this function; checked for null and
+                // alignment above.
+                let (out, bt, ft, st) = unsafe {
+                    (
+                        host_mut("blocks", blocks, len)?,
+                        host_mut("block_traces", block_traces, nb)?,
+                        host_mut("factor_traces", factor_traces, n)?,
+                        host_mut("status", status, n)?,
+                    )
+                };
+                let need = |f: usize| (p.rows[f] - 1) * lds[f] + p.set.entries()[f].layout.dim();
+                macro_rules! run {
+                    ($t:ty) => {{
+                        let mut inputs = Vec::with_capacity(n);
+                        for f in 0..n {
+                            // SAFETY: the pointer contract of this function.
+                            let x = unsafe { host("xs", xs[f] as *const $t, need(f))? };
+                            inputs.push(cpu::FactorInput {
+                                x,
+                                rows: p.rows[f],
+                                ld: lds[f],
+                                alpha: alphas[f],
+                                beta: betas[f],
+                            });
+                        }
+                        let ws = c.ws(cpu::accumulate_set_workspace_size::<$t>(&p.set));
+                        cpu::accumulate_set(&p.set, &inputs, out, bt, ft, st, ws)?;
+                    }};
+                }
+                match p.dtype {
+                    DType::F32 => run!(f32),
+                    DType::F16 => run!(half::f16),
+                    DType::BF16 => run!(half::bf16),
+                }
+            }
+            _ => {
+                return Err(Error::invalid("plan", "made on another kind of context").into());
             }
         }
         Ok(())

@@ -546,20 +546,6 @@ fn gpu_c_abi_on_a_cuda_context_with_a_borrowed_stream() {
                 std::ptr::null_mut(),
             );
             assert_eq!(st, ThorStatus::Ok);
-            let st = thor_v1_accumulate(
-                ctx,
-                dp as *const c_void,
-                0,
-                10,
-                d as i64,
-                d as i64,
-                b as i32,
-                1.0,
-                0.0,
-                bp as *mut f32,
-                ip as *mut f32,
-            );
-            assert_eq!(st, ThorStatus::NotSupported);
             assert_eq!(thor_v1_context_synchronize(ctx), ThorStatus::Ok);
         }
     }
@@ -568,6 +554,76 @@ fn gpu_c_abi_on_a_cuda_context_with_a_borrowed_stream() {
     assert_eq!(stream.clone_dtoh(&info).unwrap(), vec![0, 0]);
     let out = stream.clone_dtoh(&inv).unwrap();
     assert!(block_residual(&spd_in, &out, b, 0, 0.01) < 1e-4);
+    // Accumulate: the single call (waits, reports non-finite input) and the grouped form
+    // (queued) on the first 10 rows of `dense`, against the reference.
+    let n = 10usize;
+    let mut acc1 = stream.clone_htod(&poisoned(layout.buffer_len())).unwrap();
+    let mut acc2 = stream.clone_htod(&poisoned(layout.buffer_len())).unwrap();
+    let mut tr = stream.clone_htod(&poisoned(2 * 2 + 1)).unwrap();
+    let mut status = stream.clone_htod(&[-1i32]).unwrap();
+    {
+        let (dp, _a) = ddense.device_ptr(&stream);
+        let (p1, _b) = acc1.device_ptr_mut(&stream);
+        let (p2, _c) = acc2.device_ptr_mut(&stream);
+        let (tp, _d) = tr.device_ptr_mut(&stream);
+        let (sp, _e) = status.device_ptr_mut(&stream);
+        let tp = tp as *mut f32;
+        // SAFETY: live device allocations of the sizes each call documents.
+        unsafe {
+            let st = thor_v1_accumulate(
+                ctx,
+                dp as *const c_void,
+                0,
+                n as i64,
+                d as i64,
+                d as i64,
+                b as i32,
+                0.5,
+                0.0,
+                p1 as *mut f32,
+                tp,
+            );
+            assert_eq!(st, ThorStatus::Ok);
+            let mut plan: *mut ThorAccumulatePlan = std::ptr::null_mut();
+            let (dims, rows) = ([d as i64], [n as i64]);
+            let st = thor_v1_accumulate_plan_create(
+                ctx,
+                b as i32,
+                1,
+                dims.as_ptr(),
+                rows.as_ptr(),
+                0,
+                0,
+                &mut plan,
+            );
+            assert_eq!(st, ThorStatus::Ok);
+            let xs = [dp as *const c_void];
+            let st = thor_v1_accumulate_grouped(
+                ctx,
+                plan,
+                xs.as_ptr(),
+                [d as i64].as_ptr(),
+                [0.5f32].as_ptr(),
+                [0.0f32].as_ptr(),
+                p2 as *mut f32,
+                tp.add(2),
+                tp.add(4),
+                sp as *mut i32,
+            );
+            assert_eq!(st, ThorStatus::Ok);
+            assert_eq!(thor_v1_context_synchronize(ctx), ThorStatus::Ok);
+            thor_v1_accumulate_plan_destroy(plan);
+        }
+    }
+    let (a1, a2) = (
+        stream.clone_dtoh(&acc1).unwrap(),
+        stream.clone_dtoh(&acc2).unwrap(),
+    );
+    assert!(a1.iter().zip(&a2).all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert_eq!(stream.clone_dtoh(&status).unwrap(), vec![0]);
+    let mut want = vec![0.0; layout.buffer_len()];
+    reference::accumulate(&f64s(&dense), n, d, &layout, 0.5, 0.0, &mut want).unwrap();
+    assert!(rel_err(&a1, &want) < 1e-5);
     // SAFETY: made above, destroyed once.
     unsafe { thor_v1_context_destroy(ctx) };
 }

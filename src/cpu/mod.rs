@@ -245,6 +245,99 @@ pub fn accumulate<E: Element>(
     )
 }
 
+/// One factor's input for [`accumulate_set`].
+#[derive(Debug, Clone, Copy)]
+pub struct FactorInput<'a, E> {
+    /// X, `rows x d` row-major with row stride `ld`.
+    pub x: &'a [E],
+    /// Rows of X.
+    pub rows: usize,
+    /// Row stride in elements, `>= d`.
+    pub ld: usize,
+    /// Scale of the new product.
+    pub alpha: f32,
+    /// Scale of the old statistics (0 replaces them).
+    pub beta: f32,
+}
+
+/// Workspace bytes [`accumulate_set`] needs for inputs of type `E`.
+pub fn accumulate_set_workspace_size<E: Element>(set: &FactorSet) -> usize {
+    set.entries()
+        .iter()
+        .map(|e| accumulate_workspace_size::<E>(&e.layout))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Grouped covariance accumulation, the CPU form of the device's grouped call: every
+/// factor `f` of `set` from `inputs[f]` as in [`accumulate`], then the traces of every block
+/// and factor. A factor whose input holds a NaN or Inf is left as it was and gets
+/// `status[f] = 1` (0 otherwise), as on the device; other errors (shapes, scalars) return
+/// before anything is written.
+pub fn accumulate_set<E: Element>(
+    set: &FactorSet,
+    inputs: &[FactorInput<'_, E>],
+    blocks: &mut [f32],
+    block_traces: &mut [f32],
+    factor_traces: &mut [f32],
+    status: &mut [i32],
+    ws: &mut Workspace,
+) -> Result<()> {
+    check_len("inputs", set.len(), inputs.len())?;
+    check_len("blocks", set.buffer_len(), blocks.len())?;
+    check_len("block_traces", set.total_blocks(), block_traces.len())?;
+    check_len("factor_traces", set.len(), factor_traces.len())?;
+    check_len("status", set.len(), status.len())?;
+    for (inp, e) in inputs.iter().zip(set.entries()) {
+        let d = e.layout.dim();
+        if inp.rows == 0 {
+            return Err(Error::invalid("rows", "at least one row is needed"));
+        }
+        if inp.ld < d {
+            return Err(Error::shape("ld", format!(">= {d}"), inp.ld));
+        }
+        check_finite("alpha", inp.alpha as f64)?;
+        check_finite("beta", inp.beta as f64)?;
+        check_min_len("x", (inp.rows - 1) * inp.ld + d, inp.x.len())?;
+    }
+    for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
+        let d = e.layout.dim();
+        if find_non_finite(inp.x, inp.rows, d, inp.ld).is_some() {
+            status[f] = 1;
+            continue;
+        }
+        status[f] = 0;
+        let range = e.offset()..e.offset() + e.layout.buffer_len();
+        let bt = &mut block_traces[e.first_block..e.first_block + e.layout.blocks()];
+        accumulate(
+            inp.x,
+            inp.rows,
+            inp.ld,
+            &e.layout,
+            inp.alpha,
+            inp.beta,
+            &mut blocks[range],
+            bt,
+            ws,
+        )?;
+    }
+    // Traces of the kept factors too (their blocks as they were, assumed finite).
+    let b = set.block();
+    for (f, e) in set.entries().iter().enumerate() {
+        let mut sum = 0.0f64;
+        for j in 0..e.layout.blocks() {
+            let k = e.first_block + j;
+            let blk = &blocks[k * b * b..(k + 1) * b * b];
+            block_traces[k] = (0..b).map(|i| blk[i * b + i]).sum();
+            sum += (0..e.layout.valid(j))
+                .map(|i| blk[i * b + i] as f64)
+                .sum::<f64>();
+        }
+        factor_traces[f] = sum as f32;
+    }
+    Ok(())
+}
+
 /// `dst(lower) += alpha * x^T x`.
 fn syrk_lower(dst: MatMut<'_, f32>, x: MatRef<'_, f32>, alpha: f32) {
     triangular::matmul(

@@ -384,6 +384,54 @@ impl DeviceAccumulate {
     pub fn plan(&self) -> &AccumulatePlan {
         &self.plan
     }
+
+    /// Queues the accumulation on raw device pointers (for the C ABI and other callers that
+    /// own their memory): uploads the factor table (stream-ordered), then the three
+    /// launches. See [`CudaDevice::accumulate`] for what is computed.
+    ///
+    /// # Safety
+    /// Every `inputs[f].x` must address `(rows_f - 1) * ld_f + d_f` elements of the planned
+    /// type, `blocks` the set's `buffer_len()` f32, `block_traces` one f32 per block,
+    /// `factor_traces` and `status` one f32 / i32 per factor, all of `dev`'s context (the one
+    /// this plan was made on), outputs not overlapping inputs, valid until the queued work
+    /// completes.
+    pub unsafe fn launch_raw(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[FactorInput],
+        blocks: CUdeviceptr,
+        block_traces: CUdeviceptr,
+        factor_traces: CUdeviceptr,
+        status: CUdeviceptr,
+    ) -> Result<()> {
+        let table = self.plan.factor_table(inputs)?;
+        let s = dev.stream().clone();
+        s.memcpy_htod(&table, &mut self.factors)?;
+        let (fp, _a) = self.factors.device_ptr(&s);
+        let (ip, _b) = self.items.device_ptr(&s);
+        let (np, _c) = self.finals.device_ptr(&s);
+        let (wp, _d) = self.workspace.device_ptr_mut(&s);
+        let (gp, _e) = self.flags.device_ptr_mut(&s);
+        let (tp, _f) = self.trace_desc.device_ptr(&s);
+        let launches = self.plan.launches(&AccumulateBuffers {
+            factors: fp,
+            items: ip,
+            finals: np,
+            workspace: wp,
+            flags: gp,
+            blocks,
+            status,
+            trace_desc: tp,
+            block_traces,
+            factor_traces,
+        })?;
+        for l in &launches {
+            // SAFETY: the plan's own buffers are owned by `self`; the rest is the caller's
+            // contract above.
+            unsafe { raw::launch(dev, l) }?;
+        }
+        Ok(())
+    }
 }
 
 /// One factor's input for [`CudaDevice::accumulate`].
@@ -501,36 +549,13 @@ impl CudaDevice {
                 beta: inp.beta,
             });
         }
-        let table = acc.plan.factor_table(&host)?;
-        s.memcpy_htod(&table, &mut acc.factors)?;
-        let (fp, _a) = acc.factors.device_ptr(&s);
-        let (ip, _b) = acc.items.device_ptr(&s);
-        let (np, _c) = acc.finals.device_ptr(&s);
-        let (wp, _d) = acc.workspace.device_ptr_mut(&s);
-        let (gp, _e) = acc.flags.device_ptr_mut(&s);
-        let (tp, _f) = acc.trace_desc.device_ptr(&s);
         let (bp, _g) = blocks.device_ptr_mut(&s);
         let (sp, _h) = status.device_ptr_mut(&s);
         let (btp, _i) = block_traces.device_ptr_mut(&s);
         let (ftp, _j) = factor_traces.device_ptr_mut(&s);
-        let launches = acc.plan.launches(&AccumulateBuffers {
-            factors: fp,
-            items: ip,
-            finals: np,
-            workspace: wp,
-            flags: gp,
-            blocks: bp,
-            status: sp,
-            trace_desc: tp,
-            block_traces: btp,
-            factor_traces: ftp,
-        })?;
-        for l in &launches {
-            // SAFETY: every buffer belongs to this device, was sized from the plan above and
-            // stays borrowed (or owned by `acc`) until the launches are queued; the
-            // stream orders them.
-            unsafe { raw::launch(self, l) }?;
-        }
+        // SAFETY: every buffer belongs to this device and was checked against the plan
+        // above; the borrows live until the launches are queued.
+        unsafe { acc.launch_raw(self, &host, bp, btp, ftp, sp) }?;
         drop(guards);
         Ok(())
     }

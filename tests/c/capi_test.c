@@ -76,12 +76,37 @@ int main(int argc, char **argv) {
     fill(x, N * D);
     OK(thor_v1_accumulate(ctx, x, THOR_D_TYPE_F32, N, D, D, B, 1.0f / N, 0.0f, stats, btr));
     dump(dir, "accumulate", stats, NB * B * B);
+
     OK(thor_v1_invert(ctx, B, NB, stats, inv, NULL, 0.1f, NULL, NULL, info, NULL));
     for (int j = 0; j < NB; j++) CHECK(info[j] == 0, "info[%d] = %d", j, info[j]);
     dump(dir, "invert", inv, NB * B * B);
     fill(grad, G * D);
     OK(thor_v1_apply(ctx, B, NULL, G, grad, inv, D, 1.0f, out));
     dump(dir, "apply", out, G * D);
+
+    /* Grouped: the same factor plus a second one whose input holds a NaN. */
+    {
+        enum { D2 = 40, NB2 = 2 };
+        int64_t gdims[2] = {D, D2}, grows[2] = {N, N}, glds[2] = {D, D2 + 3};
+        float *x2 = malloc(sizeof(float) * N * (D2 + 3));
+        float *gblocks = malloc(sizeof(float) * (NB + NB2) * B * B);
+        float gbt[NB + NB2], gft[2], alphas[2] = {1.0f / N, 1.0f / N}, betas[2] = {0.0f, 0.0f};
+        int32_t gst[2] = {-1, -1};
+        fill(x2, N * (D2 + 3));
+        x2[5] = NAN;
+        for (int i = 0; i < (NB + NB2) * B * B; i++) gblocks[i] = 3.0f;
+        ThorAccumulatePlan *plan = NULL;
+        OK(thor_v1_accumulate_plan_create(ctx, B, 2, gdims, grows, THOR_D_TYPE_F32, THOR_ACCUMULATE_MODE_F32, &plan));
+        const void *gxs[2] = {x, x2};
+        OK(thor_v1_accumulate_grouped(ctx, plan, gxs, glds, alphas, betas, gblocks, gbt, gft, gst));
+        CHECK(gst[0] == 0 && gst[1] == 1, "grouped status %d %d", gst[0], gst[1]);
+        CHECK(memcmp(gblocks, stats, sizeof(float) * NB * B * B) == 0, "grouped factor 0 equals the single call");
+        for (int i = NB * B * B; i < (NB + NB2) * B * B; i++) CHECK(gblocks[i] == 3.0f, "NaN factor left unchanged");
+        CHECK(thor_v1_accumulate_plan_create(ctx, B, 2, gdims, grows, THOR_D_TYPE_F32, 9, &plan) == THOR_STATUS_INVALID_ARGUMENT && plan == NULL, "bad mode");
+        thor_v1_accumulate_plan_destroy(plan);
+        free(x2);
+        free(gblocks);
+    }
 
     /* Bad input: status codes, never a crash. */
     CHECK(thor_v1_split(ctx, NULL, D, D, B, blocks) == THOR_STATUS_INVALID_ARGUMENT, "null input");
