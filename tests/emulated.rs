@@ -692,3 +692,207 @@ fn emulated_accumulate_many_rows_and_non_finite_inputs() {
         assert!(out.factor_traces.iter().all(|t| t.is_finite()));
     }
 }
+
+/// Symmetric blocks for every factor of `set`, identity in the padding (as the inversion
+/// leaves them).
+fn sym_blocks(set: &FactorSet, seed: u64) -> Vec<f32> {
+    let b = set.block();
+    let mut r = rng(seed);
+    let mut v = normal(&mut r, set.buffer_len());
+    for e in set.entries() {
+        for j in 0..e.layout.blocks() {
+            let k = e.first_block + j;
+            let w = e.layout.valid(j);
+            let m = &mut v[k * b * b..(k + 1) * b * b];
+            for i in 0..b {
+                for c in 0..b {
+                    if i >= w || c >= w {
+                        m[i * b + c] = (i == c) as u8 as f32;
+                    } else if c > i {
+                        m[i * b + c] = m[c * b + i];
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+mod apply {
+    use super::*;
+    use thor_kernels::cuda::apply::{ApplyLayer, ApplyPlan, LayerBuffers};
+    use thor_kernels::Element;
+
+    /// Runs the emulated apply of `layers` (grads of type E), out of place or in place;
+    /// returns the outputs.
+    pub fn run_apply<E: Element + bytemuck::Pod>(
+        set: &FactorSet,
+        inv: &[f32],
+        layers: &[ApplyLayer],
+        grads: &[Vec<E>],
+        scales: &[f32],
+        in_place: bool,
+        order: i32,
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let plan = ApplyPlan::new(set, layers, E::DTYPE).map_err(|e| e.to_string())?;
+        let mut dinv = Guarded::new(inv);
+        let mut dg: Vec<Guarded<E>> = grads.iter().map(|g| Guarded::new(g)).collect();
+        let mut douts: Vec<Guarded<f32>> = grads
+            .iter()
+            .map(|g| Guarded::new(&poisoned(g.len())))
+            .collect();
+        let bufs: Vec<LayerBuffers> = dg
+            .iter_mut()
+            .zip(douts.iter_mut())
+            .zip(scales)
+            .map(|((g, o), &scale)| {
+                let gp = g.ptr();
+                LayerBuffers {
+                    grad: gp,
+                    out: if in_place { gp } else { o.ptr() },
+                    scale,
+                }
+            })
+            .collect();
+        let table = plan
+            .layer_table(dinv.ptr(), &bufs)
+            .map_err(|e| e.to_string())?;
+        let mut dt = Guarded::new(&table);
+        let mut di = Guarded::new(plan.items());
+        let l = plan.launch(dt.ptr(), di.ptr()).unwrap();
+        run(&[l], order)?;
+        dinv.check("inverses");
+        for g in &dg {
+            g.check("grad");
+        }
+        Ok(if in_place {
+            dg.iter()
+                .map(|g| {
+                    let v = g.get();
+                    // SAFETY-free reinterpretation: in place only with f32 gradients.
+                    v.iter().map(|x| x.to_f32()).collect()
+                })
+                .collect()
+        } else {
+            douts
+                .iter()
+                .map(|o| {
+                    o.check("out");
+                    o.get()
+                })
+                .collect()
+        })
+    }
+
+    /// The reference output of layer `l`.
+    pub fn reference_layer<E: Element>(
+        set: &FactorSet,
+        inv: &[f32],
+        lay: &ApplyLayer,
+        grad: &[E],
+        scale: f32,
+    ) -> Vec<f64> {
+        let side = |f: Option<usize>| {
+            f.map(|f| {
+                let e = &set.entries()[f];
+                (
+                    e.layout,
+                    f64s(&inv[e.offset()..e.offset() + e.layout.buffer_len()]),
+                )
+            })
+        };
+        let (g, a) = (side(lay.g_factor), side(lay.a_factor));
+        let grad: Vec<f64> = grad.iter().map(|v| v.to_f32() as f64).collect();
+        let out = reference::apply(
+            g.as_ref().map(|(l, v)| (l, &v[..])),
+            &grad,
+            a.as_ref().map(|(l, v)| (l, &v[..])),
+            lay.out_dim,
+            lay.in_dim,
+        )
+        .unwrap();
+        out.into_iter().map(|v| v * scale as f64).collect()
+    }
+}
+
+/// Layers of odd shapes for block size `b`: (out, in) with out or in = 1, b - 1, b + 1, a
+/// layer smaller than one block, one side missing.
+fn odd_layers(b: usize) -> (FactorSet, Vec<thor_kernels::cuda::apply::ApplyLayer>) {
+    use thor_kernels::cuda::apply::ApplyLayer;
+    let shapes = [(b + 1, 2 * b + 3), (1, b - 1), (b - 1, 1), (10, 7)];
+    let mut dims = Vec::new();
+    let mut layers = Vec::new();
+    for (k, &(o, i)) in shapes.iter().enumerate() {
+        let g = (k != 2).then(|| {
+            dims.push(o);
+            dims.len() - 1
+        });
+        let a = (k != 3).then(|| {
+            dims.push(i);
+            dims.len() - 1
+        });
+        layers.push(ApplyLayer {
+            out_dim: o,
+            in_dim: i,
+            g_factor: g,
+            a_factor: a,
+        });
+    }
+    (FactorSet::new(b, &dims).unwrap(), layers)
+}
+
+#[test]
+fn emulated_apply_every_block_size_odd_shapes() {
+    use apply::*;
+    let _g = lock();
+    for b in SUPPORTED_BLOCK_SIZES {
+        let (set, layers) = odd_layers(b);
+        let inv = sym_blocks(&set, b as u64);
+        let mut r = rng(b as u64 + 1);
+        let grads: Vec<Vec<f32>> = layers
+            .iter()
+            .map(|l| normal(&mut r, l.out_dim * l.in_dim))
+            .collect();
+        let scales: Vec<f32> = (0..layers.len()).map(|l| 1.0 / (1 + l) as f32).collect();
+        let order = ORDERS[(b / 32) % ORDERS.len()];
+        for in_place in [false, b <= 128] {
+            let outs = run_apply(&set, &inv, &layers, &grads, &scales, in_place, order).unwrap();
+            for (l, lay) in layers.iter().enumerate() {
+                let want = reference_layer(&set, &inv, lay, &grads[l], scales[l]);
+                let err = rel_err(&outs[l], &want);
+                assert!(err < 1e-5, "b={b} layer {l} in_place={in_place}: {err:e}");
+            }
+        }
+        if b == 256 {
+            let e = run_apply(&set, &inv, &layers, &grads, &scales, true, 0).unwrap_err();
+            assert!(e.contains("in place"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn emulated_apply_bf16_gradients() {
+    use apply::*;
+    use half::bf16;
+    let _g = lock();
+    for b in [32usize, 128] {
+        let (set, layers) = odd_layers(b);
+        let inv = sym_blocks(&set, 7);
+        let mut r = rng(3);
+        let grads: Vec<Vec<bf16>> = layers
+            .iter()
+            .map(|l| {
+                normal(&mut r, l.out_dim * l.in_dim)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect()
+            })
+            .collect();
+        let scales = vec![0.5f32; layers.len()];
+        let outs = run_apply(&set, &inv, &layers, &grads, &scales, false, 2).unwrap();
+        for (l, lay) in layers.iter().enumerate() {
+            let want = reference_layer(&set, &inv, lay, &grads[l], 0.5);
+            assert!(rel_err(&outs[l], &want) < 1e-5, "b={b} layer {l}");
+        }
+    }
+}

@@ -8,6 +8,7 @@
 //! device's architecture on first use. Modules are loaded lazily, once per device handle.
 
 pub mod accumulate;
+pub mod apply;
 mod ops;
 pub mod raw;
 mod rule;

@@ -67,6 +67,37 @@ pub mod kernels {
     /// Accumulation finalize, 32 x 32 tiles.
     pub const ACC_FINALIZE_T32_F32: KernelId = id("accumulate", "acc_finalize_t32_f32");
 
+    /// Preconditioner apply, b = 32, f32 gradients.
+    pub const APPLY_B32_F32: KernelId = id("apply", "apply_b32_f32");
+    /// Preconditioner apply, b = 64, f32 gradients.
+    pub const APPLY_B64_F32: KernelId = id("apply", "apply_b64_f32");
+    /// Preconditioner apply, b = 128, f32 gradients.
+    pub const APPLY_B128_F32: KernelId = id("apply", "apply_b128_f32");
+    /// Preconditioner apply, b = 256, f32 gradients.
+    pub const APPLY_B256_F32: KernelId = id("apply", "apply_b256_f32");
+    /// Preconditioner apply, b = 32, bf16 gradients.
+    pub const APPLY_B32_BF16: KernelId = id("apply", "apply_b32_bf16");
+    /// Preconditioner apply, b = 64, bf16 gradients.
+    pub const APPLY_B64_BF16: KernelId = id("apply", "apply_b64_bf16");
+    /// Preconditioner apply, b = 128, bf16 gradients.
+    pub const APPLY_B128_BF16: KernelId = id("apply", "apply_b128_bf16");
+    /// Preconditioner apply, b = 256, bf16 gradients.
+    pub const APPLY_B256_BF16: KernelId = id("apply", "apply_b256_bf16");
+
+    /// The apply kernel for block size `b` and gradient type (bf16 or f32).
+    pub fn apply(b: usize, bf16: bool) -> KernelId {
+        match (b, bf16) {
+            (32, false) => APPLY_B32_F32,
+            (64, false) => APPLY_B64_F32,
+            (128, false) => APPLY_B128_F32,
+            (_, false) => APPLY_B256_F32,
+            (32, true) => APPLY_B32_BF16,
+            (64, true) => APPLY_B64_BF16,
+            (128, true) => APPLY_B128_BF16,
+            (_, true) => APPLY_B256_BF16,
+        }
+    }
+
     /// THOR's trace rule on the device.
     pub const TRACE_RULE_F32: KernelId = id("rule", "trace_rule_f32");
 
@@ -81,8 +112,16 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 22] = [
+    pub const ALL: [KernelId; 30] = [
         TRACE_RULE_F32,
+        APPLY_B32_F32,
+        APPLY_B64_F32,
+        APPLY_B128_F32,
+        APPLY_B256_F32,
+        APPLY_B32_BF16,
+        APPLY_B64_BF16,
+        APPLY_B128_BF16,
+        APPLY_B256_BF16,
         ACC_PARTIAL_T64_F32,
         ACC_PARTIAL_T32_F32,
         ACC_PARTIAL_T64_F16_SIMT,

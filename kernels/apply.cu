@@ -1,0 +1,178 @@
+// The preconditioner apply for every layer of a model in one launch:
+//   dW_l = scale_l * blockdiag(G_l^-1) * grad_l * blockdiag(A_l^-1),
+// grad_l [out, in] row-major (f32 or bf16), the inverse blocks b x b from the inversion
+// (symmetric: G's are read by columns), the result f32, out of place or in place.
+//
+// One thread block per (layer, row block i, column block j, chunk of R rows of block i):
+//   T   = Ginv_i[rows r0 .. r0 + R, :] * grad_ij     (R x b, kept in shared memory)
+//   out = scale * T * Ainv_j                          (R x b, written to global)
+// Both products are SIMT f32 with TM x TN outputs per thread, operands streamed through
+// shared memory BK rows at a time. Edges where out or in is not a multiple of b are handled
+// by masking: each inverse block is used cropped to its real rows and columns (its padding
+// is the identity, so this equals the padded product), grad is never copied or padded.
+// A layer without a G (or A) side applies only the side it has.
+//
+// In place (out == grad) needs R == b, so that one thread block reads all of grad_ij before
+// it writes any of it: true for b <= 128; the host refuses in place at b = 256.
+#include "common.cuh"
+
+// One layer (64 bytes, built by the host).
+struct ApplyLayer {
+    unsigned long long grad;  // [out_dim, in_dim] row-major, f32 or bf16
+    unsigned long long out;   // [out_dim, in_dim] row-major f32
+    unsigned long long ginv;  // the layer's G inverse blocks (ceil(out_dim / b) of b x b), or 0
+    unsigned long long ainv;  // the layer's A inverse blocks (ceil(in_dim / b)), or 0
+    int out_dim;
+    int in_dim;
+    float scale;
+    int pad[5];
+};
+
+#define APPLY_BK 16
+
+template <typename In>
+__device__ __forceinline__ float apply_load(const In* p);
+template <>
+__device__ __forceinline__ float apply_load<float>(const float* p) { return *p; }
+template <>
+__device__ __forceinline__ float apply_load<thor_bf16>(const thor_bf16* p) {
+    return thor_bf16_to_float(p->bits);
+}
+
+template <typename In, int B, int R, int TM, int TN, int NT>
+__device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __restrict__ items) {
+    constexpr int TX = B / TN, TY = R / TM;
+    static_assert(TX * TY == NT, "thread count");
+    constexpr int LDT = B + 4;
+    THOR_DYNAMIC_SMEM(float, apply_smem);
+    float* T = apply_smem;                    // R x LDT
+    float* As = T + R * LDT;                  // APPLY_BK x R   (Ginv chunk, transposed)
+    float* Bs = As + APPLY_BK * R;            // APPLY_BK x B   (grad or Ainv chunk)
+    const int* it = items + 4 * (long long)blockIdx.x;
+    const ApplyLayer L = layers[it[0]];
+    const int i = it[1], j = it[2], r0 = it[3];
+    const int wi = min(B, L.out_dim - i * B);  // real rows of block i
+    const int wj = min(B, L.in_dim - j * B);   // real columns of block j
+    const int rows = min(R, wi - r0);          // rows of this chunk
+    const In* grad = reinterpret_cast<const In*>(L.grad);
+    float* out = reinterpret_cast<float*>(L.out);
+    const float* ginv = reinterpret_cast<const float*>(L.ginv);
+    const float* ainv = reinterpret_cast<const float*>(L.ainv);
+    const long long ld = L.in_dim;
+    const long long grow0 = (long long)i * B, gcol0 = (long long)j * B;
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+    float acc[TM][TN];
+
+    // Phase 1: T = Ginv_i[r0 .., :wi] * grad[i block, j block]  (or T = grad rows).
+    if (ginv == nullptr) {
+        for (int idx = tid; idx < R * B; idx += NT) {
+            const int r = idx / B, c = idx % B;
+            float v = 0.f;
+            if (r < rows && c < wj) v = apply_load<In>(grad + (grow0 + r0 + r) * ld + gcol0 + c);
+            T[r * LDT + c] = v;
+        }
+    } else {
+        const float* g = ginv + (long long)i * B * B;
+#pragma unroll
+        for (int a = 0; a < TM; ++a)
+#pragma unroll
+            for (int q = 0; q < TN; ++q) acc[a][q] = 0.f;
+        for (int k0 = 0; k0 < wi; k0 += APPLY_BK) {
+            // Ginv is symmetric (the inversion mirrors it bit for bit): its column k0 + k is
+            // read as row k0 + k, coalesced, and stored transposed without bank conflicts.
+            for (int idx = tid; idx < APPLY_BK * R; idx += NT) {
+                const int k = idx / R, r = idx % R;
+                float v = 0.f;
+                if (r < rows && k0 + k < wi) v = g[(long long)(k0 + k) * B + r0 + r];
+                As[k * R + r] = v;
+            }
+            for (int idx = tid; idx < APPLY_BK * B; idx += NT) {
+                const int k = idx / B, c = idx % B;
+                float v = 0.f;
+                if (k0 + k < wi && c < wj) v = apply_load<In>(grad + (grow0 + k0 + k) * ld + gcol0 + c);
+                Bs[k * B + c] = v;
+            }
+            __syncthreads();
+#pragma unroll 4
+            for (int k = 0; k < APPLY_BK; ++k) {
+                float av[TM], bv[TN];
+#pragma unroll
+                for (int a = 0; a < TM; ++a) av[a] = As[k * R + ty * TM + a];
+#pragma unroll
+                for (int q = 0; q < TN; ++q) bv[q] = Bs[k * B + tx * TN + q];
+#pragma unroll
+                for (int a = 0; a < TM; ++a)
+#pragma unroll
+                    for (int q = 0; q < TN; ++q) acc[a][q] = fmaf(av[a], bv[q], acc[a][q]);
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int a = 0; a < TM; ++a)
+#pragma unroll
+            for (int q = 0; q < TN; ++q) T[(ty * TM + a) * LDT + tx * TN + q] = acc[a][q];
+    }
+    __syncthreads();  // T complete; every read of grad by this block is done
+
+    // Phase 2: out = scale * T[:, :wj] * Ainv_j[:wj, :wj]  (or scale * T).
+    if (ainv == nullptr) {
+        for (int idx = tid; idx < R * B; idx += NT) {
+            const int r = idx / B, c = idx % B;
+            if (r < rows && c < wj) out[(grow0 + r0 + r) * ld + gcol0 + c] = L.scale * T[r * LDT + c];
+        }
+        return;
+    }
+    const float* am = ainv + (long long)j * B * B;
+#pragma unroll
+    for (int a = 0; a < TM; ++a)
+#pragma unroll
+        for (int q = 0; q < TN; ++q) acc[a][q] = 0.f;
+    for (int k0 = 0; k0 < wj; k0 += APPLY_BK) {
+        for (int idx = tid; idx < APPLY_BK * B; idx += NT) {
+            const int k = idx / B, c = idx % B;
+            float v = 0.f;
+            if (k0 + k < wj && c < wj) v = am[(long long)(k0 + k) * B + c];
+            Bs[k * B + c] = v;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int k = 0; k < APPLY_BK; ++k) {
+            float av[TM], bv[TN];
+#pragma unroll
+            for (int a = 0; a < TM; ++a) av[a] = T[(ty * TM + a) * LDT + k0 + k];
+#pragma unroll
+            for (int q = 0; q < TN; ++q) bv[q] = Bs[k * B + tx * TN + q];
+#pragma unroll
+            for (int a = 0; a < TM; ++a)
+#pragma unroll
+                for (int q = 0; q < TN; ++q) acc[a][q] = fmaf(av[a], bv[q], acc[a][q]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int a = 0; a < TM; ++a) {
+        const int r = ty * TM + a;
+        if (r >= rows) continue;
+#pragma unroll
+        for (int q = 0; q < TN; ++q) {
+            const int c = tx * TN + q;
+            if (c < wj) out[(grow0 + r0 + r) * ld + gcol0 + c] = L.scale * acc[a][q];
+        }
+    }
+}
+
+#define APPLY_KERNEL(NAME, IN, B, R, TM, TN, NT)                                     \
+    extern "C" __global__ void __launch_bounds__(NT)                                \
+        NAME(const ApplyLayer* layers, const int* items) {                          \
+        apply_tile<IN, B, R, TM, TN, NT>(layers, items);                            \
+    }
+
+// (b, rows per thread block, outputs per thread, threads): see src/cuda/tuning.rs.
+APPLY_KERNEL(apply_b32_f32, float, 32, 32, 4, 4, 64)
+APPLY_KERNEL(apply_b64_f32, float, 64, 64, 4, 4, 256)
+APPLY_KERNEL(apply_b128_f32, float, 128, 128, 8, 8, 256)
+APPLY_KERNEL(apply_b256_f32, float, 256, 64, 8, 8, 256)
+APPLY_KERNEL(apply_b32_bf16, thor_bf16, 32, 32, 4, 4, 64)
+APPLY_KERNEL(apply_b64_bf16, thor_bf16, 64, 64, 4, 4, 256)
+APPLY_KERNEL(apply_b128_bf16, thor_bf16, 128, 128, 8, 8, 256)
+APPLY_KERNEL(apply_b256_bf16, thor_bf16, 256, 64, 8, 8, 256)
