@@ -22,7 +22,8 @@ typedef enum ThorStatus {
   THOR_STATUS_KERNEL_LOAD = 5,
   // A CUDA call failed.
   THOR_STATUS_DRIVER = 6,
-  // The operation does not exist for this context (a GPU op not implemented yet).
+  // The operation does not exist for this context (reserved: no call of this version
+  // returns it).
   THOR_STATUS_NOT_SUPPORTED = 7,
   // A bug: the library panicked; the message says where.
   THOR_STATUS_INTERNAL = 8,
@@ -297,7 +298,9 @@ enum ThorStatus thor_v1_invert(struct ThorContext *ctx,
 
 // The preconditioner apply for one layer: `out = scale * blockdiag(G^-1) grad blockdiag(A^-1)`
 // with `grad`, `out` row-major `[g_dim, a_dim]`; `g_inv` / `a_inv` the inverse blocks
-// (`ceil(dim / block)` blocks each), either null for identity. CPU contexts only for now.
+// (`ceil(dim / block)` blocks each, symmetric as `thor_v1_invert` writes them), either null
+// for identity. `grad` and `out` must not overlap. On a CUDA context the call waits for the
+// result.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host

@@ -9,7 +9,7 @@ import torch
 import thor_kernels_torch as tk
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-GPU_OPS = {"split", "merge", "traces", "invert", "accumulate"}  # ops the CUDA context implements
+GPU_OPS = {"split", "merge", "traces", "invert", "accumulate", "apply"}  # ops the CUDA context implements
 
 
 def dev_or_skip(device, op):
@@ -116,16 +116,18 @@ def test_invert_bad_blocks_mask_and_retry(device):
     assert info.tolist() == [0] and abs(used.item() - 1.0) < 1e-6  # 0.01 -> 0.1 -> 1.0
 
 
-def test_apply():
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply(device):
+    dev = dev_or_skip(device, "apply")
     b, o, i = 32, 40, 70
     g_inv, a_inv = spd(2, b, 1), spd(3, b, 2)
     grad = torch.randn(o, i)
-    out = tk.apply(grad, g_inv, a_inv, scale=0.5)
+    out = tk.apply(grad.to(dev), g_inv.to(dev), a_inv.to(dev), scale=0.5).cpu()
     G = torch.block_diag(g_inv[0], g_inv[1, : o - b, : o - b]).double()
     A = torch.block_diag(a_inv[0], a_inv[1], a_inv[2, : i - 2 * b, : i - 2 * b]).double()
     want = 0.5 * G @ grad.double() @ A
     assert (out.double() - want).norm() / want.norm() < 1e-5
-    only_a = tk.apply(grad, None, a_inv)
+    only_a = tk.apply(grad.to(dev), None, a_inv.to(dev)).cpu()
     assert (only_a.double() - grad.double() @ A).norm() / (grad.double() @ A).norm() < 1e-5
 
 

@@ -237,7 +237,8 @@ def invert(blocks: torch.Tensor, damping, mask: torch.Tensor | None = None, retr
 
 
 def apply(grad: torch.Tensor, g_inv: torch.Tensor | None, a_inv: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
-    """``scale * blockdiag(G^-1) grad blockdiag(A^-1)`` for ``grad [out, in]``. CPU only for now."""
+    """``scale * blockdiag(G^-1) grad blockdiag(A^-1)`` for ``grad [out, in]``; the inverse
+    blocks symmetric (as ``invert`` returns them). On CUDA tensors the call waits."""
     _f32("grad", grad)
     b = (g_inv if g_inv is not None else a_inv).shape[-1]
     for name, t in (("g_inv", g_inv), ("a_inv", a_inv)):

@@ -50,7 +50,8 @@ pub enum ThorStatus {
     KernelLoad = 5,
     /// A CUDA call failed.
     Driver = 6,
-    /// The operation does not exist for this context (a GPU op not implemented yet).
+    /// The operation does not exist for this context (reserved: no call of this version
+    /// returns it).
     NotSupported = 7,
     /// A bug: the library panicked; the message says where.
     Internal = 8,
@@ -88,8 +89,6 @@ fn status_of(e: &Error) -> ThorStatus {
     }
 }
 
-struct Unsupported(&'static str);
-
 /// Runs `f`, turning errors and panics into status codes and the thread's last message.
 fn guard(f: impl FnOnce() -> std::result::Result<(), Fail>) -> ThorStatus {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -100,10 +99,6 @@ fn guard(f: impl FnOnce() -> std::result::Result<(), Fail>) -> ThorStatus {
         Ok(Err(Fail::Error(e))) => {
             set_error(&e.to_string());
             status_of(&e)
-        }
-        Ok(Err(Fail::Unsupported(Unsupported(what)))) => {
-            set_error(what);
-            ThorStatus::NotSupported
         }
         Err(p) => {
             let msg = p
@@ -119,7 +114,6 @@ fn guard(f: impl FnOnce() -> std::result::Result<(), Fail>) -> ThorStatus {
 
 enum Fail {
     Error(Error),
-    Unsupported(Unsupported),
 }
 
 impl From<Error> for Fail {
@@ -1036,7 +1030,9 @@ pub unsafe extern "C" fn thor_v1_invert(
 
 /// The preconditioner apply for one layer: `out = scale * blockdiag(G^-1) grad blockdiag(A^-1)`
 /// with `grad`, `out` row-major `[g_dim, a_dim]`; `g_inv` / `a_inv` the inverse blocks
-/// (`ceil(dim / block)` blocks each), either null for identity. CPU contexts only for now.
+/// (`ceil(dim / block)` blocks each, symmetric as `thor_v1_invert` writes them), either null
+/// for identity. `grad` and `out` must not overlap. On a CUDA context the call waits for the
+/// result.
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -1060,15 +1056,41 @@ pub unsafe extern "C" fn thor_v1_apply(
         let (gd, ad) = (self::dim("g_dim", g_dim)?, self::dim("a_dim", a_dim)?);
         let b = block.max(0) as usize;
         let (gl, al) = (BlockLayout::new(gd, b)?, BlockLayout::new(ad, b)?);
-        if let Device::Cuda(_) = c.device {
-            return Err(Fail::Unsupported(Unsupported(
-                "thor_v1_apply: the CUDA apply kernel is not in this version",
-            )));
-        }
         let n = count("g_dim", &[gd, ad])?;
         check_ptr("grad", grad)?;
         check_ptr("out", out as *const f32)?;
         check_disjoint("grad", grad, n, "out", out as *const f32, n)?;
+        if let Device::Cuda(dev) = &c.device {
+            for (name, side, l) in [("g_inv", g_inv, &gl), ("a_inv", a_inv, &al)] {
+                if !side.is_null() {
+                    check_ptr(name, side)?;
+                    check_disjoint(name, side, l.buffer_len(), "out", out as *const f32, n)?;
+                }
+            }
+            // One layer: factor 0 is G, factor 1 is A (a set for the plan's shapes only;
+            // the blocks stay where the caller has them).
+            let set = FactorSet::new(b, &[gd, ad])?;
+            let layer = crate::cuda::apply::ApplyLayer {
+                out_dim: gd,
+                in_dim: ad,
+                g_factor: (!g_inv.is_null()).then_some(0),
+                a_factor: (!a_inv.is_null()).then_some(1),
+            };
+            let mut plan = dev.plan_apply(&set, &[layer], DType::F32)?;
+            let table = plan.plan().layer_table_at(
+                &[(g_inv as u64, a_inv as u64)],
+                &[crate::cuda::apply::LayerBuffers {
+                    grad: grad as u64,
+                    out: out as u64,
+                    scale,
+                }],
+            )?;
+            // SAFETY: the pointer contract of this function; the plan's tables live until
+            // the synchronization below.
+            unsafe { plan.launch_table(dev, &table)? };
+            dev.synchronize()?;
+            return Ok(());
+        }
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let g = if g_inv.is_null() {
             None

@@ -624,6 +624,37 @@ fn gpu_c_abi_on_a_cuda_context_with_a_borrowed_stream() {
     let mut want = vec![0.0; layout.buffer_len()];
     reference::accumulate(&f64s(&dense), n, d, &layout, 0.5, 0.0, &mut want).unwrap();
     assert!(rel_err(&a1, &want) < 1e-5);
+    // Apply on the A side only, with the inverses computed above (d = 100 at b = 64).
+    let g_dim = 20usize;
+    let grad = normal(&mut r, g_dim * d);
+    let dgrad = stream.clone_htod(&grad).unwrap();
+    let mut dout = stream.clone_htod(&poisoned(g_dim * d)).unwrap();
+    {
+        let (gp, _a) = dgrad.device_ptr(&stream);
+        let (ip, _b) = inv.device_ptr(&stream);
+        let (op, _c) = dout.device_ptr_mut(&stream);
+        // SAFETY: live device allocations of the sizes the call documents.
+        let st = unsafe {
+            thor_v1_apply(
+                ctx,
+                b as i32,
+                std::ptr::null(),
+                g_dim as i64,
+                gp as *const f32,
+                ip as *const f32,
+                d as i64,
+                0.25,
+                op as *mut f32,
+            )
+        };
+        assert_eq!(st, ThorStatus::Ok);
+    }
+    let want = reference::apply(None, &f64s(&grad), Some((&layout, &f64s(&out))), g_dim, d)
+        .unwrap()
+        .into_iter()
+        .map(|v| 0.25 * v)
+        .collect::<Vec<_>>();
+    assert!(rel_err(&stream.clone_dtoh(&dout).unwrap(), &want) < 1e-5);
     // SAFETY: made above, destroyed once.
     unsafe { thor_v1_context_destroy(ctx) };
 }

@@ -157,14 +157,44 @@ impl ApplyPlan {
     /// The per-call layer table, 8 u64 per layer ([`LAYER_ENTRY_BYTES`]), for inverse
     /// blocks at `inverses` (the set's buffer) and one [`LayerBuffers`] per layer.
     pub fn layer_table(&self, inverses: CUdeviceptr, bufs: &[LayerBuffers]) -> Result<Vec<u64>> {
-        check_len("layers", self.layers.len(), bufs.len())?;
         raw::check_ptr("inverses", inverses, 4)?;
         let b = self.set.block();
+        let at = |f: Option<usize>| -> u64 {
+            f.map_or(0, |f| {
+                inverses + (self.set.entries()[f].first_block * b * b * 4) as u64
+            })
+        };
+        let sides: Vec<(u64, u64)> = self
+            .layers
+            .iter()
+            .map(|l| (at(l.g_factor), at(l.a_factor)))
+            .collect();
+        self.layer_table_at(&sides, bufs)
+    }
+
+    /// The per-call layer table with each layer's inverse blocks at explicit addresses:
+    /// `sides[l] = (G blocks, A blocks)`, 0 exactly where the plan's layer has no such side.
+    pub fn layer_table_at(&self, sides: &[(u64, u64)], bufs: &[LayerBuffers]) -> Result<Vec<u64>> {
+        check_len("layers", self.layers.len(), bufs.len())?;
+        check_len("sides", self.layers.len(), sides.len())?;
+        let b = self.set.block();
         let mut t = Vec::with_capacity(8 * bufs.len());
-        for (l, (lay, buf)) in self.layers.iter().zip(bufs).enumerate() {
+        for (l, ((lay, buf), &(g, a))) in self.layers.iter().zip(bufs).zip(sides).enumerate() {
             raw::check_ptr("grad", buf.grad, self.dtype.size() as u64)?;
             raw::check_ptr("out", buf.out, 4)?;
             check_finite("scale", buf.scale as f64)?;
+            for (name, p, planned) in [("g_inv", g, lay.g_factor), ("a_inv", a, lay.a_factor)] {
+                match (p, planned) {
+                    (0, None) => {}
+                    (0, Some(_)) | (_, None) => {
+                        return Err(Error::invalid(
+                            name,
+                            format!("layer {l}: given where the plan has none, or missing"),
+                        ))
+                    }
+                    (p, Some(_)) => raw::check_ptr(name, p, 4)?,
+                }
+            }
             if buf.grad == buf.out && (self.dtype != DType::F32 || rows_per_block(b) != b) {
                 return Err(Error::invalid(
                     "out",
@@ -173,16 +203,11 @@ impl ApplyPlan {
                     ),
                 ));
             }
-            let block_ptr = |f: Option<usize>| -> u64 {
-                f.map_or(0, |f| {
-                    inverses + (self.set.entries()[f].first_block * b * b * 4) as u64
-                })
-            };
             t.extend([
                 buf.grad,
                 buf.out,
-                block_ptr(lay.g_factor),
-                block_ptr(lay.a_factor),
+                g,
+                a,
                 (lay.out_dim as u32 as u64) | ((lay.in_dim as u32 as u64) << 32),
                 buf.scale.to_bits() as u64,
                 0,
@@ -239,8 +264,18 @@ impl DeviceApply {
         bufs: &[LayerBuffers],
     ) -> Result<()> {
         let table = self.plan.layer_table(inverses, bufs)?;
+        // SAFETY: the caller's contract.
+        unsafe { self.launch_table(dev, &table) }
+    }
+
+    /// Queues the apply with a layer table built by [`ApplyPlan::layer_table_at`].
+    ///
+    /// # Safety
+    /// As for [`DeviceApply::launch_raw`], for the addresses in the table.
+    pub unsafe fn launch_table(&mut self, dev: &CudaDevice, table: &[u64]) -> Result<()> {
+        check_len("table", self.table.len(), table.len())?;
         let s = dev.stream().clone();
-        s.memcpy_htod(&table, &mut self.table)?;
+        s.memcpy_htod(table, &mut self.table)?;
         let (tp, _a) = self.table.device_ptr(&s);
         let (ip, _b) = self.items.device_ptr(&s);
         let l = self.plan.launch(tp, ip)?;
