@@ -12,8 +12,9 @@
 //  2. acc_finalize_f32: one thread block per (factor, block, tile): sums the tile's slots in
 //     a fixed order (deterministic), applies alpha and beta, writes the lower tile and its
 //     mirror (bit for bit), identity in the padding. A factor with any flagged slot is left
-//     untouched and reported in status[f], so a diverging batch never corrupts the running
-//     statistics.
+//     untouched and reported in status[f] (1), so a diverging batch never corrupts the
+//     running statistics; so is a factor whose partner (the other factor of its layer) was
+//     flagged (status 2), so that a layer's A and G always describe the same batches.
 //
 // Precision: F32 (SIMT FMA), TF32 tensor cores on f32 input, or f16 / bf16 input on tensor
 // cores (mma.sync m16n8k8 / m16n8k16), always accumulating in f32.
@@ -30,7 +31,8 @@ struct AccFactor {
     int slot_count;        // its number of slots
     float alpha;
     float beta;
-    int pad[4];
+    int partner;           // a factor that succeeds or fails with this one (A and G of a layer), or -1
+    int pad[3];
 };
 
 // Work item of the partial kernel (8 ints): factor, block j within the factor, tile row and
@@ -258,11 +260,16 @@ __device__ void acc_finalize(const AccFactor* __restrict__ factors, const int* _
     const AccFactor f = factors[it[0]];
     const int j = it[1], tr = it[2], tc = it[3], s0 = it[4], ns = it[5], reports = it[6];
     const int tid = threadIdx.x;
-    int mine = 0;
+    int mine = 0, theirs = 0;
     for (int s = tid; s < f.slot_count; s += blockDim.x) mine |= flags[f.slot_first + s];
-    const int bad = __syncthreads_or(mine != 0);
-    if (reports && tid == 0) status[it[0]] = bad;
-    if (bad) return;  // the factor keeps its previous statistics
+    if (f.partner >= 0) {
+        const int p0 = factors[f.partner].slot_first, pn = factors[f.partner].slot_count;
+        for (int s = tid; s < pn; s += blockDim.x) theirs |= flags[p0 + s];
+    }
+    const int own = __syncthreads_or(mine != 0);
+    const int partner = __syncthreads_or(theirs != 0);
+    if (reports && tid == 0) status[it[0]] = own ? 1 : (partner ? 2 : 0);
+    if (own || partner) return;  // the factor keeps its previous statistics
     const int w = min(b, f.d - j * b);
     float* S = blocks + (long long)(f.first_block + j) * b * b;
     const bool diag = tr == tc;

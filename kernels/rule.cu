@@ -7,20 +7,25 @@
 //   tr(F) = (tr(A) + sqrt(l) d_A) * (tr(G) + sqrt(l) d_G),  a missing factor contributing 1.
 // delta = |tr - prev| / prev: > w1 update, [w2, w1] reuse, < w2 freeze (for good).
 // A non-finite trace never updates and never unfreezes: the layer reuses, and its previous
-// trace is kept. The first finite trace of a layer updates.
+// trace is kept. The first finite trace of a layer updates. A layer one of whose factors has
+// a non-zero status (its statistics were not updated: a NaN or Inf in its input) is skipped:
+// decision 4, no update of its inverses, its previous trace and state kept.
 #include "common.cuh"
 
 #define RULE_UPDATE 0
 #define RULE_REUSE 1
 #define RULE_FREEZE 2
 #define RULE_FROZEN 3
+#define RULE_SKIPPED 4
 #define RULE_HAS_PREV 1
 #define RULE_IS_FROZEN 2
 
 // layers: 6 ints per layer: A factor index (-1: none), G factor index (-1: none), d_A, d_G,
 // first block, block count (the layer's blocks in the set, A's then G's).
+// factor_status: one int per factor (0 = statistics updated), or null.
 extern "C" __global__ void __launch_bounds__(256)
-trace_rule_f32(const float* factor_traces, const int* layers, int n_layers, float damping,
+trace_rule_f32(const float* factor_traces, const int* factor_status, const int* layers,
+               int n_layers, float damping,
                double w1, double w2, double* prev, unsigned char* state, unsigned char* mask,
                int* decisions, int* history, int history_capacity,
                unsigned long long* step) {
@@ -33,9 +38,14 @@ trace_rule_f32(const float* factor_traces, const int* layers, int n_layers, floa
         if (d[1] >= 0) tr *= (double)factor_traces[d[1]] + sq * d[3];
         unsigned char st = state[l];
         const bool finite = fabs(tr) <= 1.7976931348623157e308;  // false for NaN and Inf
+        const bool skipped = factor_status != nullptr &&
+                             ((d[0] >= 0 && factor_status[d[0]] != 0) ||
+                              (d[1] >= 0 && factor_status[d[1]] != 0));
         int decision;
         if (st & RULE_IS_FROZEN) {
             decision = RULE_FROZEN;
+        } else if (skipped) {
+            decision = RULE_SKIPPED;
         } else if (!finite) {
             decision = RULE_REUSE;  // never an update, never an unfreeze
         } else if (!(st & RULE_HAS_PREV) || !(prev[l] > 0.0)) {
@@ -44,7 +54,7 @@ trace_rule_f32(const float* factor_traces, const int* layers, int n_layers, floa
             const double delta = fabs(tr - prev[l]) / prev[l];
             decision = delta > w1 ? RULE_UPDATE : (delta >= w2 ? RULE_REUSE : RULE_FREEZE);
         }
-        if (decision != RULE_FROZEN && finite) {
+        if (decision != RULE_FROZEN && decision != RULE_SKIPPED && finite) {
             prev[l] = tr;
             st |= RULE_HAS_PREV;
         }

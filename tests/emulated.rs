@@ -332,6 +332,7 @@ fn emulated_trace_rule_matches_the_reference() {
         let mut dtr = Guarded::new(tr);
         let plan = raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
             factor_traces: dtr.ptr(),
+            factor_status: 0,
             layers: table.ptr(),
             n_layers: 3,
             damping,
@@ -893,6 +894,168 @@ fn emulated_apply_bf16_gradients() {
         for (l, lay) in layers.iter().enumerate() {
             let want = reference_layer(&set, &inv, lay, &grads[l], 0.5);
             assert!(rel_err(&outs[l], &want) < 1e-5, "b={b} layer {l}");
+        }
+    }
+}
+
+/// The factor step's kernels chained as the device pipeline chains them (accumulate with
+/// status, rule reading the status, masked inversion), with a NaN in one layer's input on
+/// the second step: that layer is skipped (decision 4), keeps its statistics and inverses;
+/// the others update.
+#[test]
+fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
+    use accumulate::*;
+    use thor_kernels::cuda::accumulate::{
+        AccumulateBuffers, AccumulateMode, AccumulatePlan, FactorInput,
+    };
+    let _g = lock();
+    let b = 32;
+    // Two layers: (A 40, G 10), (A 33, G 5).
+    let dims = [40usize, 10, 33, 5];
+    let rows = [64usize, 64, 50, 50];
+    let set = FactorSet::new(b, &dims).unwrap();
+    let layers = RuleLayer::pairs(&set);
+    let mut plan = AccumulatePlan::new(
+        &set,
+        &rows,
+        thor_kernels::DType::F32,
+        AccumulateMode::F32,
+        8,
+    )
+    .unwrap();
+    plan.set_partners(&[Some(1), Some(0), Some(3), Some(2)])
+        .unwrap();
+    let mut eye = vec![0.0f32; set.buffer_len()];
+    for k in 0..set.total_blocks() {
+        for i in 0..b {
+            eye[k * b * b + i * b + i] = 1.0;
+        }
+    }
+    let mut stats = Guarded::new(&eye);
+    let mut inv = Guarded::new(&eye);
+    let mut items = Guarded::new(plan.items());
+    let mut finals = Guarded::new(plan.finals());
+    let mut ws = Guarded::new(&poisoned(plan.workspace_len()));
+    let mut flags = Guarded::new(&vec![0i32; plan.slots()]);
+    let mut status = Guarded::new(&vec![-1i32; set.len()]);
+    let mut desc = Guarded::new(&set.trace_table());
+    let mut bt = Guarded::new(&poisoned(set.total_blocks()));
+    let mut ft = Guarded::new(&poisoned(set.len()));
+    let mut table = Guarded::new(&RuleLayer::table(&set, &layers).unwrap());
+    let mut prev = Guarded::new(&[0.0f64; 2]);
+    let mut state = Guarded::new(&[0u8; 2]);
+    let mut mask = Guarded::new(&vec![0u8; set.total_blocks()]);
+    let mut decisions = Guarded::new(&[0i32; 2]);
+    let mut history = Guarded::new(&[-1i32; 8]);
+    let mut step = Guarded::new(&[0u64]);
+    let mut info = Guarded::new(&vec![0i32; set.total_blocks()]);
+    let mut used = Guarded::new(&vec![0f32; set.total_blocks()]);
+    let damping = 0.01f32;
+    let mut kept_stats = Vec::new();
+    let mut kept_inv = Vec::new();
+    for k in 0..2u64 {
+        let mut inputs = make_inputs::<f32>(&set, &rows, 0.0, 100 + k);
+        if k == 1 {
+            inputs[3].x[7] = f32::NAN; // layer 1's G input
+            kept_stats = stats.get();
+            kept_inv = inv.get();
+        }
+        let mut xs: Vec<Guarded<f32>> = inputs.iter().map(|i| Guarded::new(&i.x)).collect();
+        let fi: Vec<FactorInput> = inputs
+            .iter()
+            .zip(xs.iter_mut())
+            .map(|(i, g)| FactorInput {
+                x: g.ptr(),
+                ld: i.ld,
+                alpha: i.alpha,
+                beta: 0.0,
+            })
+            .collect();
+        let mut factors = Guarded::new(&plan.factor_table(&fi).unwrap());
+        let mut launches = plan
+            .launches(&AccumulateBuffers {
+                factors: factors.ptr(),
+                items: items.ptr(),
+                finals: finals.ptr(),
+                workspace: ws.ptr(),
+                flags: flags.ptr(),
+                blocks: stats.ptr(),
+                status: status.ptr(),
+                trace_desc: desc.ptr(),
+                block_traces: bt.ptr(),
+                factor_traces: ft.ptr(),
+            })
+            .unwrap();
+        launches.push(
+            raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
+                factor_traces: ft.ptr(),
+                factor_status: status.ptr(),
+                layers: table.ptr(),
+                n_layers: 2,
+                damping,
+                w1: 0.01,
+                w2: 0.001,
+                prev: prev.ptr(),
+                state: state.ptr(),
+                mask: mask.ptr(),
+                decisions: decisions.ptr(),
+                history: history.ptr(),
+                history_capacity: 4,
+                step: step.ptr(),
+            })
+            .unwrap(),
+        );
+        launches.push(
+            raw::plan_invert_chol_f32(
+                stats.ptr(),
+                inv.ptr(),
+                &InvertArgs {
+                    b,
+                    blocks: set.total_blocks(),
+                    damping: 0,
+                    damping_all: damping.sqrt(),
+                    mask: mask.ptr(),
+                    policy: FailurePolicy::retry(),
+                    info: info.ptr(),
+                    damping_used: used.ptr(),
+                },
+            )
+            .unwrap(),
+        );
+        assert_eq!(launches.len(), 5);
+        run(&launches, k as i32).unwrap();
+        let (s, iv) = (stats.get(), inv.get());
+        if k == 0 {
+            assert_eq!(status.get(), vec![0; 4]);
+            assert_eq!(
+                decisions.get(),
+                vec![0, 0],
+                "first step updates every layer"
+            );
+        } else {
+            assert_eq!(status.get(), vec![0, 0, 2, 1]);
+            assert_eq!(decisions.get(), vec![0, 4], "layer 1 skipped");
+            // Layer 1's blocks (factors 2 and 3) kept their statistics and inverses.
+            let l1 =
+                layers[1].first_block * b * b..(layers[1].first_block + layers[1].blocks) * b * b;
+            assert!(s[l1.clone()]
+                .iter()
+                .zip(&kept_stats[l1.clone()])
+                .all(|(a, c)| a.to_bits() == c.to_bits()));
+            assert!(iv[l1.clone()]
+                .iter()
+                .zip(&kept_inv[l1])
+                .all(|(a, c)| a.to_bits() == c.to_bits()));
+            assert_eq!(
+                info.get()[layers[1].first_block..],
+                vec![-1; layers[1].blocks]
+            );
+        }
+        // Updated blocks: inverses of the new statistics with sqrt(damping).
+        let lam = (damping as f64).sqrt();
+        for j in 0..layers[0].blocks {
+            let res = block_residual(&s, &iv, b, j, lam);
+            assert!(res < 1e-4, "step {k} block {j}: {res:e}");
         }
     }
 }

@@ -1003,3 +1003,135 @@ fn gpu_apply_matches_reference_odd_shapes_in_and_out_of_place() {
         }
     }
 }
+
+#[test]
+fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
+    use thor_kernels::cuda::accumulate::DeviceInput;
+    use thor_kernels::cuda::step::{DeviceThorStep, StepConfig};
+    use thor_kernels::cuda::RuleLayer;
+    use thor_kernels::reference::{rule_step, RuleState};
+    let Some(dev) = gpu_or_skip("gpu_thor_step_pipeline_rule_skip_and_graph_replay") else {
+        return;
+    };
+    let b = 64;
+    let dims = [100usize, 20, 64, 70, 7, 3];
+    let rows = [256usize, 256, 90, 90, 33, 33];
+    let set = FactorSet::new(b, &dims).unwrap();
+    let layers = RuleLayer::pairs(&set);
+    let cfg = StepConfig {
+        w2: 0.001,
+        ..StepConfig::default()
+    };
+    let mut step = dev
+        .new_thor_step(&set, &rows, thor_kernels::DType::F32, &layers, cfg)
+        .unwrap();
+    let mut r = rng(12);
+    let mut xs: Vec<_> = dims
+        .iter()
+        .zip(&rows)
+        .map(|(&d, &n)| dev.upload(&normal(&mut r, n * d)).unwrap())
+        .collect();
+    {
+        let inputs: Vec<DeviceInput<'_, f32>> = xs
+            .iter()
+            .zip(&dims)
+            .map(|(x, &d)| DeviceInput {
+                x,
+                ld: d,
+                alpha: 0.0,
+                beta: 0.0,
+            })
+            .collect();
+        step.bind_inputs(&dev, &inputs).unwrap();
+    }
+    let damping = 0.01f32;
+    let mut states = [RuleState::default(); 3];
+    let host_inputs = |xs: &Vec<cudarc::driver::CudaSlice<f32>>| -> Vec<Vec<f32>> {
+        xs.iter().map(|x| dev.download(x).unwrap()).collect()
+    };
+    for k in 0..3 {
+        if k == 2 {
+            // A NaN in layer 1's G input: the layer is skipped, its statistics and inverses kept.
+            let mut h = dev.download(&xs[3]).unwrap();
+            h[5] = f32::NAN;
+            dev.stream().memcpy_htod(&h, &mut xs[3]).unwrap();
+        }
+        let before_stats = dev.download(step.stats()).unwrap();
+        let before_inv = dev.download(step.inverses()).unwrap();
+        step.run(&dev, damping).unwrap();
+        let stats = dev.download(step.stats()).unwrap();
+        let inv = dev.download(step.inverses()).unwrap();
+        let dec = dev.download(step.decisions()).unwrap();
+        let status = dev.download(step.status()).unwrap();
+        let hx = host_inputs(&xs);
+        let mut want_dec = Vec::new();
+        for (l, lay) in layers.iter().enumerate() {
+            let (fa, fg) = (2 * l, 2 * l + 1);
+            if k == 2 && l == 1 {
+                assert_eq!((status[fa], status[fg]), (2, 1));
+                want_dec.push(4);
+                let range = lay.first_block * b * b..(lay.first_block + lay.blocks) * b * b;
+                assert_eq!(stats[range.clone()], before_stats[range.clone()]);
+                assert_eq!(inv[range.clone()], before_inv[range]);
+                continue;
+            }
+            // Statistics: the mean of X^T X (decay 0).
+            let mut tr = [0.0f64; 2];
+            for (t, f) in [fa, fg].into_iter().enumerate() {
+                let e = &set.entries()[f];
+                let mut want = vec![0.0; e.layout.buffer_len()];
+                reference::accumulate(
+                    &f64s(&hx[f]),
+                    rows[f],
+                    dims[f],
+                    &e.layout,
+                    1.0 / rows[f] as f64,
+                    0.0,
+                    &mut want,
+                )
+                .unwrap();
+                let got = &stats[e.offset()..e.offset() + e.layout.buffer_len()];
+                assert!(rel_err(got, &want) < 1e-5, "step {k} factor {f}");
+                tr[t] = (0..dims[f])
+                    .map(|i| want[(i / b) * b * b + (i % b) * b + i % b])
+                    .sum();
+            }
+            let s = (damping as f64).sqrt();
+            let cur = (tr[0] + s * dims[fa] as f64) * (tr[1] + s * dims[fg] as f64);
+            want_dec.push(rule_step(&mut states[l], cur, cfg.w1, cfg.w2).code());
+        }
+        assert_eq!(dec, want_dec, "step {k}");
+        // Updated layers: inverses of the new statistics with sqrt(damping).
+        for (l, lay) in layers.iter().enumerate() {
+            for j in lay.first_block..lay.first_block + lay.blocks {
+                if want_dec[l] == 0 {
+                    let res = block_residual(&stats, &inv, b, j, (damping as f64).sqrt());
+                    assert!(res < 1e-4, "step {k} layer {l} block {j}: {res:e}");
+                }
+            }
+        }
+        dev.stream()
+            .memcpy_htod(&normal(&mut r, rows[0] * dims[0]), &mut xs[0])
+            .unwrap();
+    }
+    // Graph: capture the step and replay it; the same launches give the same result.
+    let h = dev.download(&xs[3]).unwrap();
+    let clean: Vec<f32> = h
+        .iter()
+        .map(|v| if v.is_finite() { *v } else { 0.5 })
+        .collect();
+    dev.stream().memcpy_htod(&clean, &mut xs[3]).unwrap();
+    step.run(&dev, damping).unwrap();
+    let graph = step.capture(&dev, damping).unwrap();
+    let before = dev.download(step.stats()).unwrap();
+    graph.replay().unwrap();
+    dev.synchronize().unwrap();
+    assert_eq!(
+        dev.download(step.stats()).unwrap(),
+        before,
+        "replay recomputes the same statistics"
+    );
+    assert_eq!(DeviceThorStep::LAUNCHES, 5);
+    let (n, _) = step.history(&dev).unwrap();
+    assert_eq!(n, 5, "3 runs + 1 run + 1 replay");
+}

@@ -62,6 +62,7 @@ pub struct AccumulatePlan {
     slots: usize,
     factor_slots: Vec<(usize, usize)>,
     rows_per_split: usize,
+    partners: Vec<i32>,
 }
 
 /// One factor's input for a call: where X is and how to scale.
@@ -92,7 +93,8 @@ pub struct AccumulateBuffers {
     pub flags: CUdeviceptr,
     /// The set's blocks, `[total_blocks, b, b]` f32, updated in place.
     pub blocks: CUdeviceptr,
-    /// One i32 per factor: 0, or 1 when its input held a NaN or Inf (factor unchanged).
+    /// One i32 per factor: 0; 1 when its input held a NaN or Inf; 2 when its partner's did
+    /// (1 and 2: the factor is unchanged).
     pub status: CUdeviceptr,
     /// The set's trace table ([`FactorSet::trace_table`]).
     pub trace_desc: CUdeviceptr,
@@ -193,7 +195,30 @@ impl AccumulatePlan {
             slots: slot,
             factor_slots,
             rows_per_split: per,
+            partners: vec![-1; set.len()],
         })
+    }
+
+    /// Ties factors together: `partners[f] = Some(g)` keeps factor `f` unchanged (status 2)
+    /// whenever factor `g`'s input is not finite, so that the A and G of a layer always
+    /// describe the same batches. Usually symmetric (A with G and G with A).
+    pub fn set_partners(&mut self, partners: &[Option<usize>]) -> Result<()> {
+        check_len("partners", self.set.len(), partners.len())?;
+        for (f, p) in partners.iter().enumerate() {
+            if let Some(p) = *p {
+                if p == f || p >= self.set.len() {
+                    return Err(Error::invalid(
+                        "partners",
+                        format!("factor {f}: partner {p} is itself or not in the set"),
+                    ));
+                }
+            }
+        }
+        self.partners = partners
+            .iter()
+            .map(|p| p.map_or(-1, |p| p as i32))
+            .collect();
+        Ok(())
     }
 
     /// The set.
@@ -204,6 +229,11 @@ impl AccumulatePlan {
     /// Input rows of each factor.
     pub fn rows(&self) -> &[usize] {
         &self.rows
+    }
+
+    /// The element type of the inputs.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The tile edge.
@@ -271,7 +301,7 @@ impl AccumulatePlan {
                 (d as u32 as u64) | ((e.first_block as u32 as u64) << 32),
                 (first as u32 as u64) | ((count as u32 as u64) << 32),
                 (inp.alpha.to_bits() as u64) | ((inp.beta.to_bits() as u64) << 32),
-                0,
+                self.partners[f] as u32 as u64,
                 0,
             ]);
         }
@@ -385,6 +415,12 @@ impl DeviceAccumulate {
         &self.plan
     }
 
+    /// Ties factors together ([`AccumulatePlan::set_partners`]); takes effect at the next
+    /// factor table upload.
+    pub fn set_partners(&mut self, partners: &[Option<usize>]) -> Result<()> {
+        self.plan.set_partners(partners)
+    }
+
     /// Queues the accumulation on raw device pointers (for the C ABI and other callers that
     /// own their memory): uploads the factor table (stream-ordered), then the three
     /// launches. See [`CudaDevice::accumulate`] for what is computed.
@@ -404,16 +440,40 @@ impl DeviceAccumulate {
         factor_traces: CUdeviceptr,
         status: CUdeviceptr,
     ) -> Result<()> {
+        self.set_factor_table(dev, inputs)?;
+        for l in &self.bound_launches(dev, blocks, block_traces, factor_traces, status)? {
+            // SAFETY: the plan's own buffers are owned by `self`; the rest is the caller's
+            // contract above.
+            unsafe { raw::launch(dev, l) }?;
+        }
+        Ok(())
+    }
+
+    /// Uploads the factor table for `inputs` (stream-ordered): later launches read the
+    /// inputs at these addresses.
+    pub fn set_factor_table(&mut self, dev: &CudaDevice, inputs: &[FactorInput]) -> Result<()> {
         let table = self.plan.factor_table(inputs)?;
+        dev.stream().memcpy_htod(&table, &mut self.factors)?;
+        Ok(())
+    }
+
+    /// The three launches on the factor table last set and the given outputs.
+    pub fn bound_launches(
+        &mut self,
+        dev: &CudaDevice,
+        blocks: CUdeviceptr,
+        block_traces: CUdeviceptr,
+        factor_traces: CUdeviceptr,
+        status: CUdeviceptr,
+    ) -> Result<Vec<LaunchPlan>> {
         let s = dev.stream().clone();
-        s.memcpy_htod(&table, &mut self.factors)?;
         let (fp, _a) = self.factors.device_ptr(&s);
         let (ip, _b) = self.items.device_ptr(&s);
         let (np, _c) = self.finals.device_ptr(&s);
         let (wp, _d) = self.workspace.device_ptr_mut(&s);
         let (gp, _e) = self.flags.device_ptr_mut(&s);
         let (tp, _f) = self.trace_desc.device_ptr(&s);
-        let launches = self.plan.launches(&AccumulateBuffers {
+        self.plan.launches(&AccumulateBuffers {
             factors: fp,
             items: ip,
             finals: np,
@@ -424,13 +484,7 @@ impl DeviceAccumulate {
             trace_desc: tp,
             block_traces,
             factor_traces,
-        })?;
-        for l in &launches {
-            // SAFETY: the plan's own buffers are owned by `self`; the rest is the caller's
-            // contract above.
-            unsafe { raw::launch(dev, l) }?;
-        }
-        Ok(())
+        })
     }
 }
 

@@ -12,6 +12,7 @@ pub mod apply;
 mod ops;
 pub mod raw;
 mod rule;
+pub mod step;
 pub mod tuning;
 
 pub use ops::{DeviceDamping, DeviceFactorSet, DeviceInvertOptions};

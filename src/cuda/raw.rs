@@ -474,6 +474,9 @@ pub unsafe fn invert_chol_f32(
 pub struct TraceRuleArgs {
     /// One f32 trace per factor of the set.
     pub factor_traces: CUdeviceptr,
+    /// One i32 per factor, non-zero where the factor's statistics were not updated (the
+    /// accumulation's status), or 0 for none: such layers are skipped (decision 4).
+    pub factor_status: CUdeviceptr,
     /// The layer table, `6 * n_layers` i32 ([`crate::cuda::RuleLayer::table`]).
     pub layers: CUdeviceptr,
     /// Number of layers.
@@ -515,6 +518,9 @@ pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
     if a.history_capacity == 0 || a.history_capacity > i32::MAX as usize {
         return Err(Error::invalid("history_capacity", "must be at least 1"));
     }
+    if a.factor_status != 0 {
+        check_ptr("factor_status", a.factor_status, 4)?;
+    }
     for (name, p, align) in [
         ("factor_traces", a.factor_traces, 4),
         ("layers", a.layers, 4),
@@ -535,6 +541,7 @@ pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
         smem: 0,
         args: vec![
             Ptr(a.factor_traces),
+            Ptr(a.factor_status),
             Ptr(a.layers),
             I32(a.n_layers as i32),
             F32(a.damping),

@@ -93,6 +93,55 @@ pub struct DeviceTraceRule {
 }
 
 impl DeviceTraceRule {
+    /// The rule's launch for one statistics step on raw buffers (see
+    /// [`CudaDevice::trace_rule`]); `factor_status` (one i32 per factor, or 0) skips the
+    /// layers whose statistics were not updated.
+    ///
+    /// # Safety
+    /// `factor_traces` (and `factor_status` when non-zero) must address one element per
+    /// factor of the set, `mask` one byte per block, `decisions` one i32 per layer, all of
+    /// `dev`'s context, valid until the queued work completes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn plan(
+        &mut self,
+        dev: &CudaDevice,
+        factor_traces: u64,
+        factor_status: u64,
+        damping: f32,
+        w1: f64,
+        w2: f64,
+        mask: u64,
+        decisions: u64,
+    ) -> Result<raw::LaunchPlan> {
+        let s = dev.stream();
+        let (lp, _b) = self.layers.device_ptr(s);
+        let (pp, _c) = self.prev.device_ptr_mut(s);
+        let (sp, _d) = self.state.device_ptr_mut(s);
+        let (hp, _g) = self.history.device_ptr_mut(s);
+        let (cp, _h) = self.step.device_ptr_mut(s);
+        raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
+            factor_traces,
+            factor_status,
+            layers: lp,
+            n_layers: self.n_layers,
+            damping,
+            w1,
+            w2,
+            prev: pp,
+            state: sp,
+            mask,
+            decisions,
+            history: hp,
+            history_capacity: self.capacity,
+            step: cp,
+        })
+    }
+
+    /// Number of blocks of the set the rule masks.
+    pub fn total_blocks(&self) -> usize {
+        self.total_blocks
+    }
+
     /// Number of layers.
     pub fn layers(&self) -> usize {
         self.n_layers
@@ -100,7 +149,8 @@ impl DeviceTraceRule {
 
     /// Reads the decision history (waits for queued work): the number of statistics steps
     /// run so far and the decisions of the last `min(steps, capacity)` of them, oldest first,
-    /// one code per layer (0 update, 1 reuse, 2 freeze, 3 frozen).
+    /// one code per layer (0 update, 1 reuse, 2 freeze, 3 frozen, 4 skipped: non-finite
+    /// statistics).
     pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<i32>>)> {
         let steps = dev.download(&self.step)?[0];
         let ring = dev.download(&self.history)?;
@@ -179,6 +229,7 @@ impl CudaDevice {
         let (cp, _h) = rule.step.device_ptr_mut(s);
         let plan = raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
             factor_traces: tp,
+            factor_status: 0,
             layers: lp,
             n_layers: rule.n_layers,
             damping,
