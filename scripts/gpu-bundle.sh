@@ -38,7 +38,7 @@ executables bench --no-run | while read -r kind name exe; do
   if [ "$kind" = bench ]; then cp "$exe" "$out/benches/$name"; fi
 done
 echo "building examples ..." >&2
-executables build --release --example resnet50_ops | while read -r kind name exe; do
+executables build --release --example resnet50_ops --example resnet50_step | while read -r kind name exe; do
   if [ "$kind" = example ]; then cp "$exe" "$out/examples/$name"; fi
 done
 echo "building the shared library for the Python bindings ..." >&2

@@ -52,6 +52,9 @@ else
   echo "pytest: skipped (no python3 with torch, pytest and CUDA)" >> "$summary"
 fi
 step "example resnet50_ops cuda" "$out/example.log" "$here/examples/resnet50_ops" --backend cuda --batch 8
+for prec in f32 tf32 bf16; do
+  step "example resnet50_step $prec" "$out/step-$prec.log" "$here/examples/resnet50_step" --backend cuda --precision "$prec"
+done
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     THOR_SANITIZER_QUICK=1 step "sanitizer $tool gpu" "$out/sanitizer-$tool.log" \
