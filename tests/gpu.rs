@@ -1135,3 +1135,46 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
     let (n, _) = step.history(&dev).unwrap();
     assert_eq!(n, 5, "3 runs + 1 run + 1 replay");
 }
+
+#[test]
+fn gpu_thor_optimizer_on_cuda_matches_the_cpu_backend() {
+    use thor_kernels::thor::{DampingSchedule, IntervalSchedule, LayerKind, Thor, ThorConfig};
+    use thor_kernels::BackendKind;
+    if gpu_or_skip("gpu_thor_optimizer_on_cuda_matches_the_cpu_backend").is_none() {
+        return;
+    }
+    let cfg = |backend| ThorConfig {
+        block: 32,
+        damping: DampingSchedule::Constant(1e-2),
+        interval: IntervalSchedule::Fixed(1),
+        stat_decay: 0.5,
+        backend,
+        ..ThorConfig::thor()
+    };
+    let mut cpu = Thor::new(cfg(BackendKind::Cpu)).unwrap();
+    let mut gpu = Thor::new(cfg(BackendKind::Cuda)).unwrap();
+    assert!(gpu.backend_name().starts_with("cuda:"));
+    let kind = LayerKind::Linear {
+        inputs: 40,
+        outputs: 70,
+        bias: true,
+    };
+    let (lc, lg) = (cpu.add_layer(kind).unwrap(), gpu.add_layer(kind).unwrap());
+    let mut r = rng(33);
+    let rows = 50;
+    for step in 0..3 {
+        let acts = normal(&mut r, rows * 40);
+        let grads = normal(&mut r, rows * 70);
+        let g = normal(&mut r, 70 * 41);
+        let oc = cpu.observe(lc, &acts, &grads, rows).unwrap();
+        let og = gpu.observe(lg, &acts, &grads, rows).unwrap();
+        assert_eq!(oc, og, "step {step}");
+        let (mut uc, mut ug) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        cpu.precondition(lc, &g, &mut uc).unwrap();
+        gpu.precondition(lg, &g, &mut ug).unwrap();
+        assert!(rel_err(&ug, &f64s(&uc)) < 1e-4, "step {step}");
+        cpu.finish_step();
+        gpu.finish_step();
+    }
+    assert_eq!(cpu.counters(lc).unwrap(), gpu.counters(lg).unwrap());
+}

@@ -242,11 +242,15 @@ fn bad_registrations_and_calls_are_typed_errors() {
             ..
         })
     ));
-    assert!(Thor::new(ThorConfig {
+    // The CUDA backend: a NoDevice error where there is no GPU, an optimizer where there is.
+    let cuda = Thor::new(ThorConfig {
         backend: BackendKind::Cuda,
         ..config(32)
-    })
-    .is_err());
+    });
+    match thor_kernels::cuda::CudaDevice::new(0) {
+        Ok(_) => assert!(cuda.unwrap().backend_name().starts_with("cuda:")),
+        Err(_) => assert!(matches!(cuda, Err(Error::NoDevice(_)))),
+    }
     let mut t = Thor::new(config(32)).unwrap();
     assert!(matches!(
         t.add_layer(LayerKind::Linear {

@@ -27,13 +27,15 @@
 //! # Ok::<(), thor_kernels::Error>(())
 //! ```
 
+mod compute;
 mod schedule;
 mod state;
 
 pub use schedule::{lr_poly, DampingSchedule, IntervalSchedule};
 
 use crate::backend::BackendKind;
-use crate::cpu::{self, InvertOptions, Workspace};
+use crate::cpu::InvertOptions;
+use crate::cuda::CudaDevice;
 use crate::error::{check_len, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{check_block_size, BlockLayout};
@@ -154,8 +156,9 @@ pub struct ThorConfig {
     pub interval: IntervalSchedule,
     /// Trace-rule thresholds.
     pub thresholds: Thresholds,
-    /// Where the preconditioner runs. The CPU backend is the one implemented end to end;
-    /// `Cuda` is refused until the accumulate and apply kernels land.
+    /// Where the accumulation, inversion and apply run: `Cpu`, `Cuda` (device 0; an error
+    /// when there is none) or `Auto` (the GPU when one is usable). The optimizer's state
+    /// stays in host memory either way.
     pub backend: BackendKind,
     /// Non-SPD blocks: retry with more damping by default.
     pub policy: FailurePolicy,
@@ -270,8 +273,8 @@ pub struct Thor {
     step: u64,
     epoch: f64,
     next_stats: u64,
-    // Scratch, sized as layers are added; never allocated on the step path.
-    ws: Workspace,
+    // Where the heavy operations run (its scratch sized as layers are added).
+    compute: Box<dyn compute::Compute>,
     ones_buf: Vec<f32>,
     traces_buf: Vec<f32>,
     info_buf: Vec<i32>,
@@ -281,19 +284,21 @@ impl Thor {
     /// A new optimizer; errors on an invalid configuration or an unavailable backend.
     pub fn new(cfg: ThorConfig) -> Result<Self> {
         cfg.validate()?;
-        if cfg.backend == BackendKind::Cuda {
-            return Err(Error::invalid(
-                "backend",
-                "the optimizer runs on the CPU backend for now (the CUDA accumulate and apply kernels are not in this version)",
-            ));
-        }
+        let compute: Box<dyn compute::Compute> = match cfg.backend {
+            BackendKind::Cpu => Box::new(compute::CpuCompute::new()),
+            BackendKind::Cuda => Box::new(compute::CudaCompute::new(CudaDevice::new(0)?)),
+            BackendKind::Auto => match CudaDevice::new(0) {
+                Ok(d) => Box::new(compute::CudaCompute::new(d)),
+                Err(_) => Box::new(compute::CpuCompute::new()),
+            },
+        };
         Ok(Self {
             cfg,
             layers: Vec::new(),
             step: 0,
             epoch: 0.0,
             next_stats: 0,
-            ws: Workspace::new(0),
+            compute,
             ones_buf: Vec::new(),
             traces_buf: Vec::new(),
             info_buf: Vec::new(),
@@ -334,14 +339,7 @@ impl Thor {
             counters: LayerCounters::default(),
         };
         let blocks = a.blocks().max(g.blocks());
-        let need = cpu::invert_workspace_size(b, blocks).max(cpu::apply_workspace_size(
-            Some(b),
-            kind.d_g(),
-            kind.d_a(),
-        ));
-        if self.ws.len() < need {
-            self.ws = Workspace::new(need);
-        }
+        self.compute.reserve(b, blocks, kind.d_g(), kind.d_a());
         if self.traces_buf.len() < blocks {
             self.traces_buf.resize(blocks, 0.0);
             self.info_buf.resize(blocks, 0);
@@ -466,27 +464,23 @@ impl Thor {
             acts
         };
         let tr = &mut self.traces_buf;
-        cpu::accumulate(
+        self.compute.accumulate(
             x_a,
             rows,
-            d_a,
             &l.a,
             alpha,
             beta,
             &mut l.a_stats,
             &mut tr[..l.a.blocks()],
-            &mut self.ws,
         )?;
-        cpu::accumulate(
+        self.compute.accumulate(
             out_grads,
             rows,
-            d_g,
             &l.g,
             alpha,
             beta,
             &mut l.g_stats,
             &mut tr[..l.g.blocks()],
-            &mut self.ws,
         )?;
         l.has_stats = true;
         l.counters.statistics += 1;
@@ -512,7 +506,7 @@ impl Thor {
                     (&l.g, &l.g_stats, &mut l.g_inv),
                 ] {
                     let nb = layout.blocks();
-                    cpu::invert(b, stats, inv, &mut info[..nb], None, &opts, &mut self.ws)?;
+                    self.compute.invert(b, stats, inv, &mut info[..nb], &opts)?;
                     ok &= info[..nb].iter().all(|&i| i == 0);
                 }
                 // A block that failed keeps its previous inverse (the kernel leaves it as it was).
@@ -537,16 +531,15 @@ impl Thor {
             .get(id.0)
             .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
         let (d_a, d_g) = (l.kind.d_a(), l.kind.d_g());
-        cpu::apply(
-            Some((&l.g, &l.g_inv)),
-            grad,
-            Some((&l.a, &l.a_inv)),
-            d_g,
-            d_a,
-            1.0,
-            out,
-            &mut self.ws,
-        )
+        check_len("grad", d_g * d_a, grad.len())?;
+        check_len("out", d_g * d_a, out.len())?;
+        self.compute
+            .apply((&l.g, &l.g_inv), grad, (&l.a, &l.a_inv), d_g, d_a, out)
+    }
+
+    /// Where the accumulation, inversion and apply run (`cpu (N threads)` or `cuda:<name>`).
+    pub fn backend_name(&self) -> String {
+        self.compute.name()
     }
 
     /// K-FAC's KL clip factor for this step: `min(1, sqrt(kl_clip / (lr^2 * sum g . dW)))`
