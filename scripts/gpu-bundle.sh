@@ -46,7 +46,8 @@ cargo build --release --lib 2>/dev/null
 mkdir -p "$out/python"
 cp target/release/libthor_kernels.so "$out/python/"
 cp python/thor_kernels_torch.py python/test_thor_kernels_torch.py "$out/python/"
-strip --strip-debug "$out"/tests/* "$out"/benches/* "$out"/examples/* "$out"/python/*.so
+strip --strip-all "$out"/tests/* "$out"/benches/* "$out"/examples/*
+strip --strip-debug "$out"/python/*.so
 cp scripts/gpu-run.sh "$out/run.sh"
 chmod +x "$out/run.sh"
 git rev-parse --short HEAD > "$out/COMMIT" 2>/dev/null || echo unknown > "$out/COMMIT"
