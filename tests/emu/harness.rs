@@ -166,67 +166,122 @@ fn run_one(p: &LaunchPlan, order: i32) -> Result<(), String> {
     }
 }
 
-const GUARD: usize = 64;
-
-/// A host buffer with canaries on both sides, standing in for device memory: a kernel that
-/// writes out of bounds fails [`Guarded::check`].
+/// A host buffer standing in for device memory, in its own mapping between two
+/// inaccessible pages: its end is 16 bytes (or less) from the page after it, so a kernel
+/// that reads or writes past the end faults (the test process dies with SIGSEGV, which
+/// fails the test); the few bytes of slack on each side hold canaries that
+/// [`Guarded::check`] verifies, for writes the pages cannot see.
 pub struct Guarded<T: bytemuck::Pod> {
-    raw: Vec<u128>,
+    base: *mut u8,
+    map_len: usize,
+    data: *mut u8,
     len: usize,
     _t: std::marker::PhantomData<T>,
 }
 
 const CANARY: u8 = 0xA7;
 
+fn page() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
 impl<T: bytemuck::Pod> Guarded<T> {
     /// A buffer holding `data`.
     pub fn new(data: &[T]) -> Self {
         let bytes = std::mem::size_of_val(data);
-        let cells = (2 * GUARD * 16 + bytes).div_ceil(16);
-        let mut raw = vec![0u128; cells];
-        let all: &mut [u8] = bytemuck::cast_slice_mut(&mut raw);
-        all.fill(CANARY);
-        all[GUARD * 16..GUARD * 16 + bytes].copy_from_slice(bytemuck::cast_slice(data));
+        let pg = page();
+        let span = bytes.next_multiple_of(16).max(16);
+        let body = span.next_multiple_of(pg);
+        let map_len = body + 2 * pg;
+        // SAFETY: an anonymous private mapping; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(base != libc::MAP_FAILED, "mmap failed");
+        let base = base as *mut u8;
+        // SAFETY: both pages lie inside the mapping just made.
+        unsafe {
+            assert_eq!(libc::mprotect(base as *mut _, pg, libc::PROT_NONE), 0);
+            assert_eq!(
+                libc::mprotect(base.add(pg + body) as *mut _, pg, libc::PROT_NONE),
+                0
+            );
+        }
+        // SAFETY: the body pages are readable and writable; `data` ends at most 15 bytes
+        // before the guard page.
+        let start = unsafe { base.add(pg + body - span) };
+        unsafe {
+            std::ptr::write_bytes(base.add(pg), CANARY, body);
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, start, bytes);
+        }
         Guarded {
-            raw,
+            base,
+            map_len,
+            data: start,
             len: data.len(),
             _t: std::marker::PhantomData,
         }
     }
 
+    fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
     /// The element address, as a "device pointer".
     pub fn ptr(&mut self) -> u64 {
-        let all: &mut [u8] = bytemuck::cast_slice_mut(&mut self.raw);
-        all[GUARD * 16..].as_mut_ptr() as u64
+        self.data as u64
     }
 
     /// The contents.
     pub fn get(&self) -> Vec<T> {
-        let all: &[u8] = bytemuck::cast_slice(&self.raw);
-        let bytes = self.len * std::mem::size_of::<T>();
         let mut v = vec![T::zeroed(); self.len];
-        bytemuck::cast_slice_mut::<T, u8>(&mut v)
-            .copy_from_slice(&all[GUARD * 16..GUARD * 16 + bytes]);
+        // SAFETY: `data` holds `len` elements inside the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.data, v.as_mut_ptr() as *mut u8, self.bytes())
+        };
         v
     }
 
     /// Replaces the contents.
     pub fn set(&mut self, data: &[T]) {
         assert_eq!(data.len(), self.len);
-        let all: &mut [u8] = bytemuck::cast_slice_mut(&mut self.raw);
-        all[GUARD * 16..GUARD * 16 + std::mem::size_of_val(data)]
-            .copy_from_slice(bytemuck::cast_slice(data));
+        // SAFETY: as in `get`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr() as *const u8, self.data, self.bytes())
+        };
     }
 
-    /// Panics when a canary byte changed.
+    /// Panics when a canary byte around the data changed.
     pub fn check(&self, what: &str) {
-        let all: &[u8] = bytemuck::cast_slice(&self.raw);
-        let bytes = self.len * std::mem::size_of::<T>();
-        let head = &all[..GUARD * 16];
-        let tail = &all[GUARD * 16 + bytes..];
+        let pg = page();
+        // SAFETY: the readable body of the mapping, around the data.
+        let (head, tail) = unsafe {
+            let body_start = self.base.add(pg);
+            let head =
+                std::slice::from_raw_parts(body_start, self.data.offset_from(body_start) as usize);
+            let end = self.data.add(self.bytes());
+            let body_end = self.base.add(self.map_len - pg);
+            let tail = std::slice::from_raw_parts(end, body_end.offset_from(end) as usize);
+            (head, tail)
+        };
         assert!(
             head.iter().chain(tail).all(|&b| b == CANARY),
             "{what}: a kernel wrote outside the buffer"
         );
+    }
+}
+
+impl<T: bytemuck::Pod> Drop for Guarded<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.base as *mut _, self.map_len) };
     }
 }
