@@ -348,6 +348,8 @@ fn run_cpu(a: &Args, m: &Model) -> Result<()> {
             .max(cpu::invert_workspace_size(m.set.block(), nb)),
     );
     let mut rule = vec![RuleState::default(); m.layers.len()];
+    // A layer's A and G are kept or updated together (as the device step does).
+    let partners: Vec<Option<usize>> = (0..m.set.len()).map(|f| Some(f ^ 1)).collect();
     let mut mask = vec![1u8; nb];
     let mut info = vec![0i32; nb];
     let (mut t_acc, mut t_rule, mut t_inv) = (Vec::new(), Vec::new(), Vec::new());
@@ -367,6 +369,7 @@ fn run_cpu(a: &Args, m: &Model) -> Result<()> {
         cpu::accumulate_set(
             &m.set,
             &fi,
+            Some(&partners),
             &mut stats,
             &mut bt,
             &mut ft,
@@ -377,11 +380,16 @@ fn run_cpu(a: &Args, m: &Model) -> Result<()> {
         let s = (damping as f64).sqrt();
         for (l, st) in rule.iter_mut().enumerate() {
             let (fa, fg) = (2 * l, 2 * l + 1);
+            let e = &m.set.entries()[fa];
+            let blocks = e.layout.blocks() + m.set.entries()[fg].layout.blocks();
+            if status[fa] != 0 || status[fg] != 0 {
+                // Non-finite input: the layer is skipped, its inverses kept.
+                mask[e.first_block..e.first_block + blocks].fill(0);
+                continue;
+            }
             let cur =
                 (ft[fa] as f64 + s * m.dims[fa] as f64) * (ft[fg] as f64 + s * m.dims[fg] as f64);
             let d = reference::rule_step(st, cur, 0.01, 0.0);
-            let e = &m.set.entries()[fa];
-            let blocks = e.layout.blocks() + m.set.entries()[fg].layout.blocks();
             mask[e.first_block..e.first_block + blocks]
                 .fill((d == reference::StepDecision::Update) as u8);
         }

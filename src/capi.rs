@@ -876,7 +876,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                             });
                         }
                         let ws = c.ws(cpu::accumulate_set_workspace_size::<$t>(&p.set));
-                        cpu::accumulate_set(&p.set, &inputs, out, bt, ft, st, ws)?;
+                        cpu::accumulate_set(&p.set, &inputs, None, out, bt, ft, st, ws)?;
                     }};
                 }
                 match p.dtype {

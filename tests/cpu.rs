@@ -458,3 +458,109 @@ fn invert_residual_bound_up_to_cond_1e7() {
         }
     }
 }
+
+#[test]
+fn accumulate_set_status_partners_and_traces() {
+    // Two layers (A, G): factor 3 (layer 1's G) gets a NaN; with partners, layer 1's A is
+    // kept too (status 2); without, only factor 3 is kept.
+    let b = 32;
+    let dims = [40usize, 10, 33, 5];
+    let rows = [64usize, 64, 50, 50];
+    let set = FactorSet::new(b, &dims).unwrap();
+    let mut r = rng(71);
+    let mut xs: Vec<Vec<f32>> = dims
+        .iter()
+        .zip(&rows)
+        .map(|(&d, &n)| normal(&mut r, n * d))
+        .collect();
+    xs[3][17] = f32::NAN;
+    let init = normal(&mut r, set.buffer_len());
+    for (partners, want) in [
+        (None, vec![0, 0, 0, 1]),
+        (
+            Some(vec![Some(1), Some(0), Some(3), Some(2)]),
+            vec![0, 0, 2, 1],
+        ),
+    ] {
+        let inputs: Vec<cpu::FactorInput<'_, f32>> = xs
+            .iter()
+            .enumerate()
+            .map(|(f, x)| cpu::FactorInput {
+                x,
+                rows: rows[f],
+                ld: dims[f],
+                alpha: 1.0 / rows[f] as f32,
+                beta: 0.0,
+            })
+            .collect();
+        let mut blocks = init.clone();
+        let (mut bt, mut ft, mut st) = (
+            poisoned(set.total_blocks()),
+            poisoned(set.len()),
+            vec![-1i32; set.len()],
+        );
+        let mut ws = Workspace::new(cpu::accumulate_set_workspace_size::<f32>(&set));
+        cpu::accumulate_set(
+            &set,
+            &inputs,
+            partners.as_deref(),
+            &mut blocks,
+            &mut bt,
+            &mut ft,
+            &mut st,
+            &mut ws,
+        )
+        .unwrap();
+        assert_eq!(st, want);
+        for (f, e) in set.entries().iter().enumerate() {
+            let range = e.offset()..e.offset() + e.layout.buffer_len();
+            if want[f] != 0 {
+                assert_eq!(blocks[range.clone()], init[range], "factor {f} kept");
+                continue;
+            }
+            let mut w = vec![0.0; e.layout.buffer_len()];
+            reference::accumulate(
+                &f64s(&xs[f]),
+                rows[f],
+                dims[f],
+                &e.layout,
+                1.0 / rows[f] as f64,
+                0.0,
+                &mut w,
+            )
+            .unwrap();
+            assert!(rel_err(&blocks[range], &w) < 1e-5, "factor {f}");
+        }
+        let want_ft = reference::factor_traces(&set, &f64s(&blocks)).unwrap();
+        for (g, w) in ft.iter().zip(&want_ft) {
+            assert!((*g as f64 - w).abs() < 1e-4 * w.abs().max(1.0));
+        }
+    }
+    // A partner that is the factor itself is refused.
+    let inputs: Vec<cpu::FactorInput<'_, f32>> = xs
+        .iter()
+        .enumerate()
+        .map(|(f, x)| cpu::FactorInput {
+            x,
+            rows: rows[f],
+            ld: dims[f],
+            alpha: 1.0,
+            beta: 0.0,
+        })
+        .collect();
+    let mut blocks = init.clone();
+    let (mut bt, mut ft, mut st) = (vec![0.0; set.total_blocks()], vec![0.0; 4], vec![0; 4]);
+    let mut ws = Workspace::new(cpu::accumulate_set_workspace_size::<f32>(&set));
+    let bad = [Some(0), None, None, None];
+    assert!(cpu::accumulate_set(
+        &set,
+        &inputs,
+        Some(&bad),
+        &mut blocks,
+        &mut bt,
+        &mut ft,
+        &mut st,
+        &mut ws
+    )
+    .is_err());
+}

@@ -272,11 +272,15 @@ pub fn accumulate_set_workspace_size<E: Element>(set: &FactorSet) -> usize {
 /// Grouped covariance accumulation, the CPU form of the device's grouped call: every
 /// factor `f` of `set` from `inputs[f]` as in [`accumulate`], then the traces of every block
 /// and factor. A factor whose input holds a NaN or Inf is left as it was and gets
-/// `status[f] = 1` (0 otherwise), as on the device; other errors (shapes, scalars) return
-/// before anything is written.
+/// `status[f] = 1`; with `partners` (as [`crate::cuda::accumulate::AccumulatePlan::set_partners`]),
+/// a factor whose partner's input does is left as it was too, with `status[f] = 2`; 0
+/// otherwise, as on the device. Other errors (shapes, scalars) return before anything is
+/// written.
+#[allow(clippy::too_many_arguments)]
 pub fn accumulate_set<E: Element>(
     set: &FactorSet,
     inputs: &[FactorInput<'_, E>],
+    partners: Option<&[Option<usize>]>,
     blocks: &mut [f32],
     block_traces: &mut [f32],
     factor_traces: &mut [f32],
@@ -300,10 +304,28 @@ pub fn accumulate_set<E: Element>(
         check_finite("beta", inp.beta as f64)?;
         check_min_len("x", (inp.rows - 1) * inp.ld + d, inp.x.len())?;
     }
+    if let Some(p) = partners {
+        check_len("partners", set.len(), p.len())?;
+        if let Some(f) = p
+            .iter()
+            .enumerate()
+            .position(|(f, q)| q.is_some_and(|q| q == f || q >= set.len()))
+        {
+            return Err(Error::invalid(
+                "partners",
+                format!("factor {f}: partner is itself or not in the set"),
+            ));
+        }
+    }
+    let bad: Vec<bool> = inputs
+        .iter()
+        .zip(set.entries())
+        .map(|(inp, e)| find_non_finite(inp.x, inp.rows, e.layout.dim(), inp.ld).is_some())
+        .collect();
     for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
-        let d = e.layout.dim();
-        if find_non_finite(inp.x, inp.rows, d, inp.ld).is_some() {
-            status[f] = 1;
+        let partner_bad = partners.and_then(|p| p[f]).is_some_and(|q| bad[q]);
+        if bad[f] || partner_bad {
+            status[f] = if bad[f] { 1 } else { 2 };
             continue;
         }
         status[f] = 0;
