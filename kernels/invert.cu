@@ -133,6 +133,196 @@ __device__ void invert_chol(const float* in, float* out, int nblocks, const floa
     lauum_store<B, T>(a, out + (long long)blk * B * B);
 }
 
+// ---------------------------------------------------------------------------------------
+// v2 for b <= 128: the same route (right-looking Cholesky, L^-1, L^-T L^-1) with the working
+// matrix in registers. Thread (ty, tx) of a P x P grid holds the R x R elements
+// (ty + P a, tx + P q), a cyclic distribution, so the shrinking trailing matrix stays spread
+// over every thread. Steps k = kq P + kr run with kq unrolled: the register index of the
+// step's row or column group (kq) is a compile-time constant, and the groups that are
+// finished (or still zero) are skipped at compile time.
+//
+// Phase 1 (Cholesky): step k, the owners of column k publish it (double buffered: one
+// barrier per step); every thread reads the pivot, scales its own rows and columns of it,
+// and applies the rank-1 update to its active groups; the owners store L(:, k) to shared
+// memory. Phase 2 (Z = L^-T by backward elimination on I): step k, last first, the owners
+// of row k scale it by 1 / L_kk and publish it; every thread subtracts L(k, i) times it
+// from its rows i < k. Phase 3: X = L^-T L^-1 = Z Z^T from Z in shared memory, then the
+// lower triangle is stored to (r, c) and (c, r).
+template <int B, int P>
+__device__ void invert_chol_reg(const float* in, float* out, int nblocks, const float* damping,
+                                float damping_all, const unsigned char* mask, int max_retries,
+                                float retry_factor, float retry_floor, int* info,
+                                float* damping_used) {
+    constexpr int R = B / P, NT = P * P, LD = B + 1;
+    THOR_DYNAMIC_SMEM(float, thor_smem);
+    float* L = thor_smem;          // B x LD: L, then L^-1, then X
+    float* buf = L + B * LD;       // 2 x B: the step's published column or row
+    const int blk = blockIdx.x;
+    if (blk >= nblocks) return;
+    if (mask != nullptr && mask[blk] == 0) {
+        if (threadIdx.x == 0) info[blk] = INFO_SKIPPED;
+        return;
+    }
+    float lam = damping != nullptr ? damping[blk] : damping_all;
+    if (!(lam >= 0.f && lam < __int_as_float(0x7f800000))) {
+        if (threadIdx.x == 0) info[blk] = INFO_BAD_DAMPING;
+        return;
+    }
+    const int tid = threadIdx.x, tx = tid % P, ty = tid / P;
+    const float* src = in + (long long)blk * B * B;
+    float v[R][R];
+    int fail = 0;
+    for (int attempt = 0;; ++attempt) {
+        // Stage the input (lower triangle, mirrored) through shared memory.
+        for (int idx = tid; idx < B * B; idx += NT) L[(idx / B) * LD + idx % B] = src[idx];
+        __syncthreads();
+#pragma unroll
+        for (int a = 0; a < R; ++a)
+#pragma unroll
+            for (int q = 0; q < R; ++q) {
+                const int i = ty + P * a, j = tx + P * q;
+                v[a][q] = i >= j ? L[i * LD + j] : L[j * LD + i];
+                if (i == j) v[a][q] += lam;
+            }
+        __syncthreads();  // L is written below
+        fail = 0;
+#pragma unroll
+        for (int kq = 0; kq < R; ++kq) {
+            for (int kr = 0; kr < P; ++kr) {
+                const int k = kq * P + kr;
+                float* cb = buf + (k & 1) * B;
+                if (tx == kr) {
+#pragma unroll
+                    for (int a = kq; a < R; ++a) cb[ty + P * a] = v[a][kq];
+                }
+                __syncthreads();
+                const float d = cb[k];
+                if (!positive_finite(d)) {  // the same on every thread
+                    fail = k + 1;
+                    break;
+                }
+                const float ljj = sqrtf(d), inv = 1.f / ljj;
+                float li[R], lj[R];
+#pragma unroll
+                for (int a = kq; a < R; ++a) {
+                    const int i = ty + P * a;
+                    li[a] = i > k ? cb[i] * inv : 0.f;
+                }
+#pragma unroll
+                for (int q = kq; q < R; ++q) {
+                    const int j = tx + P * q;
+                    lj[q] = j > k ? cb[j] * inv : 0.f;
+                }
+                if (tx == kr) {
+#pragma unroll
+                    for (int a = kq; a < R; ++a) {
+                        const int i = ty + P * a;
+                        if (i >= k) L[i * LD + k] = i == k ? ljj : li[a];
+                    }
+                }
+#pragma unroll
+                for (int a = kq; a < R; ++a)
+#pragma unroll
+                    for (int q = kq; q < R; ++q) v[a][q] = fmaf(-li[a], lj[q], v[a][q]);
+            }
+            if (fail != 0) break;
+        }
+        if (fail == 0 || attempt >= max_retries) break;
+        lam = fmaxf(lam, retry_floor) * retry_factor;
+        __syncthreads();  // every thread is past the step loop before L is reloaded
+    }
+    if (tid == 0) {
+        info[blk] = fail;
+        if (damping_used != nullptr) damping_used[blk] = lam;
+    }
+    if (fail != 0) return;
+    __syncthreads();  // L complete
+
+    // Phase 2: Z = L^-T in registers (upper triangular), by backward elimination on I:
+    // step k (last first) scales row k of Z by 1 / L_kk and subtracts L(k, i) times it from
+    // the rows i < k. This solves L^T Z = I, i.e. Z^T L = I: L^-1 = Z^T as LAPACK's trti2
+    // computes it (a left inverse), which keeps the final residual at the Cholesky route's.
+#pragma unroll
+    for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int q = 0; q < R; ++q) v[a][q] = (ty + P * a == tx + P * q) ? 1.f : 0.f;
+#pragma unroll
+    for (int kq = R - 1; kq >= 0; --kq) {
+        for (int kr = P - 1; kr >= 0; --kr) {
+            const int k = kq * P + kr;
+            float* rb = buf + (k & 1) * B;
+            const float inv = 1.f / L[k * LD + k];
+            if (ty == kr) {  // row k (group kq) is final once scaled; columns j >= k only
+#pragma unroll
+                for (int q = kq; q < R; ++q) {
+                    v[kq][q] *= inv;
+                    rb[tx + P * q] = v[kq][q];
+                }
+            }
+            __syncthreads();
+            float c[R];
+#pragma unroll
+            for (int a = 0; a <= kq; ++a) {
+                const int i = ty + P * a;
+                c[a] = i < k ? L[k * LD + i] : 0.f;
+            }
+#pragma unroll
+            for (int q = kq; q < R; ++q) {
+                const float z = rb[tx + P * q];
+#pragma unroll
+                for (int a = 0; a <= kq; ++a) v[a][q] = fmaf(-c[a], z, v[a][q]);
+            }
+        }
+    }
+    __syncthreads();  // every read of L is done
+#pragma unroll
+    for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int q = 0; q < R; ++q) L[(ty + P * a) * LD + tx + P * q] = v[a][q];
+    __syncthreads();
+
+    // Phase 3: X(r, c) = sum_{k >= max(r, c)} Z(r, k) Z(c, k), lower groups (q <= a) only.
+#pragma unroll
+    for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int q = 0; q < R; ++q) v[a][q] = 0.f;
+#pragma unroll
+    for (int kq = 0; kq < R; ++kq) {
+        for (int kr = 0; kr < P; ++kr) {
+            const int k = kq * P + kr;
+            float yr[R], yc[R];
+#pragma unroll
+            for (int a = 0; a <= kq; ++a) yr[a] = L[(ty + P * a) * LD + k];
+#pragma unroll
+            for (int q = 0; q <= kq; ++q) yc[q] = L[(tx + P * q) * LD + k];
+#pragma unroll
+            for (int a = 0; a <= kq; ++a)
+#pragma unroll
+                for (int q = 0; q <= a; ++q) v[a][q] = fmaf(yr[a], yc[q], v[a][q]);
+        }
+    }
+    __syncthreads();  // every read of Z is done
+#pragma unroll
+    for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int q = 0; q <= a; ++q) L[(ty + P * a) * LD + tx + P * q] = v[a][q];
+    __syncthreads();
+    float* dst = out + (long long)blk * B * B;
+    for (int idx = tid; idx < B * B; idx += NT) {
+        const int r = idx / B, c = idx % B;
+        dst[idx] = r >= c ? L[r * LD + c] : L[c * LD + r];
+    }
+}
+
+#define THOR_INVERT_REG_KERNEL(B, P)                                                        \
+    extern "C" __global__ void __launch_bounds__(P * P, 1) invert_chol_b##B##_f32(          \
+        const float* in, float* out, int nblocks, const float* damping, float damping_all,  \
+        const unsigned char* mask, int max_retries, float retry_factor, float retry_floor, \
+        int* info, float* damping_used) {                                                   \
+        invert_chol_reg<B, P>(in, out, nblocks, damping, damping_all, mask, max_retries,    \
+                              retry_factor, retry_floor, info, damping_used);               \
+    }
+
 #define THOR_INVERT_KERNEL(B, T)                                                            \
     extern "C" __global__ void __launch_bounds__(T) invert_chol_b##B##_f32(                 \
         const float* in, float* out, int nblocks, const float* damping, float damping_all,  \
@@ -142,8 +332,9 @@ __device__ void invert_chol(const float* in, float* out, int nblocks, const floa
                           retry_factor, retry_floor, info, damping_used);                   \
     }
 
-// Threads per matrix: 2 warps at b = 32 up to 16 warps at b = 256 (src/cuda/tuning.rs).
-THOR_INVERT_KERNEL(32, 64)
-THOR_INVERT_KERNEL(64, 128)
-THOR_INVERT_KERNEL(128, 256)
+// Threads per matrix (src/cuda/tuning.rs): an 8 x 8 grid at b = 32 and 64, 16 x 16 at
+// b = 128 (registers); 16 warps at b = 256 (the packed shared-memory kernel, v1).
+THOR_INVERT_REG_KERNEL(32, 8)
+THOR_INVERT_REG_KERNEL(64, 8)
+THOR_INVERT_REG_KERNEL(128, 16)
 THOR_INVERT_KERNEL(256, 512)

@@ -1059,3 +1059,35 @@ fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
         }
     }
 }
+
+#[test]
+fn emulated_invert_residual_bound_up_to_cond_1e7() {
+    let _g = lock();
+    for b in SUPPORTED_BLOCK_SIZES {
+        let mut r = rng(70 + b as u64);
+        for cond in [1e4, 1e5, 1e6, 1e7] {
+            let input = spd_batch(&mut r, b, 1, &[cond]);
+            let (out, info, _) = emu_invert(
+                b,
+                &input,
+                Inv {
+                    out_init: Some(&poisoned(b * b)),
+                    ..Inv::default()
+                },
+            );
+            assert_eq!(info, vec![0], "b={b} cond={cond:e}");
+            let res = block_residual(&input, &out, b, 0, 0.0);
+            skip_note!(
+                "emulated invert b={b} cond={cond:e}: residual {res:.2e} ({:.3} cond eps)",
+                res / (cond * f32::EPSILON as f64)
+            );
+            assert!(
+                res <= 0.5 * cond * f32::EPSILON as f64,
+                "b={b} cond={cond:e}: residual {res:e}"
+            );
+            if cond <= 1e4 {
+                assert!(res < 1e-4, "b={b} cond={cond:e}: residual {res:e}");
+            }
+        }
+    }
+}

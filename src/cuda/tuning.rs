@@ -14,20 +14,26 @@ pub const SPLIT_ROWS: u32 = 8;
 /// Not yet measured on a GPU (the whole ResNet-50 set is 654 x 128 diagonal loads).
 pub const TRACE_WARPS: u32 = 8;
 
-/// invert: threads per matrix (one matrix per thread block) for b = 32, 64, 128, 256:
-/// 2, 4, 8 and 16 warps. A warp per row in the trailing update, the triangular inverse and
-/// the L^-T L^-1 product, so the thread count sets how many rows move at once.
+/// invert: threads per matrix (one matrix per thread block) for b = 32, 64, 128, 256.
+/// b <= 128 (v2): a P x P grid of threads holding the matrix in registers, cyclically
+/// (8 x 8 threads at b = 32 and 64, 16 x 16 at b = 128: 16, 64 and 64 elements each).
+/// b = 256 (v1): 16 warps over the packed triangle in shared memory.
 /// Not yet measured on a GPU.
 pub fn invert_threads(b: usize) -> u32 {
     match b {
-        32 => 64,
-        64 => 128,
+        32 | 64 => 64,
         128 => 256,
         _ => 512,
     }
 }
 
-/// invert: dynamic shared memory per matrix: the packed lower triangle plus one column.
+/// invert: dynamic shared memory per matrix. b <= 128: the matrix with padded rows
+/// (b + 1 floats; L, then L^-1, then X) and two published rows or columns. b = 256: the
+/// packed lower triangle plus one column.
 pub fn invert_smem_bytes(b: usize) -> usize {
-    (b * (b + 1) / 2 + b) * 4
+    if b <= 128 {
+        (b * (b + 1) + 2 * b) * 4
+    } else {
+        (b * (b + 1) / 2 + b) * 4
+    }
 }
