@@ -360,6 +360,69 @@ pub fn accumulate_set<E: Element>(
     Ok(())
 }
 
+/// Dense covariance accumulation for users who keep whole factors (no splitting): the
+/// lower triangle (row-major) of the `d x d` matrix `c` (row stride `ldc >= d`) becomes
+/// `beta * C + alpha * X^T X`, `X` being `rows x d` row-major with row stride `ld`; the
+/// strict upper triangle is not touched (SYRK's contract, as on the GPU). With `beta == 0`
+/// the old values are not read. faer's triangular product, parallel over the machine.
+///
+/// Errors on shape mismatches, `rows == 0`, non-finite `alpha` / `beta` or a non-finite
+/// element of `x` (nothing is written then).
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_dense(
+    x: &[f32],
+    rows: usize,
+    ld: usize,
+    d: usize,
+    alpha: f32,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<()> {
+    if rows == 0 || d == 0 {
+        return Err(Error::invalid("rows/d", "must be at least 1"));
+    }
+    if ld < d {
+        return Err(Error::shape("ld", format!(">= {d}"), ld));
+    }
+    if ldc < d {
+        return Err(Error::shape("ldc", format!(">= {d}"), ldc));
+    }
+    check_finite("alpha", alpha as f64)?;
+    check_finite("beta", beta as f64)?;
+    check_min_len("x", (rows - 1) * ld + d, x.len())?;
+    check_min_len("c", (d - 1) * ldc + d, c.len())?;
+    if let Some(at) = find_non_finite(x, rows, d, ld) {
+        return Err(non_finite_error("x", at));
+    }
+    let len = (d - 1) * ldc + d;
+    // Row-major C with stride ldc is the transpose of a column-major view.
+    let mut cm =
+        MatMut::from_column_major_slice_with_stride_mut(&mut c[..len], d, d, ldc).transpose_mut();
+    for r in 0..d {
+        for col in 0..=r {
+            cm[(r, col)] = if beta == 0.0 {
+                0.0
+            } else {
+                beta * cm[(r, col)]
+            };
+        }
+    }
+    let xm = MatRef::from_row_major_slice_with_stride(&x[..(rows - 1) * ld + d], rows, d, ld);
+    triangular::matmul(
+        cm,
+        BlockStructure::TriangularLower,
+        Accum::Add,
+        xm.transpose(),
+        BlockStructure::Rectangular,
+        xm,
+        BlockStructure::Rectangular,
+        alpha,
+        Par::rayon(0),
+    );
+    Ok(())
+}
+
 /// `dst(lower) += alpha * x^T x`.
 fn syrk_lower(dst: MatMut<'_, f32>, x: MatRef<'_, f32>, alpha: f32) {
     triangular::matmul(
