@@ -66,8 +66,11 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
                                  const int* __restrict__ items, int b,
                                  float* __restrict__ ws, int* __restrict__ flags) {
     constexpr int TX = T / TN, TY = T / TM, NT = TX * TY;
-    __shared__ __align__(16) float As[ACC_BK][T];
-    __shared__ __align__(16) float Bs[ACC_BK][T];
+    constexpr int PER = ACC_BK * T / NT;  // elements per thread per operand per stage
+    // Two stages: the next stage's global loads are in flight (registers) while this one
+    // is computed, then stored to the other buffer; one barrier per stage.
+    __shared__ __align__(16) float As[2][ACC_BK][T];
+    __shared__ __align__(16) float Bs[2][ACC_BK][T];
     const int* it = items + 8 * (long long)blockIdx.x;
     const AccFactor f = factors[it[0]];
     const int j = it[1], tr = it[2], tc = it[3], n0 = it[4], n1 = it[5], slot = it[6];
@@ -81,9 +84,11 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
     for (int i = 0; i < TM; ++i)
 #pragma unroll
         for (int k = 0; k < TN; ++k) acc[i][k] = 0.f;
-    for (int n = n0; n < n1; n += ACC_BK) {
-        for (int idx = tid; idx < ACC_BK * T; idx += NT) {
-            const int k = idx / T, c = idx % T;
+    float pa[PER], pb[PER];
+    auto fetch = [&](int n) {
+#pragma unroll
+        for (int e = 0; e < PER; ++e) {
+            const int idx = tid + e * NT, k = idx / T, c = idx % T;
             const int row = n + k;
             float va = 0.f, vb = 0.f;
             if (row < n1) {
@@ -91,22 +96,38 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
                 if (tr + c < w) va = acc_load<In>(xr + tr + c);
                 if (!diag && tc + c < w) vb = acc_load<In>(xr + tc + c);
             }
-            As[k][c] = va;
-            Bs[k][c] = diag ? va : vb;
+            pa[e] = va;
+            pb[e] = diag ? va : vb;
         }
-        __syncthreads();
+    };
+    auto stash = [&](int st) {
+#pragma unroll
+        for (int e = 0; e < PER; ++e) {
+            const int idx = tid + e * NT, k = idx / T, c = idx % T;
+            As[st][k][c] = pa[e];
+            Bs[st][k][c] = pb[e];
+        }
+    };
+    fetch(n0);
+    stash(0);
+    __syncthreads();
+    int st = 0;
+    for (int n = n0; n < n1; n += ACC_BK, st ^= 1) {
+        const bool more = n + ACC_BK < n1;
+        if (more) fetch(n + ACC_BK);
 #pragma unroll 4
         for (int k = 0; k < ACC_BK; ++k) {
             float a[TM], bv[TN];
 #pragma unroll
-            for (int i = 0; i < TM; ++i) a[i] = As[k][ty * TM + i];
+            for (int i = 0; i < TM; ++i) a[i] = As[st][k][ty * TM + i];
 #pragma unroll
-            for (int q = 0; q < TN; ++q) bv[q] = Bs[k][tx * TN + q];
+            for (int q = 0; q < TN; ++q) bv[q] = Bs[st][k][tx * TN + q];
 #pragma unroll
             for (int i = 0; i < TM; ++i)
 #pragma unroll
                 for (int q = 0; q < TN; ++q) acc[i][q] = fmaf(a[i], bv[q], acc[i][q]);
         }
+        if (more) stash(st ^ 1);
         __syncthreads();
     }
     float* out = ws + (long long)slot * T * T;
@@ -176,8 +197,10 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
     constexpr int LDW = ACC_BK + ACC_MMA_PAD;
     constexpr int WT = T / 2;                      // warp tile
     constexpr int MT = WT / 16, NT = WT / 8;
-    __shared__ __align__(16) unsigned As[T][LDW];
-    __shared__ __align__(16) unsigned Bs[T][LDW];
+    constexpr int PER = ACC_BK * T / 128;  // words per thread per operand per stage
+    // Two stages, as in the SIMT kernel.
+    __shared__ __align__(16) unsigned As[2][T][LDW];
+    __shared__ __align__(16) unsigned Bs[2][T][LDW];
     const int* it = items + 8 * (long long)blockIdx.x;
     const AccFactor f = factors[it[0]];
     const int j = it[1], tr = it[2], tc = it[3], n0 = it[4], n1 = it[5], slot = it[6];
@@ -195,41 +218,59 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
         for (int q = 0; q < NT; ++q)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][q][e] = 0.f;
-    for (int n = n0; n < n1; n += ACC_BK * KPW) {
-        for (int idx = tid; idx < ACC_BK * T; idx += 128) {
-            const int kw = idx / T, c = idx % T;
+    unsigned pa[PER], pb[PER];
+    auto fetch = [&](int n) {
+#pragma unroll
+        for (int e = 0; e < PER; ++e) {
+            const int idx = tid + e * 128, kw = idx / T, c = idx % T;
             const int row0 = n + kw * KPW, row1 = row0 + 1;
             const In* xa = x + (long long)row0 * f.ld + col0;
             const In* xb = xa + (KPW == 2 ? f.ld : 0);
             const bool r0 = row0 < n1, r1 = KPW == 2 && row1 < n1;
             const bool ca = tr + c < w, cb = tc + c < w;
             const unsigned va = acc_word<In>(xa + tr + c, xb + tr + c, r0 && ca, r1 && ca);
-            As[c][kw] = va;
-            Bs[c][kw] = diag ? va : acc_word<In>(xa + tc + c, xb + tc + c, r0 && cb, r1 && cb);
+            pa[e] = va;
+            pb[e] = diag ? va : acc_word<In>(xa + tc + c, xb + tc + c, r0 && cb, r1 && cb);
         }
-        __syncthreads();
+    };
+    auto stash = [&](int st) {
+#pragma unroll
+        for (int e = 0; e < PER; ++e) {
+            const int idx = tid + e * 128, kw = idx / T, c = idx % T;
+            As[st][c][kw] = pa[e];
+            Bs[st][c][kw] = pb[e];
+        }
+    };
+    fetch(n0);
+    stash(0);
+    __syncthreads();
+    int st = 0;
+    for (int n = n0; n < n1; n += ACC_BK * KPW, st ^= 1) {
+        const bool more = n + ACC_BK * KPW < n1;
+        if (more) fetch(n + ACC_BK * KPW);
 #pragma unroll
         for (int kk = 0; kk < ACC_BK; kk += KSTEP) {
             unsigned af[MT][4], bf[NT][2];
 #pragma unroll
             for (int i = 0; i < MT; ++i) {
                 const int m0 = wm + 16 * i;
-                af[i][0] = As[m0 + g][kk + t];
-                af[i][1] = As[m0 + g + 8][kk + t];
-                af[i][2] = As[m0 + g][kk + t + 4];
-                af[i][3] = As[m0 + g + 8][kk + t + 4];
+                af[i][0] = As[st][m0 + g][kk + t];
+                af[i][1] = As[st][m0 + g + 8][kk + t];
+                af[i][2] = As[st][m0 + g][kk + t + 4];
+                af[i][3] = As[st][m0 + g + 8][kk + t + 4];
             }
 #pragma unroll
             for (int q = 0; q < NT; ++q) {
                 const int c0 = wn + 8 * q;
-                bf[q][0] = Bs[c0 + g][kk + t];
-                bf[q][1] = Bs[c0 + g][kk + t + 4];
+                bf[q][0] = Bs[st][c0 + g][kk + t];
+                bf[q][1] = Bs[st][c0 + g][kk + t + 4];
             }
 #pragma unroll
             for (int i = 0; i < MT; ++i)
 #pragma unroll
                 for (int q = 0; q < NT; ++q) acc_mma<In>(acc[i][q], af[i], bf[q]);
         }
+        if (more) stash(st ^ 1);
         __syncthreads();
     }
     float* out = ws + (long long)slot * T * T;
