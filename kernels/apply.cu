@@ -45,9 +45,10 @@ __device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __r
     static_assert(TX * TY == NT, "thread count");
     constexpr int LDT = B + 4;
     THOR_DYNAMIC_SMEM(float, apply_smem);
+    constexpr int PA = APPLY_BK * R / NT, PB = APPLY_BK * B / NT;  // per thread per chunk
     float* T = apply_smem;                    // R x LDT
-    float* As = T + R * LDT;                  // APPLY_BK x R   (Ginv chunk, transposed)
-    float* Bs = As + APPLY_BK * R;            // APPLY_BK x B   (grad or Ainv chunk)
+    float* As = T + R * LDT;                  // 2 x APPLY_BK x R   (Ginv chunks, transposed)
+    float* Bs = As + 2 * APPLY_BK * R;        // 2 x APPLY_BK x B   (grad or Ainv chunks)
     const int* it = items + 4 * (long long)blockIdx.x;
     const ApplyLayer L = layers[it[0]];
     const int i = it[1], j = it[2], r0 = it[3];
@@ -77,34 +78,53 @@ __device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __r
         for (int a = 0; a < TM; ++a)
 #pragma unroll
             for (int q = 0; q < TN; ++q) acc[a][q] = 0.f;
-        for (int k0 = 0; k0 < wi; k0 += APPLY_BK) {
+        // Double-buffered chunks: the next chunk's global loads are in registers while
+        // this one is multiplied; one barrier per chunk.
+        float pa[PA], pb[PB];
+        auto fetch = [&](int k0) {
             // Ginv is symmetric (the inversion mirrors it bit for bit): its column k0 + k is
             // read as row k0 + k, coalesced, and stored transposed without bank conflicts.
-            for (int idx = tid; idx < APPLY_BK * R; idx += NT) {
-                const int k = idx / R, r = idx % R;
-                float v = 0.f;
-                if (r < rows && k0 + k < wi) v = g[(long long)(k0 + k) * B + r0 + r];
-                As[k * R + r] = v;
+#pragma unroll
+            for (int e = 0; e < PA; ++e) {
+                const int idx = tid + e * NT, k = idx / R, r = idx % R;
+                pa[e] = (r < rows && k0 + k < wi) ? g[(long long)(k0 + k) * B + r0 + r] : 0.f;
             }
-            for (int idx = tid; idx < APPLY_BK * B; idx += NT) {
-                const int k = idx / B, c = idx % B;
-                float v = 0.f;
-                if (k0 + k < wi && c < wj) v = apply_load<In>(grad + (grow0 + k0 + k) * ld + gcol0 + c);
-                Bs[k * B + c] = v;
+#pragma unroll
+            for (int e = 0; e < PB; ++e) {
+                const int idx = tid + e * NT, k = idx / B, c = idx % B;
+                pb[e] = (k0 + k < wi && c < wj)
+                            ? apply_load<In>(grad + (grow0 + k0 + k) * ld + gcol0 + c)
+                            : 0.f;
             }
-            __syncthreads();
+        };
+        auto stash = [&](int st) {
+#pragma unroll
+            for (int e = 0; e < PA; ++e) As[st * APPLY_BK * R + tid + e * NT] = pa[e];
+#pragma unroll
+            for (int e = 0; e < PB; ++e) Bs[st * APPLY_BK * B + tid + e * NT] = pb[e];
+        };
+        fetch(0);
+        stash(0);
+        __syncthreads();
+        int st = 0;
+        for (int k0 = 0; k0 < wi; k0 += APPLY_BK, st ^= 1) {
+            const bool more = k0 + APPLY_BK < wi;
+            if (more) fetch(k0 + APPLY_BK);
+            const float* as = As + st * APPLY_BK * R;
+            const float* bs = Bs + st * APPLY_BK * B;
 #pragma unroll 4
             for (int k = 0; k < APPLY_BK; ++k) {
                 float av[TM], bv[TN];
 #pragma unroll
-                for (int a = 0; a < TM; ++a) av[a] = As[k * R + ty * TM + a];
+                for (int a = 0; a < TM; ++a) av[a] = as[k * R + ty * TM + a];
 #pragma unroll
-                for (int q = 0; q < TN; ++q) bv[q] = Bs[k * B + tx * TN + q];
+                for (int q = 0; q < TN; ++q) bv[q] = bs[k * B + tx * TN + q];
 #pragma unroll
                 for (int a = 0; a < TM; ++a)
 #pragma unroll
                     for (int q = 0; q < TN; ++q) acc[a][q] = fmaf(av[a], bv[q], acc[a][q]);
             }
+            if (more) stash(st ^ 1);
             __syncthreads();
         }
 #pragma unroll
@@ -127,26 +147,39 @@ __device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __r
     for (int a = 0; a < TM; ++a)
 #pragma unroll
         for (int q = 0; q < TN; ++q) acc[a][q] = 0.f;
-    for (int k0 = 0; k0 < wj; k0 += APPLY_BK) {
-        for (int idx = tid; idx < APPLY_BK * B; idx += NT) {
-            const int k = idx / B, c = idx % B;
-            float v = 0.f;
-            if (k0 + k < wj && c < wj) v = am[(long long)(k0 + k) * B + c];
-            Bs[k * B + c] = v;
+    float pb2[PB];
+    auto fetch2 = [&](int k0) {
+#pragma unroll
+        for (int e = 0; e < PB; ++e) {
+            const int idx = tid + e * NT, k = idx / B, c = idx % B;
+            pb2[e] = (k0 + k < wj && c < wj) ? am[(long long)(k0 + k) * B + c] : 0.f;
         }
-        __syncthreads();
+    };
+    auto stash2 = [&](int st) {
+#pragma unroll
+        for (int e = 0; e < PB; ++e) Bs[st * APPLY_BK * B + tid + e * NT] = pb2[e];
+    };
+    fetch2(0);
+    stash2(0);
+    __syncthreads();
+    int st2 = 0;
+    for (int k0 = 0; k0 < wj; k0 += APPLY_BK, st2 ^= 1) {
+        const bool more = k0 + APPLY_BK < wj;
+        if (more) fetch2(k0 + APPLY_BK);
+        const float* bs = Bs + st2 * APPLY_BK * B;
 #pragma unroll 4
         for (int k = 0; k < APPLY_BK; ++k) {
             float av[TM], bv[TN];
 #pragma unroll
             for (int a = 0; a < TM; ++a) av[a] = T[(ty * TM + a) * LDT + k0 + k];
 #pragma unroll
-            for (int q = 0; q < TN; ++q) bv[q] = Bs[k * B + tx * TN + q];
+            for (int q = 0; q < TN; ++q) bv[q] = bs[k * B + tx * TN + q];
 #pragma unroll
             for (int a = 0; a < TM; ++a)
 #pragma unroll
                 for (int q = 0; q < TN; ++q) acc[a][q] = fmaf(av[a], bv[q], acc[a][q]);
         }
+        if (more) stash2(st2 ^ 1);
         __syncthreads();
     }
 #pragma unroll

@@ -51,11 +51,11 @@ pub fn threads(b: usize) -> u32 {
     }
 }
 
-/// Dynamic shared memory bytes for block size `b`: the intermediate `R x (b + 4)` and two
-/// operand chunks.
+/// Dynamic shared memory bytes for block size `b`: the intermediate `R x (b + 4)` and the
+/// double-buffered operand chunks (2 x 16 rows of each operand).
 pub fn smem_bytes(b: usize) -> usize {
     let r = rows_per_block(b);
-    (r * (b + 4) + 16 * r + 16 * b) * 4
+    (r * (b + 4) + 2 * 16 * r + 2 * 16 * b) * 4
 }
 
 /// The cut of an apply over layers: which thread block computes which tile.
