@@ -174,3 +174,37 @@ def test_preconditioner_trains_a_small_model():
     assert loss.item() < 0.5 * first
     c = pre.counters(0)
     assert c["statistics"] == 15 and c["updates"] >= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,tc,tol", [(torch.float32, False, 1e-5), (torch.float32, True, 5e-4),
+                                          (torch.bfloat16, True, 1e-2)])
+def test_grouped_accumulate(device, dtype, tc, tol):
+    dev = dev_or_skip(device, "accumulate")
+    b, dims, rows = 32, [70, 10, 33], [200, 200, 57]
+    acc = tk.GroupedAccumulate(dims, rows, b, dtype=dtype, tensor_cores=tc, device=dev)
+    xs = [torch.randn(n, d).to(dtype) for d, n in zip(dims, rows)]
+    xs[2][5, 7] = float("nan")
+    nb = sum(-(-d // b) for d in dims)
+    prev = spd(nb, b)
+    blocks = prev.clone().to(dev)
+    bt, ft, st = acc([x.to(dev) for x in xs], blocks, [1.0 / n for n in rows], [0.5, 0.5, 0.5])
+    blocks, st = blocks.cpu(), st.cpu()
+    assert st.tolist() == [0, 0, 1]
+    k = 0
+    for f, (d, n) in enumerate(zip(dims, rows)):
+        m = -(-d // b)
+        if f == 2:
+            assert torch.equal(blocks[k:k + m], prev[k:k + m]), "NaN factor left unchanged"
+            k += m
+            continue
+        xd = xs[f].double()
+        want = ref_blocks(xd.T @ xd / n, b)
+        for j in range(m):
+            w = min(b, d - j * b)
+            want[j, :w, :w] += 0.5 * prev[k + j, :w, :w].double()
+        err = (blocks[k:k + m].double() - want).norm() / want.norm()
+        assert err < tol, (f, err)
+        k += m
+    with pytest.raises(ValueError):
+        acc([x.to(dev) for x in xs[:2]], blocks.to(dev), [1.0] * 2, [0.0] * 2)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 __all__ = [
-    "ThorError", "lib", "split", "merge", "traces", "accumulate", "invert", "apply",
+    "ThorError", "lib", "split", "merge", "traces", "accumulate", "GroupedAccumulate", "invert", "apply",
     "trace_rule", "ThorPreconditioner",
 ]
 
@@ -73,6 +73,9 @@ def _load() -> ctypes.CDLL:
         "thor_v1_merge": ([P, P, c_int64, c_int32, P, c_int64], c_int32),
         "thor_v1_traces": ([P, P, c_int32, POINTER(c_int64), c_int64, P, P], c_int32),
         "thor_v1_accumulate": ([P, P, c_int32, c_int64, c_int64, c_int64, c_int32, c_float, c_float, P, P], c_int32),
+        "thor_v1_accumulate_plan_create": ([P, c_int32, c_int64, POINTER(c_int64), POINTER(c_int64), c_int32, c_int32, POINTER(P)], c_int32),
+        "thor_v1_accumulate_plan_destroy": ([P], None),
+        "thor_v1_accumulate_grouped": ([P, P, POINTER(P), POINTER(c_int64), POINTER(c_float), POINTER(c_float), P, P, P, P], c_int32),
         "thor_v1_invert": ([P, c_int32, c_int64, P, P, P, c_float, P, POINTER(InvertPolicy), P, P], c_int32),
         "thor_v1_apply": ([P, c_int32, P, c_int64, P, P, c_int64, c_float, P], c_int32),
         "thor_v1_trace_rule": ([c_double, c_double, c_double, c_double, POINTER(c_int32)], c_int32),
@@ -129,14 +132,18 @@ class _Context:
 _contexts: dict = {}
 
 
-def _ctx(t: torch.Tensor) -> c_void_p:
-    if t.device.type == "cuda":
-        key = (t.device.index, torch.cuda.current_stream(t.device).cuda_stream)
+def _ctx_for(device: torch.device) -> c_void_p:
+    if device.type == "cuda":
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     else:
         key = ("cpu",)
     if key not in _contexts:
-        _contexts[key] = _Context(t.device)
+        _contexts[key] = _Context(device)
     return _contexts[key].ptr
+
+
+def _ctx(t: torch.Tensor) -> c_void_p:
+    return _ctx_for(t.device)
 
 
 def _ptr(t: torch.Tensor | None) -> c_void_p:
@@ -210,6 +217,65 @@ def accumulate(x: torch.Tensor, blocks: torch.Tensor, alpha: float, beta: float)
     _check(lib.thor_v1_accumulate(_ctx(blocks), _ptr(x), DTYPES[x.dtype], x.shape[0], x.stride(0), x.shape[1], b,
                                   alpha, beta, _ptr(blocks), _ptr(tr)))
     return tr
+
+
+class GroupedAccumulate:
+    """Every factor of a model in one call (three kernel launches on a GPU): planned once for
+    the factor dimensions ``dims`` (block size ``block``), the rows of each factor's input
+    ``rows``, the input dtype and ``tensor_cores`` (TF32 on float32 input, f16 / bf16 products
+    on 16-bit input; f32 arithmetic otherwise), on ``device``.
+
+    ``__call__(xs, blocks, alphas, betas)`` updates ``blocks`` (all factors' blocks back to back,
+    ``[total_blocks, b, b]`` float32) in place and returns ``(block_traces, factor_traces,
+    status)``; ``status[f]`` is 1 where factor ``f``'s input held a NaN or Inf (that factor is
+    left unchanged). On CUDA the work is queued on the current stream without waiting."""
+
+    def __init__(self, dims: list[int], rows: list[int], block: int, dtype=torch.float32,
+                 tensor_cores: bool = False, device="cpu"):
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if len(dims) != len(rows) or not dims:
+            raise ValueError("dims and rows need one entry per factor")
+        self.device = torch.device(device)
+        self.dims, self.rows, self.block, self.dtype = list(dims), list(rows), block, dtype
+        self.total_blocks = sum(_blocks_for(d, block) for d in dims)
+        self._ctx = _ctx_for(self.device)
+        self.ptr = c_void_p()
+        n = len(dims)
+        _check(lib.thor_v1_accumulate_plan_create(
+            self._ctx, block, n, (c_int64 * n)(*dims), (c_int64 * n)(*rows), DTYPES[dtype],
+            1 if tensor_cores else 0, ctypes.byref(self.ptr)))
+
+    def __call__(self, xs: list[torch.Tensor], blocks: torch.Tensor, alphas: list[float],
+                 betas: list[float]):
+        n = len(self.dims)
+        if len(xs) != n or len(alphas) != n or len(betas) != n:
+            raise ValueError(f"need {n} inputs, alphas and betas")
+        _f32("blocks", blocks)
+        b = self.block
+        if tuple(blocks.shape) != (self.total_blocks, b, b) or blocks.device != self.device:
+            raise ValueError(f"blocks must be [{self.total_blocks}, {b}, {b}] on {self.device}")
+        for f, (x, d, r) in enumerate(zip(xs, self.dims, self.rows)):
+            if x.dtype != self.dtype or x.device != self.device:
+                raise TypeError(f"xs[{f}] must be {self.dtype} on {self.device}")
+            if x.dim() != 2 or x.shape[0] != r or x.shape[1] != d or x.stride(1) != 1:
+                raise ValueError(f"xs[{f}] must be [{r}, {d}] with unit column stride")
+        bt = torch.empty(self.total_blocks, dtype=torch.float32, device=self.device)
+        ft = torch.empty(n, dtype=torch.float32, device=self.device)
+        st = torch.empty(n, dtype=torch.int32, device=self.device)
+        ptrs = (c_void_p * n)(*[x.data_ptr() for x in xs])
+        lds = (c_int64 * n)(*[x.stride(0) for x in xs])
+        _check(lib.thor_v1_accumulate_grouped(
+            self._ctx, self.ptr, ptrs, lds, (c_float * n)(*alphas), (c_float * n)(*betas),
+            _ptr(blocks), _ptr(bt), _ptr(ft), _ptr(st)))
+        return bt, ft, st
+
+    def __del__(self):
+        if getattr(self, "ptr", None) is not None and self.ptr.value:
+            if self.device.type == "cuda":
+                lib.thor_v1_context_synchronize(self._ctx)
+            lib.thor_v1_accumulate_plan_destroy(self.ptr)
+            self.ptr = None
 
 
 def invert(blocks: torch.Tensor, damping, mask: torch.Tensor | None = None, retry: bool = False,
