@@ -180,10 +180,11 @@ fn rel_err(out: &[f32], r: &[f64]) -> f64 {
     (n / d.max(1e-300)).sqrt()
 }
 
-/// Layers whose results are checked against the reference: the fc layer and a late conv.
+/// Layers whose results are checked against the reference: the fc layer (A split into 17
+/// blocks at b = 128, a padded last block) and the first bottleneck conv (many rows). The
+/// reference is plain f64 loops, so larger layers would take minutes.
 fn sampled(m: &Model) -> Vec<usize> {
-    let n = m.layers.len();
-    vec![n - 1, n - 3]
+    vec![m.layers.len() - 1, 1]
 }
 
 /// A layer's results to check: the set's statistics and inverses, its gradient and output.
