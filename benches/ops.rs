@@ -160,15 +160,25 @@ fn device_time(dev: &CudaDevice, iters: u64, mut f: impl FnMut()) -> Duration {
     Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 / 1e3)
 }
 
-fn gpu_benches(c: &mut Criterion) {
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!("SKIPPED gpu benches: no usable GPU ({e})");
-            return;
+/// Device 0 and a cuBLAS handle on its stream, or None (the group is skipped, with the
+/// reason printed) where there is no usable GPU.
+fn gpu(what: &str) -> Option<(CudaDevice, CudaBlas)> {
+    match CudaDevice::new(0) {
+        Ok(dev) => {
+            let blas = CudaBlas::new(dev.stream().clone()).expect("cuBLAS");
+            Some((dev, blas))
         }
+        Err(e) => {
+            println!("SKIPPED {what}: no usable GPU ({e})");
+            None
+        }
+    }
+}
+
+fn gpu_benches(c: &mut Criterion) {
+    let Some((dev, blas)) = gpu("gpu benches") else {
+        return;
     };
-    let blas = CudaBlas::new(dev.stream().clone()).expect("cuBLAS");
     let h = *blas.handle();
     let mut g = c.benchmark_group("gpu");
     g.sample_size(20);
@@ -426,14 +436,9 @@ impl CusolverRoute {
 }
 
 fn gpu_invert_benches(c: &mut Criterion) {
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!("SKIPPED gpu invert benches: no usable GPU ({e})");
-            return;
-        }
+    let Some((dev, blas)) = gpu("gpu invert benches") else {
+        return;
     };
-    let blas = CudaBlas::new(dev.stream().clone()).expect("cuBLAS");
     let h = *blas.handle();
     let mut g = c.benchmark_group("gpu");
     g.sample_size(20);
@@ -698,14 +703,9 @@ impl AccCase {
 }
 
 fn gpu_accumulate_benches(c: &mut Criterion) {
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!("SKIPPED gpu accumulate benches: no usable GPU ({e})");
-            return;
-        }
+    let Some((dev, blas)) = gpu("gpu accumulate benches") else {
+        return;
     };
-    let blas = CudaBlas::new(dev.stream().clone()).expect("cuBLAS");
     let h = *blas.handle();
     let mut g = c.benchmark_group("gpu");
     g.sample_size(10);
@@ -845,14 +845,9 @@ fn apply_baseline_layer(
 
 fn gpu_apply_benches(c: &mut Criterion) {
     use thor_kernels::cuda::apply::ApplyLayer;
-    let dev = match CudaDevice::new(0) {
-        Ok(d) => d,
-        Err(e) => {
-            println!("SKIPPED gpu apply benches: no usable GPU ({e})");
-            return;
-        }
+    let Some((dev, blas)) = gpu("gpu apply benches") else {
+        return;
     };
-    let blas = CudaBlas::new(dev.stream().clone()).expect("cuBLAS");
     let h = *blas.handle();
     let mut g = c.benchmark_group("gpu");
     g.sample_size(20);

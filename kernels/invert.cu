@@ -23,6 +23,25 @@ __device__ __forceinline__ bool positive_finite(float v) {
     return v > 0.f && v < __int_as_float(0x7f800000);
 }
 
+// Whether block `blk` is to be inverted, with its damping in `lam`: false (and, once, info
+// written) for a block past the batch, skipped by the mask, or with bad damping. The same on
+// every thread of the block, so the caller returns uniformly.
+__device__ __forceinline__ bool invert_begin(int blk, int nblocks, const float* damping,
+                                             float damping_all, const unsigned char* mask,
+                                             int* info, float* lam) {
+    if (blk >= nblocks) return false;
+    if (mask != nullptr && mask[blk] == 0) {
+        if (threadIdx.x == 0) info[blk] = INFO_SKIPPED;
+        return false;
+    }
+    *lam = damping != nullptr ? damping[blk] : damping_all;
+    if (!(*lam >= 0.f && *lam < __int_as_float(0x7f800000))) {
+        if (threadIdx.x == 0) info[blk] = INFO_BAD_DAMPING;
+        return false;
+    }
+    return true;
+}
+
 // Right-looking Cholesky of the packed lower triangle `a` in place. `col` holds the scaled
 // column of the current step. Returns 0, or the 1-based pivot that failed (the same value on
 // every thread: each reads the pivot from shared memory after the same barrier).
@@ -101,16 +120,8 @@ __device__ void invert_chol(const float* in, float* out, int nblocks, const floa
     float* a = thor_smem;               // B(B+1)/2 packed lower triangle
     float* col = thor_smem + tri(B);    // B
     const int blk = blockIdx.x;
-    if (blk >= nblocks) return;
-    if (mask != nullptr && mask[blk] == 0) {
-        if (threadIdx.x == 0) info[blk] = INFO_SKIPPED;
-        return;
-    }
-    float lam = damping != nullptr ? damping[blk] : damping_all;
-    if (!(lam >= 0.f && lam < __int_as_float(0x7f800000))) {
-        if (threadIdx.x == 0) info[blk] = INFO_BAD_DAMPING;
-        return;
-    }
+    float lam;
+    if (!invert_begin(blk, nblocks, damping, damping_all, mask, info, &lam)) return;
     const float* src = in + (long long)blk * B * B;
     int fail = 0;
     for (int attempt = 0;; ++attempt) {
@@ -158,16 +169,8 @@ __device__ void invert_chol_reg(const float* in, float* out, int nblocks, const 
     float* L = thor_smem;          // B x LD: L, then L^-1, then X
     float* buf = L + B * LD;       // 2 x B: the step's published column or row
     const int blk = blockIdx.x;
-    if (blk >= nblocks) return;
-    if (mask != nullptr && mask[blk] == 0) {
-        if (threadIdx.x == 0) info[blk] = INFO_SKIPPED;
-        return;
-    }
-    float lam = damping != nullptr ? damping[blk] : damping_all;
-    if (!(lam >= 0.f && lam < __int_as_float(0x7f800000))) {
-        if (threadIdx.x == 0) info[blk] = INFO_BAD_DAMPING;
-        return;
-    }
+    float lam;
+    if (!invert_begin(blk, nblocks, damping, damping_all, mask, info, &lam)) return;
     const int tid = threadIdx.x, tx = tid % P, ty = tid / P;
     const float* src = in + (long long)blk * B * B;
     float v[R][R];

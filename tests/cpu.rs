@@ -567,12 +567,10 @@ fn accumulate_set_status_partners_and_traces() {
 
 #[test]
 fn accumulate_dense_lower_triangle_matches_reference() {
-    let (n, d, ld, ldc) = (333usize, 70usize, 75usize, 72usize);
-    let mut r = rng(4);
-    let x = normal(&mut r, (n - 1) * ld + d);
-    let c0 = normal(&mut r, (d - 1) * ldc + d);
+    let k = DenseCase::new(4);
+    let (n, d, ld, ldc) = (k.n, k.d, k.ld, k.ldc);
     for beta in [0.0f32, 0.9] {
-        let mut c = c0.clone();
+        let mut c = k.c0.clone();
         if beta == 0.0 {
             // Not read when beta is 0: NaN there must not propagate.
             for i in 0..d {
@@ -581,35 +579,15 @@ fn accumulate_dense_lower_triangle_matches_reference() {
                 }
             }
         }
-        cpu::accumulate_dense(&x, n, ld, d, 0.5, beta, &mut c, ldc).unwrap();
-        for i in 0..d {
-            for j in 0..d {
-                if j > i {
-                    assert_eq!(
-                        c[i * ldc + j].to_bits(),
-                        c0[i * ldc + j].to_bits(),
-                        "upper untouched"
-                    );
-                    continue;
-                }
-                let dot: f64 = (0..n)
-                    .map(|k| x[k * ld + i] as f64 * x[k * ld + j] as f64)
-                    .sum();
-                let want = beta as f64 * c0[i * ldc + j] as f64 + 0.5 * dot;
-                let got = c[i * ldc + j] as f64;
-                assert!(
-                    (got - want).abs() < 1e-5 * (n as f64),
-                    "({i},{j}) {got} vs {want}"
-                );
-            }
-        }
+        cpu::accumulate_dense(&k.x, n, ld, d, 0.5, beta, &mut c, ldc).unwrap();
+        k.check(&c, 0.5, beta as f64, 1e-5 * n as f64);
         // Outside the matrix (row padding past d) untouched.
-        assert_eq!(c[d..ldc], c0[d..ldc]);
+        assert_eq!(c[d..ldc], k.c0[d..ldc]);
     }
-    let mut c = c0.clone();
-    let mut bad = x.clone();
+    let mut c = k.c0.clone();
+    let mut bad = k.x.clone();
     bad[5 * ld + 3] = f32::INFINITY;
     assert!(cpu::accumulate_dense(&bad, n, ld, d, 0.5, 0.0, &mut c, ldc).is_err());
-    assert_eq!(c, c0, "nothing written on error");
-    assert!(cpu::accumulate_dense(&x, n, d - 1, d, 0.5, 0.0, &mut c, ldc).is_err());
+    assert_eq!(c, k.c0, "nothing written on error");
+    assert!(cpu::accumulate_dense(&k.x, n, d - 1, d, 0.5, 0.0, &mut c, ldc).is_err());
 }

@@ -865,32 +865,17 @@ mod gpu_accumulate {
         let Some(dev) = gpu_or_skip("gpu_accumulate_dense_syrk_matches_reference") else {
             return;
         };
-        let (n, d, ld, ldc) = (333usize, 70usize, 75usize, 72usize);
-        let mut r = rng(4);
-        let x = normal(&mut r, (n - 1) * ld + d);
-        let c0 = normal(&mut r, (d - 1) * ldc + d);
-        let dx = dev.upload(&x).unwrap();
-        let mut dc = dev.upload(&c0).unwrap();
-        dev.accumulate_dense(&dx, n, ld, d, 0.5, 0.9, &mut dc, ldc)
+        let k = DenseCase::new(4);
+        let dx = dev.upload(&k.x).unwrap();
+        let mut dc = dev.upload(&k.c0).unwrap();
+        dev.accumulate_dense(&dx, k.n, k.ld, k.d, 0.5, 0.9, &mut dc, k.ldc)
             .unwrap();
-        let c = dev.download(&dc).unwrap();
-        for i in 0..d {
-            for j in 0..d {
-                let got = c[i * ldc + j] as f64;
-                if j > i {
-                    assert_eq!(c[i * ldc + j], c0[i * ldc + j], "upper untouched");
-                    continue;
-                }
-                let dot: f64 = (0..n)
-                    .map(|k| x[k * ld + i] as f64 * x[k * ld + j] as f64)
-                    .sum();
-                let want = 0.9 * c0[i * ldc + j] as f64 + 0.5 * dot;
-                assert!(
-                    (got - want).abs() < 1e-4 * (n as f64).sqrt() * 2.0,
-                    "({i},{j}) {got} vs {want}"
-                );
-            }
-        }
+        k.check(
+            &dev.download(&dc).unwrap(),
+            0.5,
+            0.9,
+            1e-4 * (k.n as f64).sqrt() * 2.0,
+        );
     }
 }
 

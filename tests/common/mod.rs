@@ -160,3 +160,56 @@ pub fn bitwise_symmetric(out: &[f32], b: usize, j: usize) -> bool {
     let m = &out[j * b * b..(j + 1) * b * b];
     (0..b).all(|r| (0..r).all(|c| m[r * b + c].to_bits() == m[c * b + r].to_bits()))
 }
+
+/// A dense SYRK case: `X` (`n x d`, row stride `ld`) and the previous `C` (`d x d`, row
+/// stride `ldc`), seeded.
+pub struct DenseCase {
+    pub n: usize,
+    pub d: usize,
+    pub ld: usize,
+    pub ldc: usize,
+    pub x: Vec<f32>,
+    pub c0: Vec<f32>,
+}
+
+impl DenseCase {
+    /// 333 rows of 70 columns with strides 75 and 72.
+    pub fn new(seed: u64) -> Self {
+        let (n, d, ld, ldc) = (333usize, 70usize, 75usize, 72usize);
+        let mut r = rng(seed);
+        let x = normal(&mut r, (n - 1) * ld + d);
+        let c0 = normal(&mut r, (d - 1) * ldc + d);
+        DenseCase {
+            n,
+            d,
+            ld,
+            ldc,
+            x,
+            c0,
+        }
+    }
+
+    /// Checks `c` against `beta * C0 + alpha * X^T X` on the lower triangle (absolute error
+    /// below `tol`) and the strict upper triangle untouched, bit for bit.
+    pub fn check(&self, c: &[f32], alpha: f64, beta: f64, tol: f64) {
+        let (d, ld, ldc) = (self.d, self.ld, self.ldc);
+        for i in 0..d {
+            for j in 0..d {
+                if j > i {
+                    assert_eq!(
+                        c[i * ldc + j].to_bits(),
+                        self.c0[i * ldc + j].to_bits(),
+                        "upper ({i},{j}) untouched"
+                    );
+                    continue;
+                }
+                let dot: f64 = (0..self.n)
+                    .map(|k| self.x[k * ld + i] as f64 * self.x[k * ld + j] as f64)
+                    .sum();
+                let want = beta * self.c0[i * ldc + j] as f64 + alpha * dot;
+                let got = c[i * ldc + j] as f64;
+                assert!((got - want).abs() < tol, "({i},{j}) {got} vs {want}");
+            }
+        }
+    }
+}
