@@ -13,7 +13,7 @@ use common::*;
 use harness::{lock, run, Guarded, ORDERS};
 use thor_kernels::cuda::raw::{self, InvertArgs};
 use thor_kernels::cuda::RuleLayer;
-use thor_kernels::invert::{FailurePolicy, INFO_BAD_DAMPING, INFO_SKIPPED};
+use thor_kernels::invert::FailurePolicy;
 use thor_kernels::layout::{BlockLayout, FactorSet, SUPPORTED_BLOCK_SIZES};
 use thor_kernels::reference;
 
@@ -189,117 +189,6 @@ fn emulated_invert_every_block_size_matches_reference() {
             assert!(bitwise_symmetric(&out, b, j), "b={b} block {j}");
         }
     }
-}
-
-#[test]
-fn emulated_invert_reports_bad_blocks_in_place_and_out_of_place() {
-    let _g = lock();
-    for b in [32usize, 64] {
-        let mut r = rng(80 + b as u64);
-        let (input, want) = mixed_bad_batch(&mut r, b);
-        let before = vec![7.0f32; input.len()];
-        for order in [0, 3] {
-            let (out, info, _) = emu_invert(
-                b,
-                &input,
-                Inv {
-                    out_init: Some(&before),
-                    order,
-                    ..Inv::default()
-                },
-            );
-            assert_eq!(info, want, "b={b}");
-            let (ref_out, _) = reference::invert_blocks(&f64s(&input), b, &[0.0; 5]).unwrap();
-            for j in 0..5 {
-                let blk = &out[j * b * b..(j + 1) * b * b];
-                if want[j] != 0 {
-                    assert!(blk.iter().all(|&v| v == 7.0), "failed block {j} written");
-                } else {
-                    assert!(rel_err(blk, &ref_out[j * b * b..(j + 1) * b * b]) < 1e-4);
-                }
-            }
-            // In place: failed blocks keep their input bit for bit.
-            let (got, info, _) = emu_invert(
-                b,
-                &input,
-                Inv {
-                    order,
-                    ..Inv::default()
-                },
-            );
-            assert_eq!(info, want);
-            for j in [1, 2, 3] {
-                let (g, i) = (
-                    &got[j * b * b..(j + 1) * b * b],
-                    &input[j * b * b..(j + 1) * b * b],
-                );
-                assert!(g.iter().zip(i).all(|(a, c)| a.to_bits() == c.to_bits()));
-            }
-            assert!(block_residual(&input, &got, b, 0, 0.0) < 1e-4);
-        }
-    }
-}
-
-#[test]
-fn emulated_invert_mask_retry_and_per_block_damping() {
-    let _g = lock();
-    let (b, nb) = (32usize, 6usize);
-    let mut r = rng(61);
-    let input = spd_batch(&mut r, b, nb, &[10.0]);
-    for mask in [vec![0u8; nb], vec![1u8; nb], vec![1, 0, 0, 1, 0, 1]] {
-        let (out, info, used) = emu_invert(
-            b,
-            &input,
-            Inv {
-                out_init: Some(&vec![5.0; nb * b * b]),
-                mask: Some(&mask),
-                order: 2,
-                ..Inv::default()
-            },
-        );
-        for j in 0..nb {
-            if mask[j] == 0 {
-                assert_eq!(info[j], INFO_SKIPPED);
-                assert!(used[j].is_nan());
-                assert!(out[j * b * b..(j + 1) * b * b].iter().all(|&v| v == 5.0));
-            } else {
-                assert_eq!(info[j], 0);
-                assert!(block_residual(&input, &out, b, j, 0.0) < 1e-4);
-            }
-        }
-    }
-    // Retry: eigenvalues in [-4, 95] succeed at damping 5 from 0.5 (0.5 -> 5).
-    let mut s = spd(&mut r, 32, 100.0);
-    for i in 0..32 {
-        s[i * 32 + i] -= 5.0;
-    }
-    let ind: Vec<f32> = s.iter().map(|&v| v as f32).collect();
-    let (out, info, used) = emu_invert(
-        32,
-        &ind,
-        Inv {
-            out_init: Some(&poisoned(32 * 32)),
-            damping_all: 0.5,
-            policy: FailurePolicy::retry(),
-            order: 1,
-            ..Inv::default()
-        },
-    );
-    assert_eq!((info, used), (vec![0], vec![5.0]));
-    assert!(block_residual(&ind, &out, 32, 0, 5.0) < 1e-4);
-    let damping = [0.0f32, 0.1, -1.0, f32::NAN, 0.2, 0.3];
-    let (out, info, _) = emu_invert(
-        b,
-        &input,
-        Inv {
-            out_init: Some(&vec![5.0; nb * b * b]),
-            damping: Some(&damping),
-            ..Inv::default()
-        },
-    );
-    assert_eq!(info, vec![0, 0, INFO_BAD_DAMPING, INFO_BAD_DAMPING, 0, 0]);
-    assert!(out[2 * b * b..4 * b * b].iter().all(|&v| v == 5.0));
-    assert!(block_residual(&input, &out, b, 1, 0.1) < 1e-4);
 }
 
 #[test]
@@ -1060,34 +949,51 @@ fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
     }
 }
 
+/// The emulator as an [`invert_cases::Inverter`], under one thread order.
+struct EmuInverter(i32);
+
+impl invert_cases::Inverter for EmuInverter {
+    fn invert(
+        &self,
+        b: usize,
+        input: &[f32],
+        c: invert_cases::InvertCall<'_>,
+    ) -> (Vec<f32>, Vec<i32>, Vec<f32>) {
+        emu_invert(
+            b,
+            input,
+            Inv {
+                out_init: c.out_init,
+                damping: c.damping,
+                damping_all: c.damping_all,
+                mask: c.mask,
+                policy: c.policy,
+                order: self.0,
+            },
+        )
+    }
+}
+
+#[test]
+fn emulated_invert_reports_bad_blocks_in_place_and_out_of_place() {
+    let _g = lock();
+    for b in [32usize, 64] {
+        for order in [0, 3] {
+            invert_cases::bad_blocks(&EmuInverter(order), b);
+        }
+    }
+}
+
+#[test]
+fn emulated_invert_mask_retry_and_per_block_damping() {
+    let _g = lock();
+    invert_cases::mask_retry_damping(&EmuInverter(2), 32);
+}
+
 #[test]
 fn emulated_invert_residual_bound_up_to_cond_1e7() {
     let _g = lock();
     for b in SUPPORTED_BLOCK_SIZES {
-        let mut r = rng(70 + b as u64);
-        for cond in [1e4, 1e5, 1e6, 1e7] {
-            let input = spd_batch(&mut r, b, 1, &[cond]);
-            let (out, info, _) = emu_invert(
-                b,
-                &input,
-                Inv {
-                    out_init: Some(&poisoned(b * b)),
-                    ..Inv::default()
-                },
-            );
-            assert_eq!(info, vec![0], "b={b} cond={cond:e}");
-            let res = block_residual(&input, &out, b, 0, 0.0);
-            skip_note!(
-                "emulated invert b={b} cond={cond:e}: residual {res:.2e} ({:.3} cond eps)",
-                res / (cond * f32::EPSILON as f64)
-            );
-            assert!(
-                res <= 0.5 * cond * f32::EPSILON as f64,
-                "b={b} cond={cond:e}: residual {res:e}"
-            );
-            if cond <= 1e4 {
-                assert!(res < 1e-4, "b={b} cond={cond:e}: residual {res:e}");
-            }
-        }
+        invert_cases::residual_bound(&EmuInverter(1), b, "emulated");
     }
 }

@@ -194,7 +194,6 @@ fn gpu_rejects_bad_shapes_before_launch() {
 }
 
 use thor_kernels::cuda::{DeviceDamping, DeviceInvertOptions};
-use thor_kernels::invert::{FailurePolicy, INFO_BAD_DAMPING, INFO_SKIPPED};
 
 /// Runs the GPU inversion on `input` with the output pre-filled by `out_init`; returns
 /// (output, info, damping used).
@@ -255,144 +254,6 @@ fn gpu_invert_odd_batches_every_block_size() {
             }
         }
     }
-}
-
-#[test]
-fn gpu_invert_residual_bound_up_to_cond_1e7() {
-    let Some(dev) = gpu_or_skip("gpu_invert_residual_bound_up_to_cond_1e7") else {
-        return;
-    };
-    for b in SUPPORTED_BLOCK_SIZES {
-        let mut r = rng(70 + b as u64);
-        for cond in [1e4, 1e5, 1e6, 1e7] {
-            let input = spd_batch(&mut r, b, 1, &[cond]);
-            let (out, info, _) = gpu_invert(
-                &dev,
-                b,
-                &input,
-                &poisoned(b * b),
-                &DeviceInvertOptions::uniform(0.0),
-            );
-            assert_eq!(info, vec![0], "b={b} cond={cond:e}");
-            let res = block_residual(&input, &out, b, 0, 0.0);
-            skip_note!(
-                "gpu invert b={b} cond={cond:e}: residual {res:.2e} ({:.3} cond eps)",
-                res / (cond * f32::EPSILON as f64)
-            );
-            assert!(
-                res <= 0.5 * cond * f32::EPSILON as f64,
-                "b={b} cond={cond:e}: residual {res:e}"
-            );
-        }
-    }
-}
-
-#[test]
-fn gpu_invert_reports_exactly_the_bad_blocks() {
-    let Some(dev) = gpu_or_skip("gpu_invert_reports_exactly_the_bad_blocks") else {
-        return;
-    };
-    for b in SUPPORTED_BLOCK_SIZES {
-        let mut r = rng(80 + b as u64);
-        let (input, want) = mixed_bad_batch(&mut r, b);
-        let (ref_out, ref_info) = reference::invert_blocks(&f64s(&input), b, &[0.0; 5]).unwrap();
-        assert_eq!(ref_info, want);
-        let before = vec![7.0f32; input.len()];
-        let (out, info, _) =
-            gpu_invert(&dev, b, &input, &before, &DeviceInvertOptions::uniform(0.0));
-        assert_eq!(info, want, "b={b}");
-        for j in 0..5 {
-            let blk = &out[j * b * b..(j + 1) * b * b];
-            if want[j] != 0 {
-                assert!(
-                    blk.iter().all(|&v| v == 7.0),
-                    "b={b}: failed block {j} was written"
-                );
-            } else {
-                let err = rel_err(blk, &ref_out[j * b * b..(j + 1) * b * b]);
-                assert!(err < 1e-4, "b={b} block {j}: {err:e} vs reference");
-            }
-        }
-        // In place: failed blocks keep their input.
-        let mut blocks = dev.upload(&input).unwrap();
-        let mut dinfo = dev.zeros::<i32>(5).unwrap();
-        dev.invert_in_place(
-            b,
-            &mut blocks,
-            &mut dinfo,
-            None,
-            &DeviceInvertOptions::uniform(0.0),
-        )
-        .unwrap();
-        let got = dev.download(&blocks).unwrap();
-        assert_eq!(dev.download(&dinfo).unwrap(), want);
-        for j in [1, 2, 3] {
-            let (g, i) = (
-                &got[j * b * b..(j + 1) * b * b],
-                &input[j * b * b..(j + 1) * b * b],
-            );
-            assert!(
-                g.iter().zip(i).all(|(a, c)| a.to_bits() == c.to_bits()),
-                "b={b}: in-place failed block {j} changed"
-            );
-        }
-        assert!(block_residual(&input, &got, b, 0, 0.0) < 1e-4);
-    }
-}
-
-#[test]
-fn gpu_invert_mask_retry_and_device_damping() {
-    let Some(dev) = gpu_or_skip("gpu_invert_mask_retry_and_device_damping") else {
-        return;
-    };
-    let b = 64;
-    let nb = 6;
-    let mut r = rng(61);
-    let input = spd_batch(&mut r, b, nb, &[10.0]);
-    for mask in [vec![0u8; nb], vec![1u8; nb], vec![1, 0, 0, 1, 0, 1]] {
-        let dmask = dev.upload(&mask).unwrap();
-        let opts = DeviceInvertOptions {
-            mask: Some(&dmask),
-            ..DeviceInvertOptions::uniform(0.0)
-        };
-        let (out, info, used) = gpu_invert(&dev, b, &input, &vec![5.0; nb * b * b], &opts);
-        for j in 0..nb {
-            if mask[j] == 0 {
-                assert_eq!(info[j], INFO_SKIPPED);
-                assert!(used[j].is_nan());
-                assert!(out[j * b * b..(j + 1) * b * b].iter().all(|&v| v == 5.0));
-            } else {
-                assert_eq!(info[j], 0);
-                assert!(block_residual(&input, &out, b, j, 0.0) < 1e-4);
-            }
-        }
-    }
-    // Retry: an indefinite block (eigenvalues in [-4, 95]) succeeds at damping 5 from 0.5.
-    let mut s = spd(&mut r, 32, 100.0);
-    for i in 0..32 {
-        s[i * 32 + i] -= 5.0;
-    }
-    let ind: Vec<f32> = s.iter().map(|&v| v as f32).collect();
-    let opts = DeviceInvertOptions {
-        policy: FailurePolicy::retry(),
-        ..DeviceInvertOptions::uniform(0.5)
-    };
-    let (out, info, used) = gpu_invert(&dev, 32, &ind, &poisoned(32 * 32), &opts);
-    assert_eq!((info, used), (vec![0], vec![5.0]));
-    assert!(block_residual(&ind, &out, 32, 0, 5.0) < 1e-4);
-    // Per-block damping in device memory, one of them invalid.
-    let damping = dev
-        .upload(&[0.0f32, 0.1, -1.0, f32::NAN, 0.2, 0.3])
-        .unwrap();
-    let opts = DeviceInvertOptions {
-        damping: DeviceDamping::PerBlock(&damping),
-        ..DeviceInvertOptions::uniform(0.0)
-    };
-    let (out, info, _) = gpu_invert(&dev, b, &input, &vec![5.0; nb * b * b], &opts);
-    assert_eq!(info, vec![0, 0, INFO_BAD_DAMPING, INFO_BAD_DAMPING, 0, 0]);
-    assert!(out[2 * b * b..4 * b * b].iter().all(|&v| v == 5.0));
-    assert!(block_residual(&input, &out, b, 1, 0.1) < 1e-4);
-    assert!(thor_kernels::invert::check_info(&info).is_err());
 }
 
 #[test]
@@ -1162,4 +1023,79 @@ fn gpu_thor_optimizer_on_cuda_matches_the_cpu_backend() {
         gpu.finish_step();
     }
     assert_eq!(cpu.counters(lc).unwrap(), gpu.counters(lg).unwrap());
+}
+
+/// The GPU as an [`invert_cases::Inverter`].
+struct GpuInverter<'a>(&'a CudaDevice);
+
+impl invert_cases::Inverter for GpuInverter<'_> {
+    fn invert(
+        &self,
+        b: usize,
+        input: &[f32],
+        c: invert_cases::InvertCall<'_>,
+    ) -> (Vec<f32>, Vec<i32>, Vec<f32>) {
+        let dev = self.0;
+        let nb = input.len() / (b * b);
+        let dmask = c.mask.map(|m| dev.upload(m).unwrap());
+        let ddamp = c.damping.map(|d| dev.upload(d).unwrap());
+        let opts = DeviceInvertOptions {
+            damping: match &ddamp {
+                Some(d) => DeviceDamping::PerBlock(d),
+                None => DeviceDamping::Uniform(c.damping_all),
+            },
+            mask: dmask.as_ref(),
+            policy: c.policy,
+        };
+        let mut info = dev.upload(&vec![i32::MIN; nb]).unwrap();
+        let mut used = dev.upload(&vec![f32::NAN; nb]).unwrap();
+        let out = match c.out_init {
+            Some(init) => {
+                let din = dev.upload(input).unwrap();
+                let mut dout = dev.upload(init).unwrap();
+                dev.invert(b, &din, &mut dout, &mut info, Some(&mut used), &opts)
+                    .unwrap();
+                dev.download(&dout).unwrap()
+            }
+            None => {
+                let mut blocks = dev.upload(input).unwrap();
+                dev.invert_in_place(b, &mut blocks, &mut info, Some(&mut used), &opts)
+                    .unwrap();
+                dev.download(&blocks).unwrap()
+            }
+        };
+        (
+            out,
+            dev.download(&info).unwrap(),
+            dev.download(&used).unwrap(),
+        )
+    }
+}
+
+#[test]
+fn gpu_invert_reports_exactly_the_bad_blocks() {
+    let Some(dev) = gpu_or_skip("gpu_invert_reports_exactly_the_bad_blocks") else {
+        return;
+    };
+    for b in SUPPORTED_BLOCK_SIZES {
+        invert_cases::bad_blocks(&GpuInverter(&dev), b);
+    }
+}
+
+#[test]
+fn gpu_invert_mask_retry_and_device_damping() {
+    let Some(dev) = gpu_or_skip("gpu_invert_mask_retry_and_device_damping") else {
+        return;
+    };
+    invert_cases::mask_retry_damping(&GpuInverter(&dev), 64);
+}
+
+#[test]
+fn gpu_invert_residual_bound_up_to_cond_1e7() {
+    let Some(dev) = gpu_or_skip("gpu_invert_residual_bound_up_to_cond_1e7") else {
+        return;
+    };
+    for b in SUPPORTED_BLOCK_SIZES {
+        invert_cases::residual_bound(&GpuInverter(&dev), b, "gpu");
+    }
 }

@@ -11,6 +11,8 @@ macro_rules! skip_note {
     }};
 }
 
+pub mod invert_cases;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
