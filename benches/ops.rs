@@ -482,6 +482,32 @@ fn gpu_invert_benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// One grouped accumulation of `xs` (row stride = dimension, alpha 1, beta 0).
+#[allow(clippy::too_many_arguments)]
+fn acc_call<E: thor_kernels::cuda::accumulate::DeviceElement>(
+    dev: &CudaDevice,
+    acc: &mut thor_kernels::cuda::accumulate::DeviceAccumulate,
+    xs: &[CudaSlice<E>],
+    dims: &[usize],
+    blocks: &mut CudaSlice<f32>,
+    bt: &mut CudaSlice<f32>,
+    ft: &mut CudaSlice<f32>,
+    status: &mut CudaSlice<i32>,
+) {
+    use thor_kernels::cuda::accumulate::DeviceInput;
+    let inp: Vec<DeviceInput<'_, E>> = xs
+        .iter()
+        .zip(dims)
+        .map(|(x, &d)| DeviceInput {
+            x,
+            ld: d,
+            alpha: 1.0,
+            beta: 0.0,
+        })
+        .collect();
+    dev.accumulate(acc, &inp, blocks, bt, ft, status).unwrap();
+}
+
 /// One grouped accumulation workload on the device: inputs, plan and outputs.
 struct AccCase {
     set: FactorSet,
@@ -552,7 +578,7 @@ impl AccCase {
         g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
         id: &str,
     ) {
-        use thor_kernels::cuda::accumulate::{AccumulateMode, DeviceInput};
+        use thor_kernels::cuda::accumulate::AccumulateMode;
         for (label, mode, bf16) in [
             ("thor_f32", AccumulateMode::F32, false),
             ("thor_tf32", AccumulateMode::TensorCore, false),
@@ -586,31 +612,9 @@ impl AccCase {
                 bch.iter_custom(|iters| {
                     device_time(dev, iters, || {
                         if bf16 {
-                            let inp: Vec<DeviceInput<'_, half::bf16>> = xs16
-                                .iter()
-                                .zip(&dims)
-                                .map(|(x, &d)| DeviceInput {
-                                    x,
-                                    ld: d,
-                                    alpha: 1.0,
-                                    beta: 0.0,
-                                })
-                                .collect();
-                            dev.accumulate(&mut acc, &inp, blocks, bt, ft, status)
-                                .unwrap();
+                            acc_call(dev, &mut acc, xs16, &dims, blocks, bt, ft, status);
                         } else {
-                            let inp: Vec<DeviceInput<'_, f32>> = xs32
-                                .iter()
-                                .zip(&dims)
-                                .map(|(x, &d)| DeviceInput {
-                                    x,
-                                    ld: d,
-                                    alpha: 1.0,
-                                    beta: 0.0,
-                                })
-                                .collect();
-                            dev.accumulate(&mut acc, &inp, blocks, bt, ft, status)
-                                .unwrap();
+                            acc_call(dev, &mut acc, xs32, &dims, blocks, bt, ft, status);
                         }
                     })
                 })

@@ -583,31 +583,6 @@ fn emulated_accumulate_many_rows_and_non_finite_inputs() {
     }
 }
 
-/// Symmetric blocks for every factor of `set`, identity in the padding (as the inversion
-/// leaves them).
-fn sym_blocks(set: &FactorSet, seed: u64) -> Vec<f32> {
-    let b = set.block();
-    let mut r = rng(seed);
-    let mut v = normal(&mut r, set.buffer_len());
-    for e in set.entries() {
-        for j in 0..e.layout.blocks() {
-            let k = e.first_block + j;
-            let w = e.layout.valid(j);
-            let m = &mut v[k * b * b..(k + 1) * b * b];
-            for i in 0..b {
-                for c in 0..b {
-                    if i >= w || c >= w {
-                        m[i * b + c] = (i == c) as u8 as f32;
-                    } else if c > i {
-                        m[i * b + c] = m[c * b + i];
-                    }
-                }
-            }
-        }
-    }
-    v
-}
-
 mod apply {
     use super::*;
     use thor_kernels::cuda::apply::{ApplyLayer, ApplyPlan, LayerBuffers};
@@ -673,62 +648,6 @@ mod apply {
                 .collect()
         })
     }
-
-    /// The reference output of layer `l`.
-    pub fn reference_layer<E: Element>(
-        set: &FactorSet,
-        inv: &[f32],
-        lay: &ApplyLayer,
-        grad: &[E],
-        scale: f32,
-    ) -> Vec<f64> {
-        let side = |f: Option<usize>| {
-            f.map(|f| {
-                let e = &set.entries()[f];
-                (
-                    e.layout,
-                    f64s(&inv[e.offset()..e.offset() + e.layout.buffer_len()]),
-                )
-            })
-        };
-        let (g, a) = (side(lay.g_factor), side(lay.a_factor));
-        let grad: Vec<f64> = grad.iter().map(|v| v.to_f32() as f64).collect();
-        let out = reference::apply(
-            g.as_ref().map(|(l, v)| (l, &v[..])),
-            &grad,
-            a.as_ref().map(|(l, v)| (l, &v[..])),
-            lay.out_dim,
-            lay.in_dim,
-        )
-        .unwrap();
-        out.into_iter().map(|v| v * scale as f64).collect()
-    }
-}
-
-/// Layers of odd shapes for block size `b`: (out, in) with out or in = 1, b - 1, b + 1, a
-/// layer smaller than one block, one side missing.
-fn odd_layers(b: usize) -> (FactorSet, Vec<thor_kernels::cuda::apply::ApplyLayer>) {
-    use thor_kernels::cuda::apply::ApplyLayer;
-    let shapes = [(b + 1, 2 * b + 3), (1, b - 1), (b - 1, 1), (10, 7)];
-    let mut dims = Vec::new();
-    let mut layers = Vec::new();
-    for (k, &(o, i)) in shapes.iter().enumerate() {
-        let g = (k != 2).then(|| {
-            dims.push(o);
-            dims.len() - 1
-        });
-        let a = (k != 3).then(|| {
-            dims.push(i);
-            dims.len() - 1
-        });
-        layers.push(ApplyLayer {
-            out_dim: o,
-            in_dim: i,
-            g_factor: g,
-            a_factor: a,
-        });
-    }
-    (FactorSet::new(b, &dims).unwrap(), layers)
 }
 
 #[test]
@@ -736,8 +655,8 @@ fn emulated_apply_every_block_size_odd_shapes() {
     use apply::*;
     let _g = lock();
     for b in SUPPORTED_BLOCK_SIZES {
-        let (set, layers) = odd_layers(b);
-        let inv = sym_blocks(&set, b as u64);
+        let (set, layers) = apply_cases::odd_layers(b, &apply_cases::odd_shapes(b)[..4]);
+        let inv = apply_cases::sym_blocks(&set, b as u64);
         let mut r = rng(b as u64 + 1);
         let grads: Vec<Vec<f32>> = layers
             .iter()
@@ -748,7 +667,7 @@ fn emulated_apply_every_block_size_odd_shapes() {
         for in_place in [false, b <= 128] {
             let outs = run_apply(&set, &inv, &layers, &grads, &scales, in_place, order).unwrap();
             for (l, lay) in layers.iter().enumerate() {
-                let want = reference_layer(&set, &inv, lay, &grads[l], scales[l]);
+                let want = apply_cases::reference_layer(&set, &inv, lay, &grads[l], scales[l]);
                 let err = rel_err(&outs[l], &want);
                 assert!(err < 1e-5, "b={b} layer {l} in_place={in_place}: {err:e}");
             }
@@ -766,8 +685,8 @@ fn emulated_apply_bf16_gradients() {
     use half::bf16;
     let _g = lock();
     for b in [32usize, 128] {
-        let (set, layers) = odd_layers(b);
-        let inv = sym_blocks(&set, 7);
+        let (set, layers) = apply_cases::odd_layers(b, &apply_cases::odd_shapes(b)[..4]);
+        let inv = apply_cases::sym_blocks(&set, 7);
         let mut r = rng(3);
         let grads: Vec<Vec<bf16>> = layers
             .iter()
@@ -781,7 +700,7 @@ fn emulated_apply_bf16_gradients() {
         let scales = vec![0.5f32; layers.len()];
         let outs = run_apply(&set, &inv, &layers, &grads, &scales, false, 2).unwrap();
         for (l, lay) in layers.iter().enumerate() {
-            let want = reference_layer(&set, &inv, lay, &grads[l], 0.5);
+            let want = apply_cases::reference_layer(&set, &inv, lay, &grads[l], 0.5);
             assert!(rel_err(&outs[l], &want) < 1e-5, "b={b} layer {l}");
         }
     }

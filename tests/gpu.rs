@@ -742,58 +742,14 @@ mod gpu_accumulate {
 
 #[test]
 fn gpu_apply_matches_reference_odd_shapes_in_and_out_of_place() {
-    use thor_kernels::cuda::apply::ApplyLayer;
     let Some(dev) = gpu_or_skip("gpu_apply_matches_reference_odd_shapes_in_and_out_of_place")
     else {
         return;
     };
     for b in SUPPORTED_BLOCK_SIZES {
-        let shapes = [
-            (b + 1, 2 * b + 3),
-            (1, b - 1),
-            (b - 1, 1),
-            (10, 7),
-            (3 * b, b),
-        ];
-        let mut dims = Vec::new();
-        let mut layers = Vec::new();
-        for (k, &(o, i)) in shapes.iter().enumerate() {
-            let g = (k != 2).then(|| {
-                dims.push(o);
-                dims.len() - 1
-            });
-            let a = (k != 3).then(|| {
-                dims.push(i);
-                dims.len() - 1
-            });
-            layers.push(ApplyLayer {
-                out_dim: o,
-                in_dim: i,
-                g_factor: g,
-                a_factor: a,
-            });
-        }
-        let set = FactorSet::new(b, &dims).unwrap();
-        let mut r = rng(b as u64);
-        // Symmetric inverse blocks with identity padding.
-        let mut inv = normal(&mut r, set.buffer_len());
-        for e in set.entries() {
-            for j in 0..e.layout.blocks() {
-                let (k, w) = (e.first_block + j, e.layout.valid(j));
-                for i in 0..b {
-                    for c in 0..b {
-                        let v = if i >= w || c >= w {
-                            (i == c) as u8 as f32
-                        } else if c > i {
-                            inv[k * b * b + c * b + i]
-                        } else {
-                            inv[k * b * b + i * b + c]
-                        };
-                        inv[k * b * b + i * b + c] = v;
-                    }
-                }
-            }
-        }
+        let (set, layers) = apply_cases::odd_layers(b, &apply_cases::odd_shapes(b));
+        let inv = apply_cases::sym_blocks(&set, b as u64);
+        let mut r = rng(b as u64 + 1);
         let grads: Vec<Vec<f32>> = layers
             .iter()
             .map(|l| normal(&mut r, l.out_dim * l.in_dim))
@@ -814,27 +770,7 @@ fn gpu_apply_matches_reference_odd_shapes_in_and_out_of_place() {
         let mut inplace: Vec<_> = grads.iter().map(|g| dev.upload(g).unwrap()).collect();
         let in_place = dev.apply_in_place(&mut plan, &dinv, &mut inplace, &scales);
         for (l, lay) in layers.iter().enumerate() {
-            let side = |f: Option<usize>| {
-                f.map(|f| {
-                    let e = &set.entries()[f];
-                    (
-                        e.layout,
-                        f64s(&inv[e.offset()..e.offset() + e.layout.buffer_len()]),
-                    )
-                })
-            };
-            let (g, a) = (side(lay.g_factor), side(lay.a_factor));
-            let want: Vec<f64> = reference::apply(
-                g.as_ref().map(|(l, v)| (l, &v[..])),
-                &f64s(&grads[l]),
-                a.as_ref().map(|(l, v)| (l, &v[..])),
-                lay.out_dim,
-                lay.in_dim,
-            )
-            .unwrap()
-            .into_iter()
-            .map(|v| v * scales[l] as f64)
-            .collect();
+            let want = apply_cases::reference_layer(&set, &inv, lay, &grads[l], scales[l]);
             let got = dev.download(&outs[l]).unwrap();
             assert!(rel_err(&got, &want) < 1e-5, "b={b} layer {l}");
             if b <= 128 {

@@ -556,7 +556,7 @@ impl CudaDevice {
         factor_traces: &mut CudaSlice<f32>,
         status: &mut CudaSlice<i32>,
     ) -> Result<()> {
-        let set = acc.plan.set().clone();
+        let set = &acc.plan.set;
         if E::DTYPE != acc.plan.dtype {
             return Err(Error::invalid(
                 "inputs",

@@ -11,6 +11,7 @@ macro_rules! skip_note {
     }};
 }
 
+pub mod apply_cases;
 pub mod invert_cases;
 
 use rand::rngs::StdRng;
