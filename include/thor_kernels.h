@@ -423,6 +423,24 @@ enum ThorStatus thor_v1_optimizer_precondition(struct ThorOptimizer *opt,
                                                const float *grad,
                                                float *out);
 
+// K-FAC's KL clip factor for this step (`thor::Thor::kl_clip_factor`):
+// `min(1, sqrt(kl_clip / (lr^2 * sum_l grads[l] . updates[l])))` over the `n_layers` layers
+// `layers[i]`, with `grads[i]` and `updates[i]` host arrays of that layer's
+// `[outputs, d_a]` gradient and preconditioned gradient. `*factor` is 1 when the optimizer
+// has no KL clip. Multiply every preconditioned gradient by it before the update.
+//
+// # Safety
+// Every non-null pointer must address the elements the description above gives (host
+// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+// CUDA context, until the queued work completes; handles must come from this library.
+enum ThorStatus thor_v1_optimizer_kl_clip_factor(struct ThorOptimizer *opt,
+                                                 float lr,
+                                                 int64_t n_layers,
+                                                 const int32_t *layers,
+                                                 const float *const *grads,
+                                                 const float *const *updates,
+                                                 float *factor);
+
 // Ends the step.
 //
 // # Safety

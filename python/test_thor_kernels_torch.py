@@ -166,7 +166,7 @@ def test_preconditioner_trains_a_small_model():
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         raw = model[3].weight.grad.clone()
-        pre.step(step / 10)
+        pre.step(step / 10, lr=0.1)
         if step == 0:
             first = loss.item()
             assert not torch.equal(raw, model[3].weight.grad), "gradient was not preconditioned"
@@ -174,6 +174,34 @@ def test_preconditioner_trains_a_small_model():
     assert loss.item() < 0.5 * first
     c = pre.counters(0)
     assert c["statistics"] == 15 and c["updates"] >= 1
+
+
+def test_kl_clip_scales_the_preconditioned_gradients():
+    def run(kl_clip, lr=0.1):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        pre = tk.ThorPreconditioner(model, block=32, interval=1, damping=0.1, kl_clip=kl_clip)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        raw = [p.grad.clone() for p in model.parameters()]
+        pre.step(0.0, lr=lr)
+        return pre, raw, [p.grad.clone() for p in model.parameters()]
+
+    _, raw, free = run(0.0)
+    pre, _, clipped = run(1e-6)
+    f = pre.last_kl_clip_factor
+    assert 0.0 < f < 1.0, f
+    # The factor is K-FAC's: the clipped step's lr^2 * sum g . dW is exactly the bound.
+    vg = sum((g.double() * d.double()).sum() for g, d in zip(raw, free)) * 0.1**2
+    assert abs(f - min(1.0, (1e-6 / vg.item()) ** 0.5)) < 1e-5 * f
+    for a, b in zip(clipped, free):
+        assert torch.allclose(a, f * b, rtol=1e-5, atol=1e-8)
+    # A loose clip leaves the gradients alone.
+    pre, _, loose = run(1e6)
+    assert pre.last_kl_clip_factor == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(loose, free))
+    with pytest.raises(ValueError, match="learning rate"):
+        run(1e-6, lr=None)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -88,6 +88,7 @@ def _load() -> ctypes.CDLL:
         "thor_v1_optimizer_needs_statistics": ([P, POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_observe": ([P, c_int32, P, P, c_int64, POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_precondition": ([P, c_int32, P, P], c_int32),
+        "thor_v1_optimizer_kl_clip_factor": ([P, c_float, c_int64, POINTER(c_int32), POINTER(P), POINTER(P), POINTER(c_float)], c_int32),
         "thor_v1_optimizer_finish_step": ([P], c_int32),
         "thor_v1_optimizer_counters": ([P, c_int32, POINTER(Counters)], c_int32),
         "thor_v1_optimizer_save": ([P, c_char_p], c_int32),
@@ -347,6 +348,9 @@ class ThorPreconditioner:
         _check(lib.thor_v1_optimizer_config_default(ctypes.byref(cfg)))
         cfg.block, cfg.interval, cfg.damping_l0, cfg.stat_decay = block, interval, damping, stat_decay
         cfg.w1, cfg.w2, cfg.kl_clip = w1, w2, kl_clip
+        self._kl_clip = kl_clip
+        #: The KL clip factor of the last step (1.0 until a clipped step ran).
+        self.last_kl_clip_factor = 1.0
         self._opt = c_void_p()
         _check(lib.thor_v1_optimizer_create(ctypes.byref(cfg), ctypes.byref(self._opt)))
         self.layers = []
@@ -400,15 +404,20 @@ class ThorPreconditioner:
         return {n: getattr(c, n) for n, _ in Counters._fields_}
 
     @torch.no_grad()
-    def step(self, epoch: float = 0.0) -> None:
+    def step(self, epoch: float = 0.0, lr: "float | None" = None) -> None:
         """Feeds the captured statistics (on statistics steps) and preconditions every hooked
-        layer's ``.grad`` in place."""
+        layer's ``.grad`` in place. With ``kl_clip`` set, ``lr`` (the learning rate of this
+        step) is required: the preconditioned gradients are scaled by K-FAC's KL clip factor
+        ``min(1, sqrt(kl_clip / (lr^2 * sum g . dW)))``."""
+        if self._kl_clip > 0 and lr is None:
+            raise ValueError("kl_clip is set: pass this step's learning rate, step(epoch, lr=...)")
         _check(lib.thor_v1_optimizer_set_epoch(self._opt, float(epoch)))
         if self._stats:
             for m, lid in self.layers:
                 if m in self._acts and m in self._grads:
                     a, g = self._acts.pop(m), self._grads.pop(m)
                     _check(lib.thor_v1_optimizer_observe(self._opt, lid, _ptr(a), _ptr(g), a.shape[0], None))
+        done = []
         for m, lid in self.layers:
             if m.weight.grad is None:
                 continue
@@ -417,8 +426,20 @@ class ThorPreconditioner:
             full = full.float().cpu().contiguous()
             out = torch.empty_like(full)
             _check(lib.thor_v1_optimizer_precondition(self._opt, lid, _ptr(full), _ptr(out)))
+            done.append((m, lid, full, out))
+        if self._kl_clip > 0 and done:
+            n = len(done)
+            ids = (c_int32 * n)(*[lid for _, lid, _, _ in done])
+            gp = (c_void_p * n)(*[_ptr(full) for _, _, full, _ in done])
+            up = (c_void_p * n)(*[_ptr(out) for _, _, _, out in done])
+            factor = c_float()
+            _check(lib.thor_v1_optimizer_kl_clip_factor(self._opt, float(lr), n, ids, gp, up, ctypes.byref(factor)))
+            self.last_kl_clip_factor = factor.value
+            for _, _, _, out in done:
+                out.mul_(factor.value)
+        for m, _, full, out in done:
             out = out.to(m.weight.grad.device, m.weight.grad.dtype)
-            m.weight.grad.copy_(out[:, : w.shape[1]].reshape(m.weight.shape))
+            m.weight.grad.copy_(out[:, : full.shape[1] - (m.bias is not None)].reshape(m.weight.shape))
             if m.bias is not None:
                 m.bias.grad.copy_(out[:, -1])
         _check(lib.thor_v1_optimizer_finish_step(self._opt))

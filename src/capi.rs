@@ -1474,6 +1474,63 @@ pub unsafe extern "C" fn thor_v1_optimizer_precondition(
     })
 }
 
+/// K-FAC's KL clip factor for this step (`thor::Thor::kl_clip_factor`):
+/// `min(1, sqrt(kl_clip / (lr^2 * sum_l grads[l] . updates[l])))` over the `n_layers` layers
+/// `layers[i]`, with `grads[i]` and `updates[i]` host arrays of that layer's
+/// `[outputs, d_a]` gradient and preconditioned gradient. `*factor` is 1 when the optimizer
+/// has no KL clip. Multiply every preconditioned gradient by it before the update.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_kl_clip_factor(
+    opt: *mut ThorOptimizer,
+    lr: f32,
+    n_layers: i64,
+    layers: *const i32,
+    grads: *const *const f32,
+    updates: *const *const f32,
+    factor: *mut f32,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("factor", factor as *const f32)?;
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::invalid("lr", format!("must be finite and >= 0, got {lr}")).into());
+        }
+        let n = size("n_layers", n_layers)?;
+        if n > t.layers() {
+            return Err(Error::invalid(
+                "n_layers",
+                format!("{n} layers given, the optimizer has {}", t.layers()),
+            )
+            .into());
+        }
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let (ids, gp, up) = unsafe {
+            (
+                host("layers", layers, n)?,
+                host("grads", grads, n)?,
+                host("updates", updates, n)?,
+            )
+        };
+        let mut pairs = Vec::with_capacity(n);
+        for i in 0..n {
+            let kind = t.layer_kind(LayerId(size("layers", ids[i] as i64)?))?;
+            let len = count("layers", &[kind.d_g(), kind.d_a()])?;
+            // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+            pairs.push(unsafe { (host("grads", gp[i], len)?, host("updates", up[i], len)?) });
+        }
+        let f = t.kl_clip_factor(lr, pairs);
+        // SAFETY: checked.
+        unsafe { *factor = f };
+        Ok(())
+    })
+}
+
 /// Ends the step.
 ///
 /// # Safety

@@ -207,3 +207,112 @@ fn c_program_calls_the_cpu_path() {
     assert!(log.contains("optimizer checks passed"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The optimizer handle honours the KL clip: the factor it returns is `Thor`'s for the same
+/// state, below 1 for a tight bound, exactly 1 without a clip, and bad arguments are
+/// refused by name.
+#[test]
+fn optimizer_kl_clip_factor_through_the_c_abi() {
+    use thor_kernels::capi::*;
+    use thor_kernels::thor::{LayerKind, Thor, ThorConfig};
+    let mut seed = 7u32;
+    let (n, d_in, d_out) = (24usize, 6usize, 5usize);
+    let acts = lcg_fill(&mut seed, n * d_in);
+    let outg = lcg_fill(&mut seed, n * d_out);
+    let grad = lcg_fill(&mut seed, d_out * (d_in + 1));
+    let factor_for = |kl_clip: f32| -> (f32, f32) {
+        let mut cfg = ThorOptimizerConfig {
+            block: 0,
+            stat_decay: 0.0,
+            damping_l0: 0.0,
+            damping_decay: 0.0,
+            damping_every: 0.0,
+            interval: 0,
+            w1: 0.0,
+            w2: 0.0,
+            kl_clip: 0.0,
+            retry: 0,
+        };
+        let mut opt = std::ptr::null_mut();
+        let (mut id, mut obs) = (0i32, 0i32);
+        let mut update = vec![f32::NAN; grad.len()];
+        let mut f = f32::NAN;
+        // SAFETY: every pointer addresses a live local of the size the header gives.
+        unsafe {
+            assert_eq!(thor_v1_optimizer_config_default(&mut cfg), ThorStatus::Ok);
+            cfg.block = 32;
+            cfg.kl_clip = kl_clip;
+            assert_eq!(thor_v1_optimizer_create(&cfg, &mut opt), ThorStatus::Ok);
+            assert_eq!(
+                thor_v1_optimizer_add_linear(opt, d_in as i64, d_out as i64, 1, &mut id),
+                ThorStatus::Ok
+            );
+            let st = thor_v1_optimizer_observe(
+                opt,
+                id,
+                acts.as_ptr(),
+                outg.as_ptr(),
+                n as i64,
+                &mut obs,
+            );
+            assert_eq!(st, ThorStatus::Ok);
+            let st = thor_v1_optimizer_precondition(opt, id, grad.as_ptr(), update.as_mut_ptr());
+            assert_eq!(st, ThorStatus::Ok);
+            let (gp, up) = (grad.as_ptr(), update.as_ptr());
+            let st = thor_v1_optimizer_kl_clip_factor(opt, 0.5, 1, &id, &gp, &up, &mut f);
+            assert_eq!(st, ThorStatus::Ok);
+            // Bad arguments: named, nothing written.
+            let mut g = -1.0f32;
+            for (lr, n_layers, layer, want) in [
+                (f32::NAN, 1, id, "lr"),
+                (-1.0, 1, id, "lr"),
+                (0.5, 2, id, "n_layers"),
+                (0.5, -1, id, "n_layers"),
+                (0.5, 1, 3, "layer"),
+            ] {
+                let st =
+                    thor_v1_optimizer_kl_clip_factor(opt, lr, n_layers, &layer, &gp, &up, &mut g);
+                assert_eq!(st, ThorStatus::InvalidArgument, "{want}");
+                let msg = std::ffi::CStr::from_ptr(thor_v1_last_error_message());
+                assert!(msg.to_string_lossy().contains(want), "{want}: {msg:?}");
+                assert_eq!(g, -1.0);
+            }
+            thor_v1_optimizer_destroy(opt);
+        }
+        let dot: f64 = grad
+            .iter()
+            .zip(&update)
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum();
+        (f, dot as f32)
+    };
+    let (free, _) = factor_for(0.0);
+    assert_eq!(free, 1.0, "no clip");
+    let (loose, _) = factor_for(1e9);
+    assert_eq!(loose, 1.0, "a loose clip");
+    let (tight, dot) = factor_for(1e-6);
+    let want = (1e-6f64 / (0.25 * dot as f64)).sqrt();
+    assert!(
+        tight < 1.0 && (tight as f64 - want).abs() < 1e-5 * want,
+        "{tight} vs {want}"
+    );
+    // The same as the Rust optimizer's factor for the same pair.
+    let mut t = Thor::new(ThorConfig {
+        block: 32,
+        kl_clip: Some(1e-6),
+        backend: thor_kernels::BackendKind::Cpu,
+        ..ThorConfig::thor()
+    })
+    .unwrap();
+    let id = t
+        .add_layer(LayerKind::Linear {
+            inputs: d_in,
+            outputs: d_out,
+            bias: true,
+        })
+        .unwrap();
+    t.observe(id, &acts, &outg, n).unwrap();
+    let mut upd = vec![0.0; grad.len()];
+    t.precondition(id, &grad, &mut upd).unwrap();
+    assert_eq!(t.kl_clip_factor(0.5, [(&grad[..], &upd[..])]), tight);
+}
