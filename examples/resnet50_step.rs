@@ -11,10 +11,11 @@
 //!
 //! How the step is wired, for a training loop of your own: plan once
 //! (`CudaDevice::new_thor_step` with the factor set, rows per factor and the rule's layers),
-//! bind the activation buffers once (`bind_inputs`), then each statistics step write the new
-//! activations into those buffers and call `run(damping)` (or replay a captured graph); the
-//! inverses are in `inverses()`, and `apply` preconditions the gradients of every layer in
-//! one launch.
+//! then each statistics step hand it the activation buffers and call
+//! `run(dev, inputs, damping)` (or `run_graph`, which captures the step once and replays it;
+//! writing new activations into the same buffers costs no host-device copy); the inverses
+//! are in `inverses()`, and `apply` preconditions the gradients of every layer in one
+//! launch.
 
 use std::time::Instant;
 
@@ -502,10 +503,9 @@ fn run_cpu(a: &Args, m: &Model) -> Result<()> {
 }
 
 fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice) -> Result<()> {
-    use thor_kernels::cuda::accumulate::{AccumulateMode, DeviceInput};
+    use thor_kernels::cuda::accumulate::AccumulateMode;
     use thor_kernels::cuda::apply::ApplyLayer;
-    use thor_kernels::cuda::raw;
-    use thor_kernels::cuda::step::{DeviceThorStep, StepConfig};
+    use thor_kernels::cuda::step::{DeviceThorStep, StepConfig, StepInput};
     use thor_kernels::cuda::{DeviceInvertOptions, RuleLayer};
     println!("device: {}", dev.name().unwrap_or_default());
     let (mode, dtype) = match a.precision {
@@ -540,31 +540,29 @@ fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice) -> Result
         let d: Vec<_> = host.iter().map(|v| dev.upload(v)).collect::<Result<_>>()?;
         (d, Vec::new(), host.clone())
     };
-    if dtype == DType::BF16 {
-        let inputs: Vec<DeviceInput<'_, half::bf16>> = x16
-            .iter()
-            .zip(&m.dims)
-            .map(|(x, &d)| DeviceInput {
-                x,
-                ld: d,
-                alpha: 0.0,
-                beta: 0.0,
-            })
-            .collect();
-        step.bind_inputs(dev, &inputs)?;
-    } else {
-        let inputs: Vec<DeviceInput<'_, f32>> = x32
-            .iter()
-            .zip(&m.dims)
-            .map(|(x, &d)| DeviceInput {
-                x,
-                ld: d,
-                alpha: 0.0,
-                beta: 0.0,
-            })
-            .collect();
-        step.bind_inputs(dev, &inputs)?;
-    }
+    let in32: Vec<StepInput<'_, f32>> = x32
+        .iter()
+        .zip(&m.dims)
+        .map(|(x, &ld)| StepInput { x, ld })
+        .collect();
+    let in16: Vec<StepInput<'_, half::bf16>> = x16
+        .iter()
+        .zip(&m.dims)
+        .map(|(x, &ld)| StepInput { x, ld })
+        .collect();
+    // The step on this precision's inputs: all launches, a range of them, or the graph.
+    let step_run = |step: &mut DeviceThorStep,
+                    range: Option<std::ops::Range<usize>>,
+                    graph: bool|
+     -> Result<()> {
+        let r = range.unwrap_or(0..DeviceThorStep::LAUNCHES);
+        match (dtype == DType::BF16, graph) {
+            (true, false) => step.run_launches(dev, &in16, damping, r),
+            (true, true) => step.run_graph(dev, &in16, damping),
+            (false, false) => step.run_launches(dev, &in32, damping, r),
+            (false, true) => step.run_graph(dev, &in32, damping),
+        }
+    };
     let ctx = dev.context_handle();
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
         f()?;
@@ -582,23 +580,14 @@ fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice) -> Result
         Ok(median(t))
     };
     // The whole step (rule-masked inversion), then each stage alone.
-    let t_step = time(&mut || step.run(dev, damping))?;
-    let plans = step.launches(dev, damping)?;
+    let t_step = time(&mut || step_run(&mut step, None, false))?;
     println!(
-        "factor step: {} launches for {} layers ({} accumulate, 1 trace rule, 1 inversion)",
-        plans.len(),
+        "factor step: {} launches for {} layers (3 accumulate, 1 trace rule, 1 inversion)",
+        DeviceThorStep::LAUNCHES,
         m.layers.len(),
-        plans.len() - 2
     );
-    let launch = |ps: &[raw::LaunchPlan]| -> Result<()> {
-        for p in ps {
-            // SAFETY: the step's own plans on its buffers and the bound inputs, alive here.
-            unsafe { raw::launch(dev, p) }?;
-        }
-        Ok(())
-    };
-    let t_acc = time(&mut || launch(&plans[..3]))?;
-    let t_rule = time(&mut || launch(&plans[3..4]))?;
+    let t_acc = time(&mut || step_run(&mut step, Some(0..3), false))?;
+    let t_rule = time(&mut || step_run(&mut step, Some(3..4), false))?;
     let b = m.set.block();
     let nb = m.set.total_blocks();
     let mut inv_all = dev.zeros::<f32>(m.set.buffer_len())?;
@@ -636,8 +625,7 @@ fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice) -> Result
     let grefs: Vec<_> = grads.iter().collect();
     let t_apply = time(&mut || dev.apply(&mut aplan, &inv_all, &grefs, &mut outs, &scales))?;
     // Graph replay of the whole step.
-    let graph = step.capture(dev, damping)?;
-    let t_graph = time(&mut || graph.replay())?;
+    let t_graph = time(&mut || step_run(&mut step, None, true))?;
     // Errors on sampled layers: statistics, inverses (all blocks inverted) and the apply.
     let stats = dev.download(step.stats())?;
     let inv = dev.download(&inv_all)?;

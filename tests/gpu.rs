@@ -256,6 +256,38 @@ fn gpu_invert_odd_batches_every_block_size() {
     }
 }
 
+/// Regression: reloading the kernels (another source) must drop the shared-memory opt-ins
+/// with the functions, or the b = 256 inversion (over 48 KiB) fails to launch afterwards.
+#[test]
+fn gpu_kernel_reload_keeps_large_shared_memory_kernels_launchable() {
+    let Some(mut dev) =
+        gpu_or_skip("gpu_kernel_reload_keeps_large_shared_memory_kernels_launchable")
+    else {
+        return;
+    };
+    let b = 256;
+    let mut r = rng(256);
+    let input = spd_batch(&mut r, b, 2, &[1.0, 1e2]);
+    let opts = DeviceInvertOptions::uniform(1e-3);
+    let (first, info, _) = gpu_invert(&dev, b, &input, &poisoned(2 * b * b), &opts);
+    assert_eq!(info, [0, 0]);
+    let (loaded, opted) = dev.loaded_kernels().unwrap();
+    assert!(
+        loaded >= 1 && opted >= 1,
+        "b = 256 opts in: {loaded} {opted}"
+    );
+    let source = dev.kernel_source();
+    dev.set_kernel_source(source);
+    assert_eq!(
+        dev.loaded_kernels().unwrap(),
+        (0, 0),
+        "reload drops everything"
+    );
+    let (again, info, _) = gpu_invert(&dev, b, &input, &poisoned(2 * b * b), &opts);
+    assert_eq!(info, [0, 0]);
+    assert_eq!(first, again, "same kernel, same result after the reload");
+}
+
 #[test]
 fn gpu_invert_resnet50_factor_set() {
     let Some(dev) = gpu_or_skip("gpu_invert_resnet50_factor_set") else {
@@ -788,8 +820,7 @@ fn gpu_apply_matches_reference_odd_shapes_in_and_out_of_place() {
 
 #[test]
 fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
-    use thor_kernels::cuda::accumulate::DeviceInput;
-    use thor_kernels::cuda::step::{DeviceThorStep, StepConfig};
+    use thor_kernels::cuda::step::{DeviceThorStep, StepConfig, StepInput};
     use thor_kernels::cuda::RuleLayer;
     use thor_kernels::reference::{rule_step, RuleState};
     let Some(dev) = gpu_or_skip("gpu_thor_step_pipeline_rule_skip_and_graph_replay") else {
@@ -813,18 +844,14 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
         .zip(&rows)
         .map(|(&d, &n)| dev.upload(&normal(&mut r, n * d)).unwrap())
         .collect();
-    {
-        let inputs: Vec<DeviceInput<'_, f32>> = xs
-            .iter()
-            .zip(&dims)
-            .map(|(x, &d)| DeviceInput {
-                x,
-                ld: d,
-                alpha: 0.0,
-                beta: 0.0,
-            })
-            .collect();
-        step.bind_inputs(&dev, &inputs).unwrap();
+    fn inputs<'a>(
+        xs: &'a [cudarc::driver::CudaSlice<f32>],
+        dims: &[usize],
+    ) -> Vec<StepInput<'a, f32>> {
+        xs.iter()
+            .zip(dims)
+            .map(|(x, &ld)| StepInput { x, ld })
+            .collect()
     }
     let damping = 0.01f32;
     let mut states = [RuleState::default(); 3];
@@ -840,7 +867,7 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
         }
         let before_stats = dev.download(step.stats()).unwrap();
         let before_inv = dev.download(step.inverses()).unwrap();
-        step.run(&dev, damping).unwrap();
+        step.run(&dev, &inputs(&xs, &dims), damping).unwrap();
         let stats = dev.download(step.stats()).unwrap();
         let inv = dev.download(step.inverses()).unwrap();
         let dec = dev.download(step.decisions()).unwrap();
@@ -903,19 +930,31 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
         .map(|v| if v.is_finite() { *v } else { 0.5 })
         .collect();
     dev.stream().memcpy_htod(&clean, &mut xs[3]).unwrap();
-    step.run(&dev, damping).unwrap();
-    let graph = step.capture(&dev, damping).unwrap();
+    step.run(&dev, &inputs(&xs, &dims), damping).unwrap();
     let before = dev.download(step.stats()).unwrap();
-    graph.replay().unwrap();
-    dev.synchronize().unwrap();
-    assert_eq!(
-        dev.download(step.stats()).unwrap(),
-        before,
-        "replay recomputes the same statistics"
-    );
+    // The first call captures and launches, the second replays; both recompute the same
+    // statistics. Then the inputs move to new buffers: the graph reads them through the
+    // factor table, so the replay sees the new data.
+    for _ in 0..2 {
+        step.run_graph(&dev, &inputs(&xs, &dims), damping).unwrap();
+        assert_eq!(dev.download(step.stats()).unwrap(), before, "graph step");
+    }
+    let moved: Vec<_> = xs
+        .iter()
+        .map(|x| dev.upload(&dev.download(x).unwrap()).unwrap())
+        .collect();
+    drop(xs);
+    step.run_graph(&dev, &inputs(&moved, &dims), damping)
+        .unwrap();
+    assert_eq!(dev.download(step.stats()).unwrap(), before, "moved inputs");
+    // Wrong inputs are refused before anything is queued.
+    let err = step
+        .run(&dev, &inputs(&moved[..5], &dims), damping)
+        .unwrap_err();
+    assert!(matches!(err, Error::Shape { arg: "inputs", .. }), "{err}");
     assert_eq!(DeviceThorStep::LAUNCHES, 5);
     let (n, _) = step.history(&dev).unwrap();
-    assert_eq!(n, 5, "3 runs + 1 run + 1 replay");
+    assert_eq!(n, 7, "3 runs + 1 run + 3 graph steps");
 }
 
 #[test]

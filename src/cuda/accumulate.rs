@@ -10,7 +10,7 @@
 //! number of factors.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
 use super::raw::{self, kernels, KernelArg, LaunchPlan};
 use super::{CudaDevice, KernelId};
@@ -121,10 +121,10 @@ impl AccumulatePlan {
                 format!("factor {f}: at least one row is needed"),
             ));
         }
-        if let Some(f) = rows.iter().position(|&n| n > i32::MAX as usize) {
+        if let Some(f) = rows.iter().position(|&n| n > MAX_ROWS) {
             return Err(Error::invalid(
                 "rows",
-                format!("factor {f}: more than 2^31 - 1 rows"),
+                format!("factor {f}: {} rows, at most {MAX_ROWS} (2^30)", rows[f]),
             ));
         }
         let b = set.block();
@@ -441,9 +441,11 @@ impl DeviceAccumulate {
         status: CUdeviceptr,
     ) -> Result<()> {
         self.set_factor_table(dev, inputs)?;
-        for l in &self.bound_launches(dev, blocks, block_traces, factor_traces, status)? {
-            // SAFETY: the plan's own buffers are owned by `self`; the rest is the caller's
-            // contract above.
+        let (plans, _guards) =
+            self.bound_launches(dev.stream(), blocks, block_traces, factor_traces, status)?;
+        for l in &plans {
+            // SAFETY: the plan's own buffers are owned by `self` and their guards live until
+            // the launches are queued; the rest is the caller's contract above.
             unsafe { raw::launch(dev, l) }?;
         }
         Ok(())
@@ -457,23 +459,24 @@ impl DeviceAccumulate {
         Ok(())
     }
 
-    /// The three launches on the factor table last set and the given outputs.
-    pub fn bound_launches(
-        &mut self,
-        dev: &CudaDevice,
+    /// The three launches on the factor table last set and the given outputs, with the
+    /// guards of the plan's own buffers: keep them until the launches are queued, so that
+    /// cudarc's stream events cover the kernels.
+    pub(crate) fn bound_launches<'a>(
+        &'a mut self,
+        s: &'a CudaStream,
         blocks: CUdeviceptr,
         block_traces: CUdeviceptr,
         factor_traces: CUdeviceptr,
         status: CUdeviceptr,
-    ) -> Result<Vec<LaunchPlan>> {
-        let s = dev.stream().clone();
-        let (fp, _a) = self.factors.device_ptr(&s);
-        let (ip, _b) = self.items.device_ptr(&s);
-        let (np, _c) = self.finals.device_ptr(&s);
-        let (wp, _d) = self.workspace.device_ptr_mut(&s);
-        let (gp, _e) = self.flags.device_ptr_mut(&s);
-        let (tp, _f) = self.trace_desc.device_ptr(&s);
-        self.plan.launches(&AccumulateBuffers {
+    ) -> Result<(Vec<LaunchPlan>, Vec<SyncOnDrop<'a>>)> {
+        let (fp, a) = self.factors.device_ptr(s);
+        let (ip, b) = self.items.device_ptr(s);
+        let (np, c) = self.finals.device_ptr(s);
+        let (wp, d) = self.workspace.device_ptr_mut(s);
+        let (gp, e) = self.flags.device_ptr_mut(s);
+        let (tp, f) = self.trace_desc.device_ptr(s);
+        let plans = self.plan.launches(&AccumulateBuffers {
             factors: fp,
             items: ip,
             finals: np,
@@ -484,9 +487,15 @@ impl DeviceAccumulate {
             trace_desc: tp,
             block_traces,
             factor_traces,
-        })
+        })?;
+        Ok((plans, vec![a, b, c, d, e, f]))
     }
 }
+
+/// The most rows one factor's input may have on the device: the kernels count rows in
+/// `int` and step past the last row by up to a stage, so the cap leaves that headroom
+/// below 2^31.
+pub const MAX_ROWS: usize = 1 << 30;
 
 /// One factor's input for [`CudaDevice::accumulate`].
 #[derive(Debug, Clone, Copy)]
@@ -572,16 +581,16 @@ impl CudaDevice {
         check_len("block_traces", set.total_blocks(), block_traces.len())?;
         check_len("factor_traces", set.len(), factor_traces.len())?;
         check_len("status", set.len(), status.len())?;
+        self.check_same_context("acc", &acc.items)?;
+        self.check_same_context("blocks", blocks)?;
+        self.check_same_context("block_traces", block_traces)?;
+        self.check_same_context("factor_traces", factor_traces)?;
+        self.check_same_context("status", status)?;
         let s = self.stream().clone();
         let mut host = Vec::with_capacity(inputs.len());
         let mut guards = Vec::with_capacity(inputs.len());
         for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
-            if inp.x.context().cu_ctx() != self.context_handle().cu_ctx() {
-                return Err(Error::invalid(
-                    "inputs",
-                    format!("factor {f}: buffer belongs to another device or context"),
-                ));
-            }
+            self.check_same_context("inputs", inp.x)?;
             let d = e.layout.dim();
             let need = (acc.plan.rows()[f] - 1)
                 .checked_mul(inp.ld)

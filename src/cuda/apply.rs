@@ -323,6 +323,12 @@ impl CudaDevice {
         check_len("outs", n, outs.len())?;
         check_len("scales", n, scales.len())?;
         check_len("inverses", plan.plan.set.buffer_len(), inverses.len())?;
+        self.check_same_context("plan", &plan.items)?;
+        self.check_same_context("inverses", inverses)?;
+        for (g, o) in grads.iter().zip(outs.iter()) {
+            self.check_same_context("grads", g)?;
+            self.check_same_context("outs", o)?;
+        }
         let s = self.stream().clone();
         let mut guards = Vec::with_capacity(2 * n);
         let mut bufs = Vec::with_capacity(n);
@@ -371,6 +377,11 @@ impl CudaDevice {
         check_len("grads", n, grads.len())?;
         check_len("scales", n, scales.len())?;
         check_len("inverses", plan.plan.set.buffer_len(), inverses.len())?;
+        self.check_same_context("plan", &plan.items)?;
+        self.check_same_context("inverses", inverses)?;
+        for g in grads.iter() {
+            self.check_same_context("grads", g)?;
+        }
         let s = self.stream().clone();
         let mut guards = Vec::with_capacity(n);
         let mut bufs = Vec::with_capacity(n);

@@ -142,10 +142,19 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     arch: u32,
     source: KernelSource,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<&'static str, CudaFunction>>,
-    smem_configured: Mutex<HashMap<&'static str, usize>>,
+    /// Everything loaded from the current kernel source, dropped as one when it changes.
+    cache: Mutex<KernelCache>,
     blas: std::sync::OnceLock<Box<cudarc::cublas::CudaBlas>>,
+}
+
+/// The modules loaded from one kernel source, their functions, and the dynamic shared
+/// memory each function was opted in to (an attribute of the loaded function, so it goes
+/// with it).
+#[derive(Debug, Default)]
+struct KernelCache {
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: HashMap<&'static str, CudaFunction>,
+    smem_configured: HashMap<&'static str, usize>,
 }
 
 /// A kernel: its module (a `kernels/*.cu` file stem) and its extern "C" name,
@@ -211,25 +220,44 @@ impl CudaDevice {
             stream,
             arch: (major * 10 + minor) as u32,
             source: KernelSource::from_env(),
-            modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
-            smem_configured: Mutex::new(HashMap::new()),
+            cache: Mutex::new(KernelCache::default()),
             blas: std::sync::OnceLock::new(),
         })
     }
 
-    /// Chooses where kernels come from; drops the modules loaded so far, so the next
-    /// launch loads from the new source.
+    /// Chooses where kernels come from; drops the modules loaded so far (with their
+    /// functions and shared-memory opt-ins), so the next launch loads from the new source.
     pub fn set_kernel_source(&mut self, source: KernelSource) {
         self.source = source;
-        self.functions
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.modules
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        *self.cache.get_mut().unwrap_or_else(|e| e.into_inner()) = KernelCache::default();
+    }
+
+    /// Where kernels come from.
+    pub fn kernel_source(&self) -> KernelSource {
+        self.source
+    }
+
+    /// Number of kernel functions loaded so far and, of those, how many were opted in to
+    /// more than 48 KiB of dynamic shared memory.
+    pub fn loaded_kernels(&self) -> Result<(usize, usize)> {
+        let c = self.cache.lock().map_err(|_| cache_poisoned())?;
+        Ok((c.functions.len(), c.smem_configured.len()))
+    }
+
+    /// An error naming `arg` unless `buf` was allocated in this device's context.
+    pub(crate) fn check_same_context<T>(
+        &self,
+        arg: &'static str,
+        buf: &CudaSlice<T>,
+    ) -> Result<()> {
+        if buf.context().cu_ctx() == self.ctx.cu_ctx() {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                arg,
+                "buffer belongs to another device or context",
+            ))
+        }
     }
 
     /// The device's name, as the driver reports it.
@@ -311,44 +339,36 @@ impl CudaDevice {
     /// The kernel `k`, loading its module on first use; cached, so the hot path does not
     /// touch the driver's symbol lookup again.
     pub fn function(&self, k: KernelId) -> Result<CudaFunction> {
-        if let Some(f) = self
-            .functions
-            .lock()
-            .map_err(|_| cache_poisoned())?
-            .get(k.name)
-        {
+        let mut c = self.cache.lock().map_err(|_| cache_poisoned())?;
+        self.function_in(&mut c, k)
+    }
+
+    fn function_in(&self, c: &mut KernelCache, k: KernelId) -> Result<CudaFunction> {
+        if let Some(f) = c.functions.get(k.name) {
             return Ok(f.clone());
         }
-        let m = {
-            let mut cache = self.modules.lock().map_err(|_| cache_poisoned())?;
-            match cache.get(k.module) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = self.load_module(k.module)?;
-                    cache.insert(k.module, m.clone());
-                    m
-                }
+        let m = match c.modules.get(k.module) {
+            Some(m) => m.clone(),
+            None => {
+                let m = self.load_module(k.module)?;
+                c.modules.insert(k.module, m.clone());
+                m
             }
         };
         let f = m.load_function(k.name).map_err(|e| {
             Error::KernelLoad(format!("function {} in module {}: {e:?}", k.name, k.module))
         })?;
-        self.functions
-            .lock()
-            .map_err(|_| cache_poisoned())?
-            .insert(k.name, f.clone());
+        c.functions.insert(k.name, f.clone());
         Ok(f)
     }
 
     /// The kernel `k`, allowed `bytes` of dynamic shared memory (opting in past 48 KiB once
-    /// per function); errors when the device cannot give that much to one thread block.
+    /// per loaded function); errors when the device cannot give that much to one thread
+    /// block.
     pub fn function_with_smem(&self, k: KernelId, bytes: usize) -> Result<CudaFunction> {
-        let f = self.function(k)?;
-        if bytes <= 48 * 1024 {
-            return Ok(f);
-        }
-        let mut done = self.smem_configured.lock().map_err(|_| cache_poisoned())?;
-        if done.get(k.name).is_some_and(|&b| b >= bytes) {
+        let mut c = self.cache.lock().map_err(|_| cache_poisoned())?;
+        let f = self.function_in(&mut c, k)?;
+        if bytes <= 48 * 1024 || c.smem_configured.get(k.name).is_some_and(|&b| b >= bytes) {
             return Ok(f);
         }
         use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -365,7 +385,7 @@ impl CudaDevice {
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
         )?;
-        done.insert(k.name, bytes);
+        c.smem_configured.insert(k.name, bytes);
         Ok(f)
     }
 

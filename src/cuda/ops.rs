@@ -4,7 +4,7 @@
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{raw, CudaDevice};
-use crate::error::{check_len, check_min_len, Error, Result};
+use crate::error::{check_len, check_min_len, Result};
 use crate::layout::{BlockLayout, FactorSet};
 
 /// Damping for [`CudaDevice::invert`]: one value for all blocks, or one per block in device
@@ -61,17 +61,6 @@ impl DeviceFactorSet {
 }
 
 impl CudaDevice {
-    fn check_same_context<T>(&self, arg: &'static str, s: &CudaSlice<T>) -> Result<()> {
-        if s.context().cu_ctx() == self.ctx.cu_ctx() {
-            Ok(())
-        } else {
-            Err(Error::invalid(
-                arg,
-                "buffer belongs to another device or context",
-            ))
-        }
-    }
-
     /// Uploads a set's layer table, once, for [`CudaDevice::traces`].
     pub fn prepare_set(&self, set: &FactorSet) -> Result<DeviceFactorSet> {
         let table = set.trace_table();

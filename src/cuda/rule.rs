@@ -1,7 +1,7 @@
 //! THOR's trace rule on the device: decisions, the block mask the inversion reads, and a
 //! history ring the host reads whenever it likes, with no host synchronization in the step.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
 use super::raw;
 use super::CudaDevice;
@@ -39,41 +39,52 @@ impl RuleLayer {
     }
 
     /// The device table of `layers` (6 i32 per layer: A factor, G factor (-1 when absent),
-    /// d_A, d_G, first block, block count), checked against `set`.
+    /// d_A, d_G, first block, block count), checked against `set`: every factor in the set,
+    /// every block range inside it, every value representable as the kernel's `int`.
     pub fn table(set: &FactorSet, layers: &[RuleLayer]) -> Result<Vec<i32>> {
+        let int = |i: usize, what: &str, v: usize| -> Result<i32> {
+            i32::try_from(v).map_err(|_| {
+                Error::invalid("layers", format!("layer {i}: {what} {v} above 2^31 - 1"))
+            })
+        };
         let mut table = Vec::with_capacity(6 * layers.len());
         for (i, l) in layers.iter().enumerate() {
             let dim = |f: Option<usize>| -> Result<(i32, i32)> {
                 match f {
                     None => Ok((-1, 0)),
-                    Some(k) => Ok((
-                        k as i32,
-                        set.entry(k)
-                            .map_err(|_| {
-                                Error::invalid(
-                                    "layers",
-                                    format!("layer {i}: factor {k} not in the set"),
-                                )
-                            })?
-                            .layout
-                            .dim() as i32,
-                    )),
+                    Some(k) => {
+                        let e = set.entry(k).map_err(|_| {
+                            Error::invalid(
+                                "layers",
+                                format!("layer {i}: factor {k} not in the set of {}", set.len()),
+                            )
+                        })?;
+                        Ok((int(i, "factor", k)?, int(i, "dimension", e.layout.dim())?))
+                    }
                 }
             };
             let (a, da) = dim(l.a_factor)?;
             let (g, dg) = dim(l.g_factor)?;
-            if l.first_block + l.blocks > set.total_blocks() {
+            let end = l.first_block.checked_add(l.blocks);
+            if end.is_none_or(|e| e > set.total_blocks()) {
                 return Err(Error::invalid(
                     "layers",
                     format!(
-                        "layer {i}: blocks {}..{} past the set's {}",
+                        "layer {i}: blocks {} + {} past the set's {}",
                         l.first_block,
-                        l.first_block + l.blocks,
+                        l.blocks,
                         set.total_blocks()
                     ),
                 ));
             }
-            table.extend([a, g, da, dg, l.first_block as i32, l.blocks as i32]);
+            table.extend([
+                a,
+                g,
+                da,
+                dg,
+                int(i, "first block", l.first_block)?,
+                int(i, "block count", l.blocks)?,
+            ]);
         }
         Ok(table)
     }
@@ -84,6 +95,7 @@ impl RuleLayer {
 pub struct DeviceTraceRule {
     layers: CudaSlice<i32>,
     n_layers: usize,
+    n_factors: usize,
     total_blocks: usize,
     prev: CudaSlice<f64>,
     state: CudaSlice<u8>,
@@ -94,17 +106,18 @@ pub struct DeviceTraceRule {
 
 impl DeviceTraceRule {
     /// The rule's launch for one statistics step on raw buffers (see
-    /// [`CudaDevice::trace_rule`]); `factor_status` (one i32 per factor, or 0) skips the
+    /// [`CudaDevice::trace_rule`]), with the guards of the rule's own buffers: keep them
+    /// until the launch is queued. `factor_status` (one i32 per factor, or 0) skips the
     /// layers whose statistics were not updated.
     ///
-    /// # Safety
-    /// `factor_traces` (and `factor_status` when non-zero) must address one element per
-    /// factor of the set, `mask` one byte per block, `decisions` one i32 per layer, all of
-    /// `dev`'s context, valid until the queued work completes.
+    /// The plan addresses raw buffers: launching it is sound only while `factor_traces`
+    /// (and `factor_status` when non-zero) address one element per factor of the set, `mask`
+    /// one byte per block, `decisions` one i32 per layer, all of `dev`'s context, valid until
+    /// the queued work completes.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn plan(
-        &mut self,
-        dev: &CudaDevice,
+    pub(crate) fn plan<'a>(
+        &'a mut self,
+        s: &'a CudaStream,
         factor_traces: u64,
         factor_status: u64,
         damping: f32,
@@ -112,14 +125,13 @@ impl DeviceTraceRule {
         w2: f64,
         mask: u64,
         decisions: u64,
-    ) -> Result<raw::LaunchPlan> {
-        let s = dev.stream();
-        let (lp, _b) = self.layers.device_ptr(s);
-        let (pp, _c) = self.prev.device_ptr_mut(s);
-        let (sp, _d) = self.state.device_ptr_mut(s);
-        let (hp, _g) = self.history.device_ptr_mut(s);
-        let (cp, _h) = self.step.device_ptr_mut(s);
-        raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
+    ) -> Result<(raw::LaunchPlan, Vec<SyncOnDrop<'a>>)> {
+        let (lp, a) = self.layers.device_ptr(s);
+        let (pp, b) = self.prev.device_ptr_mut(s);
+        let (sp, c) = self.state.device_ptr_mut(s);
+        let (hp, d) = self.history.device_ptr_mut(s);
+        let (cp, e) = self.step.device_ptr_mut(s);
+        let plan = raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
             factor_traces,
             factor_status,
             layers: lp,
@@ -134,7 +146,8 @@ impl DeviceTraceRule {
             history: hp,
             history_capacity: self.capacity,
             step: cp,
-        })
+        })?;
+        Ok((plan, vec![a, b, c, d, e]))
     }
 
     /// Number of blocks of the set the rule masks.
@@ -185,6 +198,7 @@ impl CudaDevice {
         Ok(DeviceTraceRule {
             layers: self.upload(&table)?,
             n_layers: n,
+            n_factors: set.len(),
             total_blocks: set.total_blocks(),
             prev: self.zeros(n)?,
             state: self.zeros(n)?,
@@ -216,33 +230,18 @@ impl CudaDevice {
             ));
         }
         crate::error::check_finite("damping", damping as f64)?;
+        check_len("factor_traces", rule.n_factors, factor_traces.len())?;
         check_len("mask", rule.total_blocks, mask.len())?;
         check_len("decisions", rule.n_layers, decisions.len())?;
+        self.check_same_context("factor_traces", factor_traces)?;
+        self.check_same_context("mask", mask)?;
+        self.check_same_context("decisions", decisions)?;
+        self.check_same_context("rule", &rule.layers)?;
         let s = &self.stream;
         let (tp, _a) = factor_traces.device_ptr(s);
-        let (lp, _b) = rule.layers.device_ptr(s);
-        let (pp, _c) = rule.prev.device_ptr_mut(s);
-        let (sp, _d) = rule.state.device_ptr_mut(s);
         let (mp, _e) = mask.device_ptr_mut(s);
         let (dp, _f) = decisions.device_ptr_mut(s);
-        let (hp, _g) = rule.history.device_ptr_mut(s);
-        let (cp, _h) = rule.step.device_ptr_mut(s);
-        let plan = raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
-            factor_traces: tp,
-            factor_status: 0,
-            layers: lp,
-            n_layers: rule.n_layers,
-            damping,
-            w1,
-            w2,
-            prev: pp,
-            state: sp,
-            mask: mp,
-            decisions: dp,
-            history: hp,
-            history_capacity: rule.capacity,
-            step: cp,
-        })?;
+        let (plan, _guards) = rule.plan(s, tp, 0, damping, w1, w2, mp, dp)?;
         // SAFETY: every buffer belongs to this device and was sized from the same set and
         // layer table.
         unsafe { raw::launch(self, &plan) }?;

@@ -5,11 +5,9 @@
 //! synchronization inside; capturable as a CUDA graph and replayed as one.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 
-use super::accumulate::{
-    AccumulateMode, DeviceAccumulate, DeviceElement, DeviceInput, FactorInput,
-};
+use super::accumulate::{AccumulateMode, DeviceAccumulate, DeviceElement, FactorInput};
 use super::raw::{self, InvertArgs, LaunchPlan};
 use super::rule::{DeviceTraceRule, RuleLayer};
 use super::CudaDevice;
@@ -49,8 +47,23 @@ impl Default for StepConfig {
     }
 }
 
+/// One factor's input to [`DeviceThorStep::run`]: X, `rows x d` row-major with row stride
+/// `ld` (rows as planned). The step weights it itself (`(1 - decay) / rows`).
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a, E> {
+    /// The activations (or output gradients) of the factor.
+    pub x: &'a CudaSlice<E>,
+    /// Row stride in elements, `>= d`.
+    pub ld: usize,
+}
+
 /// The device state of THOR's factor step for a model: statistics, inverses, traces, the
-/// rule's state and the tables of every launch, allocated once.
+/// rule's state, the tables of every launch and, once [`DeviceThorStep::run_graph`] has
+/// run, the captured step, all allocated once.
+///
+/// Inputs are borrowed for each call, never kept: the factor table on the device is
+/// re-uploaded only when their addresses or strides change, so a training loop that writes
+/// new activations into the same buffers makes no host-device copy per step.
 #[derive(Debug)]
 pub struct DeviceThorStep {
     cfg: StepConfig,
@@ -65,24 +78,23 @@ pub struct DeviceThorStep {
     decisions: CudaSlice<i32>,
     info: CudaSlice<i32>,
     damping_used: CudaSlice<f32>,
-    bound: bool,
+    /// The (address, stride) of each input the factor table on the device holds.
+    bound: Vec<(u64, usize)>,
+    graph: Option<StepGraph>,
 }
 
-/// A captured factor step, replayed with [`ThorStepGraph::replay`].
-pub struct ThorStepGraph {
+/// A captured step: its launches address only the step's own buffers (the inputs are read
+/// through the factor table), so it stays valid as long as the step and its damping.
+struct StepGraph {
     graph: CudaGraph,
+    damping: f32,
 }
 
-impl std::fmt::Debug for ThorStepGraph {
+impl std::fmt::Debug for StepGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ThorStepGraph")
-    }
-}
-
-impl ThorStepGraph {
-    /// Queues the captured step (same inputs, same damping) on the stream it was captured on.
-    pub fn replay(&self) -> Result<()> {
-        Ok(self.graph.launch()?)
+        f.debug_struct("StepGraph")
+            .field("damping", &self.damping)
+            .finish_non_exhaustive()
     }
 }
 
@@ -137,7 +149,8 @@ impl CudaDevice {
             decisions: self.zeros(layers.len())?,
             info: self.zeros(nb)?,
             damping_used: self.zeros(nb)?,
-            bound: false,
+            bound: Vec::new(),
+            graph: None,
         })
     }
 }
@@ -152,76 +165,98 @@ impl DeviceThorStep {
         self.acc.plan().set()
     }
 
-    /// Binds the step's inputs: `inputs[f]` feeds factor `f` (planned rows, stride `ld`;
-    /// its alpha and beta are replaced by the step's: `1 / rows` scaled by `1 - decay`, and
-    /// `decay`). The buffers must stay valid, at the same addresses, for every later
-    /// [`DeviceThorStep::run`] and graph replay; write new activations into them in place.
-    pub fn bind_inputs<E: DeviceElement>(
+    /// Checks `inputs` against the plan, uploads the factor table when their addresses or
+    /// strides changed, builds the step's launches with `damping` and hands them to `f`
+    /// while every buffer they address is borrowed (cudarc's guards live until `f` has
+    /// queued its work, so the stream events cover the kernels).
+    fn with_launches<E: DeviceElement, R>(
         &mut self,
         dev: &CudaDevice,
-        inputs: &[DeviceInput<'_, E>],
-    ) -> Result<()> {
-        let set = self.set().clone();
-        check_len("inputs", set.len(), inputs.len())?;
-        let rows = self.acc.plan().rows().to_vec();
-        let s = dev.stream().clone();
-        let mut host = Vec::with_capacity(inputs.len());
-        for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
-            let need = (rows[f] - 1) * inp.ld + e.layout.dim();
-            if inp.ld < e.layout.dim() || inp.x.len() < need {
-                return Err(Error::shape(
-                    "inputs",
-                    format!("factor {f}: ld >= {} and {need} elements", e.layout.dim()),
-                    format!("ld {} and {} elements", inp.ld, inp.x.len()),
-                ));
-            }
-            host.push(FactorInput {
-                x: inp.x.device_ptr(&s).0,
-                ld: inp.ld,
-                alpha: (1.0 - self.cfg.decay) / rows[f] as f32,
-                beta: self.cfg.decay,
-            });
-        }
-        if E::DTYPE != host_dtype(&self.acc) {
-            return Err(Error::invalid(
-                "inputs",
-                "element type differs from the plan",
-            ));
-        }
-        self.acc.set_factor_table(dev, &host)?;
-        self.bound = true;
-        Ok(())
-    }
-
-    /// The launches of one factor step with damping `damping` (`sqrt(damping)` is added to
-    /// every factor before inversion, and enters the layer traces of the rule).
-    pub fn launches(&mut self, dev: &CudaDevice, damping: f32) -> Result<Vec<LaunchPlan>> {
-        if !self.bound {
-            return Err(Error::invalid("inputs", "bind_inputs first"));
-        }
+        inputs: &[StepInput<'_, E>],
+        damping: f32,
+        f: impl FnOnce(&[LaunchPlan]) -> Result<R>,
+    ) -> Result<R> {
         if !(damping >= 0.0 && damping.is_finite()) {
             return Err(Error::invalid(
                 "damping",
                 format!("must be finite and >= 0, got {damping}"),
             ));
         }
+        let plan = self.acc.plan();
+        if E::DTYPE != plan.dtype() {
+            return Err(Error::invalid(
+                "inputs",
+                format!("planned for {:?} input, given {:?}", plan.dtype(), E::DTYPE),
+            ));
+        }
+        check_len("inputs", plan.set().len(), inputs.len())?;
+        dev.check_same_context("step", &self.stats)?;
+        for (f, (inp, e)) in inputs.iter().zip(plan.set().entries()).enumerate() {
+            dev.check_same_context("inputs", inp.x)?;
+            let d = e.layout.dim();
+            let need = (plan.rows()[f] - 1)
+                .checked_mul(inp.ld)
+                .and_then(|v| v.checked_add(d));
+            if inp.ld < d || need.is_none_or(|n| inp.x.len() < n) {
+                return Err(Error::shape(
+                    "inputs",
+                    format!(
+                        "factor {f}: ld >= {d} and (rows - 1) * ld + {d} elements ({} rows)",
+                        plan.rows()[f]
+                    ),
+                    format!("ld {} and {} elements", inp.ld, inp.x.len()),
+                ));
+            }
+        }
+        let s: &CudaStream = dev.stream();
+        let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(inputs.len() + 20);
+        let mut addrs = Vec::with_capacity(inputs.len());
+        for inp in inputs {
+            let (p, g) = inp.x.device_ptr(s);
+            guards.push(g);
+            addrs.push((p, inp.ld));
+        }
+        if addrs != self.bound {
+            let rows = self.acc.plan().rows();
+            let table: Vec<FactorInput> = addrs
+                .iter()
+                .zip(rows)
+                .map(|(&(x, ld), &n)| FactorInput {
+                    x,
+                    ld,
+                    alpha: (1.0 - self.cfg.decay) / n as f32,
+                    beta: self.cfg.decay,
+                })
+                .collect();
+            self.acc.set_factor_table(dev, &table)?;
+            self.bound = addrs;
+        }
         let (b, nb) = (self.set().block(), self.set().total_blocks());
-        let s = dev.stream().clone();
-        let (bp, _a) = self.stats.device_ptr_mut(&s);
-        let (ip, _b) = self.inverses.device_ptr_mut(&s);
-        let (btp, _c) = self.block_traces.device_ptr_mut(&s);
-        let (ftp, _d) = self.factor_traces.device_ptr_mut(&s);
-        let (stp, _e) = self.status.device_ptr_mut(&s);
-        let (mp, _f) = self.mask.device_ptr_mut(&s);
-        let (dp, _g) = self.decisions.device_ptr_mut(&s);
-        let (infp, _h) = self.info.device_ptr_mut(&s);
-        let (up, _i) = self.damping_used.device_ptr_mut(&s);
-        let mut plans = self.acc.bound_launches(dev, bp, btp, ftp, stp)?;
-        // SAFETY: every pointer is one of this step's buffers, sized from the same set.
-        plans.push(unsafe {
-            self.rule
-                .plan(dev, ftp, stp, damping, self.cfg.w1, self.cfg.w2, mp, dp)?
-        });
+        let (bp, g) = self.stats.device_ptr_mut(s);
+        guards.push(g);
+        let (ip, g) = self.inverses.device_ptr_mut(s);
+        guards.push(g);
+        let (btp, g) = self.block_traces.device_ptr_mut(s);
+        guards.push(g);
+        let (ftp, g) = self.factor_traces.device_ptr_mut(s);
+        guards.push(g);
+        let (stp, g) = self.status.device_ptr_mut(s);
+        guards.push(g);
+        let (mp, g) = self.mask.device_ptr_mut(s);
+        guards.push(g);
+        let (dp, g) = self.decisions.device_ptr_mut(s);
+        guards.push(g);
+        let (infp, g) = self.info.device_ptr_mut(s);
+        guards.push(g);
+        let (up, g) = self.damping_used.device_ptr_mut(s);
+        guards.push(g);
+        let (mut plans, g) = self.acc.bound_launches(s, bp, btp, ftp, stp)?;
+        guards.extend(g);
+        let (rule, g) = self
+            .rule
+            .plan(s, ftp, stp, damping, self.cfg.w1, self.cfg.w2, mp, dp)?;
+        guards.extend(g);
+        plans.push(rule);
         plans.push(raw::plan_invert_chol_f32(
             bp,
             ip,
@@ -237,44 +272,73 @@ impl DeviceThorStep {
             },
         )?);
         debug_assert_eq!(plans.len(), Self::LAUNCHES);
-        Ok(plans)
+        let r = f(&plans);
+        drop(guards);
+        r
     }
 
-    /// Queues one factor step ([`DeviceThorStep::LAUNCHES`] launches, no synchronization).
-    pub fn run(&mut self, dev: &CudaDevice, damping: f32) -> Result<()> {
-        for p in self.launches(dev, damping)? {
-            // SAFETY: the plans address this step's buffers and the bound inputs, which
-            // the caller keeps valid (bind_inputs' contract).
-            unsafe { raw::launch(dev, &p) }?;
-        }
-        Ok(())
+    /// Queues one factor step on `inputs` (`inputs[f]` feeds factor `f`) with damping
+    /// `damping` (`sqrt(damping)` is added to every factor before inversion, and enters the
+    /// layer traces of the rule): [`DeviceThorStep::LAUNCHES`] launches, no synchronization.
+    pub fn run<E: DeviceElement>(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[StepInput<'_, E>],
+        damping: f32,
+    ) -> Result<()> {
+        self.run_launches(dev, inputs, damping, 0..Self::LAUNCHES)
     }
 
-    /// Captures one factor step as a CUDA graph on the device's stream (the step's launches
-    /// with this `damping`; capture again when the damping changes). Run the step once
-    /// before, so that every kernel is loaded.
-    pub fn capture(&mut self, dev: &CudaDevice, damping: f32) -> Result<ThorStepGraph> {
-        let plans = self.launches(dev, damping)?;
-        for p in &plans {
-            dev.function_with_smem(p.kernel, p.smem as usize)?;
+    /// Queues only the launches `range` of the step (0..3 accumulate, 3 the trace rule, 4
+    /// the inversion), for timing a stage alone; [`DeviceThorStep::run`] queues them all.
+    pub fn run_launches<E: DeviceElement>(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[StepInput<'_, E>],
+        damping: f32,
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        if range.start > range.end || range.end > Self::LAUNCHES {
+            return Err(Error::invalid(
+                "range",
+                format!("{range:?} is not inside 0..{}", Self::LAUNCHES),
+            ));
         }
-        let s = dev.stream().clone();
-        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let mut failed = None;
-        for p in &plans {
-            // SAFETY: as in `run`.
-            if let Err(e) = unsafe { raw::launch(dev, p) } {
-                failed = Some(e);
-                break;
+        self.with_launches(dev, inputs, damping, |plans| {
+            for p in &plans[range] {
+                // SAFETY: the plans address the step's buffers and `inputs`, all checked
+                // against the plan and borrowed until the launches are queued.
+                unsafe { raw::launch(dev, p) }?;
             }
-        }
-        let graph = s.end_capture(CUgraphInstantiate_flags(0));
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        let graph =
-            graph?.ok_or_else(|| Error::Driver("stream capture produced no graph".into()))?;
-        Ok(ThorStepGraph { graph })
+            Ok(())
+        })
+    }
+
+    /// [`DeviceThorStep::run`] through a CUDA graph: the first call (and the first after the
+    /// damping changes) captures the step's launches on the device's stream and keeps the
+    /// graph in the step; later calls replay it, one launch of the graph instead of
+    /// [`DeviceThorStep::LAUNCHES`]. Inputs may move between calls (their addresses are
+    /// read through the factor table, which the graph does not bake in).
+    pub fn run_graph<E: DeviceElement>(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[StepInput<'_, E>],
+        damping: f32,
+    ) -> Result<()> {
+        let cached = self.graph.take().filter(|g| g.damping == damping);
+        let graph = self.with_launches(dev, inputs, damping, |plans| {
+            let graph = match cached {
+                Some(g) => g,
+                None => StepGraph {
+                    graph: capture(dev, plans)?,
+                    damping,
+                },
+            };
+            graph.graph.launch()?;
+            Ok(graph)
+        })?;
+        self.graph = Some(graph);
+        Ok(())
     }
 
     /// The statistics (the set's blocks).
@@ -319,6 +383,28 @@ impl DeviceThorStep {
     }
 }
 
-fn host_dtype(acc: &DeviceAccumulate) -> DType {
-    acc.plan().dtype()
+/// Captures `plans` on the device's stream as one instantiated graph. The plans carry raw
+/// addresses only, so no cudarc stream event is recorded or waited on during the capture;
+/// the caller holds the guards of every buffer across the capture and the graph's launch.
+fn capture(dev: &CudaDevice, plans: &[LaunchPlan]) -> Result<CudaGraph> {
+    // Load every kernel (and its shared-memory opt-in) before capturing.
+    for p in plans {
+        dev.function_with_smem(p.kernel, p.smem as usize)?;
+    }
+    let s = dev.stream();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let mut failed = None;
+    for p in plans {
+        // SAFETY: the caller holds every buffer the plans address until the graph's
+        // launches are queued; capturing queues nothing yet.
+        if let Err(e) = unsafe { raw::launch(dev, p) } {
+            failed = Some(e);
+            break;
+        }
+    }
+    let graph = s.end_capture(CUgraphInstantiate_flags(0));
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    graph?.ok_or_else(|| Error::Driver("stream capture produced no graph".into()))
 }
