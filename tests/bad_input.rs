@@ -257,3 +257,40 @@ fn traces_and_apply_reject_bad_input() {
     assert_eq!(arg_of(&e), "grad");
     assert!(out.iter().all(|&v| v == 4.0));
 }
+
+/// Device planners check every size before anything reaches a kernel: rows above the cap
+/// (no `int` row counter in a kernel may overflow) and rule layers whose block range
+/// overflows or leaves the set are refused by name; no GPU is needed to plan.
+#[test]
+fn device_planners_refuse_sizes_a_kernel_cannot_count() {
+    use thor_kernels::cuda::accumulate::{AccumulateMode, AccumulatePlan, MAX_ROWS};
+    use thor_kernels::cuda::RuleLayer;
+    use thor_kernels::DType;
+    let set = FactorSet::new(32, &[40, 7]).unwrap();
+    let plan = |rows: &[usize]| AccumulatePlan::new(&set, rows, DType::F32, AccumulateMode::F32, 4);
+    assert!(plan(&[MAX_ROWS, 1]).is_ok());
+    for rows in [[MAX_ROWS + 1, 1], [1, usize::MAX], [0, 1]] {
+        let e = plan(&rows).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "rows", .. }),
+            "{rows:?}: {e}"
+        );
+    }
+    let ok = RuleLayer::pairs(&set);
+    assert_eq!(RuleLayer::table(&set, &ok).unwrap().len(), 6);
+    for (first_block, blocks) in [(usize::MAX, 2), (1, usize::MAX), (2, 2), (4, 0)] {
+        let bad = [RuleLayer {
+            first_block,
+            blocks,
+            ..ok[0]
+        }];
+        let e = RuleLayer::table(&set, &bad).unwrap_err();
+        assert_eq!(arg_of(&e), "layers", "{first_block} + {blocks}: {e}");
+    }
+    let bad = [RuleLayer {
+        g_factor: Some(2),
+        ..ok[0]
+    }];
+    let e = RuleLayer::table(&set, &bad).unwrap_err();
+    assert!(e.to_string().contains("factor 2 not in the set"), "{e}");
+}
