@@ -21,7 +21,8 @@ use std::time::Instant;
 
 use thor_kernels::cpu::{self, Damping, InvertOptions, Workspace};
 use thor_kernels::layout::FactorSet;
-use thor_kernels::reference::{self, RuleState};
+use thor_kernels::reference;
+use thor_kernels::rule::{self, Decision, RuleState, Thresholds};
 use thor_kernels::shapes::{self, LayerShape};
 use thor_kernels::{BackendKind, DType, Error, Result};
 
@@ -391,9 +392,8 @@ fn run_cpu(a: &Args, m: &Model) -> Result<()> {
             }
             let cur =
                 (ft[fa] as f64 + s * m.dims[fa] as f64) * (ft[fg] as f64 + s * m.dims[fg] as f64);
-            let d = reference::rule_step(st, cur, 0.01, 0.0);
-            mask[e.first_block..e.first_block + blocks]
-                .fill((d == reference::StepDecision::Update) as u8);
+            let d = rule::step(st, cur, Thresholds::THOR);
+            mask[e.first_block..e.first_block + blocks].fill((d == Decision::Update) as u8);
         }
         let t2 = Instant::now();
         // Time the inversion of every block (the rule may skip some; this is the full cost).

@@ -48,6 +48,21 @@ typedef enum ThorAccumulateMode {
   THOR_ACCUMULATE_MODE_TENSOR_CORE = 1,
 } ThorAccumulateMode;
 
+// THOR's decision for a layer at a statistics step (`rule::Decision`): what
+// `thor_v1_optimizer_observe` and `thor_v1_trace_rule` write, and the device rule's codes.
+typedef enum ThorDecision {
+  // The inverses were recomputed.
+  THOR_DECISION_UPDATE = 0,
+  // The previous inverses stay.
+  THOR_DECISION_REUSE = 1,
+  // The layer froze now.
+  THOR_DECISION_FREEZE = 2,
+  // The layer was already frozen: nothing done.
+  THOR_DECISION_FROZEN = 3,
+  // Non-finite input: nothing changed.
+  THOR_DECISION_SKIPPED = 4,
+} ThorDecision;
+
 // A planned grouped accumulation: a factor set and the rows of each factor's input, fixed
 // at creation; on a CUDA context also its device tables and workspace.
 typedef struct ThorAccumulatePlan ThorAccumulatePlan;
@@ -316,8 +331,9 @@ enum ThorStatus thor_v1_apply(struct ThorContext *ctx,
                               float scale,
                               float *out);
 
-// THOR's trace rule: `*decision` = 0 update, 1 reuse, 2 freeze, for the relative change of
-// the trace from `prev` to `cur` against thresholds `w1 >= w2`.
+// THOR's trace rule: `*decision` = 0 update, 1 reuse, 2 freeze (a `ThorDecision`), for the
+// relative change of the trace from `prev` to `cur` against finite thresholds
+// `w1 >= w2 >= 0` (others are refused, as by `thor_v1_optimizer_create`).
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -397,8 +413,9 @@ enum ThorStatus thor_v1_optimizer_set_epoch(struct ThorOptimizer *opt, double ep
 enum ThorStatus thor_v1_optimizer_needs_statistics(struct ThorOptimizer *opt, int32_t *out);
 
 // Hands over layer `layer`'s activations `[rows, inputs]` and per-example output gradients
-// `[rows, outputs]` (host memory). `*observation`: 0 update, 1 reuse, 2 freeze, 3 skipped
-// (non-finite), 4 frozen (nothing done). `observation` may be null.
+// `[rows, outputs]` (host memory). `*observation`: the rule's decision, a `ThorDecision`
+// (0 update, 1 reuse, 2 freeze, 3 frozen: nothing done, 4 skipped: non-finite input).
+// `observation` may be null.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host

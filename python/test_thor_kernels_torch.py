@@ -132,10 +132,12 @@ def test_apply(device):
 
 
 def test_trace_rule():
-    assert tk.trace_rule(1.0, 1.5, 0.01, 0.001) == "update"
-    assert tk.trace_rule(1.0, 1.005, 0.01, 0.001) == "reuse"
-    assert tk.trace_rule(1.0, 1.0001, 0.01, 0.001) == "freeze"
-    assert tk.trace_rule(1.0, math.nan, 0.01, 0.001) == "reuse"
+    assert tk.trace_rule(1.0, 1.5, 0.01, 0.001) is tk.Decision.UPDATE
+    assert tk.trace_rule(1.0, 1.005, 0.01, 0.001) is tk.Decision.REUSE
+    assert tk.trace_rule(1.0, 1.0001, 0.01, 0.001) is tk.Decision.FREEZE
+    assert tk.trace_rule(1.0, math.nan, 0.01, 0.001) is tk.Decision.REUSE
+    with pytest.raises(tk.ThorError):
+        tk.trace_rule(1.0, 1.5, 0.001, 0.01)
 
 
 def test_bad_input_raises_typed_errors():

@@ -10,6 +10,7 @@ preconditions their ``.grad`` in place before the user's ``optimizer.step()``.
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 from ctypes import POINTER, c_char_p, c_double, c_float, c_int32, c_int64, c_uint32, c_uint64, c_void_p
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 
 __all__ = [
     "ThorError", "lib", "split", "merge", "traces", "accumulate", "GroupedAccumulate", "invert", "apply",
-    "trace_rule", "ThorPreconditioner",
+    "trace_rule", "Decision", "ThorPreconditioner",
 ]
 
 STATUS = {0: "OK", 1: "INVALID_ARGUMENT", 2: "SHAPE", 3: "NOT_POSITIVE_DEFINITE", 4: "NO_DEVICE",
@@ -318,11 +319,20 @@ def apply(grad: torch.Tensor, g_inv: torch.Tensor | None, a_inv: torch.Tensor | 
     return out
 
 
-def trace_rule(prev: float, cur: float, w1: float = 0.01, w2: float = 0.0) -> str:
-    """THOR's trace rule: 'update', 'reuse' or 'freeze'."""
+class Decision(enum.IntEnum):
+    """THOR's decision for a layer at a statistics step (the header's ``ThorDecision``)."""
+    UPDATE = 0
+    REUSE = 1
+    FREEZE = 2
+    FROZEN = 3
+    SKIPPED = 4
+
+
+def trace_rule(prev: float, cur: float, w1: float = 0.01, w2: float = 0.0) -> Decision:
+    """THOR's trace rule: ``Decision.UPDATE``, ``REUSE`` or ``FREEZE``."""
     d = c_int32()
     _check(lib.thor_v1_trace_rule(prev, cur, w1, w2, ctypes.byref(d)))
-    return ("update", "reuse", "freeze")[d.value]
+    return Decision(d.value)
 
 
 class ThorPreconditioner:

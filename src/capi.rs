@@ -21,8 +21,7 @@ use crate::error::{Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{BlockLayout, FactorSet};
 use crate::thor::{
-    DampingSchedule, IntervalSchedule, LayerId, LayerKind, Observation, Thor, ThorConfig,
-    Thresholds,
+    DampingSchedule, IntervalSchedule, LayerId, LayerKind, Thor, ThorConfig, Thresholds,
 };
 use cudarc::driver::DevicePtrMut;
 
@@ -31,6 +30,33 @@ pub const ABI_PREFIX: &str = "thor_v1_";
 
 /// The ABI version of this library (the `1` of the prefix).
 pub const THOR_ABI_VERSION: u32 = 1;
+
+/// THOR's decision for a layer at a statistics step (`rule::Decision`): what
+/// `thor_v1_optimizer_observe` and `thor_v1_trace_rule` write, and the device rule's codes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThorDecision {
+    /// The inverses were recomputed.
+    Update = 0,
+    /// The previous inverses stay.
+    Reuse = 1,
+    /// The layer froze now.
+    Freeze = 2,
+    /// The layer was already frozen: nothing done.
+    Frozen = 3,
+    /// Non-finite input: nothing changed.
+    Skipped = 4,
+}
+
+// The C enum and the Rust one are the same list.
+const _: () = {
+    use crate::rule::Decision as D;
+    assert!(ThorDecision::Update as i32 == D::Update.code());
+    assert!(ThorDecision::Reuse as i32 == D::Reuse.code());
+    assert!(ThorDecision::Freeze as i32 == D::Freeze.code());
+    assert!(ThorDecision::Frozen as i32 == D::Frozen.code());
+    assert!(ThorDecision::Skipped as i32 == D::Skipped.code());
+};
 
 /// Status of every call.
 #[repr(C)]
@@ -1116,8 +1142,9 @@ pub unsafe extern "C" fn thor_v1_apply(
     })
 }
 
-/// THOR's trace rule: `*decision` = 0 update, 1 reuse, 2 freeze, for the relative change of
-/// the trace from `prev` to `cur` against thresholds `w1 >= w2`.
+/// THOR's trace rule: `*decision` = 0 update, 1 reuse, 2 freeze (a `ThorDecision`), for the
+/// relative change of the trace from `prev` to `cur` against finite thresholds
+/// `w1 >= w2 >= 0` (others are refused, as by `thor_v1_optimizer_create`).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -1133,19 +1160,12 @@ pub unsafe extern "C" fn thor_v1_trace_rule(
 ) -> ThorStatus {
     guard(|| {
         check_ptr("decision", decision as *const i32)?;
-        let d = crate::reference::trace_rule(prev, cur, w1, w2);
+        let t = Thresholds { w1, w2 };
+        t.validate()?;
         // SAFETY: checked.
-        unsafe { *decision = decision_code(d) };
+        unsafe { *decision = crate::rule::trace_rule(prev, cur, t).code() };
         Ok(())
     })
-}
-
-fn decision_code(d: crate::reference::Decision) -> i32 {
-    match d {
-        crate::reference::Decision::Update => 0,
-        crate::reference::Decision::Reuse => 1,
-        crate::reference::Decision::Freeze => 2,
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1395,8 +1415,9 @@ pub unsafe extern "C" fn thor_v1_optimizer_needs_statistics(
 }
 
 /// Hands over layer `layer`'s activations `[rows, inputs]` and per-example output gradients
-/// `[rows, outputs]` (host memory). `*observation`: 0 update, 1 reuse, 2 freeze, 3 skipped
-/// (non-finite), 4 frozen (nothing done). `observation` may be null.
+/// `[rows, outputs]` (host memory). `*observation`: the rule's decision, a `ThorDecision`
+/// (0 update, 1 reuse, 2 freeze, 3 frozen: nothing done, 4 skipped: non-finite input).
+/// `observation` may be null.
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -1421,16 +1442,13 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe(
         let a = unsafe { host("acts", acts, count("rows", &[rows, kind.inputs()])?)? };
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let g = unsafe { host("out_grads", out_grads, count("rows", &[rows, kind.d_g()])?)? };
-        let o = t.observe(id, a, g, rows)?;
         if !observation.is_null() {
             check_ptr("observation", observation as *const i32)?;
-            let code = match o {
-                Observation::Accepted(d) => decision_code(d),
-                Observation::SkippedNonFinite => 3,
-                Observation::Frozen => 4,
-            };
-            // SAFETY: checked.
-            unsafe { *observation = code };
+        }
+        let o = t.observe(id, a, g, rows)?;
+        if !observation.is_null() {
+            // SAFETY: checked above, before anything changed.
+            unsafe { *observation = o.code() };
         }
         Ok(())
     })

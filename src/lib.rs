@@ -20,6 +20,7 @@ pub mod error;
 pub mod invert;
 pub mod layout;
 pub mod reference;
+pub mod rule;
 pub mod shapes;
 pub mod thor;
 

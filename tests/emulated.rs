@@ -193,7 +193,7 @@ fn emulated_invert_every_block_size_matches_reference() {
 
 #[test]
 fn emulated_trace_rule_matches_the_reference() {
-    use thor_kernels::reference::{rule_step, RuleState};
+    use thor_kernels::rule::{self, RuleState, Thresholds};
     let _g = lock();
     let dims = [40usize, 10, 64, 3, 100, 33];
     let set = FactorSet::new(32, &dims).unwrap();
@@ -242,7 +242,7 @@ fn emulated_trace_rule_matches_the_reference() {
             .map(|l| {
                 let cur = (tr[2 * l] as f64 + s * dims[2 * l] as f64)
                     * (tr[2 * l + 1] as f64 + s * dims[2 * l + 1] as f64);
-                rule_step(&mut states[l], cur, w1, w2).code()
+                rule::step(&mut states[l], cur, Thresholds { w1, w2 }).code()
             })
             .collect();
         assert_eq!(decisions.get(), want, "step {k}");

@@ -322,7 +322,7 @@ fn gpu_invert_resnet50_factor_set() {
 #[test]
 fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
     use thor_kernels::cuda::RuleLayer;
-    use thor_kernels::reference::{rule_step, RuleState};
+    use thor_kernels::rule::{self, Decision, RuleState, Thresholds};
     let Some(dev) = gpu_or_skip("gpu_trace_rule_matches_the_reference_and_keeps_history") else {
         return;
     };
@@ -331,7 +331,7 @@ fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
     let set = FactorSet::new(32, &dims).unwrap();
     let layers = RuleLayer::pairs(&set);
     let mut rule = dev.new_trace_rule(&set, &layers, 4).unwrap();
-    let (w1, w2, damping) = (0.01, 0.001, 0.04f32);
+    let (th, damping) = (Thresholds::THOR_STOP, 0.04f32);
     // Scripted factor traces per step: layer 0 drifts (update, reuse, freeze), layer 1 gets a
     // NaN, layer 2 jumps.
     let steps: [[f32; 6]; 6] = [
@@ -348,7 +348,7 @@ fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
     let mut decisions = dev.zeros::<i32>(3).unwrap();
     for tr in &steps {
         let dtr = dev.upload(tr).unwrap();
-        dev.trace_rule(&mut rule, &dtr, damping, w1, w2, &mut mask, &mut decisions)
+        dev.trace_rule(&mut rule, &dtr, damping, th, &mut mask, &mut decisions)
             .unwrap();
         let got = dev.download(&decisions).unwrap();
         let s = (damping as f64).sqrt();
@@ -356,7 +356,7 @@ fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
             .map(|l| {
                 let cur = (tr[2 * l] as f64 + s * dims[2 * l] as f64)
                     * (tr[2 * l + 1] as f64 + s * dims[2 * l + 1] as f64);
-                rule_step(&mut states[l], cur, w1, w2).code()
+                rule::step(&mut states[l], cur, th).code()
             })
             .collect();
         assert_eq!(got, want, "traces {tr:?}");
@@ -370,7 +370,11 @@ fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
                 "mask of layer {l}"
             );
         }
-        want_history.push(want);
+        want_history.push(
+            want.iter()
+                .map(|&c| Decision::from_code(c).unwrap())
+                .collect::<Vec<_>>(),
+        );
     }
     let (n, hist) = rule.history(&dev).unwrap();
     assert_eq!(n, 6);
@@ -380,8 +384,11 @@ fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
         "the last 4 steps, oldest first"
     );
     // Layer 0 froze at step 4 and stays frozen through a NaN and a jump.
-    assert_eq!(want_history[3][0], 2);
-    assert_eq!((want_history[4][0], want_history[5][0]), (3, 3));
+    assert_eq!(want_history[3][0], Decision::Freeze);
+    assert_eq!(
+        (want_history[4][0], want_history[5][0]),
+        (Decision::Frozen, Decision::Frozen)
+    );
 }
 
 #[test]
@@ -822,7 +829,7 @@ fn gpu_apply_matches_reference_odd_shapes_in_and_out_of_place() {
 fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
     use thor_kernels::cuda::step::{DeviceThorStep, StepConfig, StepInput};
     use thor_kernels::cuda::RuleLayer;
-    use thor_kernels::reference::{rule_step, RuleState};
+    use thor_kernels::rule::{self, RuleState};
     let Some(dev) = gpu_or_skip("gpu_thor_step_pipeline_rule_skip_and_graph_replay") else {
         return;
     };
@@ -832,7 +839,7 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
     let set = FactorSet::new(b, &dims).unwrap();
     let layers = RuleLayer::pairs(&set);
     let cfg = StepConfig {
-        w2: 0.001,
+        thresholds: thor_kernels::rule::Thresholds::THOR_STOP,
         ..StepConfig::default()
     };
     let mut step = dev
@@ -907,7 +914,7 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
             }
             let s = (damping as f64).sqrt();
             let cur = (tr[0] + s * dims[fa] as f64) * (tr[1] + s * dims[fg] as f64);
-            want_dec.push(rule_step(&mut states[l], cur, cfg.w1, cfg.w2).code());
+            want_dec.push(rule::step(&mut states[l], cur, cfg.thresholds).code());
         }
         assert_eq!(dec, want_dec, "step {k}");
         // Updated layers: inverses of the new statistics with sqrt(damping).

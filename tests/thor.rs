@@ -4,9 +4,9 @@ mod common;
 
 use common::*;
 use thor_kernels::layout::BlockLayout;
-use thor_kernels::reference::{self, Decision};
+use thor_kernels::reference;
 use thor_kernels::thor::{
-    DampingSchedule, IntervalSchedule, LayerKind, Observation, Thor, ThorConfig, Thresholds,
+    DampingSchedule, Decision, IntervalSchedule, LayerKind, Thor, ThorConfig, Thresholds,
 };
 use thor_kernels::{BackendKind, Error};
 
@@ -42,17 +42,11 @@ fn trace_rule_drives_update_reuse_freeze_and_frozen_stays_frozen() {
     let mut r = rng(1);
     let (n, a, g) = (64, normal(&mut r, 64 * 20), normal(&mut r, 64 * 10));
     // Fisher trace scales as f^2 when activations scale by f.
-    let steps: [(f32, Observation); 4] = [
-        (1.0, Observation::Accepted(Decision::Update)), // first statistics
-        (2.0, Observation::Accepted(Decision::Update)), // delta = 3
-        (
-            (1.005f32).sqrt() * 2.0,
-            Observation::Accepted(Decision::Reuse),
-        ), // delta = 0.005
-        (
-            (1.005f32).sqrt() * 2.0,
-            Observation::Accepted(Decision::Freeze),
-        ), // delta = 0
+    let steps: [(f32, Decision); 4] = [
+        (1.0, Decision::Update),                     // first statistics
+        (2.0, Decision::Update),                     // delta = 3
+        ((1.005f32).sqrt() * 2.0, Decision::Reuse),  // delta = 0.005
+        ((1.005f32).sqrt() * 2.0, Decision::Freeze), // delta = 0
     ];
     for (f, want) in steps {
         assert_eq!(
@@ -69,11 +63,11 @@ fn trace_rule_drives_update_reuse_freeze_and_frozen_stays_frozen() {
     // Frozen: new statistics, even wildly different or NaN, change nothing.
     assert_eq!(
         t.observe(id, &scaled(&a, 10.0), &g, n).unwrap(),
-        Observation::Frozen
+        Decision::Frozen
     );
     let mut nan = a.clone();
     nan[3] = f32::NAN;
-    assert_eq!(t.observe(id, &nan, &g, n).unwrap(), Observation::Frozen);
+    assert_eq!(t.observe(id, &nan, &g, n).unwrap(), Decision::Frozen);
     let mut after = vec![0.0; 200];
     t.precondition(id, &grad, &mut after).unwrap();
     assert_eq!(before, after);
@@ -101,16 +95,10 @@ fn non_finite_statistics_are_skipped_and_counted() {
     for bad in [f32::NAN, f32::INFINITY] {
         let mut ga = g.clone();
         ga[7] = bad;
-        assert_eq!(
-            t.observe(id, &a, &ga, 16).unwrap(),
-            Observation::SkippedNonFinite
-        );
+        assert_eq!(t.observe(id, &a, &ga, 16).unwrap(), Decision::Skipped);
         let mut aa = a.clone();
         aa[0] = bad;
-        assert_eq!(
-            t.observe(id, &aa, &g, 16).unwrap(),
-            Observation::SkippedNonFinite
-        );
+        assert_eq!(t.observe(id, &aa, &g, 16).unwrap(), Decision::Skipped);
     }
     let c = t.counters(id).unwrap();
     assert_eq!((c.statistics, c.skipped, c.updates), (1, 4, 1));

@@ -7,6 +7,7 @@ use super::raw;
 use super::CudaDevice;
 use crate::error::{check_len, Error, Result};
 use crate::layout::FactorSet;
+use crate::rule::{Decision, Thresholds};
 
 /// A layer for the device rule: which factors of the set are its A and G (either may be
 /// absent), and the range of blocks its decision masks.
@@ -121,8 +122,7 @@ impl DeviceTraceRule {
         factor_traces: u64,
         factor_status: u64,
         damping: f32,
-        w1: f64,
-        w2: f64,
+        thresholds: Thresholds,
         mask: u64,
         decisions: u64,
     ) -> Result<(raw::LaunchPlan, Vec<SyncOnDrop<'a>>)> {
@@ -137,8 +137,8 @@ impl DeviceTraceRule {
             layers: lp,
             n_layers: self.n_layers,
             damping,
-            w1,
-            w2,
+            w1: thresholds.w1,
+            w2: thresholds.w2,
             prev: pp,
             state: sp,
             mask,
@@ -162,18 +162,24 @@ impl DeviceTraceRule {
 
     /// Reads the decision history (waits for queued work): the number of statistics steps
     /// run so far and the decisions of the last `min(steps, capacity)` of them, oldest first,
-    /// one code per layer (0 update, 1 reuse, 2 freeze, 3 frozen, 4 skipped: non-finite
-    /// statistics).
-    pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<i32>>)> {
+    /// one [`Decision::code`](crate::rule::Decision::code) per layer.
+    pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<Decision>>)> {
         let steps = dev.download(&self.step)?[0];
         let ring = dev.download(&self.history)?;
         let kept = (steps as usize).min(self.capacity);
         let rows = (steps as usize - kept..steps as usize)
             .map(|s| {
                 let r = s % self.capacity;
-                ring[r * self.n_layers..(r + 1) * self.n_layers].to_vec()
+                ring[r * self.n_layers..(r + 1) * self.n_layers]
+                    .iter()
+                    .map(|&c| {
+                        Decision::from_code(c).ok_or_else(|| {
+                            Error::Driver(format!("the device rule wrote decision code {c}"))
+                        })
+                    })
+                    .collect()
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok((steps, rows))
     }
 }
@@ -218,17 +224,11 @@ impl CudaDevice {
         rule: &mut DeviceTraceRule,
         factor_traces: &CudaSlice<f32>,
         damping: f32,
-        w1: f64,
-        w2: f64,
+        thresholds: Thresholds,
         mask: &mut CudaSlice<u8>,
         decisions: &mut CudaSlice<i32>,
     ) -> Result<()> {
-        if !(w1.is_finite() && w2.is_finite() && w2 >= 0.0 && w1 >= w2) {
-            return Err(Error::invalid(
-                "w1/w2",
-                format!("need w1 >= w2 >= 0, got ({w1}, {w2})"),
-            ));
-        }
+        thresholds.validate()?;
         crate::error::check_finite("damping", damping as f64)?;
         check_len("factor_traces", rule.n_factors, factor_traces.len())?;
         check_len("mask", rule.total_blocks, mask.len())?;
@@ -241,7 +241,7 @@ impl CudaDevice {
         let (tp, _a) = factor_traces.device_ptr(s);
         let (mp, _e) = mask.device_ptr_mut(s);
         let (dp, _f) = decisions.device_ptr_mut(s);
-        let (plan, _guards) = rule.plan(s, tp, 0, damping, w1, w2, mp, dp)?;
+        let (plan, _guards) = rule.plan(s, tp, 0, damping, thresholds, mp, dp)?;
         // SAFETY: every buffer belongs to this device and was sized from the same set and
         // layer table.
         unsafe { raw::launch(self, &plan) }?;

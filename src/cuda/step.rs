@@ -15,19 +15,18 @@ use crate::dtype::DType;
 use crate::error::{check_len, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::FactorSet;
+use crate::rule::Thresholds;
 
-/// Settings of a device factor step.
+/// Settings of a device factor step (named as in [`crate::thor::ThorConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepConfig {
     /// Math of the accumulation.
     pub mode: AccumulateMode,
-    /// Statistics decay: 0 replaces the statistics each step, else EMA with this weight on
-    /// the old ones (the new product weighted `1 - decay`).
-    pub decay: f32,
-    /// Trace-rule update threshold.
-    pub w1: f64,
-    /// Trace-rule freeze threshold.
-    pub w2: f64,
+    /// Statistics decay: 0 replaces the statistics each step, else an exponential moving
+    /// average `S <- stat_decay S + (1 - stat_decay) X^T X / N`.
+    pub stat_decay: f32,
+    /// Trace-rule thresholds.
+    pub thresholds: Thresholds,
     /// What the inversion does with a block that is not positive definite.
     pub policy: FailurePolicy,
     /// Statistics steps of decisions the rule keeps for the host.
@@ -38,9 +37,8 @@ impl Default for StepConfig {
     fn default() -> Self {
         StepConfig {
             mode: AccumulateMode::F32,
-            decay: 0.0,
-            w1: 0.01,
-            w2: 0.0,
+            stat_decay: 0.0,
+            thresholds: Thresholds::THOR,
             policy: FailurePolicy::retry(),
             history: 64,
         }
@@ -109,12 +107,13 @@ impl CudaDevice {
         layers: &[RuleLayer],
         cfg: StepConfig,
     ) -> Result<DeviceThorStep> {
-        if !(0.0..1.0).contains(&cfg.decay) {
+        if !(0.0..1.0).contains(&cfg.stat_decay) {
             return Err(Error::invalid(
-                "decay",
-                format!("must be in [0, 1), got {}", cfg.decay),
+                "stat_decay",
+                format!("must be in [0, 1), got {}", cfg.stat_decay),
             ));
         }
+        cfg.thresholds.validate()?;
         cfg.policy.params()?;
         let mut acc = self.plan_accumulate(set, rows, dtype, cfg.mode)?;
         // A layer's A and G are kept or updated together.
@@ -224,8 +223,8 @@ impl DeviceThorStep {
                 .map(|(&(x, ld), &n)| FactorInput {
                     x,
                     ld,
-                    alpha: (1.0 - self.cfg.decay) / n as f32,
-                    beta: self.cfg.decay,
+                    alpha: (1.0 - self.cfg.stat_decay) / n as f32,
+                    beta: self.cfg.stat_decay,
                 })
                 .collect();
             self.acc.set_factor_table(dev, &table)?;
@@ -254,7 +253,7 @@ impl DeviceThorStep {
         guards.extend(g);
         let (rule, g) = self
             .rule
-            .plan(s, ftp, stp, damping, self.cfg.w1, self.cfg.w2, mp, dp)?;
+            .plan(s, ftp, stp, damping, self.cfg.thresholds, mp, dp)?;
         guards.extend(g);
         plans.push(rule);
         plans.push(raw::plan_invert_chol_f32(
@@ -357,7 +356,7 @@ impl DeviceThorStep {
         &self.status
     }
 
-    /// Per layer: the last decision (0 update, 1 reuse, 2 freeze, 3 frozen, 4 skipped).
+    /// Per layer: the last decision's [`Decision::code`](crate::rule::Decision::code).
     pub fn decisions(&self) -> &CudaSlice<i32> {
         &self.decisions
     }
@@ -378,7 +377,7 @@ impl DeviceThorStep {
     }
 
     /// The rule's decision history (waits for queued work).
-    pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<i32>>)> {
+    pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<crate::rule::Decision>>)> {
         self.rule.history(dev)
     }
 }

@@ -39,7 +39,8 @@ use crate::cuda::CudaDevice;
 use crate::error::{check_len, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{check_block_size, BlockLayout};
-use crate::reference::{fisher_trace, rule_step, Decision, RuleState, StepDecision};
+use crate::rule::{self, fisher_trace, RuleState};
+pub use crate::rule::{Decision, Thresholds};
 
 /// The shape of a layer THOR preconditions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,27 +122,6 @@ impl LayerKind {
     }
 }
 
-/// The trace-rule thresholds `(w1, w2)`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Thresholds {
-    /// Above `w1` the inverses are recomputed.
-    pub w1: f64,
-    /// Below `w2` the layer is frozen; in between the inverses are reused.
-    pub w2: f64,
-}
-
-impl Thresholds {
-    /// THOR's default: (0.01, 0): never freeze.
-    pub const THOR: Thresholds = Thresholds { w1: 0.01, w2: 0.0 };
-    /// THOR-stop: (0.01, 0.001).
-    pub const THOR_STOP: Thresholds = Thresholds {
-        w1: 0.01,
-        w2: 0.001,
-    };
-    /// Recompute at every statistics step (unless the trace did not move at all).
-    pub const EVERY_TIME: Thresholds = Thresholds { w1: 0.0, w2: 0.0 };
-}
-
 /// The optimizer's configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ThorConfig {
@@ -197,13 +177,7 @@ impl ThorConfig {
         }
         self.damping.validate()?;
         self.interval.validate()?;
-        let Thresholds { w1, w2 } = self.thresholds;
-        if !(w1.is_finite() && w2.is_finite() && w2 >= 0.0 && w1 >= w2) {
-            return Err(Error::invalid(
-                "thresholds",
-                format!("need w1 >= w2 >= 0, got ({w1}, {w2})"),
-            ));
-        }
+        self.thresholds.validate()?;
         self.policy.params()?;
         if let Some(k) = self.kl_clip {
             if !(k.is_finite() && k > 0.0) {
@@ -237,17 +211,6 @@ pub struct LayerCounters {
     pub skipped: u64,
     /// Inversions that failed even after retries (previous inverses kept).
     pub failed_inversions: u64,
-}
-
-/// What [`Thor::observe`] did with a layer's statistics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Observation {
-    /// Accumulated; the trace rule decided this.
-    Accepted(Decision),
-    /// Not finite: nothing changed, the layer's `skipped` counter went up.
-    SkippedNonFinite,
-    /// The layer is frozen: nothing to do.
-    Frozen,
 }
 
 #[derive(Debug, Clone)]
@@ -411,15 +374,16 @@ impl Thor {
     /// batch size). Updates the factors, applies the trace rule and, when it says so,
     /// recomputes the layer's inverses.
     ///
-    /// A non-finite value anywhere skips the layer for this step (counted) and changes
-    /// nothing; shape errors are typed errors.
+    /// Returns the rule's [`Decision`]: [`Decision::Frozen`] for a frozen layer (nothing
+    /// done), [`Decision::Skipped`] when a value anywhere is not finite (counted; nothing
+    /// changes). Shape errors are typed errors.
     pub fn observe(
         &mut self,
         id: LayerId,
         acts: &[f32],
         out_grads: &[f32],
         rows: usize,
-    ) -> Result<Observation> {
+    ) -> Result<Decision> {
         let (b, stat_decay, thresholds, policy) = (
             self.cfg.block,
             self.cfg.stat_decay,
@@ -438,11 +402,11 @@ impl Thor {
         check_len("acts", rows * inputs, acts.len())?;
         check_len("out_grads", rows * d_g, out_grads.len())?;
         if l.rule.frozen {
-            return Ok(Observation::Frozen);
+            return Ok(Decision::Frozen);
         }
         if acts.iter().chain(out_grads).any(|v| !v.is_finite()) {
             l.counters.skipped += 1;
-            return Ok(Observation::SkippedNonFinite);
+            return Ok(Decision::Skipped);
         }
         let (alpha, beta) = if l.has_stats && stat_decay > 0.0 {
             ((1.0 - stat_decay) / rows as f32, stat_decay)
@@ -487,12 +451,7 @@ impl Thor {
         let tr_a = real_trace(&l.a, &l.a_stats);
         let tr_g = real_trace(&l.g, &l.g_stats);
         let cur = fisher_trace(tr_a, d_a, tr_g, d_g, damping as f64);
-        let decision = match rule_step(&mut l.rule, cur, thresholds.w1, thresholds.w2) {
-            StepDecision::Update => Decision::Update,
-            StepDecision::Reuse => Decision::Reuse,
-            StepDecision::Freeze => Decision::Freeze,
-            StepDecision::Frozen => return Ok(Observation::Frozen),
-        };
+        let decision = rule::step(&mut l.rule, cur, thresholds);
         match decision {
             Decision::Update => {
                 let opts = InvertOptions {
@@ -518,8 +477,9 @@ impl Thor {
             }
             Decision::Reuse => l.counters.reuses += 1,
             Decision::Freeze => l.counters.freezes = 1,
+            Decision::Frozen | Decision::Skipped => {}
         }
-        Ok(Observation::Accepted(decision))
+        Ok(decision)
     }
 
     /// The preconditioned gradient of layer `id`: `out = G^-1 grad A^-1` with the layer's

@@ -126,9 +126,11 @@ int main(int argc, char **argv) {
     CHECK(thor_v1_split(ctx, dense, D, D, B, blocks) == THOR_STATUS_INVALID_ARGUMENT, "NaN input");
     int32_t decision = -1;
     OK(thor_v1_trace_rule(1.0, 1.5, 0.01, 0.001, &decision));
-    CHECK(decision == 0, "rule: update");
+    CHECK(decision == THOR_DECISION_UPDATE, "rule: update");
     OK(thor_v1_trace_rule(1.0, NAN, 0.01, 0.001, &decision));
-    CHECK(decision == 1, "rule: NaN reuses");
+    CHECK(decision == THOR_DECISION_REUSE, "rule: NaN reuses");
+    CHECK(thor_v1_trace_rule(1.0, 1.5, 0.001, 0.01, &decision) == THOR_STATUS_INVALID_ARGUMENT, "rule: w1 < w2");
+    CHECK(thor_v1_trace_rule(1.0, 1.5, NAN, 0.0, &decision) == THOR_STATUS_INVALID_ARGUMENT, "rule: NaN w1");
     if (failures == 0) printf("bad-input checks passed\n");
 
     /* The optimizer: one linear layer with bias. */
@@ -150,12 +152,12 @@ int main(int argc, char **argv) {
     OK(thor_v1_optimizer_needs_statistics(opt, &need));
     CHECK(need == 1, "first step needs statistics");
     OK(thor_v1_optimizer_observe(opt, 0, acts, og, 16, &obs));
-    CHECK(obs == 0, "first observation updates");
+    CHECK(obs == THOR_DECISION_UPDATE, "first observation updates");
     OK(thor_v1_optimizer_precondition(opt, 0, g, pg));
     OK(thor_v1_optimizer_finish_step(opt));
     og[5] = INFINITY;
     OK(thor_v1_optimizer_observe(opt, 0, acts, og, 16, &obs));
-    CHECK(obs == 3, "non-finite gradients are skipped");
+    CHECK(obs == THOR_DECISION_SKIPPED, "non-finite gradients are skipped");
     ThorCounters c;
     OK(thor_v1_optimizer_counters(opt, 0, &c));
     CHECK(c.statistics == 1 && c.updates == 1 && c.skipped == 1, "counters");
