@@ -4,7 +4,6 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use faer::dyn_stack::MemStack;
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
@@ -59,15 +58,6 @@ pub(crate) fn workspace_size(per_slot: usize, items: usize) -> usize {
     slot_bytes(per_slot) * slot_count().min(items.max(1))
 }
 
-/// One group's share: its index, outputs, auxiliary outputs and scratch.
-type Part<'a, T, U, V> = (
-    usize,
-    &'a mut [T],
-    &'a mut [U],
-    &'a mut [V],
-    &'a mut [MaybeUninit<u8>],
-);
-
 /// Per-item outputs handed to [`for_each_group`]: a slice and how many of its elements
 /// belong to each item (0 when unused; the last item may own fewer).
 pub(crate) struct PerItem<'a, T>(pub &'a mut [T], pub usize);
@@ -96,27 +86,50 @@ pub(crate) fn for_each_group<T: Send, U: Send, V: Send>(
     }
     let per_group = n_items.div_ceil(slots.min(n_items));
     let groups = n_items.div_ceil(per_group);
-    // A handful of pointers per call (one entry per worker), not a data-sized allocation.
-    let mut parts: Vec<Part<'_, T, U, V>> = Vec::with_capacity(groups);
-    let (mut o, mut a, mut a2, mut w) = (out.0, aux.0, aux2.0, &mut ws.buf[..]);
-    for g in 0..groups {
-        let items = per_group.min(n_items - g * per_group);
-        let (oh, ot) = o.split_at_mut((items * out.1).min(o.len()));
-        let (ah, at) = a.split_at_mut((items * aux.1).min(a.len()));
-        let (bh, bt) = a2.split_at_mut((items * aux2.1).min(a2.len()));
-        let (wh, wt) = w.split_at_mut(sb.min(w.len()));
-        parts.push((g, oh, ah, bh, wh));
-        (o, a, a2, w) = (ot, at, bt, wt);
-    }
-    parts.into_par_iter().for_each(|(g, o, a, a2, w)| {
-        let start = g * per_group;
-        f(
-            start..(start + per_group).min(n_items),
-            o,
-            a,
-            a2,
-            MemStack::new(w),
-        )
-    });
+    let g = Groups {
+        per_group,
+        n_items,
+        widths: (out.1, aux.1, aux2.1),
+        slot: sb,
+    };
+    g.run(0..groups, (out.0, aux.0, aux2.0), &mut ws.buf[..], &f);
     Ok(())
+}
+
+/// How [`for_each_group`] cuts its work: items per group, the item count, the per-item
+/// widths of the three outputs, and the bytes of one workspace slot.
+struct Groups {
+    per_group: usize,
+    n_items: usize,
+    widths: (usize, usize, usize),
+    slot: usize,
+}
+
+impl Groups {
+    /// Runs groups `range` on their shares of the outputs and workspace, halving the range
+    /// with `rayon::join` (no allocation, unlike collecting the shares first).
+    fn run<T: Send, U: Send, V: Send>(
+        &self,
+        range: Range<usize>,
+        (o, a, a2): (&mut [T], &mut [U], &mut [V]),
+        w: &mut [MaybeUninit<u8>],
+        f: &(impl Fn(Range<usize>, &mut [T], &mut [U], &mut [V], &mut MemStack) + Sync),
+    ) {
+        if range.len() == 1 {
+            let start = range.start * self.per_group;
+            let items = start..(start + self.per_group).min(self.n_items);
+            f(items, o, a, a2, MemStack::new(w));
+            return;
+        }
+        let mid = range.start + range.len() / 2;
+        let items = (mid - range.start) * self.per_group;
+        let (oh, ot) = o.split_at_mut((items * self.widths.0).min(o.len()));
+        let (ah, at) = a.split_at_mut((items * self.widths.1).min(a.len()));
+        let (bh, bt) = a2.split_at_mut((items * self.widths.2).min(a2.len()));
+        let (wh, wt) = w.split_at_mut(((mid - range.start) * self.slot).min(w.len()));
+        rayon::join(
+            || self.run(range.start..mid, (oh, ah, bh), wh, f),
+            || self.run(mid..range.end, (ot, at, bt), wt, f),
+        );
+    }
 }
