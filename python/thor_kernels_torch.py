@@ -1,6 +1,7 @@
 """PyTorch bindings for thor-kernels through its C ABI (ctypes, no build step).
 
-Load the shared library built by ``cargo build --release`` (``target/release/libthor_kernels.so``)
+Load the shared library built by ``cargo build --release -p thor-kernels-capi``
+(``target/release/libthor_kernels_capi.so``)
 or the one named by ``THOR_KERNELS_LIB``. Every function takes torch tensors, checks their
 dtype, device and strides, and passes raw pointers (and, for CUDA tensors, the current CUDA
 stream) to the library. ``ThorPreconditioner`` hooks a model's Linear and Conv2d layers and
@@ -54,10 +55,11 @@ def _find_library() -> Path:
     if env:
         return Path(env)
     root = Path(__file__).resolve().parent.parent
-    for p in (root / "target/release/libthor_kernels.so", root / "target/debug/libthor_kernels.so"):
+    for p in (root / "target/release/libthor_kernels_capi.so", root / "target/debug/libthor_kernels_capi.so"):
         if p.is_file():
             return p
-    raise FileNotFoundError("libthor_kernels.so not found: run `cargo build --release` or set THOR_KERNELS_LIB")
+    raise FileNotFoundError(
+        "libthor_kernels_capi.so not found: run `cargo build --release -p thor-kernels-capi` or set THOR_KERNELS_LIB")
 
 
 def _load() -> ctypes.CDLL:

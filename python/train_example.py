@@ -1,5 +1,5 @@
 """Trains a small MLP on the bundled digits with torch, SGD + momentum on THOR-preconditioned
-gradients. Run: cargo build --release && python python/train_example.py"""
+gradients. Run: cargo build --release -p thor-kernels-capi && python python/train_example.py"""
 
 import gzip
 from pathlib import Path

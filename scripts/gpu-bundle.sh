@@ -28,8 +28,8 @@ for l in sys.stdin:
 echo "building tests ..." >&2
 # Tests that read nothing from the repository (the C-ABI, dataset and training-example tests
 # need its files and a C compiler, and run in CI instead).
-gpu_tests=" unit gpu build_paths cpu bad_input reference thor "
-executables test --release --no-run --tests --lib | while read -r kind name exe; do
+gpu_tests=" unit gpu capi_gpu build_paths cpu bad_input reference thor alloc "
+executables test --workspace --release --no-run --tests --lib | while read -r kind name exe; do
   case "$kind" in lib | rlib) name=unit ;; esac
   case "$gpu_tests" in *" $name "*) cp "$exe" "$out/tests/$name" ;; esac
 done
@@ -42,9 +42,9 @@ executables build --release --example resnet50_ops --example resnet50_step | whi
   if [ "$kind" = example ]; then cp "$exe" "$out/examples/$name"; fi
 done
 echo "building the shared library for the Python bindings ..." >&2
-cargo build --release --lib 2>/dev/null
+cargo build --release -p thor-kernels-capi 2>/dev/null
 mkdir -p "$out/python"
-cp target/release/libthor_kernels.so "$out/python/"
+cp target/release/libthor_kernels_capi.so "$out/python/"
 cp python/thor_kernels_torch.py python/test_thor_kernels_torch.py "$out/python/"
 strip --strip-all "$out"/tests/* "$out"/benches/* "$out"/examples/*
 strip --strip-debug "$out"/python/*.so

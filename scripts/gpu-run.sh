@@ -44,7 +44,7 @@ if [ "$bench" = 1 ]; then
   grep -E '^gpu/|time:' "$out/bench.log" | paste - - | awk '{$1=$1};1' > "$out/bench-table.txt"
 fi
 if python3 -c "import torch, pytest; assert torch.cuda.is_available()" 2>/dev/null; then
-  export THOR_KERNELS_LIB="$here/python/libthor_kernels.so"
+  export THOR_KERNELS_LIB="$here/python/libthor_kernels_capi.so"
   step "pytest bindings (torch, cuda)" "$out/pytest.log" python3 -m pytest -q "$here/python" -p no:cacheprovider
   step "pytest cuda under memcheck" "$out/pytest-memcheck.log" \
     timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 python3 -m pytest -q "$here/python" -k cuda -p no:cacheprovider

@@ -9,6 +9,6 @@ if ! "$py" -c "import torch, pytest" 2>/dev/null; then
   echo "$py has no torch or pytest: set THOR_PYTHON to a Python with both" >&2
   exit 2
 fi
-cargo build --release --lib
+cargo build --release -p thor-kernels-capi
 cd python
 exec "$py" -m pytest -q "$@"

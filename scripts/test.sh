@@ -12,7 +12,7 @@ source scripts/cuda-env.sh
 export THOR_REQUIRE_NVCC=1 THOR_REQUIRE_NVRTC=1 THOR_REQUIRE_CAPI=1
 # The C-ABI test links a C program against the shared library, which `cargo test` alone
 # does not build.
-cargo build --lib
-cargo test --all-targets "$@"
+cargo build -p thor-kernels-capi
+cargo test --workspace --all-targets "$@"
 # Doc examples are not part of --all-targets.
-cargo test --doc "$@"
+cargo test --workspace --doc "$@"

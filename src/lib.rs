@@ -12,7 +12,6 @@
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod capi;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;
@@ -23,6 +22,12 @@ pub mod reference;
 pub mod rule;
 pub mod shapes;
 pub mod thor;
+
+/// The cudarc version this crate is built against (0.19), for sharing streams and buffers
+/// with it (`CudaDevice::from_stream`) without a version mismatch.
+pub use cudarc;
+/// The `half` crate whose `f16` / `bf16` the element types are.
+pub use half;
 
 pub use backend::{Backend, BackendKind};
 pub use dtype::{DType, Element};

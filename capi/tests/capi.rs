@@ -2,6 +2,7 @@
 //! compiled here calls the CPU path with host pointers; its results are checked against the
 //! Rust reference and its status codes for bad input inside the program.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -11,8 +12,14 @@ use common::*;
 use thor_kernels::layout::{BlockLayout, FactorSet};
 use thor_kernels::reference;
 
+/// This crate's folder.
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The repository, which holds the committed header in `include/`.
+fn repo() -> PathBuf {
+    root().parent().unwrap().to_path_buf()
 }
 
 fn generated_header() -> String {
@@ -29,7 +36,7 @@ fn generated_header() -> String {
 
 #[test]
 fn committed_header_is_current() {
-    let path = root().join("include/thor_kernels.h");
+    let path = repo().join("include/thor_kernels.h");
     let fresh = generated_header();
     if std::env::var("THOR_BLESS").is_ok_and(|v| v == "1") {
         std::fs::write(&path, &fresh).unwrap();
@@ -37,7 +44,7 @@ fn committed_header_is_current() {
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == fresh,
-        "include/thor_kernels.h is stale: regenerate with THOR_BLESS=1 cargo test --test capi"
+        "include/thor_kernels.h is stale: regenerate with THOR_BLESS=1 cargo test -p thor-kernels-capi --test capi"
     );
     assert!(
         fresh.contains("thor_v1_invert") && fresh.contains("Batched damped Cholesky inversion"),
@@ -48,7 +55,7 @@ fn committed_header_is_current() {
     }) {
         if let Some(name) = line.split_whitespace().find(|w| w.starts_with("thor_")) {
             assert!(
-                name.starts_with(thor_kernels::capi::ABI_PREFIX),
+                name.starts_with(thor_kernels_capi::ABI_PREFIX),
                 "{name} lacks the ABI prefix"
             );
         }
@@ -68,7 +75,7 @@ fn compiler(cpp: bool) -> cc::Tool {
 
 #[test]
 fn header_compiles_as_c99_and_cpp17() {
-    let hdr = root().join("include/thor_kernels.h");
+    let hdr = repo().join("include/thor_kernels.h");
     let dir = std::env::temp_dir().join(format!("thor-hdr-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (cpp, std, file) in [(false, "-std=c99", "t.c"), (true, "-std=c++17", "t.cpp")] {
@@ -101,12 +108,12 @@ fn cdylib() -> Option<PathBuf> {
         .unwrap()
         .parent()
         .unwrap()
-        .join("libthor_kernels.so");
+        .join("libthor_kernels_capi.so");
     if lib.is_file() {
         return Some(lib);
     }
     let msg = format!(
-        "{} not built: run `cargo build --lib` first (scripts/test.sh does)",
+        "{} not built: run `cargo build -p thor-kernels-capi` first (scripts/test.sh does)",
         lib.display()
     );
     if std::env::var("THOR_REQUIRE_CAPI").is_ok_and(|v| v == "1") {
@@ -145,7 +152,7 @@ fn c_program_calls_the_cpu_path() {
     let status = compiler(false)
         .to_command()
         .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-I"])
-        .arg(root().join("include"))
+        .arg(repo().join("include"))
         .arg(root().join("tests/c/capi_test.c"))
         .arg("-o")
         .arg(&exe)
@@ -213,8 +220,8 @@ fn c_program_calls_the_cpu_path() {
 /// refused by name.
 #[test]
 fn optimizer_kl_clip_factor_through_the_c_abi() {
-    use thor_kernels::capi::*;
     use thor_kernels::thor::{LayerKind, Thor, ThorConfig};
+    use thor_kernels_capi::*;
     let mut seed = 7u32;
     let (n, d_in, d_out) = (24usize, 6usize, 5usize);
     let acts = lcg_fill(&mut seed, n * d_in);

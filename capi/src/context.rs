@@ -1,0 +1,130 @@
+//! Contexts: where the ops run (the CPU, or a CUDA device and stream).
+
+#[allow(unused_imports)]
+use super::*;
+
+pub(crate) enum Device {
+    Cpu,
+    Cuda(Box<CudaDevice>),
+}
+
+/// A context: the CPU, or one CUDA device with the stream all work is queued on.
+pub struct ThorContext {
+    pub(crate) device: Device,
+    pub(crate) ws: Workspace,
+}
+
+impl ThorContext {
+    pub(crate) fn ws(&mut self, bytes: usize) -> &mut Workspace {
+        if self.ws.len() < bytes {
+            self.ws = Workspace::new(bytes);
+        }
+        &mut self.ws
+    }
+}
+
+/// Creates a CPU context in `*out`. Release it with `thor_v1_context_destroy`.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_context_create_cpu(out: *mut *mut ThorContext) -> ThorStatus {
+    guard(|| {
+        check_ptr("out", out as *const *mut ThorContext)?;
+        let ctx = Box::new(ThorContext {
+            device: Device::Cpu,
+            ws: Workspace::new(0),
+        });
+        // SAFETY: `out` was checked non-null and aligned.
+        unsafe { *out = Box::into_raw(ctx) };
+        Ok(())
+    })
+}
+
+/// Creates a CUDA context on device `ordinal` in `*out`. With `stream` null the context makes
+/// a stream of its own; otherwise all work is queued on `stream` (a `CUstream` /
+/// `cudaStream_t` of the device's primary context, e.g. PyTorch's current stream), which must
+/// outlive the context.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_context_create_cuda(
+    ordinal: i32,
+    stream: *mut c_void,
+    out: *mut *mut ThorContext,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("out", out as *const *mut ThorContext)?;
+        let ordinal = usize::try_from(ordinal)
+            .map_err(|_| Error::invalid("ordinal", format!("must be >= 0, got {ordinal}")))?;
+        let dev = if stream.is_null() {
+            CudaDevice::new(ordinal)?
+        } else {
+            // SAFETY: the caller promises a live stream of this device's primary context
+            // that outlives the context.
+            // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+            unsafe { CudaDevice::wrap_borrowed_stream(ordinal, stream as _)? }
+        };
+        let ctx = Box::new(ThorContext {
+            device: Device::Cuda(Box::new(dev)),
+            ws: Workspace::new(0),
+        });
+        // SAFETY: `out` was checked.
+        unsafe { *out = Box::into_raw(ctx) };
+        Ok(())
+    })
+}
+
+/// Waits for all work queued by the context (no-op on the CPU).
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_context_synchronize(ctx: *mut ThorContext) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs).
+        if let Device::Cuda(d) = &unsafe { ctx_mut(ctx)? }.device {
+            d.synchronize()?;
+        }
+        Ok(())
+    })
+}
+
+/// Destroys a context (null is ignored).
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_context_destroy(ctx: *mut ThorContext) {
+    // SAFETY: the caller passes a context made by this library, not destroyed before.
+    unsafe { destroy(ctx) }
+}
+
+/// Frees a handle made by `Box::into_raw` (null ignored), never unwinding into C.
+///
+/// # Safety
+/// `p` is null or came from `Box::into_raw` and was not freed before.
+pub(crate) unsafe fn destroy<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: per this function's contract.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(p) })));
+    }
+}
+
+/// # Safety
+/// The caller's pointer contract: a non-null pointer addresses what its name says, for the
+/// lengths given, valid for the call.
+pub(crate) unsafe fn ctx_mut<'a>(ctx: *mut ThorContext) -> Result<&'a mut ThorContext> {
+    check_ptr("ctx", ctx as *const ThorContext)?;
+    // SAFETY: a live context made by this library, used by one thread at a time.
+    Ok(unsafe { &mut *ctx })
+}

@@ -1,0 +1,512 @@
+//! The THOR optimizer as an opaque handle.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// The optimizer's configuration (see `thor::ThorConfig`); fill it with
+/// `thor_v1_optimizer_config_default` and change what you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ThorOptimizerConfig {
+    /// Block size: 32, 64, 128 or 256.
+    pub block: i32,
+    /// Statistics decay in [0, 1): 0 per-batch statistics, else EMA.
+    pub stat_decay: f32,
+    /// Damping `l0 * decay^(epoch / every)`; `decay` 1 keeps it constant.
+    pub damping_l0: f32,
+    /// See `damping_l0`.
+    pub damping_decay: f32,
+    /// See `damping_l0`.
+    pub damping_every: f32,
+    /// Steps between statistics.
+    pub interval: u64,
+    /// Trace-rule thresholds.
+    pub w1: f64,
+    /// See `w1`.
+    pub w2: f64,
+    /// KL clip bound, or <= 0 for none.
+    pub kl_clip: f32,
+    /// Non-SPD retry (1) or report only (0).
+    pub retry: i32,
+}
+
+/// Fills `*cfg` with THOR's defaults.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_config_default(
+    cfg: *mut ThorOptimizerConfig,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("cfg", cfg as *const ThorOptimizerConfig)?;
+        let d = ThorConfig::thor();
+        let (l0, decay, every) = match d.damping {
+            DampingSchedule::Decay { l0, decay, every } => (l0, decay, every),
+            DampingSchedule::Constant(l) => (l, 1.0, 1.0),
+        };
+        let c = ThorOptimizerConfig {
+            block: d.block as i32,
+            stat_decay: d.stat_decay,
+            damping_l0: l0,
+            damping_decay: decay,
+            damping_every: every,
+            interval: d.interval.at(0.0),
+            w1: d.thresholds.w1,
+            w2: d.thresholds.w2,
+            kl_clip: d.kl_clip.unwrap_or(0.0),
+            retry: 1,
+        };
+        // SAFETY: checked.
+        unsafe { *cfg = c };
+        Ok(())
+    })
+}
+
+/// An optimizer handle.
+pub struct ThorOptimizer {
+    thor: Thor,
+}
+
+/// Creates an optimizer in `*out` (CPU backend). Release with `thor_v1_optimizer_destroy`.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_create(
+    cfg: *const ThorOptimizerConfig,
+    out: *mut *mut ThorOptimizer,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("cfg", cfg)?;
+        check_ptr("out", out as *const *mut ThorOptimizer)?;
+        // SAFETY: checked.
+        let c = unsafe { *cfg };
+        let config = ThorConfig {
+            block: c.block.max(0) as usize,
+            stat_decay: c.stat_decay,
+            damping: DampingSchedule::Decay {
+                l0: c.damping_l0,
+                decay: c.damping_decay,
+                every: c.damping_every,
+            },
+            interval: IntervalSchedule::Fixed(c.interval),
+            thresholds: Thresholds { w1: c.w1, w2: c.w2 },
+            backend: thor_kernels::BackendKind::Cpu,
+            policy: if c.retry != 0 {
+                FailurePolicy::retry()
+            } else {
+                FailurePolicy::Report
+            },
+            kl_clip: (c.kl_clip > 0.0).then_some(c.kl_clip),
+        };
+        let thor = Thor::new(config)?;
+        // SAFETY: checked.
+        unsafe { *out = Box::into_raw(Box::new(ThorOptimizer { thor })) };
+        Ok(())
+    })
+}
+
+/// Destroys an optimizer (null is ignored).
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_destroy(opt: *mut ThorOptimizer) {
+    // SAFETY: the caller passes an optimizer made by this library, not destroyed before.
+    unsafe { destroy(opt) }
+}
+
+/// # Safety
+/// The caller's pointer contract: a non-null pointer addresses what its name says, for the
+/// lengths given, valid for the call.
+pub(crate) unsafe fn opt_mut<'a>(opt: *mut ThorOptimizer) -> Result<&'a mut Thor> {
+    check_ptr("opt", opt as *const ThorOptimizer)?;
+    // SAFETY: a live optimizer made by this library, used by one thread at a time.
+    Ok(unsafe { &mut (*opt).thor })
+}
+
+pub(crate) fn add_layer(opt: *mut ThorOptimizer, kind: LayerKind, id: *mut i32) -> R {
+    check_ptr("id", id as *const i32)?;
+    // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+    let t = unsafe { opt_mut(opt)? };
+    let l = t.add_layer(kind)?;
+    // SAFETY: checked.
+    unsafe { *id = l.0 as i32 };
+    Ok(())
+}
+
+pub(crate) fn size(arg: &'static str, v: i64) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Error::invalid(arg, format!("must be >= 0, got {v}")))
+}
+
+/// Registers a linear layer (`bias` 0 or 1); its index goes to `*id`.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_add_linear(
+    opt: *mut ThorOptimizer,
+    inputs: i64,
+    outputs: i64,
+    bias: i32,
+    id: *mut i32,
+) -> ThorStatus {
+    guard(|| {
+        add_layer(
+            opt,
+            LayerKind::Linear {
+                inputs: size("inputs", inputs)?,
+                outputs: size("outputs", outputs)?,
+                bias: bias != 0,
+            },
+            id,
+        )
+    })
+}
+
+/// Registers a conv layer (im2col activations); its index goes to `*id`.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_add_conv2d(
+    opt: *mut ThorOptimizer,
+    c_in: i64,
+    c_out: i64,
+    kh: i64,
+    kw: i64,
+    bias: i32,
+    id: *mut i32,
+) -> ThorStatus {
+    guard(|| {
+        let kind = LayerKind::Conv2d {
+            c_in: size("c_in", c_in)?,
+            c_out: size("c_out", c_out)?,
+            kh: size("kh", kh)?,
+            kw: size("kw", kw)?,
+            bias: bias != 0,
+        };
+        add_layer(opt, kind, id)
+    })
+}
+
+/// Sets the training position in (fractional) epochs.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_set_epoch(
+    opt: *mut ThorOptimizer,
+    epoch: f64,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        if !(epoch.is_finite() && epoch >= 0.0) {
+            return Err(
+                Error::invalid("epoch", format!("must be finite and >= 0, got {epoch}")).into(),
+            );
+        }
+        t.set_epoch(epoch);
+        Ok(())
+    })
+}
+
+/// `*out` = 1 when this step needs every layer's statistics (`thor_v1_optimizer_observe`).
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_needs_statistics(
+    opt: *mut ThorOptimizer,
+    out: *mut i32,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("out", out as *const i32)?;
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        // SAFETY: checked.
+        unsafe { *out = t.needs_statistics() as i32 };
+        Ok(())
+    })
+}
+
+/// Hands over layer `layer`'s activations `[rows, inputs]` and per-example output gradients
+/// `[rows, outputs]` (host memory). `*observation`: the rule's decision, a `ThorDecision`
+/// (0 update, 1 reuse, 2 freeze, 3 frozen: nothing done, 4 skipped: non-finite input).
+/// `observation` may be null.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_observe(
+    opt: *mut ThorOptimizer,
+    layer: i32,
+    acts: *const f32,
+    out_grads: *const f32,
+    rows: i64,
+    observation: *mut i32,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        let rows = checks::dim("rows", rows)?;
+        let id = LayerId(size("layer", layer as i64)?);
+        let kind = t.layer_kind(id)?;
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let a = unsafe { host("acts", acts, count("rows", &[rows, kind.inputs()])?)? };
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let g = unsafe { host("out_grads", out_grads, count("rows", &[rows, kind.d_g()])?)? };
+        if !observation.is_null() {
+            check_ptr("observation", observation as *const i32)?;
+        }
+        let o = t.observe(id, a, g, rows)?;
+        if !observation.is_null() {
+            // SAFETY: checked above, before anything changed.
+            unsafe { *observation = o.code() };
+        }
+        Ok(())
+    })
+}
+
+/// The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]` host
+/// arrays (bias gradient as the last column for a layer with bias); `out` may equal `grad`.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_precondition(
+    opt: *mut ThorOptimizer,
+    layer: i32,
+    grad: *const f32,
+    out: *mut f32,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        let id = LayerId(size("layer", layer as i64)?);
+        let kind = t.layer_kind(id)?;
+        let n = count("layer", &[kind.d_g(), kind.d_a()])?;
+        check_ptr("grad", grad)?;
+        check_ptr("out", out as *const f32)?;
+        if std::ptr::eq(grad, out) {
+            // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+            let g = unsafe { host("grad", grad, n)? }.to_vec();
+            // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+            t.precondition(id, &g, unsafe { host_mut("out", out, n)? })?;
+        } else {
+            check_disjoint("grad", grad, n, "out", out as *const f32, n)?;
+            // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+            t.precondition(id, unsafe { host("grad", grad, n)? }, unsafe {
+                host_mut("out", out, n)?
+            })?;
+        }
+        Ok(())
+    })
+}
+
+/// K-FAC's KL clip factor for this step (`thor::Thor::kl_clip_factor`):
+/// `min(1, sqrt(kl_clip / (lr^2 * sum_l grads[l] . updates[l])))` over the `n_layers` layers
+/// `layers[i]`, with `grads[i]` and `updates[i]` host arrays of that layer's
+/// `[outputs, d_a]` gradient and preconditioned gradient. `*factor` is 1 when the optimizer
+/// has no KL clip. Multiply every preconditioned gradient by it before the update.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_kl_clip_factor(
+    opt: *mut ThorOptimizer,
+    lr: f32,
+    n_layers: i64,
+    layers: *const i32,
+    grads: *const *const f32,
+    updates: *const *const f32,
+    factor: *mut f32,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("factor", factor as *const f32)?;
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::invalid("lr", format!("must be finite and >= 0, got {lr}")).into());
+        }
+        let n = size("n_layers", n_layers)?;
+        if n > t.layers() {
+            return Err(Error::invalid(
+                "n_layers",
+                format!("{n} layers given, the optimizer has {}", t.layers()),
+            )
+            .into());
+        }
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let (ids, gp, up) = unsafe {
+            (
+                host("layers", layers, n)?,
+                host("grads", grads, n)?,
+                host("updates", updates, n)?,
+            )
+        };
+        let mut pairs = Vec::with_capacity(n);
+        for i in 0..n {
+            let kind = t.layer_kind(LayerId(size("layers", ids[i] as i64)?))?;
+            let len = count("layers", &[kind.d_g(), kind.d_a()])?;
+            // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+            pairs.push(unsafe { (host("grads", gp[i], len)?, host("updates", up[i], len)?) });
+        }
+        let f = t.kl_clip_factor(lr, pairs);
+        // SAFETY: checked.
+        unsafe { *factor = f };
+        Ok(())
+    })
+}
+
+/// Ends the step.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_finish_step(opt: *mut ThorOptimizer) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        unsafe { opt_mut(opt)? }.finish_step();
+        Ok(())
+    })
+}
+
+/// Per-layer counters (`thor::LayerCounters`, field for field).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThorCounters {
+    /// Statistics steps whose statistics were accepted.
+    pub statistics: u64,
+    /// Statistics steps that recomputed the inverses.
+    pub updates: u64,
+    /// Statistics steps that kept the previous inverses.
+    pub reuses: u64,
+    /// 1 once the layer froze (it stays frozen).
+    pub freezes: u64,
+    /// Statistics steps skipped because activations or gradients were not finite.
+    pub skipped: u64,
+    /// Inversions that failed even after retries (previous inverses kept).
+    pub failed_inversions: u64,
+}
+
+impl From<thor_kernels::thor::LayerCounters> for ThorCounters {
+    fn from(c: thor_kernels::thor::LayerCounters) -> Self {
+        let thor_kernels::thor::LayerCounters {
+            statistics,
+            updates,
+            reuses,
+            freezes,
+            skipped,
+            failed_inversions,
+        } = c;
+        ThorCounters {
+            statistics,
+            updates,
+            reuses,
+            freezes,
+            skipped,
+            failed_inversions,
+        }
+    }
+}
+
+/// Copies layer `layer`'s counters to `*out`.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_counters(
+    opt: *mut ThorOptimizer,
+    layer: i32,
+    out: *mut ThorCounters,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("out", out as *const ThorCounters)?;
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        let c = t.counters(LayerId(size("layer", layer as i64)?))?;
+        // SAFETY: checked.
+        unsafe { *out = c.into() };
+        Ok(())
+    })
+}
+
+/// # Safety
+/// The caller's pointer contract: a non-null pointer addresses what its name says, for the
+/// lengths given, valid for the call.
+pub(crate) unsafe fn path_arg(path: *const c_char) -> Result<std::path::PathBuf> {
+    check_ptr("path", path)?;
+    // SAFETY: a NUL-terminated string per the contract.
+    let s = unsafe { CStr::from_ptr(path) }
+        .to_str()
+        .map_err(|_| Error::invalid("path", "not UTF-8"))?;
+    Ok(std::path::PathBuf::from(s))
+}
+
+/// Saves the optimizer state to the file `path` (atomically).
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_save(
+    opt: *mut ThorOptimizer,
+    path: *const c_char,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        t.save(&unsafe { path_arg(path)? })?;
+        Ok(())
+    })
+}
+
+/// Loads a state saved by `thor_v1_optimizer_save` for the same layers; on error nothing
+/// changes.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_load(
+    opt: *mut ThorOptimizer,
+    path: *const c_char,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        t.load(&unsafe { path_arg(path)? })?;
+        Ok(())
+    })
+}
