@@ -169,7 +169,8 @@ fn emulated_invert_every_block_size_matches_reference() {
     for b in SUPPORTED_BLOCK_SIZES {
         let nb = if b == 256 { 2 } else { 3 };
         let mut r = rng(b as u64 * 7);
-        let input = spd_batch(&mut r, b, nb, &[1.0, 1e2, 1e4]);
+        let conds = [1.0, 1e2, 1e4];
+        let input = spd_batch(&mut r, b, nb, &conds);
         let order = ORDERS[(b / 32) % ORDERS.len()];
         let (out, info, used) = emu_invert(
             b,
@@ -185,7 +186,8 @@ fn emulated_invert_every_block_size_matches_reference() {
         assert_eq!(used, vec![1e-3; nb]);
         for j in 0..nb {
             let res = block_residual(&input, &out, b, j, 1e-3);
-            assert!(res < 1e-4, "b={b} block {j}: residual {res:e}");
+            let tol = inverse_tolerance(conds[j % 3]);
+            assert!(res < tol, "b={b} block {j}: residual {res:e}");
             assert!(bitwise_symmetric(&out, b, j), "b={b} block {j}");
         }
     }

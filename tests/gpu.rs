@@ -226,7 +226,8 @@ fn gpu_invert_odd_batches_every_block_size() {
     for b in SUPPORTED_BLOCK_SIZES {
         for nb in [1usize, 3, batch(1000)] {
             let mut r = rng((b * 10_000 + nb) as u64);
-            let input = spd_batch(&mut r, b, nb, &[1.0, 1e2, 1e4]);
+            let conds = [1.0, 1e2, 1e4];
+            let input = spd_batch(&mut r, b, nb, &conds);
             let (out, info, used) = gpu_invert(
                 &dev,
                 b,
@@ -246,7 +247,8 @@ fn gpu_invert_odd_batches_every_block_size() {
             );
             for j in (0..nb).step_by(nb.div_ceil(7)) {
                 let res = block_residual(&input, &out, b, j, 1e-3);
-                assert!(res < 1e-4, "b={b} nb={nb} block {j}: residual {res:e}");
+                let tol = inverse_tolerance(conds[j % 3]);
+                assert!(res < tol, "b={b} nb={nb} block {j}: residual {res:e}");
                 assert!(
                     bitwise_symmetric(&out, b, j),
                     "b={b} block {j} not bitwise symmetric"

@@ -144,3 +144,35 @@ fn apply_matches_faer_products() {
     let want = mat(&grad, out_dim, in_dim) * &ad;
     assert!(max_abs_diff(&want, &got) < 1e-10);
 }
+
+/// The test matrices have the spectrum asked for, and their eigenvectors point in random
+/// directions: the off-diagonal part carries a good share of the Frobenius norm (a
+/// diagonal-plus-low-rank matrix would keep it near the diagonal).
+#[test]
+fn spd_test_matrices_have_the_asked_spectrum_and_random_eigenvectors() {
+    let mut r = rng(31);
+    for (b, cond) in [(1usize, 1.0), (32, 1e2), (64, 1e4), (128, 1e7)] {
+        let s = spd(&mut r, b, cond);
+        let mut eig = mat(&s, b, b)
+            .self_adjoint_eigenvalues(faer::Side::Lower)
+            .unwrap();
+        eig.sort_by(f64::total_cmp);
+        for (i, e) in eig.iter().enumerate() {
+            let want = if b > 1 {
+                cond.powf(i as f64 / (b - 1) as f64)
+            } else {
+                1.0
+            };
+            assert!(
+                (e - want).abs() <= 1e-9 * cond,
+                "b={b} cond={cond:e}: eigenvalue {i} is {e}, want {want}"
+            );
+        }
+        if b > 1 {
+            let total: f64 = s.iter().map(|v| v * v).sum();
+            let diag: f64 = (0..b).map(|i| s[i * b + i].powi(2)).sum();
+            let off = 1.0 - diag / total;
+            assert!(off > 0.2, "b={b}: off-diagonal share {off:.3}");
+        }
+    }
+}
