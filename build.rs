@@ -33,6 +33,10 @@ fn main() {
         "cargo:rustc-env=THOR_TARGET={}",
         env::var("TARGET").expect("TARGET")
     );
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        // Built without the `cuda` feature: no kernels to build or embed.
+        return;
+    }
     let require = env::var("THOR_REQUIRE_NVCC").is_ok_and(|v| v == "1");
     let archs = parse_archs(&env::var("THOR_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.into()));
 

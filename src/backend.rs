@@ -4,9 +4,11 @@
 //! backend's own (`Vec<f32>` on the CPU, device memory on the GPU), moved with
 //! [`Backend::upload`] / [`Backend::download`].
 
+#[cfg(feature = "cuda")]
 use cudarc::driver::CudaSlice;
 
 use crate::cpu;
+#[cfg(feature = "cuda")]
 use crate::cuda::{CudaDevice, DeviceFactorSet};
 use crate::error::{check_len, Error, Result};
 use crate::layout::{BlockLayout, FactorSet};
@@ -140,6 +142,7 @@ impl Backend for CpuBackend {
     }
 }
 
+#[cfg(feature = "cuda")]
 impl Backend for CudaDevice {
     type Buffer = CudaSlice<f32>;
     type Set = DeviceFactorSet;
@@ -200,20 +203,48 @@ pub enum AnyBackend {
     /// The CPU backend.
     Cpu(CpuBackend),
     /// A CUDA device.
+    #[cfg(feature = "cuda")]
     Cuda(Box<CudaDevice>),
 }
 
 impl AnyBackend {
     /// Selects a backend: `Cuda` requires device 0, `Cpu` never touches CUDA, and `Auto`
     /// takes the GPU when one is usable and the CPU otherwise (the reason is returned too).
+    ///
+    /// This is the one place a backend is chosen: the optimizer, the examples and the
+    /// benches all go through it.
     pub fn select(kind: BackendKind) -> Result<(AnyBackend, Option<String>)> {
         match kind {
             BackendKind::Cpu => Ok((AnyBackend::Cpu(CpuBackend), None)),
-            BackendKind::Cuda => Ok((AnyBackend::Cuda(Box::new(CudaDevice::new(0)?)), None)),
-            BackendKind::Auto => match CudaDevice::new(0) {
-                Ok(d) => Ok((AnyBackend::Cuda(Box::new(d)), None)),
+            BackendKind::Cuda => Ok((AnyBackend::cuda(0)?, None)),
+            BackendKind::Auto => match AnyBackend::cuda(0) {
+                Ok(d) => Ok((d, None)),
                 Err(e) => Ok((AnyBackend::Cpu(CpuBackend), Some(e.to_string()))),
             },
+        }
+    }
+
+    /// CUDA device `ordinal`; [`Error::NoDevice`] when there is none, or when the crate was
+    /// built without its `cuda` feature.
+    pub fn cuda(ordinal: usize) -> Result<AnyBackend> {
+        #[cfg(feature = "cuda")]
+        {
+            Ok(AnyBackend::Cuda(Box::new(CudaDevice::new(ordinal)?)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(Error::NoDevice(format!(
+                "device {ordinal} requested, but this build has no CUDA support (the `cuda` feature is off)"
+            )))
+        }
+    }
+
+    /// A short name for reports (`cpu (N threads)`, `cuda:<device name>`).
+    pub fn name(&self) -> String {
+        match self {
+            AnyBackend::Cpu(c) => c.name(),
+            #[cfg(feature = "cuda")]
+            AnyBackend::Cuda(d) => Backend::name(d.as_ref()),
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dtype;
 pub mod error;
@@ -25,6 +26,7 @@ pub mod thor;
 
 /// The cudarc version this crate is built against (0.19), for sharing streams and buffers
 /// with it (`CudaDevice::from_stream`) without a version mismatch.
+#[cfg(feature = "cuda")]
 pub use cudarc;
 /// The `half` crate whose `f16` / `bf16` the element types are.
 pub use half;

@@ -261,6 +261,7 @@ fn traces_and_apply_reject_bad_input() {
 /// Device planners check every size before anything reaches a kernel: rows above the cap
 /// (no `int` row counter in a kernel may overflow) and rule layers whose block range
 /// overflows or leaves the set are refused by name; no GPU is needed to plan.
+#[cfg(feature = "cuda")]
 #[test]
 fn device_planners_refuse_sizes_a_kernel_cannot_count() {
     use thor_kernels::cuda::accumulate::{AccumulateMode, AccumulatePlan, MAX_ROWS};

@@ -1,5 +1,6 @@
 //! Both kernel build paths, proven on every run: the nvcc fatbin really holds SASS for the
 //! configured architectures, and every kernel source compiles under NVRTC.
+#![cfg(feature = "cuda")]
 
 use thor_kernels::cuda::{self, kernels};
 

@@ -4,6 +4,7 @@
 //! out-of-bounds writes, shared memory poisoned with NaN. This checks the kernels' logic,
 //! indexing and barriers on machines without a GPU; it says nothing about speed, and the
 //! GPU tests (tests/gpu.rs) remain the word on real hardware.
+#![cfg(feature = "cuda")]
 
 mod common;
 #[path = "emu/harness.rs"]

@@ -1,5 +1,6 @@
 //! GPU kernels against the f64 reference. Skipped, with the reason printed, where there is
 //! no GPU; a failure under THOR_REQUIRE_GPU=1.
+#![cfg(feature = "cuda")]
 
 mod common;
 

@@ -235,7 +235,7 @@ fn bad_registrations_and_calls_are_typed_errors() {
         backend: BackendKind::Cuda,
         ..config(32)
     });
-    match thor_kernels::cuda::CudaDevice::new(0) {
+    match thor_kernels::backend::AnyBackend::cuda(0) {
         Ok(_) => assert!(cuda.unwrap().backend_name().starts_with("cuda:")),
         Err(_) => assert!(matches!(cuda, Err(Error::NoDevice(_)))),
     }

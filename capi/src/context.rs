@@ -3,14 +3,9 @@
 #[allow(unused_imports)]
 use super::*;
 
-pub(crate) enum Device {
-    Cpu,
-    Cuda(Box<CudaDevice>),
-}
-
 /// A context: the CPU, or one CUDA device with the stream all work is queued on.
 pub struct ThorContext {
-    pub(crate) device: Device,
+    pub(crate) device: AnyBackend,
     pub(crate) ws: Workspace,
 }
 
@@ -34,7 +29,7 @@ pub unsafe extern "C" fn thor_v1_context_create_cpu(out: *mut *mut ThorContext) 
     guard(|| {
         check_ptr("out", out as *const *mut ThorContext)?;
         let ctx = Box::new(ThorContext {
-            device: Device::Cpu,
+            device: AnyBackend::Cpu(CpuBackend),
             ws: Workspace::new(0),
         });
         // SAFETY: `out` was checked non-null and aligned.
@@ -71,7 +66,7 @@ pub unsafe extern "C" fn thor_v1_context_create_cuda(
             unsafe { CudaDevice::wrap_borrowed_stream(ordinal, stream as _)? }
         };
         let ctx = Box::new(ThorContext {
-            device: Device::Cuda(Box::new(dev)),
+            device: AnyBackend::Cuda(Box::new(dev)),
             ws: Workspace::new(0),
         });
         // SAFETY: `out` was checked.
@@ -90,7 +85,7 @@ pub unsafe extern "C" fn thor_v1_context_create_cuda(
 pub unsafe extern "C" fn thor_v1_context_synchronize(ctx: *mut ThorContext) -> ThorStatus {
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs).
-        if let Device::Cuda(d) = &unsafe { ctx_mut(ctx)? }.device {
+        if let AnyBackend::Cuda(d) = &unsafe { ctx_mut(ctx)? }.device {
             d.synchronize()?;
         }
         Ok(())

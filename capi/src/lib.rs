@@ -18,6 +18,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+use thor_kernels::backend::{AnyBackend, CpuBackend};
 use thor_kernels::cpu::{self, Damping, InvertOptions, Workspace};
 use thor_kernels::cuda::accumulate::{AccumulateMode, DeviceAccumulate, FactorInput as DevInput};
 use thor_kernels::cuda::{raw, CudaDevice};

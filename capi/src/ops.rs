@@ -37,7 +37,7 @@ pub unsafe extern "C" fn thor_v1_split(
             layout.buffer_len(),
         )?;
         match &c.device {
-            Device::Cpu => {
+            AnyBackend::Cpu(_) => {
                 // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
                 let (src, dst) = unsafe {
                     (
@@ -48,7 +48,7 @@ pub unsafe extern "C" fn thor_v1_split(
                 cpu::split(src, ld, &layout, dst)?;
             }
             // SAFETY: device pointers checked non-null, aligned, disjoint; sizes as documented.
-            Device::Cuda(dev) => unsafe {
+            AnyBackend::Cuda(dev) => unsafe {
                 raw::split_blocks_f32(dev, dense as u64, ld, &layout, out as u64)?
             },
         }
@@ -89,7 +89,7 @@ pub unsafe extern "C" fn thor_v1_merge(
             dense_len,
         )?;
         match &c.device {
-            Device::Cpu => {
+            AnyBackend::Cpu(_) => {
                 // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
                 let (src, dst) = unsafe {
                     (
@@ -100,7 +100,7 @@ pub unsafe extern "C" fn thor_v1_merge(
                 cpu::merge(src, &layout, dst, ld)?;
             }
             // SAFETY: as in thor_v1_split.
-            Device::Cuda(dev) => unsafe {
+            AnyBackend::Cuda(dev) => unsafe {
                 raw::merge_blocks_f32(dev, blocks as u64, &layout, dense as u64, ld)?
             },
         }
@@ -166,7 +166,7 @@ pub unsafe extern "C" fn thor_v1_traces(
         )?;
         match &c.device {
             // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
-            Device::Cpu => unsafe {
+            AnyBackend::Cpu(_) => unsafe {
                 cpu::traces(
                     &set,
                     host("blocks", blocks, set.buffer_len())?,
@@ -174,7 +174,7 @@ pub unsafe extern "C" fn thor_v1_traces(
                     host_mut("factor_traces", factor_traces, set.len())?,
                 )?
             },
-            Device::Cuda(dev) => {
+            AnyBackend::Cuda(dev) => {
                 // The layer table goes up on every call here; Rust callers keep a
                 // DeviceFactorSet instead.
                 let prepared = dev.prepare_set(&set)?;
@@ -243,7 +243,7 @@ pub unsafe extern "C" fn thor_v1_accumulate(
                 .into())
             }
         };
-        if let Device::Cuda(dev) = &c.device {
+        if let AnyBackend::Cuda(dev) = &c.device {
             // One factor through the grouped path (plan and tables made for this call).
             let dt = dtype_of(dtype)?;
             let set = FactorSet::new(block.max(0) as usize, &[layout.dim()])?;
@@ -411,11 +411,11 @@ pub unsafe extern "C" fn thor_v1_accumulate_plan_create(
         };
         let set = FactorSet::new(block.max(0) as usize, &d)?;
         let device = match &c.device {
-            Device::Cpu => {
+            AnyBackend::Cpu(_) => {
                 thor_kernels::cuda::accumulate::AccumulatePlan::new(&set, &r, dt, mode, 1)?;
                 None
             }
-            Device::Cuda(dev) => Some(dev.plan_accumulate(&set, &r, dt, mode)?),
+            AnyBackend::Cuda(dev) => Some(dev.plan_accumulate(&set, &r, dt, mode)?),
         };
         let plan = Box::new(ThorAccumulatePlan {
             set,
@@ -499,7 +499,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
         check_ptr("factor_traces", factor_traces as *const f32)?;
         check_ptr("status", status as *const i32)?;
         match (&c.device, p.device.as_mut()) {
-            (Device::Cuda(dev), Some(acc)) => {
+            (AnyBackend::Cuda(dev), Some(acc)) => {
                 let inputs: Vec<DevInput> = (0..n)
                     .map(|f| DevInput {
                         x: xs[f] as u64,
@@ -520,7 +520,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                     )?
                 };
             }
-            (Device::Cpu, None) => {
+            (AnyBackend::Cpu(_), None) => {
                 // SAFETY: the pointer contract of this function; checked for null and
                 // alignment above.
                 let (out, bt, ft, st) = unsafe {
@@ -639,7 +639,7 @@ pub unsafe extern "C" fn thor_v1_invert(
             }
         };
         match &c.device {
-            Device::Cpu => {
+            AnyBackend::Cpu(_) => {
                 let damp = if damping.is_null() {
                     Damping::Uniform(damping_all)
                 } else {
@@ -678,7 +678,7 @@ pub unsafe extern "C" fn thor_v1_invert(
                     cpu::invert(b, i, o, info, used, &opts, ws)?;
                 }
             }
-            Device::Cuda(dev) => {
+            AnyBackend::Cuda(dev) => {
                 let args = raw::InvertArgs {
                     b,
                     blocks: nb,
@@ -731,7 +731,7 @@ pub unsafe extern "C" fn thor_v1_apply(
         check_ptr("grad", grad)?;
         check_ptr("out", out as *const f32)?;
         check_disjoint("grad", grad, n, "out", out as *const f32, n)?;
-        if let Device::Cuda(dev) = &c.device {
+        if let AnyBackend::Cuda(dev) = &c.device {
             for (name, side, l) in [("g_inv", g_inv, &gl), ("a_inv", a_inv, &al)] {
                 if !side.is_null() {
                     check_ptr(name, side)?;

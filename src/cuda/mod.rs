@@ -178,6 +178,16 @@ impl CudaDevice {
         Self::with_stream(ctx, stream)
     }
 
+    /// Queues all work on `stream`, a cudarc stream another framework made (a candle or
+    /// burn device's stream, say), in that stream's context: the library's buffers and
+    /// launches then order with the framework's work on the same stream, with no copy and no
+    /// synchronization. Safe: the stream is shared by reference count, so it lives as long
+    /// as this handle. The crate re-exports its cudarc ([`crate::cudarc`]), which the caller's
+    /// must be.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        Self::with_stream(stream.context().clone(), stream)
+    }
+
     /// Opens device `ordinal` and queues all work on `stream`, a stream owned by another
     /// framework (PyTorch's current stream, say), in the device's primary context.
     ///

@@ -3,11 +3,18 @@
 //! cases, so that saving, loading and the trace rule do not depend on the device; on the GPU
 //! each operation uploads its inputs, runs the kernels and downloads its outputs.
 
+use crate::backend::AnyBackend;
 use crate::cpu::{self, InvertOptions, Workspace};
+#[cfg(feature = "cuda")]
 use crate::cuda::CudaDevice;
+#[cfg(feature = "cuda")]
 use crate::dtype::DType;
-use crate::error::{Error, Result};
-use crate::layout::{BlockLayout, FactorSet};
+#[cfg(feature = "cuda")]
+use crate::error::Error;
+use crate::error::Result;
+use crate::layout::BlockLayout;
+#[cfg(feature = "cuda")]
+use crate::layout::FactorSet;
 
 /// The operations the optimizer needs, on host buffers.
 pub(crate) trait Compute: std::fmt::Debug {
@@ -48,6 +55,15 @@ pub(crate) trait Compute: std::fmt::Debug {
         d_a: usize,
         out: &mut [f32],
     ) -> Result<()>;
+}
+
+/// The operations on the chosen backend.
+pub(crate) fn on(backend: AnyBackend) -> Box<dyn Compute> {
+    match backend {
+        AnyBackend::Cpu(_) => Box::new(CpuCompute::new()),
+        #[cfg(feature = "cuda")]
+        AnyBackend::Cuda(d) => Box::new(CudaCompute::new(*d)),
+    }
 }
 
 /// The CPU backend, with one workspace sized for the largest layer.
@@ -113,17 +129,20 @@ impl Compute for CpuCompute {
 
 /// A CUDA device: each call uploads, runs the kernels on the device's stream and waits for
 /// its outputs.
+#[cfg(feature = "cuda")]
 #[derive(Debug)]
 pub(crate) struct CudaCompute {
     dev: CudaDevice,
 }
 
+#[cfg(feature = "cuda")]
 impl CudaCompute {
     pub(crate) fn new(dev: CudaDevice) -> Self {
         CudaCompute { dev }
     }
 }
 
+#[cfg(feature = "cuda")]
 impl Compute for CudaCompute {
     fn name(&self) -> String {
         format!("cuda:{}", self.dev.name().unwrap_or_else(|_| "?".into()))

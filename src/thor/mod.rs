@@ -33,9 +33,8 @@ mod state;
 
 pub use schedule::{lr_poly, DampingSchedule, IntervalSchedule};
 
-use crate::backend::BackendKind;
+use crate::backend::{AnyBackend, BackendKind};
 use crate::cpu::InvertOptions;
-use crate::cuda::CudaDevice;
 use crate::error::{check_len, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{check_block_size, BlockLayout};
@@ -247,14 +246,8 @@ impl Thor {
     /// A new optimizer; errors on an invalid configuration or an unavailable backend.
     pub fn new(cfg: ThorConfig) -> Result<Self> {
         cfg.validate()?;
-        let compute: Box<dyn compute::Compute> = match cfg.backend {
-            BackendKind::Cpu => Box::new(compute::CpuCompute::new()),
-            BackendKind::Cuda => Box::new(compute::CudaCompute::new(CudaDevice::new(0)?)),
-            BackendKind::Auto => match CudaDevice::new(0) {
-                Ok(d) => Box::new(compute::CudaCompute::new(d)),
-                Err(_) => Box::new(compute::CpuCompute::new()),
-            },
-        };
+        let (backend, _) = AnyBackend::select(cfg.backend)?;
+        let compute = compute::on(backend);
         Ok(Self {
             cfg,
             layers: Vec::new(),

@@ -11,6 +11,7 @@ macro_rules! skip_note {
     }};
 }
 
+#[cfg(feature = "cuda")]
 pub mod apply_cases;
 pub mod invert_cases;
 
@@ -105,6 +106,7 @@ pub fn gpu_required() -> bool {
 }
 
 /// Opens device 0, or prints why the test is skipped (panics under THOR_REQUIRE_GPU=1).
+#[cfg(feature = "cuda")]
 pub fn gpu_or_skip(test: &str) -> Option<thor_kernels::cuda::CudaDevice> {
     match thor_kernels::cuda::CudaDevice::new(0) {
         Ok(d) => Some(d),
