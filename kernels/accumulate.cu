@@ -69,8 +69,8 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
     constexpr int PER = ACC_BK * T / NT;  // elements per thread per operand per stage
     // Two stages: the next stage's global loads are in flight (registers) while this one
     // is computed, then stored to the other buffer; one barrier per stage.
-    __shared__ __align__(16) float As[2][ACC_BK][T];
-    __shared__ __align__(16) float Bs[2][ACC_BK][T];
+    THOR_SHARED(__align__(16) float, As, [2][ACC_BK][T]);
+    THOR_SHARED(__align__(16) float, Bs, [2][ACC_BK][T]);
     const int* it = items + 8 * (long long)blockIdx.x;
     const AccFactor f = factors[it[0]];
     const int j = it[1], tr = it[2], tc = it[3], n0 = it[4], n1 = it[5], slot = it[6];
@@ -199,8 +199,8 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
     constexpr int MT = WT / 16, NT = WT / 8;
     constexpr int PER = ACC_BK * T / 128;  // words per thread per operand per stage
     // Two stages, as in the SIMT kernel.
-    __shared__ __align__(16) unsigned As[2][T][LDW];
-    __shared__ __align__(16) unsigned Bs[2][T][LDW];
+    THOR_SHARED(__align__(16) unsigned, As, [2][T][LDW]);
+    THOR_SHARED(__align__(16) unsigned, Bs, [2][T][LDW]);
     const int* it = items + 8 * (long long)blockIdx.x;
     const AccFactor f = factors[it[0]];
     const int j = it[1], tr = it[2], tc = it[3], n0 = it[4], n1 = it[5], slot = it[6];
@@ -296,7 +296,7 @@ template <int T>
 __device__ void acc_finalize(const AccFactor* __restrict__ factors, const int* __restrict__ items,
                              int b, const float* __restrict__ ws, const int* __restrict__ flags,
                              float* __restrict__ blocks, int* __restrict__ status) {
-    __shared__ float tile[T][T + 1];
+    THOR_SHARED(float, tile, [T][T + 1]);
     const int* it = items + 8 * (long long)blockIdx.x;
     const AccFactor f = factors[it[0]];
     const int j = it[1], tr = it[2], tc = it[3], s0 = it[4], ns = it[5], reports = it[6];

@@ -8,6 +8,13 @@
 #define THOR_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
+// A static shared array: `THOR_SHARED(float, tile, [T][T + 1])` declares
+// `__shared__ float tile[T][T + 1]`. The host emulation defines its own version, which
+// poisons the array at the start of every thread block as it does dynamic shared memory.
+#ifndef THOR_SHARED
+#define THOR_SHARED(type, name, dims) __shared__ type name dims
+#endif
+
 #define THOR_WARP 32
 #define THOR_FULL_MASK 0xffffffffu
 

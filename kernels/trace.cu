@@ -13,7 +13,7 @@
 template <typename T>
 __device__ void trace_set(const T* __restrict__ blocks, int b, const int* __restrict__ desc,
                           float* __restrict__ block_traces, float* __restrict__ factor_traces) {
-    __shared__ float partial[TRACE_WARPS];
+    THOR_SHARED(float, partial, [TRACE_WARPS]);
     const int f = blockIdx.x;
     const int first = desc[3 * f], nblk = desc[3 * f + 1], d = desc[3 * f + 2];
     const int warp = threadIdx.x / THOR_WARP, lane = threadIdx.x % THOR_WARP;

@@ -259,6 +259,32 @@ fn gpu_invert_odd_batches_every_block_size() {
     }
 }
 
+/// A framework's stream adopted with `from_stream`: buffers it allocated are used by the
+/// library's ops on that same stream, in order, with no copy; a buffer of another context is
+/// refused.
+#[test]
+fn gpu_from_stream_shares_a_framework_stream() {
+    let Some(owner) = gpu_or_skip("gpu_from_stream_shares_a_framework_stream") else {
+        return;
+    };
+    let framework = owner.context_handle().new_stream().unwrap();
+    let dev = CudaDevice::from_stream(framework.clone()).unwrap();
+    assert!(std::sync::Arc::ptr_eq(dev.stream(), &framework));
+    let (d, b) = (70usize, 32usize);
+    let layout = BlockLayout::new(d, b).unwrap();
+    let mut r = rng(77);
+    let dense = normal(&mut r, d * d);
+    // Allocated and filled by the framework on its stream; consumed by the library there.
+    let x = framework.clone_htod(&dense).unwrap();
+    let mut out = framework
+        .clone_htod(&poisoned(layout.buffer_len()))
+        .unwrap();
+    dev.split(&x, d, &layout, &mut out).unwrap();
+    let got = framework.clone_dtoh(&out).unwrap();
+    let want = reference::split(&f64s(&dense), &layout).unwrap();
+    assert_eq!(rel_err(&got, &want), 0.0);
+}
+
 /// Regression: reloading the kernels (another source) must drop the shared-memory opt-ins
 /// with the functions, or the b = 256 inversion (over 48 KiB) fails to launch afterwards.
 #[test]

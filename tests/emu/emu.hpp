@@ -44,12 +44,20 @@ extern dim3 gridDim;
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-// Static shared arrays are function-local statics: one thread block runs at a time.
+// Static shared arrays are function-local statics (one thread block runs at a time), filled
+// with NaN by the first thread of each thread block that reaches the declaration, as a
+// thread block finds dynamic shared memory: a read before a write sees poison, never the
+// previous block's data.
 #define __shared__ static
+#define THOR_SHARED(type, name, dims) \
+    static type name dims;            \
+    thor_emu::fresh_shared(name, sizeof(name))
 #define THOR_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(thor_emu::dynamic_smem())
 
 namespace thor_emu {
 void* dynamic_smem();
+// Poisons a static shared array once per thread block (the first caller in each block).
+void fresh_shared(void* p, size_t bytes);
 void sync_block();
 void sync_warp();
 int lane();

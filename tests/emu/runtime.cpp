@@ -9,6 +9,11 @@
 
 #include "emu.hpp"
 
+namespace thor_emu {
+// Counts thread blocks run: a static shared array poisoned in an earlier one is stale.
+unsigned long long block_epoch = 0;
+}  // namespace thor_emu
+
 uint3 threadIdx;
 uint3 blockIdx;
 dim3 blockDim;
@@ -120,6 +125,7 @@ bool run_block(std::mt19937_64& rng, int order) {
     const int n = (int)L->fibers.size();
     for (int i = 0; i < n; ++i) start_fiber(L->fibers[i], L->stacks.get() + (size_t)i * STACK);
     std::memset(L->smem.data(), 0xff, L->smem.size());  // NaN poison
+    ++thor_emu::block_epoch;                             // static shared arrays, lazily
     std::vector<int> seq(n);
     for (;;) {
         for (int i = 0; i < n; ++i) seq[i] = order == 1 ? n - 1 - i : i;
@@ -179,6 +185,17 @@ namespace thor_emu {
 void register_kernel(const char* name, void* fn, Trampoline t) { registry()[name] = Kernel{fn, t}; }
 
 void* dynamic_smem() { return L->smem.data(); }
+
+// The thread block each static shared array was last poisoned for.
+static std::map<void*, unsigned long long> shared_epoch;
+
+void fresh_shared(void* p, size_t bytes) {
+    auto& e = shared_epoch[p];
+    if (e != block_epoch) {
+        std::memset(p, 0xff, bytes);
+        e = block_epoch;
+    }
+}
 
 void sync_block() { to_scheduler(AT_BLOCK); }
 int sync_block_or(int pred) {
