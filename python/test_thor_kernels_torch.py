@@ -147,10 +147,9 @@ def test_bad_input_raises_typed_errors():
         tk.split(torch.zeros(4, 4), 48)
     with pytest.raises(tk.ThorError, match="INVALID_ARGUMENT.*damping"):
         tk.invert(spd(1, 32), -1.0)
-    with pytest.raises(tk.ThorError, match="INVALID_ARGUMENT.*dense"):
-        bad = torch.zeros(40, 40)
-        bad[3, 3] = float("nan")
-        tk.split(bad, 32)
+    bad = torch.zeros(40, 40)
+    bad[3, 3] = float("nan")
+    assert tk.split(bad, 32)[0, 3, 3].isnan(), "a pure copy: NaN goes through, as on the GPU"
 
 
 def test_preconditioner_trains_a_small_model():

@@ -5,7 +5,8 @@
 use super::*;
 
 /// Splits the dense row-major `dim x dim` factor at `dense` (row stride `ld` elements) into
-/// `ceil(dim / block)` padded blocks of `block x block` at `out`.
+/// `ceil(dim / block)` padded blocks of `block x block` at `out`. A pure copy on both
+/// contexts: non-finite values are copied, not reported.
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -111,6 +112,7 @@ pub unsafe extern "C" fn thor_v1_merge(
 /// Traces of every block and factor of a set: `n_factors` factors of dimensions `dims`
 /// (host array) split at `block`, blocks back to back at `blocks`; writes one trace per block
 /// to `block_traces` (padding included) and one per factor to `factor_traces` (real diagonal).
+/// A non-finite diagonal gives a non-finite trace, not an error, on both contexts.
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host

@@ -52,19 +52,13 @@ fn non_finite_error(arg: &'static str, at: (usize, usize)) -> Error {
 /// Splits a dense row-major `d x d` factor (row stride `ld >= d`) into its padded diagonal
 /// blocks, `out` being `[nb, b, b]`. Rows and columns past `d` are identity.
 ///
-/// Errors on shape mismatches and on a non-finite element in the diagonal blocks (the only
-/// part of `dense` that is read).
+/// A pure copy, as on the GPU: non-finite values are copied, not reported (the THOR step
+/// catches them where they enter, in the accumulation's per-factor status). Errors on
+/// shape mismatches only.
 pub fn split(dense: &[f32], ld: usize, layout: &BlockLayout, out: &mut [f32]) -> Result<()> {
     let b = layout.block();
     check_min_len("dense", layout.dense_len(ld)?, dense.len())?;
     check_len("out", layout.buffer_len(), out.len())?;
-    // Only the diagonal blocks are read, so only they are checked.
-    if let Some(at) = (0..layout.blocks()).into_par_iter().find_map_first(|j| {
-        let w = layout.valid(j);
-        find_non_finite(&dense[j * b * ld + j * b..], w, w, ld).map(|(r, c)| (j * b + r, j * b + c))
-    }) {
-        return Err(non_finite_error("dense", at));
-    }
     out.par_chunks_mut(b * b).enumerate().for_each(|(j, s)| {
         let w = layout.valid(j);
         for (r, row) in s.chunks_exact_mut(b).enumerate() {
@@ -100,7 +94,8 @@ pub fn merge(blocks: &[f32], layout: &BlockLayout, dense: &mut [f32], ld: usize)
 }
 
 /// Traces of every block of a set (`block_traces`, padding included) and of every factor
-/// (`factor_traces`, the factor's real diagonal only), in one pass.
+/// (`factor_traces`, the factor's real diagonal only), in one pass. As on the GPU, a
+/// non-finite diagonal gives a non-finite trace (the trace rule then reuses), not an error.
 pub fn traces(
     set: &FactorSet,
     blocks: &[f32],
@@ -112,15 +107,6 @@ pub fn traces(
     check_len("block_traces", set.total_blocks(), block_traces.len())?;
     check_len("factor_traces", set.len(), factor_traces.len())?;
     let diag = |blk: usize, i: usize| blocks[blk * b * b + i * b + i];
-    if let Some(blk) = (0..set.total_blocks())
-        .into_par_iter()
-        .find_first(|&blk| (0..b).any(|i| !diag(blk, i).is_finite()))
-    {
-        return Err(Error::invalid(
-            "blocks",
-            format!("block {blk} has a non-finite diagonal element"),
-        ));
-    }
     block_traces
         .par_iter_mut()
         .enumerate()
