@@ -499,7 +499,7 @@ fn acc_call<E: thor_kernels::cuda::accumulate::DeviceElement>(
         .iter()
         .zip(dims)
         .map(|(x, &d)| DeviceInput {
-            x,
+            x: x.as_view(),
             ld: d,
             alpha: 1.0,
             beta: 0.0,
@@ -886,14 +886,14 @@ fn gpu_apply_benches(c: &mut Criterion) {
     // Effective rate: 2 b flops per gradient element and side.
     let flops: usize = layers.iter().map(|x| 4 * b * x.out_dim * x.in_dim).sum();
     g.throughput(Throughput::Elements(flops as u64));
-    let refs: Vec<&CudaSlice<f32>> = grads.iter().collect();
+    let views: Vec<_> = grads.iter().map(|g| g.as_view()).collect();
+    let mut apply = |outs: &mut [CudaSlice<f32>]| {
+        let mut ov: Vec<_> = outs.iter_mut().map(|o| o.as_view_mut()).collect();
+        dev.apply(&mut plan, &inv, &views, &mut ov, &scales)
+            .unwrap()
+    };
     g.bench_function("apply/resnet50_54_layers_b128/thor", |bch| {
-        bch.iter_custom(|iters| {
-            device_time(&dev, iters, || {
-                dev.apply(&mut plan, &inv, &refs, &mut outs, &scales)
-                    .unwrap()
-            })
-        })
+        bch.iter_custom(|iters| device_time(&dev, iters, || apply(&mut outs)))
     });
     // Baseline buffers (padded gradient, intermediate, padded output) per layer.
     let s = dev.stream().clone();
@@ -941,8 +941,7 @@ fn gpu_apply_benches(c: &mut Criterion) {
     };
     // The baseline computes the same thing: check once before timing.
     run_base();
-    dev.apply(&mut plan, &inv, &refs, &mut outs, &scales)
-        .unwrap();
+    apply(&mut outs);
     for l in [0, layers.len() / 2, layers.len() - 1] {
         let (a, c2) = (
             dev.download(&outs[l]).unwrap(),

@@ -543,12 +543,12 @@ fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice) -> Result
     let in32: Vec<StepInput<'_, f32>> = x32
         .iter()
         .zip(&m.dims)
-        .map(|(x, &ld)| StepInput { x, ld })
+        .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
         .collect();
     let in16: Vec<StepInput<'_, half::bf16>> = x16
         .iter()
         .zip(&m.dims)
-        .map(|(x, &ld)| StepInput { x, ld })
+        .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
         .collect();
     // The step on this precision's inputs: all launches, a range of them, or the graph.
     let step_run = |step: &mut DeviceThorStep,
@@ -622,8 +622,11 @@ fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice) -> Result
         .map(|g| dev.zeros::<f32>(g.len()))
         .collect::<Result<_>>()?;
     let scales: Vec<f32> = m.layers.iter().map(|l| 1.0 / l.positions as f32).collect();
-    let grefs: Vec<_> = grads.iter().collect();
-    let t_apply = time(&mut || dev.apply(&mut aplan, &inv_all, &grefs, &mut outs, &scales))?;
+    let gviews: Vec<_> = grads.iter().map(|g| g.as_view()).collect();
+    let t_apply = time(&mut || {
+        let mut ov: Vec<_> = outs.iter_mut().map(|o| o.as_view_mut()).collect();
+        dev.apply(&mut aplan, &inv_all, &gviews, &mut ov, &scales)
+    })?;
     // Graph replay of the whole step.
     let t_graph = time(&mut || step_run(&mut step, None, true))?;
     // Errors on sampled layers: statistics, inverses (all blocks inverted) and the apply.

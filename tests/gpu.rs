@@ -476,7 +476,7 @@ mod gpu_accumulate {
             .zip(&lds)
             .zip(rows)
             .map(|((x, &ld), &n)| DeviceInput {
-                x,
+                x: x.as_view(),
                 ld,
                 alpha: 1.0 / n as f32,
                 beta,
@@ -599,7 +599,7 @@ mod gpu_accumulate {
             .unwrap();
         let x = dev.zeros::<f32>(10).unwrap();
         let inp = DeviceInput {
-            x: &x,
+            x: x.as_view(),
             ld: 200,
             alpha: 1.0,
             beta: 0.0,
@@ -611,7 +611,7 @@ mod gpu_accumulate {
         let e = dev
             .accumulate(
                 &mut acc,
-                &[inp, inp, inp],
+                &[inp.clone(), inp.clone(), inp],
                 &mut blocks,
                 &mut bt,
                 &mut ft,
@@ -656,23 +656,48 @@ fn gpu_apply_matches_reference_odd_shapes_in_and_out_of_place() {
             .collect();
         let scales: Vec<f32> = (0..layers.len()).map(|l| 1.0 / (l + 1) as f32).collect();
         let dinv = dev.upload(&inv).unwrap();
-        let dgrads: Vec<_> = grads.iter().map(|g| dev.upload(g).unwrap()).collect();
-        let mut outs: Vec<_> = grads
+        // Every gradient a view into one buffer (as a framework's parameters may be), every
+        // output a view at an offset into its own buffer, whose head must stay untouched.
+        let all: Vec<f32> = grads.iter().flatten().copied().collect();
+        let dall = dev.upload(&all).unwrap();
+        let offsets: Vec<usize> = grads
             .iter()
-            .map(|g| dev.upload(&poisoned(g.len())).unwrap())
+            .scan(0, |o, g| {
+                *o += g.len();
+                Some(*o - g.len())
+            })
+            .collect();
+        let views: Vec<_> = grads
+            .iter()
+            .zip(&offsets)
+            .map(|(g, &o)| dall.slice(o..o + g.len()))
+            .collect();
+        let pad = 7;
+        let mut out_bufs: Vec<_> = grads
+            .iter()
+            .map(|g| dev.upload(&vec![-3.0f32; pad + g.len()]).unwrap())
             .collect();
         let mut plan = dev
             .plan_apply(&set, &layers, thor_kernels::DType::F32)
             .unwrap();
-        let refs: Vec<_> = dgrads.iter().collect();
-        dev.apply(&mut plan, &dinv, &refs, &mut outs, &scales)
-            .unwrap();
+        {
+            let mut outs: Vec<_> = out_bufs.iter_mut().map(|o| o.slice_mut(pad..)).collect();
+            dev.apply(&mut plan, &dinv, &views, &mut outs, &scales)
+                .unwrap();
+        }
         let mut inplace: Vec<_> = grads.iter().map(|g| dev.upload(g).unwrap()).collect();
-        let in_place = dev.apply_in_place(&mut plan, &dinv, &mut inplace, &scales);
+        let in_place = {
+            let mut v: Vec<_> = inplace.iter_mut().map(|g| g.as_view_mut()).collect();
+            dev.apply_in_place(&mut plan, &dinv, &mut v, &scales)
+        };
         for (l, lay) in layers.iter().enumerate() {
             let want = apply_cases::reference_layer(&set, &inv, lay, &grads[l], scales[l]);
-            let got = dev.download(&outs[l]).unwrap();
-            assert!(rel_err(&got, &want) < 1e-5, "b={b} layer {l}");
+            let got = dev.download(&out_bufs[l]).unwrap();
+            assert!(
+                got[..pad].iter().all(|&v| v == -3.0),
+                "b={b} layer {l}: head written"
+            );
+            assert!(rel_err(&got[pad..], &want) < 1e-5, "b={b} layer {l}");
             if b <= 128 {
                 let got = dev.download(&inplace[l]).unwrap();
                 assert!(rel_err(&got, &want) < 1e-5, "b={b} layer {l} in place");
@@ -718,7 +743,7 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
     ) -> Vec<StepInput<'a, f32>> {
         xs.iter()
             .zip(dims)
-            .map(|(x, &ld)| StepInput { x, ld })
+            .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
             .collect()
     }
     let damping = 0.01f32;

@@ -10,7 +10,7 @@
 //! number of factors.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, SyncOnDrop};
 
 use super::raw::{self, kernels, KernelArg, LaunchPlan};
 use super::{CudaDevice, KernelId};
@@ -498,16 +498,27 @@ impl DeviceAccumulate {
 pub const MAX_ROWS: usize = 1 << 30;
 
 /// One factor's input for [`CudaDevice::accumulate`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct DeviceInput<'a, E> {
-    /// X, `rows x d` row-major with row stride `ld` (rows as planned).
-    pub x: &'a CudaSlice<E>,
+    /// X, `rows x d` row-major with row stride `ld` (rows as planned): a whole buffer
+    /// (`slice.as_view()`) or part of one (`slice.slice(a..b)`), e.g. a framework tensor's
+    /// storage at an offset.
+    pub x: CudaView<'a, E>,
     /// Row stride in elements, `>= d`.
     pub ld: usize,
     /// Scale of the new product (`1 / rows` for a mean).
     pub alpha: f32,
     /// Scale of the old statistics: 0 replaces them (they are not read), otherwise EMA.
     pub beta: f32,
+}
+
+impl<E> Clone for DeviceInput<'_, E> {
+    fn clone(&self) -> Self {
+        DeviceInput {
+            x: self.x.slice(..),
+            ..*self
+        }
+    }
 }
 
 /// Element types the device accumulation reads.
@@ -590,7 +601,7 @@ impl CudaDevice {
         let mut host = Vec::with_capacity(inputs.len());
         let mut guards = Vec::with_capacity(inputs.len());
         for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
-            self.check_same_context("inputs", inp.x)?;
+            self.check_same_context("inputs", &inp.x)?;
             let d = e.layout.dim();
             let need = (acc.plan.rows()[f] - 1)
                 .checked_mul(inp.ld)

@@ -7,7 +7,7 @@
 //! layer) and one launch, however many layers there are.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 use super::raw::{self, kernels, KernelArg, LaunchPlan};
 use super::{CudaDevice, KernelId};
@@ -303,13 +303,15 @@ impl CudaDevice {
 
     /// The preconditioner apply of every planned layer, one launch, no synchronization:
     /// `outs[l] = scales[l] * blockdiag(G_l^-1) * grads[l] * blockdiag(A_l^-1)`, the inverse
-    /// blocks (symmetric, as the inversion writes them) in `inverses`.
+    /// blocks (symmetric, as the inversion writes them) in `inverses`. Gradients and outputs
+    /// are views (`slice.as_view()`, `slice.slice(a..b)`), so parameters that live in one
+    /// framework allocation need no copy.
     pub fn apply<E: super::accumulate::DeviceElement>(
         &self,
         plan: &mut DeviceApply,
         inverses: &CudaSlice<f32>,
-        grads: &[&CudaSlice<E>],
-        outs: &mut [CudaSlice<f32>],
+        grads: &[CudaView<'_, E>],
+        outs: &mut [CudaViewMut<'_, f32>],
         scales: &[f32],
     ) -> Result<()> {
         if E::DTYPE != plan.plan.dtype {
@@ -370,7 +372,7 @@ impl CudaDevice {
         &self,
         plan: &mut DeviceApply,
         inverses: &CudaSlice<f32>,
-        grads: &mut [CudaSlice<f32>],
+        grads: &mut [CudaViewMut<'_, f32>],
         scales: &[f32],
     ) -> Result<()> {
         let n = plan.plan.layers.len();

@@ -254,13 +254,13 @@ impl CudaDevice {
         Ok((c.functions.len(), c.smem_configured.len()))
     }
 
-    /// An error naming `arg` unless `buf` was allocated in this device's context.
+    /// An error naming `arg` unless `buf` (a slice or a view) lives in this device's context.
     pub(crate) fn check_same_context<T>(
         &self,
         arg: &'static str,
-        buf: &CudaSlice<T>,
+        buf: &impl cudarc::driver::DeviceSlice<T>,
     ) -> Result<()> {
-        if buf.context().cu_ctx() == self.ctx.cu_ctx() {
+        if buf.stream().context().cu_ctx() == self.ctx.cu_ctx() {
             Ok(())
         } else {
             Err(Error::invalid(

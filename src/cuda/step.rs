@@ -5,7 +5,9 @@
 //! synchronization inside; capturable as a CUDA graph and replayed as one.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{
+    CudaGraph, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
 
 use super::accumulate::{AccumulateMode, DeviceAccumulate, DeviceElement, FactorInput};
 use super::raw::{self, InvertArgs, LaunchPlan};
@@ -46,13 +48,23 @@ impl Default for StepConfig {
 }
 
 /// One factor's input to [`DeviceThorStep::run`]: X, `rows x d` row-major with row stride
-/// `ld` (rows as planned). The step weights it itself (`(1 - decay) / rows`).
-#[derive(Debug, Clone, Copy)]
+/// `ld` (rows as planned). The step weights it itself (`(1 - stat_decay) / rows`).
+#[derive(Debug)]
 pub struct StepInput<'a, E> {
-    /// The activations (or output gradients) of the factor.
-    pub x: &'a CudaSlice<E>,
+    /// The activations (or output gradients) of the factor: a whole buffer
+    /// (`slice.as_view()`) or part of one (`slice.slice(a..b)`).
+    pub x: CudaView<'a, E>,
     /// Row stride in elements, `>= d`.
     pub ld: usize,
+}
+
+impl<E> Clone for StepInput<'_, E> {
+    fn clone(&self) -> Self {
+        StepInput {
+            x: self.x.slice(..),
+            ld: self.ld,
+        }
+    }
 }
 
 /// The device state of THOR's factor step for a model: statistics, inverses, traces, the
@@ -191,7 +203,7 @@ impl DeviceThorStep {
         check_len("inputs", plan.set().len(), inputs.len())?;
         dev.check_same_context("step", &self.stats)?;
         for (f, (inp, e)) in inputs.iter().zip(plan.set().entries()).enumerate() {
-            dev.check_same_context("inputs", inp.x)?;
+            dev.check_same_context("inputs", &inp.x)?;
             let d = e.layout.dim();
             let need = (plan.rows()[f] - 1)
                 .checked_mul(inp.ld)

@@ -170,7 +170,7 @@ impl Compute for CudaCompute {
         let mut ft = self.dev.zeros::<f32>(1)?;
         let mut status = self.dev.zeros::<i32>(1)?;
         let input = DeviceInput {
-            x: &dx,
+            x: dx.as_view(),
             ld: d,
             alpha,
             beta,
@@ -250,9 +250,14 @@ impl Compute for CudaCompute {
         let mut plan = self.dev.plan_apply(&set, &[layer], DType::F32)?;
         let dinv = self.dev.upload(&inv)?;
         let dgrad = self.dev.upload(grad)?;
-        let mut douts = vec![self.dev.zeros::<f32>(out.len())?];
-        self.dev
-            .apply(&mut plan, &dinv, &[&dgrad], &mut douts, &[1.0])?;
-        self.dev.download_into(&douts[0], out)
+        let mut dout = self.dev.zeros::<f32>(out.len())?;
+        self.dev.apply(
+            &mut plan,
+            &dinv,
+            &[dgrad.as_view()],
+            &mut [dout.as_view_mut()],
+            &[1.0],
+        )?;
+        self.dev.download_into(&dout, out)
     }
 }
