@@ -20,35 +20,26 @@ use thor_kernels::layout::{BlockLayout, FactorSet};
 use thor_kernels::shapes::{self, LayerShape};
 use thor_kernels::{reference, BackendKind, Result};
 
+/// The kernel-level operations one by one on the ResNet-50 v1.5 shape set.
+#[derive(clap::Parser)]
+#[command(name = "resnet50_ops")]
 struct Args {
+    /// Where to run: auto (the GPU when one is usable), cpu or cuda.
+    #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Batch size (rows per conv factor = batch x output positions).
+    #[arg(long, default_value_t = 4)]
     batch: usize,
+    /// Block size: 32, 64, 128 or 256.
+    #[arg(long, default_value_t = 128)]
     block: usize,
+    /// Timed repetitions (the median is printed).
+    #[arg(long, default_value_t = 3)]
     reps: usize,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
-    let mut a = Args {
-        backend: BackendKind::Auto,
-        batch: 4,
-        block: 128,
-        reps: 3,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => a.backend = val()?.parse().map_err(|e| format!("{e}"))?,
-            "--batch" => a.batch = val()?.parse().map_err(|e| format!("--batch: {e}"))?,
-            "--block" => a.block = val()?.parse().map_err(|e| format!("--block: {e}"))?,
-            "--reps" => a.reps = val()?.parse().map_err(|e| format!("--reps: {e}"))?,
-            "-h" | "--help" => {
-                println!("usage: resnet50_ops [--backend auto|cpu|cuda] [--batch N] [--block 32|64|128|256] [--reps N]");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
-        }
-    }
+    let a = <Args as clap::Parser>::parse();
     if a.batch == 0 || a.reps == 0 {
         return Err("--batch and --reps must be at least 1".into());
     }

@@ -26,59 +26,45 @@ use thor_kernels::rule::{self, Decision, RuleState, Thresholds};
 use thor_kernels::shapes::{self, LayerShape};
 use thor_kernels::{BackendKind, DType, Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Accumulation precision.
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Precision {
+    /// f32 inputs, f32 math on SIMT cores.
     F32,
+    /// f32 inputs, TF32 tensor cores.
     Tf32,
+    /// bf16 inputs, tensor cores.
     Bf16,
 }
 
+/// THOR's whole factor step and the apply on the ResNet-50 v1.5 shape set.
+#[derive(clap::Parser)]
+#[command(name = "resnet50_step")]
 struct Args {
+    /// Where to run: auto (the GPU when one is usable), cpu or cuda.
+    #[arg(long, default_value = "auto")]
     backend: BackendKind,
+    /// Batch size (default 32 on the GPU, 1 on the CPU).
+    #[arg(long)]
     batch: Option<usize>,
+    /// Block size: 64, 128 or 256.
+    #[arg(long, default_value_t = 128)]
     block: usize,
+    /// Accumulation precision.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
     precision: Precision,
+    /// Timed repetitions (the median is printed).
+    #[arg(long, default_value_t = 5)]
     reps: usize,
 }
 
-const USAGE: &str = "usage: resnet50_step [--backend auto|cpu|cuda] [--batch N] [--block 64|128|256] [--precision f32|tf32|bf16] [--reps N]";
-
 fn parse_args() -> std::result::Result<Args, String> {
-    let mut a = Args {
-        backend: BackendKind::Auto,
-        batch: None,
-        block: 128,
-        precision: Precision::F32,
-        reps: 5,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut val = || it.next().ok_or(format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--backend" => a.backend = val()?.parse().map_err(|e| format!("{e}"))?,
-            "--batch" => a.batch = Some(val()?.parse().map_err(|e| format!("--batch: {e}"))?),
-            "--block" => a.block = val()?.parse().map_err(|e| format!("--block: {e}"))?,
-            "--reps" => a.reps = val()?.parse().map_err(|e| format!("--reps: {e}"))?,
-            "--precision" => {
-                a.precision = match val()?.as_str() {
-                    "f32" => Precision::F32,
-                    "tf32" => Precision::Tf32,
-                    "bf16" => Precision::Bf16,
-                    p => return Err(format!("--precision: {p:?} is not f32, tf32 or bf16")),
-                }
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
-        }
+    let a = <Args as clap::Parser>::parse();
+    if a.batch == Some(0) || a.reps == 0 {
+        return Err("--batch and --reps must be at least 1".into());
     }
     if ![64, 128, 256].contains(&a.block) {
         return Err(format!("--block must be 64, 128 or 256, got {}", a.block));
-    }
-    if a.batch == Some(0) || a.reps == 0 {
-        return Err("--batch and --reps must be at least 1".into());
     }
     Ok(a)
 }
@@ -270,7 +256,7 @@ fn main() {
     let a = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("{e}\n{USAGE}");
+            eprintln!("{e} (try --help)");
             std::process::exit(2);
         }
     };

@@ -31,70 +31,47 @@ use thor_kernels::thor::{
 };
 use thor_kernels::BackendKind;
 
+/// THOR against SGD with momentum and Adam on the bundled 8x8 digits (or MNIST).
+#[derive(clap::Parser)]
+#[command(name = "train_digits")]
 struct Args {
+    /// Epochs per run (default: per task).
+    #[arg(long)]
     epochs: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
     batch: usize,
+    /// Which task: autoencoder, classifier or both.
+    #[arg(long, default_value = "both", value_parser = ["autoencoder", "classifier", "both"])]
     task: String,
+    /// Where THOR's accumulation, inversion and apply run: cpu, cuda or auto.
+    #[arg(long, default_value = "cpu")]
     backend: BackendKind,
+    /// A folder with the MNIST IDX files (gzipped or not) instead of the bundled digits.
+    #[arg(long)]
     data: Option<PathBuf>,
+    /// Where the plots go.
+    #[arg(long, default_value = "target/train_digits")]
     out: PathBuf,
+    /// Each optimizer at three learning rates.
+    #[arg(long)]
     sweep: bool,
+    /// THOR's learning rate.
+    #[arg(long)]
     thor_lr: Option<f32>,
+    /// THOR's initial damping l0.
+    #[arg(long)]
     thor_damping: Option<f32>,
+    /// Steps between THOR's statistics.
+    #[arg(long)]
     thor_interval: Option<u64>,
+    /// K-FAC's KL clip bound for THOR's updates.
+    #[arg(long)]
     kl_clip: Option<f32>,
 }
 
 fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        epochs: None,
-        batch: 32,
-        task: "both".into(),
-        backend: BackendKind::Cpu,
-        data: None,
-        out: PathBuf::from("target/train_digits"),
-        sweep: false,
-        thor_lr: None,
-        thor_damping: None,
-        thor_interval: None,
-        kl_clip: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(f) = it.next() {
-        let mut val = || it.next().ok_or(format!("{f} needs a value"));
-        match f.as_str() {
-            "--epochs" => a.epochs = Some(val()?.parse().map_err(|e| format!("--epochs: {e}"))?),
-            "--batch" => a.batch = val()?.parse().map_err(|e| format!("--batch: {e}"))?,
-            "--task" => a.task = val()?,
-            "--backend" => a.backend = val()?.parse().map_err(|e| format!("{e}"))?,
-            "--data" => a.data = Some(PathBuf::from(val()?)),
-            "--out" => a.out = PathBuf::from(val()?),
-            "--sweep" => a.sweep = true,
-            "--thor-lr" => a.thor_lr = Some(val()?.parse().map_err(|e| format!("--thor-lr: {e}"))?),
-            "--thor-damping" => {
-                a.thor_damping = Some(val()?.parse().map_err(|e| format!("--thor-damping: {e}"))?)
-            }
-            "--thor-interval" => {
-                a.thor_interval = Some(
-                    val()?
-                        .parse()
-                        .map_err(|e| format!("--thor-interval: {e}"))?,
-                )
-            }
-            "--kl-clip" => a.kl_clip = Some(val()?.parse().map_err(|e| format!("--kl-clip: {e}"))?),
-            "-h" | "--help" => {
-                println!("usage: train_digits [--epochs N] [--batch N] [--task autoencoder|classifier|both] [--backend cpu|cuda|auto] [--data MNIST_DIR] [--out DIR] [--sweep] [--thor-lr X] [--thor-damping L0] [--thor-interval N] [--kl-clip K]");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
-        }
-    }
-    if !["autoencoder", "classifier", "both"].contains(&a.task.as_str()) {
-        return Err(format!(
-            "--task: expected autoencoder, classifier or both, got {:?}",
-            a.task
-        ));
-    }
+    let a = <Args as clap::Parser>::parse();
     if a.batch == 0 {
         return Err("--batch must be at least 1".into());
     }
