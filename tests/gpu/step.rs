@@ -1,0 +1,258 @@
+//! The trace rule, the whole device factor step (graph replay included) and the optimizer on
+//! CUDA.
+
+use super::*;
+
+#[test]
+fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
+    use thor_kernels::cuda::RuleLayer;
+    use thor_kernels::rule::{self, Decision, RuleState, Thresholds};
+    let Some(dev) = gpu_or_skip("gpu_trace_rule_matches_the_reference_and_keeps_history") else {
+        return;
+    };
+    // Three layers, A and G each; b = 32.
+    let dims = [40usize, 10, 64, 3, 100, 33];
+    let set = FactorSet::new(32, &dims).unwrap();
+    let layers = RuleLayer::pairs(&set);
+    let mut rule = dev.new_trace_rule(&set, &layers, 4).unwrap();
+    let (th, damping) = (Thresholds::THOR_STOP, 0.04f32);
+    // Scripted factor traces per step: layer 0 drifts (update, reuse, freeze), layer 1 gets a
+    // NaN, layer 2 jumps.
+    let steps: [[f32; 6]; 6] = [
+        [10.0, 5.0, 20.0, 2.0, 30.0, 3.0],
+        [10.1, 5.0, f32::NAN, 2.0, 60.0, 3.0],
+        [10.2, 5.0, 20.0, 2.0, 60.0, 3.0],
+        [10.2001, 5.0, 20.0, 2.0, 60.0, 3.0],
+        [50.0, 5.0, 20.0, 2.0, 60.0, 9.0],
+        [f32::NAN, 5.0, 21.0, 2.0, 60.0, 9.0],
+    ];
+    let mut states = [RuleState::default(); 3];
+    let mut want_history = Vec::new();
+    let mut mask = dev.upload(&vec![9u8; set.total_blocks()]).unwrap();
+    let mut decisions = dev.zeros::<i32>(3).unwrap();
+    for tr in &steps {
+        let dtr = dev.upload(tr).unwrap();
+        dev.trace_rule(&mut rule, &dtr, damping, th, &mut mask, &mut decisions)
+            .unwrap();
+        let got = dev.download(&decisions).unwrap();
+        let s = (damping as f64).sqrt();
+        let want: Vec<i32> = (0..3)
+            .map(|l| {
+                let cur = (tr[2 * l] as f64 + s * dims[2 * l] as f64)
+                    * (tr[2 * l + 1] as f64 + s * dims[2 * l + 1] as f64);
+                rule::step(&mut states[l], cur, th).code()
+            })
+            .collect();
+        assert_eq!(got, want, "traces {tr:?}");
+        let m = dev.download(&mask).unwrap();
+        for (l, lay) in layers.iter().enumerate() {
+            let expect = (want[l] == 0) as u8;
+            assert!(
+                m[lay.first_block..lay.first_block + lay.blocks]
+                    .iter()
+                    .all(|&v| v == expect),
+                "mask of layer {l}"
+            );
+        }
+        want_history.push(
+            want.iter()
+                .map(|&c| Decision::from_code(c).unwrap())
+                .collect::<Vec<_>>(),
+        );
+    }
+    let (n, hist) = rule.history(&dev).unwrap();
+    assert_eq!(n, 6);
+    assert_eq!(
+        hist,
+        want_history[2..].to_vec(),
+        "the last 4 steps, oldest first"
+    );
+    // Layer 0 froze at step 4 and stays frozen through a NaN and a jump.
+    assert_eq!(want_history[3][0], Decision::Freeze);
+    assert_eq!(
+        (want_history[4][0], want_history[5][0]),
+        (Decision::Frozen, Decision::Frozen)
+    );
+}
+
+#[test]
+fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
+    use thor_kernels::cuda::step::{DeviceThorStep, StepConfig, StepInput};
+    use thor_kernels::cuda::RuleLayer;
+    use thor_kernels::rule::{self, RuleState};
+    let Some(dev) = gpu_or_skip("gpu_thor_step_pipeline_rule_skip_and_graph_replay") else {
+        return;
+    };
+    let b = 64;
+    let dims = [100usize, 20, 64, 70, 7, 3];
+    let rows = [256usize, 256, 90, 90, 33, 33];
+    let set = FactorSet::new(b, &dims).unwrap();
+    let layers = RuleLayer::pairs(&set);
+    let cfg = StepConfig {
+        thresholds: thor_kernels::rule::Thresholds::THOR_STOP,
+        ..StepConfig::default()
+    };
+    let mut step = dev
+        .new_thor_step(&set, &rows, thor_kernels::DType::F32, &layers, cfg)
+        .unwrap();
+    let mut r = rng(12);
+    let mut xs: Vec<_> = dims
+        .iter()
+        .zip(&rows)
+        .map(|(&d, &n)| dev.upload(&normal(&mut r, n * d)).unwrap())
+        .collect();
+    fn inputs<'a>(
+        xs: &'a [cudarc::driver::CudaSlice<f32>],
+        dims: &[usize],
+    ) -> Vec<StepInput<'a, f32>> {
+        xs.iter()
+            .zip(dims)
+            .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
+            .collect()
+    }
+    let damping = 0.01f32;
+    let mut states = [RuleState::default(); 3];
+    let host_inputs = |xs: &Vec<cudarc::driver::CudaSlice<f32>>| -> Vec<Vec<f32>> {
+        xs.iter().map(|x| dev.download(x).unwrap()).collect()
+    };
+    for k in 0..3 {
+        if k == 2 {
+            // A NaN in layer 1's G input: the layer is skipped, its statistics and inverses kept.
+            let mut h = dev.download(&xs[3]).unwrap();
+            h[5] = f32::NAN;
+            dev.stream().memcpy_htod(&h, &mut xs[3]).unwrap();
+        }
+        let before_stats = dev.download(step.stats()).unwrap();
+        let before_inv = dev.download(step.inverses()).unwrap();
+        step.run(&dev, &inputs(&xs, &dims), damping).unwrap();
+        let stats = dev.download(step.stats()).unwrap();
+        let inv = dev.download(step.inverses()).unwrap();
+        let dec = dev.download(step.decisions()).unwrap();
+        let status = dev.download(step.status()).unwrap();
+        let hx = host_inputs(&xs);
+        let mut want_dec = Vec::new();
+        for (l, lay) in layers.iter().enumerate() {
+            let (fa, fg) = (2 * l, 2 * l + 1);
+            if k == 2 && l == 1 {
+                assert_eq!((status[fa], status[fg]), (2, 1));
+                want_dec.push(4);
+                let range = lay.first_block * b * b..(lay.first_block + lay.blocks) * b * b;
+                assert_eq!(stats[range.clone()], before_stats[range.clone()]);
+                assert_eq!(inv[range.clone()], before_inv[range]);
+                continue;
+            }
+            // Statistics: the mean of X^T X (decay 0).
+            let mut tr = [0.0f64; 2];
+            for (t, f) in [fa, fg].into_iter().enumerate() {
+                let e = &set.entries()[f];
+                let mut want = vec![0.0; e.layout.buffer_len()];
+                reference::accumulate(
+                    &f64s(&hx[f]),
+                    rows[f],
+                    dims[f],
+                    &e.layout,
+                    1.0 / rows[f] as f64,
+                    0.0,
+                    &mut want,
+                )
+                .unwrap();
+                let got = &stats[e.offset()..e.offset() + e.layout.buffer_len()];
+                assert!(rel_err(got, &want) < 1e-5, "step {k} factor {f}");
+                tr[t] = (0..dims[f])
+                    .map(|i| want[(i / b) * b * b + (i % b) * b + i % b])
+                    .sum();
+            }
+            let s = (damping as f64).sqrt();
+            let cur = (tr[0] + s * dims[fa] as f64) * (tr[1] + s * dims[fg] as f64);
+            want_dec.push(rule::step(&mut states[l], cur, cfg.thresholds).code());
+        }
+        assert_eq!(dec, want_dec, "step {k}");
+        // Updated layers: inverses of the new statistics with sqrt(damping).
+        for (l, lay) in layers.iter().enumerate() {
+            for j in lay.first_block..lay.first_block + lay.blocks {
+                if want_dec[l] == 0 {
+                    let res = block_residual(&stats, &inv, b, j, (damping as f64).sqrt());
+                    assert!(res < 1e-4, "step {k} layer {l} block {j}: {res:e}");
+                }
+            }
+        }
+        dev.stream()
+            .memcpy_htod(&normal(&mut r, rows[0] * dims[0]), &mut xs[0])
+            .unwrap();
+    }
+    // Graph: capture the step and replay it; the same launches give the same result.
+    let h = dev.download(&xs[3]).unwrap();
+    let clean: Vec<f32> = h
+        .iter()
+        .map(|v| if v.is_finite() { *v } else { 0.5 })
+        .collect();
+    dev.stream().memcpy_htod(&clean, &mut xs[3]).unwrap();
+    step.run(&dev, &inputs(&xs, &dims), damping).unwrap();
+    let before = dev.download(step.stats()).unwrap();
+    // The first call captures and launches, the second replays; both recompute the same
+    // statistics. Then the inputs move to new buffers: the graph reads them through the
+    // factor table, so the replay sees the new data.
+    for _ in 0..2 {
+        step.run_graph(&dev, &inputs(&xs, &dims), damping).unwrap();
+        assert_eq!(dev.download(step.stats()).unwrap(), before, "graph step");
+    }
+    let moved: Vec<_> = xs
+        .iter()
+        .map(|x| dev.upload(&dev.download(x).unwrap()).unwrap())
+        .collect();
+    drop(xs);
+    step.run_graph(&dev, &inputs(&moved, &dims), damping)
+        .unwrap();
+    assert_eq!(dev.download(step.stats()).unwrap(), before, "moved inputs");
+    // Wrong inputs are refused before anything is queued.
+    let err = step
+        .run(&dev, &inputs(&moved[..5], &dims), damping)
+        .unwrap_err();
+    assert!(matches!(err, Error::Shape { arg: "inputs", .. }), "{err}");
+    assert_eq!(DeviceThorStep::LAUNCHES, 5);
+    let (n, _) = step.history(&dev).unwrap();
+    assert_eq!(n, 7, "3 runs + 1 run + 3 graph steps");
+}
+
+#[test]
+fn gpu_thor_optimizer_on_cuda_matches_the_cpu_backend() {
+    use thor_kernels::thor::{DampingSchedule, IntervalSchedule, LayerKind, Thor, ThorConfig};
+    use thor_kernels::BackendKind;
+    if gpu_or_skip("gpu_thor_optimizer_on_cuda_matches_the_cpu_backend").is_none() {
+        return;
+    }
+    let cfg = |backend| ThorConfig {
+        block: 32,
+        damping: DampingSchedule::Constant(1e-2),
+        interval: IntervalSchedule::Fixed(1),
+        stat_decay: 0.5,
+        backend,
+        ..ThorConfig::thor()
+    };
+    let mut cpu = Thor::new(cfg(BackendKind::Cpu)).unwrap();
+    let mut gpu = Thor::new(cfg(BackendKind::Cuda)).unwrap();
+    assert!(gpu.backend_name().starts_with("cuda:"));
+    let kind = LayerKind::Linear {
+        inputs: 40,
+        outputs: 70,
+        bias: true,
+    };
+    let (lc, lg) = (cpu.add_layer(kind).unwrap(), gpu.add_layer(kind).unwrap());
+    let mut r = rng(33);
+    let rows = 50;
+    for step in 0..3 {
+        let acts = normal(&mut r, rows * 40);
+        let grads = normal(&mut r, rows * 70);
+        let g = normal(&mut r, 70 * 41);
+        let oc = cpu.observe(lc, &acts, &grads, rows).unwrap();
+        let og = gpu.observe(lg, &acts, &grads, rows).unwrap();
+        assert_eq!(oc, og, "step {step}");
+        let (mut uc, mut ug) = (vec![0.0; g.len()], vec![0.0; g.len()]);
+        cpu.precondition(lc, &g, &mut uc).unwrap();
+        gpu.precondition(lg, &g, &mut ug).unwrap();
+        assert!(rel_err(&ug, &f64s(&uc)) < 1e-4, "step {step}");
+        cpu.finish_step();
+        gpu.finish_step();
+    }
+    assert_eq!(cpu.counters(lc).unwrap(), gpu.counters(lg).unwrap());
+}
