@@ -328,7 +328,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_precondition(
 /// `min(1, sqrt(kl_clip / (lr^2 * sum_l grads[l] . updates[l])))` over the `n_layers` layers
 /// `layers[i]`, with `grads[i]` and `updates[i]` host arrays of that layer's
 /// `[outputs, d_a]` gradient and preconditioned gradient. `*factor` is 1 when the optimizer
-/// has no KL clip. Multiply every preconditioned gradient by it before the update.
+/// has no KL clip. Multiply every preconditioned gradient by it before the update. Each
+/// layer may appear once; the arrays must be non-null even when `n_layers` is 0.
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -368,8 +369,17 @@ pub unsafe extern "C" fn thor_v1_optimizer_kl_clip_factor(
             )
         };
         let mut pairs = Vec::with_capacity(n);
+        let mut seen = vec![false; t.layers()];
         for i in 0..n {
-            let kind = t.layer_kind(LayerId(size("layers", ids[i] as i64)?))?;
+            let id = size("layers", ids[i] as i64)?;
+            let kind = t.layer_kind(LayerId(id))?;
+            if std::mem::replace(&mut seen[id], true) {
+                return Err(Error::invalid(
+                    "layers",
+                    format!("layer {id} appears twice (its product would count twice)"),
+                )
+                .into());
+            }
             let len = count("layers", &[kind.d_g(), kind.d_a()])?;
             // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
             pairs.push(unsafe { (host("grads", gp[i], len)?, host("updates", up[i], len)?) });

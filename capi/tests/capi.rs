@@ -273,7 +273,7 @@ fn optimizer_kl_clip_factor_through_the_c_abi() {
             for (lr, n_layers, layer, want) in [
                 (f32::NAN, 1, id, "lr"),
                 (-1.0, 1, id, "lr"),
-                (0.5, 2, id, "n_layers"),
+                (0.5, 3, id, "n_layers"),
                 (0.5, -1, id, "n_layers"),
                 (0.5, 1, 3, "layer"),
             ] {
@@ -284,6 +284,25 @@ fn optimizer_kl_clip_factor_through_the_c_abi() {
                 assert!(msg.to_string_lossy().contains(want), "{want}: {msg:?}");
                 assert_eq!(g, -1.0);
             }
+            // A layer listed twice would count twice: refused (a second layer makes n = 2
+            // legal).
+            let mut id2 = -1;
+            let st = thor_v1_optimizer_add_linear(opt, d_in as i64, d_out as i64, 1, &mut id2);
+            assert_eq!((st, id2), (ThorStatus::Ok, 1));
+            let (twice, gps, ups) = ([id, id], [gp, gp], [up, up]);
+            let st = thor_v1_optimizer_kl_clip_factor(
+                opt,
+                0.5,
+                2,
+                twice.as_ptr(),
+                gps.as_ptr(),
+                ups.as_ptr(),
+                &mut g,
+            );
+            assert_eq!(st, ThorStatus::InvalidArgument);
+            let msg = std::ffi::CStr::from_ptr(thor_v1_last_error_message());
+            assert!(msg.to_string_lossy().contains("twice"), "{msg:?}");
+            assert_eq!(g, -1.0);
             thor_v1_optimizer_destroy(opt);
         }
         let dot: f64 = grad

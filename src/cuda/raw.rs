@@ -8,7 +8,8 @@
 //! emulation of the kernels in the tests) with exactly the arguments the launchers use.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 use super::tuning::{SPLIT_ROWS, SPLIT_TILE, TRACE_WARPS};
 use super::{CudaDevice, KernelId};
@@ -184,8 +185,21 @@ pub struct LaunchPlan {
 /// The plan's pointers must satisfy the contract of the `plan_*` function that built it
 /// and stay valid until the queued work completes.
 pub unsafe fn launch(dev: &CudaDevice, plan: &LaunchPlan) -> Result<()> {
+    // SAFETY: the caller's contract, on the device's own stream.
+    unsafe { launch_on(dev, dev.stream(), plan) }
+}
+
+/// [`launch`] on `stream`, a stream of `dev`'s context other than its own (a capture stream).
+///
+/// # Safety
+/// As for [`launch`]; `stream` must belong to `dev`'s context.
+pub(crate) unsafe fn launch_on(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    plan: &LaunchPlan,
+) -> Result<()> {
     let f = dev.function_with_smem(plan.kernel, plan.smem as usize)?;
-    let mut l = dev.stream().launch_builder(&f);
+    let mut l = stream.launch_builder(&f);
     for a in &plan.args {
         match a {
             KernelArg::Ptr(v) | KernelArg::U64(v) => l.arg(v),

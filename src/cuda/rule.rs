@@ -164,6 +164,7 @@ impl DeviceTraceRule {
     /// run so far and the decisions of the last `min(steps, capacity)` of them, oldest first,
     /// one [`Decision::code`](crate::rule::Decision::code) per layer.
     pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<Decision>>)> {
+        dev.check_same_context("rule", &self.step)?;
         let steps = dev.download(&self.step)?[0];
         let ring = dev.download(&self.history)?;
         let kept = (steps as usize).min(self.capacity);

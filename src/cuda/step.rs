@@ -6,7 +6,7 @@
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
-    CudaGraph, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, SyncOnDrop,
+    CudaFunction, CudaGraph, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, SyncOnDrop,
 };
 
 use super::accumulate::{AccumulateMode, DeviceAccumulate, DeviceElement, FactorInput};
@@ -18,6 +18,7 @@ use crate::error::{check_len, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::FactorSet;
 use crate::rule::Thresholds;
+use std::sync::Arc;
 
 /// Settings of a device factor step (named as in [`crate::thor::ThorConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,15 +91,31 @@ pub struct DeviceThorStep {
     damping_used: CudaSlice<f32>,
     /// The (address, stride) of each input the factor table on the device holds.
     bound: Vec<(u64, usize)>,
+    /// A stream of the step's own, in the device's context, that graphs are captured on:
+    /// nothing another thread queues on the caller's stream can slip into a capture.
+    capture_stream: Option<Arc<CudaStream>>,
     graph: Option<StepGraph>,
 }
 
 /// A captured step: its launches address only the step's own buffers (the inputs are read
-/// through the factor table), so it stays valid as long as the step and its damping.
+/// through the factor table), so it stays valid as long as the step and its damping. It
+/// holds the functions it launches, and so their modules: a kernel reload or a dropped
+/// device handle cannot unload code the graph still runs.
 struct StepGraph {
     graph: CudaGraph,
+    _functions: Vec<CudaFunction>,
     damping: f32,
 }
+
+// SAFETY: a CUDA graph may be used from any thread as long as calls on it are serialised;
+// the step only touches it through `&mut self`.
+unsafe impl Send for StepGraph {}
+
+// A step can move to another thread (a training loop's worker), graph and all.
+const _: fn() = || {
+    fn is_send<T: Send>() {}
+    is_send::<DeviceThorStep>();
+};
 
 impl std::fmt::Debug for StepGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -161,6 +178,7 @@ impl CudaDevice {
             info: self.zeros(nb)?,
             damping_used: self.zeros(nb)?,
             bound: Vec::new(),
+            capture_stream: None,
             graph: None,
         })
     }
@@ -337,15 +355,36 @@ impl DeviceThorStep {
         damping: f32,
     ) -> Result<()> {
         let cached = self.graph.take().filter(|g| g.damping == damping);
+        let capture_stream = match &self.capture_stream {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.stats.context().new_stream()?;
+                self.capture_stream = Some(s.clone());
+                s
+            }
+        };
         let graph = self.with_launches(dev, inputs, damping, |plans| {
             let graph = match cached {
                 Some(g) => g,
-                None => StepGraph {
-                    graph: capture(dev, plans)?,
-                    damping,
-                },
+                None => {
+                    let (graph, functions) = capture(dev, &capture_stream, plans)?;
+                    StepGraph {
+                        graph,
+                        _functions: functions,
+                        damping,
+                    }
+                }
             };
-            graph.graph.launch()?;
+            // On the caller's stream (not the capture stream the graph remembers), after the
+            // factor table upload and within the buffers' guards.
+            // SAFETY: the exec is alive (owned by `graph`), the stream is the device's, and
+            // both belong to the step's context (checked by `with_launches`).
+            unsafe {
+                cudarc::driver::result::graph::launch(
+                    graph.graph.cu_graph_exec(),
+                    dev.stream().cu_stream(),
+                )
+            }?;
             Ok(graph)
         })?;
         self.graph = Some(graph);
@@ -388,34 +427,42 @@ impl DeviceThorStep {
         &self.factor_traces
     }
 
-    /// The rule's decision history (waits for queued work).
+    /// The rule's decision history (waits for queued work on `dev`'s stream).
     pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<crate::rule::Decision>>)> {
         self.rule.history(dev)
     }
 }
 
-/// Captures `plans` on the device's stream as one instantiated graph. The plans carry raw
-/// addresses only, so no cudarc stream event is recorded or waited on during the capture;
-/// the caller holds the guards of every buffer across the capture and the graph's launch.
-fn capture(dev: &CudaDevice, plans: &[LaunchPlan]) -> Result<CudaGraph> {
+/// Captures `plans` on `stream` (the step's own capture stream, in the device's context) as
+/// one instantiated graph, and returns it with the functions it launches. The plans carry
+/// raw addresses only, so no cudarc stream event is recorded or waited on during the
+/// capture; the caller holds the guards of every buffer across the capture and the graph's
+/// launch.
+fn capture(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    plans: &[LaunchPlan],
+) -> Result<(CudaGraph, Vec<CudaFunction>)> {
     // Load every kernel (and its shared-memory opt-in) before capturing.
-    for p in plans {
-        dev.function_with_smem(p.kernel, p.smem as usize)?;
-    }
-    let s = dev.stream();
-    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let functions = plans
+        .iter()
+        .map(|p| dev.function_with_smem(p.kernel, p.smem as usize))
+        .collect::<Result<Vec<_>>>()?;
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
     let mut failed = None;
     for p in plans {
         // SAFETY: the caller holds every buffer the plans address until the graph's
-        // launches are queued; capturing queues nothing yet.
-        if let Err(e) = unsafe { raw::launch(dev, p) } {
+        // launches are queued; capturing queues nothing yet; `stream` is of the device's
+        // context.
+        if let Err(e) = unsafe { raw::launch_on(dev, stream, p) } {
             failed = Some(e);
             break;
         }
     }
-    let graph = s.end_capture(CUgraphInstantiate_flags(0));
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
     if let Some(e) = failed {
         return Err(e);
     }
-    graph?.ok_or_else(|| Error::Driver("stream capture produced no graph".into()))
+    let graph = graph?.ok_or_else(|| Error::Driver("stream capture produced no graph".into()))?;
+    Ok((graph, functions))
 }

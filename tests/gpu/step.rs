@@ -2,6 +2,15 @@
 //! CUDA.
 
 use super::*;
+use thor_kernels::cuda::step::StepInput;
+
+/// The step's inputs: every factor's whole buffer, row stride its dimension.
+fn inputs<'a>(xs: &'a [cudarc::driver::CudaSlice<f32>], dims: &[usize]) -> Vec<StepInput<'a, f32>> {
+    xs.iter()
+        .zip(dims)
+        .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
+        .collect()
+}
 
 #[test]
 fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
@@ -77,7 +86,7 @@ fn gpu_trace_rule_matches_the_reference_and_keeps_history() {
 
 #[test]
 fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
-    use thor_kernels::cuda::step::{DeviceThorStep, StepConfig, StepInput};
+    use thor_kernels::cuda::step::{DeviceThorStep, StepConfig};
     use thor_kernels::cuda::RuleLayer;
     use thor_kernels::rule::{self, RuleState};
     let Some(dev) = gpu_or_skip("gpu_thor_step_pipeline_rule_skip_and_graph_replay") else {
@@ -101,15 +110,6 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
         .zip(&rows)
         .map(|(&d, &n)| dev.upload(&normal(&mut r, n * d)).unwrap())
         .collect();
-    fn inputs<'a>(
-        xs: &'a [cudarc::driver::CudaSlice<f32>],
-        dims: &[usize],
-    ) -> Vec<StepInput<'a, f32>> {
-        xs.iter()
-            .zip(dims)
-            .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
-            .collect()
-    }
     let damping = 0.01f32;
     let mut states = [RuleState::default(); 3];
     let host_inputs = |xs: &Vec<cudarc::driver::CudaSlice<f32>>| -> Vec<Vec<f32>> {
@@ -255,4 +255,54 @@ fn gpu_thor_optimizer_on_cuda_matches_the_cpu_backend() {
         gpu.finish_step();
     }
     assert_eq!(cpu.counters(lc).unwrap(), gpu.counters(lg).unwrap());
+}
+
+/// The captured step is launched on the caller's stream and keeps its kernels loaded: the
+/// same step driven from a second handle on another stream, and after a kernel reload,
+/// computes the same statistics as plain launches; another damping captures anew.
+#[test]
+fn gpu_thor_step_graph_follows_the_callers_stream_and_survives_a_reload() {
+    use thor_kernels::cuda::step::StepConfig;
+    use thor_kernels::cuda::RuleLayer;
+    let Some(mut dev) =
+        gpu_or_skip("gpu_thor_step_graph_follows_the_callers_stream_and_survives_a_reload")
+    else {
+        return;
+    };
+    let (b, dims, rows) = (32, [45usize, 9], [64usize, 64]);
+    let set = FactorSet::new(b, &dims).unwrap();
+    let layers = RuleLayer::pairs(&set);
+    let mut step = dev
+        .new_thor_step(
+            &set,
+            &rows,
+            thor_kernels::DType::F32,
+            &layers,
+            StepConfig::default(),
+        )
+        .unwrap();
+    let mut r = rng(21);
+    let xs: Vec<_> = dims
+        .iter()
+        .zip(&rows)
+        .map(|(&d, &n)| dev.upload(&normal(&mut r, n * d)).unwrap())
+        .collect();
+    step.run(&dev, &inputs(&xs, &dims), 0.01).unwrap();
+    let want = dev.download(step.stats()).unwrap();
+    step.run_graph(&dev, &inputs(&xs, &dims), 0.01).unwrap();
+    assert_eq!(dev.download(step.stats()).unwrap(), want, "captured");
+    // A second handle on another stream of the same context: the replay runs there.
+    let other = CudaDevice::from_stream(dev.context_handle().new_stream().unwrap()).unwrap();
+    step.run_graph(&other, &inputs(&xs, &dims), 0.01).unwrap();
+    assert_eq!(other.download(step.stats()).unwrap(), want, "other stream");
+    // A reload drops the device's modules; the graph keeps its own.
+    let source = dev.kernel_source();
+    dev.set_kernel_source(source);
+    step.run_graph(&dev, &inputs(&xs, &dims), 0.01).unwrap();
+    assert_eq!(dev.download(step.stats()).unwrap(), want, "after a reload");
+    // Another damping: a new capture, the same statistics.
+    step.run_graph(&dev, &inputs(&xs, &dims), 0.02).unwrap();
+    assert_eq!(dev.download(step.stats()).unwrap(), want, "recaptured");
+    let (n, _) = step.history(&dev).unwrap();
+    assert_eq!(n, 5);
 }
