@@ -443,7 +443,8 @@ enum ThorStatus thor_v1_optimizer_precondition(struct ThorOptimizer *opt,
 // `min(1, sqrt(kl_clip / (lr^2 * sum_l grads[l] . updates[l])))` over the `n_layers` layers
 // `layers[i]`, with `grads[i]` and `updates[i]` host arrays of that layer's
 // `[outputs, d_a]` gradient and preconditioned gradient. `*factor` is 1 when the optimizer
-// has no KL clip. Multiply every preconditioned gradient by it before the update.
+// has no KL clip. Multiply every preconditioned gradient by it before the update. Each
+// layer may appear once; the arrays must be non-null even when `n_layers` is 0.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
