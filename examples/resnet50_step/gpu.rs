@@ -86,6 +86,25 @@ pub(crate) fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice
         DeviceThorStep::LAUNCHES,
         m.layers.len(),
     );
+    // Steady state, per step: what the step queues besides its kernels (after the warm-up
+    // above the inputs are bound and the graph is captured).
+    step_run(&mut step, None, true)?;
+    for graph in [false, true] {
+        let before = step.traffic();
+        let n = 4;
+        for _ in 0..n {
+            step_run(&mut step, None, graph)?;
+        }
+        let t = step.traffic();
+        println!(
+            "steady state per step ({}): {} launches, {} host-device copies, {} syncs, {} captures",
+            if graph { "graph" } else { "launches" },
+            (t.launches - before.launches) / n,
+            (t.uploads - before.uploads) / n,
+            (t.syncs - before.syncs) / n,
+            (t.captures - before.captures) / n,
+        );
+    }
     let t_acc = time(&mut || step_run(&mut step, Some(0..3), false))?;
     let t_rule = time(&mut || step_run(&mut step, Some(3..4), false))?;
     let b = m.set.block();

@@ -95,6 +95,22 @@ pub struct DeviceThorStep {
     /// nothing another thread queues on the caller's stream can slip into a capture.
     capture_stream: Option<Arc<CudaStream>>,
     graph: Option<StepGraph>,
+    traffic: StepTraffic,
+}
+
+/// What the step has queued so far: kernel launches (a graph launch counts one), graph
+/// captures, host-to-device copies (factor table uploads) and host synchronizations. In a
+/// training loop's steady state only `launches` grows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepTraffic {
+    /// Kernel launches and graph launches.
+    pub launches: u64,
+    /// Graph captures (the first `run_graph`, and each change of damping).
+    pub captures: u64,
+    /// Host-to-device copies: the factor table, when the inputs moved.
+    pub uploads: u64,
+    /// Host synchronizations (reading the history).
+    pub syncs: u64,
 }
 
 /// A captured step: its launches address only the step's own buffers (the inputs are read
@@ -180,6 +196,7 @@ impl CudaDevice {
             bound: Vec::new(),
             capture_stream: None,
             graph: None,
+            traffic: StepTraffic::default(),
         })
     }
 }
@@ -258,6 +275,7 @@ impl DeviceThorStep {
                 })
                 .collect();
             self.acc.set_factor_table(dev, &table)?;
+            self.traffic.uploads += 1;
             self.bound = addrs;
         }
         let (b, nb) = (self.set().block(), self.set().total_blocks());
@@ -333,6 +351,7 @@ impl DeviceThorStep {
                 format!("{range:?} is not inside 0..{}", Self::LAUNCHES),
             ));
         }
+        let n = range.len() as u64;
         self.with_launches(dev, inputs, damping, |plans| {
             for p in &plans[range] {
                 // SAFETY: the plans address the step's buffers and `inputs`, all checked
@@ -340,7 +359,9 @@ impl DeviceThorStep {
                 unsafe { raw::launch(dev, p) }?;
             }
             Ok(())
-        })
+        })?;
+        self.traffic.launches += n;
+        Ok(())
     }
 
     /// [`DeviceThorStep::run`] through a CUDA graph: the first call (and the first after the
@@ -355,6 +376,7 @@ impl DeviceThorStep {
         damping: f32,
     ) -> Result<()> {
         let cached = self.graph.take().filter(|g| g.damping == damping);
+        let captures = cached.is_none() as u64;
         let capture_stream = match &self.capture_stream {
             Some(s) => s.clone(),
             None => {
@@ -388,6 +410,8 @@ impl DeviceThorStep {
             Ok(graph)
         })?;
         self.graph = Some(graph);
+        self.traffic.launches += 1;
+        self.traffic.captures += captures;
         Ok(())
     }
 
@@ -428,8 +452,14 @@ impl DeviceThorStep {
     }
 
     /// The rule's decision history (waits for queued work on `dev`'s stream).
-    pub fn history(&self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<crate::rule::Decision>>)> {
+    pub fn history(&mut self, dev: &CudaDevice) -> Result<(u64, Vec<Vec<crate::rule::Decision>>)> {
+        self.traffic.syncs += 1;
         self.rule.history(dev)
+    }
+
+    /// What the step has queued so far (launches, captures, copies, synchronizations).
+    pub fn traffic(&self) -> StepTraffic {
+        self.traffic
     }
 }
 

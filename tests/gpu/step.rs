@@ -305,4 +305,12 @@ fn gpu_thor_step_graph_follows_the_callers_stream_and_survives_a_reload() {
     assert_eq!(dev.download(step.stats()).unwrap(), want, "recaptured");
     let (n, _) = step.history(&dev).unwrap();
     assert_eq!(n, 5);
+    // One table upload (the inputs never moved), two captures, five launches of which
+    // four are graph launches, one sync (the history).
+    let t = step.traffic();
+    assert_eq!(
+        (t.uploads, t.captures, t.launches, t.syncs),
+        (1, 2, 5 + 4, 1),
+        "{t:?}"
+    );
 }
