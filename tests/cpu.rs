@@ -50,13 +50,13 @@ fn traces_match_reference() {
         // at f32 resolution of the magnitudes summed.
         for (g, w) in bt.iter().zip(&wb) {
             assert!(
-                (*g as f64 - w).abs() < 1e-4 * b as f64,
+                approx::abs_diff_eq!(*g as f64, *w, epsilon = 1e-4 * b as f64),
                 "block trace {g} vs {w}"
             );
         }
         for (g, w) in ft.iter().zip(&wf) {
             assert!(
-                (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()) * 10.0,
+                approx::relative_eq!(*g as f64, *w, epsilon = 1e-4, max_relative = 1e-4),
                 "factor trace {g} vs {w}"
             );
         }
@@ -536,7 +536,10 @@ fn accumulate_set_status_partners_and_traces() {
         }
         let want_ft = reference::factor_traces(&set, &f64s(&blocks)).unwrap();
         for (g, w) in ft.iter().zip(&want_ft) {
-            assert!((*g as f64 - w).abs() < 1e-4 * w.abs().max(1.0));
+            assert!(
+                approx::relative_eq!(*g as f64, *w, epsilon = 1e-4, max_relative = 1e-4),
+                "{g} vs {w}"
+            );
         }
     }
     // A partner that is the factor itself is refused.

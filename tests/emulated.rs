@@ -86,10 +86,18 @@ fn emulated_traces_match_reference() {
             let wb = reference::block_traces(&f64s(&blocks), b).unwrap();
             let wf = reference::factor_traces(&set, &f64s(&blocks)).unwrap();
             for (g, w) in bt.get().iter().zip(&wb) {
-                assert!((*g as f64 - w).abs() < 1e-5 * b as f64, "{g} vs {w}");
+                let tol = 1e-5 * b as f64;
+                assert!(
+                    approx::abs_diff_eq!(*g as f64, *w, epsilon = tol),
+                    "{g} vs {w}"
+                );
             }
             for (g, w) in ft.get().iter().zip(&wf) {
-                assert!((*g as f64 - w).abs() < 1e-4 * b as f64, "{g} vs {w}");
+                let tol = 1e-4 * b as f64;
+                assert!(
+                    approx::abs_diff_eq!(*g as f64, *w, epsilon = tol),
+                    "{g} vs {w}"
+                );
             }
         }
     }
@@ -450,7 +458,7 @@ mod accumulate {
                 let w: f64 = (0..b).map(|i| want[k * b * b + i * b + i]).sum();
                 let g = out.block_traces[k] as f64;
                 assert!(
-                    (g - w).abs() <= tol * w.abs().max(1.0) * 4.0,
+                    approx::relative_eq!(g, w, epsilon = 4.0 * tol, max_relative = 4.0 * tol),
                     "{label} trace {k}: {g} vs {w}"
                 );
             }

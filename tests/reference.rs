@@ -116,7 +116,7 @@ fn accumulate_matches_faer_gram_matrix() {
                         0.0
                     };
                     assert!(
-                        (got - want).abs() <= 1e-12 * (1.0 + want.abs()),
+                        approx::relative_eq!(got, want, epsilon = 1e-12, max_relative = 1e-12),
                         "block {j} ({rr},{cc}): {got} vs {want}"
                     );
                 }
@@ -164,7 +164,7 @@ fn spd_test_matrices_have_the_asked_spectrum_and_random_eigenvectors() {
                 1.0
             };
             assert!(
-                (e - want).abs() <= 1e-9 * cond,
+                approx::abs_diff_eq!(*e, want, epsilon = 1e-9 * cond),
                 "b={b} cond={cond:e}: eigenvalue {i} is {e}, want {want}"
             );
         }

@@ -432,7 +432,7 @@ fn kl_clip_scales_large_updates_only() {
     let d = vec![1.0f32; 100];
     // lr^2 * g.d = 0.01 * 100 = 1 > 1e-3: scale sqrt(1e-3).
     let f = t.kl_clip_factor(0.1, [(&g[..], &d[..])]);
-    assert!((f - 1e-3f32.sqrt()).abs() < 1e-6, "{f}");
+    approx::assert_abs_diff_eq!(f, 1e-3f32.sqrt(), epsilon = 1e-6);
     assert_eq!(t.kl_clip_factor(1e-4, [(&g[..], &d[..])]), 1.0);
     let none = Thor::new(config(32)).unwrap();
     assert_eq!(none.kl_clip_factor(10.0, [(&g[..], &d[..])]), 1.0);

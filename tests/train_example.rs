@@ -31,7 +31,7 @@ fn check(loss: Loss, sizes: &[usize]) {
             let fd = (up - down) / (2.0 * h as f64);
             let g = gl[k] as f64;
             assert!(
-                (fd - g).abs() <= 2e-2 * (1.0 + g.abs()),
+                approx::relative_eq!(fd, g, epsilon = 2e-2, max_relative = 2e-2),
                 "{loss:?} layer {l} weight {k}: backprop {g} vs finite difference {fd}"
             );
         }

@@ -178,7 +178,7 @@ fn c_program_calls_the_cpu_path() {
     let want_tr = reference::factor_traces(&set, &want).unwrap();
     let got_tr = read_f32(&dir.join("traces.bin"));
     assert!(
-        (got_tr[0] as f64 - want_tr[0]).abs() < 1e-4,
+        approx::abs_diff_eq!(got_tr[0] as f64, want_tr[0], epsilon = 1e-4),
         "{} vs {}",
         got_tr[0],
         want_tr[0]
@@ -319,7 +319,7 @@ fn optimizer_kl_clip_factor_through_the_c_abi() {
     let (tight, dot) = factor_for(1e-6);
     let want = (1e-6f64 / (0.25 * dot as f64)).sqrt();
     assert!(
-        tight < 1.0 && (tight as f64 - want).abs() < 1e-5 * want,
+        tight < 1.0 && approx::relative_eq!(tight as f64, want, max_relative = 1e-5),
         "{tight} vs {want}"
     );
     // The same as the Rust optimizer's factor for the same pair.

@@ -223,7 +223,10 @@ impl DenseCase {
                     .sum();
                 let want = beta * self.c0[i * ldc + j] as f64 + alpha * dot;
                 let got = c[i * ldc + j] as f64;
-                assert!((got - want).abs() < tol, "({i},{j}) {got} vs {want}");
+                assert!(
+                    approx::abs_diff_eq!(got, want, epsilon = tol),
+                    "({i},{j}) {got} vs {want}"
+                );
             }
         }
     }

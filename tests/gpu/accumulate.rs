@@ -109,7 +109,7 @@ fn case<E: DeviceElement>(
             let w: f64 = (0..b).map(|i| want[k * b * b + i * b + i]).sum();
             let g = bt[e.first_block + k] as f64;
             assert!(
-                (g - w).abs() <= 4.0 * tol * w.abs().max(1.0),
+                approx::relative_eq!(g, w, epsilon = 4.0 * tol, max_relative = 4.0 * tol),
                 "trace {g} vs {w}"
             );
         }

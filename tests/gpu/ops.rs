@@ -76,14 +76,14 @@ fn run_traces(dev: &CudaDevice, b: usize, dims: &[usize]) {
     // Sums of standard normals: absolute error at f32 resolution of the magnitudes summed.
     for (k, (g, w)) in bt.iter().zip(&wb).enumerate() {
         assert!(
-            (*g as f64 - w).abs() < 1e-5 * b as f64,
+            approx::abs_diff_eq!(*g as f64, *w, epsilon = 1e-5 * b as f64),
             "block {k}: {g} vs {w}"
         );
     }
     for (f, (g, w)) in ft.iter().zip(&wf).enumerate() {
         let d = set.entries()[f].layout.dim() as f64;
         assert!(
-            (*g as f64 - w).abs() < 1e-5 * d.max(1.0),
+            approx::abs_diff_eq!(*g as f64, *w, epsilon = 1e-5 * d.max(1.0)),
             "factor {f}: {g} vs {w}"
         );
     }
