@@ -248,15 +248,47 @@ fn bad_registrations_and_calls_are_typed_errors() {
         }),
         Err(Error::InvalidArgument { arg: "layer", .. })
     ));
-    assert!(t
-        .add_layer(LayerKind::Conv2d {
+    assert!(matches!(
+        t.add_layer(LayerKind::Conv2d {
             c_in: 3,
             c_out: 0,
             kh: 3,
             kw: 3,
             bias: false
-        })
-        .is_err());
+        }),
+        Err(Error::InvalidArgument { arg: "layer", .. })
+    ));
+    // Sizes whose products overflow are refused, not wrapped (2^62 + 1 channels of 4 taps
+    // would wrap to a 4-column layer) and never panic.
+    for kind in [
+        LayerKind::Conv2d {
+            c_in: (1 << 62) + 1,
+            c_out: 1,
+            kh: 4,
+            kw: 1,
+            bias: false,
+        },
+        LayerKind::Conv2d {
+            c_in: usize::MAX,
+            c_out: usize::MAX,
+            kh: usize::MAX,
+            kw: usize::MAX,
+            bias: true,
+        },
+        LayerKind::Linear {
+            inputs: usize::MAX,
+            outputs: 2,
+            bias: true,
+        },
+    ] {
+        let e = t.add_layer(kind).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "layer", .. }),
+            "{kind:?}: {e}"
+        );
+        assert!(e.to_string().contains("too large"), "{e}");
+    }
+    assert_eq!(t.layers(), 0, "nothing registered");
     let id = t
         .add_layer(LayerKind::Conv2d {
             c_in: 3,

@@ -102,7 +102,14 @@ pub unsafe extern "C" fn thor_v1_optimizer_create(
             } else {
                 FailurePolicy::Report
             },
-            kl_clip: (c.kl_clip > 0.0).then_some(c.kl_clip),
+            kl_clip: match c.kl_clip {
+                k if k.is_nan() => {
+                    return Err(
+                        Error::invalid("kl_clip", "must be a number (<= 0 for none)").into(),
+                    )
+                }
+                k => (k > 0.0).then_some(k),
+            },
         };
         let thor = Thor::new(config)?;
         // SAFETY: checked.

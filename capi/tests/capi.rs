@@ -312,6 +312,27 @@ fn optimizer_kl_clip_factor_through_the_c_abi() {
             .sum();
         (f, dot as f32)
     };
+    // A NaN bound is refused by name (it used to read as "no clip").
+    {
+        let mut cfg = std::mem::MaybeUninit::<ThorOptimizerConfig>::uninit();
+        let mut opt = std::ptr::null_mut();
+        // SAFETY: the config is filled by the library before it is read; `opt` is a local.
+        unsafe {
+            assert_eq!(
+                thor_v1_optimizer_config_default(cfg.as_mut_ptr()),
+                ThorStatus::Ok
+            );
+            let mut cfg = cfg.assume_init();
+            cfg.kl_clip = f32::NAN;
+            assert_eq!(
+                thor_v1_optimizer_create(&cfg, &mut opt),
+                ThorStatus::InvalidArgument
+            );
+            let msg = std::ffi::CStr::from_ptr(thor_v1_last_error_message());
+            assert!(msg.to_string_lossy().contains("kl_clip"), "{msg:?}");
+            assert!(opt.is_null(), "nothing created");
+        }
+    }
     let (free, _) = factor_for(0.0);
     assert_eq!(free, 1.0, "no clip");
     let (loose, _) = factor_for(1e9);

@@ -78,16 +78,19 @@ impl LayerKind {
     }
 
     /// Activation columns as the caller passes them (without the ones column).
+    ///
+    /// Saturates instead of overflowing: a layer too large to count is refused when it is
+    /// registered ([`Thor::add_layer`]).
     pub fn inputs(&self) -> usize {
         match *self {
             LayerKind::Linear { inputs, .. } => inputs,
-            LayerKind::Conv2d { c_in, kh, kw, .. } => c_in * kh * kw,
+            LayerKind::Conv2d { c_in, kh, kw, .. } => c_in.saturating_mul(kh).saturating_mul(kw),
         }
     }
 
     /// Dimension of the input-side factor A (inputs, +1 with a bias).
     pub fn d_a(&self) -> usize {
-        self.inputs() + self.bias() as usize
+        self.inputs().saturating_add(self.bias() as usize)
     }
 
     /// Dimension of the output-side factor G.
@@ -99,22 +102,40 @@ impl LayerKind {
     }
 
     fn validate(&self) -> Result<()> {
-        let zero = match *self {
+        let dims: &[usize] = match self {
             LayerKind::Linear {
                 inputs, outputs, ..
-            } => inputs == 0 || outputs == 0,
+            } => &[*inputs, *outputs],
             LayerKind::Conv2d {
                 c_in,
                 c_out,
                 kh,
                 kw,
                 ..
-            } => c_in * c_out * kh * kw == 0,
+            } => &[*c_in, *c_out, *kh, *kw],
         };
-        if zero {
+        if dims.contains(&0) {
             return Err(Error::invalid(
                 "layer",
                 format!("{self:?} has a zero dimension"),
+            ));
+        }
+        // d_A = c_in kh kw (+ 1) and the gradient's d_G x d_A elements must be countable:
+        // every later size is computed from them unchecked.
+        let d_a = match *self {
+            LayerKind::Linear { inputs, .. } => Some(inputs),
+            LayerKind::Conv2d { c_in, kh, kw, .. } => {
+                c_in.checked_mul(kh).and_then(|v| v.checked_mul(kw))
+            }
+        }
+        .and_then(|v| v.checked_add(self.bias() as usize));
+        let fits = d_a
+            .and_then(|a| a.checked_mul(self.d_g()))
+            .is_some_and(|n| n <= isize::MAX as usize / 4);
+        if !fits {
+            return Err(Error::invalid(
+                "layer",
+                format!("{self:?} is too large: its gradient's element count overflows"),
             ));
         }
         Ok(())
