@@ -346,7 +346,7 @@ class ThorPreconditioner:
         for x, y in data:
             opt.zero_grad()
             loss_fn(model(x), y).backward()
-            pre.step(epoch)            # preconditions .grad in place
+            pre.step(epoch, lr=lr)     # preconditions .grad in place (lr: for kl_clip)
             opt.step()
 
     Activations are captured by forward hooks (``unfold`` patches for convolutions) and output
