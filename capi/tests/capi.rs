@@ -100,7 +100,7 @@ fn header_compiles_as_c99_and_cpp17() {
 }
 
 /// The library's shared object in the profile folder the tests run from. `cargo test` does
-/// not build the cdylib; `cargo build --lib` (which scripts/test.sh runs first) does.
+/// not build the cdylib; `cargo build -p thor-kernels-capi` (scripts/test.sh runs it) does.
 fn cdylib() -> Option<PathBuf> {
     let exe = std::env::current_exe().unwrap();
     let lib = exe

@@ -2,7 +2,7 @@
 //! and a per-factor non-finite status), the trace rule (update / reuse / freeze / skip per
 //! layer, and the block mask), and the masked damped inversion, in a fixed number of
 //! launches on one stream ([`DeviceThorStep::LAUNCHES`], however many layers), with no host
-//! synchronization inside; capturable as a CUDA graph and replayed as one.
+//! synchronization inside; or, through [`DeviceThorStep::run_graph`], one CUDA graph launch.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
