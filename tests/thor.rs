@@ -427,6 +427,55 @@ fn a_restored_run_continues_bit_for_bit() {
         );
         assert_eq!(resumed.to_bytes(), snapshot, "{what}: state changed");
     }
+    // Well-formed files (checksum recomputed) holding values no optimizer can reach: refused,
+    // nothing changes. Offsets: magic 8, version 4, block, layers, step, next 8 each, then
+    // the epoch (44); layer 0: shape 48 bytes, flags (100), six counters (108..156), the
+    // last trace (156), then its A statistics (length at 164, values from 172).
+    let resealed = |edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = good.clone();
+        edit(&mut b);
+        let body = b.len() - 8;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &x in &b[..body] {
+            h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        b[body..].copy_from_slice(&h.to_le_bytes());
+        b
+    };
+    for (what, bytes) in [
+        (
+            "epoch",
+            resealed(&|b| b[44..52].copy_from_slice(&f64::NAN.to_le_bytes())),
+        ),
+        (
+            "statistics",
+            resealed(&|b| b[172..176].copy_from_slice(&f32::INFINITY.to_le_bytes())),
+        ),
+        (
+            "counters",
+            resealed(&|b| b[108..116].copy_from_slice(&1_000u64.to_le_bytes())),
+        ),
+        ("flags", resealed(&|b| b[100] |= 0x80)),
+    ] {
+        let e = resumed.load_bytes(&bytes).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "state", .. }),
+            "{what}: {e}"
+        );
+        assert_eq!(resumed.to_bytes(), snapshot, "{what}: state changed");
+    }
+    assert!(
+        resumed.load_bytes(&resealed(&|_| {})).is_ok(),
+        "resealing alone is fine"
+    );
+    // A save that fails after writing its temporary file (the target is a non-empty
+    // directory, so the rename fails) leaves the target as it was and no temporary file
+    // (the listing at the end finds only state.thor).
+    let blocked = dir.join("blocked");
+    std::fs::create_dir_all(blocked.join("inside")).unwrap();
+    assert!(resumed.save(&blocked).is_err());
+    assert!(blocked.join("inside").is_dir());
+    std::fs::remove_dir_all(&blocked).unwrap();
     let mut other = Thor::new(cfg.clone()).unwrap();
     other.add_layer(kinds[0]).unwrap();
     assert!(other.load(&path).is_err());

@@ -106,6 +106,38 @@ fn kind_words(k: &LayerKind) -> [u64; 6] {
     }
 }
 
+/// The values of a loaded layer are ones the optimizer can reach: finite statistics and
+/// inverses, a finite last trace when there is one, counters that add up (every accepted
+/// statistics step updated, failed, reused or froze; at most one freeze, and the frozen flag
+/// with it), statistics exactly when some were accepted, no unknown flag.
+fn check_layer(i: usize, flags: u64, l: &LayerState) -> Result<()> {
+    let bad = |what: &str| corrupt(&format!("layer {i}: {what}"));
+    if flags & !7 != 0 {
+        return Err(bad("unknown flags"));
+    }
+    if [&l.a_stats, &l.g_stats, &l.a_inv, &l.g_inv]
+        .iter()
+        .any(|v| v.iter().any(|x| !x.is_finite()))
+    {
+        return Err(bad("non-finite statistics or inverses"));
+    }
+    if l.rule.prev.is_some_and(|p| !p.is_finite()) {
+        return Err(bad("non-finite last trace"));
+    }
+    let c = &l.counters;
+    let decided = [c.updates, c.failed_inversions, c.reuses, c.freezes]
+        .iter()
+        .try_fold(0u64, |s, &v| s.checked_add(v));
+    if decided != Some(c.statistics)
+        || c.freezes > 1
+        || l.rule.frozen != (c.freezes == 1)
+        || l.has_stats != (c.statistics > 0)
+    {
+        return Err(bad("counters that do not add up"));
+    }
+    Ok(())
+}
+
 impl Thor {
     /// The whole state as bytes (see the module docs for the format).
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -179,6 +211,11 @@ impl Thor {
             ));
         }
         let (step, next_stats, epoch) = (r.u64()?, r.u64()?, r.f64()?);
+        // A checksum only says the bytes are the ones written; the values must also be ones
+        // an optimizer can hold.
+        if !(epoch.is_finite() && epoch >= 0.0) {
+            return Err(corrupt(&format!("epoch {epoch} is not a finite position")));
+        }
         let mut layers: Vec<LayerState> = Vec::with_capacity(n);
         for (i, cur) in self.layers.iter().enumerate() {
             let mut words = [0u64; 6];
@@ -213,6 +250,7 @@ impl Thor {
             l.rule.prev = (flags & 2 != 0).then_some(prev_trace);
             l.rule.frozen = flags & 4 != 0;
             l.counters = c;
+            check_layer(i, flags, &l)?;
             layers.push(l);
         }
         if r.pos != body.len() {
@@ -236,14 +274,17 @@ impl Thor {
                 .unwrap_or_default(),
             std::process::id()
         ));
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&self.to_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io(e)
-        })
+        let written = std::fs::File::create(&tmp).and_then(|mut f| {
+            f.write_all(&self.to_bytes())?;
+            f.sync_all()
+        });
+        // A failure at any point leaves `path` as it was and no temporary file behind.
+        written
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                io(e)
+            })
     }
 
     /// Loads a state saved by [`Thor::save`]; on any error nothing changes.
