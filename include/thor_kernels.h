@@ -244,7 +244,8 @@ enum ThorStatus thor_v1_accumulate(struct ThorContext *ctx,
 // Plans the grouped accumulation of `n_factors` factors of dimensions `dims` (split at
 // `block`; their blocks back to back in one buffer, factor 0 first), factor `f` from inputs
 // of `rows[f]` rows of element type `dtype`, with math `mode` (`ThorAccumulateMode`).
-// Release with `thor_v1_accumulate_plan_destroy`. The plan belongs to `ctx`.
+// Release with `thor_v1_accumulate_plan_destroy`. The plan belongs to `ctx`. `*out` is
+// written on success only.
 //
 // # Safety
 // `dims` and `rows` must address `n_factors` int64 each; `out` one pointer.

@@ -367,7 +367,8 @@ pub struct ThorAccumulatePlan {
 /// Plans the grouped accumulation of `n_factors` factors of dimensions `dims` (split at
 /// `block`; their blocks back to back in one buffer, factor 0 first), factor `f` from inputs
 /// of `rows[f]` rows of element type `dtype`, with math `mode` (`ThorAccumulateMode`).
-/// Release with `thor_v1_accumulate_plan_destroy`. The plan belongs to `ctx`.
+/// Release with `thor_v1_accumulate_plan_destroy`. The plan belongs to `ctx`. `*out` is
+/// written on success only.
 ///
 /// # Safety
 /// `dims` and `rows` must address `n_factors` int64 each; `out` one pointer.
@@ -384,8 +385,6 @@ pub unsafe extern "C" fn thor_v1_accumulate_plan_create(
 ) -> ThorStatus {
     guard(|| {
         check_ptr("out", out as *const *mut ThorAccumulatePlan)?;
-        // SAFETY: checked non-null and aligned.
-        unsafe { *out = std::ptr::null_mut() };
         // SAFETY: the pointer contract of this function; checked first.
         let c = unsafe { ctx_mut(ctx)? };
         let n = checks::dim("n_factors", n_factors)?;
