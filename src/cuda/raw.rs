@@ -497,10 +497,8 @@ pub struct TraceRuleArgs {
     pub n_layers: usize,
     /// The damping in the layer traces.
     pub damping: f32,
-    /// Update threshold.
-    pub w1: f64,
-    /// Freeze threshold.
-    pub w2: f64,
+    /// The rule's thresholds (checked here).
+    pub thresholds: crate::rule::Thresholds,
     /// `n_layers` f64: each layer's previous trace (state).
     pub prev: CUdeviceptr,
     /// `n_layers` bytes of state flags (zero initially).
@@ -519,12 +517,7 @@ pub struct TraceRuleArgs {
 
 /// The launch of `trace_rule_f32`: one thread block, a thread per layer.
 pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
-    if !(a.w1.is_finite() && a.w2.is_finite() && a.w2 >= 0.0 && a.w1 >= a.w2) {
-        return Err(Error::invalid(
-            "w1/w2",
-            format!("need w1 >= w2 >= 0, got ({}, {})", a.w1, a.w2),
-        ));
-    }
+    a.thresholds.validate()?;
     crate::error::check_finite("damping", a.damping as f64)?;
     if a.n_layers == 0 || a.n_layers > i32::MAX as usize {
         return Err(Error::invalid("n_layers", "at least one layer is needed"));
@@ -559,8 +552,8 @@ pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
             Ptr(a.layers),
             I32(a.n_layers as i32),
             F32(a.damping),
-            F64(a.w1),
-            F64(a.w2),
+            F64(a.thresholds.w1),
+            F64(a.thresholds.w2),
             Ptr(a.prev),
             Ptr(a.state),
             Ptr(a.mask),

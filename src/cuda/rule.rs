@@ -137,8 +137,7 @@ impl DeviceTraceRule {
             layers: lp,
             n_layers: self.n_layers,
             damping,
-            w1: thresholds.w1,
-            w2: thresholds.w2,
+            thresholds,
             prev: pp,
             state: sp,
             mask,
@@ -229,8 +228,7 @@ impl CudaDevice {
         mask: &mut CudaSlice<u8>,
         decisions: &mut CudaSlice<i32>,
     ) -> Result<()> {
-        thresholds.validate()?;
-        crate::error::check_finite("damping", damping as f64)?;
+        // Thresholds and damping are checked by the launch plan, before anything is queued.
         check_len("factor_traces", rule.n_factors, factor_traces.len())?;
         check_len("mask", rule.total_blocks, mask.len())?;
         check_len("decisions", rule.n_layers, decisions.len())?;

@@ -256,15 +256,22 @@ impl DeviceThorStep {
         }
         let s: &CudaStream = dev.stream();
         let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(inputs.len() + 20);
-        let mut addrs = Vec::with_capacity(inputs.len());
-        for inp in inputs {
+        // The bound addresses are updated in place: a steady-state step compares, it does
+        // not rebuild.
+        let mut moved = self.bound.len() != inputs.len();
+        self.bound.resize(inputs.len(), (0, 0));
+        for (inp, bound) in inputs.iter().zip(&mut self.bound) {
             let (p, g) = inp.x.device_ptr(s);
             guards.push(g);
-            addrs.push((p, inp.ld));
+            if *bound != (p, inp.ld) {
+                *bound = (p, inp.ld);
+                moved = true;
+            }
         }
-        if addrs != self.bound {
+        if moved {
             let rows = self.acc.plan().rows();
-            let table: Vec<FactorInput> = addrs
+            let table: Vec<FactorInput> = self
+                .bound
                 .iter()
                 .zip(rows)
                 .map(|(&(x, ld), &n)| FactorInput {
@@ -274,9 +281,12 @@ impl DeviceThorStep {
                     beta: self.cfg.stat_decay,
                 })
                 .collect();
-            self.acc.set_factor_table(dev, &table)?;
+            if let Err(e) = self.acc.set_factor_table(dev, &table) {
+                // Nothing valid is on the device: the next call must upload again.
+                self.bound.clear();
+                return Err(e);
+            }
             self.traffic.uploads += 1;
-            self.bound = addrs;
         }
         let (b, nb) = (self.set().block(), self.set().total_blocks());
         let (bp, g) = self.stats.device_ptr_mut(s);
