@@ -6,7 +6,18 @@
 #include <stdint.h>
 #include <stddef.h>
 
-// Status of every call.
+// The ABI version of this library (the `1` of the prefix).
+#define THOR_ABI_VERSION 1
+
+// The most factors one call or plan takes (`n_factors`): a set of more factors than this
+// exceeds the 2^31 - 1 elements of the block buffer at every block size anyway.
+#define THOR_MAX_FACTORS (1 << 21)
+
+// Status of every call. Each function's documentation lists the statuses it returns
+// (`INVALID_ARGUMENT` standing for `THOR_STATUS_INVALID_ARGUMENT`, and so on); any function
+// may also return `THOR_STATUS_INTERNAL`, a bug in the library. A call that fails writes no
+// output and changes no state, and `thor_v1_last_error_message()` names the argument as
+// this header spells it.
 typedef enum ThorStatus {
   // Success.
   THOR_STATUS_OK = 0,
@@ -27,6 +38,8 @@ typedef enum ThorStatus {
   THOR_STATUS_NOT_SUPPORTED = 7,
   // A bug: the library panicked; the message says where.
   THOR_STATUS_INTERNAL = 8,
+  // A host buffer whose size the arguments set could not be allocated (nothing changed).
+  THOR_STATUS_OUT_OF_MEMORY = 9,
 } ThorStatus;
 
 // Element types of inputs.
@@ -137,6 +150,8 @@ uint32_t thor_v1_abi_version(void);
 
 // Creates a CPU context in `*out`. Release it with `thor_v1_context_destroy`.
 //
+// Returns `OK`; `INVALID_ARGUMENT` when `out` is null or misaligned.
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -148,6 +163,9 @@ enum ThorStatus thor_v1_context_create_cpu(struct ThorContext **out);
 // `cudaStream_t` of the device's primary context, e.g. PyTorch's current stream), which must
 // outlive the context.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (`out` null or misaligned, `ordinal` < 0); `NO_DEVICE`
+// (no CUDA driver, or no device `ordinal`); `DRIVER` (a CUDA call failed).
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -157,6 +175,9 @@ enum ThorStatus thor_v1_context_create_cuda(int32_t ordinal,
                                             struct ThorContext **out);
 
 // Waits for all work queued by the context (no-op on the CPU).
+//
+// Returns `OK`; `INVALID_ARGUMENT` (`ctx` null or misaligned); `DRIVER` (queued work
+// failed).
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -176,6 +197,10 @@ void thor_v1_context_destroy(struct ThorContext *ctx);
 // `ceil(dim / block)` padded blocks of `block x block` at `out`. A pure copy on both
 // contexts: non-finite values are copied, not reported.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `out` overlapping
+// `dense`, `dim` or `ld` < 1, `block` not 32, 64, 128 or 256, sizes that overflow);
+// `SHAPE` (`ld` < `dim`); on a CUDA context `KERNEL_LOAD`, `DRIVER`.
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -189,6 +214,10 @@ enum ThorStatus thor_v1_split(struct ThorContext *ctx,
 
 // Merges `ceil(dim / block)` blocks at `blocks` into the dense row-major `dim x dim` matrix
 // at `dense` (row stride `ld`), zero off the block diagonal.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `dense` overlapping
+// `blocks`, `dim` or `ld` < 1, `block` not 32, 64, 128 or 256, sizes that overflow);
+// `SHAPE` (`ld` < `dim`); on a CUDA context `KERNEL_LOAD`, `DRIVER`.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -205,6 +234,11 @@ enum ThorStatus thor_v1_merge(struct ThorContext *ctx,
 // (host array) split at `block`, blocks back to back at `blocks`; writes one trace per block
 // to `block_traces` (padding included) and one per factor to `factor_traces` (real diagonal).
 // A non-finite diagonal gives a non-finite trace, not an error, on both contexts.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, an output overlapping
+// another argument, `n_factors` outside 1..=`THOR_MAX_FACTORS`, a `dims` entry < 1, a set
+// of more than 2^31 - 1 elements, a bad `block`); on a CUDA context `KERNEL_LOAD`,
+// `DRIVER`.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -224,6 +258,11 @@ enum ThorStatus thor_v1_traces(struct ThorContext *ctx,
 // call plans, launches and waits (for repeated calls on many factors use the grouped form,
 // `thor_v1_accumulate_plan_create` and `thor_v1_accumulate_grouped`). A NaN or Inf in `x`
 // is an `InvalidArgument` error and leaves `blocks` unchanged.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, an output overlapping
+// another argument, `rows`, `ld` or `dim` < 1, sizes that overflow, a bad `block` or
+// `dtype`, `alpha` or `beta` not finite, a NaN or Inf in `x`); `SHAPE` (`ld` < `dim`);
+// `OUT_OF_MEMORY` (CPU scratch); on a CUDA context `KERNEL_LOAD`, `DRIVER`.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -246,6 +285,10 @@ enum ThorStatus thor_v1_accumulate(struct ThorContext *ctx,
 // of `rows[f]` rows of element type `dtype`, with math `mode` (`ThorAccumulateMode`).
 // Release with `thor_v1_accumulate_plan_destroy`. The plan belongs to `ctx`. `*out` is
 // written on success only.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `n_factors` outside
+// 1..=`THOR_MAX_FACTORS`, a `dims` entry < 1, a `rows` entry < 1 or above 2^30, a bad
+// `block`, `dtype` or `mode`); `OUT_OF_MEMORY`; on a CUDA context `KERNEL_LOAD`, `DRIVER`.
 //
 // # Safety
 // `dims` and `rows` must address `n_factors` int64 each; `out` one pointer.
@@ -274,6 +317,13 @@ void thor_v1_accumulate_plan_destroy(struct ThorAccumulatePlan *plan);
 // this queues three launches on the context's stream and returns without waiting; every
 // pointer is a device pointer.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `xs[f]` null, an output
+// overlapping another output or an input, `lds[f]` < 1 or a span that overflows,
+// `alphas[f]` or `betas[f]` not finite, a plan made on another kind of context; the
+// message names the factor); `SHAPE` (`lds[f]` < `dims[f]`); `OUT_OF_MEMORY` (CPU
+// scratch); on a CUDA context `DRIVER`. Non-finite input is not an error: it is reported
+// in `status`.
+//
 // # Safety
 // `xs`, `lds`, `alphas`, `betas` are host arrays of one entry per factor; the rest address
 // what the description gives (host memory on a CPU context, device memory on a CUDA
@@ -291,9 +341,17 @@ enum ThorStatus thor_v1_accumulate_grouped(struct ThorContext *ctx,
 
 // Batched damped Cholesky inversion of `n_blocks` blocks of `block x block`: `output_j =
 // (input_j + l_j I)^-1` with `l_j = damping[j]` (or `damping_all` when `damping` is null).
-// `input` may equal `output` (in place); any other overlap is an error. `mask` (nullable,
+// `input` may equal `output` (in place); no buffer the call writes (`output`, `info`,
+// `damping_used`) may otherwise overlap another argument. `mask` (nullable,
 // one byte per block, 0 skips), `info` (one i32 per block: 0, failing pivot, -1 skipped,
 // -2 bad damping), `damping_used` (nullable). `policy` null reports only.
+//
+// Returns `OK` (blocks that are not positive definite are reported in `info`, not as an
+// error); `INVALID_ARGUMENT` (a required pointer null, a pointer misaligned, a forbidden
+// overlap, `n_blocks` < 1, sizes that overflow, a bad `block`, `damping_all` negative or
+// not finite while `damping` is null, a `policy` with `factor` <= 1, `floor` <= 0 or more
+// than 64 retries); `OUT_OF_MEMORY` (CPU scratch); on a CUDA context `KERNEL_LOAD`,
+// `DRIVER`.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -317,6 +375,11 @@ enum ThorStatus thor_v1_invert(struct ThorContext *ctx,
 // for identity. `grad` and `out` must not overlap. On a CUDA context the call waits for the
 // result.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (a required pointer null, a pointer misaligned, `out`
+// overlapping another argument, `g_dim` or `a_dim` < 1, sizes that overflow, a bad
+// `block`, `scale` not finite); `OUT_OF_MEMORY` (CPU scratch); on a CUDA context
+// `KERNEL_LOAD`, `DRIVER`.
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -335,6 +398,9 @@ enum ThorStatus thor_v1_apply(struct ThorContext *ctx,
 // relative change of the trace from `prev` to `cur` against finite thresholds
 // `w1 >= w2 >= 0` (others are refused, as by `thor_v1_optimizer_create`).
 //
+// Returns `OK`; `INVALID_ARGUMENT` (`decision` null or misaligned, `prev` or `cur` not
+// finite, thresholds not finite with `w1 >= w2 >= 0`).
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -347,6 +413,8 @@ enum ThorStatus thor_v1_trace_rule(double prev,
 
 // Fills `*cfg` with THOR's defaults.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (`cfg` null or misaligned).
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -354,6 +422,9 @@ enum ThorStatus thor_v1_trace_rule(double prev,
 enum ThorStatus thor_v1_optimizer_config_default(struct ThorOptimizerConfig *cfg);
 
 // Creates an optimizer in `*out` (CPU backend). Release with `thor_v1_optimizer_destroy`.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, or a field of `cfg` out
+// of range: the message names it).
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -372,6 +443,10 @@ void thor_v1_optimizer_destroy(struct ThorOptimizer *opt);
 
 // Registers a linear layer (`bias` 0 or 1); its index goes to `*id`.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `id` null or misaligned, `inputs` or
+// `outputs` < 1, a layer whose sizes overflow); `OUT_OF_MEMORY` (its statistics and
+// inverses do not fit; nothing registered).
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -383,6 +458,10 @@ enum ThorStatus thor_v1_optimizer_add_linear(struct ThorOptimizer *opt,
                                              int32_t *id);
 
 // Registers a conv layer (im2col activations); its index goes to `*id`.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `id` null or misaligned, a size < 1, `c_in *
+// kh * kw` or the gradient's size overflowing); `OUT_OF_MEMORY` (its statistics and
+// inverses do not fit; nothing registered).
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -398,6 +477,9 @@ enum ThorStatus thor_v1_optimizer_add_conv2d(struct ThorOptimizer *opt,
 
 // Sets the training position in (fractional) epochs.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` null or misaligned, `epoch` negative or not
+// finite).
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -405,6 +487,8 @@ enum ThorStatus thor_v1_optimizer_add_conv2d(struct ThorOptimizer *opt,
 enum ThorStatus thor_v1_optimizer_set_epoch(struct ThorOptimizer *opt, double epoch);
 
 // `*out` = 1 when this step needs every layer's statistics (`thor_v1_optimizer_observe`).
+//
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `out` null or misaligned).
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -416,6 +500,11 @@ enum ThorStatus thor_v1_optimizer_needs_statistics(struct ThorOptimizer *opt, in
 // `[rows, outputs]` (host memory). `*observation`: the rule's decision, a `ThorDecision`
 // (0 update, 1 reuse, 2 freeze, 3 frozen: nothing done, 4 skipped: non-finite input).
 // `observation` may be null.
+//
+// Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
+// (a required pointer null, a pointer misaligned, `observation` overlapping the inputs, an
+// unknown `layer`, `rows` < 1 or overflowing); `OUT_OF_MEMORY`. On failure no state
+// changes and `*observation` is not written.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -430,6 +519,10 @@ enum ThorStatus thor_v1_optimizer_observe(struct ThorOptimizer *opt,
 
 // The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]` host
 // arrays (bias gradient as the last column for a layer with bias); `out` may equal `grad`.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `out` overlapping `grad`
+// without being equal, an unknown `layer`); `OUT_OF_MEMORY` (the copy an in-place call
+// makes).
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -447,6 +540,9 @@ enum ThorStatus thor_v1_optimizer_precondition(struct ThorOptimizer *opt,
 // has no KL clip. Multiply every preconditioned gradient by it before the update. Each
 // layer may appear once; the arrays must be non-null even when `n_layers` is 0.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `lr` negative or not
+// finite, `n_layers` negative or above the layer count, an unknown or repeated layer).
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -461,6 +557,8 @@ enum ThorStatus thor_v1_optimizer_kl_clip_factor(struct ThorOptimizer *opt,
 
 // Ends the step.
 //
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` null or misaligned).
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -468,6 +566,8 @@ enum ThorStatus thor_v1_optimizer_kl_clip_factor(struct ThorOptimizer *opt,
 enum ThorStatus thor_v1_optimizer_finish_step(struct ThorOptimizer *opt);
 
 // Copies layer `layer`'s counters to `*out`.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, an unknown `layer`).
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
@@ -479,6 +579,9 @@ enum ThorStatus thor_v1_optimizer_counters(struct ThorOptimizer *opt,
 
 // Saves the optimizer state to the file `path` (atomically).
 //
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `path` null, `path` not UTF-8 or not
+// writable: the message says why; the old file stays and no temporary file is left).
+//
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -487,6 +590,11 @@ enum ThorStatus thor_v1_optimizer_save(struct ThorOptimizer *opt, const char *pa
 
 // Loads a state saved by `thor_v1_optimizer_save` for the same layers; on error nothing
 // changes.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `path` null, `path` unreadable, or not a
+// valid state file for this optimizer's layers: damaged, truncated, another version,
+// non-finite or inconsistent values; the message says which). On failure the optimizer is
+// unchanged.
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host

@@ -24,7 +24,8 @@ __all__ = [
 ]
 
 STATUS = {0: "OK", 1: "INVALID_ARGUMENT", 2: "SHAPE", 3: "NOT_POSITIVE_DEFINITE", 4: "NO_DEVICE",
-          5: "KERNEL_LOAD", 6: "DRIVER", 7: "NOT_SUPPORTED", 8: "INTERNAL"}
+          5: "KERNEL_LOAD", 6: "DRIVER", 7: "NOT_SUPPORTED", 8: "INTERNAL",
+          9: "OUT_OF_MEMORY"}
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 

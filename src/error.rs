@@ -45,6 +45,14 @@ pub enum Error {
     /// A CUDA driver call failed.
     #[error("CUDA driver error: {0}")]
     Driver(String),
+    /// A host buffer whose size the caller chose could not be allocated.
+    #[error("out of memory: `{arg}` needs {bytes} bytes")]
+    OutOfMemory {
+        /// The argument (or buffer) the size came from.
+        arg: &'static str,
+        /// The bytes asked for.
+        bytes: usize,
+    },
 }
 
 /// Shorthand for `Result<T, thor_kernels::Error>`.
@@ -71,6 +79,34 @@ impl Error {
             actual: actual.to_string(),
         }
     }
+}
+
+/// A vector of `len` copies of `value`, or [`Error::OutOfMemory`] naming `arg` when the
+/// allocation fails (instead of aborting the process): for every buffer whose size a caller
+/// chooses.
+pub(crate) fn try_vec<T: Clone>(arg: &'static str, len: usize, value: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    try_resize(arg, &mut v, len, value)?;
+    Ok(v)
+}
+
+/// Resizes `v` to `len` elements (new ones `value`), or [`Error::OutOfMemory`] naming `arg`
+/// when growing fails; `v` is unchanged on error.
+pub(crate) fn try_resize<T: Clone>(
+    arg: &'static str,
+    v: &mut Vec<T>,
+    len: usize,
+    value: T,
+) -> Result<()> {
+    let oom = || Error::OutOfMemory {
+        arg,
+        bytes: len.saturating_mul(std::mem::size_of::<T>()),
+    };
+    if len > v.len() {
+        v.try_reserve_exact(len - v.len()).map_err(|_| oom())?;
+    }
+    v.resize(len, value);
+    Ok(())
 }
 
 /// Checks that `buf_len == expected`, naming `arg` otherwise.

@@ -10,15 +10,19 @@ pub struct ThorContext {
 }
 
 impl ThorContext {
-    pub(crate) fn ws(&mut self, bytes: usize) -> &mut Workspace {
+    /// The context's CPU workspace, grown to `bytes` (an out-of-memory status when it cannot
+    /// grow; the old workspace stays).
+    pub(crate) fn ws(&mut self, bytes: usize) -> Result<&mut Workspace> {
         if self.ws.len() < bytes {
-            self.ws = Workspace::new(bytes);
+            self.ws = Workspace::try_new(bytes)?;
         }
-        &mut self.ws
+        Ok(&mut self.ws)
     }
 }
 
 /// Creates a CPU context in `*out`. Release it with `thor_v1_context_destroy`.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` when `out` is null or misaligned.
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -42,6 +46,9 @@ pub unsafe extern "C" fn thor_v1_context_create_cpu(out: *mut *mut ThorContext) 
 /// a stream of its own; otherwise all work is queued on `stream` (a `CUstream` /
 /// `cudaStream_t` of the device's primary context, e.g. PyTorch's current stream), which must
 /// outlive the context.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (`out` null or misaligned, `ordinal` < 0); `NO_DEVICE`
+/// (no CUDA driver, or no device `ordinal`); `DRIVER` (a CUDA call failed).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -76,6 +83,9 @@ pub unsafe extern "C" fn thor_v1_context_create_cuda(
 }
 
 /// Waits for all work queued by the context (no-op on the CPU).
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (`ctx` null or misaligned); `DRIVER` (queued work
+/// failed).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host

@@ -74,7 +74,11 @@ const _: () = {
     assert!(ThorDecision::Skipped as i32 == D::Skipped.code());
 };
 
-/// Status of every call.
+/// Status of every call. Each function's documentation lists the statuses it returns
+/// (`INVALID_ARGUMENT` standing for `THOR_STATUS_INVALID_ARGUMENT`, and so on); any function
+/// may also return `THOR_STATUS_INTERNAL`, a bug in the library. A call that fails writes no
+/// output and changes no state, and `thor_v1_last_error_message()` names the argument as
+/// this header spells it.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ThorStatus {
@@ -97,6 +101,8 @@ pub enum ThorStatus {
     NotSupported = 7,
     /// A bug: the library panicked; the message says where.
     Internal = 8,
+    /// A host buffer whose size the arguments set could not be allocated (nothing changed).
+    OutOfMemory = 9,
 }
 
 /// Element types of inputs.
@@ -128,6 +134,7 @@ pub(crate) fn status_of(e: &Error) -> ThorStatus {
         Error::NoDevice(_) => ThorStatus::NoDevice,
         Error::KernelLoad(_) => ThorStatus::KernelLoad,
         Error::Driver(_) => ThorStatus::Driver,
+        Error::OutOfMemory { .. } => ThorStatus::OutOfMemory,
         // A kind added to the library after this match: not a caller's mistake.
         _ => ThorStatus::Internal,
     }

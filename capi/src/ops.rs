@@ -8,6 +8,10 @@ use super::*;
 /// `ceil(dim / block)` padded blocks of `block x block` at `out`. A pure copy on both
 /// contexts: non-finite values are copied, not reported.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `out` overlapping
+/// `dense`, `dim` or `ld` < 1, `block` not 32, 64, 128 or 256, sizes that overflow);
+/// `SHAPE` (`ld` < `dim`); on a CUDA context `KERNEL_LOAD`, `DRIVER`.
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -24,19 +28,17 @@ pub unsafe extern "C" fn thor_v1_split(
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let c = unsafe { ctx_mut(ctx)? };
-        let layout = BlockLayout::new(checks::dim("dim", dim)?, block.max(0) as usize)?;
-        let ld = checks::dim("ld", ld)?;
-        let dense_len = layout.dense_len(ld)?;
-        check_ptr("dense", dense)?;
-        check_ptr("out", out as *const f32)?;
-        check_disjoint(
-            "dense",
-            dense,
-            dense_len,
-            "out",
-            out as *const f32,
-            layout.buffer_len(),
-        )?;
+        let (d, ld, b) = (
+            checks::dim("dim", dim)?,
+            checks::dim("ld", ld)?,
+            checks::block(block)?,
+        );
+        let layout = BlockLayout::new(d, b)?;
+        let dense_len = span("ld", d, ld, d)?;
+        Regions::new()
+            .read("dense", dense, dense_len)
+            .write("out", out as *const f32, layout.buffer_len())
+            .check()?;
         match &c.device {
             AnyBackend::Cpu(_) => {
                 // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
@@ -60,6 +62,10 @@ pub unsafe extern "C" fn thor_v1_split(
 /// Merges `ceil(dim / block)` blocks at `blocks` into the dense row-major `dim x dim` matrix
 /// at `dense` (row stride `ld`), zero off the block diagonal.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `dense` overlapping
+/// `blocks`, `dim` or `ld` < 1, `block` not 32, 64, 128 or 256, sizes that overflow);
+/// `SHAPE` (`ld` < `dim`); on a CUDA context `KERNEL_LOAD`, `DRIVER`.
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -76,19 +82,17 @@ pub unsafe extern "C" fn thor_v1_merge(
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let c = unsafe { ctx_mut(ctx)? };
-        let layout = BlockLayout::new(checks::dim("dim", dim)?, block.max(0) as usize)?;
-        let ld = checks::dim("ld", ld)?;
-        let dense_len = layout.dense_len(ld)?;
-        check_ptr("blocks", blocks)?;
-        check_ptr("dense", dense as *const f32)?;
-        check_disjoint(
-            "blocks",
-            blocks,
-            layout.buffer_len(),
-            "dense",
-            dense as *const f32,
-            dense_len,
-        )?;
+        let (d, ld, b) = (
+            checks::dim("dim", dim)?,
+            checks::dim("ld", ld)?,
+            checks::block(block)?,
+        );
+        let layout = BlockLayout::new(d, b)?;
+        let dense_len = span("ld", d, ld, d)?;
+        Regions::new()
+            .read("blocks", blocks, layout.buffer_len())
+            .write("dense", dense as *const f32, dense_len)
+            .check()?;
         match &c.device {
             AnyBackend::Cpu(_) => {
                 // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
@@ -114,6 +118,11 @@ pub unsafe extern "C" fn thor_v1_merge(
 /// to `block_traces` (padding included) and one per factor to `factor_traces` (real diagonal).
 /// A non-finite diagonal gives a non-finite trace, not an error, on both contexts.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, an output overlapping
+/// another argument, `n_factors` outside 1..=`THOR_MAX_FACTORS`, a `dims` entry < 1, a set
+/// of more than 2^31 - 1 elements, a bad `block`); on a CUDA context `KERNEL_LOAD`,
+/// `DRIVER`.
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -131,41 +140,17 @@ pub unsafe extern "C" fn thor_v1_traces(
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let c = unsafe { ctx_mut(ctx)? };
-        let n = checks::dim("n_factors", n_factors)?;
-        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
-        let dims_h = unsafe { host("dims", dims, n)? };
-        let dims_u: Vec<usize> = dims_h
-            .iter()
-            .map(|&d| checks::dim("dims", d))
-            .collect::<Result<_>>()?;
-        let set = FactorSet::new(block.max(0) as usize, &dims_u)?;
-        check_ptr("blocks", blocks)?;
-        check_ptr("block_traces", block_traces as *const f32)?;
-        check_ptr("factor_traces", factor_traces as *const f32)?;
-        check_disjoint(
-            "blocks",
-            blocks,
-            set.buffer_len(),
-            "block_traces",
-            block_traces as *const f32,
-            set.total_blocks(),
-        )?;
-        check_disjoint(
-            "blocks",
-            blocks,
-            set.buffer_len(),
-            "factor_traces",
-            factor_traces as *const f32,
-            set.len(),
-        )?;
-        check_disjoint(
-            "block_traces",
-            block_traces as *const f32,
-            set.total_blocks(),
-            "factor_traces",
-            factor_traces as *const f32,
-            set.len(),
-        )?;
+        let b = checks::block(block)?;
+        let set = factor_set(b, n_factors, dims)?;
+        Regions::new()
+            .read("blocks", blocks, set.buffer_len())
+            .write(
+                "block_traces",
+                block_traces as *const f32,
+                set.total_blocks(),
+            )
+            .write("factor_traces", factor_traces as *const f32, set.len())
+            .check()?;
         match &c.device {
             // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
             AnyBackend::Cpu(_) => unsafe {
@@ -207,6 +192,11 @@ pub unsafe extern "C" fn thor_v1_traces(
 /// `thor_v1_accumulate_plan_create` and `thor_v1_accumulate_grouped`). A NaN or Inf in `x`
 /// is an `InvalidArgument` error and leaves `blocks` unchanged.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, an output overlapping
+/// another argument, `rows`, `ld` or `dim` < 1, sizes that overflow, a bad `block` or
+/// `dtype`, `alpha` or `beta` not finite, a NaN or Inf in `x`); `SHAPE` (`ld` < `dim`);
+/// `OUT_OF_MEMORY` (CPU scratch); on a CUDA context `KERNEL_LOAD`, `DRIVER`.
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -228,23 +218,18 @@ pub unsafe extern "C" fn thor_v1_accumulate(
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let c = unsafe { ctx_mut(ctx)? };
-        let layout = BlockLayout::new(checks::dim("dim", dim)?, block.max(0) as usize)?;
+        let (d, b) = (checks::dim("dim", dim)?, checks::block(block)?);
+        let layout = BlockLayout::new(d, b)?;
         let (rows, ld) = (checks::dim("rows", rows)?, checks::dim("ld", ld)?);
-        if ld < layout.dim() {
-            return Err(Error::shape("ld", format!(">= {}", layout.dim()), ld).into());
-        }
-        let n = count("rows", &[rows - 1, ld])? + layout.dim();
-        let size = match dtype {
-            0 => 4,
-            1 | 2 => 2,
-            other => {
-                return Err(Error::invalid(
-                    "dtype",
-                    format!("unknown dtype {other} (0 f32, 1 f16, 2 bf16)"),
-                )
-                .into())
-            }
-        };
+        let n = span("ld", rows, ld, d)?;
+        let size = dtype_of(dtype)?.size();
+        checks::finite("alpha", alpha as f64)?;
+        checks::finite("beta", beta as f64)?;
+        Regions::new()
+            .read_bytes("x", x, n * size, size)
+            .write("blocks", blocks as *const f32, layout.buffer_len())
+            .write("block_traces", block_traces as *const f32, layout.blocks())
+            .check()?;
         if let AnyBackend::Cuda(dev) = &c.device {
             // One factor through the grouped path (plan and tables made for this call).
             let dt = dtype_of(dtype)?;
@@ -252,8 +237,6 @@ pub unsafe extern "C" fn thor_v1_accumulate(
             let mut plan = dev.plan_accumulate(&set, &[rows], dt, AccumulateMode::F32)?;
             let mut ft = dev.zeros::<f32>(1)?;
             let mut st = dev.upload(&[-1i32])?;
-            check_ptr("blocks", blocks as *const f32)?;
-            check_ptr("block_traces", block_traces as *const f32)?;
             let s = dev.stream().clone();
             let (fp, _a) = ft.device_ptr_mut(&s);
             let (sp, _b) = st.device_ptr_mut(&s);
@@ -276,30 +259,6 @@ pub unsafe extern "C" fn thor_v1_accumulate(
             }
             return Ok(());
         }
-        check_disjoint(
-            "x",
-            x as *const u8,
-            n * size,
-            "blocks",
-            blocks as *const u8,
-            layout.buffer_len() * 4,
-        )?;
-        check_disjoint(
-            "x",
-            x as *const u8,
-            n * size,
-            "block_traces",
-            block_traces as *const u8,
-            layout.blocks() * 4,
-        )?;
-        check_disjoint(
-            "blocks",
-            blocks as *const f32,
-            layout.buffer_len(),
-            "block_traces",
-            block_traces as *const f32,
-            layout.blocks(),
-        )?;
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let out = unsafe { host_mut("blocks", blocks, layout.buffer_len())? };
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
@@ -308,7 +267,7 @@ pub unsafe extern "C" fn thor_v1_accumulate(
             0 => {
                 // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
                 let xs = unsafe { host("x", x as *const f32, n)? };
-                let ws = c.ws(cpu::accumulate_workspace_size::<f32>(&layout));
+                let ws = c.ws(cpu::accumulate_workspace_size::<f32>(&layout))?;
                 cpu::accumulate(xs, rows, ld, &layout, alpha, beta, out, tr, ws)?
             }
             1 => {
@@ -316,7 +275,7 @@ pub unsafe extern "C" fn thor_v1_accumulate(
                 let xs = unsafe { host("x", x as *const thor_kernels::half::f16, n)? };
                 let ws = c.ws(cpu::accumulate_workspace_size::<thor_kernels::half::f16>(
                     &layout,
-                ));
+                ))?;
                 cpu::accumulate(xs, rows, ld, &layout, alpha, beta, out, tr, ws)?
             }
             _ => {
@@ -324,12 +283,33 @@ pub unsafe extern "C" fn thor_v1_accumulate(
                 let xs = unsafe { host("x", x as *const thor_kernels::half::bf16, n)? };
                 let ws = c.ws(cpu::accumulate_workspace_size::<thor_kernels::half::bf16>(
                     &layout,
-                ));
+                ))?;
                 cpu::accumulate(xs, rows, ld, &layout, alpha, beta, out, tr, ws)?
             }
         }
         Ok(())
     })
+}
+
+/// The factor set of `n_factors` factors of dimensions `dims` (a host array) at block `b`,
+/// every value checked and named as the C arguments are.
+fn factor_set(b: usize, n_factors: i64, dims: *const i64) -> Result<FactorSet> {
+    let n = checks::factors("n_factors", n_factors)?;
+    // SAFETY: the caller's pointer contract: `dims` addresses `n_factors` int64.
+    let dims = unsafe { host("dims", dims, n)? };
+    let mut d = Vec::new();
+    d.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+        arg: "n_factors",
+        bytes: n * 8,
+    })?;
+    for (f, &v) in dims.iter().enumerate() {
+        d.push(
+            checks::dim("dims", v).map_err(|_| {
+                Error::invalid("dims", format!("factor {f}: must be >= 1, got {v}"))
+            })?,
+        );
+    }
+    FactorSet::new(b, &d)
 }
 
 pub(crate) fn dtype_of(dtype: i32) -> Result<DType> {
@@ -370,6 +350,10 @@ pub struct ThorAccumulatePlan {
 /// Release with `thor_v1_accumulate_plan_destroy`. The plan belongs to `ctx`. `*out` is
 /// written on success only.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `n_factors` outside
+/// 1..=`THOR_MAX_FACTORS`, a `dims` entry < 1, a `rows` entry < 1 or above 2^30, a bad
+/// `block`, `dtype` or `mode`); `OUT_OF_MEMORY`; on a CUDA context `KERNEL_LOAD`, `DRIVER`.
+///
 /// # Safety
 /// `dims` and `rows` must address `n_factors` int64 each; `out` one pointer.
 #[no_mangle]
@@ -387,16 +371,18 @@ pub unsafe extern "C" fn thor_v1_accumulate_plan_create(
         check_ptr("out", out as *const *mut ThorAccumulatePlan)?;
         // SAFETY: the pointer contract of this function; checked first.
         let c = unsafe { ctx_mut(ctx)? };
-        let n = checks::dim("n_factors", n_factors)?;
+        let b = checks::block(block)?;
+        let set = factor_set(b, n_factors, dims)?;
         // SAFETY: as above.
-        let (d, r) = unsafe { (host("dims", dims, n)?, host("rows", rows, n)?) };
-        let d: Vec<usize> = d
-            .iter()
-            .map(|&v| checks::dim("dims", v))
-            .collect::<Result<_>>()?;
+        let r = unsafe { host("rows", rows, set.len())? };
         let r: Vec<usize> = r
             .iter()
-            .map(|&v| checks::dim("rows", v))
+            .enumerate()
+            .map(|(f, &v)| {
+                checks::dim("rows", v).map_err(|_| {
+                    Error::invalid("rows", format!("factor {f}: must be >= 1, got {v}"))
+                })
+            })
             .collect::<Result<_>>()?;
         let dt = dtype_of(dtype)?;
         let mode = match mode {
@@ -410,7 +396,6 @@ pub unsafe extern "C" fn thor_v1_accumulate_plan_create(
                 .into())
             }
         };
-        let set = FactorSet::new(block.max(0) as usize, &d)?;
         let device = match &c.device {
             AnyBackend::Cpu(_) => {
                 thor_kernels::cuda::accumulate::AccumulatePlan::new(&set, &r, dt, mode, 1)?;
@@ -452,6 +437,13 @@ pub unsafe extern "C" fn thor_v1_accumulate_plan_destroy(plan: *mut ThorAccumula
 /// this queues three launches on the context's stream and returns without waiting; every
 /// pointer is a device pointer.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `xs[f]` null, an output
+/// overlapping another output or an input, `lds[f]` < 1 or a span that overflows,
+/// `alphas[f]` or `betas[f]` not finite, a plan made on another kind of context; the
+/// message names the factor); `SHAPE` (`lds[f]` < `dims[f]`); `OUT_OF_MEMORY` (CPU
+/// scratch); on a CUDA context `DRIVER`. Non-finite input is not an error: it is reported
+/// in `status`.
+///
 /// # Safety
 /// `xs`, `lds`, `alphas`, `betas` are host arrays of one entry per factor; the rest address
 /// what the description gives (host memory on a CPU context, device memory on a CUDA
@@ -485,20 +477,42 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                 host("betas", betas, n)?,
             )
         };
-        let lds: Vec<usize> = lds
-            .iter()
-            .map(|&v| checks::dim("lds", v))
-            .collect::<Result<_>>()?;
-        for (f, x) in xs.iter().enumerate() {
-            if x.is_null() {
-                return Err(Error::invalid("xs", format!("factor {f}: null pointer")).into());
-            }
-        }
+        let size = p.dtype.size();
         let (nb, len) = (p.set.total_blocks(), p.set.buffer_len());
-        check_ptr("blocks", blocks as *const f32)?;
-        check_ptr("block_traces", block_traces as *const f32)?;
-        check_ptr("factor_traces", factor_traces as *const f32)?;
-        check_ptr("status", status as *const i32)?;
+        let mut regions = Regions::new()
+            .write("blocks", blocks as *const f32, len)
+            .write("block_traces", block_traces as *const f32, nb)
+            .write("factor_traces", factor_traces as *const f32, n)
+            .write("status", status as *const i32, n);
+        let mut spans = Vec::new();
+        spans.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+            arg: "plan",
+            bytes: n * 8,
+        })?;
+        for f in 0..n {
+            let at = |e: Error| match e {
+                Error::InvalidArgument { arg, reason } => {
+                    Error::invalid(arg, format!("factor {f}: {reason}"))
+                }
+                Error::Shape {
+                    arg,
+                    expected,
+                    actual,
+                } => Error::shape(arg, format!("factor {f}: {expected}"), actual),
+                other => other,
+            };
+            let ld = checks::dim("lds", lds[f]).map_err(at)?;
+            let dim = p.set.entries()[f].layout.dim();
+            spans.push(span("lds", p.rows[f], ld, dim).map_err(at)?);
+            checks::finite("alphas", alphas[f] as f64).map_err(at)?;
+            checks::finite("betas", betas[f] as f64).map_err(at)?;
+            if xs[f].is_null() {
+                return Err(at(Error::invalid("xs", "null pointer")).into());
+            }
+            regions = regions.read_bytes("xs", xs[f], spans[f] * size, size);
+        }
+        regions.check()?;
+        let lds: Vec<usize> = lds.iter().map(|&v| v as usize).collect();
         match (&c.device, p.device.as_mut()) {
             (AnyBackend::Cuda(dev), Some(acc)) => {
                 let inputs: Vec<DevInput> = (0..n)
@@ -532,7 +546,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                         host_mut("status", status, n)?,
                     )
                 };
-                let need = |f: usize| (p.rows[f] - 1) * lds[f] + p.set.entries()[f].layout.dim();
+                let need = |f: usize| spans[f];
                 macro_rules! run {
                     ($t:ty) => {{
                         let mut inputs = Vec::with_capacity(n);
@@ -547,7 +561,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                                 beta: betas[f],
                             });
                         }
-                        let ws = c.ws(cpu::accumulate_set_workspace_size::<$t>(&p.set));
+                        let ws = c.ws(cpu::accumulate_set_workspace_size::<$t>(&p.set))?;
                         cpu::accumulate_set(&p.set, &inputs, None, out, bt, ft, st, ws)?;
                     }};
                 }
@@ -580,9 +594,17 @@ pub struct ThorInvertPolicy {
 
 /// Batched damped Cholesky inversion of `n_blocks` blocks of `block x block`: `output_j =
 /// (input_j + l_j I)^-1` with `l_j = damping[j]` (or `damping_all` when `damping` is null).
-/// `input` may equal `output` (in place); any other overlap is an error. `mask` (nullable,
+/// `input` may equal `output` (in place); no buffer the call writes (`output`, `info`,
+/// `damping_used`) may otherwise overlap another argument. `mask` (nullable,
 /// one byte per block, 0 skips), `info` (one i32 per block: 0, failing pivot, -1 skipped,
 /// -2 bad damping), `damping_used` (nullable). `policy` null reports only.
+///
+/// Returns `OK` (blocks that are not positive definite are reported in `info`, not as an
+/// error); `INVALID_ARGUMENT` (a required pointer null, a pointer misaligned, a forbidden
+/// overlap, `n_blocks` < 1, sizes that overflow, a bad `block`, `damping_all` negative or
+/// not finite while `damping` is null, a `policy` with `factor` <= 1, `floor` <= 0 or more
+/// than 64 retries); `OUT_OF_MEMORY` (CPU scratch); on a CUDA context `KERNEL_LOAD`,
+/// `DRIVER`.
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -605,24 +627,30 @@ pub unsafe extern "C" fn thor_v1_invert(
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let c = unsafe { ctx_mut(ctx)? };
-        let b = block.max(0) as usize;
-        thor_kernels::layout::check_block_size(b)?;
+        let b = checks::block(block)?;
         let nb = checks::dim("n_blocks", n_blocks)?;
         let len = count("n_blocks", &[nb, b, b])?;
-        check_ptr("input", input)?;
-        check_ptr("output", output as *const f32)?;
-        check_ptr("info", info as *const i32)?;
-        if !std::ptr::eq(input, output) {
-            check_disjoint("input", input, len, "output", output as *const f32, len)?;
+        let in_place = std::ptr::eq(input, output);
+        // In place, `input` and `output` are one buffer, written.
+        let regions = if in_place {
+            Regions::new()
+        } else {
+            Regions::new().read("input", input, len)
+        };
+        regions
+            .write("output", output as *const f32, len)
+            .read_opt("damping", damping, nb)
+            .read_opt("mask", mask, nb)
+            .write("info", info as *const i32, nb)
+            .write_opt("damping_used", damping_used as *const f32, nb)
+            .check()?;
+        if damping.is_null() && !(damping_all >= 0.0 && damping_all.is_finite()) {
+            return Err(Error::invalid(
+                "damping_all",
+                format!("must be finite and >= 0, got {damping_all}"),
+            )
+            .into());
         }
-        check_disjoint(
-            "output",
-            output as *const f32,
-            len,
-            "info",
-            info as *const i32,
-            nb,
-        )?;
         let policy = if policy.is_null() {
             FailurePolicy::Report
         } else {
@@ -667,8 +695,8 @@ pub unsafe extern "C" fn thor_v1_invert(
                     policy,
                 };
                 let ws_len = cpu::invert_workspace_size(b, nb);
-                let ws = c.ws(ws_len);
-                if std::ptr::eq(input, output) {
+                let ws = c.ws(ws_len)?;
+                if in_place {
                     // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
                     let blocks = unsafe { host_mut("output", output, len)? };
                     cpu::invert_in_place(b, blocks, info, used, &opts, ws)?;
@@ -706,6 +734,11 @@ pub unsafe extern "C" fn thor_v1_invert(
 /// for identity. `grad` and `out` must not overlap. On a CUDA context the call waits for the
 /// result.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (a required pointer null, a pointer misaligned, `out`
+/// overlapping another argument, `g_dim` or `a_dim` < 1, sizes that overflow, a bad
+/// `block`, `scale` not finite); `OUT_OF_MEMORY` (CPU scratch); on a CUDA context
+/// `KERNEL_LOAD`, `DRIVER`.
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -726,19 +759,18 @@ pub unsafe extern "C" fn thor_v1_apply(
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let c = unsafe { ctx_mut(ctx)? };
         let (gd, ad) = (checks::dim("g_dim", g_dim)?, checks::dim("a_dim", a_dim)?);
-        let b = block.max(0) as usize;
-        let (gl, al) = (BlockLayout::new(gd, b)?, BlockLayout::new(ad, b)?);
+        let b = checks::block(block)?;
+        let gl = BlockLayout::new(gd, b).map_err(rename("dim", "g_dim"))?;
+        let al = BlockLayout::new(ad, b).map_err(rename("dim", "a_dim"))?;
         let n = count("g_dim", &[gd, ad])?;
-        check_ptr("grad", grad)?;
-        check_ptr("out", out as *const f32)?;
-        check_disjoint("grad", grad, n, "out", out as *const f32, n)?;
+        checks::finite("scale", scale as f64)?;
+        Regions::new()
+            .read_opt("g_inv", g_inv, gl.buffer_len())
+            .read("grad", grad, n)
+            .read_opt("a_inv", a_inv, al.buffer_len())
+            .write("out", out as *const f32, n)
+            .check()?;
         if let AnyBackend::Cuda(dev) = &c.device {
-            for (name, side, l) in [("g_inv", g_inv, &gl), ("a_inv", a_inv, &al)] {
-                if !side.is_null() {
-                    check_ptr(name, side)?;
-                    check_disjoint(name, side, l.buffer_len(), "out", out as *const f32, n)?;
-                }
-            }
             // One layer: factor 0 is G, factor 1 is A (a set for the plan's shapes only;
             // the blocks stay where the caller has them).
             let set = FactorSet::new(b, &[gd, ad])?;
@@ -775,15 +807,11 @@ pub unsafe extern "C" fn thor_v1_apply(
         } else {
             Some((&al, unsafe { host("a_inv", a_inv, al.buffer_len())? }))
         };
-        for (name, side, l) in [("g_inv", g_inv, &gl), ("a_inv", a_inv, &al)] {
-            if !side.is_null() {
-                check_disjoint(name, side, l.buffer_len(), "out", out as *const f32, n)?;
-            }
-        }
         let ws_len = cpu::apply_workspace_size(g.map(|_| b), gd, ad);
+        let ws = c.ws(ws_len)?;
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let (gs, os) = unsafe { (host("grad", grad, n)?, host_mut("out", out, n)?) };
-        cpu::apply(g, gs, a, gd, ad, scale, os, c.ws(ws_len))?;
+        cpu::apply(g, gs, a, gd, ad, scale, os, ws)?;
         Ok(())
     })
 }
@@ -791,6 +819,9 @@ pub unsafe extern "C" fn thor_v1_apply(
 /// THOR's trace rule: `*decision` = 0 update, 1 reuse, 2 freeze (a `ThorDecision`), for the
 /// relative change of the trace from `prev` to `cur` against finite thresholds
 /// `w1 >= w2 >= 0` (others are refused, as by `thor_v1_optimizer_create`).
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (`decision` null or misaligned, `prev` or `cur` not
+/// finite, thresholds not finite with `w1 >= w2 >= 0`).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -806,6 +837,8 @@ pub unsafe extern "C" fn thor_v1_trace_rule(
 ) -> ThorStatus {
     guard(|| {
         check_ptr("decision", decision as *const i32)?;
+        checks::finite("prev", prev)?;
+        checks::finite("cur", cur)?;
         let t = Thresholds { w1, w2 };
         t.validate()?;
         // SAFETY: checked.

@@ -32,6 +32,8 @@ pub struct ThorOptimizerConfig {
 
 /// Fills `*cfg` with THOR's defaults.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (`cfg` null or misaligned).
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -71,6 +73,9 @@ pub struct ThorOptimizer {
 }
 
 /// Creates an optimizer in `*out` (CPU backend). Release with `thor_v1_optimizer_destroy`.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, or a field of `cfg` out
+/// of range: the message names it).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -139,11 +144,21 @@ pub(crate) unsafe fn opt_mut<'a>(opt: *mut ThorOptimizer) -> Result<&'a mut Thor
     Ok(unsafe { &mut (*opt).thor })
 }
 
-pub(crate) fn add_layer(opt: *mut ThorOptimizer, kind: LayerKind, id: *mut i32) -> R {
+/// Registers `kind`; a layer too large to count or to allocate is an error naming
+/// `size_arg`, the C argument its size comes from first.
+pub(crate) fn add_layer(
+    opt: *mut ThorOptimizer,
+    kind: LayerKind,
+    size_arg: &'static str,
+    id: *mut i32,
+) -> R {
     check_ptr("id", id as *const i32)?;
     // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
     let t = unsafe { opt_mut(opt)? };
-    let l = t.add_layer(kind)?;
+    if t.layers() >= i32::MAX as usize {
+        return Err(Error::invalid("opt", "2^31 - 1 layers registered already").into());
+    }
+    let l = t.add_layer(kind).map_err(rename("layer", size_arg))?;
     // SAFETY: checked.
     unsafe { *id = l.0 as i32 };
     Ok(())
@@ -154,6 +169,10 @@ pub(crate) fn size(arg: &'static str, v: i64) -> Result<usize> {
 }
 
 /// Registers a linear layer (`bias` 0 or 1); its index goes to `*id`.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `id` null or misaligned, `inputs` or
+/// `outputs` < 1, a layer whose sizes overflow); `OUT_OF_MEMORY` (its statistics and
+/// inverses do not fit; nothing registered).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -171,16 +190,21 @@ pub unsafe extern "C" fn thor_v1_optimizer_add_linear(
         add_layer(
             opt,
             LayerKind::Linear {
-                inputs: size("inputs", inputs)?,
-                outputs: size("outputs", outputs)?,
+                inputs: checks::dim("inputs", inputs)?,
+                outputs: checks::dim("outputs", outputs)?,
                 bias: bias != 0,
             },
+            "inputs",
             id,
         )
     })
 }
 
 /// Registers a conv layer (im2col activations); its index goes to `*id`.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `id` null or misaligned, a size < 1, `c_in *
+/// kh * kw` or the gradient's size overflowing); `OUT_OF_MEMORY` (its statistics and
+/// inverses do not fit; nothing registered).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -198,17 +222,20 @@ pub unsafe extern "C" fn thor_v1_optimizer_add_conv2d(
 ) -> ThorStatus {
     guard(|| {
         let kind = LayerKind::Conv2d {
-            c_in: size("c_in", c_in)?,
-            c_out: size("c_out", c_out)?,
-            kh: size("kh", kh)?,
-            kw: size("kw", kw)?,
+            c_in: checks::dim("c_in", c_in)?,
+            c_out: checks::dim("c_out", c_out)?,
+            kh: checks::dim("kh", kh)?,
+            kw: checks::dim("kw", kw)?,
             bias: bias != 0,
         };
-        add_layer(opt, kind, id)
+        add_layer(opt, kind, "c_in", id)
     })
 }
 
 /// Sets the training position in (fractional) epochs.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` null or misaligned, `epoch` negative or not
+/// finite).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -234,6 +261,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_set_epoch(
 
 /// `*out` = 1 when this step needs every layer's statistics (`thor_v1_optimizer_observe`).
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `out` null or misaligned).
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -258,6 +287,11 @@ pub unsafe extern "C" fn thor_v1_optimizer_needs_statistics(
 /// (0 update, 1 reuse, 2 freeze, 3 frozen: nothing done, 4 skipped: non-finite input).
 /// `observation` may be null.
 ///
+/// Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
+/// (a required pointer null, a pointer misaligned, `observation` overlapping the inputs, an
+/// unknown `layer`, `rows` < 1 or overflowing); `OUT_OF_MEMORY`. On failure no state
+/// changes and `*observation` is not written.
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -277,13 +311,17 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe(
         let rows = checks::dim("rows", rows)?;
         let id = LayerId(size("layer", layer as i64)?);
         let kind = t.layer_kind(id)?;
-        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
-        let a = unsafe { host("acts", acts, count("rows", &[rows, kind.inputs()])?)? };
-        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
-        let g = unsafe { host("out_grads", out_grads, count("rows", &[rows, kind.d_g()])?)? };
-        if !observation.is_null() {
-            check_ptr("observation", observation as *const i32)?;
-        }
+        let (na, ng) = (
+            count("rows", &[rows, kind.inputs()])?,
+            count("rows", &[rows, kind.d_g()])?,
+        );
+        Regions::new()
+            .read("acts", acts, na)
+            .read("out_grads", out_grads, ng)
+            .write_opt("observation", observation as *const i32, 1)
+            .check()?;
+        // SAFETY: the pointer contract of this function (module docs); checked just above.
+        let (a, g) = unsafe { (host("acts", acts, na)?, host("out_grads", out_grads, ng)?) };
         let o = t.observe(id, a, g, rows)?;
         if !observation.is_null() {
             // SAFETY: checked above, before anything changed.
@@ -295,6 +333,10 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe(
 
 /// The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]` host
 /// arrays (bias gradient as the last column for a layer with bias); `out` may equal `grad`.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `out` overlapping `grad`
+/// without being equal, an unknown `layer`); `OUT_OF_MEMORY` (the copy an in-place call
+/// makes).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -313,15 +355,25 @@ pub unsafe extern "C" fn thor_v1_optimizer_precondition(
         let id = LayerId(size("layer", layer as i64)?);
         let kind = t.layer_kind(id)?;
         let n = count("layer", &[kind.d_g(), kind.d_a()])?;
-        check_ptr("grad", grad)?;
-        check_ptr("out", out as *const f32)?;
-        if std::ptr::eq(grad, out) {
+        let in_place = std::ptr::eq(grad, out);
+        // In place, `grad` and `out` are one buffer, written.
+        let regions = if in_place {
+            Regions::new()
+        } else {
+            Regions::new().read("grad", grad, n)
+        };
+        regions.write("out", out as *const f32, n).check()?;
+        if in_place {
+            let mut g = Vec::new();
+            g.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+                arg: "grad",
+                bytes: n * 4,
+            })?;
             // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
-            let g = unsafe { host("grad", grad, n)? }.to_vec();
+            g.extend_from_slice(unsafe { host("grad", grad, n)? });
             // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
             t.precondition(id, &g, unsafe { host_mut("out", out, n)? })?;
         } else {
-            check_disjoint("grad", grad, n, "out", out as *const f32, n)?;
             // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
             t.precondition(id, unsafe { host("grad", grad, n)? }, unsafe {
                 host_mut("out", out, n)?
@@ -337,6 +389,9 @@ pub unsafe extern "C" fn thor_v1_optimizer_precondition(
 /// `[outputs, d_a]` gradient and preconditioned gradient. `*factor` is 1 when the optimizer
 /// has no KL clip. Multiply every preconditioned gradient by it before the update. Each
 /// layer may appear once; the arrays must be non-null even when `n_layers` is 0.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `lr` negative or not
+/// finite, `n_layers` negative or above the layer count, an unknown or repeated layer).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
@@ -400,6 +455,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_kl_clip_factor(
 
 /// Ends the step.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` null or misaligned).
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -454,6 +511,8 @@ impl From<thor_kernels::thor::LayerCounters> for ThorCounters {
 
 /// Copies layer `layer`'s counters to `*out`.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, an unknown `layer`).
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -489,6 +548,9 @@ pub(crate) unsafe fn path_arg(path: *const c_char) -> Result<std::path::PathBuf>
 
 /// Saves the optimizer state to the file `path` (atomically).
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `path` null, `path` not UTF-8 or not
+/// writable: the message says why; the old file stays and no temporary file is left).
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -510,6 +572,11 @@ pub unsafe extern "C" fn thor_v1_optimizer_save(
 /// Loads a state saved by `thor_v1_optimizer_save` for the same layers; on error nothing
 /// changes.
 ///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` or `path` null, `path` unreadable, or not a
+/// valid state file for this optimizer's layers: damaged, truncated, another version,
+/// non-finite or inconsistent values; the message says which). On failure the optimizer is
+/// unchanged.
+///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host
 /// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
@@ -523,7 +590,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_load(
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let t = unsafe { opt_mut(opt)? };
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
-        t.load(&unsafe { path_arg(path)? })?;
+        t.load(&unsafe { path_arg(path)? })
+            .map_err(rename("state", "path"))?;
         Ok(())
     })
 }

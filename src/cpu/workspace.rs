@@ -18,11 +18,20 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    /// A workspace of `bytes` bytes.
+    /// A workspace of `bytes` bytes. Aborts the process when the memory is not there, like
+    /// any Rust allocation: for sizes a caller chooses, use [`Workspace::try_new`].
     pub fn new(bytes: usize) -> Self {
         let mut buf = Vec::new();
         buf.resize(bytes, MaybeUninit::uninit());
         Self { buf }
+    }
+
+    /// A workspace of `bytes` bytes, or [`Error::OutOfMemory`] (argument `workspace`) when
+    /// the allocation fails.
+    pub fn try_new(bytes: usize) -> Result<Self> {
+        Ok(Self {
+            buf: crate::error::try_vec("workspace", bytes, MaybeUninit::uninit())?,
+        })
     }
 
     /// Its size in bytes.

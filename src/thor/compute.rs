@@ -20,8 +20,11 @@ use crate::layout::FactorSet;
 pub(crate) trait Compute: std::fmt::Debug {
     /// A short name for reports.
     fn name(&self) -> String;
-    /// Makes room for a layer of this size (the CPU workspace).
-    fn reserve(&mut self, b: usize, blocks: usize, d_g: usize, d_a: usize);
+    /// Makes room for a layer of this size (the CPU workspace); [`Error::OutOfMemory`] when
+    /// it cannot.
+    ///
+    /// [`Error::OutOfMemory`]: crate::error::Error::OutOfMemory
+    fn reserve(&mut self, b: usize, blocks: usize, d_g: usize, d_a: usize) -> Result<()>;
     /// `stats <- beta * stats + alpha * X^T X` on the diagonal blocks (see
     /// [`cpu::accumulate`]); `traces` gets one trace per block.
     #[allow(clippy::too_many_arguments)]
@@ -84,12 +87,13 @@ impl Compute for CpuCompute {
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
-    fn reserve(&mut self, b: usize, blocks: usize, d_g: usize, d_a: usize) {
+    fn reserve(&mut self, b: usize, blocks: usize, d_g: usize, d_a: usize) -> Result<()> {
         let need =
             cpu::invert_workspace_size(b, blocks).max(cpu::apply_workspace_size(Some(b), d_g, d_a));
         if self.ws.len() < need {
-            self.ws = Workspace::new(need);
+            self.ws = Workspace::try_new(need)?;
         }
+        Ok(())
     }
     fn accumulate(
         &mut self,
@@ -147,7 +151,9 @@ impl Compute for CudaCompute {
     fn name(&self) -> String {
         format!("cuda:{}", self.dev.name().unwrap_or_else(|_| "?".into()))
     }
-    fn reserve(&mut self, _b: usize, _blocks: usize, _d_g: usize, _d_a: usize) {}
+    fn reserve(&mut self, _b: usize, _blocks: usize, _d_g: usize, _d_a: usize) -> Result<()> {
+        Ok(())
+    }
     fn accumulate(
         &mut self,
         x: &[f32],

@@ -35,7 +35,7 @@ pub use schedule::{lr_poly, DampingSchedule, IntervalSchedule};
 
 use crate::backend::{AnyBackend, BackendKind};
 use crate::cpu::InvertOptions;
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_len, try_resize, try_vec, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{check_block_size, BlockLayout};
 use crate::rule::{self, fisher_trace, RuleState};
@@ -294,33 +294,39 @@ impl Thor {
         let b = self.cfg.block;
         let a = BlockLayout::new(kind.d_a(), b)?;
         let g = BlockLayout::new(kind.d_g(), b)?;
-        let eye = |l: &BlockLayout| {
-            let mut v = vec![0.0f32; l.buffer_len()];
+        // Every buffer is sized by the caller's layer: allocated fallibly, so that a layer
+        // too large for memory is an error rather than an abort (and nothing changes).
+        let eye = |arg: &'static str, l: &BlockLayout| -> Result<Vec<f32>> {
+            let mut v = try_vec(arg, l.buffer_len(), 0.0f32)?;
             for j in 0..l.blocks() {
                 for i in 0..b {
                     v[j * b * b + i * b + i] = 1.0;
                 }
             }
-            v
+            Ok(v)
         };
         let state = LayerState {
             kind,
             a,
             g,
-            a_stats: vec![0.0; a.buffer_len()],
-            g_stats: vec![0.0; g.buffer_len()],
-            a_inv: eye(&a),
-            g_inv: eye(&g),
+            a_stats: try_vec("layer", a.buffer_len(), 0.0)?,
+            g_stats: try_vec("layer", g.buffer_len(), 0.0)?,
+            a_inv: eye("layer", &a)?,
+            g_inv: eye("layer", &g)?,
             has_stats: false,
             rule: RuleState::default(),
             counters: LayerCounters::default(),
         };
         let blocks = a.blocks().max(g.blocks());
-        self.compute.reserve(b, blocks, kind.d_g(), kind.d_a());
+        self.compute.reserve(b, blocks, kind.d_g(), kind.d_a())?;
         if self.traces_buf.len() < blocks {
-            self.traces_buf.resize(blocks, 0.0);
-            self.info_buf.resize(blocks, 0);
+            try_resize("layer", &mut self.traces_buf, blocks, 0.0)?;
+            try_resize("layer", &mut self.info_buf, blocks, 0)?;
         }
+        self.layers.try_reserve(1).map_err(|_| Error::OutOfMemory {
+            arg: "layer",
+            bytes: std::mem::size_of::<LayerState>(),
+        })?;
         self.layers.push(state);
         Ok(LayerId(self.layers.len() - 1))
     }
@@ -413,8 +419,8 @@ impl Thor {
             return Err(Error::invalid("rows", "at least one row is needed"));
         }
         let (inputs, d_a, d_g) = (l.kind.inputs(), l.kind.d_a(), l.kind.d_g());
-        check_len("acts", rows * inputs, acts.len())?;
-        check_len("out_grads", rows * d_g, out_grads.len())?;
+        check_len("acts", count("rows", rows, inputs)?, acts.len())?;
+        check_len("out_grads", count("rows", rows, d_g)?, out_grads.len())?;
         if l.rule.frozen {
             return Ok(Decision::Frozen);
         }
@@ -428,7 +434,7 @@ impl Thor {
             (1.0 / rows as f32, 0.0)
         };
         let x_a: &[f32] = if l.kind.bias() {
-            self.ones_buf.resize(rows * d_a, 1.0);
+            try_resize("rows", &mut self.ones_buf, count("rows", rows, d_a)?, 1.0)?;
             for (dst, src) in self
                 .ones_buf
                 .chunks_exact_mut(d_a)
@@ -550,6 +556,13 @@ impl Thor {
         }
         self.step += 1;
     }
+}
+
+/// `a * b` elements, or an error naming `arg` when the product overflows.
+fn count(arg: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .filter(|&n| n <= isize::MAX as usize / 4)
+        .ok_or_else(|| Error::invalid(arg, format!("{a} x {b} elements overflow")))
 }
 
 /// Sum of the real (unpadded) diagonal of a factor.

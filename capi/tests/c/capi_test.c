@@ -129,8 +129,10 @@ int main(int argc, char **argv) {
     int32_t decision = -1;
     OK(thor_v1_trace_rule(1.0, 1.5, 0.01, 0.001, &decision));
     CHECK(decision == THOR_DECISION_UPDATE, "rule: update");
-    OK(thor_v1_trace_rule(1.0, NAN, 0.01, 0.001, &decision));
-    CHECK(decision == THOR_DECISION_REUSE, "rule: NaN reuses");
+    decision = -1;
+    CHECK(thor_v1_trace_rule(1.0, NAN, 0.01, 0.001, &decision) == THOR_STATUS_INVALID_ARGUMENT, "rule: NaN trace");
+    CHECK(thor_v1_trace_rule(INFINITY, 1.0, 0.01, 0.001, &decision) == THOR_STATUS_INVALID_ARGUMENT, "rule: Inf trace");
+    CHECK(decision == -1, "rule: no decision written on failure");
     CHECK(thor_v1_trace_rule(1.0, 1.5, 0.001, 0.01, &decision) == THOR_STATUS_INVALID_ARGUMENT, "rule: w1 < w2");
     CHECK(thor_v1_trace_rule(1.0, 1.5, NAN, 0.0, &decision) == THOR_STATUS_INVALID_ARGUMENT, "rule: NaN w1");
     if (failures == 0) printf("bad-input checks passed\n");
