@@ -32,6 +32,7 @@ use thor_kernels::thor::{
 };
 
 pub mod checks;
+pub use checks::THOR_MAX_FACTORS;
 pub mod context;
 pub mod ops;
 pub mod optimizer;
