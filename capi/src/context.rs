@@ -10,11 +10,11 @@ pub struct ThorContext {
 }
 
 impl ThorContext {
-    /// The context's CPU workspace, grown to `bytes` (an out-of-memory status when it cannot
-    /// grow; the old workspace stays).
-    pub(crate) fn ws(&mut self, bytes: usize) -> Result<&mut Workspace> {
+    /// The context's CPU workspace, grown to `bytes` (an out-of-memory error naming `arg`,
+    /// the C argument the size follows from, when it cannot grow; the old workspace stays).
+    pub(crate) fn ws(&mut self, arg: &'static str, bytes: usize) -> Result<&mut Workspace> {
         if self.ws.len() < bytes {
-            self.ws = Workspace::try_new(bytes)?;
+            self.ws = Workspace::try_new(bytes).map_err(rename("workspace", arg))?;
         }
         Ok(&mut self.ws)
     }

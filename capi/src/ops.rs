@@ -143,6 +143,7 @@ pub unsafe extern "C" fn thor_v1_traces(
         let b = checks::block(block)?;
         let set = factor_set(b, n_factors, dims)?;
         Regions::new()
+            .read("dims", dims, set.len())
             .read("blocks", blocks, set.buffer_len())
             .write(
                 "block_traces",
@@ -267,23 +268,25 @@ pub unsafe extern "C" fn thor_v1_accumulate(
             0 => {
                 // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
                 let xs = unsafe { host("x", x as *const f32, n)? };
-                let ws = c.ws(cpu::accumulate_workspace_size::<f32>(&layout))?;
+                let ws = c.ws("dim", cpu::accumulate_workspace_size::<f32>(&layout))?;
                 cpu::accumulate(xs, rows, ld, &layout, alpha, beta, out, tr, ws)?
             }
             1 => {
                 // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
                 let xs = unsafe { host("x", x as *const thor_kernels::half::f16, n)? };
-                let ws = c.ws(cpu::accumulate_workspace_size::<thor_kernels::half::f16>(
-                    &layout,
-                ))?;
+                let ws = c.ws(
+                    "dim",
+                    cpu::accumulate_workspace_size::<thor_kernels::half::f16>(&layout),
+                )?;
                 cpu::accumulate(xs, rows, ld, &layout, alpha, beta, out, tr, ws)?
             }
             _ => {
                 // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
                 let xs = unsafe { host("x", x as *const thor_kernels::half::bf16, n)? };
-                let ws = c.ws(cpu::accumulate_workspace_size::<thor_kernels::half::bf16>(
-                    &layout,
-                ))?;
+                let ws = c.ws(
+                    "dim",
+                    cpu::accumulate_workspace_size::<thor_kernels::half::bf16>(&layout),
+                )?;
                 cpu::accumulate(xs, rows, ld, &layout, alpha, beta, out, tr, ws)?
             }
         }
@@ -384,6 +387,11 @@ pub unsafe extern "C" fn thor_v1_accumulate_plan_create(
                 })
             })
             .collect::<Result<_>>()?;
+        Regions::new()
+            .read("dims", dims, set.len())
+            .read("rows", rows, set.len())
+            .write("out", out as *const *mut ThorAccumulatePlan, 1)
+            .check()?;
         let dt = dtype_of(dtype)?;
         let mode = match mode {
             0 => AccumulateMode::F32,
@@ -480,6 +488,10 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
         let size = p.dtype.size();
         let (nb, len) = (p.set.total_blocks(), p.set.buffer_len());
         let mut regions = Regions::new()
+            .read("xs", xs.as_ptr(), n)
+            .read("lds", lds.as_ptr(), n)
+            .read("alphas", alphas.as_ptr(), n)
+            .read("betas", betas.as_ptr(), n)
             .write("blocks", blocks as *const f32, len)
             .write("block_traces", block_traces as *const f32, nb)
             .write("factor_traces", factor_traces as *const f32, n)
@@ -561,7 +573,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                                 beta: betas[f],
                             });
                         }
-                        let ws = c.ws(cpu::accumulate_set_workspace_size::<$t>(&p.set))?;
+                        let ws = c.ws("plan", cpu::accumulate_set_workspace_size::<$t>(&p.set))?;
                         cpu::accumulate_set(&p.set, &inputs, None, out, bt, ft, st, ws)?;
                     }};
                 }
@@ -643,6 +655,7 @@ pub unsafe extern "C" fn thor_v1_invert(
             .read_opt("mask", mask, nb)
             .write("info", info as *const i32, nb)
             .write_opt("damping_used", damping_used as *const f32, nb)
+            .read_opt("policy", policy, 1)
             .check()?;
         if damping.is_null() && !(damping_all >= 0.0 && damping_all.is_finite()) {
             return Err(Error::invalid(
@@ -695,7 +708,7 @@ pub unsafe extern "C" fn thor_v1_invert(
                     policy,
                 };
                 let ws_len = cpu::invert_workspace_size(b, nb);
-                let ws = c.ws(ws_len)?;
+                let ws = c.ws("n_blocks", ws_len)?;
                 if in_place {
                     // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
                     let blocks = unsafe { host_mut("output", output, len)? };
@@ -808,7 +821,7 @@ pub unsafe extern "C" fn thor_v1_apply(
             Some((&al, unsafe { host("a_inv", a_inv, al.buffer_len())? }))
         };
         let ws_len = cpu::apply_workspace_size(g.map(|_| b), gd, ad);
-        let ws = c.ws(ws_len)?;
+        let ws = c.ws("g_dim", ws_len)?;
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let (gs, os) = unsafe { (host("grad", grad, n)?, host_mut("out", out, n)?) };
         cpu::apply(g, gs, a, gd, ad, scale, os, ws)?;
@@ -840,7 +853,7 @@ pub unsafe extern "C" fn thor_v1_trace_rule(
         checks::finite("prev", prev)?;
         checks::finite("cur", cur)?;
         let t = Thresholds { w1, w2 };
-        t.validate()?;
+        t.validate().map_err(rename("thresholds", "w1"))?;
         // SAFETY: checked.
         unsafe { *decision = thor_kernels::rule::trace_rule(prev, cur, t).code() };
         Ok(())

@@ -91,6 +91,28 @@ pub unsafe extern "C" fn thor_v1_optimizer_create(
         check_ptr("out", out as *const *mut ThorOptimizer)?;
         // SAFETY: checked.
         let c = unsafe { *cfg };
+        // The damping fields one by one, so that the message names the field.
+        if !(c.damping_l0.is_finite() && c.damping_l0 >= 0.0) {
+            return Err(Error::invalid(
+                "damping_l0",
+                format!("must be finite and >= 0, got {}", c.damping_l0),
+            )
+            .into());
+        }
+        if !(c.damping_decay > 0.0 && c.damping_decay <= 1.0) {
+            return Err(Error::invalid(
+                "damping_decay",
+                format!("must be in (0, 1], got {}", c.damping_decay),
+            )
+            .into());
+        }
+        if !(c.damping_every.is_finite() && c.damping_every > 0.0) {
+            return Err(Error::invalid(
+                "damping_every",
+                format!("must be finite and > 0, got {}", c.damping_every),
+            )
+            .into());
+        }
         let config = ThorConfig {
             block: c.block.max(0) as usize,
             stat_decay: c.stat_decay,
@@ -116,7 +138,7 @@ pub unsafe extern "C" fn thor_v1_optimizer_create(
                 k => (k > 0.0).then_some(k),
             },
         };
-        let thor = Thor::new(config)?;
+        let thor = Thor::new(config).map_err(rename("thresholds", "w1"))?;
         // SAFETY: checked.
         unsafe { *out = Box::into_raw(Box::new(ThorOptimizer { thor })) };
         Ok(())
@@ -430,11 +452,18 @@ pub unsafe extern "C" fn thor_v1_optimizer_kl_clip_factor(
                 host("updates", updates, n)?,
             )
         };
-        let mut pairs = Vec::with_capacity(n);
+        let mut regions = Regions::new()
+            .read("layers", layers, n)
+            .read("grads", grads, n)
+            .read("updates", updates, n)
+            .write("factor", factor as *const f32, 1);
+        let mut lens = Vec::with_capacity(n);
         let mut seen = vec![false; t.layers()];
         for i in 0..n {
             let id = size("layers", ids[i] as i64)?;
-            let kind = t.layer_kind(LayerId(id))?;
+            let kind = t
+                .layer_kind(LayerId(id))
+                .map_err(rename("layer", "layers"))?;
             if std::mem::replace(&mut seen[id], true) {
                 return Err(Error::invalid(
                     "layers",
@@ -443,8 +472,21 @@ pub unsafe extern "C" fn thor_v1_optimizer_kl_clip_factor(
                 .into());
             }
             let len = count("layers", &[kind.d_g(), kind.d_a()])?;
-            // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
-            pairs.push(unsafe { (host("grads", gp[i], len)?, host("updates", up[i], len)?) });
+            regions = regions
+                .read("grads", gp[i], len)
+                .read("updates", up[i], len);
+            lens.push(len);
+        }
+        regions.check()?;
+        let mut pairs = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: the pointer contract of this function (module docs); checked above.
+            pairs.push(unsafe {
+                (
+                    host("grads", gp[i], lens[i])?,
+                    host("updates", up[i], lens[i])?,
+                )
+            });
         }
         let f = t.kl_clip_factor(lr, pairs);
         // SAFETY: checked.

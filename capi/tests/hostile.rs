@@ -78,7 +78,7 @@ fn grouped_accumulation_refuses_strides_that_overflow() {
             ThorStatus::Ok
         );
         // 1 << 61 used to crash, INT64_MAX to read before `x`, 1 << 62 to return garbage.
-        for ld in [1i64 << 61, 1 << 62, i64::MAX, (i64::MAX - 31) / 1] {
+        for ld in [1i64 << 61, 1 << 62, i64::MAX, i64::MAX - 31] {
             let xs = [x.as_ptr() as *const c_void];
             let st_ = thor_v1_accumulate_grouped(
                 ctx,

@@ -292,8 +292,17 @@ impl Thor {
     pub fn add_layer(&mut self, kind: LayerKind) -> Result<LayerId> {
         kind.validate()?;
         let b = self.cfg.block;
-        let a = BlockLayout::new(kind.d_a(), b)?;
-        let g = BlockLayout::new(kind.d_g(), b)?;
+        // The layer's own sizes are what the caller passed: errors name `layer`.
+        let layout = |d: usize, side: &str| {
+            BlockLayout::new(d, b).map_err(|e| match e {
+                Error::InvalidArgument { reason, .. } => {
+                    Error::invalid("layer", format!("{kind:?}: factor {side}: {reason}"))
+                }
+                other => other,
+            })
+        };
+        let a = layout(kind.d_a(), "A")?;
+        let g = layout(kind.d_g(), "G")?;
         // Every buffer is sized by the caller's layer: allocated fallibly, so that a layer
         // too large for memory is an error rather than an abort (and nothing changes).
         let eye = |arg: &'static str, l: &BlockLayout| -> Result<Vec<f32>> {
