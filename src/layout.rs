@@ -9,6 +9,23 @@ use crate::error::{Error, Result};
 /// The block sizes the kernels are built for.
 pub const SUPPORTED_BLOCK_SIZES: [usize; 4] = [32, 64, 128, 256];
 
+/// Elements a row-major `rows x d` view with row stride `ld` spans, `(rows - 1) * ld + d`
+/// (0 for no rows), with `ld >= d` and `rows * ld` elements countable in 8-byte units (so
+/// that no offset or byte stride derived from them overflows, here, in faer, or in a
+/// kernel's 64-bit indexing); errors name `arg`.
+pub(crate) fn strided_len(arg: &'static str, rows: usize, ld: usize, d: usize) -> Result<usize> {
+    if ld < d {
+        return Err(Error::shape(arg, format!(">= {d}"), ld));
+    }
+    if rows == 0 {
+        return Ok(0);
+    }
+    rows.checked_mul(ld)
+        .filter(|&n| n <= isize::MAX as usize / 8)
+        .map(|_| (rows - 1) * ld + d)
+        .ok_or_else(|| Error::invalid(arg, format!("{rows} rows of stride {ld} overflow")))
+}
+
 /// Checks that `block` is one of [`SUPPORTED_BLOCK_SIZES`].
 pub fn check_block_size(block: usize) -> Result<()> {
     if SUPPORTED_BLOCK_SIZES.contains(&block) {
@@ -84,15 +101,7 @@ impl BlockLayout {
     /// Elements a dense row-major `d x d` matrix with row stride `ld` spans,
     /// `(d - 1) * ld + d`; errors when `ld < d` or the size overflows.
     pub fn dense_len(&self, ld: usize) -> Result<usize> {
-        let d = self.dim;
-        if ld < d {
-            return Err(Error::shape("ld", format!(">= {d}"), ld));
-        }
-        (d - 1)
-            .checked_mul(ld)
-            .and_then(|n| n.checked_add(d))
-            .filter(|&n| n <= isize::MAX as usize / 8)
-            .ok_or_else(|| Error::invalid("ld", format!("{d} rows of stride {ld} overflow")))
+        strided_len("ld", self.dim, ld, self.dim)
     }
 
     /// Real (unpadded) rows of block `j`: `b`, or less for the last block.

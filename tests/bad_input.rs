@@ -86,6 +86,10 @@ fn accumulate_rejects_bad_input_and_keeps_statistics() {
     assert_eq!(arg_of(&run(&x, 0, 50, 1.0, 0.0)), "rows");
     assert_eq!(arg_of(&run(&x, 21, 50, 1.0, 0.0)), "x");
     assert_eq!(arg_of(&run(&x, 20, 49, 1.0, 0.0)), "ld");
+    // One row spans only `d` elements whatever the stride, but a stride of 2^61 used to
+    // overflow a byte stride inside the matrix product (a panic).
+    assert_eq!(arg_of(&run(&x, 1, (1 << 61) + 4, 1.0, 0.0)), "ld");
+    assert_eq!(arg_of(&run(&x, 1, usize::MAX, 1.0, 0.0)), "ld");
     assert_eq!(arg_of(&run(&x, 20, 50, f32::NAN, 0.0)), "alpha");
     assert_eq!(arg_of(&run(&x, 20, 50, 1.0, f32::INFINITY)), "beta");
     let mut xn = x.clone();

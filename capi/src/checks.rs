@@ -42,15 +42,16 @@ pub(crate) fn count(arg: &'static str, parts: &[usize]) -> Result<usize> {
 }
 
 /// Elements a strided input of `rows` rows of `dim` with row stride `ld` spans,
-/// `(rows - 1) * ld + dim`, checked (`ld >= dim`, no overflow), named `arg`.
+/// `(rows - 1) * ld + dim`, checked (`ld >= dim`, `rows * ld` countable), named `arg`.
 pub(crate) fn span(arg: &'static str, rows: usize, ld: usize, dim: usize) -> Result<usize> {
     if ld < dim {
         return Err(Error::shape(arg, format!(">= {dim}"), ld));
     }
-    rows.checked_sub(1)
-        .and_then(|r| r.checked_mul(ld))
-        .and_then(|n| n.checked_add(dim))
-        .filter(|&n| n <= MAX_BYTES / 8)
+    // `rows * ld` itself countable, not only the span: a byte stride derived from `ld` must
+    // not overflow either (one row of stride 2^61 spans `dim` elements).
+    rows.checked_mul(ld)
+        .filter(|&n| n <= MAX_BYTES / 8 && rows >= 1)
+        .map(|_| (rows - 1) * ld + dim)
         .ok_or_else(|| {
             Error::invalid(
                 arg,

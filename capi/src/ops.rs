@@ -821,7 +821,7 @@ pub unsafe extern "C" fn thor_v1_apply(
             Some((&al, unsafe { host("a_inv", a_inv, al.buffer_len())? }))
         };
         let ws_len = cpu::apply_workspace_size(g.map(|_| b), gd, ad);
-        let ws = c.ws("g_dim", ws_len)?;
+        let ws = c.ws("a_dim", ws_len)?;
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let (gs, os) = unsafe { (host("grad", grad, n)?, host_mut("out", out, n)?) };
         cpu::apply(g, gs, a, gd, ad, scale, os, ws)?;

@@ -1055,7 +1055,7 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
         }
     };
     let known = |l: i32| l >= 0 && (l as i64) < nl;
-    let (c, s, mutates) = match g.rng.random_range(0..9) {
+    let (c, s, mutates) = match g.rng.random_range(0..10) {
         0 | 1 => {
             let conv = g.chance(0.3);
             let mut c = if conv {
@@ -1226,6 +1226,38 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
             let s = unsafe { thor_v1_optimizer_kl_clip_factor(o.opt, lr, n, idp, gpp, upp, f) };
             (c, s, false)
         }
+        9 => {
+            // Save and load through paths that cannot work: refused by name, nothing
+            // changed, no file left behind.
+            let load = g.chance(0.5);
+            let mut c = if load {
+                Call::new("thor_v1_optimizer_load", &["opt", "path"])
+            } else {
+                Call::new("thor_v1_optimizer_save", &["opt", "path"])
+            };
+            let bad = g.pick(&["missing-dir/state", "", "/", "\u{7f}/x"]);
+            let path = o.dir.join(bad);
+            c.arg("path", &path);
+            c.fault("a path that cannot be used");
+            let cp = CString::new(path.to_str().unwrap()).unwrap();
+            let p = if g.chance(0.2) { null() } else { cp.as_ptr() };
+            c.snapshot();
+            // SAFETY: a live handle; `p` null or a NUL-terminated string.
+            let s = unsafe {
+                if load {
+                    thor_v1_optimizer_load(o.opt, p)
+                } else {
+                    thor_v1_optimizer_save(o.opt, p)
+                }
+            };
+            let left: Vec<_> = std::fs::read_dir(&o.dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n != "snapshot")
+                .collect();
+            assert!(left.is_empty(), "files left behind: {left:?}");
+            (c, s, true)
+        }
         6 => {
             let mut c = Call::new("thor_v1_optimizer_set_epoch", &["opt", "epoch"]);
             let e = g.f32() as f64 * 10.0;
@@ -1313,7 +1345,8 @@ fn fuzz_every_exported_function() {
     let start = Instant::now();
     let mut opt: Option<Opt> = None;
     let (mut calls, mut failed, mut iter) = (0u64, 0u64, 0u64);
-    let mut per_fn: std::collections::BTreeMap<&'static str, (u64, u64)> = Default::default();
+    // Per function: calls, refused, calls without a forbidden argument, and those that passed.
+    let mut per_fn: std::collections::BTreeMap<&'static str, [u64; 4]> = Default::default();
     while start.elapsed() < budget {
         iter += 1;
         let mut done: Vec<(Call, ThorStatus)> = Vec::new();
@@ -1364,6 +1397,78 @@ fn fuzz_every_exported_function() {
                     thor_v1_accumulate_plan_destroy(null_mut());
                 }
                 assert_eq!(thor_v1_abi_version(), THOR_ABI_VERSION);
+                // Every optimizer entry point with a null handle.
+                let (mut i, mut f, mut cnt) = (0i32, 0f32, ThorCounters::default());
+                let x = [0.0f32; 4];
+                let path = CString::new("x").unwrap();
+                // Each call is checked with the message it left.
+                macro_rules! null_handle {
+                    ($name:literal, $call:expr) => {{
+                        let mut c = Call::new($name, &["opt", "cfg", "out"]);
+                        c.fault("a null handle");
+                        // SAFETY: a null handle is refused before anything is read.
+                        let s = unsafe { $call };
+                        done.push(made(c, s));
+                    }};
+                }
+                let o = null_mut();
+                let mut out4 = [0f32; 4];
+                null_handle!(
+                    "thor_v1_optimizer_add_linear",
+                    thor_v1_optimizer_add_linear(o, 1, 1, 0, &mut i)
+                );
+                null_handle!(
+                    "thor_v1_optimizer_add_conv2d",
+                    thor_v1_optimizer_add_conv2d(o, 1, 1, 1, 1, 0, &mut i)
+                );
+                null_handle!(
+                    "thor_v1_optimizer_set_epoch",
+                    thor_v1_optimizer_set_epoch(o, 1.0)
+                );
+                null_handle!(
+                    "thor_v1_optimizer_needs_statistics",
+                    thor_v1_optimizer_needs_statistics(o, &mut i)
+                );
+                null_handle!(
+                    "thor_v1_optimizer_observe",
+                    thor_v1_optimizer_observe(o, 0, x.as_ptr(), x.as_ptr(), 1, &mut i)
+                );
+                null_handle!(
+                    "thor_v1_optimizer_precondition",
+                    thor_v1_optimizer_precondition(o, 0, x.as_ptr(), out4.as_mut_ptr())
+                );
+                null_handle!(
+                    "thor_v1_optimizer_kl_clip_factor",
+                    thor_v1_optimizer_kl_clip_factor(
+                        o,
+                        1.0,
+                        0,
+                        &i,
+                        [x.as_ptr()].as_ptr(),
+                        [x.as_ptr()].as_ptr(),
+                        &mut f
+                    )
+                );
+                null_handle!(
+                    "thor_v1_optimizer_finish_step",
+                    thor_v1_optimizer_finish_step(o)
+                );
+                null_handle!(
+                    "thor_v1_optimizer_counters",
+                    thor_v1_optimizer_counters(o, 0, &mut cnt)
+                );
+                null_handle!(
+                    "thor_v1_optimizer_save",
+                    thor_v1_optimizer_save(o, path.as_ptr())
+                );
+                null_handle!(
+                    "thor_v1_optimizer_load",
+                    thor_v1_optimizer_load(o, path.as_ptr())
+                );
+                null_handle!(
+                    "thor_v1_optimizer_create",
+                    thor_v1_optimizer_create(null(), null_mut())
+                );
             }
             _ => {
                 if opt.is_none() || g.chance(0.01) {
@@ -1382,10 +1487,14 @@ fn fuzz_every_exported_function() {
         for (c, s) in &done {
             calls += 1;
             let e = per_fn.entry(c.name).or_default();
-            e.0 += 1;
+            e[0] += 1;
+            if c.faults.is_empty() {
+                e[2] += 1;
+                e[3] += (*s == ThorStatus::Ok) as u64;
+            }
             if *s != ThorStatus::Ok {
                 failed += 1;
-                e.1 += 1;
+                e[1] += 1;
                 if std::env::var_os("THOR_FUZZ_VERBOSE").is_some() {
                     eprintln!("refused: {}) -> {:?} {}", c.desc, s, c.msg);
                 }
@@ -1405,21 +1514,16 @@ fn fuzz_every_exported_function() {
         "fuzz: seed {seed}: {calls} calls ({failed} refused) in {iter} iterations, {:.0?}",
         start.elapsed()
     );
-    for (name, (n, f)) in &per_fn {
+    for (name, [n, f, _, _]) in &per_fn {
         eprintln!("  {name}: {n} calls, {f} refused");
     }
-    assert!(per_fn.len() >= 20, "every function was reached: {per_fn:?}");
-    // Calls made only with a forbidden argument (or needing a GPU) aside, each function
-    // also succeeded: the generators reach the code behind the checks.
-    let faulted_only = [
-        "thor_v1_context_create_cpu",
-        "thor_v1_context_synchronize",
-        "thor_v1_context_create_cuda",
-    ];
-    for (name, (n, f)) in &per_fn {
+    assert!(per_fn.len() >= 24, "every function was reached: {per_fn:?}");
+    // Each function also succeeded when given nothing forbidden: the generators reach the
+    // code behind the checks (CUDA contexts aside where there is no GPU).
+    for (name, [_, _, clean, ok]) in &per_fn {
         assert!(
-            n > f || *n < 20 || faulted_only.contains(name),
-            "{name}: no call succeeded in {n}"
+            *ok > 0 || *clean < 20 || *name == "thor_v1_context_create_cuda",
+            "{name}: none of {clean} calls without a forbidden argument succeeded"
         );
     }
 }

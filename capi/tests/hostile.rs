@@ -97,6 +97,52 @@ fn grouped_accumulation_refuses_strides_that_overflow() {
         }
         assert!(blocks.iter().all(|&v| v == 7.0) && bt[0] == 7.0 && ft[0] == 7.0 && st[0] == 7);
         thor_v1_accumulate_plan_destroy(plan);
+        // One row spans `dim` elements whatever the stride, but a stride of 2^61 + 4 used to
+        // overflow a byte stride inside the matrix product (found by the fuzzer).
+        let one = [1i64];
+        assert_eq!(
+            thor_v1_accumulate_plan_create(
+                ctx,
+                32,
+                1,
+                dims.as_ptr(),
+                one.as_ptr(),
+                0,
+                0,
+                &mut plan
+            ),
+            ThorStatus::Ok
+        );
+        let xs = [x.as_ptr() as *const c_void];
+        let s = thor_v1_accumulate_grouped(
+            ctx,
+            plan,
+            xs.as_ptr(),
+            &((1i64 << 61) + 4),
+            &1.0,
+            &0.0,
+            blocks.as_mut_ptr(),
+            bt.as_mut_ptr(),
+            ft.as_mut_ptr(),
+            st.as_mut_ptr(),
+        );
+        refused(s, ThorStatus::InvalidArgument, "lds");
+        let s = thor_v1_accumulate(
+            ctx,
+            x.as_ptr() as *const c_void,
+            0,
+            1,
+            (1i64 << 61) + 4,
+            32,
+            32,
+            1.0,
+            0.0,
+            blocks.as_mut_ptr(),
+            bt.as_mut_ptr(),
+        );
+        refused(s, ThorStatus::InvalidArgument, "ld");
+        assert!(blocks.iter().all(|&v| v == 7.0) && bt[0] == 7.0);
+        thor_v1_accumulate_plan_destroy(plan);
         thor_v1_context_destroy(ctx);
     }
 }
@@ -560,6 +606,40 @@ fn oom_child() {
         );
         assert_eq!(id, 0);
         thor_v1_optimizer_destroy(opt);
+
+        // An apply whose scratch (block x a_dim floats) takes 8 GiB used to abort too.
+        let ctx = cpu();
+        let a_dim = 8_000_000usize;
+        let grad = vec![1.0f32; a_dim];
+        let mut out = vec![0.0f32; a_dim];
+        let s = thor_v1_apply(
+            ctx,
+            256,
+            null(),
+            1,
+            grad.as_ptr(),
+            null(),
+            a_dim as i64,
+            1.0,
+            out.as_mut_ptr(),
+        );
+        refused(s, ThorStatus::OutOfMemory, "a_dim");
+        assert!(out.iter().all(|&v| v == 0.0), "nothing written");
+        // The context goes on with what fits.
+        let s = thor_v1_apply(
+            ctx,
+            256,
+            null(),
+            1,
+            grad.as_ptr(),
+            null(),
+            1000,
+            2.0,
+            out.as_mut_ptr(),
+        );
+        assert_eq!(s, ThorStatus::Ok, "{}", last());
+        assert_eq!(out[999], 2.0);
+        thor_v1_context_destroy(ctx);
     }
     println!("oom child: checked");
 }

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::dtype::Element;
 use crate::error::{check_finite, check_len, check_min_len, Error, Result};
-use crate::layout::{check_block_size, BlockLayout, FactorSet};
+use crate::layout::{check_block_size, strided_len, BlockLayout, FactorSet};
 use workspace::{for_each_group, workspace_size, PerItem};
 
 pub use crate::invert::{check_info, FailurePolicy, INFO_SKIPPED};
@@ -158,12 +158,10 @@ pub fn accumulate<E: Element>(
     if rows == 0 {
         return Err(Error::invalid("rows", "at least one row is needed"));
     }
-    if ld < d {
-        return Err(Error::shape("ld", format!(">= {d}"), ld));
-    }
+    let x_len = strided_len("ld", rows, ld, d)?;
     check_finite("alpha", alpha as f64)?;
     check_finite("beta", beta as f64)?;
-    check_min_len("x", (rows - 1) * ld + d, x.len())?;
+    check_min_len("x", x_len, x.len())?;
     check_len("blocks", layout.buffer_len(), blocks.len())?;
     check_len("block_traces", layout.blocks(), block_traces.len())?;
     let need = accumulate_workspace_size::<E>(layout);
@@ -283,12 +281,10 @@ pub fn accumulate_set<E: Element>(
         if inp.rows == 0 {
             return Err(Error::invalid("rows", "at least one row is needed"));
         }
-        if inp.ld < d {
-            return Err(Error::shape("ld", format!(">= {d}"), inp.ld));
-        }
+        let x_len = strided_len("ld", inp.rows, inp.ld, d)?;
         check_finite("alpha", inp.alpha as f64)?;
         check_finite("beta", inp.beta as f64)?;
-        check_min_len("x", (inp.rows - 1) * inp.ld + d, inp.x.len())?;
+        check_min_len("x", x_len, inp.x.len())?;
     }
     if let Some(p) = partners {
         check_len("partners", set.len(), p.len())?;
@@ -368,20 +364,16 @@ pub fn accumulate_dense(
     if rows == 0 || d == 0 {
         return Err(Error::invalid("rows/d", "must be at least 1"));
     }
-    if ld < d {
-        return Err(Error::shape("ld", format!(">= {d}"), ld));
-    }
-    if ldc < d {
-        return Err(Error::shape("ldc", format!(">= {d}"), ldc));
-    }
+    let x_len = strided_len("ld", rows, ld, d)?;
+    let c_len = strided_len("ldc", d, ldc, d)?;
     check_finite("alpha", alpha as f64)?;
     check_finite("beta", beta as f64)?;
-    check_min_len("x", (rows - 1) * ld + d, x.len())?;
-    check_min_len("c", (d - 1) * ldc + d, c.len())?;
+    check_min_len("x", x_len, x.len())?;
+    check_min_len("c", c_len, c.len())?;
     if let Some(at) = find_non_finite(x, rows, d, ld) {
         return Err(non_finite_error("x", at));
     }
-    let len = (d - 1) * ldc + d;
+    let len = c_len;
     // Row-major C with stride ldc is the transpose of a column-major view.
     let mut cm =
         MatMut::from_column_major_slice_with_stride_mut(&mut c[..len], d, d, ldc).transpose_mut();
@@ -394,7 +386,7 @@ pub fn accumulate_dense(
             };
         }
     }
-    let xm = MatRef::from_row_major_slice_with_stride(&x[..(rows - 1) * ld + d], rows, d, ld);
+    let xm = MatRef::from_row_major_slice_with_stride(&x[..x_len], rows, d, ld);
     triangular::matmul(
         cm,
         BlockStructure::TriangularLower,

@@ -16,7 +16,7 @@ use super::raw::{self, kernels, KernelArg, LaunchPlan};
 use super::{CudaDevice, KernelId};
 use crate::dtype::DType;
 use crate::error::{check_finite, check_len, Error, Result};
-use crate::layout::FactorSet;
+use crate::layout::{strided_len, FactorSet};
 
 /// How the products are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -288,11 +288,12 @@ impl AccumulatePlan {
             check_finite("alpha", inp.alpha as f64)?;
             check_finite("beta", inp.beta as f64)?;
             let n = self.rows[f];
-            (n - 1)
-                .checked_mul(inp.ld)
-                .and_then(|v| v.checked_add(d))
-                .filter(|&v| v <= i64::MAX as usize)
-                .ok_or_else(|| Error::invalid("ld", format!("factor {f}: input too large")))?;
+            strided_len("ld", n, inp.ld, d).map_err(|e| match e {
+                Error::InvalidArgument { reason, .. } => {
+                    Error::invalid("ld", format!("factor {f}: {reason}"))
+                }
+                other => other,
+            })?;
             let (first, count) = self.factor_slots[f];
             t.extend([
                 inp.x,
@@ -603,11 +604,8 @@ impl CudaDevice {
         for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
             self.check_same_context("inputs", &inp.x)?;
             let d = e.layout.dim();
-            let need = (acc.plan.rows()[f] - 1)
-                .checked_mul(inp.ld)
-                .and_then(|v| v.checked_add(d))
-                .ok_or_else(|| Error::invalid("ld", format!("factor {f}: too large")))?;
-            if inp.ld >= d && inp.x.len() < need {
+            let need = strided_len("ld", acc.plan.rows()[f], inp.ld, d)?;
+            if inp.x.len() < need {
                 return Err(Error::shape(
                     "inputs",
                     format!("factor {f}: at least {need} elements"),
@@ -662,8 +660,8 @@ impl CudaDevice {
         if big(rows) || big(ld) || big(ldc) || big(d) {
             return Err(Error::invalid("rows/ld", "above 2^31 - 1"));
         }
-        crate::error::check_min_len("x", (rows - 1) * ld + d, x.len())?;
-        crate::error::check_min_len("c", (d - 1) * ldc + d, c.len())?;
+        crate::error::check_min_len("x", strided_len("ld", rows, ld, d)?, x.len())?;
+        crate::error::check_min_len("c", strided_len("ldc", d, ldc, d)?, c.len())?;
         let blas = self.cublas()?;
         let s = self.stream().clone();
         let (xp, _a) = x.device_ptr(&s);

@@ -16,7 +16,7 @@ use super::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{check_len, Error, Result};
 use crate::invert::FailurePolicy;
-use crate::layout::FactorSet;
+use crate::layout::{strided_len, FactorSet};
 use crate::rule::Thresholds;
 use std::sync::Arc;
 
@@ -240,10 +240,8 @@ impl DeviceThorStep {
         for (f, (inp, e)) in inputs.iter().zip(plan.set().entries()).enumerate() {
             dev.check_same_context("inputs", &inp.x)?;
             let d = e.layout.dim();
-            let need = (plan.rows()[f] - 1)
-                .checked_mul(inp.ld)
-                .and_then(|v| v.checked_add(d));
-            if inp.ld < d || need.is_none_or(|n| inp.x.len() < n) {
+            let need = strided_len("ld", plan.rows()[f], inp.ld, d).ok();
+            if need.is_none_or(|n| inp.x.len() < n) {
                 return Err(Error::shape(
                     "inputs",
                     format!(
