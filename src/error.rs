@@ -109,6 +109,14 @@ pub(crate) fn try_resize<T: Clone>(
     Ok(())
 }
 
+/// `a * b` elements, or an error naming `arg` when the product overflows (or passes what a
+/// buffer of 4-byte elements can hold).
+pub(crate) fn product(arg: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .filter(|&n| n <= isize::MAX as usize / 4)
+        .ok_or_else(|| Error::invalid(arg, format!("{a} x {b} elements overflow")))
+}
+
 /// Checks that `buf_len == expected`, naming `arg` otherwise.
 pub(crate) fn check_len(arg: &'static str, expected: usize, buf_len: usize) -> Result<()> {
     if buf_len == expected {

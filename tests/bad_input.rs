@@ -307,3 +307,22 @@ fn device_planners_refuse_sizes_a_kernel_cannot_count() {
     let e = RuleLayer::table(&set, &bad).unwrap_err();
     assert!(e.to_string().contains("factor 2 not in the set"), "{e}");
 }
+
+#[test]
+fn caller_sized_scratch_is_a_typed_error_not_an_abort() {
+    // A shape no memory holds: the size query saturates instead of wrapping (it used to
+    // overflow), and the fallible allocation reports it by kind and argument.
+    let need = cpu::apply_workspace_size(Some(256), usize::MAX / 2, usize::MAX / 2);
+    assert_eq!(need, usize::MAX);
+    match Workspace::try_new(need) {
+        Err(Error::OutOfMemory { arg, bytes }) => {
+            assert_eq!(arg, "workspace");
+            assert_eq!(bytes, usize::MAX);
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    // And apply refuses a gradient shape whose element count overflows, by name.
+    let mut ws = Workspace::new(0);
+    let e = cpu::apply(None, &[], None, usize::MAX / 2, 3, 1.0, &mut [], &mut ws).unwrap_err();
+    assert_eq!(arg_of(&e), "out_dim");
+}

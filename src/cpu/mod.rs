@@ -18,7 +18,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
 use crate::dtype::Element;
-use crate::error::{check_finite, check_len, check_min_len, Error, Result};
+use crate::error::{check_finite, check_len, check_min_len, product, Error, Result};
 use crate::layout::{check_block_size, strided_len, BlockLayout, FactorSet};
 use workspace::{for_each_group, workspace_size, PerItem};
 
@@ -669,9 +669,15 @@ fn factor_block(src: &[f32], b: usize, damping: f32, l: &mut [f32], stack: &mut 
 
 /// Workspace bytes [`apply`] needs for a gradient of `out_dim x in_dim` whose output side
 /// is split at `g_block` (or processed in panels of 128 rows when there is no G side).
+/// Saturates at `usize::MAX` for shapes no memory holds, so that [`Workspace::try_new`]
+/// reports them.
 pub fn apply_workspace_size(g_block: Option<usize>, out_dim: usize, in_dim: usize) -> usize {
-    let rb = g_block.unwrap_or(128);
-    workspace_size(rb * in_dim * 4, out_dim.div_ceil(rb))
+    let rb = g_block.unwrap_or(128).max(1);
+    // Saturating: a size no memory holds stays one (Workspace::try_new then fails).
+    workspace_size(
+        rb.saturating_mul(in_dim).saturating_mul(4),
+        out_dim.div_ceil(rb),
+    )
 }
 
 /// The preconditioner apply for one layer:
@@ -699,8 +705,9 @@ pub fn apply(
         ));
     }
     check_finite("scale", scale as f64)?;
-    check_len("grad", out_dim * in_dim, grad.len())?;
-    check_len("out", out_dim * in_dim, out.len())?;
+    let n = product("out_dim", out_dim, in_dim)?;
+    check_len("grad", n, grad.len())?;
+    check_len("out", n, out.len())?;
     for (side, arg, dim) in [(g_inv, "g_inv", out_dim), (a_inv, "a_inv", in_dim)] {
         if let Some((layout, blocks)) = side {
             if layout.dim() != dim {

@@ -58,13 +58,16 @@ pub(crate) fn slot_bytes(bytes: usize) -> usize {
     if bytes == 0 {
         0
     } else {
-        (bytes + SLOT_ALIGN).next_multiple_of(SLOT_ALIGN)
+        bytes
+            .saturating_add(SLOT_ALIGN)
+            .checked_next_multiple_of(SLOT_ALIGN)
+            .unwrap_or(usize::MAX)
     }
 }
 
 /// The workspace size for an operation whose every parallel slot needs `per_slot` bytes.
 pub(crate) fn workspace_size(per_slot: usize, items: usize) -> usize {
-    slot_bytes(per_slot) * slot_count().min(items.max(1))
+    slot_bytes(per_slot).saturating_mul(slot_count().min(items.max(1)))
 }
 
 /// Per-item outputs handed to [`for_each_group`]: a slice and how many of its elements

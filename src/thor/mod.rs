@@ -35,7 +35,7 @@ pub use schedule::{lr_poly, DampingSchedule, IntervalSchedule};
 
 use crate::backend::{AnyBackend, BackendKind};
 use crate::cpu::InvertOptions;
-use crate::error::{check_len, try_resize, try_vec, Error, Result};
+use crate::error::{check_len, product, try_resize, try_vec, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{check_block_size, BlockLayout};
 use crate::rule::{self, fisher_trace, RuleState};
@@ -428,8 +428,8 @@ impl Thor {
             return Err(Error::invalid("rows", "at least one row is needed"));
         }
         let (inputs, d_a, d_g) = (l.kind.inputs(), l.kind.d_a(), l.kind.d_g());
-        check_len("acts", count("rows", rows, inputs)?, acts.len())?;
-        check_len("out_grads", count("rows", rows, d_g)?, out_grads.len())?;
+        check_len("acts", product("rows", rows, inputs)?, acts.len())?;
+        check_len("out_grads", product("rows", rows, d_g)?, out_grads.len())?;
         if l.rule.frozen {
             return Ok(Decision::Frozen);
         }
@@ -443,7 +443,7 @@ impl Thor {
             (1.0 / rows as f32, 0.0)
         };
         let x_a: &[f32] = if l.kind.bias() {
-            try_resize("rows", &mut self.ones_buf, count("rows", rows, d_a)?, 1.0)?;
+            try_resize("rows", &mut self.ones_buf, product("rows", rows, d_a)?, 1.0)?;
             for (dst, src) in self
                 .ones_buf
                 .chunks_exact_mut(d_a)
@@ -565,13 +565,6 @@ impl Thor {
         }
         self.step += 1;
     }
-}
-
-/// `a * b` elements, or an error naming `arg` when the product overflows.
-fn count(arg: &'static str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b)
-        .filter(|&n| n <= isize::MAX as usize / 4)
-        .ok_or_else(|| Error::invalid(arg, format!("{a} x {b} elements overflow")))
 }
 
 /// Sum of the real (unpadded) diagonal of a factor.
