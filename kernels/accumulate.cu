@@ -16,9 +16,17 @@
 //     running statistics; so is a factor whose partner (the other factor of its layer) was
 //     flagged (status 2), so that a layer's A and G always describe the same batches.
 //
+// Per-factor state (nullable, kept by the trace rule of THOR's step, see rule.cu): a factor
+// without statistics yet has them replaced (alpha 1 / N, beta 0) whatever its alpha and
+// beta, so that an EMA starts from its first batch; a frozen factor (its layer froze) is
+// neither read nor written, status 3. Without the state every factor holds statistics.
+//
 // Precision: F32 (SIMT FMA), TF32 tensor cores on f32 input, or f16 / bf16 input on tensor
 // cores (mma.sync m16n8k8 / m16n8k16), always accumulating in f32.
 #include "common.cuh"
+
+#define ACC_HAS_STATS 1
+#define ACC_FROZEN 2
 
 // One factor of a grouped call (64 bytes, built by the host planner).
 struct AccFactor {
@@ -295,12 +303,18 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
 template <int T>
 __device__ void acc_finalize(const AccFactor* __restrict__ factors, const int* __restrict__ items,
                              int b, const float* __restrict__ ws, const int* __restrict__ flags,
+                             const unsigned char* __restrict__ fstate,
                              float* __restrict__ blocks, int* __restrict__ status) {
     THOR_SHARED(float, tile, [T][T + 1]);
     const int* it = items + 8 * (long long)blockIdx.x;
     const AccFactor f = factors[it[0]];
     const int j = it[1], tr = it[2], tc = it[3], s0 = it[4], ns = it[5], reports = it[6];
     const int tid = threadIdx.x;
+    const unsigned char st = fstate != nullptr ? fstate[it[0]] : (unsigned char)ACC_HAS_STATS;
+    if (st & ACC_FROZEN) {  // the same for the whole block: no barrier is skipped by some
+        if (reports && tid == 0) status[it[0]] = 3;
+        return;
+    }
     int mine = 0, theirs = 0;
     for (int s = tid; s < f.slot_count; s += blockDim.x) mine |= flags[f.slot_first + s];
     if (f.partner >= 0) {
@@ -311,6 +325,10 @@ __device__ void acc_finalize(const AccFactor* __restrict__ factors, const int* _
     const int partner = __syncthreads_or(theirs != 0);
     if (reports && tid == 0) status[it[0]] = own ? 1 : (partner ? 2 : 0);
     if (own || partner) return;  // the factor keeps its previous statistics
+    // The first accepted statistics replace the initial ones.
+    const bool first = !(st & ACC_HAS_STATS);
+    const float alpha = first ? 1.f / (float)f.rows : f.alpha;
+    const float beta = first ? 0.f : f.beta;
     const int w = min(b, f.d - j * b);
     float* S = blocks + (long long)(f.first_block + j) * b * b;
     const bool diag = tr == tc;
@@ -322,8 +340,8 @@ __device__ void acc_finalize(const AccFactor* __restrict__ factors, const int* _
         if (R < w && C < w) {
             float sum = 0.f;
             for (int s = 0; s < ns; ++s) sum += ws[(long long)(s0 + s) * T * T + idx];
-            v = f.alpha * sum;
-            if (f.beta != 0.f) v = fmaf(f.beta, S[(long long)R * b + C], v);
+            v = alpha * sum;
+            if (beta != 0.f) v = fmaf(beta, S[(long long)R * b + C], v);
         } else {
             v = R == C ? 1.f : 0.f;
         }
@@ -343,14 +361,24 @@ __device__ void acc_finalize(const AccFactor* __restrict__ factors, const int* _
     }
 }
 
+// A frozen factor's items return at once (uniformly per block, before any barrier): its
+// slots and flags are stale, and the finalize never reads them.
+__device__ __forceinline__ bool acc_frozen(const AccFactor*, const int* items,
+                                           const unsigned char* fstate) {
+    return fstate != nullptr && (fstate[items[8 * (long long)blockIdx.x]] & ACC_FROZEN);
+}
 #define ACC_SIMT(NAME, IN, T, TM, TN)                                                         \
     extern "C" __global__ void __launch_bounds__((T / TM) * (T / TN))                         \
-        NAME(const AccFactor* factors, const int* items, int b, float* ws, int* flags) {      \
+        NAME(const AccFactor* factors, const int* items, int b, float* ws, int* flags,        \
+             const unsigned char* fstate) {                                                   \
+        if (acc_frozen(factors, items, fstate)) return;                                       \
         acc_partial_simt<IN, T, TM, TN>(factors, items, b, ws, flags);                        \
     }
 #define ACC_MMA(NAME, IN, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                        \
-        NAME(const AccFactor* factors, const int* items, int b, float* ws, int* flags) {      \
+        NAME(const AccFactor* factors, const int* items, int b, float* ws, int* flags,        \
+             const unsigned char* fstate) {                                                   \
+        if (acc_frozen(factors, items, fstate)) return;                                       \
         acc_partial_mma<IN, T>(factors, items, b, ws, flags);                                 \
     }
 
@@ -371,11 +399,11 @@ ACC_MMA(acc_partial_t32_bf16, thor_bf16, 32)
 
 extern "C" __global__ void __launch_bounds__(256)
 acc_finalize_t64_f32(const AccFactor* factors, const int* items, int b, const float* ws,
-                     const int* flags, float* blocks, int* status) {
-    acc_finalize<64>(factors, items, b, ws, flags, blocks, status);
+                     const int* flags, const unsigned char* fstate, float* blocks, int* status) {
+    acc_finalize<64>(factors, items, b, ws, flags, fstate, blocks, status);
 }
 extern "C" __global__ void __launch_bounds__(256)
 acc_finalize_t32_f32(const AccFactor* factors, const int* items, int b, const float* ws,
-                     const int* flags, float* blocks, int* status) {
-    acc_finalize<32>(factors, items, b, ws, flags, blocks, status);
+                     const int* flags, const unsigned char* fstate, float* blocks, int* status) {
+    acc_finalize<32>(factors, items, b, ws, flags, fstate, blocks, status);
 }

@@ -244,6 +244,8 @@ fn emulated_trace_rule_matches_the_reference() {
             history: history.ptr(),
             history_capacity: cap,
             step: step.ptr(),
+            factor_state: 0,
+            counters: 0,
         })
         .unwrap();
         run(&[plan], ORDERS[k % ORDERS.len()]).unwrap();
@@ -344,6 +346,7 @@ mod accumulate {
                 trace_desc: desc.ptr(),
                 block_traces: bt.ptr(),
                 factor_traces: ft.ptr(),
+                factor_state: 0,
             })
             .unwrap();
         assert_eq!(
@@ -802,6 +805,7 @@ fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
                 trace_desc: desc.ptr(),
                 block_traces: bt.ptr(),
                 factor_traces: ft.ptr(),
+                factor_state: 0,
             })
             .unwrap();
         launches.push(
@@ -819,6 +823,8 @@ fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
                 history: history.ptr(),
                 history_capacity: 4,
                 step: step.ptr(),
+                factor_state: 0,
+                counters: 0,
             })
             .unwrap(),
         );
@@ -923,5 +929,152 @@ fn emulated_invert_residual_bound_up_to_cond_1e7() {
     let _g = lock();
     for b in SUPPORTED_BLOCK_SIZES {
         invert_cases::residual_bound(&EmuInverter(1), b, "emulated");
+    }
+}
+
+#[test]
+fn emulated_device_step_matches_the_optimizer_over_several_steps() {
+    // THOR's whole device step (grouped accumulation with the rule's factor state, trace
+    // rule with counters, masked inversion, tally), run by the emulator step after step,
+    // against `Thor` on the CPU fed the same batches (tests/common/step_cases.rs).
+    use thor_kernels::cuda::accumulate::{
+        AccumulateBuffers, AccumulateMode, AccumulatePlan, FactorInput,
+    };
+    use thor_kernels::rule::Decision;
+    let _g = lock();
+    let sc = step_cases::StepScenario::new();
+    let (b, nl) = (sc.b, sc.dims.len());
+    let set = sc.set();
+    let layers = RuleLayer::pairs(&set);
+    let mut plan = AccumulatePlan::new(
+        &set,
+        &vec![sc.rows; set.len()],
+        thor_kernels::DType::F32,
+        AccumulateMode::F32,
+        8,
+    )
+    .unwrap();
+    plan.set_partners(&sc.partners()).unwrap();
+    let mut eye = vec![0.0f32; set.buffer_len()];
+    for k in 0..set.total_blocks() {
+        for i in 0..b {
+            eye[k * b * b + i * b + i] = 1.0;
+        }
+    }
+    let mut stats = Guarded::new(&eye);
+    let mut inv = Guarded::new(&eye);
+    let mut items = Guarded::new(plan.items());
+    let mut finals = Guarded::new(plan.finals());
+    let mut ws = Guarded::new(&poisoned(plan.workspace_len()));
+    let mut flags = Guarded::new(&vec![0i32; plan.slots()]);
+    let mut status = Guarded::new(&vec![-1i32; set.len()]);
+    let mut desc = Guarded::new(&set.trace_table());
+    let mut bt = Guarded::new(&poisoned(set.total_blocks()));
+    let mut ft = Guarded::new(&poisoned(set.len()));
+    let mut table = Guarded::new(&RuleLayer::table(&set, &layers).unwrap());
+    let mut prev = Guarded::new(&vec![0.0f64; nl]);
+    let mut state = Guarded::new(&vec![0u8; nl]);
+    let mut fstate = Guarded::new(&vec![0u8; set.len()]);
+    let mut counters = Guarded::new(&vec![0u64; 6 * nl]);
+    let mut mask = Guarded::new(&vec![0u8; set.total_blocks()]);
+    let mut decisions = Guarded::new(&vec![0i32; nl]);
+    let mut history = Guarded::new(&vec![-1i32; 8 * nl]);
+    let mut step = Guarded::new(&[0u64]);
+    let mut info = Guarded::new(&vec![0i32; set.total_blocks()]);
+    let mut used = Guarded::new(&vec![0f32; set.total_blocks()]);
+    let (mut thor, ids) = sc.thor();
+    for k in 0..step_cases::STEPS {
+        let cpu = sc.observe(&mut thor, &ids, k);
+        let mut gx: Vec<Guarded<f32>> = sc.batch(k).iter().map(|x| Guarded::new(x)).collect();
+        let fi: Vec<FactorInput> = gx
+            .iter_mut()
+            .zip(sc.flat_dims())
+            .map(|(g, d)| FactorInput {
+                x: g.ptr(),
+                ld: d,
+                alpha: (1.0 - sc.decay) / sc.rows as f32,
+                beta: sc.decay,
+            })
+            .collect();
+        let mut factors = Guarded::new(&plan.factor_table(&fi).unwrap());
+        let mut launches = plan
+            .launches(&AccumulateBuffers {
+                factors: factors.ptr(),
+                items: items.ptr(),
+                finals: finals.ptr(),
+                workspace: ws.ptr(),
+                flags: flags.ptr(),
+                blocks: stats.ptr(),
+                status: status.ptr(),
+                trace_desc: desc.ptr(),
+                block_traces: bt.ptr(),
+                factor_traces: ft.ptr(),
+                factor_state: fstate.ptr(),
+            })
+            .unwrap();
+        launches.push(
+            raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
+                factor_traces: ft.ptr(),
+                factor_status: status.ptr(),
+                layers: table.ptr(),
+                n_layers: nl,
+                damping: sc.damping,
+                thresholds: sc.thresholds,
+                prev: prev.ptr(),
+                state: state.ptr(),
+                mask: mask.ptr(),
+                decisions: decisions.ptr(),
+                history: history.ptr(),
+                history_capacity: 8,
+                step: step.ptr(),
+                factor_state: fstate.ptr(),
+                counters: counters.ptr(),
+            })
+            .unwrap(),
+        );
+        launches.push(
+            raw::plan_invert_chol_f32(
+                stats.ptr(),
+                inv.ptr(),
+                &InvertArgs {
+                    b,
+                    blocks: set.total_blocks(),
+                    damping: 0,
+                    damping_all: sc.damping.sqrt(),
+                    mask: mask.ptr(),
+                    policy: FailurePolicy::retry(),
+                    info: info.ptr(),
+                    damping_used: used.ptr(),
+                },
+            )
+            .unwrap(),
+        );
+        launches.push(
+            raw::plan_rule_tally_f32(table.ptr(), nl, decisions.ptr(), info.ptr(), counters.ptr())
+                .unwrap(),
+        );
+        run(&launches, ORDERS[k % ORDERS.len()]).unwrap();
+        sc.check(
+            k,
+            &thor,
+            &ids,
+            &decisions.get(),
+            &counters.get(),
+            &stats.get(),
+            &inv.get(),
+            &status.get(),
+        );
+        // The rule keeps the per-factor state the accumulation reads: a layer's factors are
+        // marked frozen from the step it freezes.
+        let fs = fstate.get();
+        for (l, d) in cpu.iter().enumerate() {
+            let frozen = matches!(d, Decision::Freeze | Decision::Frozen);
+            assert_eq!(
+                fs[2 * l] & 2 != 0,
+                frozen,
+                "layer {l} frozen flag at step {k}"
+            );
+            assert_eq!(fs[2 * l + 1], fs[2 * l], "layer {l}: A and G share a state");
+        }
     }
 }

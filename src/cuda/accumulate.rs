@@ -102,6 +102,10 @@ pub struct AccumulateBuffers {
     pub block_traces: CUdeviceptr,
     /// One f32 per factor.
     pub factor_traces: CUdeviceptr,
+    /// One byte per factor kept by THOR's trace rule (bit 0: holds statistics, else this
+    /// step replaces them with `X^T X / N`; bit 1: frozen, not accumulated, status 3), or 0:
+    /// every factor holds statistics and takes its own alpha and beta.
+    pub factor_state: CUdeviceptr,
 }
 
 impl AccumulatePlan {
@@ -364,6 +368,7 @@ impl AccumulatePlan {
                 I32(b),
                 Ptr(buf.workspace),
                 Ptr(buf.flags),
+                Ptr(buf.factor_state),
             ],
         };
         let finalize = LaunchPlan {
@@ -381,6 +386,7 @@ impl AccumulatePlan {
                 I32(b),
                 Ptr(buf.workspace),
                 Ptr(buf.flags),
+                Ptr(buf.factor_state),
                 Ptr(buf.blocks),
                 Ptr(buf.status),
             ],
@@ -443,7 +449,7 @@ impl DeviceAccumulate {
     ) -> Result<()> {
         self.set_factor_table(dev, inputs)?;
         let (plans, _guards) =
-            self.bound_launches(dev.stream(), blocks, block_traces, factor_traces, status)?;
+            self.bound_launches(dev.stream(), blocks, block_traces, factor_traces, status, 0)?;
         for l in &plans {
             // SAFETY: the plan's own buffers are owned by `self` and their guards live until
             // the launches are queued; the rest is the caller's contract above.
@@ -460,9 +466,9 @@ impl DeviceAccumulate {
         Ok(())
     }
 
-    /// The three launches on the factor table last set and the given outputs, with the
-    /// guards of the plan's own buffers: keep them until the launches are queued, so that
-    /// cudarc's stream events cover the kernels.
+    /// The three launches on the factor table last set and the given outputs (and the
+    /// rule's per-factor state, or 0), with the guards of the plan's own buffers: keep them
+    /// until the launches are queued, so that cudarc's stream events cover the kernels.
     pub(crate) fn bound_launches<'a>(
         &'a mut self,
         s: &'a CudaStream,
@@ -470,6 +476,7 @@ impl DeviceAccumulate {
         block_traces: CUdeviceptr,
         factor_traces: CUdeviceptr,
         status: CUdeviceptr,
+        factor_state: CUdeviceptr,
     ) -> Result<(Vec<LaunchPlan>, Vec<SyncOnDrop<'a>>)> {
         let (fp, a) = self.factors.device_ptr(s);
         let (ip, b) = self.items.device_ptr(s);
@@ -488,6 +495,7 @@ impl DeviceAccumulate {
             trace_desc: tp,
             block_traces,
             factor_traces,
+            factor_state,
         })?;
         Ok((plans, vec![a, b, c, d, e, f]))
     }

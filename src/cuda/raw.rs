@@ -101,6 +101,8 @@ pub mod kernels {
 
     /// THOR's trace rule on the device.
     pub const TRACE_RULE_F32: KernelId = id("rule", "trace_rule_f32");
+    /// The rule's counters after the inversion (updates and failed inversions).
+    pub const RULE_TALLY_F32: KernelId = id("rule", "rule_tally_f32");
 
     /// The inversion kernel for block size `b` (one of the supported sizes).
     pub fn invert_chol_f32(b: usize) -> KernelId {
@@ -113,8 +115,9 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 30] = [
+    pub const ALL: [KernelId; 31] = [
         TRACE_RULE_F32,
+        RULE_TALLY_F32,
         APPLY_B32_F32,
         APPLY_B64_F32,
         APPLY_B128_F32,
@@ -513,6 +516,12 @@ pub struct TraceRuleArgs {
     pub history_capacity: usize,
     /// One u64: statistics steps so far (state).
     pub step: CUdeviceptr,
+    /// One byte per factor of the set that the accumulation reads (state: holds statistics,
+    /// frozen; zero initially), or 0 for none.
+    pub factor_state: CUdeviceptr,
+    /// `6 * n_layers` u64 counters (`thor::LayerCounters` order, zero initially), or 0 for
+    /// none; [`plan_rule_tally_f32`] completes them after the inversion.
+    pub counters: CUdeviceptr,
 }
 
 /// The launch of `trace_rule_f32`: one thread block, a thread per layer.
@@ -525,8 +534,14 @@ pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
     if a.history_capacity == 0 || a.history_capacity > i32::MAX as usize {
         return Err(Error::invalid("history_capacity", "must be at least 1"));
     }
-    if a.factor_status != 0 {
-        check_ptr("factor_status", a.factor_status, 4)?;
+    for (name, p, align) in [
+        ("factor_status", a.factor_status, 4),
+        ("factor_state", a.factor_state, 1),
+        ("counters", a.counters, 8),
+    ] {
+        if p != 0 {
+            check_ptr(name, p, align)?;
+        }
     }
     for (name, p, align) in [
         ("factor_traces", a.factor_traces, 4),
@@ -561,6 +576,45 @@ pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
             Ptr(a.history),
             I32(a.history_capacity as i32),
             Ptr(a.step),
+            Ptr(a.factor_state),
+            Ptr(a.counters),
+        ],
+    })
+}
+
+/// The launch of `rule_tally_f32`, after the masked inversion of a step: each layer
+/// `decisions` says updated counts an update in `counters`, or a failed inversion when
+/// `info` reports a failed block of the layer (`layers` as for [`plan_trace_rule_f32`]).
+pub fn plan_rule_tally_f32(
+    layers: CUdeviceptr,
+    n_layers: usize,
+    decisions: CUdeviceptr,
+    info: CUdeviceptr,
+    counters: CUdeviceptr,
+) -> Result<LaunchPlan> {
+    if n_layers == 0 || n_layers > i32::MAX as usize {
+        return Err(Error::invalid("n_layers", "at least one layer is needed"));
+    }
+    for (name, p, align) in [
+        ("layers", layers, 4),
+        ("decisions", decisions, 4),
+        ("info", info, 4),
+        ("counters", counters, 8),
+    ] {
+        check_ptr(name, p, align)?;
+    }
+    use KernelArg::*;
+    Ok(LaunchPlan {
+        kernel: kernels::RULE_TALLY_F32,
+        grid: (1, 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        args: vec![
+            Ptr(layers),
+            I32(n_layers as i32),
+            Ptr(decisions),
+            Ptr(info),
+            Ptr(counters),
         ],
     })
 }

@@ -91,6 +91,17 @@ impl RuleLayer {
     }
 }
 
+/// What the rule keeps for THOR's whole step besides its own state (raw device addresses):
+/// the per-factor state the accumulation reads (`n_factors` bytes), the layers' counters
+/// (`6 * n_layers` u64) and the inversion's `info` (one i32 per block) that the tally after
+/// the inversion reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RuleTally {
+    pub(crate) factor_state: u64,
+    pub(crate) counters: u64,
+    pub(crate) info: u64,
+}
+
 /// The device-resident state of the rule for a set of layers.
 #[derive(Debug)]
 pub struct DeviceTraceRule {
@@ -107,14 +118,15 @@ pub struct DeviceTraceRule {
 
 impl DeviceTraceRule {
     /// The rule's launch for one statistics step on raw buffers (see
-    /// [`CudaDevice::trace_rule`]), with the guards of the rule's own buffers: keep them
-    /// until the launch is queued. `factor_status` (one i32 per factor, or 0) skips the
+    /// [`CudaDevice::trace_rule`]), with, given `tally`, the launch that completes the
+    /// counters after the inversion, and the guards of the rule's own buffers: keep them
+    /// until the launches are queued. `factor_status` (one i32 per factor, or 0) skips the
     /// layers whose statistics were not updated.
     ///
     /// The plan addresses raw buffers: launching it is sound only while `factor_traces`
     /// (and `factor_status` when non-zero) address one element per factor of the set, `mask`
-    /// one byte per block, `decisions` one i32 per layer, all of `dev`'s context, valid until
-    /// the queued work completes.
+    /// one byte per block, `decisions` one i32 per layer, `tally`'s buffers as
+    /// [`RuleTally`] says, all of `dev`'s context, valid until the queued work completes.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn plan<'a>(
         &'a mut self,
@@ -125,12 +137,22 @@ impl DeviceTraceRule {
         thresholds: Thresholds,
         mask: u64,
         decisions: u64,
-    ) -> Result<(raw::LaunchPlan, Vec<SyncOnDrop<'a>>)> {
+        tally: Option<RuleTally>,
+    ) -> Result<(
+        raw::LaunchPlan,
+        Option<raw::LaunchPlan>,
+        Vec<SyncOnDrop<'a>>,
+    )> {
         let (lp, a) = self.layers.device_ptr(s);
         let (pp, b) = self.prev.device_ptr_mut(s);
         let (sp, c) = self.state.device_ptr_mut(s);
         let (hp, d) = self.history.device_ptr_mut(s);
         let (cp, e) = self.step.device_ptr_mut(s);
+        let t = tally.unwrap_or(RuleTally {
+            factor_state: 0,
+            counters: 0,
+            info: 0,
+        });
         let plan = raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
             factor_traces,
             factor_status,
@@ -145,8 +167,20 @@ impl DeviceTraceRule {
             history: hp,
             history_capacity: self.capacity,
             step: cp,
+            factor_state: t.factor_state,
+            counters: t.counters,
         })?;
-        Ok((plan, vec![a, b, c, d, e]))
+        let after = match tally {
+            Some(t) => Some(raw::plan_rule_tally_f32(
+                lp,
+                self.n_layers,
+                decisions,
+                t.info,
+                t.counters,
+            )?),
+            None => None,
+        };
+        Ok((plan, after, vec![a, b, c, d, e]))
     }
 
     /// Number of blocks of the set the rule masks.
@@ -240,7 +274,7 @@ impl CudaDevice {
         let (tp, _a) = factor_traces.device_ptr(s);
         let (mp, _e) = mask.device_ptr_mut(s);
         let (dp, _f) = decisions.device_ptr_mut(s);
-        let (plan, _guards) = rule.plan(s, tp, 0, damping, thresholds, mp, dp)?;
+        let (plan, _, _guards) = rule.plan(s, tp, 0, damping, thresholds, mp, dp, None)?;
         // SAFETY: every buffer belongs to this device and was sized from the same set and
         // layer table.
         unsafe { raw::launch(self, &plan) }?;

@@ -1,8 +1,16 @@
 //! THOR's factor step on the device as one pipeline: accumulate every factor (with traces
 //! and a per-factor non-finite status), the trace rule (update / reuse / freeze / skip per
-//! layer, and the block mask), and the masked damped inversion, in a fixed number of
-//! launches on one stream ([`DeviceThorStep::LAUNCHES`], however many layers), with no host
-//! synchronization inside; or, through [`DeviceThorStep::run_graph`], one CUDA graph launch.
+//! layer, and the block mask), the masked damped inversion and the counters, in a fixed
+//! number of launches on one stream ([`DeviceThorStep::LAUNCHES`], however many layers),
+//! with no host synchronization inside; or, through [`DeviceThorStep::run_graph`], one CUDA
+//! graph launch.
+//!
+//! Its semantics are those of [`crate::thor::Thor::observe`] for every layer at once: a
+//! layer's first accepted statistics replace the initial ones (later ones follow the EMA),
+//! a frozen layer is not accumulated, a layer with a NaN or Inf in either input is skipped
+//! whole, an update whose inversion fails in any block keeps the previous inverses of the
+//! failed blocks and counts a failed inversion; the counters match
+//! [`crate::thor::LayerCounters`] field for field.
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{
@@ -11,7 +19,7 @@ use cudarc::driver::{
 
 use super::accumulate::{AccumulateMode, DeviceAccumulate, DeviceElement, FactorInput};
 use super::raw::{self, InvertArgs, LaunchPlan};
-use super::rule::{DeviceTraceRule, RuleLayer};
+use super::rule::{DeviceTraceRule, RuleLayer, RuleTally};
 use super::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{check_len, Error, Result};
@@ -89,6 +97,11 @@ pub struct DeviceThorStep {
     decisions: CudaSlice<i32>,
     info: CudaSlice<i32>,
     damping_used: CudaSlice<f32>,
+    /// Per factor: holds statistics (bit 0), frozen (bit 1); kept by the rule, read by the
+    /// accumulation.
+    factor_state: CudaSlice<u8>,
+    /// Per layer, the six counters of [`crate::thor::LayerCounters`].
+    counters: CudaSlice<u64>,
     /// The (address, stride) of each input the factor table on the device holds.
     bound: Vec<(u64, usize)>,
     /// A stream of the step's own, in the device's context, that graphs are captured on:
@@ -143,7 +156,8 @@ impl std::fmt::Debug for StepGraph {
 
 impl CudaDevice {
     /// Sets up the factor step for `layers` whose factors form `set`, factor `f` fed with
-    /// `rows[f]` rows of `dtype` per step. Statistics start at the identity.
+    /// `rows[f]` rows of `dtype` per step. Statistics and inverses start at the identity;
+    /// a layer's first accepted statistics replace it.
     pub fn new_thor_step(
         &self,
         set: &FactorSet,
@@ -193,6 +207,8 @@ impl CudaDevice {
             decisions: self.zeros(layers.len())?,
             info: self.zeros(nb)?,
             damping_used: self.zeros(nb)?,
+            factor_state: self.zeros(set.len())?,
+            counters: self.zeros(6 * layers.len())?,
             bound: Vec::new(),
             capture_stream: None,
             graph: None,
@@ -203,8 +219,8 @@ impl CudaDevice {
 
 impl DeviceThorStep {
     /// Launches per factor step: accumulate (partial products, finalize, traces), trace
-    /// rule, inversion.
-    pub const LAUNCHES: usize = 5;
+    /// rule, inversion, the counters' tally.
+    pub const LAUNCHES: usize = 6;
 
     /// The factor set.
     pub fn set(&self) -> &FactorSet {
@@ -305,11 +321,27 @@ impl DeviceThorStep {
         guards.push(g);
         let (up, g) = self.damping_used.device_ptr_mut(s);
         guards.push(g);
-        let (mut plans, g) = self.acc.bound_launches(s, bp, btp, ftp, stp)?;
+        let (fsp, g) = self.factor_state.device_ptr_mut(s);
+        guards.push(g);
+        let (cp, g) = self.counters.device_ptr_mut(s);
+        guards.push(g);
+        let (mut plans, g) = self.acc.bound_launches(s, bp, btp, ftp, stp, fsp)?;
         guards.extend(g);
-        let (rule, g) = self
-            .rule
-            .plan(s, ftp, stp, damping, self.cfg.thresholds, mp, dp)?;
+        let tally = RuleTally {
+            factor_state: fsp,
+            counters: cp,
+            info: infp,
+        };
+        let (rule, tally, g) = self.rule.plan(
+            s,
+            ftp,
+            stp,
+            damping,
+            self.cfg.thresholds,
+            mp,
+            dp,
+            Some(tally),
+        )?;
         guards.extend(g);
         plans.push(rule);
         plans.push(raw::plan_invert_chol_f32(
@@ -326,6 +358,7 @@ impl DeviceThorStep {
                 damping_used: up,
             },
         )?);
+        plans.extend(tally);
         debug_assert_eq!(plans.len(), Self::LAUNCHES);
         let r = f(&plans);
         drop(guards);
@@ -345,7 +378,8 @@ impl DeviceThorStep {
     }
 
     /// Queues only the launches `range` of the step (0..3 accumulate, 3 the trace rule, 4
-    /// the inversion), for timing a stage alone; [`DeviceThorStep::run`] queues them all.
+    /// the inversion, 5 the counters), for timing a stage alone; [`DeviceThorStep::run`]
+    /// queues them all.
     pub fn run_launches<E: DeviceElement>(
         &mut self,
         dev: &CudaDevice,
@@ -457,6 +491,24 @@ impl DeviceThorStep {
     /// Per factor: the traces of the last step's statistics.
     pub fn factor_traces(&self) -> &CudaSlice<f32> {
         &self.factor_traces
+    }
+
+    /// Each layer's counters, as [`crate::thor::Thor::counters`] keeps them (waits for
+    /// queued work on `dev`'s stream).
+    pub fn counters(&mut self, dev: &CudaDevice) -> Result<Vec<crate::thor::LayerCounters>> {
+        dev.check_same_context("step", &self.counters)?;
+        self.traffic.syncs += 1;
+        let c = dev.download(&self.counters)?;
+        Ok(c.chunks_exact(6)
+            .map(|v| crate::thor::LayerCounters {
+                statistics: v[0],
+                updates: v[1],
+                reuses: v[2],
+                freezes: v[3],
+                skipped: v[4],
+                failed_inversions: v[5],
+            })
+            .collect())
     }
 
     /// The rule's decision history (waits for queued work on `dev`'s stream).

@@ -14,6 +14,7 @@ macro_rules! skip_note {
 #[cfg(feature = "cuda")]
 pub mod apply_cases;
 pub mod invert_cases;
+pub mod step_cases;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

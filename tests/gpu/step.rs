@@ -97,8 +97,11 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
     let rows = [256usize, 256, 90, 90, 33, 33];
     let set = FactorSet::new(b, &dims).unwrap();
     let layers = RuleLayer::pairs(&set);
+    // THOR's thresholds (w2 = 0): layers 1 and 2 see the same batch every step, so their
+    // traces do not move; with THOR-stop they would freeze at step 1, and a frozen layer is
+    // neither accumulated nor skipped (the NaN case below needs layer 1 live).
     let cfg = StepConfig {
-        thresholds: thor_kernels::rule::Thresholds::THOR_STOP,
+        thresholds: thor_kernels::rule::Thresholds::THOR,
         ..StepConfig::default()
     };
     let mut step = dev
@@ -209,7 +212,7 @@ fn gpu_thor_step_pipeline_rule_skip_and_graph_replay() {
         .run(&dev, &inputs(&moved[..5], &dims), damping)
         .unwrap_err();
     assert!(matches!(err, Error::Shape { arg: "inputs", .. }), "{err}");
-    assert_eq!(DeviceThorStep::LAUNCHES, 5);
+    assert_eq!(DeviceThorStep::LAUNCHES, 6);
     let (n, _) = step.history(&dev).unwrap();
     assert_eq!(n, 7, "3 runs + 1 run + 3 graph steps");
 }
@@ -305,12 +308,97 @@ fn gpu_thor_step_graph_follows_the_callers_stream_and_survives_a_reload() {
     assert_eq!(dev.download(step.stats()).unwrap(), want, "recaptured");
     let (n, _) = step.history(&dev).unwrap();
     assert_eq!(n, 5);
-    // One table upload (the inputs never moved), two captures, five launches of which
-    // four are graph launches, one sync (the history).
+    // One table upload (the inputs never moved), two captures, one plain step's launches
+    // and four graph launches, one sync (the history).
     let t = step.traffic();
     assert_eq!(
         (t.uploads, t.captures, t.launches, t.syncs),
-        (1, 2, 5 + 4, 1),
+        (
+            1,
+            2,
+            thor_kernels::cuda::step::DeviceThorStep::LAUNCHES as u64 + 4,
+            1
+        ),
         "{t:?}"
     );
+}
+
+/// The device step against `Thor` on the CPU over the scenario of tests/common/step_cases.rs
+/// (the emulator runs the same one): decisions, counters, statistics and inverses after every
+/// step, plain launches on even steps and graph replays on odd ones; the inputs are rewritten
+/// in place, so the steady state uploads nothing.
+#[test]
+fn gpu_device_step_matches_the_optimizer_over_several_steps() {
+    use thor_kernels::cuda::step::StepConfig;
+    use thor_kernels::cuda::RuleLayer;
+    let Some(dev) = gpu_or_skip("gpu_device_step_matches_the_optimizer_over_several_steps") else {
+        return;
+    };
+    let sc = step_cases::StepScenario::new();
+    let set = sc.set();
+    let layers = RuleLayer::pairs(&set);
+    let dims = sc.flat_dims();
+    let cfg = StepConfig {
+        stat_decay: sc.decay,
+        thresholds: sc.thresholds,
+        history: step_cases::STEPS,
+        ..StepConfig::default()
+    };
+    let mut step = dev
+        .new_thor_step(
+            &set,
+            &vec![sc.rows; set.len()],
+            thor_kernels::DType::F32,
+            &layers,
+            cfg,
+        )
+        .unwrap();
+    let mut xs: Vec<_> = sc.batch(0).iter().map(|x| dev.upload(x).unwrap()).collect();
+    let (mut thor, ids) = sc.thor();
+    for k in 0..step_cases::STEPS {
+        sc.observe(&mut thor, &ids, k);
+        for (x, h) in xs.iter_mut().zip(sc.batch(k)) {
+            dev.stream().memcpy_htod(&h, x).unwrap();
+        }
+        if k % 2 == 0 {
+            step.run(&dev, &inputs(&xs, &dims), sc.damping).unwrap();
+        } else {
+            step.run_graph(&dev, &inputs(&xs, &dims), sc.damping)
+                .unwrap();
+        }
+        let counters: Vec<u64> = step
+            .counters(&dev)
+            .unwrap()
+            .iter()
+            .flat_map(|c| {
+                [
+                    c.statistics,
+                    c.updates,
+                    c.reuses,
+                    c.freezes,
+                    c.skipped,
+                    c.failed_inversions,
+                ]
+            })
+            .collect();
+        sc.check(
+            k,
+            &thor,
+            &ids,
+            &dev.download(step.decisions()).unwrap(),
+            &counters,
+            &dev.download(step.stats()).unwrap(),
+            &dev.download(step.inverses()).unwrap(),
+            &dev.download(step.status()).unwrap(),
+        );
+    }
+    let (n, hist) = step.history(&dev).unwrap();
+    assert_eq!(n, step_cases::STEPS as u64);
+    for (k, row) in hist.iter().enumerate() {
+        for (l, d) in row.iter().enumerate() {
+            assert_eq!(*d, sc.want[l][k], "history, layer {l} step {k}");
+        }
+    }
+    // One factor table upload: the inputs never moved.
+    assert_eq!(step.traffic().uploads, 1);
 }
