@@ -326,3 +326,33 @@ fn caller_sized_scratch_is_a_typed_error_not_an_abort() {
     let e = cpu::apply(None, &[], None, usize::MAX / 2, 3, 1.0, &mut [], &mut ws).unwrap_err();
     assert_eq!(arg_of(&e), "out_dim");
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn device_step_layers_own_their_factors() {
+    use thor_kernels::cuda::RuleLayer;
+    let set = FactorSet::new(32, &[40, 7, 12, 3]).unwrap();
+    let pairs = RuleLayer::pairs(&set);
+    RuleLayer::check_exclusive(set.len(), &pairs).unwrap();
+    // Factor 1 in two layers: the rule would write its state from two threads.
+    let mut shared = pairs.clone();
+    shared[1].a_factor = Some(1);
+    let e = RuleLayer::check_exclusive(set.len(), &shared).unwrap_err();
+    assert_eq!(arg_of(&e), "layers");
+    assert!(
+        e.to_string().contains("factor 1 belongs to layers 0 and 1"),
+        "{e}"
+    );
+    let mut same = pairs.clone();
+    same[0].g_factor = Some(0);
+    assert_eq!(
+        arg_of(&RuleLayer::check_exclusive(set.len(), &same).unwrap_err()),
+        "layers"
+    );
+    let mut outside = pairs;
+    outside[1].g_factor = Some(9);
+    assert_eq!(
+        arg_of(&RuleLayer::check_exclusive(set.len(), &outside).unwrap_err()),
+        "layers"
+    );
+}

@@ -39,6 +39,38 @@ impl RuleLayer {
             .collect()
     }
 
+    /// Checks that no factor (of a set of `n_factors`) belongs to two layers, and that no
+    /// layer has the same factor as its A and G.
+    pub fn check_exclusive(n_factors: usize, layers: &[RuleLayer]) -> Result<()> {
+        let mut owner = vec![None; n_factors];
+        for (i, l) in layers.iter().enumerate() {
+            if l.a_factor.is_some() && l.a_factor == l.g_factor {
+                return Err(Error::invalid(
+                    "layers",
+                    format!("layer {i}: its A and G are the same factor"),
+                ));
+            }
+            for f in [l.a_factor, l.g_factor].into_iter().flatten() {
+                match owner.get_mut(f) {
+                    Some(Some(j)) => {
+                        return Err(Error::invalid(
+                            "layers",
+                            format!("factor {f} belongs to layers {j} and {i}"),
+                        ))
+                    }
+                    Some(o) => *o = Some(i),
+                    None => {
+                        return Err(Error::invalid(
+                            "layers",
+                            format!("layer {i}: factor {f} not in the set of {n_factors}"),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The device table of `layers` (6 i32 per layer: A factor, G factor (-1 when absent),
     /// d_A, d_G, first block, block count), checked against `set`: every factor in the set,
     /// every block range inside it, every value representable as the kernel's `int`.

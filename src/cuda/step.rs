@@ -174,6 +174,9 @@ impl CudaDevice {
         }
         cfg.thresholds.validate()?;
         cfg.policy.params()?;
+        // Each factor belongs to one layer at most: the rule writes a factor's state from
+        // its layer's thread, and a layer's statistics step is one decision.
+        RuleLayer::check_exclusive(set.len(), layers)?;
         let mut acc = self.plan_accumulate(set, rows, dtype, cfg.mode)?;
         // A layer's A and G are kept or updated together.
         let mut partners = vec![None; set.len()];
