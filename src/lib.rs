@@ -22,6 +22,7 @@ pub mod layout;
 pub mod reference;
 pub mod rule;
 pub mod shapes;
+pub mod step;
 pub mod thor;
 
 /// The cudarc version this crate is built against (0.19), for sharing streams and buffers

@@ -4,6 +4,7 @@
 //! (`kernels/rule.cu`) runs the same state machine and writes the same [`Decision::code`]s.
 
 use crate::error::{Error, Result};
+use crate::layout::FactorSet;
 
 /// What a statistics step decided for a layer. The discriminants are the codes the device
 /// rule writes and the C ABI returns.
@@ -201,5 +202,126 @@ mod tests {
             );
         }
         Thresholds::THOR_STOP.validate().unwrap();
+    }
+}
+
+/// Per-factor state of a whole-model factor step, kept by its rule and read by its
+/// accumulation: the factor holds statistics (else the next accepted ones replace the
+/// initial identity).
+pub const FACTOR_HAS_STATS: u8 = 1;
+/// Per-factor state: the factor's layer froze; it is no longer accumulated.
+pub const FACTOR_FROZEN: u8 = 2;
+
+/// A layer of a whole-model factor step (the device step, the CPU step): which factors of the set are its A and G (either may be
+/// absent), and the range of blocks its decision masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RuleLayer {
+    /// Index of the A factor in the set.
+    pub a_factor: Option<usize>,
+    /// Index of the G factor in the set.
+    pub g_factor: Option<usize>,
+    /// First block of the layer in the set.
+    pub first_block: usize,
+    /// Number of blocks the layer's decision applies to.
+    pub blocks: usize,
+}
+
+impl RuleLayer {
+    /// The usual layout: factors `2l` (A) and `2l + 1` (G) of a set built from
+    /// `[d_A0, d_G0, d_A1, d_G1, ...]`, masking both factors' blocks.
+    pub fn pairs(set: &FactorSet) -> Vec<RuleLayer> {
+        set.entries()
+            .chunks(2)
+            .enumerate()
+            .map(|(l, e)| RuleLayer {
+                a_factor: Some(2 * l),
+                g_factor: (e.len() == 2).then_some(2 * l + 1),
+                first_block: e[0].first_block,
+                blocks: e.iter().map(|x| x.layout.blocks()).sum(),
+            })
+            .collect()
+    }
+
+    /// Checks that no factor (of a set of `n_factors`) belongs to two layers, and that no
+    /// layer has the same factor as its A and G.
+    pub fn check_exclusive(n_factors: usize, layers: &[RuleLayer]) -> Result<()> {
+        let mut owner = vec![None; n_factors];
+        for (i, l) in layers.iter().enumerate() {
+            if l.a_factor.is_some() && l.a_factor == l.g_factor {
+                return Err(Error::invalid(
+                    "layers",
+                    format!("layer {i}: its A and G are the same factor"),
+                ));
+            }
+            for f in [l.a_factor, l.g_factor].into_iter().flatten() {
+                match owner.get_mut(f) {
+                    Some(Some(j)) => {
+                        return Err(Error::invalid(
+                            "layers",
+                            format!("factor {f} belongs to layers {j} and {i}"),
+                        ))
+                    }
+                    Some(o) => *o = Some(i),
+                    None => {
+                        return Err(Error::invalid(
+                            "layers",
+                            format!("layer {i}: factor {f} not in the set of {n_factors}"),
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The device table of `layers` (6 i32 per layer: A factor, G factor (-1 when absent),
+    /// d_A, d_G, first block, block count), checked against `set`: every factor in the set,
+    /// every block range inside it, every value representable as the kernel's `int`.
+    pub fn table(set: &FactorSet, layers: &[RuleLayer]) -> Result<Vec<i32>> {
+        let int = |i: usize, what: &str, v: usize| -> Result<i32> {
+            i32::try_from(v).map_err(|_| {
+                Error::invalid("layers", format!("layer {i}: {what} {v} above 2^31 - 1"))
+            })
+        };
+        let mut table = Vec::with_capacity(6 * layers.len());
+        for (i, l) in layers.iter().enumerate() {
+            let dim = |f: Option<usize>| -> Result<(i32, i32)> {
+                match f {
+                    None => Ok((-1, 0)),
+                    Some(k) => {
+                        let e = set.entry(k).map_err(|_| {
+                            Error::invalid(
+                                "layers",
+                                format!("layer {i}: factor {k} not in the set of {}", set.len()),
+                            )
+                        })?;
+                        Ok((int(i, "factor", k)?, int(i, "dimension", e.layout.dim())?))
+                    }
+                }
+            };
+            let (a, da) = dim(l.a_factor)?;
+            let (g, dg) = dim(l.g_factor)?;
+            let end = l.first_block.checked_add(l.blocks);
+            if end.is_none_or(|e| e > set.total_blocks()) {
+                return Err(Error::invalid(
+                    "layers",
+                    format!(
+                        "layer {i}: blocks {} + {} past the set's {}",
+                        l.first_block,
+                        l.blocks,
+                        set.total_blocks()
+                    ),
+                ));
+            }
+            table.extend([
+                a,
+                g,
+                da,
+                dg,
+                int(i, "first block", l.first_block)?,
+                int(i, "block count", l.blocks)?,
+            ]);
+        }
+        Ok(table)
     }
 }

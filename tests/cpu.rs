@@ -6,7 +6,7 @@ use common::*;
 use half::{bf16, f16};
 use thor_kernels::cpu::{self, FailurePolicy, InvertOptions, Workspace};
 use thor_kernels::layout::{BlockLayout, FactorSet, SUPPORTED_BLOCK_SIZES};
-use thor_kernels::{reference, Element};
+use thor_kernels::{reference, Element, Error};
 
 fn dims(b: usize) -> [usize; 5] {
     [1, b - 1, b, b + 1, 3 * b + 5]
@@ -507,6 +507,7 @@ fn accumulate_set_status_partners_and_traces() {
             &set,
             &inputs,
             partners.as_deref(),
+            None,
             &mut blocks,
             &mut bt,
             &mut ft,
@@ -558,17 +559,51 @@ fn accumulate_set_status_partners_and_traces() {
     let (mut bt, mut ft, mut st) = (vec![0.0; set.total_blocks()], vec![0.0; 4], vec![0; 4]);
     let mut ws = Workspace::new(cpu::accumulate_set_workspace_size::<f32>(&set));
     let bad = [Some(0), None, None, None];
-    assert!(cpu::accumulate_set(
+    let e = cpu::accumulate_set(
         &set,
         &inputs,
         Some(&bad),
+        None,
         &mut blocks,
         &mut bt,
         &mut ft,
         &mut st,
-        &mut ws
+        &mut ws,
     )
-    .is_err());
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                arg: "partners",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A factor state of the wrong length too.
+    let e = cpu::accumulate_set(
+        &set,
+        &inputs,
+        None,
+        Some(&[0u8; 3]),
+        &mut blocks,
+        &mut bt,
+        &mut ft,
+        &mut st,
+        &mut ws,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Shape {
+                arg: "factor_state",
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]

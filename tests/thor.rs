@@ -518,3 +518,91 @@ fn kl_clip_scales_large_updates_only() {
     let none = Thor::new(config(32)).unwrap();
     assert_eq!(none.kl_clip_factor(10.0, [(&g[..], &d[..])]), 1.0);
 }
+
+#[test]
+fn cpu_factor_step_matches_the_optimizer_over_several_steps() {
+    // The CPU twin of the device step, on the scenario the emulator and the GPU run
+    // (tests/common/step_cases.rs): decisions, counters, statistics, inverses and statuses
+    // against `Thor` fed the same batches, and its history.
+    use thor_kernels::cpu::step::{CpuThorStep, HostStepInput};
+    use thor_kernels::rule::RuleLayer;
+    use thor_kernels::step::StepConfig;
+    let sc = step_cases::StepScenario::new();
+    let set = sc.set();
+    let layers = RuleLayer::pairs(&set);
+    let cfg = StepConfig {
+        stat_decay: sc.decay,
+        thresholds: sc.thresholds,
+        history: 4,
+        ..StepConfig::default()
+    };
+    let mut step = CpuThorStep::new::<f32>(&set, &vec![sc.rows; set.len()], &layers, cfg).unwrap();
+    let (mut thor, ids) = sc.thor();
+    let dims = sc.flat_dims();
+    for k in 0..step_cases::STEPS {
+        sc.observe(&mut thor, &ids, k);
+        let batch = sc.batch(k);
+        let inputs: Vec<HostStepInput<'_, f32>> = batch
+            .iter()
+            .zip(&dims)
+            .map(|(x, &ld)| HostStepInput { x, ld })
+            .collect();
+        step.run(&inputs, sc.damping).unwrap();
+        let decisions: Vec<i32> = step.decisions().iter().map(|d| d.code()).collect();
+        let counters: Vec<u64> = step
+            .counters()
+            .iter()
+            .flat_map(|c| {
+                [
+                    c.statistics,
+                    c.updates,
+                    c.reuses,
+                    c.freezes,
+                    c.skipped,
+                    c.failed_inversions,
+                ]
+            })
+            .collect();
+        sc.check(
+            k,
+            &thor,
+            &ids,
+            &decisions,
+            &counters,
+            step.stats(),
+            step.inverses(),
+            step.status(),
+        );
+    }
+    let (n, hist) = step.history();
+    assert_eq!(n, step_cases::STEPS as u64);
+    assert_eq!(hist.len(), 4, "the last 4 steps");
+    for (i, row) in hist.iter().enumerate() {
+        let k = step_cases::STEPS - 4 + i;
+        for (l, d) in row.iter().enumerate() {
+            assert_eq!(*d, sc.want[l][k], "history, layer {l} step {k}");
+        }
+    }
+    // Bad input is refused before anything changes.
+    let before = step.stats().to_vec();
+    let batch = sc.batch(0);
+    let short: Vec<HostStepInput<'_, f32>> = batch
+        .iter()
+        .zip(&dims)
+        .map(|(x, &ld)| HostStepInput {
+            x: &x[..x.len() - 1],
+            ld,
+        })
+        .collect();
+    let e = step.run(&short, sc.damping).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "x", .. }), "{e}");
+    let e = step.run(&short[..2], sc.damping).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "inputs", .. }), "{e}");
+    let e = step.run(&short, f32::NAN).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidArgument { arg: "damping", .. }),
+        "{e}"
+    );
+    assert_eq!(step.stats(), &before[..]);
+    assert_eq!(step.history().0, step_cases::STEPS as u64);
+}

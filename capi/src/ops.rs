@@ -574,7 +574,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                             });
                         }
                         let ws = c.ws("plan", cpu::accumulate_set_workspace_size::<$t>(&p.set))?;
-                        cpu::accumulate_set(&p.set, &inputs, None, out, bt, ft, st, ws)?;
+                        cpu::accumulate_set(&p.set, &inputs, None, None, out, bt, ft, st, ws)?;
                     }};
                 }
                 match p.dtype {

@@ -14,61 +14,26 @@ pub(crate) fn run_cpu(a: &Args, m: &Model) -> Result<()> {
         .map(|(l, x)| fill(&p, x.d_a * x.d_g, 1000 + l))
         .collect();
     let damping = 0.03f32;
-    let (nb, nf) = (m.set.total_blocks(), m.set.len());
-    let mut stats = vec![0.0f32; m.set.buffer_len()];
-    let mut inv = vec![0.0f32; m.set.buffer_len()];
-    let (mut bt, mut ft, mut status) = (vec![0.0f32; nb], vec![0.0f32; nf], vec![0i32; nf]);
-    let mut ws = Workspace::new(
-        cpu::accumulate_set_workspace_size::<f32>(&m.set)
-            .max(cpu::invert_workspace_size(m.set.block(), nb)),
-    );
-    let mut rule = vec![RuleState::default(); m.layers.len()];
-    // A layer's A and G are kept or updated together (as the device step does).
-    let partners: Vec<Option<usize>> = (0..m.set.len()).map(|f| Some(f ^ 1)).collect();
-    let mut mask = vec![1u8; nb];
+    // THOR's whole factor step on the CPU: the same semantics, buffers and layer table as
+    // the device step (accumulate every factor, the rule, the masked inversion, counters).
+    let layers = RuleLayer::pairs(&m.set);
+    let cfg = StepConfig::default();
+    let mut step = CpuThorStep::new::<f32>(&m.set, &m.rows, &layers, cfg)?;
+    let host_inputs: Vec<HostStepInput<'_, f32>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(f, x)| HostStepInput { x, ld: m.dims[f] })
+        .collect();
+    let nb = m.set.total_blocks();
+    let (mut t_step, mut t_inv) = (Vec::new(), Vec::new());
+    let mut inv_all = vec![0.0f32; m.set.buffer_len()];
     let mut info = vec![0i32; nb];
-    let (mut t_acc, mut t_rule, mut t_inv) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ws = Workspace::new(cpu::invert_workspace_size(m.set.block(), nb));
     for _ in 0..a.reps {
         let t0 = Instant::now();
-        let fi: Vec<cpu::FactorInput<'_, f32>> = inputs
-            .iter()
-            .enumerate()
-            .map(|(f, x)| cpu::FactorInput {
-                x,
-                rows: m.rows[f],
-                ld: m.dims[f],
-                alpha: 1.0 / m.rows[f] as f32,
-                beta: 0.0,
-            })
-            .collect();
-        cpu::accumulate_set(
-            &m.set,
-            &fi,
-            Some(&partners),
-            &mut stats,
-            &mut bt,
-            &mut ft,
-            &mut status,
-            &mut ws,
-        )?;
+        step.run(&host_inputs, damping)?;
         let t1 = Instant::now();
-        let s = (damping as f64).sqrt();
-        for (l, st) in rule.iter_mut().enumerate() {
-            let (fa, fg) = (2 * l, 2 * l + 1);
-            let e = &m.set.entries()[fa];
-            let blocks = e.layout.blocks() + m.set.entries()[fg].layout.blocks();
-            if status[fa] != 0 || status[fg] != 0 {
-                // Non-finite input: the layer is skipped, its inverses kept.
-                mask[e.first_block..e.first_block + blocks].fill(0);
-                continue;
-            }
-            let cur =
-                (ft[fa] as f64 + s * m.dims[fa] as f64) * (ft[fg] as f64 + s * m.dims[fg] as f64);
-            let d = rule::step(st, cur, Thresholds::THOR);
-            mask[e.first_block..e.first_block + blocks].fill((d == Decision::Update) as u8);
-        }
-        let t2 = Instant::now();
-        // Time the inversion of every block (the rule may skip some; this is the full cost).
+        // The inversion of every block (the rule skips reused layers; this is the full cost).
         let opts = InvertOptions {
             damping: Damping::Uniform(damping.sqrt()),
             mask: None,
@@ -76,18 +41,28 @@ pub(crate) fn run_cpu(a: &Args, m: &Model) -> Result<()> {
         };
         cpu::invert(
             m.set.block(),
-            &stats,
-            &mut inv,
+            step.stats(),
+            &mut inv_all,
             &mut info,
             None,
             &opts,
             &mut ws,
         )?;
-        let t3 = Instant::now();
-        t_acc.push((t1 - t0).as_secs_f64() * 1e3);
-        t_rule.push((t2 - t1).as_secs_f64() * 1e3);
-        t_inv.push((t3 - t2).as_secs_f64() * 1e3);
+        t_step.push((t1 - t0).as_secs_f64() * 1e3);
+        t_inv.push(t1.elapsed().as_secs_f64() * 1e3);
     }
+    let (steps, hist) = step.history();
+    let count = |d: Decision| {
+        hist.last()
+            .map_or(0, |r| r.iter().filter(|&&x| x == d).count())
+    };
+    println!(
+        "{steps} factor steps; the last: {} updates, {} reuses, {} skipped (no launches, copies or synchronizations on the CPU)",
+        count(Decision::Update),
+        count(Decision::Reuse),
+        count(Decision::Skipped)
+    );
+    let (stats, inv) = (step.stats(), step.inverses());
     let mut outs: Vec<Vec<f32>> = grads.iter().map(|g| vec![0.0; g.len()]).collect();
     let mut t_apply = Vec::new();
     let b = m.set.block();
@@ -118,8 +93,8 @@ pub(crate) fn run_cpu(a: &Args, m: &Model) -> Result<()> {
     let mut errs = Vec::new();
     for l in sampled(m) {
         let r = Results {
-            stats: &stats,
-            inv: &inv,
+            stats,
+            inv,
             grad: &grads[l],
             out: &outs[l],
         };
@@ -130,20 +105,12 @@ pub(crate) fn run_cpu(a: &Args, m: &Model) -> Result<()> {
     let blk_bytes = 4.0 * m.set.buffer_len() as f64;
     let stages = vec![
         Stage {
-            name: "accumulate + traces (108 factors)".into(),
-            ms: median(t_acc),
+            name: "factor step (accumulate 108, rule 54, masked invert)".into(),
+            ms: median(t_step),
             flops: m.acc_flops(),
             bytes: in_bytes + blk_bytes,
             floor_ms: None,
             err: format!("rel {:.1e}", worst(0)),
-        },
-        Stage {
-            name: "trace rule (54 layers)".into(),
-            ms: median(t_rule),
-            flops: 0.0,
-            bytes: 0.0,
-            floor_ms: None,
-            err: "-".into(),
         },
         Stage {
             name: format!("invert all {} blocks", m.set.total_blocks()),

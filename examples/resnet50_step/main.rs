@@ -31,11 +31,13 @@ use host::run_cpu;
 use model::*;
 use report::*;
 
+use thor_kernels::cpu::step::{CpuThorStep, HostStepInput};
 use thor_kernels::cpu::{self, Damping, InvertOptions, Workspace};
 use thor_kernels::layout::FactorSet;
 use thor_kernels::reference;
-use thor_kernels::rule::{self, Decision, RuleState, Thresholds};
+use thor_kernels::rule::{Decision, RuleLayer};
 use thor_kernels::shapes::{self, LayerShape};
+use thor_kernels::step::StepConfig;
 use thor_kernels::{BackendKind, DType, Error, Result};
 
 /// Accumulation precision.

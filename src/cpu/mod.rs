@@ -5,6 +5,7 @@
 //! caller's buffers are unchanged. Operations that need scratch memory take a
 //! [`Workspace`] sized by their `*_workspace_size` query and never allocate.
 
+pub mod step;
 mod workspace;
 
 pub use workspace::Workspace;
@@ -20,6 +21,7 @@ use rayon::prelude::*;
 use crate::dtype::Element;
 use crate::error::{check_finite, check_len, check_min_len, product, Error, Result};
 use crate::layout::{check_block_size, strided_len, BlockLayout, FactorSet};
+use crate::rule::{FACTOR_FROZEN, FACTOR_HAS_STATS};
 use workspace::{for_each_group, workspace_size, PerItem};
 
 pub use crate::invert::{check_info, FailurePolicy, INFO_SKIPPED};
@@ -258,13 +260,17 @@ pub fn accumulate_set_workspace_size<E: Element>(set: &FactorSet) -> usize {
 /// and factor. A factor whose input holds a NaN or Inf is left as it was and gets
 /// `status[f] = 1`; with `partners` (as [`crate::cuda::accumulate::AccumulatePlan::set_partners`]),
 /// a factor whose partner's input does is left as it was too, with `status[f] = 2`; 0
-/// otherwise, as on the device. Other errors (shapes, scalars) return before anything is
-/// written.
+/// otherwise, as on the device. With `factor_state` (one byte per factor, kept by a factor
+/// step's rule, see [`crate::rule::FACTOR_HAS_STATS`]) a frozen factor is neither read nor
+/// written (`status[f] = 3`) and a factor without statistics has them replaced (alpha
+/// `1 / rows`, beta 0) whatever its input's alpha and beta. Other errors (shapes, scalars)
+/// return before anything is written.
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate_set<E: Element>(
     set: &FactorSet,
     inputs: &[FactorInput<'_, E>],
     partners: Option<&[Option<usize>]>,
+    factor_state: Option<&[u8]>,
     blocks: &mut [f32],
     block_traces: &mut [f32],
     factor_traces: &mut [f32],
@@ -299,18 +305,35 @@ pub fn accumulate_set<E: Element>(
             ));
         }
     }
+    if let Some(st) = factor_state {
+        check_len("factor_state", set.len(), st.len())?;
+    }
+    let state = |f: usize| factor_state.map_or(FACTOR_HAS_STATS, |s| s[f]);
+    let frozen = |f: usize| state(f) & FACTOR_FROZEN != 0;
     let bad: Vec<bool> = inputs
         .iter()
         .zip(set.entries())
-        .map(|(inp, e)| find_non_finite(inp.x, inp.rows, e.layout.dim(), inp.ld).is_some())
+        .enumerate()
+        .map(|(f, (inp, e))| {
+            !frozen(f) && find_non_finite(inp.x, inp.rows, e.layout.dim(), inp.ld).is_some()
+        })
         .collect();
     for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
+        if frozen(f) {
+            status[f] = 3;
+            continue;
+        }
         let partner_bad = partners.and_then(|p| p[f]).is_some_and(|q| bad[q]);
         if bad[f] || partner_bad {
             status[f] = if bad[f] { 1 } else { 2 };
             continue;
         }
         status[f] = 0;
+        let (alpha, beta) = if state(f) & FACTOR_HAS_STATS == 0 {
+            (1.0 / inp.rows as f32, 0.0)
+        } else {
+            (inp.alpha, inp.beta)
+        };
         let range = e.offset()..e.offset() + e.layout.buffer_len();
         let bt = &mut block_traces[e.first_block..e.first_block + e.layout.blocks()];
         accumulate(
@@ -318,8 +341,8 @@ pub fn accumulate_set<E: Element>(
             inp.rows,
             inp.ld,
             &e.layout,
-            inp.alpha,
-            inp.beta,
+            alpha,
+            beta,
             &mut blocks[range],
             bt,
             ws,

@@ -18,16 +18,7 @@ use crate::dtype::DType;
 use crate::error::{check_finite, check_len, Error, Result};
 use crate::layout::{strided_len, FactorSet};
 
-/// How the products are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum AccumulateMode {
-    /// SIMT fused multiply-adds in f32 on every input type: the accuracy baseline.
-    #[default]
-    F32,
-    /// Tensor cores: TF32 products on f32 input, f16 / bf16 products on 16-bit input;
-    /// accumulation is f32 in both.
-    TensorCore,
-}
+pub use crate::step::AccumulateMode;
 
 /// Rows of input per thread block at the least: below this the partial sums cost more to
 /// combine than they save in parallelism.

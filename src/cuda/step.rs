@@ -17,44 +17,16 @@ use cudarc::driver::{
     CudaFunction, CudaGraph, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, SyncOnDrop,
 };
 
-use super::accumulate::{AccumulateMode, DeviceAccumulate, DeviceElement, FactorInput};
+use super::accumulate::{DeviceAccumulate, DeviceElement, FactorInput};
 use super::raw::{self, InvertArgs, LaunchPlan};
 use super::rule::{DeviceTraceRule, RuleLayer, RuleTally};
 use super::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{check_len, Error, Result};
-use crate::invert::FailurePolicy;
 use crate::layout::{strided_len, FactorSet};
-use crate::rule::Thresholds;
 use std::sync::Arc;
 
-/// Settings of a device factor step (named as in [`crate::thor::ThorConfig`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepConfig {
-    /// Math of the accumulation.
-    pub mode: AccumulateMode,
-    /// Statistics decay: 0 replaces the statistics each step, else an exponential moving
-    /// average `S <- stat_decay S + (1 - stat_decay) X^T X / N`.
-    pub stat_decay: f32,
-    /// Trace-rule thresholds.
-    pub thresholds: Thresholds,
-    /// What the inversion does with a block that is not positive definite.
-    pub policy: FailurePolicy,
-    /// Statistics steps of decisions the rule keeps for the host.
-    pub history: usize,
-}
-
-impl Default for StepConfig {
-    fn default() -> Self {
-        StepConfig {
-            mode: AccumulateMode::F32,
-            stat_decay: 0.0,
-            thresholds: Thresholds::THOR,
-            policy: FailurePolicy::retry(),
-            history: 64,
-        }
-    }
-}
+pub use crate::step::StepConfig;
 
 /// One factor's input to [`DeviceThorStep::run`]: X, `rows x d` row-major with row stride
 /// `ld` (rows as planned). The step weights it itself (`(1 - stat_decay) / rows`).
@@ -166,14 +138,7 @@ impl CudaDevice {
         layers: &[RuleLayer],
         cfg: StepConfig,
     ) -> Result<DeviceThorStep> {
-        if !(0.0..1.0).contains(&cfg.stat_decay) {
-            return Err(Error::invalid(
-                "stat_decay",
-                format!("must be in [0, 1), got {}", cfg.stat_decay),
-            ));
-        }
-        cfg.thresholds.validate()?;
-        cfg.policy.params()?;
+        cfg.validate()?;
         // Each factor belongs to one layer at most: the rule writes a factor's state from
         // its layer's thread, and a layer's statistics step is one decision.
         RuleLayer::check_exclusive(set.len(), layers)?;

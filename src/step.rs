@@ -1,0 +1,63 @@
+//! What the whole-model factor step is, whichever backend runs it: its settings and the
+//! math of its accumulation. The CPU step is [`crate::cpu::step::CpuThorStep`], the device
+//! step `crate::cuda::step::DeviceThorStep`; both follow [`crate::thor::Thor::observe`] for
+//! every layer at once.
+
+use crate::error::{Error, Result};
+use crate::invert::FailurePolicy;
+use crate::rule::Thresholds;
+
+/// How the products are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum AccumulateMode {
+    /// SIMT fused multiply-adds in f32 on every input type: the accuracy baseline.
+    #[default]
+    F32,
+    /// Tensor cores: TF32 products on f32 input, f16 / bf16 products on 16-bit input;
+    /// accumulation is f32 in both.
+    TensorCore,
+}
+
+/// Settings of a whole-model factor step, on the device ([`crate::cuda::step`]) or the CPU
+/// ([`crate::cpu::step`]), named as in [`crate::thor::ThorConfig`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepConfig {
+    /// Math of the accumulation (on the device; the CPU computes in f32 either way).
+    pub mode: AccumulateMode,
+    /// Statistics decay: 0 replaces the statistics each step, else an exponential moving
+    /// average `S <- stat_decay S + (1 - stat_decay) X^T X / N`.
+    pub stat_decay: f32,
+    /// Trace-rule thresholds.
+    pub thresholds: Thresholds,
+    /// What the inversion does with a block that is not positive definite.
+    pub policy: FailurePolicy,
+    /// Statistics steps of decisions the rule keeps for the host.
+    pub history: usize,
+}
+
+impl Default for StepConfig {
+    fn default() -> Self {
+        StepConfig {
+            mode: AccumulateMode::F32,
+            stat_decay: 0.0,
+            thresholds: Thresholds::THOR,
+            policy: FailurePolicy::retry(),
+            history: 64,
+        }
+    }
+}
+
+impl StepConfig {
+    /// Checks the settings: `stat_decay` in [0, 1), thresholds, policy.
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..1.0).contains(&self.stat_decay) {
+            return Err(Error::invalid(
+                "stat_decay",
+                format!("must be in [0, 1), got {}", self.stat_decay),
+            ));
+        }
+        self.thresholds.validate()?;
+        self.policy.params()?;
+        Ok(())
+    }
+}
