@@ -5,8 +5,8 @@ use crate::error::{Error, Result};
 
 /// `info` code of a block the mask skipped (its output is untouched).
 pub const INFO_SKIPPED: i32 = -1;
-/// `info` code of a block whose per-block damping was negative or not finite (GPU only:
-/// the CPU backend checks host damping before it starts and returns an error instead).
+/// `info` code of a block whose per-block damping was negative or not finite (the block is
+/// left as it was), on both backends; a bad uniform damping is an error instead.
 pub const INFO_BAD_DAMPING: i32 = -2;
 
 /// What to do with a block whose damped matrix is not positive definite.

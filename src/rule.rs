@@ -242,10 +242,14 @@ impl RuleLayer {
             .collect()
     }
 
-    /// Checks that no factor (of a set of `n_factors`) belongs to two layers, and that no
-    /// layer has the same factor as its A and G.
-    pub fn check_exclusive(n_factors: usize, layers: &[RuleLayer]) -> Result<()> {
-        let mut owner = vec![None; n_factors];
+    /// Checks `layers` for a whole-model factor step over `set`: every factor of the set
+    /// belongs to exactly one layer (a layer's A and G distinct), and each layer's block
+    /// range is exactly its factors' blocks, which lie back to back. So the rule writes a
+    /// factor's state and a block's mask from one layer's thread only, and a layer's
+    /// update masks exactly the blocks whose inversion it counts.
+    pub fn check_step_layers(set: &FactorSet, layers: &[RuleLayer]) -> Result<()> {
+        let n = set.len();
+        let mut owner = vec![None; n];
         for (i, l) in layers.iter().enumerate() {
             if l.a_factor.is_some() && l.a_factor == l.g_factor {
                 return Err(Error::invalid(
@@ -253,6 +257,7 @@ impl RuleLayer {
                     format!("layer {i}: its A and G are the same factor"),
                 ));
             }
+            let mut mine: Vec<usize> = Vec::with_capacity(2);
             for f in [l.a_factor, l.g_factor].into_iter().flatten() {
                 match owner.get_mut(f) {
                     Some(Some(j)) => {
@@ -265,11 +270,46 @@ impl RuleLayer {
                     None => {
                         return Err(Error::invalid(
                             "layers",
-                            format!("layer {i}: factor {f} not in the set of {n_factors}"),
+                            format!("layer {i}: factor {f} not in the set of {n}"),
                         ))
                     }
                 }
+                mine.push(f);
             }
+            mine.sort_by_key(|&f| set.entries()[f].first_block);
+            let mut end = mine.first().map(|&f| set.entries()[f].first_block);
+            for &f in &mine {
+                let e = &set.entries()[f];
+                if end != Some(e.first_block) {
+                    return Err(Error::invalid(
+                        "layers",
+                        format!("layer {i}: its factors' blocks are not back to back"),
+                    ));
+                }
+                end = Some(e.first_block + e.layout.blocks());
+            }
+            let want = (
+                mine.first().map_or(0, |&f| set.entries()[f].first_block),
+                end.unwrap_or(0),
+            );
+            if (l.first_block, l.first_block.saturating_add(l.blocks)) != want {
+                return Err(Error::invalid(
+                    "layers",
+                    format!(
+                        "layer {i}: blocks {}..{} are not its factors' blocks {}..{}",
+                        l.first_block,
+                        l.first_block.saturating_add(l.blocks),
+                        want.0,
+                        want.1
+                    ),
+                ));
+            }
+        }
+        if let Some(f) = owner.iter().position(|o| o.is_none()) {
+            return Err(Error::invalid(
+                "layers",
+                format!("factor {f} belongs to no layer"),
+            ));
         }
         Ok(())
     }

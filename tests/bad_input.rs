@@ -155,6 +155,28 @@ fn invert_rejects_bad_damping_and_empty_input() {
     )
     .unwrap_err();
     assert_eq!(arg_of(&e), "damping");
+    // Per-block values are data: a bad one marks its block, as on the device.
+    let mut two = vec![9.0f32; 2 * b * b];
+    let ss: Vec<f32> = s.iter().chain(&s).copied().collect();
+    let mut info2 = vec![-7; 2];
+    let mut used = vec![-5.0f32; 2];
+    cpu::invert(
+        b,
+        &ss,
+        &mut two,
+        &mut info2,
+        Some(&mut used),
+        &InvertOptions::per_block(&[f32::NAN, 0.1]),
+        &mut Workspace::new(cpu::invert_workspace_size(b, 2)),
+    )
+    .unwrap();
+    assert_eq!(info2, vec![cpu::INFO_BAD_DAMPING, 0]);
+    assert!(
+        two[..b * b].iter().all(|&v| v == 9.0),
+        "the bad block is untouched"
+    );
+    assert_eq!(used[0], -5.0);
+    assert_eq!(used[1], 0.1);
     let e = cpu::invert(
         48,
         &s,
@@ -327,32 +349,50 @@ fn caller_sized_scratch_is_a_typed_error_not_an_abort() {
     assert_eq!(arg_of(&e), "out_dim");
 }
 
-#[cfg(feature = "cuda")]
 #[test]
-fn device_step_layers_own_their_factors() {
-    use thor_kernels::cuda::RuleLayer;
+fn step_layers_own_their_factors_and_blocks() {
+    use thor_kernels::rule::RuleLayer;
     let set = FactorSet::new(32, &[40, 7, 12, 3]).unwrap();
     let pairs = RuleLayer::pairs(&set);
-    RuleLayer::check_exclusive(set.len(), &pairs).unwrap();
+    RuleLayer::check_step_layers(&set, &pairs).unwrap();
+    let refused = |layers: &[RuleLayer], what: &str| {
+        let e = RuleLayer::check_step_layers(&set, layers).unwrap_err();
+        assert_eq!(arg_of(&e), "layers");
+        assert!(e.to_string().contains(what), "{e}");
+    };
     // Factor 1 in two layers: the rule would write its state from two threads.
     let mut shared = pairs.clone();
     shared[1].a_factor = Some(1);
-    let e = RuleLayer::check_exclusive(set.len(), &shared).unwrap_err();
-    assert_eq!(arg_of(&e), "layers");
-    assert!(
-        e.to_string().contains("factor 1 belongs to layers 0 and 1"),
-        "{e}"
-    );
+    refused(&shared, "factor 1 belongs to layers 0 and 1");
     let mut same = pairs.clone();
     same[0].g_factor = Some(0);
-    assert_eq!(
-        arg_of(&RuleLayer::check_exclusive(set.len(), &same).unwrap_err()),
-        "layers"
-    );
-    let mut outside = pairs;
+    refused(&same, "the same factor");
+    let mut outside = pairs.clone();
     outside[1].g_factor = Some(9);
-    assert_eq!(
-        arg_of(&RuleLayer::check_exclusive(set.len(), &outside).unwrap_err()),
-        "layers"
-    );
+    refused(&outside, "not in the set");
+    // Block ranges that are not the layer's own: overlapping another layer's, or short.
+    let mut over = pairs.clone();
+    over[1].first_block = 0;
+    refused(&over, "are not its factors' blocks");
+    let mut short = pairs.clone();
+    short[0].blocks -= 1;
+    refused(&short, "are not its factors' blocks");
+    // A factor in no layer would be re-initialised every step.
+    refused(&pairs[..1], "factor 2 belongs to no layer");
+    // Factors whose blocks are not back to back (A of layer 0 with G of layer 1).
+    let swapped = [
+        RuleLayer {
+            a_factor: Some(0),
+            g_factor: Some(3),
+            first_block: 0,
+            blocks: 3,
+        },
+        RuleLayer {
+            a_factor: Some(2),
+            g_factor: Some(1),
+            first_block: 2,
+            blocks: 2,
+        },
+    ];
+    refused(&swapped, "not back to back");
 }

@@ -536,7 +536,7 @@ fn cpu_factor_step_matches_the_optimizer_over_several_steps() {
         history: 4,
         ..StepConfig::default()
     };
-    let mut step = CpuThorStep::new::<f32>(&set, &vec![sc.rows; set.len()], &layers, cfg).unwrap();
+    let mut step = CpuThorStep::new::<f32>(&set, &layers, cfg).unwrap();
     let (mut thor, ids) = sc.thor();
     let dims = sc.flat_dims();
     for k in 0..step_cases::STEPS {
@@ -545,7 +545,11 @@ fn cpu_factor_step_matches_the_optimizer_over_several_steps() {
         let inputs: Vec<HostStepInput<'_, f32>> = batch
             .iter()
             .zip(&dims)
-            .map(|(x, &ld)| HostStepInput { x, ld })
+            .map(|(x, &ld)| HostStepInput {
+                x,
+                rows: sc.rows,
+                ld,
+            })
             .collect();
         step.run(&inputs, sc.damping).unwrap();
         let decisions: Vec<i32> = step.decisions().iter().map(|d| d.code()).collect();
@@ -591,6 +595,7 @@ fn cpu_factor_step_matches_the_optimizer_over_several_steps() {
         .zip(&dims)
         .map(|(x, &ld)| HostStepInput {
             x: &x[..x.len() - 1],
+            rows: sc.rows,
             ld,
         })
         .collect();

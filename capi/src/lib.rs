@@ -22,7 +22,7 @@ use thor_kernels::backend::{AnyBackend, CpuBackend};
 use thor_kernels::cpu::{self, Damping, InvertOptions, Workspace};
 use thor_kernels::cuda::accumulate::{AccumulateMode, DeviceAccumulate, FactorInput as DevInput};
 use thor_kernels::cuda::{raw, CudaDevice};
-use thor_kernels::cudarc::driver::DevicePtrMut;
+use thor_kernels::cudarc::driver::{DevicePtr, DevicePtrMut};
 use thor_kernels::dtype::DType;
 use thor_kernels::error::{Error, Result};
 use thor_kernels::invert::FailurePolicy;

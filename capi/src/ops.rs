@@ -238,9 +238,13 @@ pub unsafe extern "C" fn thor_v1_accumulate(
             let mut plan = dev.plan_accumulate(&set, &[rows], dt, AccumulateMode::F32)?;
             let mut ft = dev.zeros::<f32>(1)?;
             let mut st = dev.upload(&[-1i32])?;
+            // The traces go to scratch first: a failed call must not write `block_traces`
+            // (the trace launch runs whatever the status).
+            let mut bt = dev.zeros::<f32>(layout.blocks())?;
             let s = dev.stream().clone();
             let (fp, _a) = ft.device_ptr_mut(&s);
             let (sp, _b) = st.device_ptr_mut(&s);
+            let (tp, _c) = bt.device_ptr_mut(&s);
             let input = DevInput {
                 x: x as u64,
                 ld,
@@ -249,8 +253,8 @@ pub unsafe extern "C" fn thor_v1_accumulate(
             };
             // SAFETY: the pointer contract of this function; the plan's buffers live until
             // the synchronization below.
-            unsafe { plan.launch_raw(dev, &[input], blocks as u64, block_traces as u64, fp, sp)? };
-            drop((_a, _b));
+            unsafe { plan.launch_raw(dev, &[input], blocks as u64, tp, fp, sp)? };
+            drop((_a, _b, _c));
             if dev.download(&st)?[0] != 0 {
                 return Err(Error::invalid(
                     "x",
@@ -258,6 +262,20 @@ pub unsafe extern "C" fn thor_v1_accumulate(
                 )
                 .into());
             }
+            let (tp, _d) = bt.device_ptr(&s);
+            // SAFETY: `block_traces` addresses `layout.blocks()` f32 of this context (the
+            // pointer contract, checked for overlaps above); `bt` is that long and stays
+            // alive (its guard too) until the synchronization below.
+            unsafe {
+                thor_kernels::cudarc::driver::result::memcpy_dtod_async(
+                    block_traces as u64,
+                    tp,
+                    layout.blocks() * 4,
+                    s.cu_stream(),
+                )
+            }
+            .map_err(Error::from)?;
+            dev.synchronize()?;
             return Ok(());
         }
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
@@ -527,6 +545,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
         let lds: Vec<usize> = lds.iter().map(|&v| v as usize).collect();
         match (&c.device, p.device.as_mut()) {
             (AnyBackend::Cuda(dev), Some(acc)) => {
+                acc.check_device(dev)?;
                 let inputs: Vec<DevInput> = (0..n)
                     .map(|f| DevInput {
                         x: xs[f] as u64,

@@ -18,11 +18,15 @@ pub(crate) fn run_cpu(a: &Args, m: &Model) -> Result<()> {
     // the device step (accumulate every factor, the rule, the masked inversion, counters).
     let layers = RuleLayer::pairs(&m.set);
     let cfg = StepConfig::default();
-    let mut step = CpuThorStep::new::<f32>(&m.set, &m.rows, &layers, cfg)?;
+    let mut step = CpuThorStep::new::<f32>(&m.set, &layers, cfg)?;
     let host_inputs: Vec<HostStepInput<'_, f32>> = inputs
         .iter()
         .enumerate()
-        .map(|(f, x)| HostStepInput { x, ld: m.dims[f] })
+        .map(|(f, x)| HostStepInput {
+            x,
+            rows: m.rows[f],
+            ld: m.dims[f],
+        })
         .collect();
     let nb = m.set.total_blocks();
     let (mut t_step, mut t_inv) = (Vec::new(), Vec::new());

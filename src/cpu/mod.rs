@@ -24,7 +24,7 @@ use crate::layout::{check_block_size, strided_len, BlockLayout, FactorSet};
 use crate::rule::{FACTOR_FROZEN, FACTOR_HAS_STATS};
 use workspace::{for_each_group, workspace_size, PerItem};
 
-pub use crate::invert::{check_info, FailurePolicy, INFO_SKIPPED};
+pub use crate::invert::{check_info, FailurePolicy, INFO_BAD_DAMPING, INFO_SKIPPED};
 
 /// Rows of an f16 / bf16 input converted to f32 at a time by [`accumulate`].
 const ACCUMULATE_CHUNK_ROWS: usize = 256;
@@ -278,11 +278,39 @@ pub fn accumulate_set<E: Element>(
     ws: &mut Workspace,
 ) -> Result<()> {
     check_len("inputs", set.len(), inputs.len())?;
+    accumulate_set_with(
+        set,
+        |f| inputs[f],
+        partners,
+        factor_state,
+        blocks,
+        block_traces,
+        factor_traces,
+        status,
+        ws,
+    )
+}
+
+/// [`accumulate_set`] with factor `f`'s input from `input(f)`: allocates nothing (the
+/// statuses double as the non-finite flags).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn accumulate_set_with<'a, E: Element>(
+    set: &FactorSet,
+    input: impl Fn(usize) -> FactorInput<'a, E>,
+    partners: Option<&[Option<usize>]>,
+    factor_state: Option<&[u8]>,
+    blocks: &mut [f32],
+    block_traces: &mut [f32],
+    factor_traces: &mut [f32],
+    status: &mut [i32],
+    ws: &mut Workspace,
+) -> Result<()> {
     check_len("blocks", set.buffer_len(), blocks.len())?;
     check_len("block_traces", set.total_blocks(), block_traces.len())?;
     check_len("factor_traces", set.len(), factor_traces.len())?;
     check_len("status", set.len(), status.len())?;
-    for (inp, e) in inputs.iter().zip(set.entries()) {
+    for (f, e) in set.entries().iter().enumerate() {
+        let inp = input(f);
         let d = e.layout.dim();
         if inp.rows == 0 {
             return Err(Error::invalid("rows", "at least one row is needed"));
@@ -308,27 +336,40 @@ pub fn accumulate_set<E: Element>(
     if let Some(st) = factor_state {
         check_len("factor_state", set.len(), st.len())?;
     }
+    let need = accumulate_set_workspace_size::<E>(set);
+    // One slot is what every factor's accumulation needs at the least (as it checks).
+    if need > 0 && ws.len() < workspace::slot_bytes(ACCUMULATE_CHUNK_ROWS * set.block() * 4) {
+        return Err(Error::shape(
+            "workspace",
+            format!("at least {need} bytes (accumulate_set_workspace_size)"),
+            format!("{} bytes", ws.len()),
+        ));
+    }
     let state = |f: usize| factor_state.map_or(FACTOR_HAS_STATS, |s| s[f]);
-    let frozen = |f: usize| state(f) & FACTOR_FROZEN != 0;
-    let bad: Vec<bool> = inputs
-        .iter()
-        .zip(set.entries())
-        .enumerate()
-        .map(|(f, (inp, e))| {
-            !frozen(f) && find_non_finite(inp.x, inp.rows, e.layout.dim(), inp.ld).is_some()
-        })
-        .collect();
-    for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
-        if frozen(f) {
-            status[f] = 3;
+    // Statuses: 3 frozen, 1 non-finite input, then 2 where the partner's input is not
+    // finite (only 0 becomes 2, so the order of the factors does not matter), 0 otherwise.
+    for (f, e) in set.entries().iter().enumerate() {
+        let inp = input(f);
+        status[f] = if state(f) & FACTOR_FROZEN != 0 {
+            3
+        } else if find_non_finite(inp.x, inp.rows, e.layout.dim(), inp.ld).is_some() {
+            1
+        } else {
+            0
+        };
+    }
+    if let Some(p) = partners {
+        for f in 0..set.len() {
+            if status[f] == 0 && p[f].is_some_and(|q| status[q] == 1) {
+                status[f] = 2;
+            }
+        }
+    }
+    for (f, e) in set.entries().iter().enumerate() {
+        if status[f] != 0 {
             continue;
         }
-        let partner_bad = partners.and_then(|p| p[f]).is_some_and(|q| bad[q]);
-        if bad[f] || partner_bad {
-            status[f] = if bad[f] { 1 } else { 2 };
-            continue;
-        }
-        status[f] = 0;
+        let inp = input(f);
         let (alpha, beta) = if state(f) & FACTOR_HAS_STATS == 0 {
             (1.0 / inp.rows as f32, 0.0)
         } else {
@@ -478,10 +519,9 @@ impl Damping<'_> {
         };
         match *self {
             Damping::Uniform(v) => check(v),
-            Damping::PerBlock(d) => {
-                check_len("damping", blocks, d.len())?;
-                d.iter().try_for_each(|&v| check(v))
-            }
+            // Per-block values are data: a bad one marks its block (info
+            // INFO_BAD_DAMPING), as on the device.
+            Damping::PerBlock(d) => check_len("damping", blocks, d.len()),
         }
     }
 
@@ -622,8 +662,12 @@ fn invert_impl(
                     Some(inp) => &inp[j * b * b..(j + 1) * b * b],
                     None => dst,
                 };
-                let (mut l, stack) = stack.make_with::<f32>(b * b, |_| 0.0);
                 let mut lam = opts.damping.get(j);
+                if !(lam >= 0.0 && lam.is_finite()) {
+                    inf[k] = INFO_BAD_DAMPING;
+                    continue;
+                }
+                let (mut l, stack) = stack.make_with::<f32>(b * b, |_| 0.0);
                 let mut pivot = factor_block(src, b, lam, &mut l, stack);
                 for _ in 0..max_retries {
                     if pivot == 0 {

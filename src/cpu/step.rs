@@ -6,11 +6,11 @@
 //! then the EMA; a frozen layer is not accumulated; a layer with a NaN or Inf in either
 //! input is skipped whole; an update whose inversion fails in a block keeps that block's
 //! previous inverse and counts a failed inversion). All memory is allocated by
-//! [`CpuThorStep::new`]; a step allocates nothing but the accumulation's per-call table.
+//! [`CpuThorStep::new`]; a step allocates nothing.
 
-use super::{accumulate_set, invert, Damping, FactorInput, InvertOptions, Workspace};
+use super::{accumulate_set_with, invert, Damping, FactorInput, InvertOptions, Workspace};
 use crate::dtype::Element;
-use crate::error::{check_len, Error, Result};
+use crate::error::{check_len, try_vec, Error, Result};
 use crate::layout::FactorSet;
 use crate::rule::{
     self, fisher_trace, Decision, RuleLayer, RuleState, FACTOR_FROZEN, FACTOR_HAS_STATS,
@@ -19,11 +19,13 @@ use crate::step::StepConfig;
 use crate::thor::LayerCounters;
 
 /// One factor's input to [`CpuThorStep::run`]: X, `rows x d` row-major with row stride
-/// `ld` (rows as given to [`CpuThorStep::new`]).
+/// `ld`.
 #[derive(Debug, Clone, Copy)]
 pub struct HostStepInput<'a, E> {
     /// The activations (or output gradients) of the factor.
     pub x: &'a [E],
+    /// Rows of X (at least 1).
+    pub rows: usize,
     /// Row stride in elements, `>= d`.
     pub ld: usize,
 }
@@ -34,7 +36,6 @@ pub struct HostStepInput<'a, E> {
 pub struct CpuThorStep {
     cfg: StepConfig,
     set: FactorSet,
-    rows: Vec<usize>,
     layers: Vec<RuleLayer>,
     partners: Vec<Option<usize>>,
     stats: Vec<f32>,
@@ -54,25 +55,16 @@ pub struct CpuThorStep {
 }
 
 impl CpuThorStep {
-    /// Sets up the factor step for `layers` whose factors form `set`, factor `f` fed with
-    /// `rows[f]` rows per step (inputs of element type `E`: it sizes the workspace).
-    /// Statistics and inverses start at the identity; a layer's first accepted statistics
-    /// replace it.
-    pub fn new<E: Element>(
-        set: &FactorSet,
-        rows: &[usize],
-        layers: &[RuleLayer],
-        cfg: StepConfig,
-    ) -> Result<Self> {
+    /// Sets up the factor step for `layers` whose factors form `set`, fed with inputs of
+    /// element type `E` (it sizes the workspace). Statistics and inverses start at the
+    /// identity; a layer's first accepted statistics replace it. Every buffer is allocated
+    /// here, fallibly ([`Error::OutOfMemory`] naming `set`).
+    pub fn new<E: Element>(set: &FactorSet, layers: &[RuleLayer], cfg: StepConfig) -> Result<Self> {
         cfg.validate()?;
-        check_len("rows", set.len(), rows.len())?;
-        if let Some(f) = rows.iter().position(|&n| n == 0) {
-            return Err(Error::invalid("rows", format!("factor {f}: no rows")));
-        }
         if layers.is_empty() {
             return Err(Error::invalid("layers", "at least one layer is needed"));
         }
-        RuleLayer::check_exclusive(set.len(), layers)?;
+        RuleLayer::check_step_layers(set, layers)?;
         RuleLayer::table(set, layers)?;
         let mut partners = vec![None; set.len()];
         for l in layers {
@@ -82,22 +74,25 @@ impl CpuThorStep {
             }
         }
         let (b, nb, n) = (set.block(), set.total_blocks(), layers.len());
-        let mut eye = vec![0.0f32; set.buffer_len()];
+        let mut eye = try_vec("set", set.buffer_len(), 0.0f32)?;
         for k in 0..nb {
             for i in 0..b {
                 eye[k * b * b + i * b + i] = 1.0;
             }
         }
+        let inverses = try_vec("set", set.buffer_len(), 0.0f32).map(|mut v| {
+            v.copy_from_slice(&eye);
+            v
+        })?;
         let ws_len =
             super::accumulate_set_workspace_size::<E>(set).max(super::invert_workspace_size(b, nb));
         Ok(CpuThorStep {
             cfg,
             set: set.clone(),
-            rows: rows.to_vec(),
             layers: layers.to_vec(),
             partners,
-            stats: eye.clone(),
-            inverses: eye,
+            stats: eye,
+            inverses,
             block_traces: vec![0.0; nb],
             factor_traces: vec![0.0; set.len()],
             status: vec![0; set.len()],
@@ -130,20 +125,18 @@ impl CpuThorStep {
         }
         check_len("inputs", self.set.len(), inputs.len())?;
         let d = self.cfg.stat_decay;
-        let fi: Vec<FactorInput<'_, E>> = inputs
-            .iter()
-            .zip(&self.rows)
-            .map(|(x, &n)| FactorInput {
-                x: x.x,
-                rows: n,
-                ld: x.ld,
-                alpha: (1.0 - d) / n as f32,
-                beta: d,
-            })
-            .collect();
-        accumulate_set(
+        accumulate_set_with(
             &self.set,
-            &fi,
+            |f| {
+                let x = inputs[f];
+                FactorInput {
+                    x: x.x,
+                    rows: x.rows,
+                    ld: x.ld,
+                    alpha: (1.0 - d) / x.rows.max(1) as f32,
+                    beta: d,
+                }
+            },
             Some(&self.partners),
             Some(&self.factor_state),
             &mut self.stats,

@@ -408,6 +408,12 @@ pub struct DeviceAccumulate {
 }
 
 impl DeviceAccumulate {
+    /// An error naming `plan` unless this plan's buffers belong to `dev`'s context (a plan
+    /// made on one device cannot run on another).
+    pub fn check_device(&self, dev: &CudaDevice) -> Result<()> {
+        dev.check_same_context("plan", &self.items)
+    }
+
     /// The plan.
     pub fn plan(&self) -> &AccumulatePlan {
         &self.plan

@@ -141,7 +141,7 @@ impl CudaDevice {
         cfg.validate()?;
         // Each factor belongs to one layer at most: the rule writes a factor's state from
         // its layer's thread, and a layer's statistics step is one decision.
-        RuleLayer::check_exclusive(set.len(), layers)?;
+        RuleLayer::check_step_layers(set, layers)?;
         let mut acc = self.plan_accumulate(set, rows, dtype, cfg.mode)?;
         // A layer's A and G are kept or updated together.
         let mut partners = vec![None; set.len()];
