@@ -1674,6 +1674,9 @@ fn state_file_sweep() {
     let mut tried = 0u64;
     let mut refuse = |bytes: &[u8], what: &str| {
         std::fs::write(&bad, bytes).unwrap();
+        // For the fault handler (this test runs beside the other one).
+        let published = CString::new(format!("state sweep: loading {what}")).unwrap();
+        CURRENT.store(published.as_ptr() as *mut c_char, Ordering::SeqCst);
         // SAFETY: as above.
         let s = unsafe { thor_v1_optimizer_load(opt, cbad.as_ptr()) };
         let msg = last();
@@ -1693,6 +1696,8 @@ fn state_file_sweep() {
             original,
             "{what} changed the optimizer"
         );
+        CURRENT.store(null_mut(), Ordering::SeqCst);
+        drop(published);
         tried += 1;
     };
     // Every truncation.
