@@ -5,7 +5,8 @@
 
 use crate::error::{Error, Result};
 use crate::invert::FailurePolicy;
-use crate::rule::Thresholds;
+use crate::rule::{RuleState, Thresholds};
+use crate::thor::LayerCounters;
 
 /// How the products are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -59,5 +60,34 @@ impl StepConfig {
         self.thresholds.validate()?;
         self.policy.params()?;
         Ok(())
+    }
+}
+
+/// A whole-model step's state, brought to the host (to save it) or handed back (to load
+/// it): everything a step keeps from one statistics step to the next.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StepSnapshot {
+    /// Statistics, `[total_blocks, b, b]`.
+    pub(crate) stats: Vec<f32>,
+    /// Inverses, `[total_blocks, b, b]`.
+    pub(crate) inverses: Vec<f32>,
+    /// Per factor: [`crate::rule::FACTOR_HAS_STATS`], [`crate::rule::FACTOR_FROZEN`].
+    pub(crate) factor_state: Vec<u8>,
+    /// Per layer, the rule's state.
+    pub(crate) rule: Vec<RuleState>,
+    /// Per layer, the counters.
+    pub(crate) counters: Vec<LayerCounters>,
+}
+
+impl StepSnapshot {
+    /// Checks the snapshot's sizes against a step of `buffer_len` block elements,
+    /// `n_factors` factors and `n_layers` layers.
+    pub(crate) fn check(&self, buffer_len: usize, n_factors: usize, n_layers: usize) -> Result<()> {
+        use crate::error::check_len;
+        check_len("stats", buffer_len, self.stats.len())?;
+        check_len("inverses", buffer_len, self.inverses.len())?;
+        check_len("factor_state", n_factors, self.factor_state.len())?;
+        check_len("rule", n_layers, self.rule.len())?;
+        check_len("counters", n_layers, self.counters.len())
     }
 }

@@ -91,7 +91,7 @@ fn non_finite_statistics_are_skipped_and_counted() {
     let mut r = rng(2);
     let (a, g) = (normal(&mut r, 16 * 8), normal(&mut r, 16 * 5));
     t.observe(id, &a, &g, 16).unwrap();
-    let state = t.to_bytes();
+    let state = t.to_bytes().unwrap();
     for bad in [f32::NAN, f32::INFINITY] {
         let mut ga = g.clone();
         ga[7] = bad;
@@ -409,7 +409,7 @@ fn a_restored_run_continues_bit_for_bit() {
 
     // Truncated, corrupted, other layers, other version: errors, and nothing changes.
     let good = std::fs::read(&path).unwrap();
-    let snapshot = resumed.to_bytes();
+    let snapshot = resumed.to_bytes().unwrap();
     let mut flipped = good.clone();
     flipped[good.len() / 2] ^= 0x10;
     let mut version = good.clone();
@@ -425,7 +425,11 @@ fn a_restored_run_continues_bit_for_bit() {
             matches!(e, Error::InvalidArgument { arg: "state", .. }),
             "{what}: {e}"
         );
-        assert_eq!(resumed.to_bytes(), snapshot, "{what}: state changed");
+        assert_eq!(
+            resumed.to_bytes().unwrap(),
+            snapshot,
+            "{what}: state changed"
+        );
     }
     // Well-formed files (checksum recomputed) holding values no optimizer can reach: refused,
     // nothing changes. Offsets: magic 8, version 4, block, layers, step, next 8 each, then
@@ -462,7 +466,11 @@ fn a_restored_run_continues_bit_for_bit() {
             matches!(e, Error::InvalidArgument { arg: "state", .. }),
             "{what}: {e}"
         );
-        assert_eq!(resumed.to_bytes(), snapshot, "{what}: state changed");
+        assert_eq!(
+            resumed.to_bytes().unwrap(),
+            snapshot,
+            "{what}: state changed"
+        );
     }
     assert!(
         resumed.load_bytes(&resealed(&|_| {})).is_ok(),

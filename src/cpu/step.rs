@@ -15,7 +15,7 @@ use crate::layout::FactorSet;
 use crate::rule::{
     self, fisher_trace, Decision, RuleLayer, RuleState, FACTOR_FROZEN, FACTOR_HAS_STATS,
 };
-use crate::step::StepConfig;
+use crate::step::{StepConfig, StepSnapshot};
 use crate::thor::LayerCounters;
 
 /// One factor's input to [`CpuThorStep::run`]: X, `rows x d` row-major with row stride
@@ -228,6 +228,28 @@ impl CpuThorStep {
             self.history[r..r + n].copy_from_slice(&self.decisions);
         }
         self.steps += 1;
+        Ok(())
+    }
+
+    /// The step's state, for saving.
+    pub(crate) fn snapshot(&self) -> StepSnapshot {
+        StepSnapshot {
+            stats: self.stats.clone(),
+            inverses: self.inverses.clone(),
+            factor_state: self.factor_state.clone(),
+            rule: self.rule.clone(),
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Takes over a saved state (sizes checked first; nothing changes on error).
+    pub(crate) fn restore(&mut self, s: &StepSnapshot) -> Result<()> {
+        s.check(self.set.buffer_len(), self.set.len(), self.layers.len())?;
+        self.stats.copy_from_slice(&s.stats);
+        self.inverses.copy_from_slice(&s.inverses);
+        self.factor_state.copy_from_slice(&s.factor_state);
+        self.rule.copy_from_slice(&s.rule);
+        self.counters.copy_from_slice(&s.counters);
         Ok(())
     }
 

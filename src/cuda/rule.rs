@@ -8,7 +8,11 @@ use super::CudaDevice;
 use crate::error::{check_len, Error, Result};
 use crate::layout::FactorSet;
 pub use crate::rule::RuleLayer;
-use crate::rule::{Decision, Thresholds};
+use crate::rule::{Decision, RuleState, Thresholds};
+
+/// The device rule's per-layer state flags (as in kernels/rule.cu).
+const RULE_HAS_PREV: u8 = 1;
+const RULE_IS_FROZEN: u8 = 2;
 
 /// What the rule keeps for THOR's whole step besides its own state (raw device addresses):
 /// the per-factor state the accumulation reads (`n_factors` bytes), the layers' counters
@@ -100,6 +104,36 @@ impl DeviceTraceRule {
             None => None,
         };
         Ok((plan, after, vec![a, b, c, d, e]))
+    }
+
+    /// The rule's per-layer state (waits for queued work on `dev`'s stream).
+    pub(crate) fn download_state(&self, dev: &CudaDevice) -> Result<Vec<RuleState>> {
+        dev.check_same_context("rule", &self.prev)?;
+        let (prev, state) = (dev.download(&self.prev)?, dev.download(&self.state)?);
+        Ok(prev
+            .iter()
+            .zip(&state)
+            .map(|(&p, &st)| RuleState {
+                prev: (st & RULE_HAS_PREV != 0).then_some(p),
+                frozen: st & RULE_IS_FROZEN != 0,
+            })
+            .collect())
+    }
+
+    /// Sets the rule's per-layer state (queued on `dev`'s stream).
+    pub(crate) fn upload_state(&mut self, dev: &CudaDevice, rule: &[RuleState]) -> Result<()> {
+        check_len("rule", self.n_layers, rule.len())?;
+        dev.check_same_context("rule", &self.prev)?;
+        let prev: Vec<f64> = rule.iter().map(|r| r.prev.unwrap_or(0.0)).collect();
+        let state: Vec<u8> = rule
+            .iter()
+            .map(|r| {
+                ((r.prev.is_some() as u8) * RULE_HAS_PREV) | ((r.frozen as u8) * RULE_IS_FROZEN)
+            })
+            .collect();
+        dev.stream().memcpy_htod(&prev, &mut self.prev)?;
+        dev.stream().memcpy_htod(&state, &mut self.state)?;
+        Ok(())
     }
 
     /// Number of blocks of the set the rule masks.

@@ -27,6 +27,21 @@ use crate::layout::{strided_len, FactorSet};
 use std::sync::Arc;
 
 pub use crate::step::StepConfig;
+use crate::step::StepSnapshot;
+
+/// The device's six counters per layer as [`crate::thor::LayerCounters`].
+fn counters_of(c: &[u64]) -> Vec<crate::thor::LayerCounters> {
+    c.chunks_exact(6)
+        .map(|v| crate::thor::LayerCounters {
+            statistics: v[0],
+            updates: v[1],
+            reuses: v[2],
+            freezes: v[3],
+            skipped: v[4],
+            failed_inversions: v[5],
+        })
+        .collect()
+}
 
 /// One factor's input to [`DeviceThorStep::run`]: X, `rows x d` row-major with row stride
 /// `ld` (rows as planned). The step weights it itself (`(1 - stat_decay) / rows`).
@@ -58,6 +73,8 @@ impl<E> Clone for StepInput<'_, E> {
 #[derive(Debug)]
 pub struct DeviceThorStep {
     cfg: StepConfig,
+    dtype: DType,
+    partners: Vec<Option<usize>>,
     acc: DeviceAccumulate,
     rule: DeviceTraceRule,
     stats: CudaSlice<f32>,
@@ -154,6 +171,7 @@ impl CudaDevice {
             }
         }
         acc.set_partners(&partners)?;
+        let partners_kept = partners.clone();
         let rule = self.new_trace_rule(set, layers, cfg.history.max(1))?;
         let (b, nb) = (set.block(), set.total_blocks());
         let mut eye = vec![0.0f32; set.buffer_len()];
@@ -164,6 +182,8 @@ impl CudaDevice {
         }
         Ok(DeviceThorStep {
             cfg,
+            dtype,
+            partners: partners_kept,
             acc,
             rule,
             stats: self.upload(&eye)?,
@@ -193,6 +213,71 @@ impl DeviceThorStep {
     /// The factor set.
     pub fn set(&self) -> &FactorSet {
         self.acc.plan().set()
+    }
+
+    /// The rows of each factor's input the step is planned for.
+    pub fn rows(&self) -> &[usize] {
+        self.acc.plan().rows()
+    }
+
+    /// Plans the accumulation for inputs of `rows[f]` rows from now on (the state stays;
+    /// the captured graph and the factor table are dropped, so the next step uploads the
+    /// table and, through [`DeviceThorStep::run_graph`], captures anew).
+    pub fn set_rows(&mut self, dev: &CudaDevice, rows: &[usize]) -> Result<()> {
+        if rows == self.rows() {
+            return Ok(());
+        }
+        dev.check_same_context("step", &self.stats)?;
+        let set = self.set().clone();
+        let mut acc = dev.plan_accumulate(&set, rows, self.dtype, self.cfg.mode)?;
+        acc.set_partners(&self.partners)?;
+        self.acc = acc;
+        self.bound.clear();
+        self.graph = None;
+        Ok(())
+    }
+
+    /// The step's state on the host (waits for queued work on `dev`'s stream).
+    pub(crate) fn snapshot(&self, dev: &CudaDevice) -> Result<StepSnapshot> {
+        dev.check_same_context("step", &self.stats)?;
+        let c = dev.download(&self.counters)?;
+        Ok(StepSnapshot {
+            stats: dev.download(&self.stats)?,
+            inverses: dev.download(&self.inverses)?,
+            factor_state: dev.download(&self.factor_state)?,
+            rule: self.rule.download_state(dev)?,
+            counters: counters_of(&c),
+        })
+    }
+
+    /// Takes over a saved state (sizes checked first; queued on `dev`'s stream).
+    pub(crate) fn restore(&mut self, dev: &CudaDevice, s: &StepSnapshot) -> Result<()> {
+        s.check(
+            self.set().buffer_len(),
+            self.set().len(),
+            self.rule.layers(),
+        )?;
+        dev.check_same_context("step", &self.stats)?;
+        let st = dev.stream();
+        st.memcpy_htod(&s.stats, &mut self.stats)?;
+        st.memcpy_htod(&s.inverses, &mut self.inverses)?;
+        st.memcpy_htod(&s.factor_state, &mut self.factor_state)?;
+        let c: Vec<u64> = s
+            .counters
+            .iter()
+            .flat_map(|c| {
+                [
+                    c.statistics,
+                    c.updates,
+                    c.reuses,
+                    c.freezes,
+                    c.skipped,
+                    c.failed_inversions,
+                ]
+            })
+            .collect();
+        st.memcpy_htod(&c, &mut self.counters)?;
+        self.rule.upload_state(dev, &s.rule)
     }
 
     /// Checks `inputs` against the plan, uploads the factor table when their addresses or
@@ -466,17 +551,16 @@ impl DeviceThorStep {
     pub fn counters(&mut self, dev: &CudaDevice) -> Result<Vec<crate::thor::LayerCounters>> {
         dev.check_same_context("step", &self.counters)?;
         self.traffic.syncs += 1;
-        let c = dev.download(&self.counters)?;
-        Ok(c.chunks_exact(6)
-            .map(|v| crate::thor::LayerCounters {
-                statistics: v[0],
-                updates: v[1],
-                reuses: v[2],
-                freezes: v[3],
-                skipped: v[4],
-                failed_inversions: v[5],
-            })
-            .collect())
+        self.read_counters(dev)
+    }
+
+    /// [`DeviceThorStep::counters`] without counting the synchronization.
+    pub(crate) fn read_counters(
+        &self,
+        dev: &CudaDevice,
+    ) -> Result<Vec<crate::thor::LayerCounters>> {
+        dev.check_same_context("step", &self.counters)?;
+        Ok(counters_of(&dev.download(&self.counters)?))
     }
 
     /// The rule's decision history (waits for queued work on `dev`'s stream).

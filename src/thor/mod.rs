@@ -27,19 +27,18 @@
 //! # Ok::<(), thor_kernels::Error>(())
 //! ```
 
-mod compute;
+mod engine;
 mod schedule;
 mod state;
 
 pub use schedule::{lr_poly, DampingSchedule, IntervalSchedule};
 
 use crate::backend::{AnyBackend, BackendKind};
-use crate::cpu::InvertOptions;
-use crate::error::{check_len, product, try_resize, try_vec, Error, Result};
+use crate::error::{check_len, product, try_resize, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{check_block_size, BlockLayout};
-use crate::rule::{self, fisher_trace, RuleState};
 pub use crate::rule::{Decision, Thresholds};
+use crate::step::{AccumulateMode, StepConfig};
 
 /// The shape of a layer THOR preconditions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,9 +155,10 @@ pub struct ThorConfig {
     pub interval: IntervalSchedule,
     /// Trace-rule thresholds.
     pub thresholds: Thresholds,
-    /// Where the accumulation, inversion and apply run: `Cpu`, `Cuda` (device 0; an error
-    /// when there is none) or `Auto` (the GPU when one is usable). The optimizer's state
-    /// stays in host memory either way.
+    /// Where the layers' state lives and their operations run: `Cpu`, `Cuda` (device 0;
+    /// an error when there is none) or `Auto` (the GPU when one is usable). On the GPU the
+    /// statistics, inverses, rule state and counters stay in device memory; each call
+    /// uploads its host inputs and brings back what it returns.
     pub backend: BackendKind,
     /// Non-SPD blocks: retry with more damping by default.
     pub policy: FailurePolicy,
@@ -233,19 +233,13 @@ pub struct LayerCounters {
     pub failed_inversions: u64,
 }
 
-#[derive(Debug, Clone)]
+/// A registered layer: its shape, layouts and the engine that holds its state.
+#[derive(Debug)]
 struct LayerState {
     kind: LayerKind,
     a: BlockLayout,
     g: BlockLayout,
-    a_stats: Vec<f32>,
-    g_stats: Vec<f32>,
-    a_inv: Vec<f32>,
-    g_inv: Vec<f32>,
-    has_stats: bool,
-    /// The trace rule's state: last finite layer trace, frozen flag.
-    rule: RuleState,
-    counters: LayerCounters,
+    engine: Box<dyn engine::LayerEngine>,
 }
 
 /// The THOR optimizer state.
@@ -256,11 +250,9 @@ pub struct Thor {
     step: u64,
     epoch: f64,
     next_stats: u64,
-    // Where the heavy operations run (its scratch sized as layers are added).
-    compute: Box<dyn compute::Compute>,
+    /// Where the layers' state lives and their operations run.
+    backend: AnyBackend,
     ones_buf: Vec<f32>,
-    traces_buf: Vec<f32>,
-    info_buf: Vec<i32>,
 }
 
 impl Thor {
@@ -268,18 +260,26 @@ impl Thor {
     pub fn new(cfg: ThorConfig) -> Result<Self> {
         cfg.validate()?;
         let (backend, _) = AnyBackend::select(cfg.backend)?;
-        let compute = compute::on(backend);
         Ok(Self {
             cfg,
             layers: Vec::new(),
             step: 0,
             epoch: 0.0,
             next_stats: 0,
-            compute,
+            backend,
             ones_buf: Vec::new(),
-            traces_buf: Vec::new(),
-            info_buf: Vec::new(),
         })
+    }
+
+    /// The settings of each layer's factor step.
+    fn step_config(&self) -> StepConfig {
+        StepConfig {
+            mode: AccumulateMode::F32,
+            stat_decay: self.cfg.stat_decay,
+            thresholds: self.cfg.thresholds,
+            policy: self.cfg.policy,
+            history: 1,
+        }
     }
 
     /// The configuration.
@@ -304,39 +304,22 @@ impl Thor {
         let a = layout(kind.d_a(), "A")?;
         let g = layout(kind.d_g(), "G")?;
         // Every buffer is sized by the caller's layer: allocated fallibly, so that a layer
-        // too large for memory is an error rather than an abort (and nothing changes).
-        let eye = |arg: &'static str, l: &BlockLayout| -> Result<Vec<f32>> {
-            let mut v = try_vec(arg, l.buffer_len(), 0.0f32)?;
-            for j in 0..l.blocks() {
-                for i in 0..b {
-                    v[j * b * b + i * b + i] = 1.0;
-                }
-            }
-            Ok(v)
-        };
-        let state = LayerState {
-            kind,
-            a,
-            g,
-            a_stats: try_vec("layer", a.buffer_len(), 0.0)?,
-            g_stats: try_vec("layer", g.buffer_len(), 0.0)?,
-            a_inv: eye("layer", &a)?,
-            g_inv: eye("layer", &g)?,
-            has_stats: false,
-            rule: RuleState::default(),
-            counters: LayerCounters::default(),
-        };
-        let blocks = a.blocks().max(g.blocks());
-        self.compute.reserve(b, blocks, kind.d_g(), kind.d_a())?;
-        if self.traces_buf.len() < blocks {
-            try_resize("layer", &mut self.traces_buf, blocks, 0.0)?;
-            try_resize("layer", &mut self.info_buf, blocks, 0)?;
-        }
+        // too large for memory is an error naming it rather than an abort (and nothing
+        // changes).
+        let engine =
+            engine::new_engine(&self.backend, b, kind.d_a(), kind.d_g(), self.step_config())
+                .map_err(|e| match e {
+                    Error::OutOfMemory { bytes, .. } => Error::OutOfMemory {
+                        arg: "layer",
+                        bytes,
+                    },
+                    other => other,
+                })?;
         self.layers.try_reserve(1).map_err(|_| Error::OutOfMemory {
             arg: "layer",
             bytes: std::mem::size_of::<LayerState>(),
         })?;
-        self.layers.push(state);
+        self.layers.push(LayerState { kind, a, g, engine });
         Ok(LayerId(self.layers.len() - 1))
     }
 
@@ -387,14 +370,14 @@ impl Thor {
         Ok(self.layer(id)?.kind)
     }
 
-    /// The counters of layer `id`.
+    /// The counters of layer `id` (on a CUDA backend, read from the device).
     pub fn counters(&self, id: LayerId) -> Result<LayerCounters> {
-        Ok(self.layer(id)?.counters)
+        self.layer(id)?.engine.counters(&self.backend)
     }
 
     /// Whether layer `id` is frozen.
     pub fn is_frozen(&self, id: LayerId) -> Result<bool> {
-        Ok(self.layer(id)?.rule.frozen)
+        Ok(self.counters(id)?.freezes == 1)
     }
 
     /// Hands over layer `id`'s statistics: activations `acts` `[rows, inputs]` (im2col rows
@@ -413,12 +396,6 @@ impl Thor {
         out_grads: &[f32],
         rows: usize,
     ) -> Result<Decision> {
-        let (b, stat_decay, thresholds, policy) = (
-            self.cfg.block,
-            self.cfg.stat_decay,
-            self.cfg.thresholds,
-            self.cfg.policy,
-        );
         let damping = self.damping();
         let l = self
             .layers
@@ -430,18 +407,6 @@ impl Thor {
         let (inputs, d_a, d_g) = (l.kind.inputs(), l.kind.d_a(), l.kind.d_g());
         check_len("acts", product("rows", rows, inputs)?, acts.len())?;
         check_len("out_grads", product("rows", rows, d_g)?, out_grads.len())?;
-        if l.rule.frozen {
-            return Ok(Decision::Frozen);
-        }
-        if acts.iter().chain(out_grads).any(|v| !v.is_finite()) {
-            l.counters.skipped += 1;
-            return Ok(Decision::Skipped);
-        }
-        let (alpha, beta) = if l.has_stats && stat_decay > 0.0 {
-            ((1.0 - stat_decay) / rows as f32, stat_decay)
-        } else {
-            (1.0 / rows as f32, 0.0)
-        };
         let x_a: &[f32] = if l.kind.bias() {
             try_resize("rows", &mut self.ones_buf, product("rows", rows, d_a)?, 1.0)?;
             for (dst, src) in self
@@ -456,59 +421,11 @@ impl Thor {
         } else {
             acts
         };
-        let tr = &mut self.traces_buf;
-        self.compute.accumulate(
-            x_a,
-            rows,
-            &l.a,
-            alpha,
-            beta,
-            &mut l.a_stats,
-            &mut tr[..l.a.blocks()],
-        )?;
-        self.compute.accumulate(
-            out_grads,
-            rows,
-            &l.g,
-            alpha,
-            beta,
-            &mut l.g_stats,
-            &mut tr[..l.g.blocks()],
-        )?;
-        l.has_stats = true;
-        l.counters.statistics += 1;
-        let tr_a = real_trace(&l.a, &l.a_stats);
-        let tr_g = real_trace(&l.g, &l.g_stats);
-        let cur = fisher_trace(tr_a, d_a, tr_g, d_g, damping as f64);
-        let decision = rule::step(&mut l.rule, cur, thresholds);
-        match decision {
-            Decision::Update => {
-                let opts = InvertOptions {
-                    policy,
-                    ..InvertOptions::uniform(damping.sqrt())
-                };
-                let info = &mut self.info_buf;
-                let mut ok = true;
-                for (layout, stats, inv) in [
-                    (&l.a, &l.a_stats, &mut l.a_inv),
-                    (&l.g, &l.g_stats, &mut l.g_inv),
-                ] {
-                    let nb = layout.blocks();
-                    self.compute.invert(b, stats, inv, &mut info[..nb], &opts)?;
-                    ok &= info[..nb].iter().all(|&i| i == 0);
-                }
-                // A block that failed keeps its previous inverse (the kernel leaves it as it was).
-                if ok {
-                    l.counters.updates += 1;
-                } else {
-                    l.counters.failed_inversions += 1;
-                }
-            }
-            Decision::Reuse => l.counters.reuses += 1,
-            Decision::Freeze => l.counters.freezes = 1,
-            Decision::Frozen | Decision::Skipped => {}
-        }
-        Ok(decision)
+        // The layer's factor step: a frozen layer is not touched, a NaN or Inf anywhere
+        // skips it, the first statistics replace the identity, then the EMA; the rule, the
+        // inversion of an updated layer, the counters.
+        l.engine
+            .observe(&self.backend, x_a, out_grads, rows, damping)
     }
 
     /// The preconditioned gradient of layer `id`: `out = G^-1 grad A^-1` with the layer's
@@ -517,18 +434,17 @@ impl Thor {
     pub fn precondition(&mut self, id: LayerId, grad: &[f32], out: &mut [f32]) -> Result<()> {
         let l = self
             .layers
-            .get(id.0)
+            .get_mut(id.0)
             .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
         let (d_a, d_g) = (l.kind.d_a(), l.kind.d_g());
         check_len("grad", d_g * d_a, grad.len())?;
         check_len("out", d_g * d_a, out.len())?;
-        self.compute
-            .apply((&l.g, &l.g_inv), grad, (&l.a, &l.a_inv), d_g, d_a, out)
+        l.engine.precondition(&self.backend, grad, out)
     }
 
     /// Where the accumulation, inversion and apply run (`cpu (N threads)` or `cuda:<name>`).
     pub fn backend_name(&self) -> String {
-        self.compute.name()
+        self.backend.name()
     }
 
     /// K-FAC's KL clip factor for this step: `min(1, sqrt(kl_clip / (lr^2 * sum g . dW)))`
@@ -565,12 +481,4 @@ impl Thor {
         }
         self.step += 1;
     }
-}
-
-/// Sum of the real (unpadded) diagonal of a factor.
-fn real_trace(layout: &BlockLayout, blocks: &[f32]) -> f64 {
-    let b = layout.block();
-    (0..layout.dim())
-        .map(|i| blocks[(i / b) * b * b + (i % b) * b + i % b] as f64)
-        .sum()
 }

@@ -8,8 +8,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::{LayerKind, LayerState, Thor};
+use super::{LayerCounters, LayerKind, Thor};
 use crate::error::{Error, Result};
+use crate::rule::{RuleState, FACTOR_FROZEN, FACTOR_HAS_STATS};
+use crate::step::StepSnapshot;
 
 const MAGIC: &[u8; 8] = b"THORSTAT";
 /// The format version this build writes and reads.
@@ -106,13 +108,58 @@ fn kind_words(k: &LayerKind) -> [u64; 6] {
     }
 }
 
+/// One layer as the file holds it: flags, rule state, counters and the four arrays.
+struct Saved {
+    flags: u64,
+    rule: RuleState,
+    counters: LayerCounters,
+    a_stats: Vec<f32>,
+    g_stats: Vec<f32>,
+    a_inv: Vec<f32>,
+    g_inv: Vec<f32>,
+}
+
+impl Saved {
+    /// The layer's state from its engine's snapshot (the layer's A factor first, then G).
+    fn of(s: &StepSnapshot, a_len: usize) -> Saved {
+        let rule = s.rule[0];
+        let has_stats = s.factor_state[0] & FACTOR_HAS_STATS != 0;
+        Saved {
+            flags: has_stats as u64 | (rule.prev.is_some() as u64) << 1 | (rule.frozen as u64) << 2,
+            rule,
+            counters: s.counters[0],
+            a_stats: s.stats[..a_len].to_vec(),
+            g_stats: s.stats[a_len..].to_vec(),
+            a_inv: s.inverses[..a_len].to_vec(),
+            g_inv: s.inverses[a_len..].to_vec(),
+        }
+    }
+
+    /// The engine's snapshot of this layer.
+    fn snapshot(self) -> StepSnapshot {
+        let has = (self.flags & 1 != 0) as u8 * FACTOR_HAS_STATS;
+        let frozen = self.rule.frozen as u8 * FACTOR_FROZEN;
+        let mut stats = self.a_stats;
+        stats.extend_from_slice(&self.g_stats);
+        let mut inverses = self.a_inv;
+        inverses.extend_from_slice(&self.g_inv);
+        StepSnapshot {
+            stats,
+            inverses,
+            factor_state: vec![has | frozen; 2],
+            rule: vec![self.rule],
+            counters: vec![self.counters],
+        }
+    }
+}
+
 /// The values of a loaded layer are ones the optimizer can reach: finite statistics and
 /// inverses, a finite last trace when there is one, counters that add up (every accepted
 /// statistics step updated, failed, reused or froze; at most one freeze, and the frozen flag
 /// with it), statistics exactly when some were accepted, no unknown flag.
-fn check_layer(i: usize, flags: u64, l: &LayerState) -> Result<()> {
+fn check_layer(i: usize, l: &Saved) -> Result<()> {
     let bad = |what: &str| corrupt(&format!("layer {i}: {what}"));
-    if flags & !7 != 0 {
+    if l.flags & !7 != 0 {
         return Err(bad("unknown flags"));
     }
     if [&l.a_stats, &l.g_stats, &l.a_inv, &l.g_inv]
@@ -128,10 +175,11 @@ fn check_layer(i: usize, flags: u64, l: &LayerState) -> Result<()> {
     let decided = [c.updates, c.failed_inversions, c.reuses, c.freezes]
         .iter()
         .try_fold(0u64, |s, &v| s.checked_add(v));
+    let has_stats = l.flags & 1 != 0;
     if decided != Some(c.statistics)
         || c.freezes > 1
         || l.rule.frozen != (c.freezes == 1)
-        || l.has_stats != (c.statistics > 0)
+        || has_stats != (c.statistics > 0)
     {
         return Err(bad("counters that do not add up"));
     }
@@ -139,8 +187,9 @@ fn check_layer(i: usize, flags: u64, l: &LayerState) -> Result<()> {
 }
 
 impl Thor {
-    /// The whole state as bytes (see the module docs for the format).
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// The whole state as bytes (see the module docs for the format). On a CUDA backend
+    /// the layers' state comes down from the device (waiting for queued work).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut w = Writer(Vec::new());
         w.0.extend_from_slice(MAGIC);
         w.0.extend_from_slice(&STATE_VERSION.to_le_bytes());
@@ -150,15 +199,14 @@ impl Thor {
         w.u64(self.next_stats);
         w.f64(self.epoch);
         for l in &self.layers {
+            let snap = l.engine.snapshot(&self.backend)?;
+            let a_len = l.a.buffer_len();
+            let saved = Saved::of(&snap, a_len);
             for v in kind_words(&l.kind) {
                 w.u64(v);
             }
-            w.u64(
-                l.has_stats as u64
-                    | (l.rule.prev.is_some() as u64) << 1
-                    | (l.rule.frozen as u64) << 2,
-            );
-            let c = &l.counters;
+            w.u64(saved.flags);
+            let c = &saved.counters;
             for v in [
                 c.statistics,
                 c.updates,
@@ -169,14 +217,14 @@ impl Thor {
             ] {
                 w.u64(v);
             }
-            w.f64(l.rule.prev.unwrap_or(f64::NAN));
-            for v in [&l.a_stats, &l.g_stats, &l.a_inv, &l.g_inv] {
+            w.f64(saved.rule.prev.unwrap_or(f64::NAN));
+            for v in [&saved.a_stats, &saved.g_stats, &saved.a_inv, &saved.g_inv] {
                 w.f32s(v);
             }
         }
         let sum = fnv1a(&w.0);
         w.u64(sum);
-        w.0
+        Ok(w.0)
     }
 
     /// Restores a state produced by [`Thor::to_bytes`] for the same layers (same order and
@@ -216,7 +264,7 @@ impl Thor {
         if !(epoch.is_finite() && epoch >= 0.0) {
             return Err(corrupt(&format!("epoch {epoch} is not a finite position")));
         }
-        let mut layers: Vec<LayerState> = Vec::with_capacity(n);
+        let mut saved: Vec<Saved> = Vec::with_capacity(n);
         for (i, cur) in self.layers.iter().enumerate() {
             let mut words = [0u64; 6];
             for w in &mut words {
@@ -229,7 +277,7 @@ impl Thor {
                 ));
             }
             let flags = r.u64()?;
-            let mut c = cur.counters;
+            let mut c = LayerCounters::default();
             for v in [
                 &mut c.statistics,
                 &mut c.updates,
@@ -241,22 +289,28 @@ impl Thor {
                 *v = r.u64()?;
             }
             let prev_trace = r.f64()?;
-            let mut l = cur.clone();
-            l.a_stats = r.f32s(cur.a.buffer_len())?;
-            l.g_stats = r.f32s(cur.g.buffer_len())?;
-            l.a_inv = r.f32s(cur.a.buffer_len())?;
-            l.g_inv = r.f32s(cur.g.buffer_len())?;
-            l.has_stats = flags & 1 != 0;
-            l.rule.prev = (flags & 2 != 0).then_some(prev_trace);
-            l.rule.frozen = flags & 4 != 0;
-            l.counters = c;
-            check_layer(i, flags, &l)?;
-            layers.push(l);
+            let l = Saved {
+                flags,
+                rule: RuleState {
+                    prev: (flags & 2 != 0).then_some(prev_trace),
+                    frozen: flags & 4 != 0,
+                },
+                counters: c,
+                a_stats: r.f32s(cur.a.buffer_len())?,
+                g_stats: r.f32s(cur.g.buffer_len())?,
+                a_inv: r.f32s(cur.a.buffer_len())?,
+                g_inv: r.f32s(cur.g.buffer_len())?,
+            };
+            check_layer(i, &l)?;
+            saved.push(l);
         }
         if r.pos != body.len() {
             return Err(corrupt("trailing bytes"));
         }
-        self.layers = layers;
+        // Everything checked: hand the layers to their engines.
+        for (l, s) in self.layers.iter_mut().zip(saved) {
+            l.engine.restore(&self.backend, &s.snapshot())?;
+        }
         self.step = step;
         self.next_stats = next_stats;
         self.epoch = epoch;
@@ -266,6 +320,7 @@ impl Thor {
     /// Saves the state to `path` atomically: a temporary file beside it, flushed to disk,
     /// then renamed over `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_bytes()?;
         let io = |e: std::io::Error| Error::invalid("path", format!("{}: {e}", path.display()));
         let tmp = path.with_extension(format!(
             "{}tmp{}",
@@ -275,7 +330,7 @@ impl Thor {
             std::process::id()
         ));
         let written = std::fs::File::create(&tmp).and_then(|mut f| {
-            f.write_all(&self.to_bytes())?;
+            f.write_all(&bytes)?;
             f.sync_all()
         });
         // A failure at any point leaves `path` as it was and no temporary file behind.

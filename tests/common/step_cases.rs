@@ -142,6 +142,55 @@ impl StepScenario {
         d
     }
 
+    /// The statistics after step `k` in f64, from the f64 reference alone (not from any
+    /// backend): per factor, the first accepted batch replaces the identity, later accepted
+    /// ones follow the EMA; skipped and frozen steps leave them.
+    pub fn reference_stats(&self, k: usize) -> Vec<f64> {
+        let set = self.set();
+        let b = self.b;
+        let mut s = vec![0.0f64; set.buffer_len()];
+        for j in 0..set.total_blocks() {
+            for i in 0..b {
+                s[j * b * b + i * b + i] = 1.0;
+            }
+        }
+        let mut has = vec![false; set.len()];
+        for step in 0..=k {
+            let xs = self.batch(step);
+            for l in 0..self.dims.len() {
+                if matches!(self.want[l][step], Decision::Skipped | Decision::Frozen) {
+                    continue;
+                }
+                for f in [2 * l, 2 * l + 1] {
+                    let e = &set.entries()[f];
+                    let d = e.layout.dim();
+                    let (alpha, beta) = if has[f] {
+                        (
+                            (1.0 - self.decay as f64) / self.rows as f64,
+                            self.decay as f64,
+                        )
+                    } else {
+                        (1.0 / self.rows as f64, 0.0)
+                    };
+                    let x: Vec<f64> = xs[f].iter().map(|&v| v as f64).collect();
+                    let range = e.offset()..e.offset() + e.layout.buffer_len();
+                    thor_kernels::reference::accumulate(
+                        &x,
+                        self.rows,
+                        d,
+                        &e.layout,
+                        alpha,
+                        beta,
+                        &mut s[range],
+                    )
+                    .unwrap();
+                    has[f] = true;
+                }
+            }
+        }
+        s
+    }
+
     /// Checks a device step's results after step `k` against the optimizer: decisions (one
     /// code per layer), counters (six per layer), statistics and inverses (the set's
     /// buffers), the accumulation's status (3 for a frozen layer's factors).
@@ -183,7 +232,20 @@ impl StepScenario {
                 );
             }
         }
-        let arrays = thor_arrays(&thor.to_bytes(), nl);
+        // Statistics against the f64 reference first (so that the backends are not only
+        // compared with each other).
+        let want_stats = self.reference_stats(k);
+        let scale = want_stats.iter().fold(1f64, |m, v| m.max(v.abs()));
+        let err = stats
+            .iter()
+            .zip(&want_stats)
+            .fold(0f64, |m, (&a, &w)| m.max((a as f64 - w).abs()))
+            / scale;
+        assert!(
+            err <= 1e-5,
+            "statistics against the reference at step {k}: {err:e}"
+        );
+        let arrays = thor_arrays(&thor.to_bytes().unwrap(), nl);
         for (l, arr) in arrays.iter().enumerate() {
             for side in 0..2 {
                 let f = 2 * l + side;

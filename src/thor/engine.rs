@@ -1,0 +1,276 @@
+//! Where a layer's state lives and its heavy operations run: the optimizer's per-layer
+//! engine is the whole-model factor step for the layer's two factors (A, G), on the CPU
+//! ([`CpuThorStep`]) or resident on a CUDA device (`DeviceThorStep`: statistics, inverses,
+//! the rule's state and the counters stay in device memory; only the caller's host inputs
+//! go up and the decision and the preconditioned gradient come down), plus the apply. Both
+//! follow one definition of a statistics step, checked against each other by the tests.
+
+use crate::backend::AnyBackend;
+use crate::cpu::step::{CpuThorStep, HostStepInput};
+use crate::cpu::{self, Workspace};
+#[cfg(feature = "cuda")]
+use crate::cuda::{apply::DeviceApply, step::DeviceThorStep, CudaDevice};
+use crate::error::{Error, Result};
+use crate::layout::FactorSet;
+use crate::rule::{Decision, RuleLayer};
+use crate::step::{StepConfig, StepSnapshot};
+use crate::thor::LayerCounters;
+#[cfg(feature = "cuda")]
+use cudarc::driver::CudaSlice;
+
+/// One layer's engine. Every call takes the optimizer's backend (the device handle lives
+/// there, once for all layers).
+pub(crate) trait LayerEngine: std::fmt::Debug + Send {
+    /// A statistics step from host inputs: `x_a` `[rows, d_a]` (with the ones column of a
+    /// bias), `g` `[rows, d_g]`; returns the rule's decision.
+    fn observe(
+        &mut self,
+        be: &AnyBackend,
+        x_a: &[f32],
+        g: &[f32],
+        rows: usize,
+        damping: f32,
+    ) -> Result<Decision>;
+    /// `out = G^-1 grad A^-1` with the current inverses, `[d_g, d_a]` host arrays.
+    fn precondition(&mut self, be: &AnyBackend, grad: &[f32], out: &mut [f32]) -> Result<()>;
+    /// The layer's counters.
+    fn counters(&self, be: &AnyBackend) -> Result<LayerCounters>;
+    /// The layer's state on the host.
+    fn snapshot(&self, be: &AnyBackend) -> Result<StepSnapshot>;
+    /// Takes over a saved state (checked first; nothing changes on error).
+    fn restore(&mut self, be: &AnyBackend, s: &StepSnapshot) -> Result<()>;
+}
+
+/// The factor set of a layer (A first, then G) and its one rule layer.
+fn layer_set(block: usize, d_a: usize, d_g: usize) -> Result<(FactorSet, Vec<RuleLayer>)> {
+    let set = FactorSet::new(block, &[d_a, d_g])?;
+    let layers = RuleLayer::pairs(&set);
+    Ok((set, layers))
+}
+
+/// A new engine for a layer with factors of `d_a` and `d_g` on `be`.
+pub(crate) fn new_engine(
+    be: &AnyBackend,
+    block: usize,
+    d_a: usize,
+    d_g: usize,
+    cfg: StepConfig,
+) -> Result<Box<dyn LayerEngine>> {
+    let (set, layers) = layer_set(block, d_a, d_g)?;
+    match be {
+        AnyBackend::Cpu(_) => {
+            let step = CpuThorStep::new::<f32>(&set, &layers, cfg)?;
+            let ws = Workspace::try_new(cpu::apply_workspace_size(Some(block), d_g, d_a))?;
+            Ok(Box::new(CpuLayer { step, ws, d_a, d_g }))
+        }
+        #[cfg(feature = "cuda")]
+        AnyBackend::Cuda(dev) => Ok(Box::new(CudaLayer::new(dev, set, &layers, cfg)?)),
+    }
+}
+
+/// A layer on the CPU backend.
+#[derive(Debug)]
+struct CpuLayer {
+    step: CpuThorStep,
+    ws: Workspace,
+    d_a: usize,
+    d_g: usize,
+}
+
+impl LayerEngine for CpuLayer {
+    fn observe(
+        &mut self,
+        _: &AnyBackend,
+        x_a: &[f32],
+        g: &[f32],
+        rows: usize,
+        damping: f32,
+    ) -> Result<Decision> {
+        let inputs = [
+            HostStepInput {
+                x: x_a,
+                rows,
+                ld: self.d_a,
+            },
+            HostStepInput {
+                x: g,
+                rows,
+                ld: self.d_g,
+            },
+        ];
+        self.step.run(&inputs, damping)?;
+        Ok(self.step.decisions()[0])
+    }
+
+    fn precondition(&mut self, _: &AnyBackend, grad: &[f32], out: &mut [f32]) -> Result<()> {
+        let set = self.step.set();
+        let (ea, eg) = (&set.entries()[0], &set.entries()[1]);
+        let inv = self.step.inverses();
+        cpu::apply(
+            Some((
+                &eg.layout,
+                &inv[eg.offset()..eg.offset() + eg.layout.buffer_len()],
+            )),
+            grad,
+            Some((
+                &ea.layout,
+                &inv[ea.offset()..ea.offset() + ea.layout.buffer_len()],
+            )),
+            self.d_g,
+            self.d_a,
+            1.0,
+            out,
+            &mut self.ws,
+        )
+    }
+
+    fn counters(&self, _: &AnyBackend) -> Result<LayerCounters> {
+        Ok(self.step.counters()[0])
+    }
+
+    fn snapshot(&self, _: &AnyBackend) -> Result<StepSnapshot> {
+        Ok(self.step.snapshot())
+    }
+
+    fn restore(&mut self, _: &AnyBackend, s: &StepSnapshot) -> Result<()> {
+        self.step.restore(s)
+    }
+}
+
+/// A layer resident on a CUDA device: its step, the staging buffers its host inputs go
+/// through, and its apply plan, all allocated once (staging grows with the rows).
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+struct CudaLayer {
+    step: DeviceThorStep,
+    apply: DeviceApply,
+    x_a: CudaSlice<f32>,
+    x_g: CudaSlice<f32>,
+    grad: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+    d_a: usize,
+    d_g: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaLayer {
+    fn new(
+        dev: &CudaDevice,
+        set: FactorSet,
+        layers: &[RuleLayer],
+        cfg: StepConfig,
+    ) -> Result<Self> {
+        use crate::cuda::apply::ApplyLayer;
+        let (d_a, d_g) = (set.entries()[0].layout.dim(), set.entries()[1].layout.dim());
+        // Planned for one row; the first statistics step plans for its rows.
+        let step = dev.new_thor_step(&set, &[1, 1], crate::DType::F32, layers, cfg)?;
+        let apply = dev.plan_apply(
+            &set,
+            &[ApplyLayer {
+                out_dim: d_g,
+                in_dim: d_a,
+                g_factor: Some(1),
+                a_factor: Some(0),
+            }],
+            crate::DType::F32,
+        )?;
+        Ok(CudaLayer {
+            step,
+            apply,
+            x_a: dev.zeros(d_a)?,
+            x_g: dev.zeros(d_g)?,
+            grad: dev.zeros(d_a * d_g)?,
+            out: dev.zeros(d_a * d_g)?,
+            d_a,
+            d_g,
+        })
+    }
+
+    fn dev(be: &AnyBackend) -> Result<&CudaDevice> {
+        match be {
+            AnyBackend::Cuda(d) => Ok(d),
+            AnyBackend::Cpu(_) => Err(Error::invalid(
+                "backend",
+                "a device layer used with the CPU backend",
+            )),
+        }
+    }
+}
+
+/// Grows `buf` to `len` elements at least (a new allocation only when it is too small).
+#[cfg(feature = "cuda")]
+fn ensure(dev: &CudaDevice, buf: &mut CudaSlice<f32>, len: usize) -> Result<()> {
+    if buf.len() < len {
+        *buf = dev.zeros(len)?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+impl LayerEngine for CudaLayer {
+    fn observe(
+        &mut self,
+        be: &AnyBackend,
+        x_a: &[f32],
+        g: &[f32],
+        rows: usize,
+        damping: f32,
+    ) -> Result<Decision> {
+        use crate::cuda::step::StepInput;
+        let dev = Self::dev(be)?;
+        let (na, ng) = (rows * self.d_a, rows * self.d_g);
+        self.step.set_rows(dev, &[rows, rows])?;
+        ensure(dev, &mut self.x_a, na)?;
+        ensure(dev, &mut self.x_g, ng)?;
+        let s = dev.stream();
+        s.memcpy_htod(&x_a[..na], &mut self.x_a.slice_mut(0..na))?;
+        s.memcpy_htod(&g[..ng], &mut self.x_g.slice_mut(0..ng))?;
+        let inputs = [
+            StepInput {
+                x: self.x_a.slice(0..na),
+                ld: self.d_a,
+            },
+            StepInput {
+                x: self.x_g.slice(0..ng),
+                ld: self.d_g,
+            },
+        ];
+        // Plain launches: the damping follows the schedule, and a graph is captured anew
+        // whenever it changes.
+        self.step.run(dev, &inputs, damping)?;
+        let code = dev.download(self.step.decisions())?[0];
+        Decision::from_code(code)
+            .ok_or_else(|| Error::Driver(format!("the device rule wrote decision code {code}")))
+    }
+
+    fn precondition(&mut self, be: &AnyBackend, grad: &[f32], out: &mut [f32]) -> Result<()> {
+        let dev = Self::dev(be)?;
+        let n = self.d_a * self.d_g;
+        dev.stream()
+            .memcpy_htod(&grad[..n], &mut self.grad.slice_mut(0..n))?;
+        dev.apply(
+            &mut self.apply,
+            self.step.inverses(),
+            &[self.grad.slice(0..n)],
+            &mut [self.out.slice_mut(0..n)],
+            &[1.0],
+        )?;
+        dev.stream()
+            .memcpy_dtoh(&self.out.slice(0..n), &mut out[..n])?;
+        dev.synchronize()
+    }
+
+    fn counters(&self, be: &AnyBackend) -> Result<LayerCounters> {
+        Ok(self.step.read_counters(Self::dev(be)?)?[0])
+    }
+
+    fn snapshot(&self, be: &AnyBackend) -> Result<StepSnapshot> {
+        self.step.snapshot(Self::dev(be)?)
+    }
+
+    fn restore(&mut self, be: &AnyBackend, s: &StepSnapshot) -> Result<()> {
+        let dev = Self::dev(be)?;
+        self.step.restore(dev, s)?;
+        dev.synchronize()
+    }
+}
