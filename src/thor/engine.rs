@@ -10,7 +10,9 @@ use crate::cpu::step::{CpuThorStep, HostStepInput};
 use crate::cpu::{self, Workspace};
 #[cfg(feature = "cuda")]
 use crate::cuda::{apply::DeviceApply, step::DeviceThorStep, CudaDevice};
-use crate::error::{Error, Result};
+#[cfg(feature = "cuda")]
+use crate::error::Error;
+use crate::error::Result;
 use crate::layout::FactorSet;
 use crate::rule::{Decision, RuleLayer};
 use crate::step::{StepConfig, StepSnapshot};
