@@ -83,7 +83,8 @@ typedef struct ThorAccumulatePlan ThorAccumulatePlan;
 // A context: the CPU, or one CUDA device with the stream all work is queued on.
 typedef struct ThorContext ThorContext;
 
-// An optimizer handle.
+// An optimizer handle: on the CPU (host pointers) or resident on a CUDA device (device
+// pointers, work queued on the context's stream).
 typedef struct ThorOptimizer ThorOptimizer;
 
 // Failure policy of `thor_v1_invert`: `max_retries` 0 reports only; otherwise failed blocks
@@ -433,6 +434,22 @@ enum ThorStatus thor_v1_optimizer_config_default(struct ThorOptimizerConfig *cfg
 enum ThorStatus thor_v1_optimizer_create(const struct ThorOptimizerConfig *cfg,
                                          struct ThorOptimizer **out);
 
+// Creates an optimizer in `*out` on the context `ctx`: on a CPU context as
+// `thor_v1_optimizer_create`; on a CUDA context resident on its device, with its work
+// queued on the context's stream, and every array the optimizer functions take
+// (activations, gradients, outputs) is device memory of that device. The optimizer keeps
+// its own handle on the device and stream: the context may be destroyed first, the stream
+// must outlive both. Release with `thor_v1_optimizer_destroy`.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, or a field of `cfg` out
+// of range: the message names it); on a CUDA context `DRIVER`.
+//
+// # Safety
+// `ctx` must come from this library; `cfg` and `out` address one value each.
+enum ThorStatus thor_v1_optimizer_create_on(struct ThorContext *ctx,
+                                            const struct ThorOptimizerConfig *cfg,
+                                            struct ThorOptimizer **out);
+
 // Destroys an optimizer (null is ignored).
 //
 // # Safety
@@ -497,9 +514,12 @@ enum ThorStatus thor_v1_optimizer_set_epoch(struct ThorOptimizer *opt, double ep
 enum ThorStatus thor_v1_optimizer_needs_statistics(struct ThorOptimizer *opt, int32_t *out);
 
 // Hands over layer `layer`'s activations `[rows, inputs]` and per-example output gradients
-// `[rows, outputs]` (host memory). `*observation`: the rule's decision, a `ThorDecision`
-// (0 update, 1 reuse, 2 freeze, 3 frozen: nothing done, 4 skipped: non-finite input).
-// `observation` may be null.
+// `[rows, outputs]` (row-major, dense; host memory, or device memory for an optimizer made
+// on a CUDA context, where the step is queued on its stream). `*observation` (host
+// memory): the rule's decision, a `ThorDecision` (0 update, 1 reuse, 2 freeze, 3 frozen:
+// nothing done, 4 skipped: non-finite input). `observation` may be null; on a CUDA
+// optimizer a non-null `observation` makes the call wait for the step, a null one does not
+// (read it later with `thor_v1_optimizer_last_decision`).
 //
 // Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
 // (a required pointer null, a pointer misaligned, `observation` overlapping the inputs, an
@@ -517,8 +537,10 @@ enum ThorStatus thor_v1_optimizer_observe(struct ThorOptimizer *opt,
                                           int64_t rows,
                                           int32_t *observation);
 
-// The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]` host
-// arrays (bias gradient as the last column for a layer with bias); `out` may equal `grad`.
+// The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]`
+// arrays (bias gradient as the last column for a layer with bias; host memory, or device
+// memory for an optimizer made on a CUDA context, where the apply is queued on its stream
+// and the call does not wait); `out` may equal `grad`.
 //
 // Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `out` overlapping `grad`
 // without being equal, an unknown `layer`); `OUT_OF_MEMORY` (the copy an in-place call
@@ -539,6 +561,8 @@ enum ThorStatus thor_v1_optimizer_precondition(struct ThorOptimizer *opt,
 // `[outputs, d_a]` gradient and preconditioned gradient. `*factor` is 1 when the optimizer
 // has no KL clip. Multiply every preconditioned gradient by it before the update. Each
 // layer may appear once; the arrays must be non-null even when `n_layers` is 0.
+// On a CUDA optimizer the arrays are device memory; they are copied to the host (the call
+// waits).
 //
 // Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `lr` negative or not
 // finite, `n_layers` negative or above the layer count, an unknown or repeated layer).
@@ -554,6 +578,18 @@ enum ThorStatus thor_v1_optimizer_kl_clip_factor(struct ThorOptimizer *opt,
                                                  const float *const *grads,
                                                  const float *const *updates,
                                                  float *factor);
+
+// The decision of layer `layer`'s last statistics step into `*out` (a `ThorDecision`;
+// 4, skipped, before the first). On a CUDA optimizer the call waits for the step.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, an unknown `layer`); on a
+// CUDA optimizer `DRIVER`.
+//
+// # Safety
+// `opt` must come from this library; `out` addresses one int32 of host memory.
+enum ThorStatus thor_v1_optimizer_last_decision(struct ThorOptimizer *opt,
+                                                int32_t layer,
+                                                int32_t *out);
 
 // Ends the step.
 //

@@ -67,9 +67,58 @@ pub unsafe extern "C" fn thor_v1_optimizer_config_default(
     })
 }
 
-/// An optimizer handle.
+/// An optimizer handle: on the CPU (host pointers) or resident on a CUDA device (device
+/// pointers, work queued on the context's stream).
 pub struct ThorOptimizer {
     thor: Thor,
+    device: bool,
+}
+
+/// The library's configuration from the C one, every field checked by the name the header
+/// gives it (the block size, decay, thresholds and the rest when the optimizer is made).
+fn config_of(c: ThorOptimizerConfig) -> Result<ThorConfig> {
+    if !(c.damping_l0.is_finite() && c.damping_l0 >= 0.0) {
+        return Err(Error::invalid(
+            "damping_l0",
+            format!("must be finite and >= 0, got {}", c.damping_l0),
+        ));
+    }
+    if !(c.damping_decay > 0.0 && c.damping_decay <= 1.0) {
+        return Err(Error::invalid(
+            "damping_decay",
+            format!("must be in (0, 1], got {}", c.damping_decay),
+        ));
+    }
+    if !(c.damping_every.is_finite() && c.damping_every > 0.0) {
+        return Err(Error::invalid(
+            "damping_every",
+            format!("must be finite and > 0, got {}", c.damping_every),
+        ));
+    }
+    if c.kl_clip.is_nan() {
+        return Err(Error::invalid(
+            "kl_clip",
+            "must be a number (<= 0 for none)",
+        ));
+    }
+    Ok(ThorConfig {
+        block: c.block.max(0) as usize,
+        stat_decay: c.stat_decay,
+        damping: DampingSchedule::Decay {
+            l0: c.damping_l0,
+            decay: c.damping_decay,
+            every: c.damping_every,
+        },
+        interval: IntervalSchedule::Fixed(c.interval),
+        thresholds: Thresholds { w1: c.w1, w2: c.w2 },
+        backend: thor_kernels::BackendKind::Cpu,
+        policy: if c.retry != 0 {
+            FailurePolicy::retry()
+        } else {
+            FailurePolicy::Report
+        },
+        kl_clip: (c.kl_clip > 0.0).then_some(c.kl_clip),
+    })
 }
 
 /// Creates an optimizer in `*out` (CPU backend). Release with `thor_v1_optimizer_destroy`.
@@ -90,57 +139,54 @@ pub unsafe extern "C" fn thor_v1_optimizer_create(
         check_ptr("cfg", cfg)?;
         check_ptr("out", out as *const *mut ThorOptimizer)?;
         // SAFETY: checked.
-        let c = unsafe { *cfg };
-        // The damping fields one by one, so that the message names the field.
-        if !(c.damping_l0.is_finite() && c.damping_l0 >= 0.0) {
-            return Err(Error::invalid(
-                "damping_l0",
-                format!("must be finite and >= 0, got {}", c.damping_l0),
-            )
-            .into());
-        }
-        if !(c.damping_decay > 0.0 && c.damping_decay <= 1.0) {
-            return Err(Error::invalid(
-                "damping_decay",
-                format!("must be in (0, 1], got {}", c.damping_decay),
-            )
-            .into());
-        }
-        if !(c.damping_every.is_finite() && c.damping_every > 0.0) {
-            return Err(Error::invalid(
-                "damping_every",
-                format!("must be finite and > 0, got {}", c.damping_every),
-            )
-            .into());
-        }
-        let config = ThorConfig {
-            block: c.block.max(0) as usize,
-            stat_decay: c.stat_decay,
-            damping: DampingSchedule::Decay {
-                l0: c.damping_l0,
-                decay: c.damping_decay,
-                every: c.damping_every,
-            },
-            interval: IntervalSchedule::Fixed(c.interval),
-            thresholds: Thresholds { w1: c.w1, w2: c.w2 },
-            backend: thor_kernels::BackendKind::Cpu,
-            policy: if c.retry != 0 {
-                FailurePolicy::retry()
-            } else {
-                FailurePolicy::Report
-            },
-            kl_clip: match c.kl_clip {
-                k if k.is_nan() => {
-                    return Err(
-                        Error::invalid("kl_clip", "must be a number (<= 0 for none)").into(),
-                    )
-                }
-                k => (k > 0.0).then_some(k),
-            },
-        };
+        let config = config_of(unsafe { *cfg })?;
         let thor = Thor::new(config).map_err(rename("thresholds", "w1"))?;
         // SAFETY: checked.
-        unsafe { *out = Box::into_raw(Box::new(ThorOptimizer { thor })) };
+        unsafe {
+            *out = Box::into_raw(Box::new(ThorOptimizer {
+                thor,
+                device: false,
+            }))
+        };
+        Ok(())
+    })
+}
+
+/// Creates an optimizer in `*out` on the context `ctx`: on a CPU context as
+/// `thor_v1_optimizer_create`; on a CUDA context resident on its device, with its work
+/// queued on the context's stream, and every array the optimizer functions take
+/// (activations, gradients, outputs) is device memory of that device. The optimizer keeps
+/// its own handle on the device and stream: the context may be destroyed first, the stream
+/// must outlive both. Release with `thor_v1_optimizer_destroy`.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, or a field of `cfg` out
+/// of range: the message names it); on a CUDA context `DRIVER`.
+///
+/// # Safety
+/// `ctx` must come from this library; `cfg` and `out` address one value each.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_create_on(
+    ctx: *mut ThorContext,
+    cfg: *const ThorOptimizerConfig,
+    out: *mut *mut ThorOptimizer,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function; checked first.
+        let c = unsafe { ctx_mut(ctx)? };
+        check_ptr("cfg", cfg)?;
+        check_ptr("out", out as *const *mut ThorOptimizer)?;
+        // SAFETY: checked.
+        let config = config_of(unsafe { *cfg })?;
+        let (backend, device) = match &c.device {
+            AnyBackend::Cpu(_) => (AnyBackend::Cpu(CpuBackend), false),
+            AnyBackend::Cuda(dev) => (
+                AnyBackend::Cuda(Box::new(CudaDevice::from_stream(dev.stream().clone())?)),
+                true,
+            ),
+        };
+        let thor = Thor::with_backend(config, backend).map_err(rename("thresholds", "w1"))?;
+        // SAFETY: checked.
+        unsafe { *out = Box::into_raw(Box::new(ThorOptimizer { thor, device })) };
         Ok(())
     })
 }
@@ -164,6 +210,15 @@ pub(crate) unsafe fn opt_mut<'a>(opt: *mut ThorOptimizer) -> Result<&'a mut Thor
     check_ptr("opt", opt as *const ThorOptimizer)?;
     // SAFETY: a live optimizer made by this library, used by one thread at a time.
     Ok(unsafe { &mut (*opt).thor })
+}
+
+/// Whether the optimizer takes device pointers.
+///
+/// # Safety
+/// `opt` is null or a live optimizer made by this library.
+pub(crate) unsafe fn on_device(opt: *mut ThorOptimizer) -> bool {
+    // SAFETY: the caller's contract; null is false.
+    !opt.is_null() && unsafe { (*opt).device }
 }
 
 /// Registers `kind`; a layer too large to count or to allocate is an error naming
@@ -305,9 +360,12 @@ pub unsafe extern "C" fn thor_v1_optimizer_needs_statistics(
 }
 
 /// Hands over layer `layer`'s activations `[rows, inputs]` and per-example output gradients
-/// `[rows, outputs]` (host memory). `*observation`: the rule's decision, a `ThorDecision`
-/// (0 update, 1 reuse, 2 freeze, 3 frozen: nothing done, 4 skipped: non-finite input).
-/// `observation` may be null.
+/// `[rows, outputs]` (row-major, dense; host memory, or device memory for an optimizer made
+/// on a CUDA context, where the step is queued on its stream). `*observation` (host
+/// memory): the rule's decision, a `ThorDecision` (0 update, 1 reuse, 2 freeze, 3 frozen:
+/// nothing done, 4 skipped: non-finite input). `observation` may be null; on a CUDA
+/// optimizer a non-null `observation` makes the call wait for the step, a null one does not
+/// (read it later with `thor_v1_optimizer_last_decision`).
 ///
 /// Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
 /// (a required pointer null, a pointer misaligned, `observation` overlapping the inputs, an
@@ -337,11 +395,34 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe(
             count("rows", &[rows, kind.inputs()])?,
             count("rows", &[rows, kind.d_g()])?,
         );
+        // SAFETY: `opt` was checked above.
+        let device = unsafe { on_device(opt) };
+        // `observation` is host memory in both cases (device addresses never overlap it).
         Regions::new()
             .read("acts", acts, na)
             .read("out_grads", out_grads, ng)
             .write_opt("observation", observation as *const i32, 1)
             .check()?;
+        if device {
+            // SAFETY: device pointers to `na` and `ng` f32 (the pointer contract), rows
+            // dense.
+            unsafe {
+                t.observe_device_raw(
+                    id,
+                    acts as u64,
+                    kind.inputs(),
+                    out_grads as u64,
+                    kind.d_g(),
+                    rows,
+                )?
+            };
+            if !observation.is_null() {
+                let o = t.last_decision(id)?;
+                // SAFETY: checked above.
+                unsafe { *observation = o.code() };
+            }
+            return Ok(());
+        }
         // SAFETY: the pointer contract of this function (module docs); checked just above.
         let (a, g) = unsafe { (host("acts", acts, na)?, host("out_grads", out_grads, ng)?) };
         let o = t.observe(id, a, g, rows)?;
@@ -353,8 +434,10 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe(
     })
 }
 
-/// The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]` host
-/// arrays (bias gradient as the last column for a layer with bias); `out` may equal `grad`.
+/// The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]`
+/// arrays (bias gradient as the last column for a layer with bias; host memory, or device
+/// memory for an optimizer made on a CUDA context, where the apply is queued on its stream
+/// and the call does not wait); `out` may equal `grad`.
 ///
 /// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `out` overlapping `grad`
 /// without being equal, an unknown `layer`); `OUT_OF_MEMORY` (the copy an in-place call
@@ -385,6 +468,12 @@ pub unsafe extern "C" fn thor_v1_optimizer_precondition(
             Regions::new().read("grad", grad, n)
         };
         regions.write("out", out as *const f32, n).check()?;
+        // SAFETY: `opt` was checked above.
+        if unsafe { on_device(opt) } {
+            // SAFETY: device pointers to `n` f32 (the pointer contract); in place is allowed.
+            unsafe { t.precondition_device_raw(id, grad as u64, out as u64)? };
+            return Ok(());
+        }
         if in_place {
             let mut g = Vec::new();
             g.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
@@ -411,6 +500,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_precondition(
 /// `[outputs, d_a]` gradient and preconditioned gradient. `*factor` is 1 when the optimizer
 /// has no KL clip. Multiply every preconditioned gradient by it before the update. Each
 /// layer may appear once; the arrays must be non-null even when `n_layers` is 0.
+/// On a CUDA optimizer the arrays are device memory; they are copied to the host (the call
+/// waits).
 ///
 /// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, `lr` negative or not
 /// finite, `n_layers` negative or above the layer count, an unknown or repeated layer).
@@ -478,8 +569,42 @@ pub unsafe extern "C" fn thor_v1_optimizer_kl_clip_factor(
             lens.push(len);
         }
         regions.check()?;
+        // On a CUDA optimizer the arrays are device memory: they come down first.
+        let mut copies: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+        // SAFETY: `opt` was checked above.
+        if unsafe { on_device(opt) } {
+            let AnyBackend::Cuda(dev) = t.backend() else {
+                return Err(Error::invalid("opt", "a device optimizer without a device").into());
+            };
+            let s = dev.stream();
+            for i in 0..n {
+                let (mut g, mut u) = (host_vec(lens[i])?, host_vec(lens[i])?);
+                // SAFETY: device pointers to `lens[i]` f32 (the pointer contract); the
+                // host vectors live until the synchronization below.
+                unsafe {
+                    thor_kernels::cudarc::driver::result::memcpy_dtoh_async(
+                        &mut g,
+                        gp[i] as u64,
+                        s.cu_stream(),
+                    )
+                    .map_err(Error::from)?;
+                    thor_kernels::cudarc::driver::result::memcpy_dtoh_async(
+                        &mut u,
+                        up[i] as u64,
+                        s.cu_stream(),
+                    )
+                    .map_err(Error::from)?;
+                }
+                copies.push((g, u));
+            }
+            dev.synchronize()?;
+        }
         let mut pairs = Vec::with_capacity(n);
         for i in 0..n {
+            if let Some((g, u)) = copies.get(i) {
+                pairs.push((&g[..], &u[..]));
+                continue;
+            }
             // SAFETY: the pointer contract of this function (module docs); checked above.
             pairs.push(unsafe {
                 (
@@ -491,6 +616,42 @@ pub unsafe extern "C" fn thor_v1_optimizer_kl_clip_factor(
         let f = t.kl_clip_factor(lr, pairs);
         // SAFETY: checked.
         unsafe { *factor = f };
+        Ok(())
+    })
+}
+
+/// A zeroed host vector of `n` f32, or an out-of-memory error.
+fn host_vec(n: usize) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+        arg: "layers",
+        bytes: n * 4,
+    })?;
+    v.resize(n, 0.0);
+    Ok(v)
+}
+
+/// The decision of layer `layer`'s last statistics step into `*out` (a `ThorDecision`;
+/// 4, skipped, before the first). On a CUDA optimizer the call waits for the step.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, an unknown `layer`); on a
+/// CUDA optimizer `DRIVER`.
+///
+/// # Safety
+/// `opt` must come from this library; `out` addresses one int32 of host memory.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_last_decision(
+    opt: *mut ThorOptimizer,
+    layer: i32,
+    out: *mut i32,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("out", out as *const i32)?;
+        // SAFETY: the pointer contract of this function; checked first.
+        let t = unsafe { opt_mut(opt)? };
+        let d = t.last_decision(LayerId(size("layer", layer as i64)?))?;
+        // SAFETY: checked.
+        unsafe { *out = d.code() };
         Ok(())
     })
 }

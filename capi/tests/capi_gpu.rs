@@ -176,3 +176,118 @@ fn gpu_c_abi_on_a_cuda_context_with_a_borrowed_stream() {
     // SAFETY: made above, destroyed once.
     unsafe { thor_v1_context_destroy(ctx) };
 }
+
+/// The optimizer handle on a CUDA context: device pointers in, work on the caller's stream,
+/// against the optimizer on the CPU fed the same host data (decisions, counters,
+/// preconditioned gradients, in place too).
+#[test]
+fn gpu_c_abi_optimizer_on_a_cuda_context() {
+    use std::ffi::c_void;
+    use thor_kernels_capi::*;
+    let Some(owner) = gpu_or_skip("gpu_c_abi_optimizer_on_a_cuda_context") else {
+        return;
+    };
+    let stream = owner.context_handle().new_stream().unwrap();
+    let (mut ctx, mut cpu_ctx) = (std::ptr::null_mut(), std::ptr::null_mut());
+    let mut cfg = std::mem::MaybeUninit::<ThorOptimizerConfig>::uninit();
+    let (mut dopt, mut hopt) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: `stream` outlives the context and the optimizer; locals otherwise.
+    unsafe {
+        assert_eq!(
+            thor_v1_context_create_cuda(0, stream.cu_stream() as *mut c_void, &mut ctx),
+            ThorStatus::Ok
+        );
+        assert_eq!(thor_v1_context_create_cpu(&mut cpu_ctx), ThorStatus::Ok);
+        assert_eq!(
+            thor_v1_optimizer_config_default(cfg.as_mut_ptr()),
+            ThorStatus::Ok
+        );
+        let mut cfg = cfg.assume_init();
+        cfg.block = 32;
+        cfg.interval = 1;
+        cfg.stat_decay = 0.5;
+        assert_eq!(
+            thor_v1_optimizer_create_on(ctx, &cfg, &mut dopt),
+            ThorStatus::Ok
+        );
+        assert_eq!(
+            thor_v1_optimizer_create_on(cpu_ctx, &cfg, &mut hopt),
+            ThorStatus::Ok
+        );
+        // The optimizer keeps its own handle on the device: the context may go first.
+        thor_v1_context_destroy(ctx);
+        let (mut a, mut b) = (-1, -1);
+        assert_eq!(
+            thor_v1_optimizer_add_linear(dopt, 40, 70, 1, &mut a),
+            ThorStatus::Ok
+        );
+        assert_eq!(
+            thor_v1_optimizer_add_linear(hopt, 40, 70, 1, &mut b),
+            ThorStatus::Ok
+        );
+        let mut r = rng(5);
+        let rows = 48;
+        for step in 0..3 {
+            let acts = normal(&mut r, rows * 40);
+            let grads = normal(&mut r, rows * 70);
+            let g = normal(&mut r, 70 * 41);
+            let (da, dg) = (
+                stream.clone_htod(&acts).unwrap(),
+                stream.clone_htod(&grads).unwrap(),
+            );
+            let (mut oh, mut od) = (-1, -1);
+            assert_eq!(
+                thor_v1_optimizer_observe(
+                    hopt,
+                    0,
+                    acts.as_ptr(),
+                    grads.as_ptr(),
+                    rows as i64,
+                    &mut oh
+                ),
+                ThorStatus::Ok
+            );
+            {
+                let (ap, _x) = da.device_ptr(&stream);
+                let (gp, _y) = dg.device_ptr(&stream);
+                assert_eq!(
+                    thor_v1_optimizer_observe(
+                        dopt,
+                        0,
+                        ap as *const f32,
+                        gp as *const f32,
+                        rows as i64,
+                        &mut od
+                    ),
+                    ThorStatus::Ok
+                );
+            }
+            assert_eq!(od, oh, "step {step}");
+            let mut want = vec![0.0f32; g.len()];
+            assert_eq!(
+                thor_v1_optimizer_precondition(hopt, 0, g.as_ptr(), want.as_mut_ptr()),
+                ThorStatus::Ok
+            );
+            // In place on the device.
+            let mut dgrad = stream.clone_htod(&g).unwrap();
+            {
+                let (p, _z) = dgrad.device_ptr_mut(&stream);
+                assert_eq!(
+                    thor_v1_optimizer_precondition(dopt, 0, p as *const f32, p as *mut f32),
+                    ThorStatus::Ok
+                );
+            }
+            let got = stream.clone_dtoh(&dgrad).unwrap();
+            assert!(rel_err(&got, &f64s(&want)) < 1e-4, "step {step}");
+            let (mut ch, mut cd) = (ThorCounters::default(), ThorCounters::default());
+            assert_eq!(thor_v1_optimizer_counters(hopt, 0, &mut ch), ThorStatus::Ok);
+            assert_eq!(thor_v1_optimizer_counters(dopt, 0, &mut cd), ThorStatus::Ok);
+            assert_eq!(ch, cd, "step {step}");
+            assert_eq!(thor_v1_optimizer_finish_step(hopt), ThorStatus::Ok);
+            assert_eq!(thor_v1_optimizer_finish_step(dopt), ThorStatus::Ok);
+        }
+        thor_v1_optimizer_destroy(dopt);
+        thor_v1_optimizer_destroy(hopt);
+        thor_v1_context_destroy(cpu_ctx);
+    }
+}

@@ -1031,7 +1031,12 @@ impl Opt {
     }
 }
 
-fn new_opt(g: &mut Gen, dir: &std::path::Path, out: &mut Vec<(Call, ThorStatus)>) -> Opt {
+fn new_opt(
+    g: &mut Gen,
+    ctx: *mut ThorContext,
+    dir: &std::path::Path,
+    out: &mut Vec<(Call, ThorStatus)>,
+) -> Opt {
     let mut cfg = std::mem::MaybeUninit::<ThorOptimizerConfig>::uninit();
     // SAFETY: filled by the library before it is read.
     let mut cfg = unsafe {
@@ -1041,9 +1046,16 @@ fn new_opt(g: &mut Gen, dir: &std::path::Path, out: &mut Vec<(Call, ThorStatus)>
         );
         cfg.assume_init()
     };
+    // On a context (the CPU one here) or without.
+    let on = g.chance(0.5);
     let mut c = Call::new(
-        "thor_v1_optimizer_create",
+        if on {
+            "thor_v1_optimizer_create_on"
+        } else {
+            "thor_v1_optimizer_create"
+        },
         &[
+            "ctx",
             "cfg",
             "out",
             "block",
@@ -1074,7 +1086,13 @@ fn new_opt(g: &mut Gen, dir: &std::path::Path, out: &mut Vec<(Call, ThorStatus)>
     let op = c.ptr::<*mut ThorOptimizer>(g, "out", Some(1), true, false);
     c.snapshot(g);
     // SAFETY: `cfg` is a local; `op` null or a guarded pointer slot.
-    let s = unsafe { thor_v1_optimizer_create(&cfg, op) };
+    let s = unsafe {
+        if on {
+            thor_v1_optimizer_create_on(ctx, &cfg, op)
+        } else {
+            thor_v1_optimizer_create(&cfg, op)
+        }
+    };
     let opt = if s == ThorStatus::Ok {
         // SAFETY: written on success.
         unsafe { *op }
@@ -1334,16 +1352,28 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
             (c, s, true)
         }
         7 => {
-            let mut c = Call::new("thor_v1_optimizer_counters", &["opt", "layer", "out"]);
+            let last = g.chance(0.3);
+            let mut c = if last {
+                Call::new("thor_v1_optimizer_last_decision", &["opt", "layer", "out"])
+            } else {
+                Call::new("thor_v1_optimizer_counters", &["opt", "layer", "out"])
+            };
             let l = layer(g);
             c.arg("layer", l);
             if !known(l) {
                 c.fault("layer");
             }
-            let p = c.ptr::<ThorCounters>(g, "out", Some(1), true, false);
-            c.snapshot(g);
-            // SAFETY: as above.
-            let s = unsafe { thor_v1_optimizer_counters(o.opt, l, p) };
+            let s = if last {
+                let p = c.ptr::<i32>(g, "out", Some(1), true, false);
+                c.snapshot(g);
+                // SAFETY: as above.
+                unsafe { thor_v1_optimizer_last_decision(o.opt, l, p) }
+            } else {
+                let p = c.ptr::<ThorCounters>(g, "out", Some(1), true, false);
+                c.snapshot(g);
+                // SAFETY: as above.
+                unsafe { thor_v1_optimizer_counters(o.opt, l, p) }
+            };
             (c, s, false)
         }
         _ => {
@@ -1542,7 +1572,7 @@ fn fuzz_every_exported_function() {
                         // SAFETY: a live handle, destroyed once.
                         unsafe { thor_v1_optimizer_destroy(o.opt) };
                     }
-                    opt = Some(new_opt(&mut g, &dir, &mut done));
+                    opt = Some(new_opt(&mut g, ctx, &dir, &mut done));
                 }
                 let o = opt.as_mut().unwrap();
                 if o.layers.len() < 4 || g.chance(0.9) {
@@ -1583,7 +1613,7 @@ fn fuzz_every_exported_function() {
     for (name, [n, f, _, _]) in &per_fn {
         eprintln!("  {name}: {n} calls, {f} refused");
     }
-    assert!(per_fn.len() >= 24, "every function was reached: {per_fn:?}");
+    assert!(per_fn.len() >= 26, "every function was reached: {per_fn:?}");
     // Each function also succeeded when given nothing forbidden: the generators reach the
     // code behind the checks (CUDA contexts aside where there is no GPU).
     for (name, [_, _, clean, ok]) in &per_fn {

@@ -322,16 +322,38 @@ impl DeviceThorStep {
             }
         }
         let s: &CudaStream = dev.stream();
-        let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(inputs.len() + 20);
+        // The inputs' guards live until `f` has queued its work.
+        let mut in_guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(inputs.len());
+        let mut ptrs: Vec<(u64, usize)> = Vec::with_capacity(inputs.len());
+        for inp in inputs {
+            let (p, g) = inp.x.device_ptr(s);
+            in_guards.push(g);
+            ptrs.push((p, inp.ld));
+        }
+        let r = self.with_raw_launches(dev, &ptrs, damping, f);
+        drop(in_guards);
+        r
+    }
+
+    /// [`DeviceThorStep::with_launches`] on raw input addresses (checked against the plan
+    /// by the caller: `(rows - 1) * ld + d` elements of the planned type, of `dev`'s
+    /// context, valid until the queued work completes).
+    fn with_raw_launches<R>(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(u64, usize)],
+        damping: f32,
+        f: impl FnOnce(&[LaunchPlan]) -> Result<R>,
+    ) -> Result<R> {
+        let s: &CudaStream = dev.stream();
+        let mut guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(20);
         // The bound addresses are updated in place: a steady-state step compares, it does
         // not rebuild.
         let mut moved = self.bound.len() != inputs.len();
         self.bound.resize(inputs.len(), (0, 0));
-        for (inp, bound) in inputs.iter().zip(&mut self.bound) {
-            let (p, g) = inp.x.device_ptr(s);
-            guards.push(g);
-            if *bound != (p, inp.ld) {
-                *bound = (p, inp.ld);
+        for (&(p, ld), bound) in inputs.iter().zip(&mut self.bound) {
+            if *bound != (p, ld) {
+                *bound = (p, ld);
                 moved = true;
             }
         }
@@ -428,6 +450,69 @@ impl DeviceThorStep {
         damping: f32,
     ) -> Result<()> {
         self.run_launches(dev, inputs, damping, 0..Self::LAUNCHES)
+    }
+
+    /// [`DeviceThorStep::run`] on raw device addresses of f32 inputs (`inputs[f]` = address
+    /// and row stride of factor `f`'s X): for the C ABI, whose callers hand over device
+    /// pointers.
+    ///
+    /// # Safety
+    /// Each address must point to `(rows_f - 1) * ld_f + d_f` f32 of `dev`'s context
+    /// (rows as planned), valid and not written by other work until the step completes.
+    pub unsafe fn run_raw(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(u64, usize)],
+        damping: f32,
+    ) -> Result<()> {
+        if !(damping >= 0.0 && damping.is_finite()) {
+            return Err(Error::invalid(
+                "damping",
+                format!("must be finite and >= 0, got {damping}"),
+            ));
+        }
+        let plan = self.acc.plan();
+        if plan.dtype() != DType::F32 {
+            return Err(Error::invalid(
+                "inputs",
+                format!("planned for {:?} input, given f32", plan.dtype()),
+            ));
+        }
+        check_len("inputs", plan.set().len(), inputs.len())?;
+        dev.check_same_context("step", &self.stats)?;
+        for (f, (&(p, ld), e)) in inputs.iter().zip(plan.set().entries()).enumerate() {
+            strided_len("ld", plan.rows()[f], ld, e.layout.dim())?;
+            if p == 0 || p % 4 != 0 {
+                return Err(Error::invalid(
+                    "inputs",
+                    format!("factor {f}: null or misaligned address {p:#x}"),
+                ));
+            }
+        }
+        self.with_raw_launches(dev, inputs, damping, |plans| {
+            for p in plans {
+                // SAFETY: the plans address the step's buffers and the caller's inputs
+                // (this function's contract).
+                unsafe { raw::launch(dev, p) }?;
+            }
+            Ok(())
+        })?;
+        self.traffic.launches += Self::LAUNCHES as u64;
+        Ok(())
+    }
+
+    /// The last step's decision per layer (waits for queued work on `dev`'s stream).
+    pub fn decisions_now(&mut self, dev: &CudaDevice) -> Result<Vec<crate::rule::Decision>> {
+        dev.check_same_context("step", &self.decisions)?;
+        self.traffic.syncs += 1;
+        dev.download(&self.decisions)?
+            .into_iter()
+            .map(|c| {
+                crate::rule::Decision::from_code(c).ok_or_else(|| {
+                    Error::Driver(format!("the device rule wrote decision code {c}"))
+                })
+            })
+            .collect()
     }
 
     /// Queues only the launches `range` of the step (0..3 accumulate, 3 the trace rule, 4

@@ -41,6 +41,41 @@ pub(crate) trait LayerEngine: std::fmt::Debug + Send {
     fn snapshot(&self, be: &AnyBackend) -> Result<StepSnapshot>;
     /// Takes over a saved state (checked first; nothing changes on error).
     fn restore(&mut self, be: &AnyBackend, s: &StepSnapshot) -> Result<()>;
+    /// The decision of the layer's last statistics step (on a device: waits for it).
+    fn last_decision(&self, be: &AnyBackend) -> Result<Decision>;
+    /// A statistics step from device inputs (CUDA only): `acts` `[rows, inputs]` f32 with
+    /// row stride `acts_ld` (a ones column is appended for a bias), `g` `[rows, d_g]` with
+    /// row stride `g_ld`. Queues the step and returns without waiting.
+    ///
+    /// # Safety
+    /// The addresses point to that many f32 of the backend's device, valid and unchanged
+    /// until the queued work completes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn observe_raw(
+        &mut self,
+        be: &AnyBackend,
+        acts: u64,
+        acts_ld: usize,
+        bias: bool,
+        g: u64,
+        g_ld: usize,
+        rows: usize,
+        damping: f32,
+    ) -> Result<()>;
+    /// `out = G^-1 grad A^-1` on device arrays `[d_g, d_a]` (CUDA only), queued.
+    ///
+    /// # Safety
+    /// `grad` and `out` point to `d_g * d_a` f32 of the backend's device, disjoint, valid
+    /// until the queued work completes.
+    unsafe fn precondition_raw(&mut self, be: &AnyBackend, grad: u64, out: u64) -> Result<()>;
+}
+
+/// The error of a device-input call on the CPU backend.
+fn needs_device() -> crate::error::Error {
+    crate::error::Error::invalid(
+        "backend",
+        "device pointers need an optimizer on a CUDA device (this one runs on the CPU)",
+    )
 }
 
 /// The factor set of a layer (A first, then G) and its one rule layer.
@@ -136,6 +171,28 @@ impl LayerEngine for CpuLayer {
 
     fn restore(&mut self, _: &AnyBackend, s: &StepSnapshot) -> Result<()> {
         self.step.restore(s)
+    }
+
+    fn last_decision(&self, _: &AnyBackend) -> Result<Decision> {
+        Ok(self.step.decisions()[0])
+    }
+
+    unsafe fn observe_raw(
+        &mut self,
+        _: &AnyBackend,
+        _: u64,
+        _: usize,
+        _: bool,
+        _: u64,
+        _: usize,
+        _: usize,
+        _: f32,
+    ) -> Result<()> {
+        Err(needs_device())
+    }
+
+    unsafe fn precondition_raw(&mut self, _: &AnyBackend, _: u64, _: u64) -> Result<()> {
+        Err(needs_device())
     }
 }
 
@@ -274,5 +331,102 @@ impl LayerEngine for CudaLayer {
         let dev = Self::dev(be)?;
         self.step.restore(dev, s)?;
         dev.synchronize()
+    }
+
+    fn last_decision(&self, be: &AnyBackend) -> Result<Decision> {
+        let dev = Self::dev(be)?;
+        let code = dev.download(self.step.decisions())?[0];
+        Decision::from_code(code)
+            .ok_or_else(|| Error::Driver(format!("the device rule wrote decision code {code}")))
+    }
+
+    unsafe fn observe_raw(
+        &mut self,
+        be: &AnyBackend,
+        acts: u64,
+        acts_ld: usize,
+        bias: bool,
+        g: u64,
+        g_ld: usize,
+        rows: usize,
+        damping: f32,
+    ) -> Result<()> {
+        use cudarc::driver::sys;
+        use cudarc::driver::DevicePtrMut;
+        let dev = Self::dev(be)?;
+        let inputs = self.d_a - bias as usize;
+        crate::layout::strided_len("acts_ld", rows, acts_ld, inputs)?;
+        crate::layout::strided_len("grads_ld", rows, g_ld, self.d_g)?;
+        self.step.set_rows(dev, &[rows, rows])?;
+        if !bias {
+            // The caller's buffers are read in place: no copy.
+            // SAFETY: this function's contract.
+            return unsafe {
+                self.step
+                    .run_raw(dev, &[(acts, acts_ld), (g, g_ld)], damping)
+            };
+        }
+        // With a bias, A's input is [acts 1]: the activations go to the staging buffer,
+        // the ones column is set, both queued on the stream (no host copy, no wait).
+        let na = rows * self.d_a;
+        ensure(dev, &mut self.x_a, na)?;
+        let s = dev.stream();
+        let (xp, _guard) = self.x_a.device_ptr_mut(s);
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: acts,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: acts_ld * 4,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: xp,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: self.d_a * 4,
+            WidthInBytes: inputs * 4,
+            Height: rows,
+        };
+        // SAFETY: the source is the caller's `rows x inputs` (stride acts_ld) f32 of this
+        // device (the contract); the destination is the staging buffer of at least
+        // `rows * d_a` f32, guarded until the step is queued.
+        unsafe {
+            sys::cuMemcpy2DAsync_v2(&copy, s.cu_stream()).result()?;
+            sys::cuMemsetD2D32Async(
+                xp + 4 * inputs as u64,
+                self.d_a * 4,
+                1.0f32.to_bits(),
+                1,
+                rows,
+                s.cu_stream(),
+            )
+            .result()?;
+            self.step
+                .run_raw(dev, &[(xp, self.d_a), (g, g_ld)], damping)
+        }
+    }
+
+    unsafe fn precondition_raw(&mut self, be: &AnyBackend, grad: u64, out: u64) -> Result<()> {
+        use crate::cuda::apply::LayerBuffers;
+        use cudarc::driver::DevicePtr;
+        let dev = Self::dev(be)?;
+        let s = dev.stream();
+        let (ip, _guard) = self.step.inverses().device_ptr(s);
+        // SAFETY: the inverses are the step's (guarded until queued); `grad` and `out` are
+        // the caller's (this function's contract).
+        unsafe {
+            self.apply.launch_raw(
+                dev,
+                ip,
+                &[LayerBuffers {
+                    grad,
+                    out,
+                    scale: 1.0,
+                }],
+            )
+        }
     }
 }

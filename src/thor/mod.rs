@@ -271,6 +271,28 @@ impl Thor {
         })
     }
 
+    /// An optimizer on a backend the caller made (`cfg.backend` is not consulted): for
+    /// instance a [`crate::cuda::CudaDevice`] on a framework's stream
+    /// (`CudaDevice::from_stream`), so that the optimizer's work is ordered with the
+    /// framework's.
+    pub fn with_backend(cfg: ThorConfig, backend: AnyBackend) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self {
+            cfg,
+            layers: Vec::new(),
+            step: 0,
+            epoch: 0.0,
+            next_stats: 0,
+            backend,
+            ones_buf: Vec::new(),
+        })
+    }
+
+    /// The backend the optimizer runs on.
+    pub fn backend(&self) -> &AnyBackend {
+        &self.backend
+    }
+
     /// The settings of each layer's factor step.
     fn step_config(&self) -> StepConfig {
         StepConfig {
@@ -375,6 +397,12 @@ impl Thor {
         self.layer(id)?.engine.counters(&self.backend)
     }
 
+    /// The decision of layer `id`'s last statistics step ([`Decision::Skipped`] before the
+    /// first); on a CUDA backend it waits for the step.
+    pub fn last_decision(&self, id: LayerId) -> Result<Decision> {
+        self.layer(id)?.engine.last_decision(&self.backend)
+    }
+
     /// Whether layer `id` is frozen.
     pub fn is_frozen(&self, id: LayerId) -> Result<bool> {
         Ok(self.counters(id)?.freezes == 1)
@@ -440,6 +468,146 @@ impl Thor {
         check_len("grad", d_g * d_a, grad.len())?;
         check_len("out", d_g * d_a, out.len())?;
         l.engine.precondition(&self.backend, grad, out)
+    }
+
+    /// [`Thor::observe`] from device memory, on the CUDA backend: `acts` `[rows, inputs]`
+    /// with row stride `acts_ld` (no ones column: it is added on the device for a layer
+    /// with bias), `out_grads` `[rows, d_g]` with row stride `grads_ld`, both f32 of the
+    /// optimizer's device. Queues the layer's factor step on the device's stream and returns
+    /// without waiting: read the decision with [`Thor::last_decision`] when needed. Without
+    /// a bias the inputs are read in place (no copy).
+    #[cfg(feature = "cuda")]
+    pub fn observe_device(
+        &mut self,
+        id: LayerId,
+        acts: &cudarc::driver::CudaView<'_, f32>,
+        acts_ld: usize,
+        out_grads: &cudarc::driver::CudaView<'_, f32>,
+        grads_ld: usize,
+        rows: usize,
+    ) -> Result<()> {
+        use cudarc::driver::DevicePtr;
+        let AnyBackend::Cuda(dev) = &self.backend else {
+            return Err(Error::invalid(
+                "backend",
+                "device inputs need the CUDA backend (this optimizer runs on the CPU)",
+            ));
+        };
+        let l = self.layer(id)?;
+        let (inputs, d_g) = (l.kind.inputs(), l.kind.d_g());
+        if rows == 0 {
+            return Err(Error::invalid("rows", "at least one row is needed"));
+        }
+        dev.check_same_context("acts", acts)?;
+        dev.check_same_context("out_grads", out_grads)?;
+        let na = crate::layout::strided_len("acts_ld", rows, acts_ld, inputs)?;
+        let ng = crate::layout::strided_len("grads_ld", rows, grads_ld, d_g)?;
+        crate::error::check_min_len("acts", na, acts.len())?;
+        crate::error::check_min_len("out_grads", ng, out_grads.len())?;
+        let s = dev.stream().clone();
+        let (ap, _a) = acts.device_ptr(&s);
+        let (gp, _g) = out_grads.device_ptr(&s);
+        // SAFETY: both views hold at least the elements checked above, on this device;
+        // their guards record the use on the stream when dropped after the queueing.
+        unsafe { self.observe_device_raw(id, ap, acts_ld, gp, grads_ld, rows) }
+    }
+
+    /// [`Thor::observe_device`] on raw device addresses (for the C ABI).
+    ///
+    /// # Safety
+    /// `acts` points to `(rows - 1) * acts_ld + inputs` f32 and `out_grads` to
+    /// `(rows - 1) * grads_ld + d_g` f32 of the optimizer's device, valid and unchanged
+    /// until the queued work completes.
+    #[cfg(feature = "cuda")]
+    pub unsafe fn observe_device_raw(
+        &mut self,
+        id: LayerId,
+        acts: u64,
+        acts_ld: usize,
+        out_grads: u64,
+        grads_ld: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let damping = self.damping();
+        let l = self
+            .layers
+            .get_mut(id.0)
+            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        if rows == 0 {
+            return Err(Error::invalid("rows", "at least one row is needed"));
+        }
+        for (name, p) in [("acts", acts), ("out_grads", out_grads)] {
+            if p == 0 || p % 4 != 0 {
+                return Err(Error::invalid(
+                    name,
+                    format!("null or misaligned address {p:#x}"),
+                ));
+            }
+        }
+        let bias = l.kind.bias();
+        // SAFETY: this function's contract.
+        unsafe {
+            l.engine.observe_raw(
+                &self.backend,
+                acts,
+                acts_ld,
+                bias,
+                out_grads,
+                grads_ld,
+                rows,
+                damping,
+            )
+        }
+    }
+
+    /// [`Thor::precondition`] on device memory, on the CUDA backend: `grad` and `out`
+    /// `[d_g, d_a]` f32 of the optimizer's device (disjoint). Queued, no wait.
+    #[cfg(feature = "cuda")]
+    pub fn precondition_device(
+        &mut self,
+        id: LayerId,
+        grad: &cudarc::driver::CudaView<'_, f32>,
+        out: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let AnyBackend::Cuda(dev) = &self.backend else {
+            return Err(Error::invalid(
+                "backend",
+                "device buffers need the CUDA backend (this optimizer runs on the CPU)",
+            ));
+        };
+        let kind = self.layer(id)?.kind;
+        let n = kind.d_g() * kind.d_a();
+        dev.check_same_context("grad", grad)?;
+        dev.check_same_context("out", out)?;
+        check_len("grad", n, grad.len())?;
+        check_len("out", n, out.len())?;
+        let s = dev.stream().clone();
+        let (gp, _g) = grad.device_ptr(&s);
+        let (op, _o) = out.device_ptr_mut(&s);
+        // SAFETY: both views hold `n` f32 of this device; `out` is borrowed mutably, so it
+        // cannot be `grad`.
+        unsafe { self.precondition_device_raw(id, gp, op) }
+    }
+
+    /// [`Thor::precondition_device`] on raw device addresses (for the C ABI).
+    ///
+    /// # Safety
+    /// `grad` and `out` point to `d_g * d_a` f32 of the optimizer's device, disjoint, valid
+    /// until the queued work completes.
+    #[cfg(feature = "cuda")]
+    pub unsafe fn precondition_device_raw(
+        &mut self,
+        id: LayerId,
+        grad: u64,
+        out: u64,
+    ) -> Result<()> {
+        let l = self
+            .layers
+            .get_mut(id.0)
+            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        // SAFETY: this function's contract.
+        unsafe { l.engine.precondition_raw(&self.backend, grad, out) }
     }
 
     /// Where the accumulation, inversion and apply run (`cpu (N threads)` or `cuda:<name>`).

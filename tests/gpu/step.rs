@@ -402,3 +402,100 @@ fn gpu_device_step_matches_the_optimizer_over_several_steps() {
     // One factor table upload: the inputs never moved.
     assert_eq!(step.traffic().uploads, 1);
 }
+
+/// The optimizer resident on the device, fed from device memory (strided activations, a
+/// layer with bias so the ones column is added on the device, one without so its inputs
+/// are read in place), against the optimizer on the CPU fed the same batches: decisions,
+/// counters and preconditioned gradients (applied on the device) over several steps.
+#[test]
+fn gpu_thor_device_inputs_match_the_cpu_optimizer() {
+    use thor_kernels::backend::AnyBackend;
+    use thor_kernels::thor::{DampingSchedule, IntervalSchedule, LayerKind, Thor, ThorConfig};
+    use thor_kernels::BackendKind;
+    if gpu_or_skip("gpu_thor_device_inputs_match_the_cpu_optimizer").is_none() {
+        return;
+    }
+    let cfg = |backend| ThorConfig {
+        block: 32,
+        damping: DampingSchedule::Constant(1e-2),
+        interval: IntervalSchedule::Fixed(1),
+        stat_decay: 0.5,
+        backend,
+        ..ThorConfig::thor()
+    };
+    let dev = CudaDevice::new(0).unwrap();
+    let stream = dev.stream().clone();
+    let mut gpu = Thor::with_backend(
+        cfg(BackendKind::Cuda),
+        AnyBackend::Cuda(Box::new(CudaDevice::from_stream(stream).unwrap())),
+    )
+    .unwrap();
+    let mut cpu = Thor::new(cfg(BackendKind::Cpu)).unwrap();
+    let kinds = [
+        LayerKind::Linear {
+            inputs: 40,
+            outputs: 70,
+            bias: true,
+        },
+        LayerKind::Linear {
+            inputs: 33,
+            outputs: 9,
+            bias: false,
+        },
+    ];
+    let ids: Vec<_> = kinds
+        .iter()
+        .map(|&k| (cpu.add_layer(k).unwrap(), gpu.add_layer(k).unwrap()))
+        .collect();
+    let mut r = rng(44);
+    let rows = 50;
+    for step in 0..4 {
+        for (l, k) in kinds.iter().enumerate() {
+            let (inputs, d_g, d_a) = (k.inputs(), k.d_g(), k.d_a());
+            // Activations with a row stride of inputs + 3 on the device.
+            let ld = inputs + 3;
+            let acts = normal(&mut r, rows * inputs);
+            let mut strided = vec![0.0f32; rows * ld];
+            for i in 0..rows {
+                strided[i * ld..i * ld + inputs]
+                    .copy_from_slice(&acts[i * inputs..(i + 1) * inputs]);
+            }
+            let mut grads = normal(&mut r, rows * d_g);
+            if step == 2 && l == 1 {
+                grads[3] = f32::NAN;
+            }
+            let (da, dg) = (dev.upload(&strided).unwrap(), dev.upload(&grads).unwrap());
+            let want = cpu.observe(ids[l].0, &acts, &grads, rows).unwrap();
+            gpu.observe_device(ids[l].1, &da.as_view(), ld, &dg.as_view(), d_g, rows)
+                .unwrap();
+            assert_eq!(
+                gpu.last_decision(ids[l].1).unwrap(),
+                want,
+                "step {step} layer {l}"
+            );
+            assert_eq!(
+                gpu.counters(ids[l].1).unwrap(),
+                cpu.counters(ids[l].0).unwrap()
+            );
+            let g = normal(&mut r, d_g * d_a);
+            let mut uc = vec![0.0; g.len()];
+            cpu.precondition(ids[l].0, &g, &mut uc).unwrap();
+            let dgr = dev.upload(&g).unwrap();
+            let mut dout = dev.zeros::<f32>(g.len()).unwrap();
+            gpu.precondition_device(ids[l].1, &dgr.as_view(), &mut dout.as_view_mut())
+                .unwrap();
+            let ug = dev.download(&dout).unwrap();
+            assert!(rel_err(&ug, &f64s(&uc)) < 1e-4, "step {step} layer {l}");
+        }
+        cpu.finish_step();
+        gpu.finish_step();
+    }
+    // The state comes down bit for bit as the optimizer saves it, and goes back up.
+    let saved = gpu.to_bytes().unwrap();
+    let mut again = Thor::new(cfg(BackendKind::Cuda)).unwrap();
+    for k in &kinds {
+        again.add_layer(*k).unwrap();
+    }
+    again.load_bytes(&saved).unwrap();
+    assert_eq!(again.to_bytes().unwrap(), saved);
+}

@@ -172,7 +172,20 @@ int main(int argc, char **argv) {
     OK(thor_v1_optimizer_load(opt, path));
     snprintf(path, sizeof path, "%s/missing.thor", dir);
     CHECK(thor_v1_optimizer_load(opt, path) == THOR_STATUS_INVALID_ARGUMENT, "missing state file");
+    int32_t last = -1;
+    OK(thor_v1_optimizer_last_decision(opt, 0, &last));
+    CHECK(last == THOR_DECISION_SKIPPED, "last decision");
     thor_v1_optimizer_destroy(opt);
+    /* The same on a context: a CPU context gives a CPU optimizer (host pointers). */
+    ThorOptimizer *on = NULL;
+    CHECK(thor_v1_optimizer_create_on(NULL, &cfg, &on) == THOR_STATUS_INVALID_ARGUMENT && on == NULL, "null context");
+    OK(thor_v1_optimizer_create_on(ctx, &cfg, &on));
+    OK(thor_v1_optimizer_add_linear(on, 10, 4, 1, &layer));
+    og[5] = 0.5f;
+    OK(thor_v1_optimizer_observe(on, 0, acts, og, 16, NULL));
+    OK(thor_v1_optimizer_last_decision(on, 0, &last));
+    CHECK(last == THOR_DECISION_UPDATE, "first observation on a context updates");
+    thor_v1_optimizer_destroy(on);
     if (failures == 0) printf("optimizer checks passed\n");
 
     thor_v1_context_destroy(ctx);
