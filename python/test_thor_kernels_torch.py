@@ -237,3 +237,32 @@ def test_grouped_accumulate(device, dtype, tc, tol):
         k += m
     with pytest.raises(ValueError):
         acc([x.to(dev) for x in xs[:2]], blocks.to(dev), [1.0] * 2, [0.0] * 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_preconditioner_on_cuda_matches_the_cpu():
+    """A model on the GPU is preconditioned on the GPU (state resident there, no host
+    copies) with the same results as its copy on the CPU."""
+    import copy
+
+    torch.manual_seed(0)
+    cpu_model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    )
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    x = torch.randn(32, 1, 6, 6)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    pc = tk.ThorPreconditioner(cpu_model, block=32, interval=1, damping=0.1)
+    pg = tk.ThorPreconditioner(gpu_model, block=32, interval=1, damping=0.1)
+    assert pg.device.type == "cuda"
+    for step in range(3):
+        for model, xx, yy in ((cpu_model, x, y), (gpu_model, x.cuda(), y.cuda())):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(xx), yy).backward()
+        pc.step(step / 10)
+        pg.step(step / 10)
+        for a, b in zip(cpu_model.parameters(), gpu_model.parameters()):
+            assert b.grad.is_cuda
+            assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-3, atol=1e-5), f"step {step}"
+    for i in range(len(pc.layers)):
+        assert pc.counters(i) == pg.counters(i)

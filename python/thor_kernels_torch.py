@@ -85,6 +85,8 @@ def _load() -> ctypes.CDLL:
         "thor_v1_trace_rule": ([c_double, c_double, c_double, c_double, POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_config_default": ([POINTER(OptimizerConfig)], c_int32),
         "thor_v1_optimizer_create": ([POINTER(OptimizerConfig), POINTER(P)], c_int32),
+        "thor_v1_optimizer_create_on": ([P, POINTER(OptimizerConfig), POINTER(P)], c_int32),
+        "thor_v1_optimizer_last_decision": ([P, c_int32, POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_destroy": ([P], None),
         "thor_v1_optimizer_add_linear": ([P, c_int64, c_int64, c_int32, POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_add_conv2d": ([P, c_int64, c_int64, c_int64, c_int64, c_int32, POINTER(c_int32)], c_int32),
@@ -351,8 +353,11 @@ class ThorPreconditioner:
             opt.step()
 
     Activations are captured by forward hooks (``unfold`` patches for convolutions) and output
-    gradients by hooks on the layers' outputs, on statistics steps only. The optimizer state lives in the
-    library (its CPU backend); tensors are copied to the host for it.
+    gradients by hooks on the layers' outputs, on statistics steps only. The optimizer runs
+    where the model's parameters are: for a model on a CUDA device its state (statistics,
+    inverses, the trace rule, counters) lives on that device and its work is queued on the
+    CUDA stream current when the preconditioner is made, with no copies to the host; for a
+    model on the CPU, on the library's CPU backend.
     """
 
     def __init__(self, model: torch.nn.Module, block: int = 128, interval: int = 20, damping: float = 0.03,
@@ -365,7 +370,14 @@ class ThorPreconditioner:
         #: The KL clip factor of the last step (1.0 until a clipped step ran).
         self.last_kl_clip_factor = 1.0
         self._opt = c_void_p()
-        _check(lib.thor_v1_optimizer_create(ctypes.byref(cfg), ctypes.byref(self._opt)))
+        params = list(model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        if any(p.device != self.device for p in params):
+            raise ValueError("the model's parameters are on more than one device")
+        # The optimizer on the context of the model's device (and current stream): its
+        # arrays are then device memory. The context may go after creation.
+        ctx = _Context(self.device)
+        _check(lib.thor_v1_optimizer_create_on(ctx.ptr, ctypes.byref(cfg), ctypes.byref(self._opt)))
         self.layers = []
         self._acts, self._grads = {}, {}
         for m in model.modules():
@@ -400,7 +412,7 @@ class ThorPreconditioner:
         if isinstance(m, torch.nn.Conv2d):
             patches = torch.nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
             a = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # [N * L, C * kh * kw]
-        self._acts[m] = a.float().cpu().contiguous()
+        self._acts[m] = a.float().contiguous()
         out.register_hook(lambda g, m=m: self._save_grad(m, g))
 
     def _save_grad(self, m, g):
@@ -409,7 +421,7 @@ class ThorPreconditioner:
         if isinstance(m, torch.nn.Conv2d):
             g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])  # [N * H * W, C_out]
         # Per-example gradients: the mean loss's gradient times the batch size.
-        self._grads[m] = (g * n).float().cpu().contiguous()
+        self._grads[m] = (g * n).float().contiguous()
 
     def counters(self, layer_index: int) -> dict:
         c = Counters()
@@ -436,7 +448,7 @@ class ThorPreconditioner:
                 continue
             w = m.weight.grad.reshape(m.weight.shape[0], -1)
             full = torch.cat([w, m.bias.grad.reshape(-1, 1)], dim=1) if m.bias is not None else w
-            full = full.float().cpu().contiguous()
+            full = full.float().contiguous()
             out = torch.empty_like(full)
             _check(lib.thor_v1_optimizer_precondition(self._opt, lid, _ptr(full), _ptr(out)))
             done.append((m, lid, full, out))
