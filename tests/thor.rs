@@ -561,20 +561,7 @@ fn cpu_factor_step_matches_the_optimizer_over_several_steps() {
             .collect();
         step.run(&inputs, sc.damping).unwrap();
         let decisions: Vec<i32> = step.decisions().iter().map(|d| d.code()).collect();
-        let counters: Vec<u64> = step
-            .counters()
-            .iter()
-            .flat_map(|c| {
-                [
-                    c.statistics,
-                    c.updates,
-                    c.reuses,
-                    c.freezes,
-                    c.skipped,
-                    c.failed_inversions,
-                ]
-            })
-            .collect();
+        let counters: Vec<u64> = step.counters().iter().flat_map(|c| c.to_array()).collect();
         sc.check(
             k,
             &thor,

@@ -32,14 +32,7 @@ use crate::step::StepSnapshot;
 /// The device's six counters per layer as [`crate::thor::LayerCounters`].
 fn counters_of(c: &[u64]) -> Vec<crate::thor::LayerCounters> {
     c.chunks_exact(6)
-        .map(|v| crate::thor::LayerCounters {
-            statistics: v[0],
-            updates: v[1],
-            reuses: v[2],
-            freezes: v[3],
-            skipped: v[4],
-            failed_inversions: v[5],
-        })
+        .map(|v| crate::thor::LayerCounters::from_array([v[0], v[1], v[2], v[3], v[4], v[5]]))
         .collect()
 }
 
@@ -262,20 +255,7 @@ impl DeviceThorStep {
         st.memcpy_htod(&s.stats, &mut self.stats)?;
         st.memcpy_htod(&s.inverses, &mut self.inverses)?;
         st.memcpy_htod(&s.factor_state, &mut self.factor_state)?;
-        let c: Vec<u64> = s
-            .counters
-            .iter()
-            .flat_map(|c| {
-                [
-                    c.statistics,
-                    c.updates,
-                    c.reuses,
-                    c.freezes,
-                    c.skipped,
-                    c.failed_inversions,
-                ]
-            })
-            .collect();
+        let c: Vec<u64> = s.counters.iter().flat_map(|c| c.to_array()).collect();
         st.memcpy_htod(&c, &mut self.counters)?;
         self.rule.upload_state(dev, &s.rule)
     }

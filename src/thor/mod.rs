@@ -233,6 +233,34 @@ pub struct LayerCounters {
     pub failed_inversions: u64,
 }
 
+impl LayerCounters {
+    /// The six counters in field order (statistics, updates, reuses, freezes, skipped,
+    /// failed inversions): the device's and the state file's order.
+    pub fn to_array(&self) -> [u64; 6] {
+        [
+            self.statistics,
+            self.updates,
+            self.reuses,
+            self.freezes,
+            self.skipped,
+            self.failed_inversions,
+        ]
+    }
+
+    /// The counters from [`LayerCounters::to_array`]'s order.
+    pub fn from_array(v: [u64; 6]) -> Self {
+        let [statistics, updates, reuses, freezes, skipped, failed_inversions] = v;
+        LayerCounters {
+            statistics,
+            updates,
+            reuses,
+            freezes,
+            skipped,
+            failed_inversions,
+        }
+    }
+}
+
 /// A registered layer: its shape, layouts and the engine that holds its state.
 #[derive(Debug)]
 struct LayerState {
@@ -260,15 +288,7 @@ impl Thor {
     pub fn new(cfg: ThorConfig) -> Result<Self> {
         cfg.validate()?;
         let (backend, _) = AnyBackend::select(cfg.backend)?;
-        Ok(Self {
-            cfg,
-            layers: Vec::new(),
-            step: 0,
-            epoch: 0.0,
-            next_stats: 0,
-            backend,
-            ones_buf: Vec::new(),
-        })
+        Self::with_backend(cfg, backend)
     }
 
     /// An optimizer on a backend the caller made (`cfg.backend` is not consulted): for

@@ -206,15 +206,7 @@ impl Thor {
                 w.u64(v);
             }
             w.u64(saved.flags);
-            let c = &saved.counters;
-            for v in [
-                c.statistics,
-                c.updates,
-                c.reuses,
-                c.freezes,
-                c.skipped,
-                c.failed_inversions,
-            ] {
+            for v in saved.counters.to_array() {
                 w.u64(v);
             }
             w.f64(saved.rule.prev.unwrap_or(f64::NAN));
@@ -277,17 +269,11 @@ impl Thor {
                 ));
             }
             let flags = r.u64()?;
-            let mut c = LayerCounters::default();
-            for v in [
-                &mut c.statistics,
-                &mut c.updates,
-                &mut c.reuses,
-                &mut c.freezes,
-                &mut c.skipped,
-                &mut c.failed_inversions,
-            ] {
+            let mut words6 = [0u64; 6];
+            for v in &mut words6 {
                 *v = r.u64()?;
             }
+            let c = LayerCounters::from_array(words6);
             let prev_trace = r.f64()?;
             let l = Saved {
                 flags,

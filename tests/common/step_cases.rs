@@ -210,15 +210,7 @@ impl StepScenario {
         let want: Vec<i32> = (0..nl).map(|l| self.want[l][k].code()).collect();
         assert_eq!(decisions, want, "decisions at step {k}");
         for (l, id) in ids.iter().enumerate() {
-            let t = thor.counters(*id).unwrap();
-            let want = [
-                t.statistics,
-                t.updates,
-                t.reuses,
-                t.freezes,
-                t.skipped,
-                t.failed_inversions,
-            ];
+            let want = thor.counters(*id).unwrap().to_array();
             assert_eq!(
                 counters[6 * l..6 * l + 6],
                 want,

@@ -370,16 +370,7 @@ fn gpu_device_step_matches_the_optimizer_over_several_steps() {
             .counters(&dev)
             .unwrap()
             .iter()
-            .flat_map(|c| {
-                [
-                    c.statistics,
-                    c.updates,
-                    c.reuses,
-                    c.freezes,
-                    c.skipped,
-                    c.failed_inversions,
-                ]
-            })
+            .flat_map(|c| c.to_array())
             .collect();
         sc.check(
             k,
