@@ -160,9 +160,11 @@ uint32_t thor_v1_abi_version(void);
 enum ThorStatus thor_v1_context_create_cpu(struct ThorContext **out);
 
 // Creates a CUDA context on device `ordinal` in `*out`. With `stream` null the context makes
-// a stream of its own; otherwise all work is queued on `stream` (a `CUstream` /
-// `cudaStream_t` of the device's primary context, e.g. PyTorch's current stream), which must
-// outlive the context.
+// a stream of its own (non-blocking: unordered with the legacy default stream); otherwise
+// all work is queued on `stream` (a `CUstream` / `cudaStream_t` of the device's primary
+// context, e.g. PyTorch's current stream; for the legacy default stream, whose handle is 0,
+// pass `CU_STREAM_LEGACY`, that is `(void*)1`), which must outlive the context and every
+// optimizer made on it.
 //
 // Returns `OK`; `INVALID_ARGUMENT` (`out` null or misaligned, `ordinal` < 0); `NO_DEVICE`
 // (no CUDA driver, or no device `ordinal`); `DRIVER` (a CUDA call failed).
@@ -524,7 +526,8 @@ enum ThorStatus thor_v1_optimizer_needs_statistics(struct ThorOptimizer *opt, in
 // Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
 // (a required pointer null, a pointer misaligned, `observation` overlapping the inputs, an
 // unknown `layer`, `rows` < 1 or overflowing); `OUT_OF_MEMORY`. On failure no state
-// changes and `*observation` is not written.
+// changes and `*observation` is not written, except after `DRIVER` on a CUDA optimizer (a
+// failed wait for the queued step: the device's state is then unknown).
 //
 // # Safety
 // Every non-null pointer must address the elements the description above gives (host

@@ -123,7 +123,10 @@ class _Context:
         self.ptr = c_void_p()
         if device.type == "cuda":
             ordinal = device.index if device.index is not None else torch.cuda.current_device()
-            stream = torch.cuda.current_stream(ordinal).cuda_stream
+            # PyTorch's default stream is the legacy NULL stream (handle 0): hand it over as
+            # CU_STREAM_LEGACY (1), since NULL would give the context a stream of its own,
+            # unordered with PyTorch's work.
+            stream = torch.cuda.current_stream(ordinal).cuda_stream or 1
             _check(lib.thor_v1_context_create_cuda(ordinal, c_void_p(stream), ctypes.byref(self.ptr)))
         elif device.type == "cpu":
             _check(lib.thor_v1_context_create_cpu(ctypes.byref(self.ptr)))
@@ -400,6 +403,12 @@ class ThorPreconditioner:
             lib.thor_v1_optimizer_destroy(self._opt)
             self._opt = None
 
+    def _on_device(self, what: str, t: torch.Tensor) -> None:
+        if t.device != self.device:
+            raise ValueError(
+                f"{what} is on {t.device}, the preconditioner on {self.device} (the model's device when it "
+                "was made): make the preconditioner after moving the model")
+
     def _needs_statistics(self) -> bool:
         v = c_int32()
         _check(lib.thor_v1_optimizer_needs_statistics(self._opt, ctypes.byref(v)))
@@ -409,6 +418,7 @@ class ThorPreconditioner:
         if not (self._stats and torch.is_grad_enabled() and out.requires_grad):
             return
         a = inputs[0].detach()
+        self._on_device("the layer's input", a)
         if isinstance(m, torch.nn.Conv2d):
             patches = torch.nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
             a = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # [N * L, C * kh * kw]
@@ -446,6 +456,7 @@ class ThorPreconditioner:
         for m, lid in self.layers:
             if m.weight.grad is None:
                 continue
+            self._on_device("a gradient", m.weight.grad)
             w = m.weight.grad.reshape(m.weight.shape[0], -1)
             full = torch.cat([w, m.bias.grad.reshape(-1, 1)], dim=1) if m.bias is not None else w
             full = full.float().contiguous()

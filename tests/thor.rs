@@ -111,7 +111,19 @@ fn non_finite_statistics_are_skipped_and_counted() {
             bias: true,
         })
         .unwrap();
+    assert_eq!(
+        restored.last_decision(id).unwrap(),
+        Decision::Skipped,
+        "no step yet"
+    );
     restored.load_bytes(&state).unwrap();
+    // The last decision is not part of the state: none after a load.
+    assert_eq!(restored.last_decision(id).unwrap(), Decision::Skipped);
+    assert_eq!(
+        t.last_decision(id).unwrap(),
+        Decision::Skipped,
+        "t's NaN step"
+    );
     let grad = normal(&mut r, 5 * 9);
     let (mut x, mut y) = (vec![0.0; 45], vec![0.0; 45]);
     t.precondition(id, &grad, &mut x).unwrap();

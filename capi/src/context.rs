@@ -43,9 +43,11 @@ pub unsafe extern "C" fn thor_v1_context_create_cpu(out: *mut *mut ThorContext) 
 }
 
 /// Creates a CUDA context on device `ordinal` in `*out`. With `stream` null the context makes
-/// a stream of its own; otherwise all work is queued on `stream` (a `CUstream` /
-/// `cudaStream_t` of the device's primary context, e.g. PyTorch's current stream), which must
-/// outlive the context.
+/// a stream of its own (non-blocking: unordered with the legacy default stream); otherwise
+/// all work is queued on `stream` (a `CUstream` / `cudaStream_t` of the device's primary
+/// context, e.g. PyTorch's current stream; for the legacy default stream, whose handle is 0,
+/// pass `CU_STREAM_LEGACY`, that is `(void*)1`), which must outlive the context and every
+/// optimizer made on it.
 ///
 /// Returns `OK`; `INVALID_ARGUMENT` (`out` null or misaligned, `ordinal` < 0); `NO_DEVICE`
 /// (no CUDA driver, or no device `ordinal`); `DRIVER` (a CUDA call failed).

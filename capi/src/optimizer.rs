@@ -370,7 +370,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_needs_statistics(
 /// Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
 /// (a required pointer null, a pointer misaligned, `observation` overlapping the inputs, an
 /// unknown `layer`, `rows` < 1 or overflowing); `OUT_OF_MEMORY`. On failure no state
-/// changes and `*observation` is not written.
+/// changes and `*observation` is not written, except after `DRIVER` on a CUDA optimizer (a
+/// failed wait for the queued step: the device's state is then unknown).
 ///
 /// # Safety
 /// Every non-null pointer must address the elements the description above gives (host

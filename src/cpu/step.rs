@@ -250,6 +250,8 @@ impl CpuThorStep {
         self.factor_state.copy_from_slice(&s.factor_state);
         self.rule.copy_from_slice(&s.rule);
         self.counters.copy_from_slice(&s.counters);
+        // No step has run on the loaded state yet.
+        self.decisions.fill(Decision::Skipped);
         Ok(())
     }
 

@@ -185,7 +185,8 @@ impl CudaDevice {
             factor_traces: self.zeros(set.len())?,
             status: self.zeros(set.len())?,
             mask: self.zeros(nb)?,
-            decisions: self.zeros(layers.len())?,
+            // Before the first step every layer reads as skipped, as on the CPU.
+            decisions: self.upload(&vec![crate::rule::Decision::Skipped.code(); layers.len()])?,
             info: self.zeros(nb)?,
             damping_used: self.zeros(nb)?,
             factor_state: self.zeros(set.len())?,
@@ -257,6 +258,9 @@ impl DeviceThorStep {
         st.memcpy_htod(&s.factor_state, &mut self.factor_state)?;
         let c: Vec<u64> = s.counters.iter().flat_map(|c| c.to_array()).collect();
         st.memcpy_htod(&c, &mut self.counters)?;
+        // No step has run on the loaded state yet.
+        let none = vec![crate::rule::Decision::Skipped.code(); self.rule.layers()];
+        st.memcpy_htod(&none, &mut self.decisions)?;
         self.rule.upload_state(dev, &s.rule)
     }
 

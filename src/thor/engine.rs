@@ -50,6 +50,7 @@ pub(crate) trait LayerEngine: std::fmt::Debug + Send {
     /// # Safety
     /// The addresses point to that many f32 of the backend's device, valid and unchanged
     /// until the queued work completes.
+    #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn observe_raw(
         &mut self,
@@ -62,15 +63,18 @@ pub(crate) trait LayerEngine: std::fmt::Debug + Send {
         rows: usize,
         damping: f32,
     ) -> Result<()>;
-    /// `out = G^-1 grad A^-1` on device arrays `[d_g, d_a]` (CUDA only), queued.
+    /// `out = G^-1 grad A^-1` on device arrays `[d_g, d_a]` (CUDA only), queued; `out` may
+    /// be `grad` (in place).
     ///
     /// # Safety
-    /// `grad` and `out` point to `d_g * d_a` f32 of the backend's device, disjoint, valid
-    /// until the queued work completes.
+    /// `grad` and `out` point to `d_g * d_a` f32 of the backend's device, equal or
+    /// disjoint, valid until the queued work completes.
+    #[cfg(feature = "cuda")]
     unsafe fn precondition_raw(&mut self, be: &AnyBackend, grad: u64, out: u64) -> Result<()>;
 }
 
 /// The error of a device-input call on the CPU backend.
+#[cfg(feature = "cuda")]
 fn needs_device() -> crate::error::Error {
     crate::error::Error::invalid(
         "backend",
@@ -177,6 +181,7 @@ impl LayerEngine for CpuLayer {
         Ok(self.step.decisions()[0])
     }
 
+    #[cfg(feature = "cuda")]
     unsafe fn observe_raw(
         &mut self,
         _: &AnyBackend,
@@ -191,6 +196,7 @@ impl LayerEngine for CpuLayer {
         Err(needs_device())
     }
 
+    #[cfg(feature = "cuda")]
     unsafe fn precondition_raw(&mut self, _: &AnyBackend, _: u64, _: u64) -> Result<()> {
         Err(needs_device())
     }
@@ -412,17 +418,32 @@ impl LayerEngine for CudaLayer {
     unsafe fn precondition_raw(&mut self, be: &AnyBackend, grad: u64, out: u64) -> Result<()> {
         use crate::cuda::apply::LayerBuffers;
         use cudarc::driver::DevicePtr;
+        use cudarc::driver::DevicePtrMut;
         let dev = Self::dev(be)?;
         let s = dev.stream();
+        let n = self.d_a * self.d_g;
+        // In place, the gradient is read from a copy (the apply kernel supports in place at
+        // some block sizes only).
+        let (sp, _staged) = self.grad.device_ptr_mut(s);
+        let src = if grad == out {
+            // SAFETY: `grad` points to `n` f32 (this function's contract); the staging
+            // buffer holds `n` f32 and is guarded until the apply is queued.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(sp, grad, n * 4, s.cu_stream())?;
+            }
+            sp
+        } else {
+            grad
+        };
         let (ip, _guard) = self.step.inverses().device_ptr(s);
-        // SAFETY: the inverses are the step's (guarded until queued); `grad` and `out` are
-        // the caller's (this function's contract).
+        // SAFETY: the inverses are the step's (guarded until queued); `src` and `out` are
+        // disjoint device arrays of `n` f32 (the caller's, or the staging copy).
         unsafe {
             self.apply.launch_raw(
                 dev,
                 ip,
                 &[LayerBuffers {
-                    grad,
+                    grad: src,
                     out,
                     scale: 1.0,
                 }],

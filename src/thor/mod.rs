@@ -211,6 +211,17 @@ impl ThorConfig {
     }
 }
 
+impl Drop for Thor {
+    /// On a CUDA backend, waits for the work the optimizer queued (its kernels' modules go
+    /// with it).
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let AnyBackend::Cuda(dev) = &self.backend {
+            let _ = dev.synchronize();
+        }
+    }
+}
+
 /// A registered layer's index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LayerId(pub usize);
@@ -610,11 +621,12 @@ impl Thor {
         unsafe { self.precondition_device_raw(id, gp, op) }
     }
 
-    /// [`Thor::precondition_device`] on raw device addresses (for the C ABI).
+    /// [`Thor::precondition_device`] on raw device addresses (for the C ABI); `out` may be
+    /// `grad` (in place).
     ///
     /// # Safety
-    /// `grad` and `out` point to `d_g * d_a` f32 of the optimizer's device, disjoint, valid
-    /// until the queued work completes.
+    /// `grad` and `out` point to `d_g * d_a` f32 of the optimizer's device, equal or
+    /// disjoint, valid until the queued work completes.
     #[cfg(feature = "cuda")]
     pub unsafe fn precondition_device_raw(
         &mut self,

@@ -401,6 +401,7 @@ fn gpu_device_step_matches_the_optimizer_over_several_steps() {
 #[test]
 fn gpu_thor_device_inputs_match_the_cpu_optimizer() {
     use thor_kernels::backend::AnyBackend;
+    use thor_kernels::rule::Decision;
     use thor_kernels::thor::{DampingSchedule, IntervalSchedule, LayerKind, Thor, ThorConfig};
     use thor_kernels::BackendKind;
     if gpu_or_skip("gpu_thor_device_inputs_match_the_cpu_optimizer").is_none() {
@@ -438,6 +439,18 @@ fn gpu_thor_device_inputs_match_the_cpu_optimizer() {
         .iter()
         .map(|&k| (cpu.add_layer(k).unwrap(), gpu.add_layer(k).unwrap()))
         .collect();
+    for &(c, g) in &ids {
+        assert_eq!(
+            cpu.last_decision(c).unwrap(),
+            Decision::Skipped,
+            "no step yet"
+        );
+        assert_eq!(
+            gpu.last_decision(g).unwrap(),
+            Decision::Skipped,
+            "no step yet"
+        );
+    }
     let mut r = rng(44);
     let rows = 50;
     for step in 0..4 {
@@ -471,6 +484,19 @@ fn gpu_thor_device_inputs_match_the_cpu_optimizer() {
             let g = normal(&mut r, d_g * d_a);
             let mut uc = vec![0.0; g.len()];
             cpu.precondition(ids[l].0, &g, &mut uc).unwrap();
+            // In place through the raw form (as the C ABI calls it).
+            let mut inplace = dev.upload(&g).unwrap();
+            {
+                use cudarc::driver::DevicePtrMut;
+                let s = dev.stream().clone();
+                let (p, _g) = inplace.device_ptr_mut(&s);
+                // SAFETY: `inplace` holds the layer's d_g x d_a f32 on this device.
+                unsafe { gpu.precondition_device_raw(ids[l].1, p, p).unwrap() };
+            }
+            assert!(
+                rel_err(&dev.download(&inplace).unwrap(), &f64s(&uc)) < 1e-4,
+                "in place, step {step} layer {l}"
+            );
             let dgr = dev.upload(&g).unwrap();
             let mut dout = dev.zeros::<f32>(g.len()).unwrap();
             gpu.precondition_device(ids[l].1, &dgr.as_view(), &mut dout.as_view_mut())
