@@ -719,58 +719,192 @@ fn emulated_apply_bf16_gradients() {
     }
 }
 
-/// The factor step's kernels chained as the device pipeline chains them (accumulate with
+/// THOR's whole device step on the emulator: the buffers `DeviceThorStep` keeps, guarded,
+/// and its six launches built from the crate's own plans (grouped accumulation with the
+/// rule's factor state, trace rule with counters, masked inversion, tally).
+struct EmuStep {
+    set: FactorSet,
+    layers: Vec<RuleLayer>,
+    plan: thor_kernels::cuda::accumulate::AccumulatePlan,
+    stats: Guarded<f32>,
+    inv: Guarded<f32>,
+    items: Guarded<i32>,
+    finals: Guarded<i32>,
+    ws: Guarded<f32>,
+    flags: Guarded<i32>,
+    status: Guarded<i32>,
+    desc: Guarded<i32>,
+    bt: Guarded<f32>,
+    ft: Guarded<f32>,
+    table: Guarded<i32>,
+    prev: Guarded<f64>,
+    state: Guarded<u8>,
+    fstate: Guarded<u8>,
+    counters: Guarded<u64>,
+    mask: Guarded<u8>,
+    decisions: Guarded<i32>,
+    history: Guarded<i32>,
+    step: Guarded<u64>,
+    info: Guarded<i32>,
+    used: Guarded<f32>,
+}
+
+impl EmuStep {
+    /// The step for the layers `RuleLayer::pairs(set)` (A and G of a layer are partners),
+    /// factor `f` fed `rows[f]` rows; statistics and inverses start at the identity.
+    fn new(set: FactorSet, rows: &[usize]) -> Self {
+        use thor_kernels::cuda::accumulate::{AccumulateMode, AccumulatePlan};
+        let layers = RuleLayer::pairs(&set);
+        let mut plan =
+            AccumulatePlan::new(&set, rows, thor_kernels::DType::F32, AccumulateMode::F32, 8)
+                .unwrap();
+        let partners: Vec<Option<usize>> = (0..set.len()).map(|f| Some(f ^ 1)).collect();
+        plan.set_partners(&partners).unwrap();
+        let b = set.block();
+        let mut eye = vec![0.0f32; set.buffer_len()];
+        for k in 0..set.total_blocks() {
+            for i in 0..b {
+                eye[k * b * b + i * b + i] = 1.0;
+            }
+        }
+        let (nl, nb, nf) = (layers.len(), set.total_blocks(), set.len());
+        EmuStep {
+            stats: Guarded::new(&eye),
+            inv: Guarded::new(&eye),
+            items: Guarded::new(plan.items()),
+            finals: Guarded::new(plan.finals()),
+            ws: Guarded::new(&poisoned(plan.workspace_len())),
+            flags: Guarded::new(&vec![0i32; plan.slots()]),
+            status: Guarded::new(&vec![-1i32; nf]),
+            desc: Guarded::new(&set.trace_table()),
+            bt: Guarded::new(&poisoned(nb)),
+            ft: Guarded::new(&poisoned(nf)),
+            table: Guarded::new(&RuleLayer::table(&set, &layers).unwrap()),
+            prev: Guarded::new(&vec![0.0f64; nl]),
+            state: Guarded::new(&vec![0u8; nl]),
+            fstate: Guarded::new(&vec![0u8; nf]),
+            counters: Guarded::new(&vec![0u64; 6 * nl]),
+            mask: Guarded::new(&vec![0u8; nb]),
+            decisions: Guarded::new(&vec![0i32; nl]),
+            history: Guarded::new(&vec![-1i32; 8 * nl]),
+            step: Guarded::new(&[0u64]),
+            info: Guarded::new(&vec![0i32; nb]),
+            used: Guarded::new(&vec![0f32; nb]),
+            set,
+            layers,
+            plan,
+        }
+    }
+
+    /// One step on `xs` (one dense `rows x d` input per factor) with statistics decay
+    /// `decay`, `thresholds` and `damping`, under thread order `order`.
+    fn run(
+        &mut self,
+        xs: &[Vec<f32>],
+        decay: f32,
+        thresholds: thor_kernels::rule::Thresholds,
+        damping: f32,
+        order: i32,
+    ) {
+        use thor_kernels::cuda::accumulate::{AccumulateBuffers, FactorInput};
+        let mut gx: Vec<Guarded<f32>> = xs.iter().map(|x| Guarded::new(x)).collect();
+        let rows = self.plan.rows().to_vec();
+        let fi: Vec<FactorInput> = gx
+            .iter_mut()
+            .zip(self.set.entries())
+            .zip(&rows)
+            .map(|((g, e), &n)| FactorInput {
+                x: g.ptr(),
+                ld: e.layout.dim(),
+                alpha: (1.0 - decay) / n as f32,
+                beta: decay,
+            })
+            .collect();
+        let mut factors = Guarded::new(&self.plan.factor_table(&fi).unwrap());
+        let mut launches = self
+            .plan
+            .launches(&AccumulateBuffers {
+                factors: factors.ptr(),
+                items: self.items.ptr(),
+                finals: self.finals.ptr(),
+                workspace: self.ws.ptr(),
+                flags: self.flags.ptr(),
+                blocks: self.stats.ptr(),
+                status: self.status.ptr(),
+                trace_desc: self.desc.ptr(),
+                block_traces: self.bt.ptr(),
+                factor_traces: self.ft.ptr(),
+                factor_state: self.fstate.ptr(),
+            })
+            .unwrap();
+        let nl = self.layers.len();
+        launches.push(
+            raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
+                factor_traces: self.ft.ptr(),
+                factor_status: self.status.ptr(),
+                layers: self.table.ptr(),
+                n_layers: nl,
+                damping,
+                thresholds,
+                prev: self.prev.ptr(),
+                state: self.state.ptr(),
+                mask: self.mask.ptr(),
+                decisions: self.decisions.ptr(),
+                history: self.history.ptr(),
+                history_capacity: 8,
+                step: self.step.ptr(),
+                factor_state: self.fstate.ptr(),
+                counters: self.counters.ptr(),
+            })
+            .unwrap(),
+        );
+        launches.push(
+            raw::plan_invert_chol_f32(
+                self.stats.ptr(),
+                self.inv.ptr(),
+                &InvertArgs {
+                    b: self.set.block(),
+                    blocks: self.set.total_blocks(),
+                    damping: 0,
+                    damping_all: damping.sqrt(),
+                    mask: self.mask.ptr(),
+                    policy: FailurePolicy::retry(),
+                    info: self.info.ptr(),
+                    damping_used: self.used.ptr(),
+                },
+            )
+            .unwrap(),
+        );
+        launches.push(
+            raw::plan_rule_tally_f32(
+                self.table.ptr(),
+                nl,
+                self.decisions.ptr(),
+                self.info.ptr(),
+                self.counters.ptr(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(launches.len(), 6, "the device step's launches");
+        run(&launches, order).unwrap();
+    }
+}
+
+/// The device factor step run by the emulator (grouped accumulation with per-factor
 /// status, rule reading the status, masked inversion), with a NaN in one layer's input on
 /// the second step: that layer is skipped (decision 4), keeps its statistics and inverses;
 /// the others update.
 #[test]
 fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
     use accumulate::*;
-    use thor_kernels::cuda::accumulate::{
-        AccumulateBuffers, AccumulateMode, AccumulatePlan, FactorInput,
-    };
     let _g = lock();
     let b = 32;
     // Two layers: (A 40, G 10), (A 33, G 5).
     let dims = [40usize, 10, 33, 5];
     let rows = [64usize, 64, 50, 50];
     let set = FactorSet::new(b, &dims).unwrap();
-    let layers = RuleLayer::pairs(&set);
-    let mut plan = AccumulatePlan::new(
-        &set,
-        &rows,
-        thor_kernels::DType::F32,
-        AccumulateMode::F32,
-        8,
-    )
-    .unwrap();
-    plan.set_partners(&[Some(1), Some(0), Some(3), Some(2)])
-        .unwrap();
-    let mut eye = vec![0.0f32; set.buffer_len()];
-    for k in 0..set.total_blocks() {
-        for i in 0..b {
-            eye[k * b * b + i * b + i] = 1.0;
-        }
-    }
-    let mut stats = Guarded::new(&eye);
-    let mut inv = Guarded::new(&eye);
-    let mut items = Guarded::new(plan.items());
-    let mut finals = Guarded::new(plan.finals());
-    let mut ws = Guarded::new(&poisoned(plan.workspace_len()));
-    let mut flags = Guarded::new(&vec![0i32; plan.slots()]);
-    let mut status = Guarded::new(&vec![-1i32; set.len()]);
-    let mut desc = Guarded::new(&set.trace_table());
-    let mut bt = Guarded::new(&poisoned(set.total_blocks()));
-    let mut ft = Guarded::new(&poisoned(set.len()));
-    let mut table = Guarded::new(&RuleLayer::table(&set, &layers).unwrap());
-    let mut prev = Guarded::new(&[0.0f64; 2]);
-    let mut state = Guarded::new(&[0u8; 2]);
-    let mut mask = Guarded::new(&vec![0u8; set.total_blocks()]);
-    let mut decisions = Guarded::new(&[0i32; 2]);
-    let mut history = Guarded::new(&[-1i32; 8]);
-    let mut step = Guarded::new(&[0u64]);
-    let mut info = Guarded::new(&vec![0i32; set.total_blocks()]);
-    let mut used = Guarded::new(&vec![0f32; set.total_blocks()]);
+    let mut st = EmuStep::new(set.clone(), &rows);
+    let layers = st.layers.clone();
     let damping = 0.01f32;
     let mut kept_stats = Vec::new();
     let mut kept_inv = Vec::new();
@@ -778,86 +912,28 @@ fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
         let mut inputs = make_inputs::<f32>(&set, &rows, 0.0, 100 + k);
         if k == 1 {
             inputs[3].x[7] = f32::NAN; // layer 1's G input
-            kept_stats = stats.get();
-            kept_inv = inv.get();
+            kept_stats = st.stats.get();
+            kept_inv = st.inv.get();
         }
-        let mut xs: Vec<Guarded<f32>> = inputs.iter().map(|i| Guarded::new(&i.x)).collect();
-        let fi: Vec<FactorInput> = inputs
-            .iter()
-            .zip(xs.iter_mut())
-            .map(|(i, g)| FactorInput {
-                x: g.ptr(),
-                ld: i.ld,
-                alpha: i.alpha,
-                beta: 0.0,
-            })
-            .collect();
-        let mut factors = Guarded::new(&plan.factor_table(&fi).unwrap());
-        let mut launches = plan
-            .launches(&AccumulateBuffers {
-                factors: factors.ptr(),
-                items: items.ptr(),
-                finals: finals.ptr(),
-                workspace: ws.ptr(),
-                flags: flags.ptr(),
-                blocks: stats.ptr(),
-                status: status.ptr(),
-                trace_desc: desc.ptr(),
-                block_traces: bt.ptr(),
-                factor_traces: ft.ptr(),
-                factor_state: 0,
-            })
-            .unwrap();
-        launches.push(
-            raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
-                factor_traces: ft.ptr(),
-                factor_status: status.ptr(),
-                layers: table.ptr(),
-                n_layers: 2,
-                damping,
-                thresholds: thor_kernels::rule::Thresholds::THOR_STOP,
-                prev: prev.ptr(),
-                state: state.ptr(),
-                mask: mask.ptr(),
-                decisions: decisions.ptr(),
-                history: history.ptr(),
-                history_capacity: 4,
-                step: step.ptr(),
-                factor_state: 0,
-                counters: 0,
-            })
-            .unwrap(),
+        let xs: Vec<Vec<f32>> = inputs.iter().map(|i| i.x.clone()).collect();
+        st.run(
+            &xs,
+            0.0,
+            thor_kernels::rule::Thresholds::THOR_STOP,
+            damping,
+            k as i32,
         );
-        launches.push(
-            raw::plan_invert_chol_f32(
-                stats.ptr(),
-                inv.ptr(),
-                &InvertArgs {
-                    b,
-                    blocks: set.total_blocks(),
-                    damping: 0,
-                    damping_all: damping.sqrt(),
-                    mask: mask.ptr(),
-                    policy: FailurePolicy::retry(),
-                    info: info.ptr(),
-                    damping_used: used.ptr(),
-                },
-            )
-            .unwrap(),
-        );
-        assert_eq!(launches.len(), 5);
-        run(&launches, k as i32).unwrap();
-        let (s, iv) = (stats.get(), inv.get());
+        let (s, iv) = (st.stats.get(), st.inv.get());
         if k == 0 {
-            assert_eq!(status.get(), vec![0; 4]);
+            assert_eq!(st.status.get(), vec![0; 4]);
             assert_eq!(
-                decisions.get(),
+                st.decisions.get(),
                 vec![0, 0],
                 "first step updates every layer"
             );
         } else {
-            assert_eq!(status.get(), vec![0, 0, 2, 1]);
-            assert_eq!(decisions.get(), vec![0, 4], "layer 1 skipped");
+            assert_eq!(st.status.get(), vec![0, 0, 2, 1]);
+            assert_eq!(st.decisions.get(), vec![0, 4], "layer 1 skipped");
             // Layer 1's blocks (factors 2 and 3) kept their statistics and inverses.
             let l1 =
                 layers[1].first_block * b * b..(layers[1].first_block + layers[1].blocks) * b * b;
@@ -870,7 +946,7 @@ fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
                 .zip(&kept_inv[l1])
                 .all(|(a, c)| a.to_bits() == c.to_bits()));
             assert_eq!(
-                info.get()[layers[1].first_block..],
+                st.info.get()[layers[1].first_block..],
                 vec![-1; layers[1].blocks]
             );
         }
@@ -937,136 +1013,34 @@ fn emulated_device_step_matches_the_optimizer_over_several_steps() {
     // THOR's whole device step (grouped accumulation with the rule's factor state, trace
     // rule with counters, masked inversion, tally), run by the emulator step after step,
     // against `Thor` on the CPU fed the same batches (tests/common/step_cases.rs).
-    use thor_kernels::cuda::accumulate::{
-        AccumulateBuffers, AccumulateMode, AccumulatePlan, FactorInput,
-    };
     use thor_kernels::rule::Decision;
     let _g = lock();
     let sc = step_cases::StepScenario::new();
-    let (b, nl) = (sc.b, sc.dims.len());
     let set = sc.set();
-    let layers = RuleLayer::pairs(&set);
-    let mut plan = AccumulatePlan::new(
-        &set,
-        &vec![sc.rows; set.len()],
-        thor_kernels::DType::F32,
-        AccumulateMode::F32,
-        8,
-    )
-    .unwrap();
-    plan.set_partners(&sc.partners()).unwrap();
-    let mut eye = vec![0.0f32; set.buffer_len()];
-    for k in 0..set.total_blocks() {
-        for i in 0..b {
-            eye[k * b * b + i * b + i] = 1.0;
-        }
-    }
-    let mut stats = Guarded::new(&eye);
-    let mut inv = Guarded::new(&eye);
-    let mut items = Guarded::new(plan.items());
-    let mut finals = Guarded::new(plan.finals());
-    let mut ws = Guarded::new(&poisoned(plan.workspace_len()));
-    let mut flags = Guarded::new(&vec![0i32; plan.slots()]);
-    let mut status = Guarded::new(&vec![-1i32; set.len()]);
-    let mut desc = Guarded::new(&set.trace_table());
-    let mut bt = Guarded::new(&poisoned(set.total_blocks()));
-    let mut ft = Guarded::new(&poisoned(set.len()));
-    let mut table = Guarded::new(&RuleLayer::table(&set, &layers).unwrap());
-    let mut prev = Guarded::new(&vec![0.0f64; nl]);
-    let mut state = Guarded::new(&vec![0u8; nl]);
-    let mut fstate = Guarded::new(&vec![0u8; set.len()]);
-    let mut counters = Guarded::new(&vec![0u64; 6 * nl]);
-    let mut mask = Guarded::new(&vec![0u8; set.total_blocks()]);
-    let mut decisions = Guarded::new(&vec![0i32; nl]);
-    let mut history = Guarded::new(&vec![-1i32; 8 * nl]);
-    let mut step = Guarded::new(&[0u64]);
-    let mut info = Guarded::new(&vec![0i32; set.total_blocks()]);
-    let mut used = Guarded::new(&vec![0f32; set.total_blocks()]);
+    let mut st = EmuStep::new(set.clone(), &vec![sc.rows; set.len()]);
     let (mut thor, ids) = sc.thor();
     for k in 0..step_cases::STEPS {
         let cpu = sc.observe(&mut thor, &ids, k);
-        let mut gx: Vec<Guarded<f32>> = sc.batch(k).iter().map(|x| Guarded::new(x)).collect();
-        let fi: Vec<FactorInput> = gx
-            .iter_mut()
-            .zip(sc.flat_dims())
-            .map(|(g, d)| FactorInput {
-                x: g.ptr(),
-                ld: d,
-                alpha: (1.0 - sc.decay) / sc.rows as f32,
-                beta: sc.decay,
-            })
-            .collect();
-        let mut factors = Guarded::new(&plan.factor_table(&fi).unwrap());
-        let mut launches = plan
-            .launches(&AccumulateBuffers {
-                factors: factors.ptr(),
-                items: items.ptr(),
-                finals: finals.ptr(),
-                workspace: ws.ptr(),
-                flags: flags.ptr(),
-                blocks: stats.ptr(),
-                status: status.ptr(),
-                trace_desc: desc.ptr(),
-                block_traces: bt.ptr(),
-                factor_traces: ft.ptr(),
-                factor_state: fstate.ptr(),
-            })
-            .unwrap();
-        launches.push(
-            raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
-                factor_traces: ft.ptr(),
-                factor_status: status.ptr(),
-                layers: table.ptr(),
-                n_layers: nl,
-                damping: sc.damping,
-                thresholds: sc.thresholds,
-                prev: prev.ptr(),
-                state: state.ptr(),
-                mask: mask.ptr(),
-                decisions: decisions.ptr(),
-                history: history.ptr(),
-                history_capacity: 8,
-                step: step.ptr(),
-                factor_state: fstate.ptr(),
-                counters: counters.ptr(),
-            })
-            .unwrap(),
+        st.run(
+            &sc.batch(k),
+            sc.decay,
+            sc.thresholds,
+            sc.damping,
+            ORDERS[k % ORDERS.len()],
         );
-        launches.push(
-            raw::plan_invert_chol_f32(
-                stats.ptr(),
-                inv.ptr(),
-                &InvertArgs {
-                    b,
-                    blocks: set.total_blocks(),
-                    damping: 0,
-                    damping_all: sc.damping.sqrt(),
-                    mask: mask.ptr(),
-                    policy: FailurePolicy::retry(),
-                    info: info.ptr(),
-                    damping_used: used.ptr(),
-                },
-            )
-            .unwrap(),
-        );
-        launches.push(
-            raw::plan_rule_tally_f32(table.ptr(), nl, decisions.ptr(), info.ptr(), counters.ptr())
-                .unwrap(),
-        );
-        run(&launches, ORDERS[k % ORDERS.len()]).unwrap();
         sc.check(
             k,
             &thor,
             &ids,
-            &decisions.get(),
-            &counters.get(),
-            &stats.get(),
-            &inv.get(),
-            &status.get(),
+            &st.decisions.get(),
+            &st.counters.get(),
+            &st.stats.get(),
+            &st.inv.get(),
+            &st.status.get(),
         );
         // The rule keeps the per-factor state the accumulation reads: a layer's factors are
         // marked frozen from the step it freezes.
-        let fs = fstate.get();
+        let fs = st.fstate.get();
         for (l, d) in cpu.iter().enumerate() {
             let frozen = matches!(d, Decision::Freeze | Decision::Frozen);
             assert_eq!(
