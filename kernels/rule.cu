@@ -38,14 +38,19 @@
 // layers: 6 ints per layer: A factor index (-1: none), G factor index (-1: none), d_A, d_G,
 // first block, block count (the layer's blocks in the set, A's then G's).
 // factor_status: one int per factor (0 = statistics updated), or null.
+// damping_at: the damping read from device memory (so that a captured step follows a damping
+// schedule without recapture), or null for the `damping` argument. block_damping: one float
+// per block of the set, or null: every layer's blocks get sqrt(damping), the per-block
+// damping the inversion reads.
 extern "C" __global__ void __launch_bounds__(256)
 trace_rule_f32(const float* factor_traces, const int* factor_status, const int* layers,
                int n_layers, float damping,
                double w1, double w2, double* prev, unsigned char* state, unsigned char* mask,
                int* decisions, int* history, int history_capacity,
                unsigned long long* step, unsigned char* factor_state,
-               unsigned long long* counters) {
+               unsigned long long* counters, const float* damping_at, float* block_damping) {
     const unsigned long long s = *step;
+    if (damping_at != nullptr) damping = *damping_at;
     const double sq = sqrt((double)fmaxf(damping, 0.f));
     for (int l = threadIdx.x; l < n_layers; l += blockDim.x) {
         const int* d = layers + 6 * l;
@@ -96,6 +101,12 @@ trace_rule_f32(const float* factor_traces, const int* factor_status, const int* 
         }
         const unsigned char m = decision == RULE_UPDATE ? 1 : 0;
         for (int k = 0; k < d[5]; ++k) mask[d[4] + k] = m;
+        if (block_damping != nullptr) {
+            // As the host computes it: the f32 square root of the f32 damping (a damping
+            // that is negative or not finite reaches the inversion as such: info -2).
+            const float root = sqrtf(damping);
+            for (int k = 0; k < d[5]; ++k) block_damping[d[4] + k] = root;
+        }
     }
     __syncthreads();
     if (threadIdx.x == 0) *step = s + 1;

@@ -246,6 +246,8 @@ fn emulated_trace_rule_matches_the_reference() {
             step: step.ptr(),
             factor_state: 0,
             counters: 0,
+            damping_at: 0,
+            block_damping: 0,
         })
         .unwrap();
         run(&[plan], ORDERS[k % ORDERS.len()]).unwrap();
@@ -747,6 +749,8 @@ struct EmuStep {
     step: Guarded<u64>,
     info: Guarded<i32>,
     used: Guarded<f32>,
+    damping_at: Guarded<f32>,
+    block_damping: Guarded<f32>,
 }
 
 impl EmuStep {
@@ -790,6 +794,8 @@ impl EmuStep {
             step: Guarded::new(&[0u64]),
             info: Guarded::new(&vec![0i32; nb]),
             used: Guarded::new(&vec![0f32; nb]),
+            damping_at: Guarded::new(&[f32::NAN]),
+            block_damping: Guarded::new(&poisoned(nb)),
             set,
             layers,
             plan,
@@ -838,13 +844,16 @@ impl EmuStep {
             })
             .unwrap();
         let nl = self.layers.len();
+        // As the step does: the damping from device memory (the scalar argument is a decoy
+        // the kernel must not use), its square root per block for the inversion.
+        self.damping_at.set(&[damping]);
         launches.push(
             raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
                 factor_traces: self.ft.ptr(),
                 factor_status: self.status.ptr(),
                 layers: self.table.ptr(),
                 n_layers: nl,
-                damping,
+                damping: 0.0,
                 thresholds,
                 prev: self.prev.ptr(),
                 state: self.state.ptr(),
@@ -855,6 +864,8 @@ impl EmuStep {
                 step: self.step.ptr(),
                 factor_state: self.fstate.ptr(),
                 counters: self.counters.ptr(),
+                damping_at: self.damping_at.ptr(),
+                block_damping: self.block_damping.ptr(),
             })
             .unwrap(),
         );
@@ -865,8 +876,8 @@ impl EmuStep {
                 &InvertArgs {
                     b: self.set.block(),
                     blocks: self.set.total_blocks(),
-                    damping: 0,
-                    damping_all: damping.sqrt(),
+                    damping: self.block_damping.ptr(),
+                    damping_all: 0.0,
                     mask: self.mask.ptr(),
                     policy: FailurePolicy::retry(),
                     info: self.info.ptr(),

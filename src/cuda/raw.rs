@@ -522,6 +522,12 @@ pub struct TraceRuleArgs {
     /// `6 * n_layers` u64 counters (`thor::LayerCounters` order, zero initially), or 0 for
     /// none; [`plan_rule_tally_f32`] completes them after the inversion.
     pub counters: CUdeviceptr,
+    /// One f32 the kernel reads the damping from instead of `damping` (so that a captured
+    /// step follows a schedule), or 0.
+    pub damping_at: CUdeviceptr,
+    /// One f32 per block of the set: every layer's blocks get `sqrt(damping)`, for the
+    /// inversion's per-block damping; or 0.
+    pub block_damping: CUdeviceptr,
 }
 
 /// The launch of `trace_rule_f32`: one thread block, a thread per layer.
@@ -538,6 +544,8 @@ pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
         ("factor_status", a.factor_status, 4),
         ("factor_state", a.factor_state, 1),
         ("counters", a.counters, 8),
+        ("damping_at", a.damping_at, 4),
+        ("block_damping", a.block_damping, 4),
     ] {
         if p != 0 {
             check_ptr(name, p, align)?;
@@ -578,6 +586,8 @@ pub fn plan_trace_rule_f32(a: &TraceRuleArgs) -> Result<LaunchPlan> {
             Ptr(a.step),
             Ptr(a.factor_state),
             Ptr(a.counters),
+            Ptr(a.damping_at),
+            Ptr(a.block_damping),
         ],
     })
 }

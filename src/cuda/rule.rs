@@ -23,6 +23,10 @@ pub(crate) struct RuleTally {
     pub(crate) factor_state: u64,
     pub(crate) counters: u64,
     pub(crate) info: u64,
+    /// One f32 the damping is read from (a captured step follows the schedule).
+    pub(crate) damping_at: u64,
+    /// One f32 per block: the inversion's per-block damping, written by the rule.
+    pub(crate) block_damping: u64,
 }
 
 /// The device-resident state of the rule for a set of layers.
@@ -75,6 +79,8 @@ impl DeviceTraceRule {
             factor_state: 0,
             counters: 0,
             info: 0,
+            damping_at: 0,
+            block_damping: 0,
         });
         let plan = raw::plan_trace_rule_f32(&raw::TraceRuleArgs {
             factor_traces,
@@ -92,6 +98,8 @@ impl DeviceTraceRule {
             step: cp,
             factor_state: t.factor_state,
             counters: t.counters,
+            damping_at: t.damping_at,
+            block_damping: t.block_damping,
         })?;
         let after = match tally {
             Some(t) => Some(raw::plan_rule_tally_f32(

@@ -79,6 +79,11 @@ pub struct DeviceThorStep {
     decisions: CudaSlice<i32>,
     info: CudaSlice<i32>,
     damping_used: CudaSlice<f32>,
+    /// The step's damping, set on the stream before each step (a memset, not a copy), so
+    /// that a captured step follows the schedule.
+    damping_at: CudaSlice<f32>,
+    /// Per block: `sqrt(damping)`, written by the rule, read by the inversion.
+    block_damping: CudaSlice<f32>,
     /// Per factor: holds statistics (bit 0), frozen (bit 1); kept by the rule, read by the
     /// accumulation.
     factor_state: CudaSlice<u8>,
@@ -100,7 +105,7 @@ pub struct DeviceThorStep {
 pub struct StepTraffic {
     /// Kernel launches and graph launches.
     pub launches: u64,
-    /// Graph captures (the first `run_graph`, and each change of damping).
+    /// Graph captures (the first `run_graph`, and the first after a change of rows).
     pub captures: u64,
     /// Host-to-device copies: the factor table, when the inputs moved.
     pub uploads: u64,
@@ -109,13 +114,12 @@ pub struct StepTraffic {
 }
 
 /// A captured step: its launches address only the step's own buffers (the inputs are read
-/// through the factor table), so it stays valid as long as the step and its damping. It
-/// holds the functions it launches, and so their modules: a kernel reload or a dropped
-/// device handle cannot unload code the graph still runs.
+/// through the factor table, the damping from device memory), so it stays valid as long as
+/// the step and its plan. It holds the functions it launches, and so their modules: a
+/// kernel reload or a dropped device handle cannot unload code the graph still runs.
 struct StepGraph {
     graph: CudaGraph,
     _functions: Vec<CudaFunction>,
-    damping: f32,
 }
 
 // SAFETY: a CUDA graph may be used from any thread as long as calls on it are serialised;
@@ -130,9 +134,7 @@ const _: fn() = || {
 
 impl std::fmt::Debug for StepGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StepGraph")
-            .field("damping", &self.damping)
-            .finish_non_exhaustive()
+        f.debug_struct("StepGraph").finish_non_exhaustive()
     }
 }
 
@@ -189,6 +191,8 @@ impl CudaDevice {
             decisions: self.upload(&vec![crate::rule::Decision::Skipped.code(); layers.len()])?,
             info: self.zeros(nb)?,
             damping_used: self.zeros(nb)?,
+            damping_at: self.zeros(1)?,
+            block_damping: self.zeros(nb)?,
             factor_state: self.zeros(set.len())?,
             counters: self.zeros(6 * layers.len())?,
             bound: Vec::new(),
@@ -275,6 +279,28 @@ impl DeviceThorStep {
         damping: f32,
         f: impl FnOnce(&[LaunchPlan]) -> Result<R>,
     ) -> Result<R> {
+        self.check_views(dev, inputs, damping)?;
+        let s: &CudaStream = dev.stream();
+        // The inputs' guards live until `f` has queued its work.
+        let mut in_guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(inputs.len());
+        let mut ptrs: Vec<(u64, usize)> = Vec::with_capacity(inputs.len());
+        for inp in inputs {
+            let (p, g) = inp.x.device_ptr(s);
+            in_guards.push(g);
+            ptrs.push((p, inp.ld));
+        }
+        let r = self.with_raw_launches(dev, &ptrs, damping, f);
+        drop(in_guards);
+        r
+    }
+
+    /// Checks `inputs` and `damping` against the plan, before anything is queued.
+    fn check_views<E: DeviceElement>(
+        &self,
+        dev: &CudaDevice,
+        inputs: &[StepInput<'_, E>],
+        damping: f32,
+    ) -> Result<()> {
         if !(damping >= 0.0 && damping.is_finite()) {
             return Err(Error::invalid(
                 "damping",
@@ -305,18 +331,7 @@ impl DeviceThorStep {
                 ));
             }
         }
-        let s: &CudaStream = dev.stream();
-        // The inputs' guards live until `f` has queued its work.
-        let mut in_guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(inputs.len());
-        let mut ptrs: Vec<(u64, usize)> = Vec::with_capacity(inputs.len());
-        for inp in inputs {
-            let (p, g) = inp.x.device_ptr(s);
-            in_guards.push(g);
-            ptrs.push((p, inp.ld));
-        }
-        let r = self.with_raw_launches(dev, &ptrs, damping, f);
-        drop(in_guards);
-        r
+        Ok(())
     }
 
     /// [`DeviceThorStep::with_launches`] on raw input addresses (checked against the plan
@@ -380,6 +395,17 @@ impl DeviceThorStep {
         guards.push(g);
         let (up, g) = self.damping_used.device_ptr_mut(s);
         guards.push(g);
+        let (dap, g) = self.damping_at.device_ptr_mut(s);
+        guards.push(g);
+        let (bdp, g) = self.block_damping.device_ptr_mut(s);
+        guards.push(g);
+        // The damping goes to the device ahead of the step's launches (or graph): a memset
+        // on the stream, not a host copy.
+        // SAFETY: `damping_at` holds one f32 of this context, guarded until queued.
+        unsafe {
+            cudarc::driver::sys::cuMemsetD32Async(dap, damping.to_bits(), 1, s.cu_stream())
+                .result()?;
+        }
         let (fsp, g) = self.factor_state.device_ptr_mut(s);
         guards.push(g);
         let (cp, g) = self.counters.device_ptr_mut(s);
@@ -390,6 +416,8 @@ impl DeviceThorStep {
             factor_state: fsp,
             counters: cp,
             info: infp,
+            damping_at: dap,
+            block_damping: bdp,
         };
         let (rule, tally, g) = self.rule.plan(
             s,
@@ -409,8 +437,9 @@ impl DeviceThorStep {
             &InvertArgs {
                 b,
                 blocks: nb,
-                damping: 0,
-                damping_all: damping.sqrt(),
+                // Per block, as the rule wrote it from `damping_at`.
+                damping: bdp,
+                damping_all: 0.0,
                 mask: mp,
                 policy: self.cfg.policy,
                 info: infp,
@@ -473,16 +502,7 @@ impl DeviceThorStep {
                 ));
             }
         }
-        self.with_raw_launches(dev, inputs, damping, |plans| {
-            for p in plans {
-                // SAFETY: the plans address the step's buffers and the caller's inputs
-                // (this function's contract).
-                unsafe { raw::launch(dev, p) }?;
-            }
-            Ok(())
-        })?;
-        self.traffic.launches += Self::LAUNCHES as u64;
-        Ok(())
+        self.graph_step(dev, inputs, damping)
     }
 
     /// The last step's decision per layer (waits for queued work on `dev`'s stream).
@@ -528,18 +548,42 @@ impl DeviceThorStep {
         Ok(())
     }
 
-    /// [`DeviceThorStep::run`] through a CUDA graph: the first call (and the first after the
-    /// damping changes) captures the step's launches on the device's stream and keeps the
-    /// graph in the step; later calls replay it, one launch of the graph instead of
-    /// [`DeviceThorStep::LAUNCHES`]. Inputs may move between calls (their addresses are
-    /// read through the factor table, which the graph does not bake in).
+    /// [`DeviceThorStep::run`] through a CUDA graph: the first call captures the step's
+    /// launches and keeps the graph in the step; later calls replay it, one launch of the
+    /// graph instead of [`DeviceThorStep::LAUNCHES`]. Inputs may move between calls (their
+    /// addresses are read through the factor table) and the damping may change (it is read
+    /// from device memory, set by a memset before each step): neither is baked in. A change
+    /// of rows ([`DeviceThorStep::set_rows`]) drops the graph.
     pub fn run_graph<E: DeviceElement>(
         &mut self,
         dev: &CudaDevice,
         inputs: &[StepInput<'_, E>],
         damping: f32,
     ) -> Result<()> {
-        let cached = self.graph.take().filter(|g| g.damping == damping);
+        self.check_views(dev, inputs, damping)?;
+        let s = dev.stream().clone();
+        // The inputs' guards live until the graph launch is queued.
+        let mut guards = Vec::with_capacity(inputs.len());
+        let mut ptrs = Vec::with_capacity(inputs.len());
+        for inp in inputs {
+            let (p, g) = inp.x.device_ptr(&s);
+            guards.push(g);
+            ptrs.push((p, inp.ld));
+        }
+        let r = self.graph_step(dev, &ptrs, damping);
+        drop(guards);
+        r
+    }
+
+    /// One step through the step's graph (captured on first use) on checked raw inputs.
+    fn graph_step(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(u64, usize)],
+        damping: f32,
+    ) -> Result<()> {
+        // The damping is read from device memory: one capture serves every damping.
+        let cached = self.graph.take();
         let captures = cached.is_none() as u64;
         let capture_stream = match &self.capture_stream {
             Some(s) => s.clone(),
@@ -549,7 +593,7 @@ impl DeviceThorStep {
                 s
             }
         };
-        let graph = self.with_launches(dev, inputs, damping, |plans| {
+        let graph = self.with_raw_launches(dev, inputs, damping, |plans| {
             let graph = match cached {
                 Some(g) => g,
                 None => {
@@ -557,14 +601,13 @@ impl DeviceThorStep {
                     StepGraph {
                         graph,
                         _functions: functions,
-                        damping,
                     }
                 }
             };
             // On the caller's stream (not the capture stream the graph remembers), after the
-            // factor table upload and within the buffers' guards.
+            // factor table upload and the damping's memset, within the buffers' guards.
             // SAFETY: the exec is alive (owned by `graph`), the stream is the device's, and
-            // both belong to the step's context (checked by `with_launches`).
+            // both belong to the step's context (checked by the callers).
             unsafe {
                 cudarc::driver::result::graph::launch(
                     graph.graph.cu_graph_exec(),

@@ -300,9 +300,9 @@ impl LayerEngine for CudaLayer {
                 ld: self.d_g,
             },
         ];
-        // Plain launches: the damping follows the schedule, and a graph is captured anew
-        // whenever it changes.
-        self.step.run(dev, &inputs, damping)?;
+        // One graph launch per step once captured: the damping is read from device memory,
+        // so the schedule does not recapture (a change of rows does).
+        self.step.run_graph(dev, &inputs, damping)?;
         let code = dev.download(self.step.decisions())?[0];
         Decision::from_code(code)
             .ok_or_else(|| Error::Driver(format!("the device rule wrote decision code {code}")))
