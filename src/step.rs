@@ -91,3 +91,15 @@ impl StepSnapshot {
         check_len("counters", n_layers, self.counters.len())
     }
 }
+
+/// A step's damping: finite and `>= 0`, else an error naming `damping`.
+pub(crate) fn check_damping(damping: f32) -> Result<()> {
+    if damping >= 0.0 && damping.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "damping",
+            format!("must be finite and >= 0, got {damping}"),
+        ))
+    }
+}

@@ -28,13 +28,7 @@ pub unsafe extern "C" fn thor_v1_split(
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let c = unsafe { ctx_mut(ctx)? };
-        let (d, ld, b) = (
-            checks::dim("dim", dim)?,
-            checks::dim("ld", ld)?,
-            checks::block(block)?,
-        );
-        let layout = BlockLayout::new(d, b)?;
-        let dense_len = span("ld", d, ld, d)?;
+        let (layout, ld, dense_len) = dense_args(dim, ld, block)?;
         Regions::new()
             .read("dense", dense, dense_len)
             .write("out", out as *const f32, layout.buffer_len())
@@ -82,13 +76,7 @@ pub unsafe extern "C" fn thor_v1_merge(
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let c = unsafe { ctx_mut(ctx)? };
-        let (d, ld, b) = (
-            checks::dim("dim", dim)?,
-            checks::dim("ld", ld)?,
-            checks::block(block)?,
-        );
-        let layout = BlockLayout::new(d, b)?;
-        let dense_len = span("ld", d, ld, d)?;
+        let (layout, ld, dense_len) = dense_args(dim, ld, block)?;
         Regions::new()
             .read("blocks", blocks, layout.buffer_len())
             .write("dense", dense as *const f32, dense_len)
@@ -331,6 +319,18 @@ fn factor_set(b: usize, n_factors: i64, dims: *const i64) -> Result<FactorSet> {
         );
     }
     FactorSet::new(b, &d)
+}
+
+/// The arguments of a dense factor and its blocks (split, merge): the layout, the row
+/// stride and the elements the dense matrix spans.
+fn dense_args(dim: i64, ld: i64, block: i32) -> Result<(BlockLayout, usize, usize)> {
+    let (d, ld, b) = (
+        checks::dim("dim", dim)?,
+        checks::dim("ld", ld)?,
+        checks::block(block)?,
+    );
+    let layout = BlockLayout::new(d, b)?;
+    Ok((layout, ld, span("ld", d, ld, d)?))
 }
 
 pub(crate) fn dtype_of(dtype: i32) -> Result<DType> {

@@ -15,7 +15,7 @@ use crate::layout::FactorSet;
 use crate::rule::{
     self, fisher_trace, Decision, RuleLayer, RuleState, FACTOR_FROZEN, FACTOR_HAS_STATS,
 };
-use crate::step::{StepConfig, StepSnapshot};
+use crate::step::{check_damping, StepConfig, StepSnapshot};
 use crate::thor::LayerCounters;
 
 /// One factor's input to [`CpuThorStep::run`]: X, `rows x d` row-major with row stride
@@ -117,12 +117,7 @@ impl CpuThorStep {
     /// `damping` (`sqrt(damping)` is added to every factor before inversion, and enters the
     /// layer traces of the rule). Bad arguments are refused before anything changes.
     pub fn run<E: Element>(&mut self, inputs: &[HostStepInput<'_, E>], damping: f32) -> Result<()> {
-        if !(damping >= 0.0 && damping.is_finite()) {
-            return Err(Error::invalid(
-                "damping",
-                format!("must be finite and >= 0, got {damping}"),
-            ));
-        }
+        check_damping(damping)?;
         check_len("inputs", self.set.len(), inputs.len())?;
         let d = self.cfg.stat_decay;
         accumulate_set_with(

@@ -27,7 +27,7 @@ use crate::layout::{strided_len, FactorSet};
 use std::sync::Arc;
 
 pub use crate::step::StepConfig;
-use crate::step::StepSnapshot;
+use crate::step::{check_damping, StepSnapshot};
 
 /// The device's six counters per layer as [`crate::thor::LayerCounters`].
 fn counters_of(c: &[u64]) -> Vec<crate::thor::LayerCounters> {
@@ -301,12 +301,7 @@ impl DeviceThorStep {
         inputs: &[StepInput<'_, E>],
         damping: f32,
     ) -> Result<()> {
-        if !(damping >= 0.0 && damping.is_finite()) {
-            return Err(Error::invalid(
-                "damping",
-                format!("must be finite and >= 0, got {damping}"),
-            ));
-        }
+        check_damping(damping)?;
         let plan = self.acc.plan();
         if E::DTYPE != plan.dtype() {
             return Err(Error::invalid(
@@ -478,12 +473,7 @@ impl DeviceThorStep {
         inputs: &[(u64, usize)],
         damping: f32,
     ) -> Result<()> {
-        if !(damping >= 0.0 && damping.is_finite()) {
-            return Err(Error::invalid(
-                "damping",
-                format!("must be finite and >= 0, got {damping}"),
-            ));
-        }
+        check_damping(damping)?;
         let plan = self.acc.plan();
         if plan.dtype() != DType::F32 {
             return Err(Error::invalid(
