@@ -10,6 +10,12 @@ use crate::layout::FactorSet;
 pub use crate::rule::RuleLayer;
 use crate::rule::{Decision, RuleState, Thresholds};
 
+/// A decision code the device rule wrote, checked (anything else is a device fault).
+pub(crate) fn decision_of(code: i32) -> Result<Decision> {
+    Decision::from_code(code)
+        .ok_or_else(|| Error::Driver(format!("the device rule wrote decision code {code}")))
+}
+
 /// The device rule's per-layer state flags (as in kernels/rule.cu).
 const RULE_HAS_PREV: u8 = 1;
 const RULE_IS_FROZEN: u8 = 2;
@@ -167,11 +173,7 @@ impl DeviceTraceRule {
                 let r = s % self.capacity;
                 ring[r * self.n_layers..(r + 1) * self.n_layers]
                     .iter()
-                    .map(|&c| {
-                        Decision::from_code(c).ok_or_else(|| {
-                            Error::Driver(format!("the device rule wrote decision code {c}"))
-                        })
-                    })
+                    .map(|&c| decision_of(c))
                     .collect()
             })
             .collect::<Result<_>>()?;

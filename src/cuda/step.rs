@@ -497,15 +497,16 @@ impl DeviceThorStep {
 
     /// The last step's decision per layer (waits for queued work on `dev`'s stream).
     pub fn decisions_now(&mut self, dev: &CudaDevice) -> Result<Vec<crate::rule::Decision>> {
-        dev.check_same_context("step", &self.decisions)?;
         self.traffic.syncs += 1;
+        self.read_decisions(dev)
+    }
+
+    /// [`DeviceThorStep::decisions_now`] without counting the synchronization.
+    pub(crate) fn read_decisions(&self, dev: &CudaDevice) -> Result<Vec<crate::rule::Decision>> {
+        dev.check_same_context("step", &self.decisions)?;
         dev.download(&self.decisions)?
             .into_iter()
-            .map(|c| {
-                crate::rule::Decision::from_code(c).ok_or_else(|| {
-                    Error::Driver(format!("the device rule wrote decision code {c}"))
-                })
-            })
+            .map(super::rule::decision_of)
             .collect()
     }
 

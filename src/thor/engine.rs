@@ -303,9 +303,7 @@ impl LayerEngine for CudaLayer {
         // One graph launch per step once captured: the damping is read from device memory,
         // so the schedule does not recapture (a change of rows does).
         self.step.run_graph(dev, &inputs, damping)?;
-        let code = dev.download(self.step.decisions())?[0];
-        Decision::from_code(code)
-            .ok_or_else(|| Error::Driver(format!("the device rule wrote decision code {code}")))
+        self.last_decision(be)
     }
 
     fn precondition(&mut self, be: &AnyBackend, grad: &[f32], out: &mut [f32]) -> Result<()> {
@@ -340,10 +338,7 @@ impl LayerEngine for CudaLayer {
     }
 
     fn last_decision(&self, be: &AnyBackend) -> Result<Decision> {
-        let dev = Self::dev(be)?;
-        let code = dev.download(self.step.decisions())?[0];
-        Decision::from_code(code)
-            .ok_or_else(|| Error::Driver(format!("the device rule wrote decision code {code}")))
+        Ok(self.step.read_decisions(Self::dev(be)?)?[0])
     }
 
     unsafe fn observe_raw(
