@@ -121,6 +121,9 @@ typedef struct ThorOptimizerConfig {
   float kl_clip;
   // Non-SPD retry (1) or report only (0).
   int32_t retry;
+  // Normalisation of conv factors in `thor_v1_optimizer_observe_conv`: 0 per position
+  // (A and G divided by `N * ho * wo`, the default), 1 KFC (A divided by `N`).
+  int32_t conv_norm;
 } ThorOptimizerConfig;
 
 // Per-layer counters (`thor::LayerCounters`, field for field).
@@ -138,6 +141,30 @@ typedef struct ThorCounters {
   // Inversions that failed even after retries (previous inverses kept).
   uint64_t failed_inversions;
 } ThorCounters;
+
+// The geometry of one conv layer's statistics step and the strides of its two tensors,
+// for `thor_v1_optimizer_observe_conv`. The layer's `c_in`, `c_out` and kernel come from
+// its registration.
+typedef struct ThorConvTensors {
+  // Samples in the batch.
+  int64_t batch;
+  // Input height.
+  int64_t h;
+  // Input width.
+  int64_t w;
+  // Stride `[sh, sw]`, at least 1.
+  int64_t stride[2];
+  // Zero padding `[ph, pw]` on each side.
+  int64_t padding[2];
+  // Dilation `[dh, dw]`, at least 1.
+  int64_t dilation[2];
+  // Element strides of the input tensor's logical `[n, c_in, h, w]` dimensions, as
+  // PyTorch's `input.stride()` gives them (contiguous NCHW: `[c_in*h*w, h*w, w, 1]`;
+  // channels last: `[h*w*c_in, 1, w*c_in, c_in]`).
+  int64_t input_strides[4];
+  // Element strides of the output gradient's `[n, c_out, ho, wo]`, likewise.
+  int64_t grad_strides[4];
+} ThorConvTensors;
 
 #ifdef __cplusplus
 extern "C" {
@@ -640,6 +667,32 @@ enum ThorStatus thor_v1_optimizer_save(struct ThorOptimizer *opt, const char *pa
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
 // CUDA context, until the queued work completes; handles must come from this library.
 enum ThorStatus thor_v1_optimizer_load(struct ThorOptimizer *opt, const char *path);
+
+// Hands over conv layer `layer`'s statistics from its raw tensors, without patch matrices
+// (implicit im2col): `input` is the layer's input `[batch, c_in, h, w]` and `out_grad`
+// the gradient of its summed loss with respect to its output `[batch, c_out, ho, wo]`,
+// each read through the strides in `*tensors` (any layout: NCHW, channels last, a strided
+// view); host memory, or device memory for an optimizer made on a CUDA context (then
+// queued on its stream, read in place). `*observation` (host memory, may be null): as for
+// `thor_v1_optimizer_observe`. The factors see `batch * ho * wo` rows, normalised as the
+// configuration's `conv_norm` says.
+//
+// Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
+// (a required pointer null or misaligned, `observation` overlapping the inputs, an unknown
+// or non-conv `layer`, a field of `*tensors` out of range, a kernel larger than the
+// padded input: the message names the field); `OUT_OF_MEMORY`. On failure no state
+// changes and `*observation` is not written, except after `DRIVER` on a CUDA optimizer.
+//
+// # Safety
+// Every non-null pointer must address the elements the description above gives (host
+// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+// CUDA context, until the queued work completes; handles must come from this library.
+enum ThorStatus thor_v1_optimizer_observe_conv(struct ThorOptimizer *opt,
+                                               int32_t layer,
+                                               const float *input,
+                                               const float *out_grad,
+                                               const struct ThorConvTensors *tensors,
+                                               int32_t *observation);
 
 #ifdef __cplusplus
 }  // extern "C"

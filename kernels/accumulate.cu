@@ -1,7 +1,9 @@
 // Fused covariance accumulation into the block-diagonal layout, many factors per launch:
 // for every factor f and every diagonal block j of it,
 //   S_j <- beta_f * S_j + alpha_f * X_j^T X_j,
-// X_j the j-th b-column slice of the factor's row-major input X_f [N_f, d_f] (row stride ld).
+// X_j the j-th b-column slice of the factor's input X_f [N_f, d_f]: a row-major matrix (row
+// stride ld), or the patch matrix of a convolution read from its 4-d input tensor (implicit
+// im2col, see AccFactor: the patches are formed in registers, never in memory).
 //
 // Two kernels (the set's traces come after, from trace_set_f32):
 //  1. acc_partial_*: one thread block per (factor, block, lower T x T tile, range of rows):
@@ -28,10 +30,10 @@
 #define ACC_HAS_STATS 1
 #define ACC_FROZEN 2
 
-// One factor of a grouped call (64 bytes, built by the host planner).
+// One factor of a grouped call (128 bytes, built by the host planner).
 struct AccFactor {
-    unsigned long long x;  // device address of X (f32, f16 or bf16 elements)
-    long long ld;          // row stride of X, elements
+    unsigned long long x;  // device address of X's elements (f32, f16 or bf16)
+    long long ld;          // kind 0: row stride of X, elements
     long long rows;        // N
     int d;                 // columns of X = factor dimension
     int first_block;       // the factor's first block in the output set
@@ -40,8 +42,19 @@ struct AccFactor {
     float alpha;
     float beta;
     int partner;           // a factor that succeeds or fails with this one (A and G of a layer), or -1
-    int pad[3];
+    int kind;              // ACC_MATRIX or ACC_PATCHES
+    int ones;              // kind 1: the last column is ones (a bias)
+    float first_alpha;     // alpha of a factor's first statistics (1 / N, or 1 / batch)
+    // Kind 1 (implicit im2col): X is the patch matrix of a convolution over the 4-d tensor
+    // at x, row (n, oh, ow), column (ci, ki, kj), kj fastest; 0 in the zero padding.
+    long long sn, sc, sh, sw;  // element strides of the tensor's [n, c, h, w]
+    int h, w;                  // input height and width
+    int wo, hw;                // output width, output positions per sample (ho * wo)
+    short kh, kw, sy, sx, py, px, dy, dx;  // kernel, stride, padding, dilation
 };
+
+#define ACC_MATRIX 0
+#define ACC_PATCHES 1
 
 // Work item of the partial kernel (8 ints): factor, block j within the factor, tile row and
 // column offsets within the block (elements), rows [n0, n1), workspace slot.
@@ -65,6 +78,29 @@ __device__ __forceinline__ float acc_load<thor_f16>(const thor_f16* p) {
 template <>
 __device__ __forceinline__ float acc_load<thor_bf16>(const thor_bf16* p) {
     return thor_bf16_to_float(p->bits);
+}
+
+// Implicit im2col: the offset in the tensor of element (row, col) of a kind-1 factor's
+// patch matrix (col below the patch columns), or -1 in the zero padding. Rows are below
+// 2^30 and sizes below 2^30 (the planner's limits), so 32-bit arithmetic does not overflow.
+__device__ __forceinline__ long long acc_patch_offset(const AccFactor& f, int row, int col) {
+    const int n = row / f.hw, p = row - n * f.hw;
+    const int oh = p / f.wo, ow = p - oh * f.wo;
+    const int kk = f.kh * f.kw;
+    const int ci = col / kk, k = col - ci * kk;
+    const int ki = k / f.kw, kj = k - ki * f.kw;
+    const int hh = oh * f.sy - f.py + ki * f.dy;
+    const int ww = ow * f.sx - f.px + kj * f.dx;
+    if (hh < 0 || hh >= f.h || ww < 0 || ww >= f.w) return -1;
+    return (long long)n * f.sn + (long long)ci * f.sc + (long long)hh * f.sh + (long long)ww * f.sw;
+}
+
+// Element (row, col) of a kind-1 factor as f32: 1 in the ones column, 0 in the padding.
+template <typename In>
+__device__ __forceinline__ float acc_patch(const AccFactor& f, const In* x, int row, int col) {
+    if (col >= f.d - f.ones) return 1.f;
+    const long long o = acc_patch_offset(f, row, col);
+    return o < 0 ? 0.f : acc_load<In>(x + o);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -99,7 +135,10 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
             const int idx = tid + e * NT, k = idx / T, c = idx % T;
             const int row = n + k;
             float va = 0.f, vb = 0.f;
-            if (row < n1) {
+            if (row < n1 && f.kind == ACC_PATCHES) {
+                if (tr + c < w) va = acc_patch<In>(f, x, row, (int)col0 + tr + c);
+                if (!diag && tc + c < w) vb = acc_patch<In>(f, x, row, (int)col0 + tc + c);
+            } else if (row < n1) {
                 const In* xr = x + (long long)row * f.ld + col0;
                 if (tr + c < w) va = acc_load<In>(xr + tr + c);
                 if (!diag && tc + c < w) vb = acc_load<In>(xr + tc + c);
@@ -181,6 +220,39 @@ __device__ __forceinline__ unsigned acc_word<thor_bf16>(const thor_bf16* xr0, co
     return lo | (hi << 16);
 }
 
+// The same word for a kind-1 factor: rows row0 and row0 + 1 of column col.
+template <typename In>
+__device__ __forceinline__ unsigned short acc_bits(const In* p) {
+    return p->bits;
+}
+template <typename In>
+__device__ __forceinline__ unsigned short acc_one_bits();
+template <>
+__device__ __forceinline__ unsigned short acc_one_bits<thor_f16>() { return 0x3C00; }
+template <>
+__device__ __forceinline__ unsigned short acc_one_bits<thor_bf16>() { return 0x3F80; }
+
+template <typename In>
+__device__ __forceinline__ unsigned short acc_patch_bits(const AccFactor& f, const In* x, int row,
+                                                         int col) {
+    if (col >= f.d - f.ones) return acc_one_bits<In>();
+    const long long o = acc_patch_offset(f, row, col);
+    return o < 0 ? (unsigned short)0 : acc_bits<In>(x + o);
+}
+
+template <typename In>
+__device__ __forceinline__ unsigned acc_patch_word(const AccFactor& f, const In* x, int row0, int col,
+                                                   bool ok0, bool ok1) {
+    const unsigned lo = ok0 ? acc_patch_bits<In>(f, x, row0, col) : 0u;
+    const unsigned hi = ok1 ? acc_patch_bits<In>(f, x, row0 + 1, col) : 0u;
+    return lo | (hi << 16);
+}
+template <>
+__device__ __forceinline__ unsigned acc_patch_word<float>(const AccFactor& f, const float* x, int row0,
+                                                          int col, bool ok0, bool) {
+    return __float_as_uint(ok0 ? thor_to_tf32(acc_patch<float>(f, x, row0, col)) : 0.f);
+}
+
 template <typename In>
 __device__ __forceinline__ void acc_mma(float* d, const unsigned* a, const unsigned* b);
 template <>
@@ -232,10 +304,17 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
         for (int e = 0; e < PER; ++e) {
             const int idx = tid + e * 128, kw = idx / T, c = idx % T;
             const int row0 = n + kw * KPW, row1 = row0 + 1;
-            const In* xa = x + (long long)row0 * f.ld + col0;
-            const In* xb = xa + (KPW == 2 ? f.ld : 0);
             const bool r0 = row0 < n1, r1 = KPW == 2 && row1 < n1;
             const bool ca = tr + c < w, cb = tc + c < w;
+            if (f.kind == ACC_PATCHES) {
+                const int ka = (int)col0 + tr + c, kb = (int)col0 + tc + c;
+                const unsigned va = acc_patch_word<In>(f, x, row0, ka, r0 && ca, r1 && ca);
+                pa[e] = va;
+                pb[e] = diag ? va : acc_patch_word<In>(f, x, row0, kb, r0 && cb, r1 && cb);
+                continue;
+            }
+            const In* xa = x + (long long)row0 * f.ld + col0;
+            const In* xb = xa + (KPW == 2 ? f.ld : 0);
             const unsigned va = acc_word<In>(xa + tr + c, xb + tr + c, r0 && ca, r1 && ca);
             pa[e] = va;
             pb[e] = diag ? va : acc_word<In>(xa + tc + c, xb + tc + c, r0 && cb, r1 && cb);
@@ -327,7 +406,7 @@ __device__ void acc_finalize(const AccFactor* __restrict__ factors, const int* _
     if (own || partner) return;  // the factor keeps its previous statistics
     // The first accepted statistics replace the initial ones.
     const bool first = !(st & ACC_HAS_STATS);
-    const float alpha = first ? 1.f / (float)f.rows : f.alpha;
+    const float alpha = first ? f.first_alpha : f.alpha;
     const float beta = first ? 0.f : f.beta;
     const int w = min(b, f.d - j * b);
     float* S = blocks + (long long)(f.first_block + j) * b * b;

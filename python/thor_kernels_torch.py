@@ -44,7 +44,14 @@ class InvertPolicy(ctypes.Structure):
 class OptimizerConfig(ctypes.Structure):
     _fields_ = [("block", c_int32), ("stat_decay", c_float), ("damping_l0", c_float),
                 ("damping_decay", c_float), ("damping_every", c_float), ("interval", c_uint64),
-                ("w1", c_double), ("w2", c_double), ("kl_clip", c_float), ("retry", c_int32)]
+                ("w1", c_double), ("w2", c_double), ("kl_clip", c_float), ("retry", c_int32),
+                ("conv_norm", c_int32)]
+
+
+class ConvTensors(ctypes.Structure):
+    _fields_ = [("batch", c_int64), ("h", c_int64), ("w", c_int64), ("stride", c_int64 * 2),
+                ("padding", c_int64 * 2), ("dilation", c_int64 * 2), ("input_strides", c_int64 * 4),
+                ("grad_strides", c_int64 * 4)]
 
 
 class Counters(ctypes.Structure):
@@ -93,6 +100,7 @@ def _load() -> ctypes.CDLL:
         "thor_v1_optimizer_set_epoch": ([P, c_double], c_int32),
         "thor_v1_optimizer_needs_statistics": ([P, POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_observe": ([P, c_int32, P, P, c_int64, POINTER(c_int32)], c_int32),
+        "thor_v1_optimizer_observe_conv": ([P, c_int32, P, P, POINTER(ConvTensors), POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_precondition": ([P, c_int32, P, P], c_int32),
         "thor_v1_optimizer_kl_clip_factor": ([P, c_float, c_int64, POINTER(c_int32), POINTER(P), POINTER(P), POINTER(c_float)], c_int32),
         "thor_v1_optimizer_finish_step": ([P], c_int32),
@@ -355,8 +363,12 @@ class ThorPreconditioner:
             pre.step(epoch, lr=lr)     # preconditions .grad in place (lr: for kl_clip)
             opt.step()
 
-    Activations are captured by forward hooks (``unfold`` patches for convolutions) and output
-    gradients by hooks on the layers' outputs, on statistics steps only. The optimizer runs
+    Activations are captured by forward hooks and output gradients by hooks on the layers'
+    outputs, on statistics steps only; a convolution's input and output gradient go to the
+    library as they are (NCHW or channels last, no ``unfold`` patch matrix, no transpose).
+    ``conv_norm``: ``"position"`` (default) divides both conv factors by the number of
+    output positions ``N * Ho * Wo``; ``"kfc"`` divides A by ``N`` only (KFC's convention;
+    its preconditioned conv gradients are the default's times ``1 / (Ho * Wo)``). The optimizer runs
     where the model's parameters are: for a model on a CUDA device its state (statistics,
     inverses, the trace rule, counters) lives on that device and its work is queued on the
     CUDA stream current when the preconditioner is made, with no copies to the host; for a
@@ -364,11 +376,16 @@ class ThorPreconditioner:
     """
 
     def __init__(self, model: torch.nn.Module, block: int = 128, interval: int = 20, damping: float = 0.03,
-                 stat_decay: float = 0.0, w1: float = 0.01, w2: float = 0.0, kl_clip: float = 0.0):
+                 stat_decay: float = 0.0, w1: float = 0.01, w2: float = 0.0, kl_clip: float = 0.0,
+                 conv_norm: str = "position"):
         cfg = OptimizerConfig()
         _check(lib.thor_v1_optimizer_config_default(ctypes.byref(cfg)))
         cfg.block, cfg.interval, cfg.damping_l0, cfg.stat_decay = block, interval, damping, stat_decay
         cfg.w1, cfg.w2, cfg.kl_clip = w1, w2, kl_clip
+        norms = {"position": 0, "kfc": 1}
+        if conv_norm not in norms:
+            raise ValueError(f"conv_norm must be one of {sorted(norms)}, got {conv_norm!r}")
+        cfg.conv_norm = norms[conv_norm]
         self._kl_clip = kl_clip
         #: The KL clip factor of the last step (1.0 until a clipped step ran).
         self.last_kl_clip_factor = 1.0
@@ -420,18 +437,33 @@ class ThorPreconditioner:
         a = inputs[0].detach()
         self._on_device("the layer's input", a)
         if isinstance(m, torch.nn.Conv2d):
-            patches = torch.nn.functional.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            a = patches.transpose(1, 2).reshape(-1, patches.shape[1])  # [N * L, C * kh * kw]
-        self._acts[m] = a.float().contiguous()
+            if a.dim() != 4:
+                raise ValueError(f"a Conv2d input of shape {tuple(a.shape)}: only batched [N, C, H, W] inputs are supported")
+            if m.padding_mode != "zeros" or isinstance(m.padding, str):
+                raise ValueError(f"Conv2d padding {m.padding!r} / padding_mode {m.padding_mode!r}: only numeric zero padding is supported")
+            # The tensor as it is (NCHW or channels last): the library reads its patches.
+            self._acts[m] = a if a.dtype == torch.float32 else a.float()
+        else:
+            self._acts[m] = a.float().contiguous()
         out.register_hook(lambda g, m=m: self._save_grad(m, g))
 
     def _save_grad(self, m, g):
         g = g.detach()
         n = g.shape[0]
-        if isinstance(m, torch.nn.Conv2d):
-            g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])  # [N * H * W, C_out]
-        # Per-example gradients: the mean loss's gradient times the batch size.
-        self._grads[m] = (g * n).float().contiguous()
+        # Per-example gradients: the mean loss's gradient times the batch size. A conv
+        # layer's stays [N, C_out, Ho, Wo] in its own layout (no transpose).
+        g = (g * n).float()
+        self._grads[m] = g if isinstance(m, torch.nn.Conv2d) else g.contiguous()
+
+    def _observe(self, m, lid, a, g):
+        if not isinstance(m, torch.nn.Conv2d):
+            _check(lib.thor_v1_optimizer_observe(self._opt, lid, _ptr(a), _ptr(g), a.shape[0], None))
+            return
+        t = ConvTensors()
+        t.batch, t.h, t.w = a.shape[0], a.shape[2], a.shape[3]
+        t.stride[:], t.padding[:], t.dilation[:] = list(m.stride), list(m.padding), list(m.dilation)
+        t.input_strides[:], t.grad_strides[:] = list(a.stride()), list(g.stride())
+        _check(lib.thor_v1_optimizer_observe_conv(self._opt, lid, _ptr(a), _ptr(g), ctypes.byref(t), None))
 
     def counters(self, layer_index: int) -> dict:
         c = Counters()
@@ -450,8 +482,7 @@ class ThorPreconditioner:
         if self._stats:
             for m, lid in self.layers:
                 if m in self._acts and m in self._grads:
-                    a, g = self._acts.pop(m), self._grads.pop(m)
-                    _check(lib.thor_v1_optimizer_observe(self._opt, lid, _ptr(a), _ptr(g), a.shape[0], None))
+                    self._observe(m, lid, self._acts.pop(m), self._grads.pop(m))
         done = []
         for m, lid in self.layers:
             if m.weight.grad is None:

@@ -490,8 +490,7 @@ fn accumulate_set_status_partners_and_traces() {
             .enumerate()
             .map(|(f, x)| cpu::FactorInput {
                 x,
-                rows: rows[f],
-                ld: dims[f],
+                layout: thor_kernels::InputLayout::matrix(rows[f], dims[f]),
                 alpha: 1.0 / rows[f] as f32,
                 beta: 0.0,
             })
@@ -549,8 +548,7 @@ fn accumulate_set_status_partners_and_traces() {
         .enumerate()
         .map(|(f, x)| cpu::FactorInput {
             x,
-            rows: rows[f],
-            ld: dims[f],
+            layout: thor_kernels::InputLayout::matrix(rows[f], dims[f]),
             alpha: 1.0,
             beta: 0.0,
         })

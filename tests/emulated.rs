@@ -289,13 +289,24 @@ mod accumulate {
     };
     use thor_kernels::Element;
 
-    /// One factor's input for the emulated grouped accumulation.
+    /// One factor's input for the emulated grouped accumulation: a matrix (`rows`, `ld`)
+    /// or, with `patches`, a convolution's patches read from the tensor `x`.
     pub struct Input<E> {
         pub x: Vec<E>,
         pub rows: usize,
         pub ld: usize,
+        pub patches: Option<thor_kernels::Patches>,
         pub alpha: f32,
         pub beta: f32,
+    }
+
+    impl<E> Input<E> {
+        pub fn layout(&self) -> thor_kernels::InputLayout {
+            match self.patches {
+                Some(p) => thor_kernels::InputLayout::Patches(p),
+                None => thor_kernels::InputLayout::matrix(self.rows, self.ld),
+            }
+        }
     }
 
     pub struct Out {
@@ -321,7 +332,7 @@ mod accumulate {
             .zip(xs.iter_mut())
             .map(|(i, g)| FactorInput {
                 x: g.ptr(),
-                ld: i.ld,
+                layout: i.layout(),
                 alpha: i.alpha,
                 beta: i.beta,
             })
@@ -386,18 +397,15 @@ mod accumulate {
     ) -> Vec<f64> {
         let mut out = f64s(init);
         for (e, i) in set.entries().iter().zip(inputs) {
-            let x: Vec<f64> = i.x.iter().map(|v| v.to_f32() as f64).collect();
+            let mut x: Vec<f64> = i.x.iter().map(|v| v.to_f32() as f64).collect();
+            let mut ld = i.ld;
+            if let Some(p) = &i.patches {
+                x = reference::im2col(&x, p).unwrap();
+                ld = p.dim();
+            }
             let s = &mut out[e.offset()..e.offset() + e.layout.buffer_len()];
-            reference::accumulate(
-                &x,
-                i.rows,
-                i.ld,
-                &e.layout,
-                i.alpha as f64,
-                i.beta as f64,
-                s,
-            )
-            .unwrap();
+            reference::accumulate(&x, i.rows, ld, &e.layout, i.alpha as f64, i.beta as f64, s)
+                .unwrap();
         }
         out
     }
@@ -424,6 +432,7 @@ mod accumulate {
                     x,
                     rows: n,
                     ld,
+                    patches: None,
                     alpha: 1.0 / n as f32,
                     beta,
                 }
@@ -542,6 +551,77 @@ fn emulated_accumulate_tensor_cores_and_half_inputs() {
             let out = run_acc(&set, &inputs, &init, mode, 3);
             let want = reference_set(&set, &inputs, &init);
             check(&set, &out, &want, 1e-2, &format!("bf16 {mode:?} b={b}"));
+        }
+    }
+}
+
+/// Implicit im2col: every conv and position case of tests/common/conv_cases.rs, grouped
+/// per block size with a matrix factor, in F32, TF32 and 16-bit tensor-core modes.
+#[test]
+fn emulated_accumulate_conv_patches() {
+    use accumulate::*;
+    use common::conv_cases::{conv_cases, position_cases};
+    use half::bf16;
+    use thor_kernels::cuda::accumulate::AccumulateMode;
+    let _g = lock();
+    let cases: Vec<_> = conv_cases().into_iter().chain(position_cases()).collect();
+    for b in [32usize, 64] {
+        let mine: Vec<_> = cases.iter().filter(|c| c.b == b).collect();
+        let mut dims: Vec<usize> = mine.iter().map(|c| c.patches.dim()).collect();
+        dims.push(b + 3);
+        let set = FactorSet::new(b, &dims).unwrap();
+        let make = |seed: u64| -> Vec<Input<f32>> {
+            let mut v: Vec<Input<f32>> = mine
+                .iter()
+                .enumerate()
+                .map(|(f, c)| Input {
+                    x: c.tensor(&mut rng(seed + f as u64)),
+                    rows: c.patches.rows(),
+                    ld: 0,
+                    patches: Some(c.patches),
+                    alpha: 1.0 / c.patches.rows() as f32,
+                    beta: 0.9,
+                })
+                .collect();
+            v.push(Input {
+                x: normal(&mut rng(seed + 99), 50 * (b + 3)),
+                rows: 50,
+                ld: b + 3,
+                patches: None,
+                alpha: 0.02,
+                beta: 0.9,
+            });
+            v
+        };
+        let init = init_blocks(&set, 11);
+        for (mode, tol, order) in [
+            (AccumulateMode::F32, 1e-5, 0),
+            (AccumulateMode::TensorCore, 5e-4, 2),
+        ] {
+            let inputs = make(700 + b as u64);
+            let out = run_acc(&set, &inputs, &init, mode, order);
+            let want = reference_set(&set, &inputs, &init);
+            check(&set, &out, &want, tol, &format!("conv f32 {mode:?} b={b}"));
+            let inputs16: Vec<Input<bf16>> = make(800 + b as u64)
+                .into_iter()
+                .map(|i| Input {
+                    x: i.x.iter().map(|&v| bf16::from_f32(v)).collect(),
+                    rows: i.rows,
+                    ld: i.ld,
+                    patches: i.patches,
+                    alpha: i.alpha,
+                    beta: i.beta,
+                })
+                .collect();
+            let out = run_acc(&set, &inputs16, &init, mode, 1);
+            let want = reference_set(&set, &inputs16, &init);
+            check(
+                &set,
+                &out,
+                &want,
+                1e-2,
+                &format!("conv bf16 {mode:?} b={b}"),
+            );
         }
     }
 }
@@ -821,7 +901,7 @@ impl EmuStep {
             .zip(&rows)
             .map(|((g, e), &n)| FactorInput {
                 x: g.ptr(),
-                ld: e.layout.dim(),
+                layout: thor_kernels::InputLayout::matrix(n, e.layout.dim()),
                 alpha: (1.0 - decay) / n as f32,
                 beta: decay,
             })

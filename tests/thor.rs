@@ -565,11 +565,7 @@ fn cpu_factor_step_matches_the_optimizer_over_several_steps() {
         let inputs: Vec<HostStepInput<'_, f32>> = batch
             .iter()
             .zip(&dims)
-            .map(|(x, &ld)| HostStepInput {
-                x,
-                rows: sc.rows,
-                ld,
-            })
+            .map(|(x, &ld)| HostStepInput::matrix(x, sc.rows, ld))
             .collect();
         step.run(&inputs, sc.damping).unwrap();
         let decisions: Vec<i32> = step.decisions().iter().map(|d| d.code()).collect();
@@ -600,11 +596,7 @@ fn cpu_factor_step_matches_the_optimizer_over_several_steps() {
     let short: Vec<HostStepInput<'_, f32>> = batch
         .iter()
         .zip(&dims)
-        .map(|(x, &ld)| HostStepInput {
-            x: &x[..x.len() - 1],
-            rows: sc.rows,
-            ld,
-        })
+        .map(|(x, &ld)| HostStepInput::matrix(&x[..x.len() - 1], sc.rows, ld))
         .collect();
     let e = step.run(&short, sc.damping).unwrap_err();
     assert!(matches!(e, Error::Shape { arg: "x", .. }), "{e}");

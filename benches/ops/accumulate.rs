@@ -20,7 +20,7 @@ fn acc_call<E: thor_kernels::cuda::accumulate::DeviceElement>(
         .zip(dims)
         .map(|(x, &d)| DeviceInput {
             x: x.as_view(),
-            ld: d,
+            layout: thor_kernels::InputLayout::matrix(x.len() / d, d),
             alpha: 1.0,
             beta: 0.0,
         })

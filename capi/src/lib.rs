@@ -28,8 +28,9 @@ use thor_kernels::error::{Error, Result};
 use thor_kernels::invert::FailurePolicy;
 use thor_kernels::layout::{BlockLayout, FactorSet};
 use thor_kernels::thor::{
-    DampingSchedule, IntervalSchedule, LayerId, LayerKind, Thor, ThorConfig, Thresholds,
+    ConvNorm, DampingSchedule, IntervalSchedule, LayerId, LayerKind, Thor, ThorConfig, Thresholds,
 };
+use thor_kernels::{Conv2dGeometry, Patches, TensorLayout};
 
 pub mod checks;
 pub use checks::THOR_MAX_FACTORS;

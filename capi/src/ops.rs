@@ -235,7 +235,7 @@ pub unsafe extern "C" fn thor_v1_accumulate(
             let (tp, _c) = bt.device_ptr_mut(&s);
             let input = DevInput {
                 x: x as u64,
-                ld,
+                layout: thor_kernels::InputLayout::matrix(rows, ld),
                 alpha,
                 beta,
             };
@@ -549,7 +549,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                 let inputs: Vec<DevInput> = (0..n)
                     .map(|f| DevInput {
                         x: xs[f] as u64,
-                        ld: lds[f],
+                        layout: thor_kernels::InputLayout::matrix(p.rows[f], lds[f]),
                         alpha: alphas[f],
                         beta: betas[f],
                     })
@@ -586,8 +586,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
                             let x = unsafe { host("xs", xs[f] as *const $t, need(f))? };
                             inputs.push(cpu::FactorInput {
                                 x,
-                                rows: p.rows[f],
-                                ld: lds[f],
+                                layout: thor_kernels::InputLayout::matrix(p.rows[f], lds[f]),
                                 alpha: alphas[f],
                                 beta: betas[f],
                             });

@@ -28,6 +28,9 @@ pub struct ThorOptimizerConfig {
     pub kl_clip: f32,
     /// Non-SPD retry (1) or report only (0).
     pub retry: i32,
+    /// Normalisation of conv factors in `thor_v1_optimizer_observe_conv`: 0 per position
+    /// (A and G divided by `N * ho * wo`, the default), 1 KFC (A divided by `N`).
+    pub conv_norm: i32,
 }
 
 /// Fills `*cfg` with THOR's defaults.
@@ -60,6 +63,7 @@ pub unsafe extern "C" fn thor_v1_optimizer_config_default(
             w2: d.thresholds.w2,
             kl_clip: d.kl_clip.unwrap_or(0.0),
             retry: 1,
+            conv_norm: 0,
         };
         // SAFETY: checked.
         unsafe { *cfg = c };
@@ -118,6 +122,16 @@ fn config_of(c: ThorOptimizerConfig) -> Result<ThorConfig> {
             FailurePolicy::Report
         },
         kl_clip: (c.kl_clip > 0.0).then_some(c.kl_clip),
+        conv_norm: match c.conv_norm {
+            0 => ConvNorm::PerPosition,
+            1 => ConvNorm::Kfc,
+            v => {
+                return Err(Error::invalid(
+                    "conv_norm",
+                    format!("must be 0 (per position) or 1 (KFC), got {v}"),
+                ))
+            }
+        },
     })
 }
 
@@ -796,6 +810,143 @@ pub unsafe extern "C" fn thor_v1_optimizer_load(
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         t.load(&unsafe { path_arg(path)? })
             .map_err(rename("state", "path"))?;
+        Ok(())
+    })
+}
+
+/// The geometry of one conv layer's statistics step and the strides of its two tensors,
+/// for `thor_v1_optimizer_observe_conv`. The layer's `c_in`, `c_out` and kernel come from
+/// its registration.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ThorConvTensors {
+    /// Samples in the batch.
+    pub batch: i64,
+    /// Input height.
+    pub h: i64,
+    /// Input width.
+    pub w: i64,
+    /// Stride `[sh, sw]`, at least 1.
+    pub stride: [i64; 2],
+    /// Zero padding `[ph, pw]` on each side.
+    pub padding: [i64; 2],
+    /// Dilation `[dh, dw]`, at least 1.
+    pub dilation: [i64; 2],
+    /// Element strides of the input tensor's logical `[n, c_in, h, w]` dimensions, as
+    /// PyTorch's `input.stride()` gives them (contiguous NCHW: `[c_in*h*w, h*w, w, 1]`;
+    /// channels last: `[h*w*c_in, 1, w*c_in, c_in]`).
+    pub input_strides: [i64; 4],
+    /// Element strides of the output gradient's `[n, c_out, ho, wo]`, likewise.
+    pub grad_strides: [i64; 4],
+}
+
+/// The A and G views of a conv step described by `c` for layer `kind`.
+fn conv_views(kind: LayerKind, c: &ThorConvTensors) -> Result<(Patches, Patches)> {
+    let LayerKind::Conv2d {
+        c_in,
+        c_out,
+        kh,
+        kw,
+        ..
+    } = kind
+    else {
+        return Err(Error::invalid(
+            "layer",
+            format!("observe_conv needs a conv layer, this one is {kind:?}"),
+        ));
+    };
+    let pair =
+        |arg, v: [i64; 2]| -> Result<[usize; 2]> { Ok([size(arg, v[0])?, size(arg, v[1])?]) };
+    let quad = |arg, v: [i64; 4]| -> Result<[usize; 4]> {
+        Ok([
+            size(arg, v[0])?,
+            size(arg, v[1])?,
+            size(arg, v[2])?,
+            size(arg, v[3])?,
+        ])
+    };
+    let geometry = Conv2dGeometry {
+        c_in,
+        h: size("h", c.h)?,
+        w: size("w", c.w)?,
+        kernel: [kh, kw],
+        stride: pair("stride", c.stride)?,
+        padding: pair("padding", c.padding)?,
+        dilation: pair("dilation", c.dilation)?,
+    };
+    let batch = size("batch", c.batch)?;
+    let input = Patches::new(geometry, batch, TensorLayout::Nchw)
+        .with_strides(quad("input_strides", c.input_strides)?);
+    let [ho, wo] = geometry.output()?;
+    let grad = Patches::positions(c_out, ho, wo, batch, TensorLayout::Nchw)
+        .with_strides(quad("grad_strides", c.grad_strides)?);
+    Ok((input, grad))
+}
+
+/// Hands over conv layer `layer`'s statistics from its raw tensors, without patch matrices
+/// (implicit im2col): `input` is the layer's input `[batch, c_in, h, w]` and `out_grad`
+/// the gradient of its summed loss with respect to its output `[batch, c_out, ho, wo]`,
+/// each read through the strides in `*tensors` (any layout: NCHW, channels last, a strided
+/// view); host memory, or device memory for an optimizer made on a CUDA context (then
+/// queued on its stream, read in place). `*observation` (host memory, may be null): as for
+/// `thor_v1_optimizer_observe`. The factors see `batch * ho * wo` rows, normalised as the
+/// configuration's `conv_norm` says.
+///
+/// Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
+/// (a required pointer null or misaligned, `observation` overlapping the inputs, an unknown
+/// or non-conv `layer`, a field of `*tensors` out of range, a kernel larger than the
+/// padded input: the message names the field); `OUT_OF_MEMORY`. On failure no state
+/// changes and `*observation` is not written, except after `DRIVER` on a CUDA optimizer.
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_observe_conv(
+    opt: *mut ThorOptimizer,
+    layer: i32,
+    input: *const f32,
+    out_grad: *const f32,
+    tensors: *const ThorConvTensors,
+    observation: *mut i32,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        check_ptr("tensors", tensors)?;
+        // SAFETY: checked for null and alignment; a plain-data struct of the caller's.
+        let c = unsafe { *tensors };
+        let id = LayerId(size("layer", layer as i64)?);
+        let (a, g) = conv_views(t.layer_kind(id)?, &c)?;
+        a.validate().map_err(rename("strides", "input_strides"))?;
+        g.validate().map_err(rename("strides", "grad_strides"))?;
+        let (na, ng) = (a.span()?, g.span()?);
+        // SAFETY: `opt` was checked above.
+        let device = unsafe { on_device(opt) };
+        Regions::new()
+            .read("input", input, na)
+            .read("out_grad", out_grad, ng)
+            .write_opt("observation", observation as *const i32, 1)
+            .check()?;
+        if device {
+            // SAFETY: device pointers to the elements both views span (the pointer
+            // contract).
+            unsafe { t.observe_conv_device_raw(id, input as u64, a, out_grad as u64, g)? };
+            if !observation.is_null() {
+                let o = t.last_decision(id)?;
+                // SAFETY: checked above.
+                unsafe { *observation = o.code() };
+            }
+            return Ok(());
+        }
+        // SAFETY: the pointer contract of this function (module docs); checked just above.
+        let (x, gr) = unsafe { (host("input", input, na)?, host("out_grad", out_grad, ng)?) };
+        let o = t.observe_conv(id, x, a, gr, g)?;
+        if !observation.is_null() {
+            // SAFETY: checked above, before anything changed.
+            unsafe { *observation = o.code() };
+        }
         Ok(())
     })
 }

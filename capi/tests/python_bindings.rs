@@ -22,9 +22,12 @@ const READER: &str = r#"
 import ast, sys
 src = open(sys.argv[1]).read()
 tree = ast.parse(src)
-C = {"c_int32": "int32_t", "c_uint32": "uint32_t", "c_int64": "int64_t", "c_uint64": "uint64_t",
-     "c_float": "float", "c_double": "double", "c_void_p": "void*", "c_char_p": "char*",
-     "c_uint8": "uint8_t"}
+class T(str):
+    def __mul__(self, n):  # a ctypes array type, `c_int64 * 2`
+        return T(f"{self}[{n}]")
+C = {k: T(v) for k, v in {"c_int32": "int32_t", "c_uint32": "uint32_t", "c_int64": "int64_t",
+     "c_uint64": "uint64_t", "c_float": "float", "c_double": "double", "c_void_p": "void*",
+     "c_char_p": "char*", "c_uint8": "uint8_t"}.items()}
 ns = dict(C)
 ns["POINTER"] = lambda t: t + "*"
 ns["None"] = None
@@ -124,7 +127,11 @@ fn header_structs(h: &str) -> BTreeMap<String, Vec<(String, String)>> {
             .map(|l| {
                 let l = l.trim_end_matches(';');
                 let (t, n) = l.rsplit_once(' ').unwrap();
-                (n.to_string(), norm(t))
+                // An array field `int64_t stride[2]` is `stride: int64_t[2]`.
+                match n.split_once('[') {
+                    Some((n, len)) => (n.to_string(), format!("{}[{len}", norm(t))),
+                    None => (n.to_string(), norm(t)),
+                }
             })
             .collect();
         out.insert(name.to_string(), fields);

@@ -42,13 +42,13 @@ pub(crate) fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice
     };
     let in32: Vec<StepInput<'_, f32>> = x32
         .iter()
-        .zip(&m.dims)
-        .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
+        .zip(m.dims.iter().zip(&m.rows))
+        .map(|(x, (&ld, &n))| StepInput::matrix(x.as_view(), n, ld))
         .collect();
     let in16: Vec<StepInput<'_, half::bf16>> = x16
         .iter()
-        .zip(&m.dims)
-        .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
+        .zip(m.dims.iter().zip(&m.rows))
+        .map(|(x, (&ld, &n))| StepInput::matrix(x.as_view(), n, ld))
         .collect();
     // The step on this precision's inputs: all launches, a range of them, or the graph.
     let step_run = |step: &mut DeviceThorStep,

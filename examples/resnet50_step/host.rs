@@ -22,11 +22,7 @@ pub(crate) fn run_cpu(a: &Args, m: &Model) -> Result<()> {
     let host_inputs: Vec<HostStepInput<'_, f32>> = inputs
         .iter()
         .enumerate()
-        .map(|(f, x)| HostStepInput {
-            x,
-            rows: m.rows[f],
-            ld: m.dims[f],
-        })
+        .map(|(f, x)| HostStepInput::matrix(x, m.rows[f], m.dims[f]))
         .collect();
     let nb = m.set.total_blocks();
     let (mut t_step, mut t_inv) = (Vec::new(), Vec::new());

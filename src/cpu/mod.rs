@@ -21,12 +21,14 @@ use rayon::prelude::*;
 use crate::dtype::Element;
 use crate::error::{check_finite, check_len, check_min_len, product, Error, Result};
 use crate::layout::{check_block_size, strided_len, BlockLayout, FactorSet};
+use crate::patches::InputLayout;
 use crate::rule::{FACTOR_FROZEN, FACTOR_HAS_STATS};
 use workspace::{for_each_group, workspace_size, PerItem};
 
 pub use crate::invert::{check_info, FailurePolicy, INFO_BAD_DAMPING, INFO_SKIPPED};
 
-/// Rows of an f16 / bf16 input converted to f32 at a time by [`accumulate`].
+/// Rows of an f16 / bf16 input or of conv patches converted to f32 at a time by
+/// [`accumulate_input`].
 const ACCUMULATE_CHUNK_ROWS: usize = 256;
 
 /// Finds the first non-finite element of a row-major `rows x cols` view with row stride `ld`.
@@ -125,13 +127,11 @@ pub fn traces(
     Ok(())
 }
 
-/// Workspace bytes [`accumulate`] needs for inputs of type `E` with this layout.
+/// Workspace bytes [`accumulate`] and [`accumulate_input`] need for inputs of type `E`
+/// with this layout (f16 / bf16 rows and conv patches are widened to f32 a chunk of rows
+/// at a time; an f32 matrix is read in place and needs none).
 pub fn accumulate_workspace_size<E: Element>(layout: &BlockLayout) -> usize {
-    if E::DTYPE == crate::dtype::DType::F32 {
-        0
-    } else {
-        workspace_size(ACCUMULATE_CHUNK_ROWS * layout.block() * 4, layout.blocks())
-    }
+    workspace_size(ACCUMULATE_CHUNK_ROWS * layout.block() * 4, layout.blocks())
 }
 
 /// Fused covariance accumulation into the block layout: for every diagonal block `j`,
@@ -156,32 +156,55 @@ pub fn accumulate<E: Element>(
     block_traces: &mut [f32],
     ws: &mut Workspace,
 ) -> Result<()> {
+    let input = InputLayout::matrix(rows, ld);
+    accumulate_input(x, &input, layout, alpha, beta, blocks, block_traces, ws)
+}
+
+/// [`accumulate`] with X described by `input`: a row-major matrix, or the patch matrix of
+/// a convolution read straight from its 4-d input tensor ([`Patches`](crate::patches::Patches); implicit im2col,
+/// a chunk of rows per block at a time, never the whole matrix). A non-finite element that
+/// X reads is an error (elements of the tensor that no patch reads are not looked at).
+#[allow(clippy::too_many_arguments)]
+pub fn accumulate_input<E: Element>(
+    x: &[E],
+    input: &InputLayout,
+    layout: &BlockLayout,
+    alpha: f32,
+    beta: f32,
+    blocks: &mut [f32],
+    block_traces: &mut [f32],
+    ws: &mut Workspace,
+) -> Result<()> {
     let (d, b) = (layout.dim(), layout.block());
+    let x_len = input.check(d)?;
+    let rows = input.rows();
     if rows == 0 {
         return Err(Error::invalid("rows", "at least one row is needed"));
     }
-    let x_len = strided_len("ld", rows, ld, d)?;
     check_finite("alpha", alpha as f64)?;
     check_finite("beta", beta as f64)?;
     check_min_len("x", x_len, x.len())?;
     check_len("blocks", layout.buffer_len(), blocks.len())?;
     check_len("block_traces", layout.blocks(), block_traces.len())?;
     let need = accumulate_workspace_size::<E>(layout);
-    if need > 0 && ws.len() < workspace::slot_bytes(ACCUMULATE_CHUNK_ROWS * b * 4) {
+    // f32 matrices are read in place; everything else goes through chunks of f32 rows.
+    let direct =
+        E::DTYPE == crate::dtype::DType::F32 && matches!(input, InputLayout::Matrix { .. });
+    let per_slot = if direct {
+        0
+    } else {
+        ACCUMULATE_CHUNK_ROWS * b * 4
+    };
+    if !direct && ws.len() < workspace::slot_bytes(per_slot) {
         return Err(Error::shape(
             "workspace",
             format!("at least {need} bytes"),
             format!("{} bytes", ws.len()),
         ));
     }
-    if let Some(at) = find_non_finite(x, rows, d, ld) {
-        return Err(non_finite_error("x", at));
+    if let Some(e) = input_non_finite(x, input, d) {
+        return Err(e);
     }
-    let per_slot = if need == 0 {
-        0
-    } else {
-        ACCUMULATE_CHUNK_ROWS * b * 4
-    };
     let none = PerItem(&mut [0u8][..0], 0);
     for_each_group(
         (PerItem(blocks, b * b), PerItem(block_traces, 1), none),
@@ -201,27 +224,27 @@ pub fn accumulate<E: Element>(
                     }
                 }
                 let col0 = j * b;
-                if E::DTYPE == crate::dtype::DType::F32 {
-                    // SAFETY: E is f32 (checked through its DTYPE); the sealed trait admits
-                    // exactly one type with that DTYPE, so the cast is an identity.
-                    let xf: &[f32] =
-                        unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) };
-                    let xj = MatRef::from_row_major_slice_with_stride(&xf[col0..], rows, w, ld);
-                    syrk_lower(sw.rb_mut(), xj, alpha);
-                } else {
-                    let (mut chunk, _) = stack.make_with::<f32>(ACCUMULATE_CHUNK_ROWS * w, |_| 0.0);
-                    let mut r0 = 0;
-                    while r0 < rows {
-                        let n = ACCUMULATE_CHUNK_ROWS.min(rows - r0);
-                        for (i, dst) in chunk.chunks_exact_mut(w).take(n).enumerate() {
-                            let src = &x[(r0 + i) * ld + col0..(r0 + i) * ld + col0 + w];
-                            for (o, v) in dst.iter_mut().zip(src) {
-                                *o = v.to_f32();
-                            }
+                match input {
+                    InputLayout::Matrix { ld, .. } if E::DTYPE == crate::dtype::DType::F32 => {
+                        // SAFETY: E is f32 (checked through its DTYPE); the sealed trait
+                        // admits exactly one type with that DTYPE, so the cast is an identity.
+                        let xf: &[f32] =
+                            unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) };
+                        let xj =
+                            MatRef::from_row_major_slice_with_stride(&xf[col0..], rows, w, *ld);
+                        syrk_lower(sw.rb_mut(), xj, alpha);
+                    }
+                    _ => {
+                        let (mut chunk, _) =
+                            stack.make_with::<f32>(ACCUMULATE_CHUNK_ROWS * w, |_| 0.0);
+                        let mut r0 = 0;
+                        while r0 < rows {
+                            let n = ACCUMULATE_CHUNK_ROWS.min(rows - r0);
+                            fill_rows(x, input, r0, n, col0, w, &mut chunk);
+                            let xc = MatRef::from_row_major_slice(&chunk[..n * w], n, w);
+                            syrk_lower(sw.rb_mut(), xc, alpha);
+                            r0 += n;
                         }
-                        let xc = MatRef::from_row_major_slice(&chunk[..n * w], n, w);
-                        syrk_lower(sw.rb_mut(), xc, alpha);
-                        r0 += n;
                     }
                 }
                 mirror_and_pad(s, b, w);
@@ -231,15 +254,51 @@ pub fn accumulate<E: Element>(
     )
 }
 
+/// Rows `r0 .. r0 + n`, columns `col0 .. col0 + w` of X as f32, row-major `n x w`.
+fn fill_rows<E: Element>(
+    x: &[E],
+    input: &InputLayout,
+    r0: usize,
+    n: usize,
+    col0: usize,
+    w: usize,
+    dst: &mut [f32],
+) {
+    match input {
+        InputLayout::Matrix { ld, .. } => {
+            for (i, out) in dst.chunks_exact_mut(w).take(n).enumerate() {
+                let src = &x[(r0 + i) * ld + col0..(r0 + i) * ld + col0 + w];
+                for (o, v) in out.iter_mut().zip(src) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+        InputLayout::Patches(p) => p.fill(x, r0, n, col0, w, dst),
+    }
+}
+
+/// The error for the first non-finite element X reads, if any (`input` checked).
+fn input_non_finite<E: Element>(x: &[E], input: &InputLayout, d: usize) -> Option<Error> {
+    match input {
+        InputLayout::Matrix { rows, ld } => {
+            find_non_finite(x, *rows, d, *ld).map(|at| non_finite_error("x", at))
+        }
+        InputLayout::Patches(p) => p.for_each_read(|o| x[o].to_f32().is_finite()).map(|o| {
+            Error::invalid(
+                "x",
+                format!("non-finite value at element {o} of the tensor"),
+            )
+        }),
+    }
+}
+
 /// One factor's input for [`accumulate_set`].
 #[derive(Debug, Clone, Copy)]
 pub struct FactorInput<'a, E> {
-    /// X, `rows x d` row-major with row stride `ld`.
+    /// The elements X is read from.
     pub x: &'a [E],
-    /// Rows of X.
-    pub rows: usize,
-    /// Row stride in elements, `>= d`.
-    pub ld: usize,
+    /// How X lies in `x`: a row-major matrix or a convolution's patches.
+    pub layout: InputLayout,
     /// Scale of the new product.
     pub alpha: f32,
     /// Scale of the old statistics (0 replaces them).
@@ -263,7 +322,8 @@ pub fn accumulate_set_workspace_size<E: Element>(set: &FactorSet) -> usize {
 /// otherwise, as on the device. With `factor_state` (one byte per factor, kept by a factor
 /// step's rule, see [`crate::rule::FACTOR_HAS_STATS`]) a frozen factor is neither read nor
 /// written (`status[f] = 3`) and a factor without statistics has them replaced (alpha
-/// `1 / rows`, beta 0) whatever its input's alpha and beta. Other errors (shapes, scalars)
+/// `1 / rows`, or `1 / batch` for patches normalised per sample, beta 0) whatever its
+/// input's alpha and beta. Other errors (shapes, scalars)
 /// return before anything is written.
 #[allow(clippy::too_many_arguments)]
 pub fn accumulate_set<E: Element>(
@@ -312,10 +372,10 @@ pub(crate) fn accumulate_set_with<'a, E: Element>(
     for (f, e) in set.entries().iter().enumerate() {
         let inp = input(f);
         let d = e.layout.dim();
-        if inp.rows == 0 {
+        let x_len = inp.layout.check(d)?;
+        if inp.layout.rows() == 0 {
             return Err(Error::invalid("rows", "at least one row is needed"));
         }
-        let x_len = strided_len("ld", inp.rows, inp.ld, d)?;
         check_finite("alpha", inp.alpha as f64)?;
         check_finite("beta", inp.beta as f64)?;
         check_min_len("x", x_len, inp.x.len())?;
@@ -338,7 +398,9 @@ pub(crate) fn accumulate_set_with<'a, E: Element>(
     }
     let need = accumulate_set_workspace_size::<E>(set);
     // One slot is what every factor's accumulation needs at the least (as it checks).
-    if need > 0 && ws.len() < workspace::slot_bytes(ACCUMULATE_CHUNK_ROWS * set.block() * 4) {
+    let chunked = E::DTYPE != crate::dtype::DType::F32
+        || (0..set.len()).any(|f| matches!(input(f).layout, InputLayout::Patches(_)));
+    if chunked && ws.len() < workspace::slot_bytes(ACCUMULATE_CHUNK_ROWS * set.block() * 4) {
         return Err(Error::shape(
             "workspace",
             format!("at least {need} bytes (accumulate_set_workspace_size)"),
@@ -352,7 +414,7 @@ pub(crate) fn accumulate_set_with<'a, E: Element>(
         let inp = input(f);
         status[f] = if state(f) & FACTOR_FROZEN != 0 {
             3
-        } else if find_non_finite(inp.x, inp.rows, e.layout.dim(), inp.ld).is_some() {
+        } else if input_non_finite(inp.x, &inp.layout, e.layout.dim()).is_some() {
             1
         } else {
             0
@@ -371,16 +433,15 @@ pub(crate) fn accumulate_set_with<'a, E: Element>(
         }
         let inp = input(f);
         let (alpha, beta) = if state(f) & FACTOR_HAS_STATS == 0 {
-            (1.0 / inp.rows as f32, 0.0)
+            (1.0 / inp.layout.samples() as f32, 0.0)
         } else {
             (inp.alpha, inp.beta)
         };
         let range = e.offset()..e.offset() + e.layout.buffer_len();
         let bt = &mut block_traces[e.first_block..e.first_block + e.layout.blocks()];
-        accumulate(
+        accumulate_input(
             inp.x,
-            inp.rows,
-            inp.ld,
+            &inp.layout,
             &e.layout,
             alpha,
             beta,

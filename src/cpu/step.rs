@@ -12,22 +12,31 @@ use super::{accumulate_set_with, invert, Damping, FactorInput, InvertOptions, Wo
 use crate::dtype::Element;
 use crate::error::{check_len, try_vec, Error, Result};
 use crate::layout::FactorSet;
+use crate::patches::InputLayout;
 use crate::rule::{
     self, fisher_trace, Decision, RuleLayer, RuleState, FACTOR_FROZEN, FACTOR_HAS_STATS,
 };
 use crate::step::{check_damping, StepConfig, StepSnapshot};
 use crate::thor::LayerCounters;
 
-/// One factor's input to [`CpuThorStep::run`]: X, `rows x d` row-major with row stride
-/// `ld`.
+/// One factor's input to [`CpuThorStep::run`]: the elements of X and how X lies in them
+/// (a row-major matrix, or a convolution's patches read from its tensor).
 #[derive(Debug, Clone, Copy)]
 pub struct HostStepInput<'a, E> {
     /// The activations (or output gradients) of the factor.
     pub x: &'a [E],
-    /// Rows of X (at least 1).
-    pub rows: usize,
-    /// Row stride in elements, `>= d`.
-    pub ld: usize,
+    /// How X lies in `x` (at least one row).
+    pub layout: InputLayout,
+}
+
+impl<'a, E> HostStepInput<'a, E> {
+    /// X as a row-major `rows x d` matrix with row stride `ld`.
+    pub fn matrix(x: &'a [E], rows: usize, ld: usize) -> Self {
+        Self {
+            x,
+            layout: InputLayout::matrix(rows, ld),
+        }
+    }
 }
 
 /// The state of THOR's factor step for a model on the CPU: statistics, inverses, traces,
@@ -126,9 +135,8 @@ impl CpuThorStep {
                 let x = inputs[f];
                 FactorInput {
                     x: x.x,
-                    rows: x.rows,
-                    ld: x.ld,
-                    alpha: (1.0 - d) / x.rows.max(1) as f32,
+                    layout: x.layout,
+                    alpha: (1.0 - d) / x.layout.samples().max(1) as f32,
                     beta: d,
                 }
             },

@@ -17,6 +17,7 @@ use super::{CudaDevice, KernelId};
 use crate::dtype::DType;
 use crate::error::{check_finite, check_len, Error, Result};
 use crate::layout::{strided_len, FactorSet};
+use crate::patches::{InputLayout, Patches};
 
 pub use crate::step::AccumulateMode;
 
@@ -28,7 +29,10 @@ pub const MIN_SPLIT_ROWS: usize = 256;
 pub const TARGET_BLOCKS_PER_SM: usize = 4;
 
 /// Bytes of one factor's entry in the per-call factor table.
-pub const FACTOR_ENTRY_BYTES: usize = 64;
+pub const FACTOR_ENTRY_BYTES: usize = 128;
+
+/// u64 words of one factor's entry in the per-call factor table.
+const ENTRY_WORDS: usize = FACTOR_ENTRY_BYTES / 8;
 
 /// The tile edge the kernels use for block size `b`.
 pub fn tile_for(b: usize) -> usize {
@@ -59,10 +63,11 @@ pub struct AccumulatePlan {
 /// One factor's input for a call: where X is and how to scale.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FactorInput {
-    /// Device address of X, `rows x d` row-major.
+    /// Device address of X's elements.
     pub x: CUdeviceptr,
-    /// Row stride of X in elements (`>= d`).
-    pub ld: usize,
+    /// How X lies there: a row-major `rows x d` matrix, or a convolution's patches read
+    /// from its tensor (rows as planned either way).
+    pub layout: InputLayout,
     /// Scale of the new product (`1 / rows` for a mean).
     pub alpha: f32,
     /// Scale of the old statistics (0: replace; EMA decay otherwise).
@@ -261,15 +266,32 @@ impl AccumulatePlan {
         self.slots * self.tile * self.tile
     }
 
-    /// The per-call factor table, 8 u64 per factor ([`FACTOR_ENTRY_BYTES`]): checks every
-    /// input against the plan (stride, scales).
+    /// The per-call factor table, 16 u64 per factor ([`FACTOR_ENTRY_BYTES`]): checks every
+    /// input against the plan (rows, stride or geometry, scales).
     pub fn factor_table(&self, inputs: &[FactorInput]) -> Result<Vec<u64>> {
         check_len("inputs", self.set.len(), inputs.len())?;
-        let mut t = Vec::with_capacity(8 * inputs.len());
+        let mut t = Vec::with_capacity(ENTRY_WORDS * inputs.len());
         for (f, (inp, e)) in inputs.iter().zip(self.set.entries()).enumerate() {
             let d = e.layout.dim();
-            if inp.ld < d {
-                return Err(Error::shape("ld", format!("factor {f}: >= {d}"), inp.ld));
+            let n = self.rows[f];
+            let named = |e: Error| match e {
+                Error::InvalidArgument { arg, reason } => {
+                    Error::invalid(arg, format!("factor {f}: {reason}"))
+                }
+                Error::Shape {
+                    arg,
+                    expected,
+                    actual,
+                } => Error::shape(arg, format!("factor {f}: {expected}"), actual),
+                other => other,
+            };
+            inp.layout.check(d).map_err(named)?;
+            if inp.layout.rows() != n {
+                return Err(Error::shape(
+                    "rows",
+                    format!("factor {f}: {n} (as planned)"),
+                    inp.layout.rows(),
+                ));
             }
             if inp.x == 0 {
                 return Err(Error::invalid("x", format!("factor {f}: null pointer")));
@@ -282,24 +304,28 @@ impl AccumulatePlan {
             }
             check_finite("alpha", inp.alpha as f64)?;
             check_finite("beta", inp.beta as f64)?;
-            let n = self.rows[f];
-            strided_len("ld", n, inp.ld, d).map_err(|e| match e {
-                Error::InvalidArgument { reason, .. } => {
-                    Error::invalid("ld", format!("factor {f}: {reason}"))
-                }
-                other => other,
-            })?;
             let (first, count) = self.factor_slots[f];
+            let pair = |lo: usize, hi: usize| (lo as u32 as u64) | ((hi as u32 as u64) << 32);
+            let (ld, kind, ones) = match inp.layout {
+                InputLayout::Matrix { ld, .. } => (ld, 0, false),
+                InputLayout::Patches(p) => (0, 1, p.ones),
+            };
             t.extend([
                 inp.x,
-                inp.ld as u64,
+                ld as u64,
                 n as u64,
-                (d as u32 as u64) | ((e.first_block as u32 as u64) << 32),
-                (first as u32 as u64) | ((count as u32 as u64) << 32),
+                pair(d, e.first_block),
+                pair(first, count),
                 (inp.alpha.to_bits() as u64) | ((inp.beta.to_bits() as u64) << 32),
-                self.partners[f] as u32 as u64,
-                0,
+                (self.partners[f] as u32 as u64) | ((kind as u64) << 32),
+                // ones, and the alpha of a factor's first statistics (they replace the
+                // initial ones): 1 / rows, or 1 / batch for patches normalised per sample.
+                ones as u64 | (((1.0 / inp.layout.samples() as f32).to_bits() as u64) << 32),
             ]);
+            match inp.layout {
+                InputLayout::Matrix { .. } => t.extend([0; ENTRY_WORDS - 8]),
+                InputLayout::Patches(p) => t.extend(patch_words(&p)),
+            }
         }
         Ok(t)
     }
@@ -430,8 +456,9 @@ impl DeviceAccumulate {
     /// launches. See [`CudaDevice::accumulate`] for what is computed.
     ///
     /// # Safety
-    /// Every `inputs[f].x` must address `(rows_f - 1) * ld_f + d_f` elements of the planned
-    /// type, `blocks` the set's `buffer_len()` f32, `block_traces` one f32 per block,
+    /// Every `inputs[f].x` must address the elements its layout reads
+    /// ([`InputLayout::check`]: `(rows_f - 1) * ld_f + d_f` for a matrix, the tensor's span
+    /// for patches) of the planned type, `blocks` the set's `buffer_len()` f32, `block_traces` one f32 per block,
     /// `factor_traces` and `status` one f32 / i32 per factor, all of `dev`'s context (the one
     /// this plan was made on), outputs not overlapping inputs, valid until the queued work
     /// completes.
@@ -503,15 +530,34 @@ impl DeviceAccumulate {
 /// below 2^31.
 pub const MAX_ROWS: usize = 1 << 30;
 
+/// The words 8..16 of a patch factor's table entry (a checked geometry: every size fits
+/// the kernel's 16- and 32-bit fields).
+fn patch_words(p: &Patches) -> [u64; ENTRY_WORDS - 8] {
+    let g = &p.geometry;
+    let [_, wo] = g.output_unchecked_or_zero();
+    let half = |v: [usize; 2]| (v[0] as u16 as u64) | ((v[1] as u16 as u64) << 16);
+    let pair = |lo: usize, hi: usize| (lo as u32 as u64) | ((hi as u32 as u64) << 32);
+    let s = p.strides.map(|v| v as u64);
+    [
+        s[0],
+        s[1],
+        s[2],
+        s[3],
+        pair(g.h, g.w),
+        pair(wo, p.rows() / p.batch),
+        half(g.kernel) | (half(g.stride) << 32),
+        half(g.padding) | (half(g.dilation) << 32),
+    ]
+}
+
 /// One factor's input for [`CudaDevice::accumulate`].
 #[derive(Debug)]
 pub struct DeviceInput<'a, E> {
-    /// X, `rows x d` row-major with row stride `ld` (rows as planned): a whole buffer
-    /// (`slice.as_view()`) or part of one (`slice.slice(a..b)`), e.g. a framework tensor's
-    /// storage at an offset.
+    /// X's elements (rows as planned): a whole buffer (`slice.as_view()`) or part of one
+    /// (`slice.slice(a..b)`), e.g. a framework tensor's storage at an offset.
     pub x: CudaView<'a, E>,
-    /// Row stride in elements, `>= d`.
-    pub ld: usize,
+    /// How X lies in `x`: a row-major matrix, or a convolution's patches (implicit im2col).
+    pub layout: InputLayout,
     /// Scale of the new product (`1 / rows` for a mean).
     pub alpha: f32,
     /// Scale of the old statistics: 0 replaces them (they are not read), otherwise EMA.
@@ -557,7 +603,7 @@ impl CudaDevice {
         Ok(DeviceAccumulate {
             items: self.upload(plan.items())?,
             finals: self.upload(plan.finals())?,
-            factors: self.zeros(8 * set.len())?,
+            factors: self.zeros(ENTRY_WORDS * set.len())?,
             workspace: self.zeros(plan.workspace_len())?,
             flags: self.zeros(plan.slots())?,
             trace_desc: self.upload(&set.trace_table())?,
@@ -609,7 +655,7 @@ impl CudaDevice {
         for (f, (inp, e)) in inputs.iter().zip(set.entries()).enumerate() {
             self.check_same_context("inputs", &inp.x)?;
             let d = e.layout.dim();
-            let need = strided_len("ld", acc.plan.rows()[f], inp.ld, d)?;
+            let need = inp.layout.check(d)?;
             if inp.x.len() < need {
                 return Err(Error::shape(
                     "inputs",
@@ -621,7 +667,7 @@ impl CudaDevice {
             guards.push(g);
             host.push(FactorInput {
                 x: p,
-                ld: inp.ld,
+                layout: inp.layout,
                 alpha: inp.alpha,
                 beta: inp.beta,
             });

@@ -23,11 +23,26 @@ use super::rule::{DeviceTraceRule, RuleLayer, RuleTally};
 use super::CudaDevice;
 use crate::dtype::DType;
 use crate::error::{check_len, Error, Result};
-use crate::layout::{strided_len, FactorSet};
+use crate::layout::FactorSet;
+use crate::patches::InputLayout;
 use std::sync::Arc;
 
 pub use crate::step::StepConfig;
 use crate::step::{check_damping, StepSnapshot};
+
+/// Checks factor `f`'s input layout against the plan (`rows` rows, dimension `d`) and
+/// returns the elements it reads.
+fn check_input(f: usize, layout: &InputLayout, rows: usize, d: usize) -> Result<usize> {
+    let need = layout.check(d)?;
+    if layout.rows() != rows {
+        return Err(Error::shape(
+            "rows",
+            format!("factor {f}: {rows} (as planned)"),
+            layout.rows(),
+        ));
+    }
+    Ok(need)
+}
 
 /// The device's six counters per layer as [`crate::thor::LayerCounters`].
 fn counters_of(c: &[u64]) -> Vec<crate::thor::LayerCounters> {
@@ -36,22 +51,33 @@ fn counters_of(c: &[u64]) -> Vec<crate::thor::LayerCounters> {
         .collect()
 }
 
-/// One factor's input to [`DeviceThorStep::run`]: X, `rows x d` row-major with row stride
-/// `ld` (rows as planned). The step weights it itself (`(1 - stat_decay) / rows`).
+/// One factor's input to [`DeviceThorStep::run`]: X's elements and how X lies in them (a
+/// row-major matrix or a convolution's patches; rows as planned). The step weights it
+/// itself (`(1 - stat_decay) / rows`).
 #[derive(Debug)]
 pub struct StepInput<'a, E> {
     /// The activations (or output gradients) of the factor: a whole buffer
     /// (`slice.as_view()`) or part of one (`slice.slice(a..b)`).
     pub x: CudaView<'a, E>,
-    /// Row stride in elements, `>= d`.
-    pub ld: usize,
+    /// How X lies in `x`.
+    pub layout: InputLayout,
+}
+
+impl<'a, E> StepInput<'a, E> {
+    /// X as a row-major `rows x d` matrix with row stride `ld`.
+    pub fn matrix(x: CudaView<'a, E>, rows: usize, ld: usize) -> Self {
+        StepInput {
+            x,
+            layout: InputLayout::matrix(rows, ld),
+        }
+    }
 }
 
 impl<E> Clone for StepInput<'_, E> {
     fn clone(&self) -> Self {
         StepInput {
             x: self.x.slice(..),
-            ld: self.ld,
+            layout: self.layout,
         }
     }
 }
@@ -89,8 +115,8 @@ pub struct DeviceThorStep {
     factor_state: CudaSlice<u8>,
     /// Per layer, the six counters of [`crate::thor::LayerCounters`].
     counters: CudaSlice<u64>,
-    /// The (address, stride) of each input the factor table on the device holds.
-    bound: Vec<(u64, usize)>,
+    /// The (address, layout) of each input the factor table on the device holds.
+    bound: Vec<(u64, InputLayout)>,
     /// A stream of the step's own, in the device's context, that graphs are captured on:
     /// nothing another thread queues on the caller's stream can slip into a capture.
     capture_stream: Option<Arc<CudaStream>>,
@@ -283,11 +309,11 @@ impl DeviceThorStep {
         let s: &CudaStream = dev.stream();
         // The inputs' guards live until `f` has queued its work.
         let mut in_guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(inputs.len());
-        let mut ptrs: Vec<(u64, usize)> = Vec::with_capacity(inputs.len());
+        let mut ptrs: Vec<(u64, InputLayout)> = Vec::with_capacity(inputs.len());
         for inp in inputs {
             let (p, g) = inp.x.device_ptr(s);
             in_guards.push(g);
-            ptrs.push((p, inp.ld));
+            ptrs.push((p, inp.layout));
         }
         let r = self.with_raw_launches(dev, &ptrs, damping, f);
         drop(in_guards);
@@ -313,16 +339,12 @@ impl DeviceThorStep {
         dev.check_same_context("step", &self.stats)?;
         for (f, (inp, e)) in inputs.iter().zip(plan.set().entries()).enumerate() {
             dev.check_same_context("inputs", &inp.x)?;
-            let d = e.layout.dim();
-            let need = strided_len("ld", plan.rows()[f], inp.ld, d).ok();
-            if need.is_none_or(|n| inp.x.len() < n) {
+            let need = check_input(f, &inp.layout, plan.rows()[f], e.layout.dim())?;
+            if inp.x.len() < need {
                 return Err(Error::shape(
                     "inputs",
-                    format!(
-                        "factor {f}: ld >= {d} and (rows - 1) * ld + {d} elements ({} rows)",
-                        plan.rows()[f]
-                    ),
-                    format!("ld {} and {} elements", inp.ld, inp.x.len()),
+                    format!("factor {f}: at least {need} elements"),
+                    inp.x.len(),
                 ));
             }
         }
@@ -330,12 +352,12 @@ impl DeviceThorStep {
     }
 
     /// [`DeviceThorStep::with_launches`] on raw input addresses (checked against the plan
-    /// by the caller: `(rows - 1) * ld + d` elements of the planned type, of `dev`'s
+    /// by the caller: the elements their layouts read, of the planned type, of `dev`'s
     /// context, valid until the queued work completes).
     fn with_raw_launches<R>(
         &mut self,
         dev: &CudaDevice,
-        inputs: &[(u64, usize)],
+        inputs: &[(u64, InputLayout)],
         damping: f32,
         f: impl FnOnce(&[LaunchPlan]) -> Result<R>,
     ) -> Result<R> {
@@ -344,10 +366,11 @@ impl DeviceThorStep {
         // The bound addresses are updated in place: a steady-state step compares, it does
         // not rebuild.
         let mut moved = self.bound.len() != inputs.len();
-        self.bound.resize(inputs.len(), (0, 0));
-        for (&(p, ld), bound) in inputs.iter().zip(&mut self.bound) {
-            if *bound != (p, ld) {
-                *bound = (p, ld);
+        self.bound
+            .resize(inputs.len(), (0, InputLayout::matrix(0, 0)));
+        for (&(p, layout), bound) in inputs.iter().zip(&mut self.bound) {
+            if *bound != (p, layout) {
+                *bound = (p, layout);
                 moved = true;
             }
         }
@@ -357,10 +380,10 @@ impl DeviceThorStep {
                 .bound
                 .iter()
                 .zip(rows)
-                .map(|(&(x, ld), &n)| FactorInput {
+                .map(|(&(x, layout), _)| FactorInput {
                     x,
-                    ld,
-                    alpha: (1.0 - self.cfg.stat_decay) / n as f32,
+                    layout,
+                    alpha: (1.0 - self.cfg.stat_decay) / layout.samples() as f32,
                     beta: self.cfg.stat_decay,
                 })
                 .collect();
@@ -461,16 +484,17 @@ impl DeviceThorStep {
     }
 
     /// [`DeviceThorStep::run`] on raw device addresses of f32 inputs (`inputs[f]` = address
-    /// and row stride of factor `f`'s X): for the C ABI, whose callers hand over device
+    /// and layout of factor `f`'s X): for the C ABI, whose callers hand over device
     /// pointers.
     ///
     /// # Safety
-    /// Each address must point to `(rows_f - 1) * ld_f + d_f` f32 of `dev`'s context
-    /// (rows as planned), valid and not written by other work until the step completes.
+    /// Each address must point to the f32 its layout reads ([`InputLayout::check`]) of
+    /// `dev`'s context (rows as planned), valid and not written by other work until the
+    /// step completes.
     pub unsafe fn run_raw(
         &mut self,
         dev: &CudaDevice,
-        inputs: &[(u64, usize)],
+        inputs: &[(u64, InputLayout)],
         damping: f32,
     ) -> Result<()> {
         check_damping(damping)?;
@@ -483,8 +507,8 @@ impl DeviceThorStep {
         }
         check_len("inputs", plan.set().len(), inputs.len())?;
         dev.check_same_context("step", &self.stats)?;
-        for (f, (&(p, ld), e)) in inputs.iter().zip(plan.set().entries()).enumerate() {
-            strided_len("ld", plan.rows()[f], ld, e.layout.dim())?;
+        for (f, (&(p, layout), e)) in inputs.iter().zip(plan.set().entries()).enumerate() {
+            check_input(f, &layout, plan.rows()[f], e.layout.dim())?;
             if p == 0 || p % 4 != 0 {
                 return Err(Error::invalid(
                     "inputs",
@@ -559,7 +583,7 @@ impl DeviceThorStep {
         for inp in inputs {
             let (p, g) = inp.x.device_ptr(&s);
             guards.push(g);
-            ptrs.push((p, inp.ld));
+            ptrs.push((p, inp.layout));
         }
         let r = self.graph_step(dev, &ptrs, damping);
         drop(guards);
@@ -570,7 +594,7 @@ impl DeviceThorStep {
     fn graph_step(
         &mut self,
         dev: &CudaDevice,
-        inputs: &[(u64, usize)],
+        inputs: &[(u64, InputLayout)],
         damping: f32,
     ) -> Result<()> {
         // The damping is read from device memory: one capture serves every damping.

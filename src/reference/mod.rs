@@ -96,6 +96,48 @@ pub fn accumulate(
     Ok(())
 }
 
+/// The patch matrix of a convolution (im2col), written out from the definition: row
+/// `(n, oh, ow)` (n slowest), column `(ci, ki, kj)` (kj fastest) holds input element
+/// `(n, ci, oh * sh - ph + ki * dh, ow * sw - pw + kj * dw)`, 0 outside the input; with
+/// `p.ones` a last column of ones. `x` is read through `p.strides`. Returns
+/// `[rows, c_in * kh * kw (+ 1)]` row-major. The oracle of [`crate::patches`].
+pub fn im2col(x: &[f64], p: &crate::patches::Patches) -> Result<Vec<f64>> {
+    let g = &p.geometry;
+    let [ho, wo] = g.output()?;
+    check_min_len("x", p.span()?, x.len())?;
+    let [kh, kw] = g.kernel;
+    let d = g.c_in * kh * kw + p.ones as usize;
+    let mut out = Vec::with_capacity(p.batch * ho * wo * d);
+    for n in 0..p.batch {
+        for oh in 0..ho {
+            for ow in 0..wo {
+                for ci in 0..g.c_in {
+                    for ki in 0..kh {
+                        for kj in 0..kw {
+                            let h = (oh * g.stride[0] + ki * g.dilation[0]) as i64
+                                - g.padding[0] as i64;
+                            let w = (ow * g.stride[1] + kj * g.dilation[1]) as i64
+                                - g.padding[1] as i64;
+                            let inside =
+                                h >= 0 && w >= 0 && (h as usize) < g.h && (w as usize) < g.w;
+                            out.push(if inside {
+                                let s = &p.strides;
+                                x[n * s[0] + ci * s[1] + h as usize * s[2] + w as usize * s[3]]
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                }
+                if p.ones {
+                    out.push(1.0);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Trace of every `b x b` block of a `[nb, b, b]` buffer, padding included.
 pub fn block_traces(blocks: &[f64], block: usize) -> Result<Vec<f64>> {
     crate::layout::check_block_size(block)?;

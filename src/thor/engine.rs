@@ -14,6 +14,8 @@ use crate::cuda::{apply::DeviceApply, step::DeviceThorStep, CudaDevice};
 use crate::error::Error;
 use crate::error::Result;
 use crate::layout::FactorSet;
+#[cfg(feature = "cuda")]
+use crate::patches::InputLayout;
 use crate::rule::{Decision, RuleLayer};
 use crate::step::{StepConfig, StepSnapshot};
 use crate::thor::LayerCounters;
@@ -23,14 +25,14 @@ use cudarc::driver::CudaSlice;
 /// One layer's engine. Every call takes the optimizer's backend (the device handle lives
 /// there, once for all layers).
 pub(crate) trait LayerEngine: std::fmt::Debug + Send {
-    /// A statistics step from host inputs: `x_a` `[rows, d_a]` (with the ones column of a
-    /// bias), `g` `[rows, d_g]`; returns the rule's decision.
+    /// A statistics step from host inputs: A's input `a` (`d_a` columns, the ones column of
+    /// a bias included) and G's `g` (`d_g` columns), the same rows, each a matrix or a
+    /// convolution's patches; returns the rule's decision.
     fn observe(
         &mut self,
         be: &AnyBackend,
-        x_a: &[f32],
-        g: &[f32],
-        rows: usize,
+        a: HostStepInput<'_, f32>,
+        g: HostStepInput<'_, f32>,
         damping: f32,
     ) -> Result<Decision>;
     /// `out = G^-1 grad A^-1` with the current inverses, `[d_g, d_a]` host arrays.
@@ -43,24 +45,21 @@ pub(crate) trait LayerEngine: std::fmt::Debug + Send {
     fn restore(&mut self, be: &AnyBackend, s: &StepSnapshot) -> Result<()>;
     /// The decision of the layer's last statistics step (on a device: waits for it).
     fn last_decision(&self, be: &AnyBackend) -> Result<Decision>;
-    /// A statistics step from device inputs (CUDA only): `acts` `[rows, inputs]` f32 with
-    /// row stride `acts_ld` (a ones column is appended for a bias), `g` `[rows, d_g]` with
-    /// row stride `g_ld`. Queues the step and returns without waiting.
+    /// A statistics step from device inputs (CUDA only): A's f32 input at `a.0` as `a.1`
+    /// describes it (with `append_ones`, a matrix of `d_a - 1` columns that a ones column
+    /// is appended to), G's at `g.0`; the same rows. Queues the step and returns without
+    /// waiting.
     ///
     /// # Safety
-    /// The addresses point to that many f32 of the backend's device, valid and unchanged
-    /// until the queued work completes.
+    /// The addresses point to the f32 their layouts read, of the backend's device, valid
+    /// and unchanged until the queued work completes.
     #[cfg(feature = "cuda")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn observe_raw(
         &mut self,
         be: &AnyBackend,
-        acts: u64,
-        acts_ld: usize,
-        bias: bool,
-        g: u64,
-        g_ld: usize,
-        rows: usize,
+        a: (u64, InputLayout),
+        append_ones: bool,
+        g: (u64, InputLayout),
         damping: f32,
     ) -> Result<()>;
     /// `out = G^-1 grad A^-1` on device arrays `[d_g, d_a]` (CUDA only), queued; `out` may
@@ -122,24 +121,11 @@ impl LayerEngine for CpuLayer {
     fn observe(
         &mut self,
         _: &AnyBackend,
-        x_a: &[f32],
-        g: &[f32],
-        rows: usize,
+        a: HostStepInput<'_, f32>,
+        g: HostStepInput<'_, f32>,
         damping: f32,
     ) -> Result<Decision> {
-        let inputs = [
-            HostStepInput {
-                x: x_a,
-                rows,
-                ld: self.d_a,
-            },
-            HostStepInput {
-                x: g,
-                rows,
-                ld: self.d_g,
-            },
-        ];
-        self.step.run(&inputs, damping)?;
+        self.step.run(&[a, g], damping)?;
         Ok(self.step.decisions()[0])
     }
 
@@ -185,12 +171,9 @@ impl LayerEngine for CpuLayer {
     unsafe fn observe_raw(
         &mut self,
         _: &AnyBackend,
-        _: u64,
-        _: usize,
+        _: (u64, InputLayout),
         _: bool,
-        _: u64,
-        _: usize,
-        _: usize,
+        _: (u64, InputLayout),
         _: f32,
     ) -> Result<()> {
         Err(needs_device())
@@ -276,28 +259,33 @@ impl LayerEngine for CudaLayer {
     fn observe(
         &mut self,
         be: &AnyBackend,
-        x_a: &[f32],
-        g: &[f32],
-        rows: usize,
+        a: HostStepInput<'_, f32>,
+        g: HostStepInput<'_, f32>,
         damping: f32,
     ) -> Result<Decision> {
         use crate::cuda::step::StepInput;
         let dev = Self::dev(be)?;
-        let (na, ng) = (rows * self.d_a, rows * self.d_g);
-        self.step.set_rows(dev, &[rows, rows])?;
+        // The elements each layout reads (checked), uploaded as they are: a conv layer's
+        // tensors go up without their patches.
+        let na = a.layout.check(self.d_a)?;
+        let ng = g.layout.check(self.d_g)?;
+        crate::error::check_min_len("acts", na, a.x.len())?;
+        crate::error::check_min_len("out_grads", ng, g.x.len())?;
+        self.step
+            .set_rows(dev, &[a.layout.rows(), g.layout.rows()])?;
         ensure(dev, &mut self.x_a, na)?;
         ensure(dev, &mut self.x_g, ng)?;
         let s = dev.stream();
-        s.memcpy_htod(&x_a[..na], &mut self.x_a.slice_mut(0..na))?;
-        s.memcpy_htod(&g[..ng], &mut self.x_g.slice_mut(0..ng))?;
+        s.memcpy_htod(&a.x[..na], &mut self.x_a.slice_mut(0..na))?;
+        s.memcpy_htod(&g.x[..ng], &mut self.x_g.slice_mut(0..ng))?;
         let inputs = [
             StepInput {
                 x: self.x_a.slice(0..na),
-                ld: self.d_a,
+                layout: a.layout,
             },
             StepInput {
                 x: self.x_g.slice(0..ng),
-                ld: self.d_g,
+                layout: g.layout,
             },
         ];
         // One graph launch per step once captured: the damping is read from device memory,
@@ -344,29 +332,42 @@ impl LayerEngine for CudaLayer {
     unsafe fn observe_raw(
         &mut self,
         be: &AnyBackend,
-        acts: u64,
-        acts_ld: usize,
-        bias: bool,
-        g: u64,
-        g_ld: usize,
-        rows: usize,
+        a: (u64, InputLayout),
+        append_ones: bool,
+        g: (u64, InputLayout),
         damping: f32,
     ) -> Result<()> {
         use cudarc::driver::sys;
         use cudarc::driver::DevicePtrMut;
         let dev = Self::dev(be)?;
-        let inputs = self.d_a - bias as usize;
-        crate::layout::strided_len("acts_ld", rows, acts_ld, inputs)?;
-        crate::layout::strided_len("grads_ld", rows, g_ld, self.d_g)?;
-        self.step.set_rows(dev, &[rows, rows])?;
-        if !bias {
-            // The caller's buffers are read in place: no copy.
-            // SAFETY: this function's contract.
-            return unsafe {
-                self.step
-                    .run_raw(dev, &[(acts, acts_ld), (g, g_ld)], damping)
-            };
+        let rows = a.1.rows();
+        g.1.check(self.d_g)?;
+        if g.1.rows() != rows {
+            return Err(Error::shape(
+                "out_grads",
+                format!("{rows} rows (as acts)"),
+                g.1.rows(),
+            ));
         }
+        let (acts, acts_ld) = match (append_ones, a.1) {
+            (false, layout) => {
+                layout.check(self.d_a)?;
+                self.step.set_rows(dev, &[rows, rows])?;
+                // The caller's buffers are read in place: no copy.
+                // SAFETY: this function's contract.
+                return unsafe { self.step.run_raw(dev, &[a, g], damping) };
+            }
+            (true, InputLayout::Matrix { ld, .. }) => (a.0, ld),
+            (true, InputLayout::Patches(_)) => {
+                return Err(Error::invalid(
+                    "acts",
+                    "patches carry their own ones column (Patches::ones)",
+                ))
+            }
+        };
+        let inputs = self.d_a - 1;
+        crate::layout::strided_len("acts_ld", rows, acts_ld, inputs)?;
+        self.step.set_rows(dev, &[rows, rows])?;
         // With a bias, A's input is [acts 1]: the activations go to the staging buffer,
         // the ones column is set, both queued on the stream (no host copy, no wait).
         let na = rows * self.d_a;
@@ -405,8 +406,11 @@ impl LayerEngine for CudaLayer {
                 s.cu_stream(),
             )
             .result()?;
-            self.step
-                .run_raw(dev, &[(xp, self.d_a), (g, g_ld)], damping)
+            self.step.run_raw(
+                dev,
+                &[(xp, InputLayout::matrix(rows, self.d_a)), g],
+                damping,
+            )
         }
     }
 

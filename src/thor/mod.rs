@@ -34,9 +34,11 @@ mod state;
 pub use schedule::{lr_poly, DampingSchedule, IntervalSchedule};
 
 use crate::backend::{AnyBackend, BackendKind};
-use crate::error::{check_len, product, try_resize, Error, Result};
+use crate::cpu::step::HostStepInput;
+use crate::error::{check_len, check_min_len, product, try_resize, Error, Result};
 use crate::invert::FailurePolicy;
 use crate::layout::{check_block_size, BlockLayout};
+use crate::patches::{Conv2dGeometry, InputLayout, Patches};
 pub use crate::rule::{Decision, Thresholds};
 use crate::step::{AccumulateMode, StepConfig};
 
@@ -165,6 +167,25 @@ pub struct ThorConfig {
     /// K-FAC's KL clip: when set, [`Thor::kl_clip_factor`] scales updates so that
     /// `lr^2 * sum(g . dW)` stays under this bound.
     pub kl_clip: Option<f32>,
+    /// How [`Thor::observe_conv`] normalises a conv layer's factors.
+    pub conv_norm: ConvNorm,
+}
+
+/// The normalisation of a conv layer's factors in [`Thor::observe_conv`] (see
+/// [`crate::patches`] for the derivation). With `T = ho * wo` output positions per sample
+/// and `N` samples, G is always `sum g g^T / (N T)` (`g` the summed loss's gradient at a
+/// position); A is:
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvNorm {
+    /// `sum a a^T / (N T)`: every row weighs the same, as for a linear layer (the default,
+    /// and what [`Thor::observe`] on explicit patch rows computes). Without damping the
+    /// preconditioned gradient is `T` times KFC's: THOR's MindSpore code scales conv layers
+    /// by `1 / (ho * wo)` after the apply, which gives KFC's.
+    #[default]
+    PerPosition,
+    /// `sum a a^T / N`, KFC's Omega (Grosse and Martens, 2016): A is `T` times
+    /// `PerPosition`'s, so the preconditioned gradient is KFC's with no extra scale.
+    Kfc,
 }
 
 impl ThorConfig {
@@ -184,6 +205,7 @@ impl ThorConfig {
             backend: BackendKind::Auto,
             policy: FailurePolicy::retry(),
             kl_clip: None,
+            conv_norm: ConvNorm::PerPosition,
         }
     }
 
@@ -220,6 +242,64 @@ impl Drop for Thor {
             let _ = dev.synchronize();
         }
     }
+}
+
+/// The A and G views of a conv layer's statistics step, checked against the layer and each
+/// other: A with the layer's bias column and normalisation, G the positions of the output.
+fn conv_views(
+    kind: &LayerKind,
+    input: Patches,
+    grad: Patches,
+    norm: ConvNorm,
+) -> Result<(Patches, Patches)> {
+    let LayerKind::Conv2d {
+        c_in,
+        c_out,
+        kh,
+        kw,
+        bias,
+    } = *kind
+    else {
+        return Err(Error::invalid(
+            "layer",
+            format!("observe_conv needs a Conv2d layer, this one is {kind:?}"),
+        ));
+    };
+    // Errors name the geometry's field; a tensor's strides are named by the tensor.
+    let named = |strides: &'static str| {
+        move |e: Error| match e {
+            Error::InvalidArgument {
+                arg: "strides",
+                reason,
+            } => Error::invalid(strides, reason),
+            other => other,
+        }
+    };
+    input.validate().map_err(named("input_strides"))?;
+    grad.validate().map_err(named("grad_strides"))?;
+    let g = &input.geometry;
+    if g.c_in != c_in || g.kernel != [kh, kw] {
+        return Err(Error::shape(
+            "input_view",
+            format!("c_in {c_in}, kernel [{kh}, {kw}] (the layer's)"),
+            format!("c_in {}, kernel {:?}", g.c_in, g.kernel),
+        ));
+    }
+    let [ho, wo] = g.output()?;
+    if grad.geometry != Conv2dGeometry::new(c_out, ho, wo, [1, 1]) || grad.batch != input.batch {
+        return Err(Error::shape(
+            "grad_view",
+            format!(
+                "the positions of [{}, {c_out}, {ho}, {wo}] (Patches::positions)",
+                input.batch
+            ),
+            format!("{:?} over {} samples", grad.geometry, grad.batch),
+        ));
+    }
+    Ok((
+        input.with_ones(bias).with_per_sample(norm == ConvNorm::Kfc),
+        grad.with_ones(false).with_per_sample(false),
+    ))
 }
 
 /// A registered layer's index.
@@ -483,8 +563,55 @@ impl Thor {
         // The layer's factor step: a frozen layer is not touched, a NaN or Inf anywhere
         // skips it, the first statistics replace the identity, then the EMA; the rule, the
         // inversion of an updated layer, the counters.
-        l.engine
-            .observe(&self.backend, x_a, out_grads, rows, damping)
+        l.engine.observe(
+            &self.backend,
+            HostStepInput::matrix(x_a, rows, d_a),
+            HostStepInput::matrix(out_grads, rows, d_g),
+            damping,
+        )
+    }
+
+    /// [`Thor::observe`] for a [`LayerKind::Conv2d`] layer from its raw tensors, without
+    /// patch matrices (implicit im2col): `input` is the layer's input tensor as `input_view`
+    /// describes it (geometry with the layer's `c_in` and kernel, batch, strides: NCHW,
+    /// NHWC or a strided view), `out_grad` the gradient of its output, described by
+    /// `grad_view` ([`Patches::positions`] of `[batch, c_out, ho, wo]` in any layout, or
+    /// [`Conv2dGeometry::output`]'s sizes; a matrix of `batch * ho * wo` rows of `c_out`
+    /// works too through [`Thor::observe`]). The layer's bias column is added by the
+    /// optimizer (`input_view.ones` is ignored).
+    ///
+    /// The factors see `batch * ho * wo` rows (one per output position), normalised as
+    /// [`ThorConfig::conv_norm`] says. Errors (nothing changes) when a view does not match
+    /// the layer or the other view, or a tensor is too short.
+    pub fn observe_conv(
+        &mut self,
+        id: LayerId,
+        input: &[f32],
+        input_view: Patches,
+        out_grad: &[f32],
+        grad_view: Patches,
+    ) -> Result<Decision> {
+        let damping = self.damping();
+        let norm = self.cfg.conv_norm;
+        let l = self
+            .layers
+            .get_mut(id.0)
+            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let (a, g) = conv_views(&l.kind, input_view, grad_view, norm)?;
+        check_min_len("input", a.span()?, input.len())?;
+        check_min_len("out_grad", g.span()?, out_grad.len())?;
+        l.engine.observe(
+            &self.backend,
+            HostStepInput {
+                x: input,
+                layout: InputLayout::Patches(a),
+            },
+            HostStepInput {
+                x: out_grad,
+                layout: InputLayout::Patches(g),
+            },
+            damping,
+        )
     }
 
     /// The preconditioned gradient of layer `id`: `out = G^-1 grad A^-1` with the layer's
@@ -580,12 +707,87 @@ impl Thor {
         unsafe {
             l.engine.observe_raw(
                 &self.backend,
-                acts,
-                acts_ld,
+                (acts, InputLayout::matrix(rows, acts_ld)),
                 bias,
-                out_grads,
-                grads_ld,
-                rows,
+                (out_grads, InputLayout::matrix(rows, grads_ld)),
+                damping,
+            )
+        }
+    }
+
+    /// [`Thor::observe_conv`] from device memory, on the CUDA backend: the tensors are f32
+    /// of the optimizer's device, read in place (no patch matrix, no copy). Queued, no
+    /// wait: read the decision with [`Thor::last_decision`].
+    #[cfg(feature = "cuda")]
+    pub fn observe_conv_device(
+        &mut self,
+        id: LayerId,
+        input: &cudarc::driver::CudaView<'_, f32>,
+        input_view: Patches,
+        out_grad: &cudarc::driver::CudaView<'_, f32>,
+        grad_view: Patches,
+    ) -> Result<()> {
+        use cudarc::driver::DevicePtr;
+        let AnyBackend::Cuda(dev) = &self.backend else {
+            return Err(Error::invalid(
+                "backend",
+                "device inputs need the CUDA backend (this optimizer runs on the CPU)",
+            ));
+        };
+        let (a, g) = conv_views(
+            &self.layer(id)?.kind,
+            input_view,
+            grad_view,
+            self.cfg.conv_norm,
+        )?;
+        dev.check_same_context("input", input)?;
+        dev.check_same_context("out_grad", out_grad)?;
+        check_min_len("input", a.span()?, input.len())?;
+        check_min_len("out_grad", g.span()?, out_grad.len())?;
+        let s = dev.stream().clone();
+        let (ap, _a) = input.device_ptr(&s);
+        let (gp, _g) = out_grad.device_ptr(&s);
+        // SAFETY: both views hold the elements their layouts read, on this device; their
+        // guards record the use on the stream when dropped after the queueing.
+        unsafe { self.observe_conv_device_raw(id, ap, input_view, gp, grad_view) }
+    }
+
+    /// [`Thor::observe_conv_device`] on raw device addresses (for the C ABI).
+    ///
+    /// # Safety
+    /// `input` and `out_grad` point to the f32 their views span ([`Patches::span`]) on the
+    /// optimizer's device, valid and unchanged until the queued work completes.
+    #[cfg(feature = "cuda")]
+    pub unsafe fn observe_conv_device_raw(
+        &mut self,
+        id: LayerId,
+        input: u64,
+        input_view: Patches,
+        out_grad: u64,
+        grad_view: Patches,
+    ) -> Result<()> {
+        let damping = self.damping();
+        let norm = self.cfg.conv_norm;
+        let l = self
+            .layers
+            .get_mut(id.0)
+            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let (a, g) = conv_views(&l.kind, input_view, grad_view, norm)?;
+        for (name, p) in [("input", input), ("out_grad", out_grad)] {
+            if p == 0 || p % 4 != 0 {
+                return Err(Error::invalid(
+                    name,
+                    format!("null or misaligned address {p:#x}"),
+                ));
+            }
+        }
+        // SAFETY: this function's contract.
+        unsafe {
+            l.engine.observe_raw(
+                &self.backend,
+                (input, InputLayout::Patches(a)),
+                false,
+                (out_grad, InputLayout::Patches(g)),
                 damping,
             )
         }

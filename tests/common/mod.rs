@@ -13,6 +13,7 @@ macro_rules! skip_note {
 
 #[cfg(feature = "cuda")]
 pub mod apply_cases;
+pub mod conv_cases;
 pub mod invert_cases;
 pub mod step_cases;
 

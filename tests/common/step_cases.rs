@@ -92,6 +92,7 @@ impl StepScenario {
             backend: thor_kernels::BackendKind::Cpu,
             policy: FailurePolicy::retry(),
             kl_clip: None,
+            conv_norm: thor_kernels::thor::ConvNorm::PerPosition,
         })
         .unwrap();
         let ids = self

@@ -58,7 +58,7 @@ fn case<E: DeviceElement>(
         .zip(rows)
         .map(|((x, &ld), &n)| DeviceInput {
             x: x.as_view(),
-            ld,
+            layout: thor_kernels::InputLayout::matrix(n, ld),
             alpha: 1.0 / n as f32,
             beta,
         })
@@ -181,7 +181,7 @@ fn gpu_accumulate_non_finite_input_leaves_the_factor_unchanged() {
     let x = dev.zeros::<f32>(10).unwrap();
     let inp = DeviceInput {
         x: x.as_view(),
-        ld: 200,
+        layout: thor_kernels::InputLayout::matrix(500, 200),
         alpha: 1.0,
         beta: 0.0,
     };

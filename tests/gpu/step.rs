@@ -8,7 +8,7 @@ use thor_kernels::cuda::step::StepInput;
 fn inputs<'a>(xs: &'a [cudarc::driver::CudaSlice<f32>], dims: &[usize]) -> Vec<StepInput<'a, f32>> {
     xs.iter()
         .zip(dims)
-        .map(|(x, &ld)| StepInput { x: x.as_view(), ld })
+        .map(|(x, &ld)| StepInput::matrix(x.as_view(), x.len() / ld, ld))
         .collect()
 }
 
