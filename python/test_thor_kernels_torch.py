@@ -266,3 +266,54 @@ def test_preconditioner_on_cuda_matches_the_cpu():
             assert torch.allclose(a.grad, b.grad.cpu(), rtol=1e-3, atol=1e-5), f"step {step}"
     for i in range(len(pc.layers)):
         assert pc.counters(i) == pg.counters(i)
+
+
+def _conv_step(memory_format, conv_norm="position", seed=3):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(3, 5, 3, stride=(2, 1), padding=1, dilation=(1, 2)).to(memory_format=memory_format)
+    x = torch.randn(4, 3, 9, 8).to(memory_format=memory_format)
+    pre = tk.ThorPreconditioner(conv, block=32, interval=1, damping=0.05, conv_norm=conv_norm)
+    conv(x).square().sum().backward()
+    pre.step(0.0)
+    return conv, x, [p.grad.clone() for p in conv.parameters()]
+
+
+def test_conv_tensors_give_the_factors_of_the_unfolded_rows():
+    """The library reads a convolution's patches from its input tensor: the preconditioned
+    gradient equals THOR's on the explicit unfold rows (computed here with torch), NCHW
+    and channels last alike; KFC's normalisation divides it by the output positions."""
+    conv, x, got = _conv_step(torch.contiguous_format)
+    _, _, got_cl = _conv_step(torch.channels_last)
+    for a, b in zip(got, got_cl):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    # The reference: factors from unfold rows, damped block inverses (one block per factor
+    # here: d_A = 3 * 9 + 1 <= 32, d_G = 5).
+    conv2 = torch.nn.Conv2d(3, 5, 3, stride=(2, 1), padding=1, dilation=(1, 2))
+    conv2.load_state_dict(conv.state_dict())
+    out = conv2(x.contiguous())
+    out.retain_grad()
+    out.square().sum().backward()
+    n = x.shape[0]
+    cols = torch.nn.functional.unfold(x.contiguous(), 3, dilation=(1, 2), padding=1, stride=(2, 1))
+    a = torch.cat([cols.transpose(1, 2).reshape(-1, 27), torch.ones(cols.shape[0] * cols.shape[2], 1)], 1).double()
+    g = (out.grad * n).permute(0, 2, 3, 1).reshape(-1, 5).double()
+    rows = a.shape[0]
+    s = math.sqrt(0.05)
+    A = a.T @ a / rows + s * torch.eye(28, dtype=torch.float64)
+    G = g.T @ g / rows + s * torch.eye(5, dtype=torch.float64)
+    full = torch.cat([conv2.weight.grad.reshape(5, -1), conv2.bias.grad.reshape(5, 1)], 1).double()
+    want = torch.linalg.solve(G, full) @ torch.linalg.inv(A)
+    err = (torch.cat([got[0].reshape(5, -1), got[1].reshape(5, 1)], 1).double() - want).norm() / want.norm()
+    assert err < 1e-4, err
+    _, _, kfc = _conv_step(torch.contiguous_format, conv_norm="kfc")
+    assert not torch.allclose(kfc[0], got[0])
+    with pytest.raises(ValueError, match="conv_norm"):
+        tk.ThorPreconditioner(conv, conv_norm="sample")
+
+
+def test_conv_padding_modes_other_than_zeros_are_refused():
+    conv = torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    pre = tk.ThorPreconditioner(conv, block=32, interval=1)
+    with pytest.raises(ValueError, match="padding_mode"):
+        conv(torch.randn(2, 2, 5, 5)).sum().backward()
+    del pre

@@ -448,9 +448,11 @@ impl Conv2dGeometry {
 
 impl Patches {
     /// Writes rows `r0 .. r0 + n`, columns `col0 .. col0 + w` of the patch matrix to `dst`
-    /// (row-major `n x w`). Requires a valid geometry, the rows and columns in range and `x`
-    /// at least [`Self::span`] long.
-    pub(crate) fn fill<E: crate::Element>(
+    /// column by column (column-major `n x w`: consecutive rows are consecutive output
+    /// positions, so each run along an output row reads the tensor at a fixed stride).
+    /// Requires a valid geometry, the rows and columns in range and `x` at least
+    /// [`Self::span`] long.
+    pub(crate) fn fill_columns<E: crate::Element>(
         &self,
         x: &[E],
         r0: usize,
@@ -463,34 +465,79 @@ impl Patches {
         let [ho, wo] = g.output_unchecked();
         let [kh, kw] = g.kernel;
         let (pd, s) = (g.patch_dim(), self.strides);
-        let (ci0, k0) = (col0 / (kh * kw), col0 % (kh * kw));
-        for (i, out) in dst.chunks_exact_mut(w).take(n).enumerate() {
-            let row = r0 + i;
-            let (b, p) = (row / (ho * wo), row % (ho * wo));
-            let (oh, ow) = (p / wo, p % wo);
-            let base = b * s[0];
-            let h0 = (oh * g.stride[0]) as isize - g.padding[0] as isize;
-            let w0 = (ow * g.stride[1]) as isize - g.padding[1] as isize;
-            let (mut ci, mut ki, mut kj) = (ci0, k0 / kw, k0 % kw);
-            for (c, o) in out.iter_mut().enumerate() {
-                *o = if col0 + c >= pd {
-                    1.0
+        for (c, out) in dst.chunks_exact_mut(n).take(w).enumerate() {
+            let col = col0 + c;
+            if col >= pd {
+                out.fill(1.0);
+                continue;
+            }
+            let (ci, k) = (col / (kh * kw), col % (kh * kw));
+            let (ki, kj) = (k / kw, k % kw);
+            let dh = (ki * g.dilation[0]) as isize - g.padding[0] as isize;
+            let dw = (kj * g.dilation[1]) as isize - g.padding[1] as isize;
+            // The t in 0..run where ww = first + t * sw is inside the input, as lo..hi.
+            let (sw, width) = (g.stride[1] as isize, g.w as isize);
+            let inside = |first: isize, run: usize| {
+                let lo = if first >= 0 {
+                    0
                 } else {
-                    let hh = h0 + (ki * g.dilation[0]) as isize;
-                    let ww = w0 + (kj * g.dilation[1]) as isize;
-                    if hh >= 0 && ww >= 0 && (hh as usize) < g.h && (ww as usize) < g.w {
-                        x[base + ci * s[1] + hh as usize * s[2] + ww as usize * s[3]].to_f32()
+                    (-first + sw - 1) / sw
+                } as usize;
+                let lo = lo.min(run);
+                let hi = if first >= width {
+                    0
+                } else {
+                    (width - first + sw - 1) / sw
+                } as usize;
+                (lo, hi.clamp(lo, run))
+            };
+            let full = inside(dw, wo);
+            let (mut b, p) = (r0 / (ho * wo), r0 % (ho * wo));
+            let (mut oh, mut ow) = (p / wo, p % wo);
+            let mut i = 0;
+            while i < n {
+                // A run along one output row: the same sample and input row.
+                let run = (wo - ow).min(n - i);
+                let seg = &mut out[i..i + run];
+                let hh = (oh * g.stride[0]) as isize + dh;
+                if hh < 0 || hh as usize >= g.h {
+                    seg.fill(0.0);
+                } else {
+                    // ww(t) = (ow + t) * sw + dw: inside the input for t in lo..hi, a
+                    // strided read there and zeros around it.
+                    let first = ow as isize * sw + dw;
+                    let (lo, hi) = if ow == 0 && run == wo {
+                        full
                     } else {
-                        0.0
+                        inside(first, run)
+                    };
+                    seg[..lo].fill(0.0);
+                    seg[hi..].fill(0.0);
+                    if hi > lo {
+                        let start = b * s[0]
+                            + ci * s[1]
+                            + hh as usize * s[2]
+                            + (first + lo as isize * sw) as usize * s[3];
+                        let step = sw as usize * s[3];
+                        if step == 0 {
+                            // A broadcast width (stride 0): one element throughout.
+                            seg[lo..hi].fill(x[start].to_f32());
+                        } else {
+                            let src = x[start..].iter().step_by(step);
+                            for (o, v) in seg[lo..hi].iter_mut().zip(src) {
+                                *o = v.to_f32();
+                            }
+                        }
                     }
-                };
-                kj += 1;
-                if kj == kw {
-                    kj = 0;
-                    ki += 1;
-                    if ki == kh {
-                        ki = 0;
-                        ci += 1;
+                }
+                i += run;
+                ow += run;
+                if ow == wo {
+                    ow = 0;
+                    oh += 1;
+                    if oh == ho {
+                        oh = 0;
+                        b += 1;
                     }
                 }
             }

@@ -8,6 +8,7 @@
 
 mod accumulate;
 mod apply;
+mod conv;
 mod host;
 mod invert;
 mod layout;
@@ -95,6 +96,7 @@ fn gpu(what: &str) -> Option<(CudaDevice, CudaBlas)> {
 criterion_group!(
     benches,
     host::cpu_benches,
+    conv::cpu_conv_benches,
     layout::gpu_benches,
     invert::gpu_invert_benches,
     accumulate::gpu_accumulate_benches,

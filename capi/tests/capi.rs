@@ -364,3 +364,166 @@ fn optimizer_kl_clip_factor_through_the_c_abi() {
     t.precondition(id, &grad, &mut upd).unwrap();
     assert_eq!(t.kl_clip_factor(0.5, [(&grad[..], &upd[..])]), tight);
 }
+
+/// A conv layer fed its raw tensors through the C ABI (a channels-last input, an NCHW
+/// gradient) matches the Rust optimizer fed the explicit patch rows; bad geometry and a
+/// non-conv layer are refused by name with nothing written.
+#[test]
+fn optimizer_observe_conv_through_the_c_abi() {
+    use thor_kernels::thor::{LayerKind, Thor, ThorConfig};
+    use thor_kernels::{reference, Conv2dGeometry, Patches, TensorLayout};
+    use thor_kernels_capi::*;
+    let mut seed = 11u32;
+    let (n, c_in, h, w, c_out) = (2usize, 3usize, 7usize, 6usize, 4usize);
+    let g = Conv2dGeometry::new(c_in, h, w, [3, 3])
+        .with_stride([2, 1])
+        .with_padding([1, 1]);
+    let [ho, wo] = g.output().unwrap();
+    // Channels last: [n, h, w, c] in memory, strides of the logical [n, c, h, w].
+    let input = lcg_fill(&mut seed, n * h * w * c_in);
+    let out_grad = lcg_fill(&mut seed, n * c_out * ho * wo);
+    let a_view = Patches::new(g, n, TensorLayout::Nhwc);
+    let g_view = Patches::positions(c_out, ho, wo, n, TensorLayout::Nchw);
+    let kind = LayerKind::Conv2d {
+        c_in,
+        c_out,
+        kh: 3,
+        kw: 3,
+        bias: true,
+    };
+    let d = kind.d_a() * kind.d_g();
+    let grad = lcg_fill(&mut seed, d);
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let rows_of = |x: &[f32], p: &Patches| -> Vec<f32> {
+        reference::im2col(&f64s(x), p)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f32)
+            .collect()
+    };
+    // The Rust optimizer on explicit rows.
+    let mut want = vec![f32::NAN; d];
+    {
+        let mut t = Thor::new(ThorConfig {
+            block: 32,
+            backend: thor_kernels::BackendKind::Cpu,
+            ..ThorConfig::thor()
+        })
+        .unwrap();
+        let id = t.add_layer(kind).unwrap();
+        let rows = n * ho * wo;
+        t.observe(
+            id,
+            &rows_of(&input, &a_view),
+            &rows_of(&out_grad, &g_view),
+            rows,
+        )
+        .unwrap();
+        t.precondition(id, &grad, &mut want).unwrap();
+    }
+    let s = |v: [usize; 4]| v.map(|x| x as i64);
+    let tensors = ThorConvTensors {
+        batch: n as i64,
+        h: h as i64,
+        w: w as i64,
+        stride: [2, 1],
+        padding: [1, 1],
+        dilation: [1, 1],
+        input_strides: s(a_view.strides),
+        grad_strides: s(g_view.strides),
+    };
+    let mut got = vec![f32::NAN; d];
+    // SAFETY: every pointer addresses a live local of the size the header gives.
+    unsafe {
+        let mut cfg = std::mem::MaybeUninit::<ThorOptimizerConfig>::uninit();
+        assert_eq!(
+            thor_v1_optimizer_config_default(cfg.as_mut_ptr()),
+            ThorStatus::Ok
+        );
+        let mut cfg = cfg.assume_init();
+        cfg.block = 32;
+        let mut opt = std::ptr::null_mut();
+        assert_eq!(thor_v1_optimizer_create(&cfg, &mut opt), ThorStatus::Ok);
+        let (mut conv, mut lin) = (-1, -1);
+        assert_eq!(
+            thor_v1_optimizer_add_conv2d(opt, c_in as i64, c_out as i64, 3, 3, 1, &mut conv),
+            ThorStatus::Ok
+        );
+        assert_eq!(
+            thor_v1_optimizer_add_linear(opt, 4, 4, 0, &mut lin),
+            ThorStatus::Ok
+        );
+        // Refused by name, `observation` untouched.
+        let mut obs = -7;
+        let bad = |f: fn(&mut ThorConvTensors)| {
+            let mut t = tensors;
+            f(&mut t);
+            t
+        };
+        for (layer, t, want_arg) in [
+            (lin, tensors, "layer"),
+            (conv, bad(|t| t.stride = [0, 1]), "stride"),
+            (conv, bad(|t| t.padding = [-1, 0]), "padding"),
+            (
+                conv,
+                bad(|t| {
+                    t.h = 1;
+                    t.padding = [0, 0];
+                }),
+                "kernel",
+            ),
+            (conv, bad(|t| t.batch = 0), "batch"),
+            (
+                conv,
+                bad(|t| t.input_strides = [i64::MAX / 2, 1, 1, 1]),
+                "input_strides",
+            ),
+        ] {
+            let st = thor_v1_optimizer_observe_conv(
+                opt,
+                layer,
+                input.as_ptr(),
+                out_grad.as_ptr(),
+                &t,
+                &mut obs,
+            );
+            assert_eq!(st, ThorStatus::InvalidArgument, "{want_arg}");
+            let msg = std::ffi::CStr::from_ptr(thor_v1_last_error_message());
+            assert!(
+                msg.to_string_lossy().contains(want_arg),
+                "{want_arg}: {msg:?}"
+            );
+            assert_eq!(obs, -7);
+        }
+        let st = thor_v1_optimizer_observe_conv(
+            opt,
+            conv,
+            input.as_ptr(),
+            out_grad.as_ptr(),
+            std::ptr::null(),
+            &mut obs,
+        );
+        assert_eq!(st, ThorStatus::InvalidArgument);
+        let msg = std::ffi::CStr::from_ptr(thor_v1_last_error_message());
+        assert!(msg.to_string_lossy().contains("tensors"), "{msg:?}");
+        let st = thor_v1_optimizer_observe_conv(
+            opt,
+            conv,
+            input.as_ptr(),
+            out_grad.as_ptr(),
+            &tensors,
+            &mut obs,
+        );
+        assert_eq!((st, obs), (ThorStatus::Ok, 0));
+        let st = thor_v1_optimizer_precondition(opt, conv, grad.as_ptr(), got.as_mut_ptr());
+        assert_eq!(st, ThorStatus::Ok);
+        thor_v1_optimizer_destroy(opt);
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&a, &b) in got.iter().zip(&want) {
+        assert!(a.is_finite());
+        num += (a as f64 - b as f64).powi(2);
+        den += (b as f64).powi(2);
+    }
+    assert!((num / den).sqrt() < 1e-5, "rel err {}", (num / den).sqrt());
+}

@@ -240,8 +240,7 @@ pub fn accumulate_input<E: Element>(
                         let mut r0 = 0;
                         while r0 < rows {
                             let n = ACCUMULATE_CHUNK_ROWS.min(rows - r0);
-                            fill_rows(x, input, r0, n, col0, w, &mut chunk);
-                            let xc = MatRef::from_row_major_slice(&chunk[..n * w], n, w);
+                            let xc = fill_rows(x, input, r0, n, col0, w, &mut chunk);
                             syrk_lower(sw.rb_mut(), xc, alpha);
                             r0 += n;
                         }
@@ -254,16 +253,17 @@ pub fn accumulate_input<E: Element>(
     )
 }
 
-/// Rows `r0 .. r0 + n`, columns `col0 .. col0 + w` of X as f32, row-major `n x w`.
-fn fill_rows<E: Element>(
+/// Rows `r0 .. r0 + n`, columns `col0 .. col0 + w` of X as f32 in `dst`, returned as a
+/// matrix view (row-major for a matrix input, column-major for patches).
+fn fill_rows<'a, E: Element>(
     x: &[E],
     input: &InputLayout,
     r0: usize,
     n: usize,
     col0: usize,
     w: usize,
-    dst: &mut [f32],
-) {
+    dst: &'a mut [f32],
+) -> MatRef<'a, f32> {
     match input {
         InputLayout::Matrix { ld, .. } => {
             for (i, out) in dst.chunks_exact_mut(w).take(n).enumerate() {
@@ -272,8 +272,12 @@ fn fill_rows<E: Element>(
                     *o = v.to_f32();
                 }
             }
+            MatRef::from_row_major_slice(&dst[..n * w], n, w)
         }
-        InputLayout::Patches(p) => p.fill(x, r0, n, col0, w, dst),
+        InputLayout::Patches(p) => {
+            p.fill_columns(x, r0, n, col0, w, dst);
+            MatRef::from_column_major_slice(&dst[..n * w], n, w)
+        }
     }
 }
 

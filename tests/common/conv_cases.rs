@@ -103,6 +103,21 @@ pub fn conv_cases() -> Vec<ConvCase> {
         ),
     ];
     v[2].patches = v[2].patches.with_ones(true);
+    // More rows than the CPU's chunk (256), a row length (11) that does not divide it.
+    v.push(case(
+        "3x3 pad 1 nchw 429 rows",
+        g(4, 13, 11, [3, 3]).with_padding([1, 1]),
+        3,
+        Nchw,
+        32,
+    ));
+    // A tensor broadcast along W (stride 0, as `expand` makes) and along the batch.
+    let wide = g(3, 5, 6, [2, 3]).with_padding([0, 1]);
+    v.push(ConvCase {
+        name: "broadcast w and n (stride 0)",
+        patches: Patches::new(wide, 2, Nchw).with_strides([0, 5, 1, 0]),
+        b: 32,
+    });
     // A channel slice of a larger NCHW tensor (x[:, 2:2+c_in] keeps the big strides) and a
     // tensor stored channel-first ([C, N, H, W], a permuted view).
     let sliced = g(5, 6, 7, [3, 3]).with_padding([1, 1]);

@@ -7,6 +7,7 @@ mod common;
 
 mod accumulate;
 mod apply;
+mod conv;
 mod invert;
 mod ops;
 mod step;
