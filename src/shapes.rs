@@ -1,5 +1,7 @@
 //! Layer shape sets used by examples, benchmarks and tests.
 
+use crate::patches::Conv2dGeometry;
+
 /// One layer of a model, as THOR sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerShape {
@@ -12,6 +14,9 @@ pub struct LayerShape {
     /// Output positions per sample (`Ho * Wo` for a conv layer, 1 for a linear layer):
     /// the factors see `batch * positions` rows.
     pub positions: usize,
+    /// A conv layer's geometry (its input size, kernel, stride, padding), `None` for a
+    /// linear layer.
+    pub conv: Option<Conv2dGeometry>,
 }
 
 impl LayerShape {
@@ -19,17 +24,33 @@ impl LayerShape {
     pub fn rows(&self, batch: usize) -> usize {
         batch * self.positions
     }
+
+    fn conv(name: String, c_out: usize, g: Conv2dGeometry) -> Self {
+        let [ho, wo] = g.output().expect("a valid ResNet geometry");
+        LayerShape {
+            name,
+            d_a: g.patch_dim(),
+            d_g: c_out,
+            positions: ho * wo,
+            conv: Some(g),
+        }
+    }
 }
 
 /// The 54 layers of ResNet-50 v1.5 at 224 x 224 input (53 convolutions and the fc layer
-/// with a bias column), in forward order. Sum of d_A = 54,932, sum of d_G = 27,560.
+/// with a bias column), in forward order, with each convolution's geometry. Sum of d_A =
+/// 54,932, sum of d_G = 27,560.
 pub fn resnet50() -> Vec<LayerShape> {
-    let mut layers = vec![LayerShape {
-        name: "conv1".into(),
-        d_a: 3 * 7 * 7,
-        d_g: 64,
-        positions: 112 * 112,
-    }];
+    let square = |c_in: usize, side: usize, k: usize, stride: usize, pad: usize| {
+        Conv2dGeometry::new(c_in, side, side, [k, k])
+            .with_stride([stride, stride])
+            .with_padding([pad, pad])
+    };
+    let mut layers = vec![LayerShape::conv(
+        "conv1".into(),
+        64,
+        square(3, 224, 7, 2, 3),
+    )];
     // (blocks, mid channels, output channels, output side of the stage)
     let stages = [
         (3, 64, 256, 56),
@@ -44,19 +65,15 @@ pub fn resnet50() -> Vec<LayerShape> {
             let p = format!("layer{}.{}", s + 1, blk);
             // v1.5: the stride sits in the 3x3 conv, so conv1 runs at the input resolution.
             let first_side = if blk == 0 { side_in } else { side };
-            let mut push = |name: &str, d_a: usize, d_g: usize, side: usize| {
-                layers.push(LayerShape {
-                    name: format!("{p}.{name}"),
-                    d_a,
-                    d_g,
-                    positions: side * side,
-                })
+            let stride = first_side / side;
+            let mut push = |name: &str, c_out: usize, g: Conv2dGeometry| {
+                layers.push(LayerShape::conv(format!("{p}.{name}"), c_out, g));
             };
-            push("conv1", c_in, mid, first_side);
-            push("conv2", mid * 9, mid, side);
-            push("conv3", mid, out, side);
+            push("conv1", mid, square(c_in, first_side, 1, 1, 0));
+            push("conv2", mid, square(mid, first_side, 3, stride, 1));
+            push("conv3", out, square(mid, side, 1, 1, 0));
             if blk == 0 {
-                push("downsample", c_in, out, side);
+                push("downsample", out, square(c_in, side_in, 1, stride, 0));
             }
             c_in = out;
         }
@@ -67,6 +84,7 @@ pub fn resnet50() -> Vec<LayerShape> {
         d_a: 2048 + 1,
         d_g: 1000,
         positions: 1,
+        conv: None,
     });
     layers
 }
@@ -87,5 +105,12 @@ mod tests {
             .sum();
         assert_eq!(blocks, 654);
         assert_eq!(l[0].rows(32), 32 * 112 * 112);
+        // Every conv's output feeds the next layer at the size its geometry says.
+        assert_eq!(l.iter().filter(|x| x.conv.is_some()).count(), 53);
+        let sides: Vec<usize> = l
+            .iter()
+            .filter_map(|x| x.conv.map(|g| g.output().unwrap()[0]))
+            .collect();
+        assert_eq!((sides[0], sides[1], *sides.last().unwrap()), (112, 56, 7));
     }
 }

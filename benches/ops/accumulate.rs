@@ -265,5 +265,79 @@ pub(crate) fn gpu_accumulate_benches(c: &mut Criterion) {
     let mut rn = AccCase::new(&dev, 128, &dims, &rows);
     rn.bench(&dev, &mut g, "accumulate/resnet50_108_factors_b128");
     rn.bench_cublas(&dev, h, &mut g, "accumulate/resnet50_108_factors_b128");
+    drop(rn);
+    bench_conv_a(&dev, &mut g);
     g.finish();
+}
+
+/// The A factors of ResNet-50's 53 convolutions at batch 32 in one grouped call, read from
+/// their NCHW input tensors (implicit im2col, no patch storage), against the same call on
+/// patch matrices formed beforehand (what a user's unfold gives: 2.8 GB here).
+fn bench_conv_a(
+    dev: &CudaDevice,
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+) {
+    use thor_kernels::cuda::accumulate::{AccumulateMode, DeviceInput};
+    use thor_kernels::{InputLayout, Patches, TensorLayout};
+    let views: Vec<Patches> = shapes::resnet50()
+        .iter()
+        .filter_map(|l| l.conv)
+        .map(|geom| Patches::new(geom, 32, TensorLayout::Nchw))
+        .collect();
+    let dims: Vec<usize> = views.iter().map(|p| p.dim()).collect();
+    let rows: Vec<usize> = views.iter().map(|p| p.rows()).collect();
+    let set = FactorSet::new(128, &dims).unwrap();
+    let pattern = normal(5, (1 << 20) + 7);
+    let tensors: Vec<CudaSlice<f32>> = views
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            dev.upload(&filler(&pattern, p.span().unwrap(), 977 * i))
+                .unwrap()
+        })
+        .collect();
+    let tensor_bytes: u64 = views.iter().map(|p| 4 * p.span().unwrap() as u64).sum();
+    let mut blocks = dev.zeros::<f32>(set.buffer_len()).unwrap();
+    let mut bt = dev.zeros::<f32>(set.total_blocks()).unwrap();
+    let mut ft = dev.zeros::<f32>(set.len()).unwrap();
+    let mut status = dev.zeros::<i32>(set.len()).unwrap();
+    let id = "accumulate/resnet50_53_conv_a_b128";
+    g.throughput(Throughput::Bytes(tensor_bytes));
+    for (label, mode) in [
+        ("implicit_nchw_f32", AccumulateMode::F32),
+        ("implicit_nchw_tf32", AccumulateMode::TensorCore),
+    ] {
+        let mut acc = dev
+            .plan_accumulate(&set, &rows, thor_kernels::DType::F32, mode)
+            .unwrap();
+        let inputs: Vec<DeviceInput<'_, f32>> = tensors
+            .iter()
+            .zip(&views)
+            .map(|(t, &p)| DeviceInput {
+                x: t.as_view(),
+                layout: InputLayout::Patches(p),
+                alpha: 1.0,
+                beta: 0.0,
+            })
+            .collect();
+        g.bench_function(format!("{id}/{label}"), |bch| {
+            bch.iter_custom(|iters| {
+                device_time(dev, iters, || {
+                    dev.accumulate(
+                        &mut acc,
+                        &inputs,
+                        &mut blocks,
+                        &mut bt,
+                        &mut ft,
+                        &mut status,
+                    )
+                    .unwrap()
+                })
+            })
+        });
+    }
+    drop(tensors);
+    // The same factors from patch matrices formed beforehand (thor_f32, thor_tf32, ...).
+    let mut explicit = AccCase::new(dev, 128, &dims, &rows);
+    explicit.bench(dev, g, &format!("{id}/on_patch_matrices"));
 }

@@ -36,6 +36,7 @@ pub(crate) fn check_layer(
     for f in [2 * l, 2 * l + 1] {
         let e = &m.set.entries()[f];
         let x: Vec<f64> = inputs[f].iter().map(|&v| v as f64).collect();
+        let x = m.explicit(f, &x)?;
         let mut want = vec![0.0; e.layout.buffer_len()];
         let n = m.rows[f];
         reference::accumulate(&x, n, m.dims[f], &e.layout, 1.0 / n as f64, 0.0, &mut want)?;

@@ -15,7 +15,7 @@ pub(crate) fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice
     };
     let p = pattern();
     let host: Vec<Vec<f32>> = (0..m.set.len())
-        .map(|f| fill(&p, m.rows[f] * m.dims[f], f))
+        .map(|f| fill(&p, m.input_len(f), f))
         .collect();
     let layers = RuleLayer::pairs(&m.set);
     let cfg = StepConfig {
@@ -42,13 +42,19 @@ pub(crate) fn run_cuda(a: &Args, m: &Model, dev: &thor_kernels::cuda::CudaDevice
     };
     let in32: Vec<StepInput<'_, f32>> = x32
         .iter()
-        .zip(m.dims.iter().zip(&m.rows))
-        .map(|(x, (&ld, &n))| StepInput::matrix(x.as_view(), n, ld))
+        .zip(&m.inputs)
+        .map(|(x, &layout)| StepInput {
+            x: x.as_view(),
+            layout,
+        })
         .collect();
     let in16: Vec<StepInput<'_, half::bf16>> = x16
         .iter()
-        .zip(m.dims.iter().zip(&m.rows))
-        .map(|(x, (&ld, &n))| StepInput::matrix(x.as_view(), n, ld))
+        .zip(&m.inputs)
+        .map(|(x, &layout)| StepInput {
+            x: x.as_view(),
+            layout,
+        })
         .collect();
     // The step on this precision's inputs: all launches, a range of them, or the graph.
     let step_run = |step: &mut DeviceThorStep,

@@ -5,7 +5,7 @@ use super::*;
 pub(crate) fn run_cpu(a: &Args, m: &Model) -> Result<()> {
     let p = pattern();
     let inputs: Vec<Vec<f32>> = (0..m.set.len())
-        .map(|f| fill(&p, m.rows[f] * m.dims[f], f))
+        .map(|f| fill(&p, m.input_len(f), f))
         .collect();
     let grads: Vec<Vec<f32>> = m
         .layers
@@ -22,7 +22,10 @@ pub(crate) fn run_cpu(a: &Args, m: &Model) -> Result<()> {
     let host_inputs: Vec<HostStepInput<'_, f32>> = inputs
         .iter()
         .enumerate()
-        .map(|(f, x)| HostStepInput::matrix(x, m.rows[f], m.dims[f]))
+        .map(|(f, x)| HostStepInput {
+            x,
+            layout: m.inputs[f],
+        })
         .collect();
     let nb = m.set.total_blocks();
     let (mut t_step, mut t_inv) = (Vec::new(), Vec::new());

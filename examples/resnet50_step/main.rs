@@ -112,13 +112,17 @@ fn run(a: &Args) -> Result<()> {
     let batch = a.batch.unwrap_or(if dev.is_some() { 32 } else { 1 });
     let m = Model::new(batch, a.block)?;
     println!(
-        "ResNet-50 v1.5 shape set: {} layers, {} factors, {} blocks of {b} x {b}, batch {batch}, {:.2} G input elements, precision {:?}",
+        "ResNet-50 v1.5 shape set: {} layers, {} factors, {} blocks of {b} x {b}, batch {batch}, precision {:?}",
         m.layers.len(),
         m.set.len(),
         m.set.total_blocks(),
-        m.input_elems() as f64 / 1e9,
         a.precision,
         b = a.block,
+    );
+    println!(
+        "factor inputs: {:.1} MB of NCHW tensors read in place (implicit im2col); patch matrices and transposed gradients would take {:.1} MB (f32)",
+        4.0 * m.input_elems() as f64 / 1e6,
+        4.0 * m.explicit_elems() as f64 / 1e6,
     );
     match dev {
         Some(d) => run_cuda(a, &m, &d),

@@ -1,13 +1,18 @@
 //! The workload: the ResNet-50 v1.5 factor set, rows per factor, the input pattern.
 
 use super::*;
+use thor_kernels::{InputLayout, Patches, TensorLayout};
 
-/// The workload: factor `2l` is layer `l`'s A, `2l + 1` its G.
+/// The workload: factor `2l` is layer `l`'s A, `2l + 1` its G. A conv layer's factors read
+/// its NCHW tensors (the input `[N, C_in, H, W]`, the output gradient `[N, C_out, Ho, Wo]`)
+/// through implicit im2col: no patch matrix, no transpose; the fc layer's are matrices.
 pub(crate) struct Model {
     pub(crate) layers: Vec<LayerShape>,
     pub(crate) set: FactorSet,
     pub(crate) rows: Vec<usize>,
     pub(crate) dims: Vec<usize>,
+    /// How each factor's input lies in its buffer.
+    pub(crate) inputs: Vec<InputLayout>,
 }
 
 impl Model {
@@ -18,17 +23,64 @@ impl Model {
             .iter()
             .flat_map(|l| [l.rows(batch), l.rows(batch)])
             .collect();
+        let mut inputs = Vec::with_capacity(dims.len());
+        for l in &layers {
+            match l.conv {
+                Some(g) => {
+                    let [ho, wo] = g.output()?;
+                    inputs.push(InputLayout::Patches(Patches::new(
+                        g,
+                        batch,
+                        TensorLayout::Nchw,
+                    )));
+                    inputs.push(InputLayout::Patches(Patches::positions(
+                        l.d_g,
+                        ho,
+                        wo,
+                        batch,
+                        TensorLayout::Nchw,
+                    )));
+                }
+                None => {
+                    inputs.push(InputLayout::matrix(batch, l.d_a));
+                    inputs.push(InputLayout::matrix(batch, l.d_g));
+                }
+            }
+        }
         Ok(Model {
             set: FactorSet::new(block, &dims)?,
             layers,
             rows,
             dims,
+            inputs,
         })
     }
 
-    /// Elements of all inputs.
+    /// Elements of factor `f`'s input buffer (a tensor for a conv layer).
+    pub(crate) fn input_len(&self, f: usize) -> usize {
+        self.inputs[f]
+            .check(self.dims[f])
+            .expect("a checked layout")
+    }
+
+    /// Elements of all input buffers (what the implicit path reads).
     pub(crate) fn input_elems(&self) -> usize {
+        (0..self.set.len()).map(|f| self.input_len(f)).sum()
+    }
+
+    /// Elements of the explicit path's inputs: every conv layer's patch matrix
+    /// `[N Ho Wo, C_in kh kw]` and transposed output gradient `[N Ho Wo, C_out]`.
+    pub(crate) fn explicit_elems(&self) -> usize {
         self.rows.iter().zip(&self.dims).map(|(n, d)| n * d).sum()
+    }
+
+    /// Factor `f`'s input as the explicit path would have it (rows x d, row-major), for
+    /// the reference.
+    pub(crate) fn explicit(&self, f: usize, x: &[f64]) -> Result<Vec<f64>> {
+        match &self.inputs[f] {
+            InputLayout::Patches(p) => reference::im2col(x, p),
+            InputLayout::Matrix { .. } => Ok(x.to_vec()),
+        }
     }
 
     /// Flops of the accumulation as counted for rates: 2 N d b per factor (the diagonal
