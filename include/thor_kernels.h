@@ -679,8 +679,8 @@ enum ThorStatus thor_v1_optimizer_load(struct ThorOptimizer *opt, const char *pa
 //
 // Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
 // (a required pointer null or misaligned, `observation` overlapping the inputs, an unknown
-// or non-conv `layer`, a field of `*tensors` out of range, a kernel larger than the
-// padded input: the message names the field); `OUT_OF_MEMORY`. On failure no state
+// or non-conv `layer`, a field of `*tensors` out of range or a kernel larger than the
+// padded input: the message names `tensors` and the field); `OUT_OF_MEMORY`. On failure no state
 // changes and `*observation` is not written, except after `DRIVER` on a CUDA optimizer.
 //
 // # Safety

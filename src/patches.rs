@@ -34,11 +34,13 @@ pub enum TensorLayout {
 }
 
 impl TensorLayout {
-    /// Element strides of `[n, c, h, w]` for a contiguous tensor of this layout.
+    /// Element strides of `[n, c, h, w]` for a contiguous tensor of this layout
+    /// (saturating: sizes too large to count are refused by [`Patches::validate`]).
     pub fn strides(self, c: usize, h: usize, w: usize) -> [usize; 4] {
+        let hw = h.saturating_mul(w);
         match self {
-            TensorLayout::Nchw => [c * h * w, h * w, w, 1],
-            TensorLayout::Nhwc => [h * w * c, 1, w * c, c],
+            TensorLayout::Nchw => [c.saturating_mul(hw), hw, w, 1],
+            TensorLayout::Nhwc => [hw.saturating_mul(c), 1, w.saturating_mul(c), c],
         }
     }
 }

@@ -894,8 +894,8 @@ fn conv_views(kind: LayerKind, c: &ThorConvTensors) -> Result<(Patches, Patches)
 ///
 /// Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
 /// (a required pointer null or misaligned, `observation` overlapping the inputs, an unknown
-/// or non-conv `layer`, a field of `*tensors` out of range, a kernel larger than the
-/// padded input: the message names the field); `OUT_OF_MEMORY`. On failure no state
+/// or non-conv `layer`, a field of `*tensors` out of range or a kernel larger than the
+/// padded input: the message names `tensors` and the field); `OUT_OF_MEMORY`. On failure no state
 /// changes and `*observation` is not written, except after `DRIVER` on a CUDA optimizer.
 ///
 /// # Safety
@@ -918,15 +918,36 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe_conv(
         // SAFETY: checked for null and alignment; a plain-data struct of the caller's.
         let c = unsafe { *tensors };
         let id = LayerId(size("layer", layer as i64)?);
-        let (a, g) = conv_views(t.layer_kind(id)?, &c)?;
-        a.validate().map_err(rename("strides", "input_strides"))?;
-        g.validate().map_err(rename("strides", "grad_strides"))?;
-        let (na, ng) = (a.span()?, g.span()?);
+        let kind = t.layer_kind(id)?;
+        // Errors in the geometry or the strides name `tensors` and the field.
+        let in_tensors = |e: Error| match e {
+            Error::InvalidArgument { arg, reason } if arg != "layer" => {
+                Error::invalid("tensors", format!("{arg}: {reason}"))
+            }
+            Error::Shape {
+                arg,
+                expected,
+                actual,
+            } => Error::shape("tensors", format!("{arg}: {expected}"), actual),
+            other => other,
+        };
+        let (a, g, na, ng) = (|| {
+            let (a, g) = conv_views(kind, &c)?;
+            a.validate().map_err(rename("strides", "input_strides"))?;
+            g.validate().map_err(rename("strides", "grad_strides"))?;
+            let (na, ng) = (
+                a.span().map_err(rename("strides", "input_strides"))?,
+                g.span().map_err(rename("strides", "grad_strides"))?,
+            );
+            Ok((a, g, na, ng))
+        })()
+        .map_err(in_tensors)?;
         // SAFETY: `opt` was checked above.
         let device = unsafe { on_device(opt) };
         Regions::new()
             .read("input", input, na)
             .read("out_grad", out_grad, ng)
+            .read("tensors", tensors, 1)
             .write_opt("observation", observation as *const i32, 1)
             .check()?;
         if device {

@@ -1013,6 +1013,8 @@ struct Opt {
     opt: *mut ThorOptimizer,
     /// (inputs, d_a, d_g) of each registered layer.
     layers: Vec<(usize, usize, usize)>,
+    /// `[c_in, kh, kw, c_out]` of each registered conv layer, `None` for a linear one.
+    convs: Vec<Option<[usize; 4]>>,
     dir: std::path::PathBuf,
 }
 
@@ -1119,6 +1121,7 @@ fn new_opt(
     Opt {
         opt,
         layers: Vec::new(),
+        convs: Vec::new(),
         dir: dir.to_path_buf(),
     }
 }
@@ -1134,7 +1137,7 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
         }
     };
     let known = |l: i32| l >= 0 && (l as i64) < nl;
-    let (c, s, mutates) = match g.rng.random_range(0..10) {
+    let (c, s, mutates) = match g.rng.random_range(0..11) {
         0 | 1 => {
             let conv = g.chance(0.3);
             let mut c = if conv {
@@ -1186,6 +1189,8 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
                 // SAFETY: written on success.
                 assert_eq!(unsafe { *id } as usize, o.layers.len(), "ids in order");
                 o.layers.push((inputs, inputs + b, d_g));
+                o.convs
+                    .push(conv.then(|| [0, 2, 3, 1].map(|i| dims[i] as usize)));
             }
             (c, s, true)
         }
@@ -1307,6 +1312,122 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
             // SAFETY: as above.
             let s = unsafe { thor_v1_optimizer_kl_clip_factor(o.opt, lr, n, idp, gpp, upp, f) };
             (c, s, false)
+        }
+        10 => {
+            let mut c = Call::new(
+                "thor_v1_optimizer_observe_conv",
+                &[
+                    "opt",
+                    "layer",
+                    "input",
+                    "out_grad",
+                    "tensors",
+                    "observation",
+                ],
+            );
+            // Mostly a conv layer, when there is one.
+            let convs: Vec<i32> = (0..o.convs.len())
+                .filter(|&i| o.convs[i].is_some())
+                .map(|i| i as i32)
+                .collect();
+            let l = if !convs.is_empty() && g.chance(0.8) {
+                g.pick(&convs)
+            } else {
+                layer(g)
+            };
+            c.arg("layer", l);
+            let conv = known(l).then(|| o.convs[l as usize]).flatten();
+            if conv.is_none() {
+                c.fault("layer unknown or not a conv layer");
+            }
+            let [c_in, kh, kw, c_out] = conv.unwrap_or([1, 1, 1, 1]);
+            let small = |g: &mut Gen, lo: i64, hi: i64| -> i64 {
+                if g.chance(0.98) {
+                    g.rng.random_range(lo..=hi)
+                } else {
+                    g.edge = true;
+                    g.pick(&EDGES)
+                }
+            };
+            let t = ThorConvTensors {
+                batch: small(g, 1, 3),
+                // Mostly around the kernel's size, so that most geometries are valid.
+                h: small(g, (kh as i64 - 2).max(1), kh as i64 + 6),
+                w: small(g, (kw as i64 - 2).max(1), kw as i64 + 6),
+                stride: [small(g, 1, 3), small(g, 1, 3)],
+                padding: [small(g, 0, 2), small(g, 0, 2)],
+                dilation: [small(g, 1, 2), small(g, 1, 2)],
+                input_strides: [0; 4],
+                grad_strides: [0; 4],
+            };
+            c.arg("tensors", format!("{t:?}"));
+            // What the library must make of it: the geometry, its output, the spans.
+            let us = |v: i64| usize::try_from(v).ok();
+            let geom = (|| {
+                let g = thor_kernels::Conv2dGeometry {
+                    c_in,
+                    h: us(t.h)?,
+                    w: us(t.w)?,
+                    kernel: [kh, kw],
+                    stride: [us(t.stride[0])?, us(t.stride[1])?],
+                    padding: [us(t.padding[0])?, us(t.padding[1])?],
+                    dilation: [us(t.dilation[0])?, us(t.dilation[1])?],
+                };
+                let [ho, wo] = g.output().ok()?;
+                Some((g, ho, wo, us(t.batch).filter(|&n| n > 0)?))
+            })();
+            let mut t = t;
+            let (na, ng) = match geom {
+                Some((geo, ho, wo, n)) => {
+                    let layout = g.pick(&[
+                        thor_kernels::TensorLayout::Nchw,
+                        thor_kernels::TensorLayout::Nhwc,
+                    ]);
+                    let a = thor_kernels::Patches::new(geo, n, layout);
+                    let gr = thor_kernels::Patches::positions(c_out, ho, wo, n, layout);
+                    t.input_strides = a.strides.map(|v| v as i64);
+                    t.grad_strides = gr.strides.map(|v| v as i64);
+                    if g.chance(0.05) {
+                        g.edge = true;
+                        t.input_strides[g.rng.random_range(0..4)] = g.pick(&EDGES);
+                    }
+                    let a = a.with_strides(t.input_strides.map(|v| v as usize));
+                    let spans = (t.input_strides.iter().all(|&v| v >= 0))
+                        .then(|| (a.span().ok(), gr.span().ok()));
+                    match spans {
+                        Some((Some(x), Some(y))) => (Some(x), Some(y)),
+                        _ => {
+                            c.fault("strides");
+                            (None, None)
+                        }
+                    }
+                }
+                None => {
+                    c.fault("geometry");
+                    (None, None)
+                }
+            };
+            let input = c.ptr::<f32>(g, "input", na, false, false);
+            let grads = c.ptr::<f32>(g, "out_grad", ng, false, false);
+            for b in c.bufs.iter_mut() {
+                if g.chance(0.9) && b.mem.bytes % 4 == 0 {
+                    let v: Vec<f32> = (0..b.mem.bytes / 4)
+                        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
+                        .collect();
+                    b.mem.fill(&v);
+                }
+            }
+            let tp = c.host(g, "tensors", &[t]);
+            let obs = if g.chance(0.8) {
+                c.ptr::<i32>(g, "observation", Some(1), true, true)
+            } else {
+                null_mut()
+            };
+            c.snapshot(g);
+            // SAFETY: a live handle; the pointers null or guarded buffers of the sizes the
+            // geometry implies.
+            let s = unsafe { thor_v1_optimizer_observe_conv(o.opt, l, input, grads, tp, obs) };
+            (c, s, true)
         }
         9 => {
             // Save and load through paths that cannot work: refused by name, nothing
@@ -1613,7 +1734,7 @@ fn fuzz_every_exported_function() {
     for (name, [n, f, _, _]) in &per_fn {
         eprintln!("  {name}: {n} calls, {f} refused");
     }
-    assert!(per_fn.len() >= 26, "every function was reached: {per_fn:?}");
+    assert!(per_fn.len() >= 27, "every function was reached: {per_fn:?}");
     // Each function also succeeded when given nothing forbidden: the generators reach the
     // code behind the checks (CUDA contexts aside where there is no GPU).
     for (name, [_, _, clean, ok]) in &per_fn {
