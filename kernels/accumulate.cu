@@ -80,26 +80,63 @@ __device__ __forceinline__ float acc_load<thor_bf16>(const thor_bf16* p) {
     return thor_bf16_to_float(p->bits);
 }
 
-// Implicit im2col: the offset in the tensor of element (row, col) of a kind-1 factor's
-// patch matrix (col below the patch columns), or -1 in the zero padding. Rows are below
-// 2^30 and sizes below 2^30 (the planner's limits), so 32-bit arithmetic does not overflow.
-__device__ __forceinline__ long long acc_patch_offset(const AccFactor& f, int row, int col) {
-    const int n = row / f.hw, p = row - n * f.hw;
-    const int oh = p / f.wo, ow = p - oh * f.wo;
-    const int kk = f.kh * f.kw;
-    const int ci = col / kk, k = col - ci * kk;
-    const int ki = k / f.kw, kj = k - ki * f.kw;
-    const int hh = oh * f.sy - f.py + ki * f.dy;
-    const int ww = ow * f.sx - f.px + kj * f.dx;
-    if (hh < 0 || hh >= f.h || ww < 0 || ww >= f.w) return -1;
-    return (long long)n * f.sn + (long long)ci * f.sc + (long long)hh * f.sh + (long long)ww * f.sw;
+// Implicit im2col, for a kind-1 factor. Every thread of a partial kernel reads the same
+// column of its tile at every stage (the tile width divides the thread count), so a
+// column's part of the address is decoded once per thread (AccCol), and a row's once per
+// row (AccRow, shared by the two operands). Rows and sizes are below 2^30 (the planner's
+// limits), so the 32-bit arithmetic does not overflow.
+struct AccCol {
+    long long off;  // ci * sc
+    int dh, dw;     // ki * dy - py, kj * dx - px
+    int what;       // ACC_COL_READ, ACC_COL_ONES or ACC_COL_NONE (past the block: 0)
+};
+#define ACC_COL_READ 0
+#define ACC_COL_ONES 1
+#define ACC_COL_NONE 2
+
+__device__ __forceinline__ AccCol acc_col(const AccFactor& f, int col, bool in_block) {
+    AccCol c;
+    c.off = 0;
+    c.dh = c.dw = 0;
+    c.what = !in_block ? ACC_COL_NONE : (col >= f.d - f.ones ? ACC_COL_ONES : ACC_COL_READ);
+    if (c.what == ACC_COL_READ) {
+        const int kk = f.kh * f.kw, ci = col / kk, k = col - ci * kk;
+        const int ki = k / f.kw, kj = k - ki * f.kw;
+        c.off = (long long)ci * f.sc;
+        c.dh = ki * f.dy - f.py;
+        c.dw = kj * f.dx - f.px;
+    }
+    return c;
 }
 
-// Element (row, col) of a kind-1 factor as f32: 1 in the ones column, 0 in the padding.
+struct AccRow {
+    long long off;  // n * sn
+    int h0, w0;     // oh * sy, ow * sx
+};
+
+__device__ __forceinline__ AccRow acc_row(const AccFactor& f, int row) {
+    const int n = row / f.hw, p = row - n * f.hw;
+    const int oh = p / f.wo, ow = p - oh * f.wo;
+    AccRow r;
+    r.off = (long long)n * f.sn;
+    r.h0 = oh * f.sy;
+    r.w0 = ow * f.sx;
+    return r;
+}
+
+// The offset of element (row, col) in the tensor, or -1 in the zero padding (a read column).
+__device__ __forceinline__ long long acc_offset(const AccFactor& f, const AccRow& r, const AccCol& c) {
+    const int hh = r.h0 + c.dh, ww = r.w0 + c.dw;
+    if (hh < 0 || hh >= f.h || ww < 0 || ww >= f.w) return -1;
+    return r.off + c.off + (long long)hh * f.sh + (long long)ww * f.sw;
+}
+
+// Element (row, col) as f32: 1 in the ones column, 0 in the padding and past the block.
 template <typename In>
-__device__ __forceinline__ float acc_patch(const AccFactor& f, const In* x, int row, int col) {
-    if (col >= f.d - f.ones) return 1.f;
-    const long long o = acc_patch_offset(f, row, col);
+__device__ __forceinline__ float acc_gather(const AccFactor& f, const In* x, const AccRow& r,
+                                            const AccCol& c) {
+    if (c.what != ACC_COL_READ) return c.what == ACC_COL_ONES ? 1.f : 0.f;
+    const long long o = acc_offset(f, r, c);
     return o < 0 ? 0.f : acc_load<In>(x + o);
 }
 
@@ -129,15 +166,24 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
 #pragma unroll
         for (int k = 0; k < TN; ++k) acc[i][k] = 0.f;
     float pa[PER], pb[PER];
+    // This thread's column of the tile at every stage (NT is a multiple of T).
+    const int my_c = tid % T;
+    const bool patches = f.kind == ACC_PATCHES;
+    AccCol col_a = {}, col_b = {};
+    if (patches) {
+        col_a = acc_col(f, (int)col0 + tr + my_c, tr + my_c < w);
+        col_b = acc_col(f, (int)col0 + tc + my_c, tc + my_c < w);
+    }
     auto fetch = [&](int n) {
 #pragma unroll
         for (int e = 0; e < PER; ++e) {
             const int idx = tid + e * NT, k = idx / T, c = idx % T;
             const int row = n + k;
             float va = 0.f, vb = 0.f;
-            if (row < n1 && f.kind == ACC_PATCHES) {
-                if (tr + c < w) va = acc_patch<In>(f, x, row, (int)col0 + tr + c);
-                if (!diag && tc + c < w) vb = acc_patch<In>(f, x, row, (int)col0 + tc + c);
+            if (row < n1 && patches) {
+                const AccRow r = acc_row(f, row);
+                va = acc_gather<In>(f, x, r, col_a);
+                if (!diag) vb = acc_gather<In>(f, x, r, col_b);
             } else if (row < n1) {
                 const In* xr = x + (long long)row * f.ld + col0;
                 if (tr + c < w) va = acc_load<In>(xr + tr + c);
@@ -233,24 +279,28 @@ template <>
 __device__ __forceinline__ unsigned short acc_one_bits<thor_bf16>() { return 0x3F80; }
 
 template <typename In>
-__device__ __forceinline__ unsigned short acc_patch_bits(const AccFactor& f, const In* x, int row,
-                                                         int col) {
-    if (col >= f.d - f.ones) return acc_one_bits<In>();
-    const long long o = acc_patch_offset(f, row, col);
+__device__ __forceinline__ unsigned short acc_gather_bits(const AccFactor& f, const In* x,
+                                                          const AccRow& r, const AccCol& c) {
+    if (c.what != ACC_COL_READ) return c.what == ACC_COL_ONES ? acc_one_bits<In>() : (unsigned short)0;
+    const long long o = acc_offset(f, r, c);
     return o < 0 ? (unsigned short)0 : acc_bits<In>(x + o);
 }
 
+// The word of rows (row0, row0 + 1) of a column (rows past the range read as 0): as
+// acc_word, from the tensor.
 template <typename In>
-__device__ __forceinline__ unsigned acc_patch_word(const AccFactor& f, const In* x, int row0, int col,
-                                                   bool ok0, bool ok1) {
-    const unsigned lo = ok0 ? acc_patch_bits<In>(f, x, row0, col) : 0u;
-    const unsigned hi = ok1 ? acc_patch_bits<In>(f, x, row0 + 1, col) : 0u;
+__device__ __forceinline__ unsigned acc_gather_word(const AccFactor& f, const In* x, const AccRow& r0,
+                                                    const AccRow& r1, const AccCol& c, bool ok0,
+                                                    bool ok1) {
+    const unsigned lo = ok0 ? acc_gather_bits<In>(f, x, r0, c) : 0u;
+    const unsigned hi = ok1 ? acc_gather_bits<In>(f, x, r1, c) : 0u;
     return lo | (hi << 16);
 }
 template <>
-__device__ __forceinline__ unsigned acc_patch_word<float>(const AccFactor& f, const float* x, int row0,
-                                                          int col, bool ok0, bool) {
-    return __float_as_uint(ok0 ? thor_to_tf32(acc_patch<float>(f, x, row0, col)) : 0.f);
+__device__ __forceinline__ unsigned acc_gather_word<float>(const AccFactor& f, const float* x,
+                                                           const AccRow& r0, const AccRow&,
+                                                           const AccCol& c, bool ok0, bool) {
+    return __float_as_uint(ok0 ? thor_to_tf32(acc_gather<float>(f, x, r0, c)) : 0.f);
 }
 
 template <typename In>
@@ -299,6 +349,14 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][q][e] = 0.f;
     unsigned pa[PER], pb[PER];
+    // This thread's column of the tile at every stage (128 is a multiple of T).
+    const int my_c = tid % T;
+    const bool patches = f.kind == ACC_PATCHES;
+    AccCol col_a = {}, col_b = {};
+    if (patches) {
+        col_a = acc_col(f, (int)col0 + tr + my_c, tr + my_c < w);
+        col_b = acc_col(f, (int)col0 + tc + my_c, tc + my_c < w);
+    }
     auto fetch = [&](int n) {
 #pragma unroll
         for (int e = 0; e < PER; ++e) {
@@ -306,11 +364,13 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
             const int row0 = n + kw * KPW, row1 = row0 + 1;
             const bool r0 = row0 < n1, r1 = KPW == 2 && row1 < n1;
             const bool ca = tr + c < w, cb = tc + c < w;
-            if (f.kind == ACC_PATCHES) {
-                const int ka = (int)col0 + tr + c, kb = (int)col0 + tc + c;
-                const unsigned va = acc_patch_word<In>(f, x, row0, ka, r0 && ca, r1 && ca);
+            if (patches) {
+                // Rows past the range are not decoded (their words are 0).
+                const AccRow ra = acc_row(f, r0 ? row0 : n0);
+                const AccRow rb = acc_row(f, r1 ? row1 : n0);
+                const unsigned va = acc_gather_word<In>(f, x, ra, rb, col_a, r0, r1);
                 pa[e] = va;
-                pb[e] = diag ? va : acc_patch_word<In>(f, x, row0, kb, r0 && cb, r1 && cb);
+                pb[e] = diag ? va : acc_gather_word<In>(f, x, ra, rb, col_b, r0, r1);
                 continue;
             }
             const In* xa = x + (long long)row0 * f.ld + col0;
