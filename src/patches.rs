@@ -401,9 +401,17 @@ impl Patches {
         }
     }
 
-    /// Calls `f(offset)` for every element of the tensor that some row of the patch matrix
-    /// reads (each once), in order of `n, c, h, w`.
-    pub(crate) fn for_each_read(&self, mut f: impl FnMut(usize) -> bool) -> Option<usize> {
+    /// The offset of an element that some row of the patch matrix reads and `ok` rejects,
+    /// if any (requires a valid geometry and `x` at least [`Self::span`] long). Planes
+    /// `(n, c)` in parallel; which input rows and columns are read is worked out once per
+    /// call (on the stack for sizes up to 4096, per element beyond).
+    pub(crate) fn find_read<E: crate::Element + Sync>(
+        &self,
+        x: &[E],
+        ok: impl Fn(&E) -> bool + Sync,
+    ) -> Option<usize> {
+        use rayon::prelude::*;
+        const MAX: usize = 4096;
         let g = &self.geometry;
         let [ho, wo] = g.output_unchecked();
         let read = |i: usize, extent_out: usize, v: usize| -> bool {
@@ -414,20 +422,30 @@ impl Patches {
                 t >= kd && (t - kd) % g.stride[i] == 0 && (t - kd) / g.stride[i] < extent_out
             })
         };
-        let s = &self.strides;
-        for n in 0..self.batch {
-            for c in 0..g.c_in {
-                for hh in (0..g.h).filter(|&hh| read(0, ho, hh)) {
-                    for ww in (0..g.w).filter(|&ww| read(1, wo, ww)) {
-                        let o = n * s[0] + c * s[1] + hh * s[2] + ww * s[3];
-                        if !f(o) {
-                            return Some(o);
-                        }
-                    }
-                }
+        let (mut rows, mut cols) = ([false; MAX], [false; MAX]);
+        let small = g.h <= MAX && g.w <= MAX;
+        if small {
+            for (v, r) in rows.iter_mut().enumerate().take(g.h) {
+                *r = read(0, ho, v);
+            }
+            for (v, r) in cols.iter_mut().enumerate().take(g.w) {
+                *r = read(1, wo, v);
             }
         }
-        None
+        let read_h = |v: usize| if small { rows[v] } else { read(0, ho, v) };
+        let read_w = |v: usize| if small { cols[v] } else { read(1, wo, v) };
+        let s = &self.strides;
+        (0..self.batch * g.c_in)
+            .into_par_iter()
+            .find_map_first(|nc| {
+                let base = (nc / g.c_in) * s[0] + (nc % g.c_in) * s[1];
+                (0..g.h).filter(|&h| read_h(h)).find_map(|h| {
+                    (0..g.w)
+                        .filter(|&w| read_w(w))
+                        .map(|w| base + h * s[2] + w * s[3])
+                        .find(|&o| !ok(&x[o]))
+                })
+            })
     }
 }
 

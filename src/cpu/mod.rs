@@ -287,7 +287,7 @@ fn input_non_finite<E: Element>(x: &[E], input: &InputLayout, d: usize) -> Optio
         InputLayout::Matrix { rows, ld } => {
             find_non_finite(x, *rows, d, *ld).map(|at| non_finite_error("x", at))
         }
-        InputLayout::Patches(p) => p.for_each_read(|o| x[o].to_f32().is_finite()).map(|o| {
+        InputLayout::Patches(p) => p.find_read(x, |v| v.to_f32().is_finite()).map(|o| {
             Error::invalid(
                 "x",
                 format!("non-finite value at element {o} of the tensor"),
