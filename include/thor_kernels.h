@@ -121,9 +121,6 @@ typedef struct ThorOptimizerConfig {
   float kl_clip;
   // Non-SPD retry (1) or report only (0).
   int32_t retry;
-  // Normalisation of conv factors in `thor_v1_optimizer_observe_conv`: 0 per position
-  // (A and G divided by `N * ho * wo`, the default), 1 KFC (A divided by `N`).
-  int32_t conv_norm;
 } ThorOptimizerConfig;
 
 // Per-layer counters (`thor::LayerCounters`, field for field).
@@ -451,6 +448,18 @@ enum ThorStatus thor_v1_trace_rule(double prev,
 // CUDA context, until the queued work completes; handles must come from this library.
 enum ThorStatus thor_v1_optimizer_config_default(struct ThorOptimizerConfig *cfg);
 
+// Sets how `thor_v1_optimizer_observe_conv` normalises conv factors from now on: 0 per
+// position (A and G divided by `N * ho * wo` rows, the default), 1 KFC (A divided by the
+// `N` samples, so that a conv layer's update is the default's times `1 / (ho * wo)`).
+//
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` null or misaligned, `conv_norm` not 0 or 1).
+//
+// # Safety
+// Every non-null pointer must address the elements the description above gives (host
+// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+// CUDA context, until the queued work completes; handles must come from this library.
+enum ThorStatus thor_v1_optimizer_set_conv_norm(struct ThorOptimizer *opt, int32_t conv_norm);
+
 // Creates an optimizer in `*out` (CPU backend). Release with `thor_v1_optimizer_destroy`.
 //
 // Returns `OK`; `INVALID_ARGUMENT` (a pointer null or misaligned, or a field of `cfg` out
@@ -674,8 +683,8 @@ enum ThorStatus thor_v1_optimizer_load(struct ThorOptimizer *opt, const char *pa
 // each read through the strides in `*tensors` (any layout: NCHW, channels last, a strided
 // view); host memory, or device memory for an optimizer made on a CUDA context (then
 // queued on its stream, read in place). `*observation` (host memory, may be null): as for
-// `thor_v1_optimizer_observe`. The factors see `batch * ho * wo` rows, normalised as the
-// configuration's `conv_norm` says.
+// `thor_v1_optimizer_observe`. The factors see `batch * ho * wo` rows, normalised as
+// `thor_v1_optimizer_set_conv_norm` says (per position by default).
 //
 // Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
 // (a required pointer null or misaligned, `observation` overlapping the inputs, an unknown

@@ -56,6 +56,20 @@ struct AccFactor {
 #define ACC_MATRIX 0
 #define ACC_PATCHES 1
 
+// The host builds this table word by word (cuda::accumulate::AccumulatePlan::factor_table).
+// NVRTC has no offsetof; the host emulation of the kernels (every test run) checks the
+// field offsets.
+static_assert(sizeof(AccFactor) == 128, "AccFactor is 128 bytes");
+#ifdef THOR_EMULATE
+#include <cstddef>
+static_assert(offsetof(AccFactor, ld) == 8 && offsetof(AccFactor, d) == 24, "AccFactor layout");
+static_assert(offsetof(AccFactor, alpha) == 40 && offsetof(AccFactor, partner) == 48, "AccFactor layout");
+static_assert(offsetof(AccFactor, kind) == 52 && offsetof(AccFactor, ones) == 56, "AccFactor layout");
+static_assert(offsetof(AccFactor, first_alpha) == 60 && offsetof(AccFactor, sn) == 64, "AccFactor layout");
+static_assert(offsetof(AccFactor, h) == 96 && offsetof(AccFactor, wo) == 104, "AccFactor layout");
+static_assert(offsetof(AccFactor, kh) == 112 && offsetof(AccFactor, dx) == 126, "AccFactor layout");
+#endif
+
 // Work item of the partial kernel (8 ints): factor, block j within the factor, tile row and
 // column offsets within the block (elements), rows [n0, n1), workspace slot.
 // Work item of the finalize kernel (8 ints): factor, block j, tile row, tile column, first
@@ -148,6 +162,7 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
                                  float* __restrict__ ws, int* __restrict__ flags) {
     constexpr int TX = T / TN, TY = T / TM, NT = TX * TY;
     constexpr int PER = ACC_BK * T / NT;  // elements per thread per operand per stage
+    static_assert(NT % T == 0, "each thread keeps one tile column across stages");
     // Two stages: the next stage's global loads are in flight (registers) while this one
     // is computed, then stored to the other buffer; one barrier per stage.
     THOR_SHARED(__align__(16) float, As, [2][ACC_BK][T]);
@@ -328,6 +343,7 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
     constexpr int WT = T / 2;                      // warp tile
     constexpr int MT = WT / 16, NT = WT / 8;
     constexpr int PER = ACC_BK * T / 128;  // words per thread per operand per stage
+    static_assert(128 % T == 0, "each thread keeps one tile column across stages");
     // Two stages, as in the SIMT kernel.
     THOR_SHARED(__align__(16) unsigned, As, [2][T][LDW]);
     THOR_SHARED(__align__(16) unsigned, Bs, [2][T][LDW]);

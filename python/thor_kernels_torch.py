@@ -44,8 +44,7 @@ class InvertPolicy(ctypes.Structure):
 class OptimizerConfig(ctypes.Structure):
     _fields_ = [("block", c_int32), ("stat_decay", c_float), ("damping_l0", c_float),
                 ("damping_decay", c_float), ("damping_every", c_float), ("interval", c_uint64),
-                ("w1", c_double), ("w2", c_double), ("kl_clip", c_float), ("retry", c_int32),
-                ("conv_norm", c_int32)]
+                ("w1", c_double), ("w2", c_double), ("kl_clip", c_float), ("retry", c_int32)]
 
 
 class ConvTensors(ctypes.Structure):
@@ -101,6 +100,7 @@ def _load() -> ctypes.CDLL:
         "thor_v1_optimizer_needs_statistics": ([P, POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_observe": ([P, c_int32, P, P, c_int64, POINTER(c_int32)], c_int32),
         "thor_v1_optimizer_observe_conv": ([P, c_int32, P, P, POINTER(ConvTensors), POINTER(c_int32)], c_int32),
+        "thor_v1_optimizer_set_conv_norm": ([P, c_int32], c_int32),
         "thor_v1_optimizer_precondition": ([P, c_int32, P, P], c_int32),
         "thor_v1_optimizer_kl_clip_factor": ([P, c_float, c_int64, POINTER(c_int32), POINTER(P), POINTER(P), POINTER(c_float)], c_int32),
         "thor_v1_optimizer_finish_step": ([P], c_int32),
@@ -385,7 +385,6 @@ class ThorPreconditioner:
         norms = {"position": 0, "kfc": 1}
         if conv_norm not in norms:
             raise ValueError(f"conv_norm must be one of {sorted(norms)}, got {conv_norm!r}")
-        cfg.conv_norm = norms[conv_norm]
         self._kl_clip = kl_clip
         #: The KL clip factor of the last step (1.0 until a clipped step ran).
         self.last_kl_clip_factor = 1.0
@@ -398,6 +397,7 @@ class ThorPreconditioner:
         # arrays are then device memory. The context may go after creation.
         ctx = _Context(self.device)
         _check(lib.thor_v1_optimizer_create_on(ctx.ptr, ctypes.byref(cfg), ctypes.byref(self._opt)))
+        _check(lib.thor_v1_optimizer_set_conv_norm(self._opt, norms[conv_norm]))
         self.layers = []
         self._acts, self._grads = {}, {}
         for m in model.modules():

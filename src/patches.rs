@@ -67,6 +67,10 @@ pub struct Conv2dGeometry {
 /// The largest kernel size, stride, padding or dilation (the kernels keep them in 16 bits).
 pub const MAX_CONV_PARAM: usize = i16::MAX as usize;
 
+/// The most rows (`batch * ho * wo`) a patch matrix may have: 2^30, the device's limit on
+/// a factor's rows, on every backend.
+pub const MAX_PATCH_ROWS: usize = 1 << 30;
+
 /// The largest input height or width, output positions per sample and patch columns
 /// (`c_in * kh * kw`): 2^30, so that the kernels' 32-bit index arithmetic cannot overflow.
 pub const MAX_CONV_EXTENT: usize = 1 << 30;
@@ -314,17 +318,31 @@ impl Patches {
     }
 
     /// Checks the geometry, the batch and the strides: the rows and the tensor's span
-    /// countable (see [`crate::cuda::accumulate::MAX_ROWS`] for the device's limit on rows).
+    /// countable, at most [`MAX_PATCH_ROWS`] rows.
     pub fn validate(&self) -> Result<()> {
         self.geometry.validate()?;
         if self.batch == 0 {
             return Err(Error::invalid("batch", "at least one sample is needed"));
         }
         let [ho, wo] = self.geometry.output_unchecked();
+        // Rows capped as on the device, and the tensor's logical element count countable:
+        // with broadcast (stride 0) dimensions neither follows from the memory it spans.
         self.batch
             .checked_mul(ho * wo)
-            .filter(|&r| r <= isize::MAX as usize / 8)
-            .ok_or_else(|| Error::invalid("batch", "batch * ho * wo rows overflow"))?;
+            .filter(|&r| r <= MAX_PATCH_ROWS)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "batch",
+                    format!("batch * ho * wo rows above {MAX_PATCH_ROWS} (2^30)"),
+                )
+            })?;
+        let g = &self.geometry;
+        self.batch
+            .checked_mul(g.c_in)
+            .and_then(|v| v.checked_mul(g.h))
+            .and_then(|v| v.checked_mul(g.w))
+            .filter(|&n| n <= isize::MAX as usize / 8)
+            .ok_or_else(|| Error::invalid("batch", "batch * c_in * h * w elements overflow"))?;
         self.span().map(|_| ())
     }
 
@@ -350,6 +368,12 @@ impl Patches {
     pub fn span(&self) -> Result<usize> {
         let g = &self.geometry;
         let extents = [self.batch, g.c_in, g.h, g.w];
+        if let Some(i) = extents.iter().position(|&e| e == 0) {
+            return Err(Error::invalid(
+                ["batch", "c_in", "h", "w"][i],
+                "must be at least 1",
+            ));
+        }
         let mut last = 0usize;
         for (i, (&e, &s)) in extents.iter().zip(&self.strides).enumerate() {
             last = e
@@ -538,7 +562,9 @@ impl Patches {
                             + ci * s[1]
                             + hh as usize * s[2]
                             + (first + lo as isize * sw) as usize * s[3];
-                        let step = sw as usize * s[3];
+                        // Wrapping: past one element a run's step lies inside the span, so
+                        // it can only wrap when at most one element is read.
+                        let step = s[3].wrapping_mul(sw as usize);
                         if step == 0 {
                             // A broadcast width (stride 0): one element throughout.
                             seg[lo..hi].fill(x[start].to_f32());

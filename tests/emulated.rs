@@ -324,6 +324,19 @@ mod accumulate {
         mode: AccumulateMode,
         order: i32,
     ) -> Out {
+        run_acc_state(set, inputs, init, mode, order, None)
+    }
+
+    /// [`run_acc`] with the rule's per-factor state (`None`: every factor holds statistics).
+    pub fn run_acc_state<E: Element + bytemuck::Pod>(
+        set: &FactorSet,
+        inputs: &[Input<E>],
+        init: &[f32],
+        mode: AccumulateMode,
+        order: i32,
+        state: Option<&[u8]>,
+    ) -> Out {
+        let mut fstate = state.map(Guarded::new);
         let rows: Vec<usize> = inputs.iter().map(|i| i.rows).collect();
         let plan = AccumulatePlan::new(set, &rows, E::DTYPE, mode, 132).unwrap();
         let mut xs: Vec<Guarded<E>> = inputs.iter().map(|i| Guarded::new(&i.x)).collect();
@@ -359,7 +372,7 @@ mod accumulate {
                 trace_desc: desc.ptr(),
                 block_traces: bt.ptr(),
                 factor_traces: ft.ptr(),
-                factor_state: 0,
+                factor_state: fstate.as_mut().map_or(0, |g| g.ptr()),
             })
             .unwrap();
         assert_eq!(
@@ -623,6 +636,30 @@ fn emulated_accumulate_conv_patches() {
                 &format!("conv bf16 {mode:?} b={b}"),
             );
         }
+        // First statistics (no factor holds any yet): alpha is the entry's first alpha,
+        // 1 / batch for patches normalised per sample (KFC's A), 1 / rows otherwise.
+        let mut inputs = make(900 + b as u64);
+        for (f, i) in inputs.iter_mut().enumerate() {
+            if let Some(p) = i.patches.as_mut() {
+                p.per_sample = f % 2 == 0;
+                i.alpha = 1.0 / if p.per_sample { p.batch } else { p.rows() } as f32;
+            } else {
+                i.alpha = 1.0 / i.rows as f32;
+            }
+            // The kernel replaces the inputs' own alpha and beta for a factor without
+            // statistics; the reference takes the ones it should use.
+            i.beta = 0.0;
+        }
+        let state = vec![0u8; set.len()];
+        let out = run_acc_state(&set, &inputs, &init, AccumulateMode::F32, 3, Some(&state));
+        let want = reference_set(&set, &inputs, &init);
+        check(
+            &set,
+            &out,
+            &want,
+            1e-5,
+            &format!("conv first statistics b={b}"),
+        );
     }
 }
 

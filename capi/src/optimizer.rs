@@ -28,9 +28,6 @@ pub struct ThorOptimizerConfig {
     pub kl_clip: f32,
     /// Non-SPD retry (1) or report only (0).
     pub retry: i32,
-    /// Normalisation of conv factors in `thor_v1_optimizer_observe_conv`: 0 per position
-    /// (A and G divided by `N * ho * wo`, the default), 1 KFC (A divided by `N`).
-    pub conv_norm: i32,
 }
 
 /// Fills `*cfg` with THOR's defaults.
@@ -63,7 +60,6 @@ pub unsafe extern "C" fn thor_v1_optimizer_config_default(
             w2: d.thresholds.w2,
             kl_clip: d.kl_clip.unwrap_or(0.0),
             retry: 1,
-            conv_norm: 0,
         };
         // SAFETY: checked.
         unsafe { *cfg = c };
@@ -122,16 +118,41 @@ fn config_of(c: ThorOptimizerConfig) -> Result<ThorConfig> {
             FailurePolicy::Report
         },
         kl_clip: (c.kl_clip > 0.0).then_some(c.kl_clip),
-        conv_norm: match c.conv_norm {
+        conv_norm: ConvNorm::PerPosition,
+    })
+}
+
+/// Sets how `thor_v1_optimizer_observe_conv` normalises conv factors from now on: 0 per
+/// position (A and G divided by `N * ho * wo` rows, the default), 1 KFC (A divided by the
+/// `N` samples, so that a conv layer's update is the default's times `1 / (ho * wo)`).
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` null or misaligned, `conv_norm` not 0 or 1).
+///
+/// # Safety
+/// Every non-null pointer must address the elements the description above gives (host
+/// memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
+/// CUDA context, until the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_set_conv_norm(
+    opt: *mut ThorOptimizer,
+    conv_norm: i32,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        let norm = match conv_norm {
             0 => ConvNorm::PerPosition,
             1 => ConvNorm::Kfc,
             v => {
                 return Err(Error::invalid(
                     "conv_norm",
                     format!("must be 0 (per position) or 1 (KFC), got {v}"),
-                ))
+                )
+                .into())
             }
-        },
+        };
+        t.set_conv_norm(norm);
+        Ok(())
     })
 }
 
@@ -889,8 +910,8 @@ fn conv_views(kind: LayerKind, c: &ThorConvTensors) -> Result<(Patches, Patches)
 /// each read through the strides in `*tensors` (any layout: NCHW, channels last, a strided
 /// view); host memory, or device memory for an optimizer made on a CUDA context (then
 /// queued on its stream, read in place). `*observation` (host memory, may be null): as for
-/// `thor_v1_optimizer_observe`. The factors see `batch * ho * wo` rows, normalised as the
-/// configuration's `conv_norm` says.
+/// `thor_v1_optimizer_observe`. The factors see `batch * ho * wo` rows, normalised as
+/// `thor_v1_optimizer_set_conv_norm` says (per position by default).
 ///
 /// Returns `OK` (non-finite input too: the decision is then 4, skipped); `INVALID_ARGUMENT`
 /// (a required pointer null or misaligned, `observation` overlapping the inputs, an unknown

@@ -239,7 +239,6 @@ fn optimizer_kl_clip_factor_through_the_c_abi() {
             w2: 0.0,
             kl_clip: 0.0,
             retry: 0,
-            conv_norm: -1,
         };
         let mut opt = std::ptr::null_mut();
         let (mut id, mut obs) = (0i32, 0i32);

@@ -1461,6 +1461,22 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
             assert!(left.is_empty(), "files left behind: {left:?}");
             (c, s, true)
         }
+        6 if g.chance(0.3) => {
+            let mut c = Call::new("thor_v1_optimizer_set_conv_norm", &["opt", "conv_norm"]);
+            let v = if g.chance(0.8) {
+                g.rng.random_range(0..2)
+            } else {
+                g.edge = true;
+                g.pick(&[-1, 2, i32::MAX, i32::MIN])
+            };
+            c.arg("conv_norm", v);
+            if !(0..2).contains(&v) {
+                c.fault("conv_norm");
+            }
+            // SAFETY: a live handle.
+            let s = unsafe { thor_v1_optimizer_set_conv_norm(o.opt, v) };
+            (c, s, true)
+        }
         6 => {
             let mut c = Call::new("thor_v1_optimizer_set_epoch", &["opt", "epoch"]);
             let e = g.f32() as f64 * 10.0;
@@ -1734,7 +1750,7 @@ fn fuzz_every_exported_function() {
     for (name, [n, f, _, _]) in &per_fn {
         eprintln!("  {name}: {n} calls, {f} refused");
     }
-    assert!(per_fn.len() >= 27, "every function was reached: {per_fn:?}");
+    assert!(per_fn.len() >= 28, "every function was reached: {per_fn:?}");
     // Each function also succeeded when given nothing forbidden: the generators reach the
     // code behind the checks (CUDA contexts aside where there is no GPU).
     for (name, [_, _, clean, ok]) in &per_fn {

@@ -528,7 +528,7 @@ impl DeviceAccumulate {
 /// The most rows one factor's input may have on the device: the kernels count rows in
 /// `int` and step past the last row by up to a stage, so the cap leaves that headroom
 /// below 2^31.
-pub const MAX_ROWS: usize = 1 << 30;
+pub const MAX_ROWS: usize = crate::patches::MAX_PATCH_ROWS;
 
 /// The words 8..16 of a patch factor's table entry (a checked geometry: every size fits
 /// the kernel's 16- and 32-bit fields).

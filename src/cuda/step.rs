@@ -53,7 +53,8 @@ fn counters_of(c: &[u64]) -> Vec<crate::thor::LayerCounters> {
 
 /// One factor's input to [`DeviceThorStep::run`]: X's elements and how X lies in them (a
 /// row-major matrix or a convolution's patches; rows as planned). The step weights it
-/// itself (`(1 - stat_decay) / rows`).
+/// itself (`(1 - stat_decay) / n`, `n` the rows or, for patches normalised per sample, the
+/// samples: [`InputLayout::samples`]).
 #[derive(Debug)]
 pub struct StepInput<'a, E> {
     /// The activations (or output gradients) of the factor: a whole buffer

@@ -420,6 +420,12 @@ impl Thor {
         &self.cfg
     }
 
+    /// Sets how [`Thor::observe_conv`] normalises conv factors from the next call on
+    /// ([`ThorConfig::conv_norm`]).
+    pub fn set_conv_norm(&mut self, norm: ConvNorm) {
+        self.cfg.conv_norm = norm;
+    }
+
     /// Registers a layer; its factors start empty (identity inverses until the first
     /// statistics).
     pub fn add_layer(&mut self, kind: LayerKind) -> Result<LayerId> {

@@ -81,17 +81,26 @@ fn gpu_accumulate_conv_patches_matches_reference() {
 
 #[test]
 fn gpu_thor_observe_conv_device_matches_the_cpu_optimizer() {
-    use thor_kernels::thor::{DampingSchedule, IntervalSchedule, LayerKind, Thor, ThorConfig};
-    use thor_kernels::{BackendKind, Conv2dGeometry, TensorLayout};
+    use thor_kernels::thor::ConvNorm;
     if gpu_or_skip("gpu_thor_observe_conv_device_matches_the_cpu_optimizer").is_none() {
         return;
     }
+    // Both normalisations: KFC's reads the first-statistics alpha 1 / batch on the device.
+    for norm in [ConvNorm::PerPosition, ConvNorm::Kfc] {
+        observe_conv_case(norm);
+    }
+}
+
+fn observe_conv_case(norm: thor_kernels::thor::ConvNorm) {
+    use thor_kernels::thor::{DampingSchedule, IntervalSchedule, LayerKind, Thor, ThorConfig};
+    use thor_kernels::{BackendKind, Conv2dGeometry, TensorLayout};
     let cfg = |backend| ThorConfig {
         block: 64,
         damping: DampingSchedule::Constant(1e-2),
         interval: IntervalSchedule::Fixed(1),
         stat_decay: 0.5,
         backend,
+        conv_norm: norm,
         ..ThorConfig::thor()
     };
     let dev = CudaDevice::new(0).unwrap();
@@ -126,13 +135,13 @@ fn gpu_thor_observe_conv_device_matches_the_cpu_optimizer() {
         let (di, dg) = (dev.upload(&input).unwrap(), dev.upload(&grad).unwrap());
         gpu.observe_conv_device(lg, &di.as_view(), a_view, &dg.as_view(), g_view)
             .unwrap();
-        assert_eq!(gpu.last_decision(lg).unwrap(), want, "step {step}");
+        assert_eq!(gpu.last_decision(lg).unwrap(), want, "{norm:?} step {step}");
         let gw = normal(&mut r, d);
         let (mut oc, mut og) = (poisoned(d), poisoned(d));
         cpu.precondition(lc, &gw, &mut oc).unwrap();
         gpu.precondition(lg, &gw, &mut og).unwrap();
         let err = rel_err(&og, &f64s(&oc));
-        assert!(err < 1e-4, "step {step}: {err:e}");
+        assert!(err < 1e-4, "{norm:?} step {step}: {err:e}");
         cpu.finish_step();
         gpu.finish_step();
     }
