@@ -636,6 +636,21 @@ fn emulated_accumulate_conv_patches() {
                 &format!("conv bf16 {mode:?} b={b}"),
             );
         }
+        // f16 on tensor cores (its ones column is the f16 bit pattern of 1).
+        let inputs16: Vec<Input<half::f16>> = make(850 + b as u64)
+            .into_iter()
+            .map(|i| Input {
+                x: i.x.iter().map(|&v| half::f16::from_f32(v)).collect(),
+                rows: i.rows,
+                ld: i.ld,
+                patches: i.patches,
+                alpha: i.alpha,
+                beta: i.beta,
+            })
+            .collect();
+        let out = run_acc(&set, &inputs16, &init, AccumulateMode::TensorCore, 2);
+        let want = reference_set(&set, &inputs16, &init);
+        check(&set, &out, &want, 1e-2, &format!("conv f16 b={b}"));
         // First statistics (no factor holds any yet): alpha is the entry's first alpha,
         // 1 / batch for patches normalised per sample (KFC's A), 1 / rows otherwise.
         let mut inputs = make(900 + b as u64);
