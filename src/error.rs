@@ -67,6 +67,26 @@ impl Error {
         }
     }
 
+    /// The same error with `context: ` in front of its reason (or expected shape), e.g.
+    /// `factor 3` for an argument of one factor among many. Other kinds are unchanged.
+    pub fn in_context(self, context: impl fmt::Display) -> Self {
+        match self {
+            Error::InvalidArgument { arg, reason } => {
+                Error::invalid(arg, format!("{context}: {reason}"))
+            }
+            Error::Shape {
+                arg,
+                expected,
+                actual,
+            } => Error::Shape {
+                arg,
+                expected: format!("{context}: {expected}"),
+                actual,
+            },
+            other => other,
+        }
+    }
+
     /// An [`Error::Shape`] for `arg`.
     pub fn shape(
         arg: &'static str,

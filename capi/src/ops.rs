@@ -520,17 +520,7 @@ pub unsafe extern "C" fn thor_v1_accumulate_grouped(
             bytes: n * 8,
         })?;
         for f in 0..n {
-            let at = |e: Error| match e {
-                Error::InvalidArgument { arg, reason } => {
-                    Error::invalid(arg, format!("factor {f}: {reason}"))
-                }
-                Error::Shape {
-                    arg,
-                    expected,
-                    actual,
-                } => Error::shape(arg, format!("factor {f}: {expected}"), actual),
-                other => other,
-            };
+            let at = |e: Error| e.in_context(format_args!("factor {f}"));
             let ld = checks::dim("lds", lds[f]).map_err(at)?;
             let dim = p.set.entries()[f].layout.dim();
             spans.push(span("lds", p.rows[f], ld, dim).map_err(at)?);

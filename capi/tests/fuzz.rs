@@ -1126,6 +1126,19 @@ fn new_opt(
     }
 }
 
+/// Fills most of the call's f32 buffers so far with finite values (the rest keep their
+/// random bytes, NaN patterns included).
+fn fill_finite(c: &mut Call, g: &mut Gen) {
+    for b in c.bufs.iter_mut() {
+        if g.chance(0.9) && b.mem.bytes % 4 == 0 {
+            let v: Vec<f32> = (0..b.mem.bytes / 4)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
+                .collect();
+            b.mem.fill(&v);
+        }
+    }
+}
+
 fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
     let before = o.state();
     let nl = o.layers.len() as i64;
@@ -1211,14 +1224,7 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
             let ng = shape.zip(r).and_then(|((_, _, dg), r)| r.checked_mul(dg));
             let acts = c.ptr::<f32>(g, "acts", na, false, false);
             let grads = c.ptr::<f32>(g, "out_grads", ng, false, false);
-            for b in c.bufs.iter_mut() {
-                if g.chance(0.9) && b.mem.bytes % 4 == 0 {
-                    let v: Vec<f32> = (0..b.mem.bytes / 4)
-                        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
-                        .collect();
-                    b.mem.fill(&v);
-                }
-            }
+            fill_finite(&mut c, g);
             let obs = if g.chance(0.8) {
                 c.ptr::<i32>(g, "observation", Some(1), true, true)
             } else {
@@ -1409,14 +1415,7 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
             };
             let input = c.ptr::<f32>(g, "input", na, false, false);
             let grads = c.ptr::<f32>(g, "out_grad", ng, false, false);
-            for b in c.bufs.iter_mut() {
-                if g.chance(0.9) && b.mem.bytes % 4 == 0 {
-                    let v: Vec<f32> = (0..b.mem.bytes / 4)
-                        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
-                        .collect();
-                    b.mem.fill(&v);
-                }
-            }
+            fill_finite(&mut c, g);
             let tp = c.host(g, "tensors", &[t]);
             let obs = if g.chance(0.8) {
                 c.ptr::<i32>(g, "observation", Some(1), true, true)

@@ -274,18 +274,9 @@ impl AccumulatePlan {
         for (f, (inp, e)) in inputs.iter().zip(self.set.entries()).enumerate() {
             let d = e.layout.dim();
             let n = self.rows[f];
-            let named = |e: Error| match e {
-                Error::InvalidArgument { arg, reason } => {
-                    Error::invalid(arg, format!("factor {f}: {reason}"))
-                }
-                Error::Shape {
-                    arg,
-                    expected,
-                    actual,
-                } => Error::shape(arg, format!("factor {f}: {expected}"), actual),
-                other => other,
-            };
-            inp.layout.check(d).map_err(named)?;
+            inp.layout
+                .check(d)
+                .map_err(|e| e.in_context(format_args!("factor {f}")))?;
             if inp.layout.rows() != n {
                 return Err(Error::shape(
                     "rows",

@@ -244,6 +244,27 @@ impl Drop for Thor {
     }
 }
 
+/// Layer `id` of `layers` (a free function, so that the optimizer's other fields stay
+/// borrowable beside it).
+fn layer_in(layers: &mut [LayerState], id: LayerId) -> Result<&mut LayerState> {
+    let n = layers.len();
+    layers
+        .get_mut(id.0)
+        .ok_or_else(|| Error::invalid("layer", format!("no layer {} (have {n})", id.0)))
+}
+
+/// Errors naming the first device address that is null or not aligned for f32.
+#[cfg(feature = "cuda")]
+fn check_f32_ptrs(ptrs: &[(&'static str, u64)]) -> Result<()> {
+    match ptrs.iter().find(|&&(_, p)| p == 0 || p % 4 != 0) {
+        Some(&(name, p)) => Err(Error::invalid(
+            name,
+            format!("null or misaligned address {p:#x}"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The A and G views of a conv layer's statistics step, checked against the layer and each
 /// other: A with the layer's bias column and normalisation, G the positions of the output.
 fn conv_views(
@@ -504,6 +525,19 @@ impl Thor {
         })
     }
 
+    /// The CUDA device of an optimizer on the CUDA backend; for device buffers, an error
+    /// on the CPU backend.
+    #[cfg(feature = "cuda")]
+    fn device(&self) -> Result<&crate::cuda::CudaDevice> {
+        match &self.backend {
+            AnyBackend::Cuda(dev) => Ok(dev),
+            AnyBackend::Cpu(_) => Err(Error::invalid(
+                "backend",
+                "device buffers need the CUDA backend (this optimizer runs on the CPU)",
+            )),
+        }
+    }
+
     /// The shape of layer `id`.
     pub fn layer_kind(&self, id: LayerId) -> Result<LayerKind> {
         Ok(self.layer(id)?.kind)
@@ -542,10 +576,7 @@ impl Thor {
         rows: usize,
     ) -> Result<Decision> {
         let damping = self.damping();
-        let l = self
-            .layers
-            .get_mut(id.0)
-            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let l = layer_in(&mut self.layers, id)?;
         if rows == 0 {
             return Err(Error::invalid("rows", "at least one row is needed"));
         }
@@ -599,10 +630,7 @@ impl Thor {
     ) -> Result<Decision> {
         let damping = self.damping();
         let norm = self.cfg.conv_norm;
-        let l = self
-            .layers
-            .get_mut(id.0)
-            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let l = layer_in(&mut self.layers, id)?;
         let (a, g) = conv_views(&l.kind, input_view, grad_view, norm)?;
         check_min_len("input", a.span()?, input.len())?;
         check_min_len("out_grad", g.span()?, out_grad.len())?;
@@ -624,10 +652,7 @@ impl Thor {
     /// current block inverses; `grad` and `out` are `[d_g, d_a]` (bias gradient as the last
     /// column for a layer with bias). Before the first statistics the inverses are identity.
     pub fn precondition(&mut self, id: LayerId, grad: &[f32], out: &mut [f32]) -> Result<()> {
-        let l = self
-            .layers
-            .get_mut(id.0)
-            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let l = layer_in(&mut self.layers, id)?;
         let (d_a, d_g) = (l.kind.d_a(), l.kind.d_g());
         check_len("grad", d_g * d_a, grad.len())?;
         check_len("out", d_g * d_a, out.len())?;
@@ -651,12 +676,7 @@ impl Thor {
         rows: usize,
     ) -> Result<()> {
         use cudarc::driver::DevicePtr;
-        let AnyBackend::Cuda(dev) = &self.backend else {
-            return Err(Error::invalid(
-                "backend",
-                "device inputs need the CUDA backend (this optimizer runs on the CPU)",
-            ));
-        };
+        let dev = self.device()?;
         let l = self.layer(id)?;
         let (inputs, d_g) = (l.kind.inputs(), l.kind.d_g());
         if rows == 0 {
@@ -693,21 +713,11 @@ impl Thor {
         rows: usize,
     ) -> Result<()> {
         let damping = self.damping();
-        let l = self
-            .layers
-            .get_mut(id.0)
-            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let l = layer_in(&mut self.layers, id)?;
         if rows == 0 {
             return Err(Error::invalid("rows", "at least one row is needed"));
         }
-        for (name, p) in [("acts", acts), ("out_grads", out_grads)] {
-            if p == 0 || p % 4 != 0 {
-                return Err(Error::invalid(
-                    name,
-                    format!("null or misaligned address {p:#x}"),
-                ));
-            }
-        }
+        check_f32_ptrs(&[("acts", acts), ("out_grads", out_grads)])?;
         let bias = l.kind.bias();
         // SAFETY: this function's contract.
         unsafe {
@@ -734,12 +744,7 @@ impl Thor {
         grad_view: Patches,
     ) -> Result<()> {
         use cudarc::driver::DevicePtr;
-        let AnyBackend::Cuda(dev) = &self.backend else {
-            return Err(Error::invalid(
-                "backend",
-                "device inputs need the CUDA backend (this optimizer runs on the CPU)",
-            ));
-        };
+        let dev = self.device()?;
         let (a, g) = conv_views(
             &self.layer(id)?.kind,
             input_view,
@@ -774,19 +779,9 @@ impl Thor {
     ) -> Result<()> {
         let damping = self.damping();
         let norm = self.cfg.conv_norm;
-        let l = self
-            .layers
-            .get_mut(id.0)
-            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let l = layer_in(&mut self.layers, id)?;
         let (a, g) = conv_views(&l.kind, input_view, grad_view, norm)?;
-        for (name, p) in [("input", input), ("out_grad", out_grad)] {
-            if p == 0 || p % 4 != 0 {
-                return Err(Error::invalid(
-                    name,
-                    format!("null or misaligned address {p:#x}"),
-                ));
-            }
-        }
+        check_f32_ptrs(&[("input", input), ("out_grad", out_grad)])?;
         // SAFETY: this function's contract.
         unsafe {
             l.engine.observe_raw(
@@ -809,12 +804,7 @@ impl Thor {
         out: &mut cudarc::driver::CudaViewMut<'_, f32>,
     ) -> Result<()> {
         use cudarc::driver::{DevicePtr, DevicePtrMut};
-        let AnyBackend::Cuda(dev) = &self.backend else {
-            return Err(Error::invalid(
-                "backend",
-                "device buffers need the CUDA backend (this optimizer runs on the CPU)",
-            ));
-        };
+        let dev = self.device()?;
         let kind = self.layer(id)?.kind;
         let n = kind.d_g() * kind.d_a();
         dev.check_same_context("grad", grad)?;
@@ -842,10 +832,7 @@ impl Thor {
         grad: u64,
         out: u64,
     ) -> Result<()> {
-        let l = self
-            .layers
-            .get_mut(id.0)
-            .ok_or_else(|| Error::invalid("layer", format!("no layer {}", id.0)))?;
+        let l = layer_in(&mut self.layers, id)?;
         // SAFETY: this function's contract.
         unsafe { l.engine.precondition_raw(&self.backend, grad, out) }
     }
