@@ -128,9 +128,38 @@ struct AccRow {
     int h0, w0;     // oh * sy, ow * sx
 };
 
-__device__ __forceinline__ AccRow acc_row(const AccFactor& f, int row) {
-    const int n = row / f.hw, p = row - n * f.hw;
-    const int oh = p / f.wo, ow = p - oh * f.wo;
+// q = a / d, r = a % d for 0 <= a < 2^30, 1 <= d < 2^30, through the double reciprocal
+// `inv` of d (a few instructions where an integer division takes about 25): a * inv is
+// within 2^-22 of a / d, so the truncated quotient is off by at most one, and one
+// correction step fixes it (q * d stays below 2^31).
+__device__ __forceinline__ void acc_divmod(int a, int d, double inv, int& q, int& r) {
+    q = (int)((double)a * inv);
+    r = a - q * d;
+    if (r < 0) {
+        --q;
+        r += d;
+    } else if (r >= d) {
+        ++q;
+        r -= d;
+    }
+}
+
+// The reciprocals acc_row divides by, once per thread block.
+struct AccInv {
+    double hw, wo;
+};
+
+__device__ __forceinline__ AccInv acc_inv(const AccFactor& f) {
+    AccInv v;
+    v.hw = 1.0 / (double)f.hw;
+    v.wo = 1.0 / (double)f.wo;
+    return v;
+}
+
+__device__ __forceinline__ AccRow acc_row(const AccFactor& f, const AccInv& inv, int row) {
+    int n, p, oh, ow;
+    acc_divmod(row, f.hw, inv.hw, n, p);
+    acc_divmod(p, f.wo, inv.wo, oh, ow);
     AccRow r;
     r.off = (long long)n * f.sn;
     r.h0 = oh * f.sy;
@@ -185,9 +214,11 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
     const int my_c = tid % T;
     const bool patches = f.kind == ACC_PATCHES;
     AccCol col_a = {}, col_b = {};
+    AccInv inv = {};
     if (patches) {
         col_a = acc_col(f, (int)col0 + tr + my_c, tr + my_c < w);
         col_b = acc_col(f, (int)col0 + tc + my_c, tc + my_c < w);
+        inv = acc_inv(f);
     }
     auto fetch = [&](int n) {
 #pragma unroll
@@ -196,7 +227,7 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
             const int row = n + k;
             float va = 0.f, vb = 0.f;
             if (row < n1 && patches) {
-                const AccRow r = acc_row(f, row);
+                const AccRow r = acc_row(f, inv, row);
                 va = acc_gather<In>(f, x, r, col_a);
                 if (!diag) vb = acc_gather<In>(f, x, r, col_b);
             } else if (row < n1) {
@@ -369,9 +400,11 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
     const int my_c = tid % T;
     const bool patches = f.kind == ACC_PATCHES;
     AccCol col_a = {}, col_b = {};
+    AccInv inv = {};
     if (patches) {
         col_a = acc_col(f, (int)col0 + tr + my_c, tr + my_c < w);
         col_b = acc_col(f, (int)col0 + tc + my_c, tc + my_c < w);
+        inv = acc_inv(f);
     }
     auto fetch = [&](int n) {
 #pragma unroll
@@ -382,8 +415,8 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
             const bool ca = tr + c < w, cb = tc + c < w;
             if (patches) {
                 // Rows past the range are not decoded (their words are 0).
-                const AccRow ra = acc_row(f, r0 ? row0 : n0);
-                const AccRow rb = acc_row(f, r1 ? row1 : n0);
+                const AccRow ra = acc_row(f, inv, r0 ? row0 : n0);
+                const AccRow rb = acc_row(f, inv, r1 ? row1 : n0);
                 const unsigned va = acc_gather_word<In>(f, x, ra, rb, col_a, r0, r1);
                 pa[e] = va;
                 pb[e] = diag ? va : acc_gather_word<In>(f, x, ra, rb, col_b, r0, r1);

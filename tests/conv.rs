@@ -501,3 +501,55 @@ mod optimizer {
         assert_eq!(t.counters(conv).unwrap().skipped, 1);
     }
 }
+
+/// The device's row decoding divides through a double reciprocal and one correction step
+/// (`acc_divmod` in kernels/accumulate.cu, mirrored here line for line): exact for every
+/// numerator below 2^30 and divisor below 2^30, checked at the edges where rounding could
+/// push the quotient off by one.
+#[test]
+fn division_by_double_reciprocal_is_exact() {
+    fn divmod(a: i32, d: i32, inv: f64) -> (i32, i32) {
+        let mut q = (a as f64 * inv) as i32;
+        let mut r = a - q * d;
+        if r < 0 {
+            q -= 1;
+            r += d;
+        } else if r >= d {
+            q += 1;
+            r -= d;
+        }
+        (q, r)
+    }
+    let max = (1i32 << 30) - 1;
+    let divisors = [
+        1,
+        2,
+        3,
+        7,
+        49,
+        3136,
+        12544,
+        (1 << 22) - 1,
+        (1 << 22) + 1,
+        (1 << 29) + 3,
+        max - 1,
+        max,
+    ];
+    let mut r = rng(77);
+    for &d in &divisors {
+        let inv = 1.0 / d as f64;
+        let mut nums: Vec<i32> = vec![0, 1, d - 1, d, max, max - 1];
+        for k in [1i64, 2, 3, 1000, (max / d) as i64] {
+            for off in [-1i64, 0, 1] {
+                let a = k * d as i64 + off;
+                if (0..=max as i64).contains(&a) {
+                    nums.push(a as i32);
+                }
+            }
+        }
+        nums.extend((0..1000).map(|_| rand::Rng::random_range(&mut r, 0..=max)));
+        for a in nums {
+            assert_eq!(divmod(a, d, inv), (a / d, a % d), "{a} / {d}");
+        }
+    }
+}
