@@ -174,6 +174,25 @@ __device__ __forceinline__ long long acc_offset(const AccFactor& f, const AccRow
     return r.off + c.off + (long long)hh * f.sh + (long long)ww * f.sw;
 }
 
+// What a partial kernel's thread needs to gather its tile column of a kind-1 factor: the
+// column decoded for both operands (tile rows tr and tc of block column col0, this thread's
+// column c) and the reciprocals rows are divided by. Zeros for a matrix factor.
+struct AccPatchCtx {
+    AccCol a, b;
+    AccInv inv;
+};
+
+__device__ __forceinline__ AccPatchCtx acc_patch_ctx(const AccFactor& f, bool patches, int col0,
+                                                     int tr, int tc, int c, int w) {
+    AccPatchCtx pc = {};
+    if (patches) {
+        pc.a = acc_col(f, col0 + tr + c, tr + c < w);
+        pc.b = acc_col(f, col0 + tc + c, tc + c < w);
+        pc.inv = acc_inv(f);
+    }
+    return pc;
+}
+
 // Element (row, col) as f32: 1 in the ones column, 0 in the padding and past the block.
 template <typename In>
 __device__ __forceinline__ float acc_gather(const AccFactor& f, const In* x, const AccRow& r,
@@ -210,16 +229,12 @@ __device__ void acc_partial_simt(const AccFactor* __restrict__ factors,
 #pragma unroll
         for (int k = 0; k < TN; ++k) acc[i][k] = 0.f;
     float pa[PER], pb[PER];
-    // This thread's column of the tile at every stage (NT is a multiple of T).
-    const int my_c = tid % T;
+    // This thread's tile column, the same at every stage (the thread count is a multiple
+    // of T), decoded once for a patch factor.
     const bool patches = f.kind == ACC_PATCHES;
-    AccCol col_a = {}, col_b = {};
-    AccInv inv = {};
-    if (patches) {
-        col_a = acc_col(f, (int)col0 + tr + my_c, tr + my_c < w);
-        col_b = acc_col(f, (int)col0 + tc + my_c, tc + my_c < w);
-        inv = acc_inv(f);
-    }
+    const AccPatchCtx pc = acc_patch_ctx(f, patches, (int)col0, tr, tc, tid % T, w);
+    const AccCol &col_a = pc.a, &col_b = pc.b;
+    const AccInv& inv = pc.inv;
     auto fetch = [&](int n) {
 #pragma unroll
         for (int e = 0; e < PER; ++e) {
@@ -396,16 +411,12 @@ __device__ void acc_partial_mma(const AccFactor* __restrict__ factors,
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][q][e] = 0.f;
     unsigned pa[PER], pb[PER];
-    // This thread's column of the tile at every stage (128 is a multiple of T).
-    const int my_c = tid % T;
+    // This thread's tile column, the same at every stage (the thread count is a multiple
+    // of T), decoded once for a patch factor.
     const bool patches = f.kind == ACC_PATCHES;
-    AccCol col_a = {}, col_b = {};
-    AccInv inv = {};
-    if (patches) {
-        col_a = acc_col(f, (int)col0 + tr + my_c, tr + my_c < w);
-        col_b = acc_col(f, (int)col0 + tc + my_c, tc + my_c < w);
-        inv = acc_inv(f);
-    }
+    const AccPatchCtx pc = acc_patch_ctx(f, patches, (int)col0, tr, tc, tid % T, w);
+    const AccCol &col_a = pc.a, &col_b = pc.b;
+    const AccInv& inv = pc.inv;
     auto fetch = [&](int n) {
 #pragma unroll
         for (int e = 0; e < PER; ++e) {
