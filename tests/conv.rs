@@ -168,15 +168,14 @@ fn bad_geometry_is_a_typed_error_and_nothing_is_written() {
     let layout = BlockLayout::new(27, 32).unwrap();
     let x = normal(&mut rng(1), 2 * 3 * 64);
     let mut ws = Workspace::new(cpu::accumulate_workspace_size::<f32>(&layout));
-    for (geom, arg) in bad {
-        assert_eq!(arg_of(&geom.validate().unwrap_err()), arg, "{geom:?}");
-        let p = Patches::new(geom, 2, TensorLayout::Nchw);
-        let mut blocks = vec![7.0f32; layout.buffer_len()];
-        let mut tr = vec![7.0f32; 1];
+    let mut blocks = vec![7.0f32; layout.buffer_len()];
+    let mut tr = vec![7.0f32; 1];
+    // One refused call: the argument it names, and nothing written.
+    let mut refused = |x: &[f32], p: Patches, layout: &BlockLayout| -> &'static str {
         let e = cpu::accumulate_input(
-            &x,
+            x,
             &InputLayout::Patches(p),
-            &layout,
+            layout,
             1.0,
             0.0,
             &mut blocks,
@@ -184,73 +183,29 @@ fn bad_geometry_is_a_typed_error_and_nothing_is_written() {
             &mut ws,
         )
         .unwrap_err();
-        assert_eq!(arg_of(&e), arg, "{geom:?}");
         assert!(blocks.iter().chain(&tr).all(|&v| v == 7.0));
+        arg_of(&e)
+    };
+    for (geom, arg) in bad {
+        assert_eq!(arg_of(&geom.validate().unwrap_err()), arg, "{geom:?}");
+        let p = Patches::new(geom, 2, TensorLayout::Nchw);
+        assert_eq!(refused(&x, p, &layout), arg, "{geom:?}");
     }
-    // Mismatched sizes: the factor's dimension, the tensor's length, the batch.
+    // Mismatched sizes: the factor's dimension, the tensor's length, the batch, strides.
     let p = Patches::new(g, 2, TensorLayout::Nchw);
-    let mut blocks = vec![7.0f32; layout.buffer_len()];
-    let mut tr = vec![7.0f32; 1];
     let wrong_dim = BlockLayout::new(28, 32).unwrap();
-    let mut cases: Vec<(Result<(), Error>, &str)> = vec![];
-    cases.push((
-        cpu::accumulate_input(
-            &x,
-            &InputLayout::Patches(p),
-            &wrong_dim,
-            1.0,
-            0.0,
-            &mut blocks,
-            &mut tr,
-            &mut ws,
+    let cases = [
+        (refused(&x, p, &wrong_dim), "patches"),
+        (refused(&x[1..], p, &layout), "x"),
+        (refused(&x, Patches { batch: 0, ..p }, &layout), "batch"),
+        (
+            refused(&x, p.with_strides([usize::MAX / 2, 1, 1, 1]), &layout),
+            "strides",
         ),
-        "patches",
-    ));
-    cases.push((
-        cpu::accumulate_input(
-            &x[1..],
-            &InputLayout::Patches(p),
-            &layout,
-            1.0,
-            0.0,
-            &mut blocks,
-            &mut tr,
-            &mut ws,
-        ),
-        "x",
-    ));
-    let empty = Patches { batch: 0, ..p };
-    cases.push((
-        cpu::accumulate_input(
-            &x,
-            &InputLayout::Patches(empty),
-            &layout,
-            1.0,
-            0.0,
-            &mut blocks,
-            &mut tr,
-            &mut ws,
-        ),
-        "batch",
-    ));
-    let huge = p.with_strides([usize::MAX / 2, 1, 1, 1]);
-    cases.push((
-        cpu::accumulate_input(
-            &x,
-            &InputLayout::Patches(huge),
-            &layout,
-            1.0,
-            0.0,
-            &mut blocks,
-            &mut tr,
-            &mut ws,
-        ),
-        "strides",
-    ));
-    for (r, arg) in cases {
-        assert_eq!(arg_of(&r.unwrap_err()), arg);
+    ];
+    for (got, arg) in cases {
+        assert_eq!(got, arg);
     }
-    assert!(blocks.iter().chain(&tr).all(|&v| v == 7.0));
 }
 
 #[test]
