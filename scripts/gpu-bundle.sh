@@ -45,9 +45,10 @@ executables build --release --example resnet50_ops --example resnet50_step | whi
 done
 echo "building the shared library for the Python bindings ..." >&2
 cargo build --release -p thor-kernels-capi 2>/dev/null
-mkdir -p "$out/python"
+mkdir -p "$out/python/thor_kernels" "$out/python/tests"
 cp target/release/libthor_kernels_capi.so "$out/python/"
-cp python/thor_kernels_torch.py python/test_thor_kernels_torch.py "$out/python/"
+cp python/thor_kernels/*.py "$out/python/thor_kernels/"
+cp python/tests/*.py "$out/python/tests/"
 strip --strip-all "$out"/tests/* "$out"/benches/* "$out"/examples/*
 strip --strip-debug "$out"/python/*.so
 cp scripts/gpu-run.sh "$out/run.sh"

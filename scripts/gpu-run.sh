@@ -44,10 +44,10 @@ if [ "$bench" = 1 ]; then
   grep -E '^gpu/|time:' "$out/bench.log" | paste - - | awk '{$1=$1};1' > "$out/bench-table.txt"
 fi
 if python3 -c "import torch, pytest; assert torch.cuda.is_available()" 2>/dev/null; then
-  export THOR_KERNELS_LIB="$here/python/libthor_kernels_capi.so"
-  step "pytest bindings (torch, cuda)" "$out/pytest.log" python3 -m pytest -q "$here/python" -p no:cacheprovider
+  export THOR_KERNELS_LIB="$here/python/libthor_kernels_capi.so" PYTHONPATH="$here/python"
+  step "pytest bindings (torch, cuda)" "$out/pytest.log" python3 -m pytest -q "$here/python/tests" -p no:cacheprovider
   step "pytest cuda under memcheck" "$out/pytest-memcheck.log" \
-    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 python3 -m pytest -q "$here/python" -k cuda -p no:cacheprovider
+    timeout 240 compute-sanitizer --tool memcheck --error-exitcode 99 python3 -m pytest -q "$here/python/tests" -k cuda -p no:cacheprovider
 else
   echo "pytest: skipped (no python3 with torch, pytest and CUDA)" >> "$summary"
 fi

@@ -16,3 +16,5 @@ cargo build -p thor-kernels-capi
 cargo test --workspace --all-targets "$@"
 # Doc examples are not part of --all-targets.
 cargo test --workspace --doc "$@"
+# The Python package: wheel built and installed into the pinned torch venv, then pytest.
+scripts/test-python.sh

@@ -1,4 +1,4 @@
-//! The PyTorch module's ctypes declarations match the committed header: every function it
+//! The Python package's ctypes declarations match the committed header: every function it
 //! binds exists with the same parameter and return types, and every `ctypes.Structure` has
 //! the fields of its C struct in the same order with the same types. The module is read
 //! with Python's `ast` (nothing is imported, so torch is not needed); skipped, saying why,
@@ -15,7 +15,8 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Reads the ctypes declarations of `python/thor_kernels_torch.py` and prints one line per
+/// Reads the ctypes declarations of `python/thor_kernels/_lib.py` (`_SIGNATURES` and the
+/// structures) and prints one line per
 /// item: `fn NAME RET ARG...` and `struct NAME FIELD:TYPE...`, types spelled as in C
 /// (`int32_t`, `float*`, `void*`, `struct:OptimizerConfig*`).
 const READER: &str = r#"
@@ -38,16 +39,10 @@ for node in ast.walk(tree):
         for stmt in node.body:
             if isinstance(stmt, ast.Assign) and stmt.targets[0].id == "_fields_":
                 structs[node.name] = eval(compile(ast.Expression(stmt.value), "fields", "eval"), dict(ns))
-for fn in ast.walk(tree):
-    if isinstance(fn, ast.FunctionDef) and fn.name == "_load":
-        local = dict(ns)
-        for stmt in fn.body:
-            if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
-                name = stmt.targets[0].id
-                if name == "P":
-                    local["P"] = "void*"
-                elif name == "sigs":
-                    sigs = eval(compile(ast.Expression(stmt.value), "sigs", "eval"), local)
+sigs = None
+for stmt in tree.body:
+    if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name) and stmt.targets[0].id == "_SIGNATURES":
+        sigs = eval(compile(ast.Expression(stmt.value), "sigs", "eval"), dict(ns))
 for name, (args, ret) in sigs.items():
     print("fn", name, ret if ret is not None else "void", *args)
 for name, fields in structs.items():
@@ -146,7 +141,7 @@ fn compatible(py: &str, c: &str) -> bool {
     }
     let c_ptrs = c.matches('*').count();
     match py {
-        // c_void_p (and the module's alias P) carries any single pointer.
+        // c_void_p carries any single pointer.
         "void*" => c_ptrs == 1,
         "void**" => c_ptrs == 2,
         "char*" => c == "char*",
@@ -160,7 +155,7 @@ fn compatible(py: &str, c: &str) -> bool {
 
 #[test]
 fn python_ctypes_declarations_match_the_header() {
-    let module = repo().join("python/thor_kernels_torch.py");
+    let module = repo().join("python/thor_kernels/_lib.py");
     let out = match Command::new("python3")
         .arg("-c")
         .arg(READER)
