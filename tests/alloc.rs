@@ -78,6 +78,23 @@ fn allocations(f: impl FnOnce()) -> usize {
     ALLOCATIONS.load(Ordering::SeqCst)
 }
 
+/// One small f32 product, as the apply does (faer, sequential).
+fn warm_matmul() {
+    use faer::linalg::matmul::matmul;
+    use faer::{Accum, Mat, Par};
+    let a = Mat::<f32>::from_fn(32, 32, |i, j| (i + j) as f32);
+    let mut c = Mat::<f32>::zeros(32, 32);
+    matmul(
+        c.as_mut(),
+        Accum::Replace,
+        a.as_ref(),
+        a.as_ref(),
+        1.0,
+        Par::Seq,
+    );
+    assert!(c[(1, 1)] > 0.0);
+}
+
 /// A layer's activations, output gradients, gradient and preconditioned gradient.
 type LayerData = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
 
@@ -135,6 +152,11 @@ fn steady_state_cpu_steps_allocate_nothing() {
     for _ in 0..4 {
         step(&mut t, &mut data);
     }
+    // faer's matrix product keeps a per-thread cache, made on a thread's first product: a
+    // one-time cost of the thread, not of a step. Which pool threads the warm-up steps
+    // reached depends on scheduling, so every pool thread does one product here.
+    rayon::broadcast(|_| warm_matmul());
+    warm_matmul();
     // Enough steps to cross a queue block boundary at least once.
     let steps = 80;
     let mut kinds_seen = [false; 2];

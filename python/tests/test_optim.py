@@ -436,3 +436,91 @@ def test_cuda_model_steps_on_the_gpu_as_on_the_cpu():
         assert q.is_cuda
         assert torch.allclose(p, q.cpu(), rtol=1e-3, atol=1e-5)
     assert oa.layer_state(a[0]) == ob.layer_state(b[0])
+
+
+def test_zero_grad_between_forward_and_backward_keeps_the_statistics():
+    """forward, zero_grad, backward, step (Lightning's order) steps as zero_grad first."""
+    a, b = mlp(), mlp()
+    oa, ob = THOR(a, lr=0.1, interval=1, block=32), THOR(b, lr=0.1, interval=1, block=32)
+    for s in range(3):
+        x, y = batch(s)
+        oa.zero_grad()
+        F.cross_entropy(a(x), y).backward()
+        oa.step()
+        loss = F.cross_entropy(b(x), y)
+        ob.zero_grad()
+        loss.backward()
+        ob.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert ob.layer_state(b[0])["statistics"] == 3
+
+
+def test_failed_construction_and_group_additions_leave_nothing_behind():
+    model = mlp()
+    with pytest.raises(ValueError, match="nesterov"):
+        THOR(model, [{"params": model.parameters(), "nesterov": True}], block=32)
+    opt = THOR(model, [{"params": model[0].parameters()}], block=32)  # the failed one left no hooks
+    with pytest.raises(ValueError, match="block"):
+        opt.add_param_group({"params": model[2].parameters(), "block": 48})
+    assert len(opt.param_groups) == 1 and opt.layers == [model[0]]
+    opt.add_param_group({"params": model[2].parameters(), "block": 64})
+    assert opt.layers == [model[0], model[2]]
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(opt)
+
+
+def test_a_bad_lr_raises_before_anything_changes():
+    model = mlp()
+    opt = THOR(model, lr=0.1, interval=1, block=32, kl_clip=1e-2)
+    x, y = batch()
+    F.cross_entropy(model(x), y).backward()
+    before = params(model)
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.layer_state(model[0])["statistics"] == 0
+    opt.param_groups[0]["lr"] = 0.1
+    opt.step()
+    assert opt.layer_state(model[0])["statistics"] == 1
+
+
+def test_loading_a_state_dict_of_other_settings_is_refused():
+    a, b = mlp(), mlp()
+    oa = THOR(a, damping=0.05, block=32, interval=1)
+    train(a, oa, 1)
+    ob = THOR(b, damping=0.01, block=32, interval=1)
+    with pytest.raises(ValueError, match="damping is 0.05"):
+        ob.load_state_dict(oa.state_dict())
+    train(b, ob, 1)  # still usable
+
+
+def test_an_input_modified_in_place_after_the_forward_is_refused():
+    model = mlp()
+    opt = THOR(model, lr=0.1, interval=1, block=32)
+    x, y = batch()
+    buf = x.clone()
+    F.cross_entropy(model(buf), y).backward()
+    buf.mul_(2.0)  # the recorded activations would change under the statistics
+    with pytest.raises(RuntimeError, match="modified in place"):
+        opt.step()
+    assert opt.layer_state(model[0])["statistics"] == 0
+
+
+def test_multihead_attention_projections_are_left_out():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.att(x, x, x)[0].mean(1))
+
+    net = Net()
+    opt = THOR(net, block=32, interval=1)
+    assert opt.layers == [net.head]
+    x = torch.randn(4, 5, 8)
+    F.cross_entropy(net(x), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()

@@ -155,3 +155,23 @@ def test_conv_padding_modes_use_the_padded_input(padding, mode):
     want = preconditioned(full, a, g, 0.05, 32)
     got = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad.reshape(3, 1)], 1)
     assert rel_err(got, want) < 1e-4
+
+
+def test_remove_hooks_detaches_and_an_overflowed_scaled_step_is_skipped():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    pre = ThorPreconditioner(model, block=32, interval=1, damping_decay=1.0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    raw = model[0].weight.grad.clone()
+    assert pre.step(grad_scale=2.0**16) is False  # as GradScaler would skip it
+    assert torch.equal(model[0].weight.grad, raw) and pre.counters(0)["statistics"] == 0
+    with pytest.raises(FloatingPointError, match="'0.weight'"):
+        pre.step()
+    pre.remove_hooks()
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    raw = model[0].weight.grad.clone()
+    assert pre.step() is True
+    assert torch.equal(model[0].weight.grad, raw) and pre.counters(0)["statistics"] == 0

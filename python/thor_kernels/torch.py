@@ -10,12 +10,18 @@ Statistics. On a statistics step (every ``interval`` steps) the layers' inputs a
 by forward hooks and the gradients of their outputs by hooks on those outputs, only while
 the model is in training mode with gradients enabled. A layer called several times in one
 forward contributes the rows of every call; several forward / backward passes before one
-``step()`` (gradient accumulation) contribute all their rows; ``zero_grad()`` drops what was
-recorded since the last step (so a step that a ``GradScaler`` skipped leaves no statistics).
-Output gradients are turned into per-example gradients by multiplying them by the number of
-samples the model saw since the last step, which is right for a loss averaged over the
-batch (with gradient accumulation: each micro-batch's mean loss divided by the number of
-micro-batches, as usual), and divided by the ``GradScaler``'s scale when one is given.
+``step()`` (gradient accumulation) contribute all their rows; ``zero_grad()`` drops what a
+step that was not taken recorded (so a step that a ``GradScaler`` skipped leaves no
+statistics), but not the latest forward's records still waiting for their backward (so
+``forward, zero_grad, backward, step`` works). Output gradients are turned into per-example
+gradients by multiplying them by the number of samples of the forward passes that
+contributed (the first dimension of the model's first tensor argument), which is right for
+a loss averaged over the batch (with gradient accumulation: each micro-batch's mean loss
+divided by the number of micro-batches, as usual), and divided by the ``GradScaler``'s
+scale when one is given (without it, G would come out scaled by the square of the loss
+scale). Recorded inputs are not copied: an input modified in place between its forward and
+the step is refused. Layers whose forward is not called (``MultiheadAttention``'s
+projections) are left out.
 
 A convolution's input and output gradient go to the library as they are (NCHW or channels
 last, no ``unfold`` patch matrix); string paddings and padding modes other than zeros are
@@ -33,8 +39,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import numbers
 import os
 import tempfile
+import warnings
 import weakref
 from ctypes import c_float, c_int32, c_void_p
 from pathlib import Path
@@ -60,7 +68,7 @@ def _check_settings(s: dict) -> None:
     checks ranges again)."""
     if s["block"] not in (32, 64, 128, 256):
         raise ValueError(f"block must be 32, 64, 128 or 256, got {s['block']!r}")
-    if not isinstance(s["interval"], int) or isinstance(s["interval"], bool) or s["interval"] < 1:
+    if not isinstance(s["interval"], numbers.Integral) or isinstance(s["interval"], bool) or s["interval"] < 1:
         raise ValueError(f"interval must be an integer >= 1, got {s['interval']!r}")
     for name in ("damping", "damping_decay", "damping_every", "stat_decay", "w1", "w2", "kl_clip"):
         v = s[name]
@@ -74,6 +82,18 @@ def _check_settings(s: dict) -> None:
         raise ValueError(f"damping_every must be > 0, got {s['damping_every']!r}")
     if not 0 <= s["stat_decay"] < 1:
         raise ValueError(f"stat_decay must be in [0, 1), got {s['stat_decay']!r}")
+
+
+def _check_update(group: dict) -> None:
+    """Checks a group's update settings (naming the setting): THOR's update is
+    ``torch.optim.SGD``'s with momentum, without its other options."""
+    for name in ("lr", "momentum", "weight_decay"):
+        v = group[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    for name in ("nesterov", "dampening", "maximize"):
+        if group.get(name):
+            raise ValueError(f"{name} is not supported: THOR's update is momentum SGD without it")
 
 
 class _Layer:
@@ -105,11 +125,12 @@ class _Engine:
         self.device, self.settings = device, dict(settings)
         ctx = _Context(device)
         self.stream = ctx.stream
+        # The stream object too, so that a torch.cuda.ExternalStream outlives the engine.
+        self._stream_obj = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self.ptr = c_void_p()
         check(lib().thor_v1_optimizer_create_on(ctx.ptr, ctypes.byref(cfg), ctypes.byref(self.ptr)))
         self._finalizer = weakref.finalize(self, lib().thor_v1_optimizer_destroy, self.ptr)
         check(lib().thor_v1_optimizer_set_conv_norm(self.ptr, _CONV_NORMS[conv_norm]))
-        self.layers: list[_Layer] = []
         self.stats = self.needs_statistics()
 
     def add(self, module: torch.nn.Module, name: str, bias: bool) -> _Layer:
@@ -121,9 +142,7 @@ class _Engine:
             kh, kw = module.kernel_size
             check(lib().thor_v1_optimizer_add_conv2d(self.ptr, module.in_channels, module.out_channels, kh, kw,
                                                      int(bias), ctypes.byref(lid)))
-        layer = _Layer(module, name, self, lid.value, bias)
-        self.layers.append(layer)
-        return layer
+        return _Layer(module, name, self, lid.value, bias)
 
     def needs_statistics(self) -> bool:
         v = c_int32()
@@ -208,9 +227,8 @@ def _first_batch_dim(args, kwargs) -> int | None:
 
 def _model_pre_hook(hooks, module, args, kwargs):
     if module.training and torch.is_grad_enabled():
-        n = _first_batch_dim(args, kwargs)
-        if n is not None:
-            hooks.samples += n
+        hooks.forward += 1
+        hooks.samples[hooks.forward] = _first_batch_dim(args, kwargs)
 
 
 def _layer_hook(hooks, module, inputs, out):
@@ -233,8 +251,21 @@ class _Hook:
         return {"fn": self.fn, "ref": None}
 
 
-def _grad_hook(slot, g):
-    slot[1] = g.detach()
+class _Call:
+    """One call of a hooked layer on a statistics step: its input (as recorded), the
+    gradient of its output once backward has reached it, the model forward it belongs to,
+    and the input's version counter when it shares the input's memory."""
+
+    __slots__ = ("a", "g", "forward", "src", "version")
+
+    def __init__(self, a: torch.Tensor, forward: int, src: torch.Tensor):
+        self.a, self.g, self.forward = a, None, forward
+        shared = a.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+        self.src, self.version = (src, src._version) if shared else (None, 0)
+
+
+def _grad_hook(call, g):
+    call.g = g.detach()
 
 
 #: The hooks on each hooked model (kept beside the model, not on it, so that the model
@@ -252,7 +283,10 @@ class _Hooks:
             raise ValueError("this model is already hooked by another THOR optimizer or preconditioner: call its "
                              "remove_hooks() first (or drop it)")
         self.layers: dict[torch.nn.Module, _Layer] = {}
-        self.samples = 0
+        #: The model's forward passes in training mode (a counter) and each one's batch size.
+        self.forward = 0
+        self.samples: dict[int, int | None] = {}
+        self._warned = False
         ref = weakref.ref(self)
         handles = [model.register_forward_pre_hook(_Hook(_model_pre_hook, ref), with_kwargs=True)]
         handles += [m.register_forward_hook(_Hook(_layer_hook, ref)) for _, m in candidates]
@@ -262,6 +296,7 @@ class _Hooks:
 
     def remove(self) -> None:
         self._finalizer()
+        self.layers.clear()
 
     def record(self, module, inputs, out) -> None:
         layer = self.layers.get(module)
@@ -269,7 +304,8 @@ class _Hooks:
             return
         if not (module.training and torch.is_grad_enabled() and isinstance(out, torch.Tensor) and out.requires_grad):
             return
-        a = inputs[0].detach()
+        src = inputs[0].detach()
+        a = src
         if a.device != layer.engine.device:
             raise ValueError(f"layer {layer.name!r}: its input is on {a.device}, the optimizer on "
                              f"{layer.engine.device} (the model's device when it was made)")
@@ -279,37 +315,64 @@ class _Hooks:
                                  "[N, C, H, W] inputs are supported")
             if layer.pad is not None:
                 a = F.pad(a, layer.pad[0], mode=layer.pad[1])
-            if layer.calls and layer.calls[0][0].shape[1:] != a.shape[1:]:
+            if layer.calls and layer.calls[0].a.shape[1:] != a.shape[1:]:
                 raise ValueError(f"layer {layer.name!r}: called on inputs of spatial sizes {tuple(a.shape[2:])} "
-                                 f"and {tuple(layer.calls[0][0].shape[2:])} in one step; the statistics of a conv "
+                                 f"and {tuple(layer.calls[0].a.shape[2:])} in one step; the statistics of a conv "
                                  "layer need one input size per step")
             a = a if a.dtype == torch.float32 else a.float()
         else:
             a = a.reshape(-1, a.shape[-1]).float()
-        slot = [a, None]
-        layer.calls.append(slot)
-        out.register_hook(functools.partial(_grad_hook, slot))
+        call = _Call(a, self.forward, src)
+        layer.calls.append(call)
+        out.register_hook(functools.partial(_grad_hook, call))
 
     def clear(self) -> None:
+        """Drops everything recorded (after a step)."""
         for layer in self.layers.values():
             layer.calls.clear()
-        self.samples = 0
+        self.samples.clear()
+
+    def drop_finished(self) -> None:
+        """Drops what ``zero_grad`` makes stale: the calls whose backward has run (a step
+        that was skipped) and those of earlier forwards, but not the latest forward's calls
+        still waiting for their backward (``zero_grad`` between forward and backward)."""
+        for layer in self.layers.values():
+            layer.calls = [c for c in layer.calls if c.g is None and c.forward == self.forward]
+        self.samples = {k: v for k, v in self.samples.items() if k == self.forward}
+
+    def check_inputs(self) -> None:
+        """Raises when a recorded input that shares memory with the layer's input was
+        modified in place after the forward (its statistics would be wrong)."""
+        for layer in self.layers.values():
+            for c in layer.calls:
+                if c.g is not None and c.src is not None and c.src._version != c.version:
+                    raise RuntimeError(f"layer {layer.name!r}: its input was modified in place after the forward "
+                                       "(its statistics would be wrong); pass a new tensor to each forward")
 
     def observe(self, grad_scale: float) -> None:
         """Hands every layer's recorded statistics to its engine (statistics steps only)."""
-        for layer in self.layers.values():
-            calls = [c for c in layer.calls if c[1] is not None]
-            if not layer.engine.stats or not calls:
+        done = {l: [c for c in l.calls if c.g is not None] for l in self.layers.values() if l.engine.stats}
+        forwards = {c.forward for calls in done.values() for c in calls}
+        sizes = [self.samples.get(f) for f in forwards]
+        known = sum(sizes) if sizes and None not in sizes else None
+        missing = [l.name for l, calls in done.items() if not calls and l.module.weight.grad is not None]
+        if missing and len(missing) < len(done) and not self._warned:
+            self._warned = True
+            warnings.warn(f"THOR layers {missing} got gradients but their forward was never seen on this statistics "
+                          "step (a module that uses their weights without calling them?): they keep the identity "
+                          "preconditioner until it is; pass them in exclude=[...] to silence this", stacklevel=3)
+        for layer, calls in done.items():
+            if not calls:
                 continue
-            n = self.samples or calls[0][1].shape[0]
+            n = known if known is not None else calls[0].g.shape[0]
             scale = n / grad_scale
             if layer.conv:
-                a = calls[0][0] if len(calls) == 1 else torch.cat([c[0] for c in calls])
-                g = calls[0][1] if len(calls) == 1 else torch.cat([c[1] for c in calls])
+                a = calls[0].a if len(calls) == 1 else torch.cat([c.a for c in calls])
+                g = calls[0].g if len(calls) == 1 else torch.cat([c.g for c in calls])
                 g = g.float() * scale
             else:
-                a = torch.cat([c[0] for c in calls]).contiguous()
-                g = torch.cat([c[1].reshape(-1, c[1].shape[-1]) for c in calls]).float() * scale
+                a = torch.cat([c.a for c in calls]).contiguous()
+                g = torch.cat([c.g.reshape(-1, c.g.shape[-1]) for c in calls]).float() * scale
                 g = g.contiguous()
             layer.engine.observe(layer, a, g)
 
@@ -325,6 +388,10 @@ def _remove_handles(handles, model_ref):
 def _candidate_layers(model: torch.nn.Module, exclude: Iterable[torch.nn.Module]) -> list:
     """The (name, module) of every Linear and Conv2d layer THOR can precondition."""
     skip = {id(m) for m in exclude}
+    # MultiheadAttention uses its out_proj's weight without calling it: no statistics.
+    for m in model.modules():
+        if isinstance(m, torch.nn.MultiheadAttention):
+            skip |= {id(c) for c in m.modules()}
     out = []
     for name, m in model.named_modules():
         if id(m) in skip or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -414,8 +481,6 @@ class THOR(torch.optim.Optimizer):
                  damping_every: float = 10.0, stat_decay: float = 0.0, interval: int = 20, block: int = 128,
                  w1: float = 0.01, w2: float = 0.0, kl_clip: float = 0.0, conv_norm: str = "position",
                  steps_per_epoch: int | None = None, grad_scaler=None, exclude: Iterable[torch.nn.Module] = ()):
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
         if conv_norm not in _CONV_NORMS:
             raise ValueError(f"conv_norm must be one of {sorted(_CONV_NORMS)}, got {conv_norm!r}")
         if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
@@ -424,6 +489,7 @@ class THOR(torch.optim.Optimizer):
                         damping_decay=damping_decay, damping_every=damping_every, stat_decay=stat_decay,
                         interval=interval, block=block, w1=w1, w2=w2, kl_clip=kl_clip)
         _check_settings(defaults)
+        _check_update(defaults)
         candidates = _candidate_layers(model, exclude)
         self._names = {p: n for n, p in model.named_parameters()}
         self._candidates = candidates
@@ -434,7 +500,15 @@ class THOR(torch.optim.Optimizer):
         self._steps = 0
         self._engines: dict[int, _Engine] = {}
         self._hooks = _Hooks(model, candidates)
-        super().__init__(model.parameters() if params is None else params, defaults)
+        try:
+            super().__init__(model.parameters() if params is None else params, defaults)
+        except BaseException:
+            self._hooks.remove()
+            raise
+
+    def __getstate__(self):
+        raise TypeError("a THOR optimizer holds native state and cannot be pickled or copied: save its "
+                        "state_dict() and load it into a new THOR made on the model")
 
     # -- groups and layers ---------------------------------------------------------------
 
@@ -442,8 +516,15 @@ class THOR(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.add_param_group``; the group's hooked layers get an
         engine made with its settings."""
         super().add_param_group(param_group)
-        index = len(self.param_groups) - 1
+        try:
+            self._setup_group(len(self.param_groups) - 1)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    def _setup_group(self, index: int) -> None:
         group = self.param_groups[index]
+        _check_update(group)
         ids = {id(p) for p in group["params"]}
         mine = [(n, m) for n, m in self._candidates if id(m.weight) in ids]
         if not mine:
@@ -482,7 +563,6 @@ class THOR(torch.optim.Optimizer):
         """Removes the hooks from the model; the optimizer then updates every parameter with
         the plain momentum-SGD step."""
         self._hooks.remove()
-        self._hooks.layers.clear()
 
     def set_epoch(self, epoch: float) -> None:
         """Sets the training position in (fractional) epochs for the damping schedule (from
@@ -494,9 +574,10 @@ class THOR(torch.optim.Optimizer):
     # -- the step ------------------------------------------------------------------------
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``torch.optim.Optimizer.zero_grad``; also drops the statistics recorded since
-        the last step."""
-        self._hooks.clear()
+        """As ``torch.optim.Optimizer.zero_grad``; also drops the statistics of a step that
+        was not taken (those whose backward ran; a forward still waiting for its backward
+        keeps its own)."""
+        self._hooks.drop_finished()
         super().zero_grad(set_to_none=set_to_none)
 
     def _current_epoch(self) -> float:
@@ -526,6 +607,9 @@ class THOR(torch.optim.Optimizer):
                 if p.device != layer.engine.device:
                     raise ValueError(f"parameter '{layer.name}.{what}' is on {p.device}, the optimizer on "
                                      f"{layer.engine.device}: make the optimizer after moving the model")
+        for group in self.param_groups:
+            _check_update(group)
+        self._hooks.check_inputs()
         for index, engine in self._engines.items():
             for k in ENGINE_SETTINGS:
                 if self.param_groups[index][k] != engine.settings[k]:
@@ -547,8 +631,8 @@ class THOR(torch.optim.Optimizer):
         for index, engine in self._engines.items():
             group = self.param_groups[index]
             done = []
-            for layer in engine.layers:
-                if layer.module.weight.grad is None or self._hooks.layers.get(layer.module) is not layer:
+            for layer in [l for l in self._hooks.layers.values() if l.engine is engine]:
+                if layer.module.weight.grad is None:
                     continue
                 full = _layer_gradient(layer, group["weight_decay"])
                 done.append((layer, full, engine.precondition(layer, full)))
@@ -613,6 +697,15 @@ class THOR(torch.optim.Optimizer):
         if set(engines) != set(self._engines):
             raise ValueError(f"the state dict has engines for groups {sorted(engines)}, this optimizer for "
                              f"{sorted(self._engines)}")
+        groups = state_dict.get("param_groups", [])
+        for i, e in self._engines.items():
+            if i >= len(groups):
+                raise ValueError(f"the state dict has {len(groups)} param groups, this optimizer more")
+            for k in ENGINE_SETTINGS:
+                if groups[i].get(k) != e.settings[k]:
+                    raise ValueError(f"param group {i}: the state dict's {k} is {groups[i].get(k)!r}, this "
+                                     f"optimizer's {e.settings[k]!r}; make the optimizer with the saved settings")
+        steps, epoch = int(thor["steps"]), thor["epoch"]
         before = super().state_dict()
         saved = {i: e.save() for i, e in self._engines.items()}
         super().load_state_dict(state_dict)
@@ -626,7 +719,7 @@ class THOR(torch.optim.Optimizer):
                 self._engines[i].load(saved[i])
             super().load_state_dict(before)
             raise
-        self._steps, self._epoch = int(thor["steps"]), thor["epoch"]
+        self._steps, self._epoch = steps, epoch
         self._hooks.clear()
 
 
@@ -671,53 +764,72 @@ class ThorPreconditioner:
         self.device = next(iter(devices)) if devices else torch.device("cpu")
         self._engine = _Engine(self.device, settings, conv_norm)
         self._hooks = _Hooks(model, candidates)
+        #: ``(module, index)`` of every hooked layer, in the model's order.
         self.layers = []
+        self._layers = []
         for name, m in candidates:
             bias = m.bias is not None and m.bias.requires_grad
             layer = self._engine.add(m, name, bias)
             self._hooks.layers[m] = layer
+            self._layers.append(layer)
             self.layers.append((m, layer.index))
         #: The KL clip factor of the last step (1.0 until a clipped step ran).
         self.last_kl_clip_factor = 1.0
 
     def counters(self, layer_index: int) -> dict:
         """Counters of the ``layer_index``-th hooked layer (see :meth:`THOR.layer_state`)."""
-        return self._engine.counters(self._hooks.layers[self.layers[layer_index][0]])
+        return self._engine.counters(self._layers[layer_index])
 
     def zero_grad(self) -> None:
-        """Drops the statistics recorded since the last step."""
-        self._hooks.clear()
+        """Drops the statistics of a step that was not taken (see :meth:`THOR.zero_grad`)."""
+        self._hooks.drop_finished()
 
     def remove_hooks(self) -> None:
-        """Removes the hooks from the model."""
+        """Removes the hooks from the model; :meth:`step` then leaves ``.grad`` alone."""
         self._hooks.remove()
 
     @torch.no_grad()
-    def step(self, epoch: float | None = None, lr: float | None = None, grad_scale: float = 1.0) -> None:
+    def step(self, epoch: float | None = None, lr: float | None = None, grad_scale: float = 1.0) -> bool:
         """Feeds the recorded statistics (on statistics steps) and preconditions every hooked
-        layer's ``.grad`` in place. With ``kl_clip`` set, ``lr`` (this step's learning rate)
-        is required. ``grad_scale``: the loss scale the gradients were computed with (they
-        must be unscaled already; the recorded output gradients are unscaled here)."""
+        layer's ``.grad`` in place; returns True. With ``kl_clip`` set, ``lr`` (this step's
+        learning rate) is required. ``grad_scale``: the loss scale of a ``GradScaler``
+        (``scaler.get_scale()``; the gradients must be unscaled already, with
+        ``scaler.unscale_(opt)``): the recorded output gradients are unscaled with it, and a
+        step whose gradients overflowed is skipped (statistics dropped, ``.grad`` left for
+        the scaler to skip) and returns False. Without a scale a NaN or infinite gradient
+        raises ``FloatingPointError``. Nothing changes when it raises."""
         engine = self._engine
-        if engine.settings["kl_clip"] > 0 and lr is None:
-            raise ValueError("kl_clip is set: pass this step's learning rate, step(epoch, lr=...)")
+        if engine.settings["kl_clip"] > 0 and (lr is None or not math.isfinite(lr) or lr < 0):
+            raise ValueError(f"kl_clip is set: pass this step's learning rate (finite, >= 0), step(epoch, lr=...); "
+                             f"got {lr!r}")
         if epoch is None and engine.settings["damping_decay"] != 1:
             raise ValueError("damping_decay < 1 decays the damping with the epoch: pass step(epoch)")
+        if epoch is not None and (not math.isfinite(epoch) or epoch < 0):
+            raise ValueError(f"epoch must be finite and >= 0, got {epoch!r}")
+        if not math.isfinite(grad_scale) or grad_scale <= 0:
+            raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale!r}")
+        layers = list(self._hooks.layers.values())
         named = []
-        for layer in engine.layers:
-            for p in (layer.module.weight, layer.module.bias if layer.bias else None):
-                if p is not None and p.grad is not None:
-                    if p.grad.device != self.device:
-                        raise ValueError(f"layer {layer.name!r}: a gradient on {p.grad.device}, the preconditioner "
-                                         f"on {self.device}: make the preconditioner after moving the model")
-                    named.append((layer.name, p.grad))
+        for layer in layers:
+            for what in ("weight", "bias") if layer.bias else ("weight",):
+                g = getattr(layer.module, what).grad
+                if g is not None:
+                    if g.device != self.device:
+                        raise ValueError(f"parameter '{layer.name}.{what}': a gradient on {g.device}, the "
+                                         f"preconditioner on {self.device}: make the preconditioner after moving "
+                                         "the model")
+                    named.append((f"{layer.name}.{what}", g))
+        if grad_scale != 1.0 and named and not torch.stack([torch.isfinite(g).all() for _, g in named]).all():
+            self._hooks.clear()
+            return False
         _check_finite(named)
+        self._hooks.check_inputs()
         engine.check_stream()
         engine.set_epoch(0.0 if epoch is None else epoch)
         if engine.stats:
             self._hooks.observe(grad_scale)
         done = []
-        for layer in engine.layers:
+        for layer in layers:
             if layer.module.weight.grad is not None:
                 full = _layer_gradient(layer, 0.0)
                 done.append((layer, full, engine.precondition(layer, full)))
@@ -735,3 +847,4 @@ class ThorPreconditioner:
                 m.bias.grad.copy_(out[:, -1])
         engine.finish_step()
         self._hooks.clear()
+        return True
