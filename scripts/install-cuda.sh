@@ -16,12 +16,4 @@ pins=(
   nvidia-cuda-cccl==13.0.85
   nvidia-cuda-nvrtc==13.0.88
 )
-stamp="$venv/.thor-pins"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${pins[*]}" ]; then
-  echo "$venv"
-  exit 0
-fi
-python3 -m venv "$venv" >&2
-"$venv/bin/pip" install --quiet --disable-pip-version-check "${pins[@]}" >&2
-echo "${pins[*]}" > "$stamp"
-echo "$venv"
+exec "$(dirname "$0")/pinned-venv.sh" "$venv" "${pins[@]}"

@@ -9,12 +9,4 @@
 set -euo pipefail
 venv="${THOR_TORCH_VENV:-$HOME/.cache/thor-kernels/torch}"
 pins=(torch==2.15.0 pytest==9.2.0 tqdm==4.70.1 matplotlib==3.11.2)
-stamp="$venv/.thor-pins"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${pins[*]}" ]; then
-  echo "$venv/bin/python"
-  exit 0
-fi
-python3 -m venv "$venv" >&2
-"$venv/bin/pip" install --quiet --disable-pip-version-check "${pins[@]}" >&2
-echo "${pins[*]}" > "$stamp"
-echo "$venv/bin/python"
+echo "$("$(dirname "$0")/pinned-venv.sh" "$venv" "${pins[@]}")/bin/python"

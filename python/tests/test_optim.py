@@ -35,12 +35,29 @@ def params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def plain_step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
 def train(model, opt, steps, seed=10, n=16):
     for s in range(steps):
-        x, y = batch(seed + s, n)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        plain_step(model, opt, *batch(seed + s, n))
+
+
+def assert_steps_as_plain(variant, exact=True, steps=3):
+    """Trains twin models, one with plain steps and one with ``variant(model, opt, x, y, s)``
+    on the same batches; their parameters must agree (bit for bit when ``exact``)."""
+    a, b = mlp(), mlp()
+    oa, ob = THOR(a, lr=0.1, interval=1, block=32), THOR(b, lr=0.1, interval=1, block=32)
+    for s in range(steps):
+        x, y = batch(s)
+        plain_step(a, oa, x, y)
+        variant(b, ob, x, y, s)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q) if exact else torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+    return b, ob
 
 
 def first_step_reference(model, x, y, lr, damping, b):
@@ -207,13 +224,7 @@ def test_grad_scaler_unscales_statistics_and_skipped_steps_record_none():
 
 
 def test_eval_and_no_grad_record_no_statistics():
-    a, b = mlp(), mlp()
-    oa, ob = THOR(a, lr=0.1, interval=1, block=32), THOR(b, lr=0.1, interval=1, block=32)
-    for s in range(3):
-        x, y = batch(s)
-        oa.zero_grad()
-        F.cross_entropy(a(x), y).backward()
-        oa.step()
+    def variant(b, ob, x, y, s):
         ob.zero_grad()
         b.eval()
         F.cross_entropy(b(batch(50 + s)[0]), y).backward()  # eval mode, gradients on: no statistics
@@ -225,26 +236,19 @@ def test_eval_and_no_grad_record_no_statistics():
         with torch.no_grad():
             b(batch(70 + s)[0])  # a validation pass between backward and step
         ob.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+
+    assert_steps_as_plain(variant)
 
 
 def test_gradient_accumulation_uses_every_micro_batch():
     """Two micro-batches of 8 (each mean loss halved) step as one batch of 16."""
-    a, b = mlp(), mlp()
-    oa = THOR(a, lr=0.1, interval=1, block=32)
-    ob = THOR(b, lr=0.1, interval=1, block=32)
-    for s in range(3):
-        x, y = batch(s)
-        oa.zero_grad()
-        F.cross_entropy(a(x), y).backward()
-        oa.step()
+    def variant(b, ob, x, y, s):
         ob.zero_grad()
         for part in (slice(0, 8), slice(8, 16)):
             (F.cross_entropy(b(x[part]), y[part]) / 2).backward()
         ob.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+    assert_steps_as_plain(variant, exact=False)
 
 
 def test_a_layer_called_twice_uses_the_rows_of_both_calls():
@@ -440,19 +444,13 @@ def test_cuda_model_steps_on_the_gpu_as_on_the_cpu():
 
 def test_zero_grad_between_forward_and_backward_keeps_the_statistics():
     """forward, zero_grad, backward, step (Lightning's order) steps as zero_grad first."""
-    a, b = mlp(), mlp()
-    oa, ob = THOR(a, lr=0.1, interval=1, block=32), THOR(b, lr=0.1, interval=1, block=32)
-    for s in range(3):
-        x, y = batch(s)
-        oa.zero_grad()
-        F.cross_entropy(a(x), y).backward()
-        oa.step()
+    def variant(b, ob, x, y, s):
         loss = F.cross_entropy(b(x), y)
         ob.zero_grad()
         loss.backward()
         ob.step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+
+    b, ob = assert_steps_as_plain(variant)
     assert ob.layer_state(b[0])["statistics"] == 3
 
 
