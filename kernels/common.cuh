@@ -80,4 +80,34 @@ __device__ __forceinline__ void thor_mma_bf16(float* d, const unsigned* a, const
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
           "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
+// Asynchronous copies global -> shared (sm_80): 16 bytes per call, both addresses 16-byte
+// aligned; `commit` closes the calls since the last one into a group; `wait<N>` waits until
+// at most the N most recent groups are pending (then a __syncthreads makes the data visible
+// to the other threads). The emulator (tests/emu) poisons the destination until the wait.
+__device__ __forceinline__ void thor_cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void thor_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void thor_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+// ldmatrix, one warp: four 8x8 matrices of 16-bit elements from shared memory; lane l gives
+// the address of row l % 8 of matrix l / 8 (16-byte aligned) and receives in r[i] the
+// elements (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1) of matrix i (the low half first),
+// or with `_trans` the elements (2 (l % 4), l / 4) and (2 (l % 4) + 1, l / 4): the mma
+// fragment layouts of a row-major A and of a B stored row-major.
+__device__ __forceinline__ void thor_ldmatrix_x4(unsigned* r, const void* row) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void thor_ldmatrix_x4_trans(unsigned* r, const void* row) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
 #endif

@@ -1195,3 +1195,58 @@ fn emulated_device_step_matches_the_optimizer_over_several_steps() {
         }
     }
 }
+
+/// cp.async as the emulator models it: a copy lands at its group's wait, so a two-stage
+/// pipeline that waits before each read reads every tile (from another thread's copy, after
+/// the barrier), one that leaves the wait out reads poison, and one that reads the stage
+/// still in flight (its group not waited for) reads poison too, under every thread order.
+#[test]
+fn emulated_cp_async_lands_at_the_wait() {
+    use common::probe_cases::*;
+    let _g = lock();
+    let input = cp_input();
+    let want = cp_expected(&input);
+    let mut inp = Guarded::new(&input);
+    for wait in [1, 0, 2] {
+        for order in ORDERS {
+            let mut out = Guarded::new(&vec![-1.0f32; input.len()]);
+            run(&[cp_plan(inp.ptr(), out.ptr(), wait)], order).unwrap();
+            out.check("cp.async probe output");
+            for (k, v) in out.get().into_iter().enumerate() {
+                let t = k / CP_TILE;
+                if wait == 1 {
+                    assert_eq!(v, want[k], "float {k} order {order}");
+                } else if wait == 2 && t + 1 == CP_TILES {
+                    // The last tile's "stage in flight" holds tile t - 1, long landed.
+                    assert_eq!(v, want[k - CP_TILE], "float {k} order {order}");
+                } else {
+                    assert!(
+                        v.is_nan(),
+                        "wait mode {wait}, yet float {k} = {v} (order {order})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// ldmatrix as the emulator models it, against the PTX ISA's fragment layouts written out.
+#[test]
+fn emulated_ldmatrix_gives_the_fragment_layouts() {
+    use common::probe_cases::*;
+    let _g = lock();
+    let tile = ld_tile();
+    let mut t = Guarded::new(&tile);
+    for trans in [false, true] {
+        for order in ORDERS {
+            let mut out = Guarded::new(&vec![0u32; 128]);
+            run(&[ld_plan(t.ptr(), out.ptr(), trans)], order).unwrap();
+            out.check("ldmatrix probe output");
+            assert_eq!(
+                out.get(),
+                ld_expected(&tile, trans),
+                "trans {trans} order {order}"
+            );
+        }
+    }
+}

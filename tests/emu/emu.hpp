@@ -215,6 +215,26 @@ inline void thor_mma_bf16(float* d, const unsigned* a, const unsigned* b, const 
     thor_emu::mma_m16n8k16_bf16(d, a, b, c);
 }
 
+// cp.async and ldmatrix (kernels/common.cuh documents them). A copy lands at the issuing
+// thread's wait for its group (its destination holds NaN poison until then; a thread that
+// ends with copies not waited for is an error); ldmatrix is a warp collective that checks
+// every row address is 16-byte aligned.
+namespace thor_emu {
+void cp_async16(void* dst, const void* src);
+void cp_async_commit();
+void cp_async_wait(int pending);
+void ldmatrix_x4(unsigned* r, const void* row, bool trans);
+}  // namespace thor_emu
+
+inline void thor_cp_async16(void* smem, const void* gmem) { thor_emu::cp_async16(smem, gmem); }
+inline void thor_cp_async_commit() { thor_emu::cp_async_commit(); }
+template <int N>
+inline void thor_cp_async_wait() {
+    thor_emu::cp_async_wait(N);
+}
+inline void thor_ldmatrix_x4(unsigned* r, const void* row) { thor_emu::ldmatrix_x4(r, row, false); }
+inline void thor_ldmatrix_x4_trans(unsigned* r, const void* row) { thor_emu::ldmatrix_x4(r, row, true); }
+
 // Registration: each kernel gets a trampoline that unpacks a cuLaunchKernel-style argument
 // array (one pointer per argument) into a typed call.
 namespace thor_emu {

@@ -53,11 +53,20 @@ namespace {
 
 enum State { READY, AT_BLOCK, AT_WARP, DONE };
 
+// A cp.async copy issued and not yet waited for.
+struct Copy {
+    void* dst;
+    const void* src;
+    long group;
+};
+
 struct Fiber {
     void* sp = nullptr;
     State st = READY;
     uint3 tid{};
     int lane = 0, warp = 0;
+    std::vector<Copy> copies;  // cp.async, in issue order
+    long committed = 0;        // cp.async groups committed so far
 };
 
 constexpr size_t STACK = 256 * 1024;
@@ -98,6 +107,7 @@ void to_scheduler(State s) {
 
 [[noreturn]] void fiber_entry() {
     L->k.tr(L->k.fn, L->args);
+    if (!L->fibers[L->cur].copies.empty()) thor_emu::fail("cp.async copies never waited for at thread exit");
     for (;;) to_scheduler(DONE);
 }
 
@@ -109,6 +119,8 @@ void start_fiber(Fiber& f, char* stack_base) {
     for (int i = 0; i < 6; ++i) *--p = nullptr;            // rbp rbx r12 r13 r14 r15
     f.sp = p;
     f.st = READY;
+    f.copies.clear();
+    f.committed = 0;
 }
 
 std::string where(const Fiber& f) {
@@ -215,6 +227,48 @@ void fail(const char* what) {
     L->error = what;
     L->aborted = true;
     to_scheduler(DONE);
+}
+
+void cp_async16(void* dst, const void* src) {
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & 15)
+        fail("cp.async: an address not 16-byte aligned");
+    Fiber& f = L->fibers[L->cur];
+    std::memset(dst, 0xff, 16);  // poison until the wait
+    f.copies.push_back(Copy{dst, src, f.committed});
+}
+void cp_async_commit() { ++L->fibers[L->cur].committed; }
+void cp_async_wait(int pending) {
+    Fiber& f = L->fibers[L->cur];
+    // Groups up to committed - pending - 1 complete; the open group is not waited for.
+    const long done = f.committed - pending;
+    std::vector<Copy> left;
+    for (const Copy& c : f.copies) {
+        if (c.group < done)
+            std::memcpy(c.dst, c.src, 16);
+        else
+            left.push_back(c);
+    }
+    f.copies.swap(left);
+}
+void ldmatrix_x4(unsigned* r, const void* row, bool trans) {
+    if (reinterpret_cast<uintptr_t>(row) & 15) fail("ldmatrix: a row address not 16-byte aligned");
+    unsigned char* s = warp_slots();
+    std::memcpy(s + 8 * lane(), &row, sizeof row);
+    sync_warp();
+    const int l = lane();
+    for (int i = 0; i < 4; ++i) {
+        unsigned short e[2];
+        for (int h = 0; h < 2; ++h) {
+            // Matrix i's rows are the addresses of lanes 8 i .. 8 i + 7.
+            const int rr = trans ? 2 * (l % 4) + h : l / 4;
+            const int cc = trans ? l / 4 : 2 * (l % 4) + h;
+            const unsigned short* p;
+            std::memcpy(&p, s + 8 * (8 * i + rr), sizeof p);
+            e[h] = p[cc];
+        }
+        r[i] = (unsigned)e[0] | ((unsigned)e[1] << 16);
+    }
+    sync_warp();
 }
 
 namespace {

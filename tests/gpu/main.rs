@@ -10,6 +10,7 @@ mod apply;
 mod conv;
 mod invert;
 mod ops;
+mod probe;
 mod step;
 
 use common::*;
