@@ -15,6 +15,7 @@ macro_rules! skip_note {
 pub mod apply_cases;
 pub mod conv_cases;
 pub mod invert_cases;
+#[cfg(feature = "cuda")]
 pub mod probe_cases;
 pub mod step_cases;
 
