@@ -307,6 +307,18 @@ mod accumulate {
                 None => thor_kernels::InputLayout::matrix(self.rows, self.ld),
             }
         }
+
+        /// The same input with its elements converted (to a 16-bit type, say).
+        pub fn map<U>(&self, f: impl Fn(&E) -> U) -> Input<U> {
+            Input {
+                x: self.x.iter().map(f).collect(),
+                rows: self.rows,
+                ld: self.ld,
+                patches: self.patches,
+                alpha: self.alpha,
+                beta: self.beta,
+            }
+        }
     }
 
     pub struct Out {
@@ -616,15 +628,8 @@ fn emulated_accumulate_conv_patches() {
             let want = reference_set(&set, &inputs, &init);
             check(&set, &out, &want, tol, &format!("conv f32 {mode:?} b={b}"));
             let inputs16: Vec<Input<bf16>> = make(800 + b as u64)
-                .into_iter()
-                .map(|i| Input {
-                    x: i.x.iter().map(|&v| bf16::from_f32(v)).collect(),
-                    rows: i.rows,
-                    ld: i.ld,
-                    patches: i.patches,
-                    alpha: i.alpha,
-                    beta: i.beta,
-                })
+                .iter()
+                .map(|i| i.map(|&v| bf16::from_f32(v)))
                 .collect();
             let out = run_acc(&set, &inputs16, &init, mode, 1);
             let want = reference_set(&set, &inputs16, &init);
@@ -638,15 +643,8 @@ fn emulated_accumulate_conv_patches() {
         }
         // f16 on tensor cores (its ones column is the f16 bit pattern of 1).
         let inputs16: Vec<Input<half::f16>> = make(850 + b as u64)
-            .into_iter()
-            .map(|i| Input {
-                x: i.x.iter().map(|&v| half::f16::from_f32(v)).collect(),
-                rows: i.rows,
-                ld: i.ld,
-                patches: i.patches,
-                alpha: i.alpha,
-                beta: i.beta,
-            })
+            .iter()
+            .map(|i| i.map(|&v| half::f16::from_f32(v)))
             .collect();
         let out = run_acc(&set, &inputs16, &init, AccumulateMode::TensorCore, 2);
         let want = reference_set(&set, &inputs16, &init);

@@ -421,6 +421,26 @@ def _layer_gradient(layer: _Layer, weight_decay: float) -> torch.Tensor:
     return w.contiguous()
 
 
+def _preconditioned(engine: _Engine, layers: list, weight_decay: float, lr: float):
+    """The preconditioned gradients of the ``layers`` with a gradient, scaled by the KL clip
+    factor at ``lr``: ``([(layer, weight part shaped as the weight, bias part or None)],
+    factor)``."""
+    done = []
+    for layer in layers:
+        if layer.module.weight.grad is not None:
+            full = _layer_gradient(layer, weight_decay)
+            done.append((layer, full, engine.precondition(layer, full)))
+    factor = engine.kl_clip_factor(lr, done)
+    out = []
+    for layer, full, u in done:
+        if factor != 1.0:
+            u.mul_(factor)
+        w = layer.module.weight
+        n_w = full.shape[1] - int(layer.bias)
+        out.append((layer, u[:, :n_w].reshape(w.shape), u[:, -1] if layer.bias else None))
+    return out, factor
+
+
 def _check_finite(named: list) -> None:
     """Raises (naming the first) when a gradient holds a NaN or an infinity."""
     if not named:
@@ -630,21 +650,13 @@ class THOR(torch.optim.Optimizer):
         updates: dict[torch.nn.Parameter, torch.Tensor] = {}
         for index, engine in self._engines.items():
             group = self.param_groups[index]
-            done = []
-            for layer in [l for l in self._hooks.layers.values() if l.engine is engine]:
-                if layer.module.weight.grad is None:
-                    continue
-                full = _layer_gradient(layer, group["weight_decay"])
-                done.append((layer, full, engine.precondition(layer, full)))
-            factor = engine.kl_clip_factor(group["lr"], done)
-            for layer, full, out in done:
-                if factor != 1.0:
-                    out.mul_(factor)
+            layers = [l for l in self._hooks.layers.values() if l.engine is engine]
+            done, _ = _preconditioned(engine, layers, group["weight_decay"], group["lr"])
+            for layer, w, b in done:
                 m = layer.module
-                n_w = full.shape[1] - int(layer.bias)
-                updates[m.weight] = out[:, :n_w].reshape(m.weight.shape).to(m.weight.dtype)
-                if layer.bias:
-                    updates[m.bias] = out[:, -1].to(m.bias.dtype)
+                updates[m.weight] = w.to(m.weight.dtype)
+                if b is not None:
+                    updates[m.bias] = b.to(m.bias.dtype)
         for group in self.param_groups:
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -828,23 +840,14 @@ class ThorPreconditioner:
         engine.set_epoch(0.0 if epoch is None else epoch)
         if engine.stats:
             self._hooks.observe(grad_scale)
-        done = []
-        for layer in layers:
-            if layer.module.weight.grad is not None:
-                full = _layer_gradient(layer, 0.0)
-                done.append((layer, full, engine.precondition(layer, full)))
-        factor = engine.kl_clip_factor(lr or 0.0, done)
-        self.last_kl_clip_factor = factor
-        for layer, full, out in done:
-            if factor != 1.0:
-                out.mul_(factor)
+        done, self.last_kl_clip_factor = _preconditioned(engine, layers, 0.0, lr or 0.0)
+        for layer, w, b in done:
             m = layer.module
-            n_w = full.shape[1] - int(layer.bias)
-            m.weight.grad.copy_(out[:, :n_w].reshape(m.weight.shape))
-            if layer.bias:
+            m.weight.grad.copy_(w)
+            if b is not None:
                 if m.bias.grad is None:
                     m.bias.grad = torch.zeros_like(m.bias)
-                m.bias.grad.copy_(out[:, -1])
+                m.bias.grad.copy_(b)
         engine.finish_step()
         self._hooks.clear()
         return True
