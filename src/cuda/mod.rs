@@ -56,14 +56,26 @@ impl From<DriverError> for Error {
 /// Whether the CUDA driver library can be loaded on this machine. False means no CUDA work
 /// is possible; true does not yet mean a device exists.
 pub fn driver_present() -> bool {
+    // Linked at build time (feature `link-cuda`): the process could not have started
+    // without it.
+    #[cfg(feature = "link-cuda")]
+    return true;
     // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    #[cfg(not(feature = "link-cuda"))]
+    unsafe {
+        cudarc::driver::sys::is_culib_present()
+    }
 }
 
 /// Whether the NVRTC library can be loaded on this machine.
 pub fn nvrtc_present() -> bool {
+    #[cfg(feature = "link-cuda")]
+    return true;
     // SAFETY: only tries to dlopen the NVRTC library.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    #[cfg(not(feature = "link-cuda"))]
+    unsafe {
+        cudarc::nvrtc::sys::is_culib_present()
+    }
 }
 
 /// Compiles a kernel module's source to PTX with NVRTC for `compute_<arch>`.
@@ -296,7 +308,8 @@ impl CudaDevice {
         if let Some(b) = self.blas.get() {
             return Ok(b);
         }
-        // SAFETY: only tries to dlopen the cuBLAS library.
+        // SAFETY: only tries to dlopen the cuBLAS library (linked with `link-cuda`).
+        #[cfg(not(feature = "link-cuda"))]
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(Error::NoDevice(
                 "the cuBLAS library cannot be loaded".into(),

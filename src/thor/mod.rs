@@ -849,10 +849,10 @@ impl Thor {
         lr: f32,
         pairs: impl IntoIterator<Item = (&'a [f32], &'a [f32])>,
     ) -> f32 {
-        let Some(k) = self.cfg.kl_clip else {
+        if self.cfg.kl_clip.is_none() {
             return 1.0;
-        };
-        let vg: f64 = pairs
+        }
+        let dot: f64 = pairs
             .into_iter()
             .map(|(g, d)| {
                 g.iter()
@@ -860,8 +860,18 @@ impl Thor {
                     .map(|(&a, &b)| a as f64 * b as f64)
                     .sum::<f64>()
             })
-            .sum::<f64>()
-            * (lr as f64).powi(2);
+            .sum();
+        self.kl_clip_factor_from_dot(lr, dot)
+    }
+
+    /// [`Thor::kl_clip_factor`] from the sum over layers of `g . dW` computed elsewhere (on
+    /// the device, say): `min(1, sqrt(kl_clip / (lr^2 * dot)))`; 1 when no clip is set or
+    /// the product is not positive and finite.
+    pub fn kl_clip_factor_from_dot(&self, lr: f32, dot: f64) -> f32 {
+        let Some(k) = self.cfg.kl_clip else {
+            return 1.0;
+        };
+        let vg = dot * (lr as f64).powi(2);
         if vg > 0.0 && vg.is_finite() {
             ((k as f64 / vg).sqrt().min(1.0)) as f32
         } else {
