@@ -1,7 +1,8 @@
 //! The crate's error type.
 
-/// What can go wrong in the layers and the optimizer. When a call returns an error, the
-/// optimizer's state and the variables are as they were before it.
+/// What can go wrong in the layers and the optimizer. Errors of the checks (every kind but
+/// `Candle` and `Thor` failures past them) leave the optimizer's state and the variables as
+/// they were.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A candle operation failed (its own error, shape or device mismatches in a forward

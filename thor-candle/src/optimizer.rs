@@ -55,9 +55,15 @@ struct Known {
 /// through the momentum-SGD update; every other variable gets that update with its plain
 /// gradient.
 ///
-/// Errors leave the variables, the momentum buffers and the engine as they were: a
-/// non-finite gradient, a layer the optimizer does not know (made after it), a variable on
-/// another device.
+/// The checks at the start of a step leave the variables, the momentum buffers and the
+/// engine as they were when they fail: a non-finite gradient, a layer the optimizer does not
+/// know (made after it), a gradient on another device, invalid settings. A failure past them
+/// (the device out of memory, say) can leave the step partly applied.
+///
+/// The output gradients are scaled by dim 0 of each layer's input (the batch) to give the
+/// summed loss's: right for a loss that is a mean over dim 0. For a linear layer on
+/// `[B, T, features]` with a loss averaged over all `B * T` positions, the factor G comes out
+/// `T^2` times too small against the damping.
 #[derive(Debug)]
 pub struct ThorOptimizer {
     thor: Thor,
@@ -137,6 +143,20 @@ impl ThorOptimizer {
                     });
                 }
             }
+            let tied = known.iter().find(|k: &&Known| {
+                std::iter::once(k.weight)
+                    .chain(k.bias)
+                    .any(|i| i == weight || Some(i) == bias)
+            });
+            if let Some(other) = tied {
+                return Err(Error::UnknownLayer {
+                    layer: info.name.clone(),
+                    reason: format!(
+                        "shares a variable with THOR layer `{}` (tied weights are not supported)",
+                        other.info.name
+                    ),
+                });
+            }
             let id = thor.add_layer(info.kind)?;
             known.push(Known {
                 info: info.clone(),
@@ -145,16 +165,17 @@ impl ThorOptimizer {
                 bias,
             });
         }
+        let (names, vars): (Vec<String>, Vec<Var>) = vars.into_iter().unzip();
+        let sgd = MomentumSgd::with_params(vars, params.sgd)?;
         reg.owned = true;
         reg.recording = thor.needs_statistics();
         reg.records.clear();
         drop(reg);
-        let (names, vars): (Vec<String>, Vec<Var>) = vars.into_iter().unzip();
         Ok(Self {
             thor,
             layers: layers.clone(),
             known,
-            sgd: MomentumSgd::with_params(vars, params.sgd)?,
+            sgd,
             names,
             device,
             last_kl_clip_factor: 1.0,
@@ -301,18 +322,18 @@ impl ThorOptimizer {
                     });
                 }
                 // NaN and infinities survive a sum; one transfer for all variables.
-                sums.push(g.to_dtype(DType::F32)?.sum_all()?);
+                sums.push(g.to_dtype(DType::F64)?.sum_all()?);
                 which.push(i);
             }
         }
         if sums.is_empty() {
             return Ok(());
         }
-        let sums = Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
-        if let Some(k) = sums.iter().position(|s| !s.is_finite()) {
+        let sums = Tensor::stack(&sums, 0)?.to_vec1::<f64>()?;
+        for (k, _) in sums.iter().enumerate().filter(|(_, s)| !s.is_finite()) {
             // A sum can overflow with every element finite: look at the elements.
             let g = grads.get(self.sgd.vars()[which[k]].as_tensor()).unwrap();
-            let host = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let host = g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
             if host.iter().any(|x| !x.is_finite()) {
                 return Err(Error::NonFinite {
                     var: self.names[which[k]].clone(),
@@ -398,16 +419,21 @@ impl ThorOptimizer {
             let Some(gw) = grads.get(w) else { continue };
             let d_g = l.info.kind.d_g();
             let mut full = self.sgd.decayed(l.weight, gw)?.reshape((d_g, ()))?;
+            // A bias without a gradient (frozen) is a zero column, and is not updated.
+            let mut bias = None;
             if let Some(bi) = l.bias {
                 let b = self.sgd.vars()[bi].as_tensor();
                 let gb = match grads.get(b) {
-                    Some(gb) => self.sgd.decayed(bi, gb)?,
+                    Some(gb) => {
+                        bias = Some(bi);
+                        self.sgd.decayed(bi, gb)?
+                    }
                     None => b.zeros_like()?,
                 };
                 full = Tensor::cat(&[full, gb.reshape((d_g, 1))?], 1)?;
             }
             let u = bridge::precondition(&mut self.thor, l.id, &full)?;
-            done.push((l.weight, l.bias, full, u));
+            done.push((l.weight, bias, full, u));
         }
         let factor = if self.thor.config().kl_clip.is_some() && !done.is_empty() {
             let dots: Vec<Tensor> = done

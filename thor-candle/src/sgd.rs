@@ -110,7 +110,7 @@ impl MomentumSgd {
         let dir = if p.momentum == 0.0 {
             d
         } else {
-            let buf = match self.buffers[i].take() {
+            let buf = match &self.buffers[i] {
                 None => d,
                 Some(buf) => ((buf * p.momentum)? + d)?,
             };
@@ -123,6 +123,8 @@ impl MomentumSgd {
 
     /// One step from `grads` (variables without a gradient are left alone).
     pub fn step_grads(&mut self, grads: &GradStore) -> Result<()> {
+        // The `candle_nn::Optimizer` setter cannot refuse a bad learning rate: checked here.
+        self.params.validate()?;
         for i in 0..self.vars.len() {
             if let Some(g) = grads.get(self.vars[i].as_tensor()) {
                 let d = self.decayed(i, g)?;

@@ -536,6 +536,17 @@ fn errors_leave_everything_unchanged() {
         "{e}"
     );
 
+    // Tied weights: two THOR layers on one variable.
+    let layers = ThorLayers::new();
+    let tied = candle_nn::linear(2, 2, vb.pp("tied")).unwrap();
+    thor_candle::ThorLinear::new(tied.clone(), "tied_a", &layers).unwrap();
+    thor_candle::ThorLinear::new(tied, "tied_b", &layers).unwrap();
+    let e = ThorOptimizer::new(&varmap, &layers, params(2)).unwrap_err();
+    assert!(
+        matches!(&e, Error::UnknownLayer { layer, .. } if layer == "tied_b"),
+        "{e}"
+    );
+
     // Grouped convolutions, bad settings, an empty VarMap.
     let cfg = Conv2dConfig {
         groups: 2,
