@@ -126,16 +126,52 @@ impl ThorLayers {
     }
 }
 
-/// candle-nn's [`candle_nn::Linear`] preconditioned by THOR: the same forward pass (and the
-/// same output), plus the statistics THOR needs on statistics steps.
+/// A candle-nn layer preconditioned by THOR: the same forward pass (and the same output),
+/// plus the statistics THOR needs on statistics steps. Made as [`ThorLinear`] or
+/// [`ThorConv2d`].
 #[derive(Debug, Clone)]
-pub struct ThorLinear {
-    inner: candle_nn::Linear,
+pub struct ThorLayer<M> {
+    inner: M,
     layers: ThorLayers,
     id: ThorLayerId,
 }
 
-impl ThorLinear {
+/// candle-nn's [`candle_nn::Linear`] preconditioned by THOR.
+pub type ThorLinear = ThorLayer<candle_nn::Linear>;
+
+/// candle-nn's [`candle_nn::Conv2d`] preconditioned by THOR (groups = 1); its statistics are
+/// read from the NCHW input and output gradient without a patch matrix.
+pub type ThorConv2d = ThorLayer<candle_nn::Conv2d>;
+
+impl<M> ThorLayer<M> {
+    /// The layer's index in its [`ThorLayers`].
+    pub fn id(&self) -> ThorLayerId {
+        self.id
+    }
+
+    /// The wrapped candle-nn layer.
+    pub fn inner(&self) -> &M {
+        &self.inner
+    }
+
+    fn registered(inner: M, info: LayerInfo, layers: &ThorLayers) -> Self {
+        let id = layers.register(info);
+        Self {
+            inner,
+            layers: layers.clone(),
+            id,
+        }
+    }
+}
+
+impl<M: Module> Module for ThorLayer<M> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.inner.forward(x)?;
+        self.layers.record(self.id.0, x, y)
+    }
+}
+
+impl ThorLayer<candle_nn::Linear> {
     /// Wraps a linear layer (weight `[outputs, inputs]`, optional bias `[outputs]`, f32, both
     /// variables of the `VarMap` the optimizer is made from) as THOR layer `name`.
     pub fn new(inner: candle_nn::Linear, name: &str, layers: &ThorLayers) -> Result<Self> {
@@ -143,54 +179,22 @@ impl ThorLinear {
         if let Some(b) = inner.bias() {
             check_bias(name, b, outputs)?;
         }
-        let kind = LayerKind::Linear {
-            inputs,
-            outputs,
-            bias: inner.bias().is_some(),
-        };
-        let id = layers.register(LayerInfo {
+        let info = LayerInfo {
             name: name.to_string(),
-            kind,
+            kind: LayerKind::Linear {
+                inputs,
+                outputs,
+                bias: inner.bias().is_some(),
+            },
             weight: inner.weight().clone(),
             bias: inner.bias().cloned(),
             conv: None,
-        });
-        Ok(Self {
-            inner,
-            layers: layers.clone(),
-            id,
-        })
-    }
-
-    /// The layer's index in its [`ThorLayers`].
-    pub fn id(&self) -> ThorLayerId {
-        self.id
-    }
-
-    /// The wrapped candle-nn layer.
-    pub fn inner(&self) -> &candle_nn::Linear {
-        &self.inner
+        };
+        Ok(Self::registered(inner, info, layers))
     }
 }
 
-impl Module for ThorLinear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.inner.forward(x)?;
-        self.layers.record(self.id.0, x, y)
-    }
-}
-
-/// candle-nn's [`candle_nn::Conv2d`] preconditioned by THOR (groups = 1): the same forward
-/// pass, plus the statistics THOR needs on statistics steps, read from the NCHW input and
-/// output gradient without a patch matrix.
-#[derive(Debug, Clone)]
-pub struct ThorConv2d {
-    inner: candle_nn::Conv2d,
-    layers: ThorLayers,
-    id: ThorLayerId,
-}
-
-impl ThorConv2d {
+impl ThorLayer<candle_nn::Conv2d> {
     /// Wraps a conv layer (weight `[c_out, c_in, kh, kw]`, optional bias `[c_out]`, f32, both
     /// variables of the optimizer's `VarMap`) as THOR layer `name`. Grouped convolutions are
     /// refused: their weight is not one Kronecker product (use candle-nn's layer, which then
@@ -210,16 +214,15 @@ impl ThorConv2d {
         if let Some(b) = inner.bias() {
             check_bias(name, b, c_out)?;
         }
-        let kind = LayerKind::Conv2d {
-            c_in,
-            c_out,
-            kh,
-            kw,
-            bias: inner.bias().is_some(),
-        };
-        let id = layers.register(LayerInfo {
+        let info = LayerInfo {
             name: name.to_string(),
-            kind,
+            kind: LayerKind::Conv2d {
+                c_in,
+                c_out,
+                kh,
+                kw,
+                bias: inner.bias().is_some(),
+            },
             weight: inner.weight().clone(),
             bias: inner.bias().cloned(),
             conv: Some(ConvSpec {
@@ -227,29 +230,8 @@ impl ThorConv2d {
                 padding: cfg.padding,
                 dilation: cfg.dilation,
             }),
-        });
-        Ok(Self {
-            inner,
-            layers: layers.clone(),
-            id,
-        })
-    }
-
-    /// The layer's index in its [`ThorLayers`].
-    pub fn id(&self) -> ThorLayerId {
-        self.id
-    }
-
-    /// The wrapped candle-nn layer.
-    pub fn inner(&self) -> &candle_nn::Conv2d {
-        &self.inner
-    }
-}
-
-impl Module for ThorConv2d {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.inner.forward(x)?;
-        self.layers.record(self.id.0, x, y)
+        };
+        Ok(Self::registered(inner, info, layers))
     }
 }
 

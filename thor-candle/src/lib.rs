@@ -34,7 +34,7 @@
 //! pass. Between statistics steps the layers are exactly candle-nn's. The loss is taken to
 //! be a mean over the batch (candle-nn's losses are): the output gradients are multiplied by
 //! the batch size (dim 0 of the layer's input) to give the gradients of the summed loss that
-//! the factors expect.
+//! the factors expect ([`LossMean`] for a mean over tokens or a sum).
 //!
 //! Forward passes whose output never reaches the loss (evaluation between steps) leave no
 //! statistics: only outputs that received a gradient count, and whatever was recorded is
@@ -56,10 +56,10 @@ mod sgd;
 
 pub use error::{Error, Result};
 pub use layers::{
-    conv2d, conv2d_no_bias, linear, linear_b, linear_no_bias, ThorConv2d, ThorLayerId, ThorLayers,
-    ThorLinear,
+    conv2d, conv2d_no_bias, linear, linear_b, linear_no_bias, ThorConv2d, ThorLayer, ThorLayerId,
+    ThorLayers, ThorLinear,
 };
-pub use optimizer::{ThorOptimizer, ThorParams};
+pub use optimizer::{LossMean, ThorOptimizer, ThorParams};
 pub use sgd::{MomentumSgd, ParamsMomentumSgd};
 /// The optimizer engine and its configuration, re-exported.
 pub use thor_kernels::thor::{

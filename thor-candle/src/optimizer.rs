@@ -18,6 +18,22 @@ use crate::sgd::{MomentumSgd, ParamsMomentumSgd};
 /// Format version of [`ThorOptimizer::save`]'s files.
 const STATE_VERSION: u32 = 1;
 
+/// What the training loss averages over: the recorded output gradients are scaled by that
+/// count to give the gradients of the summed loss, which THOR's factor G is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LossMean {
+    /// A mean over the batch, dim 0 of each layer's input (candle-nn's losses on
+    /// `[batch, classes]` outputs, a per-sample loss summed over pixels then averaged).
+    #[default]
+    Batch,
+    /// A mean over every row a layer sees: all leading dims of a linear layer's input (the
+    /// `B * T` tokens of `[B, T, features]` under a per-token mean), the `N * ho * wo`
+    /// positions of a conv layer's output.
+    Rows,
+    /// A sum: the output gradients are taken as they are.
+    Sum,
+}
+
 /// The settings of [`ThorOptimizer`]: the momentum-SGD update and THOR's engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ThorParams {
@@ -27,6 +43,8 @@ pub struct ThorParams {
     /// THOR's block size, damping and interval schedules, trace-rule thresholds, KL clip
     /// and factor normalisation. `backend` is not read: THOR runs where the variables are.
     pub thor: ThorConfig,
+    /// What the loss averages over ([`LossMean::Batch`] by default).
+    pub loss_mean: LossMean,
 }
 
 impl ThorParams {
@@ -35,6 +53,7 @@ impl ThorParams {
         Self {
             sgd: ParamsMomentumSgd::new(lr),
             thor: ThorConfig::thor(),
+            loss_mean: LossMean::Batch,
         }
     }
 }
@@ -60,10 +79,10 @@ struct Known {
 /// know (made after it), a gradient on another device, invalid settings. A failure past them
 /// (the device out of memory, say) can leave the step partly applied.
 ///
-/// The output gradients are scaled by dim 0 of each layer's input (the batch) to give the
-/// summed loss's: right for a loss that is a mean over dim 0. For a linear layer on
-/// `[B, T, features]` with a loss averaged over all `B * T` positions, the factor G comes out
-/// `T^2` times too small against the damping.
+/// The output gradients are scaled to the summed loss's as [`ThorParams::loss_mean`] says:
+/// by default by dim 0 of each layer's input (a loss averaged over the batch). A loss
+/// averaged over the `B * T` tokens of `[B, T, features]` inputs needs [`LossMean::Rows`]
+/// (with the default, G would come out `T^2` times too small against the damping).
 #[derive(Debug)]
 pub struct ThorOptimizer {
     thor: Thor,
@@ -72,6 +91,7 @@ pub struct ThorOptimizer {
     sgd: MomentumSgd,
     names: Vec<String>,
     device: Device,
+    loss_mean: LossMean,
     last_kl_clip_factor: f32,
     preconditioner_time: Duration,
 }
@@ -178,6 +198,7 @@ impl ThorOptimizer {
             sgd,
             names,
             device,
+            loss_mean: params.loss_mean,
             last_kl_clip_factor: 1.0,
             preconditioner_time: Duration::ZERO,
         })
@@ -282,6 +303,8 @@ impl ThorOptimizer {
         }
         let updates = self.preconditioned(grads)?;
         self.preconditioner_time += t0.elapsed();
+        // Every new value first, then the variables: a failure leaves them as they were.
+        let mut planned = Vec::new();
         for i in 0..self.sgd.vars().len() {
             let d = match updates.get(&i) {
                 Some(d) => d.clone(),
@@ -290,8 +313,9 @@ impl ThorOptimizer {
                     None => continue,
                 },
             };
-            self.sgd.update(i, d)?;
+            planned.push(self.sgd.plan(i, d)?);
         }
+        self.sgd.commit(planned)?;
         self.thor.finish_step();
         self.layers.lock().recording = self.thor.needs_statistics();
         Ok(())
@@ -349,9 +373,13 @@ impl ThorOptimizer {
         let mut by_layer: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); self.known.len()];
         for r in records {
             if let Some(g) = grads.get(r.probe.as_tensor()) {
-                // The gradient of the summed loss: the mean's times the batch.
-                let batch = r.input.dims().first().copied().unwrap_or(1);
-                by_layer[r.layer].push((r.input, (g * batch as f64)?));
+                // The gradient of the summed loss: the mean's times the count.
+                let count = match self.loss_mean {
+                    LossMean::Batch => r.input.dims().first().copied().unwrap_or(1),
+                    LossMean::Rows => g.elem_count() / self.known[r.layer].info.kind.d_g(),
+                    LossMean::Sum => 1,
+                };
+                by_layer[r.layer].push((r.input, (g * count as f64)?));
             }
         }
         for (k, passes) in by_layer.into_iter().enumerate() {
@@ -446,7 +474,6 @@ impl ThorOptimizer {
         } else {
             1.0
         };
-        self.last_kl_clip_factor = factor;
         let mut out = HashMap::new();
         for (wi, bi, _, u) in done {
             let u = if factor != 1.0 {
@@ -461,6 +488,7 @@ impl ThorOptimizer {
                 out.insert(bi, u.narrow(1, n_w, 1)?.flatten_all()?);
             }
         }
+        self.last_kl_clip_factor = factor;
         Ok(out)
     }
 

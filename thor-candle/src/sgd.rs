@@ -104,35 +104,57 @@ impl MomentumSgd {
         }
     }
 
-    /// The momentum update of variable `i` with direction `d` (weight decay included).
-    pub(crate) fn update(&mut self, i: usize, d: Tensor) -> candle_core::Result<()> {
+    /// The momentum update of variable `i` with direction `d` (weight decay included), not
+    /// yet applied: its new momentum buffer and value. Nothing changes.
+    pub(crate) fn plan(&self, i: usize, d: Tensor) -> candle_core::Result<Planned> {
         let p = self.params;
-        let dir = if p.momentum == 0.0 {
-            d
+        let (buf, dir) = if p.momentum == 0.0 {
+            (None, d)
         } else {
             let buf = match &self.buffers[i] {
                 None => d,
                 Some(buf) => ((buf * p.momentum)? + d)?,
             };
-            self.buffers[i] = Some(buf.clone());
-            buf
+            (Some(buf.clone()), buf)
         };
         let var = &self.vars[i];
-        var.set(&var.as_tensor().sub(&(dir * p.lr)?)?)
+        let value = var.as_tensor().sub(&(dir * p.lr)?)?;
+        Ok(Planned { i, buf, value })
     }
 
-    /// One step from `grads` (variables without a gradient are left alone).
-    pub fn step_grads(&mut self, grads: &GradStore) -> Result<()> {
-        // The `candle_nn::Optimizer` setter cannot refuse a bad learning rate: checked here.
-        self.params.validate()?;
-        for i in 0..self.vars.len() {
-            if let Some(g) = grads.get(self.vars[i].as_tensor()) {
-                let d = self.decayed(i, g)?;
-                self.update(i, d)?;
+    /// Applies planned updates: the values (same shapes as the variables, so `Var::set`
+    /// cannot fail on them) and the buffers.
+    pub(crate) fn commit(&mut self, planned: Vec<Planned>) -> candle_core::Result<()> {
+        for p in planned {
+            self.vars[p.i].set(&p.value)?;
+            if p.buf.is_some() {
+                self.buffers[p.i] = p.buf;
             }
         }
         Ok(())
     }
+
+    /// One step from `grads` (variables without a gradient are left alone). Every new value
+    /// is computed before any variable changes.
+    pub fn step_grads(&mut self, grads: &GradStore) -> Result<()> {
+        // The `candle_nn::Optimizer` setter cannot refuse a bad learning rate: checked here.
+        self.params.validate()?;
+        let mut planned = Vec::new();
+        for i in 0..self.vars.len() {
+            if let Some(g) = grads.get(self.vars[i].as_tensor()) {
+                planned.push(self.plan(i, self.decayed(i, g)?)?);
+            }
+        }
+        self.commit(planned)?;
+        Ok(())
+    }
+}
+
+/// A variable's computed update ([`MomentumSgd::plan`]).
+pub(crate) struct Planned {
+    i: usize,
+    buf: Option<Tensor>,
+    value: Tensor,
 }
 
 impl candle_nn::Optimizer for MomentumSgd {

@@ -5,7 +5,8 @@
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
 use thor_candle::{
-    Error, MomentumSgd, ParamsMomentumSgd, ThorConfig, ThorLayers, ThorOptimizer, ThorParams,
+    Error, LossMean, MomentumSgd, ParamsMomentumSgd, ThorConfig, ThorLayers, ThorOptimizer,
+    ThorParams,
 };
 use thor_kernels::backend::{AnyBackend, CpuBackend};
 use thor_kernels::thor::{IntervalSchedule, LayerKind, Thor};
@@ -59,6 +60,7 @@ fn params(interval: u64) -> ThorParams {
             weight_decay: 0.01,
         },
         thor: config(interval),
+        loss_mean: LossMean::Batch,
     }
 }
 
@@ -394,6 +396,7 @@ fn conv_step_matches_the_engine_driven_by_hand() {
             weight_decay: 0.0,
         },
         thor: config(5),
+        loss_mean: LossMean::Batch,
     };
     let w0 = flat(wt);
     let mut opt = ThorOptimizer::new(&varmap, &layers, p).unwrap();
@@ -641,4 +644,39 @@ fn save_and_load_resume_exactly() {
     assert!(opt2.load(&vars).is_err());
     assert_eq!(opt2.thor().step(), 5);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A loss averaged over the tokens of `[B, T, features]` inputs (`LossMean::Rows`) gives the
+/// same step as the same rows flattened to `[B * T, features]` (a mean over the batch), and
+/// a summed loss (`LossMean::Sum`) the same statistics.
+#[test]
+fn loss_mean_over_rows_or_a_sum() {
+    let (x, t) = (det(&[2, 3, 5], 7), det(&[2, 3, 3], 8));
+    let run = |mean: LossMean, flat_rows: bool, sum: bool| {
+        let net = Mlp::new();
+        let mut p = params(3);
+        p.loss_mean = mean;
+        // The preconditioner after one step depends only on the statistics.
+        p.sgd.momentum = 0.0;
+        let mut opt = ThorOptimizer::new(&net.varmap, &net.layers, p).unwrap();
+        let (x, t) = if flat_rows {
+            (x.reshape((6, 5)).unwrap(), t.reshape((6, 3)).unwrap())
+        } else {
+            (x.clone(), t.clone())
+        };
+        let y = net
+            .fc2
+            .forward(&net.fc1.forward(&x).unwrap().relu().unwrap())
+            .unwrap();
+        let se = (y - &t).unwrap().sqr().unwrap().sum_all().unwrap();
+        let loss = if sum { se } else { (se / 6.0).unwrap() };
+        opt.backward_step(&loss).unwrap();
+        let g = det(&[4, 6], 9);
+        flat(&opt.precondition(net.fc1.id(), &g).unwrap())
+    };
+    let rows = run(LossMean::Rows, false, false);
+    assert_eq!(rows, run(LossMean::Batch, true, false));
+    assert_close(&run(LossMean::Sum, false, true), &rows, 1e-5, "sum");
+    // The batch count (2, not 6) gives other factors.
+    assert_ne!(run(LossMean::Batch, false, false), rows);
 }

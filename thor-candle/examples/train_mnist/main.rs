@@ -34,8 +34,8 @@ use candle_nn::{Conv2dConfig, Optimizer, VarBuilder, VarMap};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use thor_candle::{
-    ConvNorm, DampingSchedule, IntervalSchedule, MomentumSgd, ParamsMomentumSgd, ThorConfig,
-    ThorLayers, ThorOptimizer, ThorParams,
+    ConvNorm, DampingSchedule, IntervalSchedule, LossMean, MomentumSgd, ParamsMomentumSgd,
+    ThorConfig, ThorLayers, ThorOptimizer, ThorParams,
 };
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -73,6 +73,9 @@ struct Args {
     /// THOR's statistics decay (default: the task's).
     #[arg(long)]
     stat_decay: Option<f32>,
+    /// Seed of the initial weights and of the batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Only these optimizers (comma-separated: sgd, adamw, thor).
     #[arg(long, default_value = "sgd,adamw,thor")]
     only: String,
@@ -127,8 +130,8 @@ impl Method {
 /// docs/TRAINING.md).
 fn thor_settings(task: Task, args: &Args) -> (f64, ThorConfig) {
     let (lr, damping, interval, kl, decay) = match task {
-        Task::Autoencoder => (0.05, 1.0, 10, 1e-2, 0.95),
-        Task::Cnn => (0.1, 0.03, 5, 1e-3, 0.95),
+        Task::Autoencoder => (0.1, 0.3, 5, 3e-2, 0.95),
+        Task::Cnn => (0.2, 0.03, 5, 1e-3, 0.95),
     };
     let damping = args.thor_damping.unwrap_or(damping);
     let kl = args.kl_clip.unwrap_or(kl);
@@ -337,6 +340,7 @@ fn train_run(s: &Setup, m: &Method, args: &Args, pb: &ProgressBar) -> Res<RunLog
             let p = ThorParams {
                 sgd: ParamsMomentumSgd::new(m.lr),
                 thor: cfg,
+                loss_mean: LossMean::Batch,
             };
             Opt::Thor(Box::new(ThorOptimizer::new(&varmap, &layers, p)?))
         }
@@ -437,6 +441,43 @@ fn evaluate(model: &Model, s: &Setup) -> Res<(f64, f64)> {
     Ok((loss / n, correct as f64 / n))
 }
 
+/// The initial weights every optimizer starts from, drawn with `seed` as candle-nn draws
+/// them (Kaiming normal weights for ReLU, biases uniform in +-1/sqrt(fan_in)): candle's CPU
+/// generator cannot be seeded, and runs should be repeatable.
+fn initial_weights(task: Task, dev: &Device, seed: u64) -> Res<HashMap<String, Tensor>> {
+    use rand::{Rng, SeedableRng};
+    use rand_distr::{Distribution, Normal};
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    Model::new(task, vb, &ThorLayers::new())?;
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out = HashMap::new();
+    for name in names {
+        let dims = data[name].dims().to_vec();
+        let n: usize = dims.iter().product();
+        // A weight's fan-in is its elements per output; a bias takes its layer weight's.
+        let weight = name.replace(".bias", ".weight");
+        let wd = data
+            .get(&weight)
+            .ok_or_else(|| format!("no weight for `{name}`"))?
+            .dims()
+            .to_vec();
+        let fan_in = wd.iter().skip(1).product::<usize>() as f64;
+        let v: Vec<f32> = if name.ends_with(".bias") {
+            let b = 1.0 / fan_in.sqrt();
+            (0..n).map(|_| rng.random_range(-b..b) as f32).collect()
+        } else {
+            let normal = Normal::new(0.0, (2.0 / fan_in).sqrt())?;
+            (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
+        };
+        out.insert(name.clone(), Tensor::from_vec(v, dims, dev)?);
+    }
+    Ok(out)
+}
+
 fn device(name: &str) -> Res<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
@@ -469,11 +510,13 @@ fn run(args: &Args) -> Res<()> {
     let all = data::load(&args.data)?;
     let (train, test) = all.split(400, 0);
     println!(
-        "MNIST subset: {} train / {} test images (stratified, seed 0); device {:?}; batch {}",
+        "MNIST subset: {} train / {} test images (stratified, seed 0); device {:?}; batch {}; \
+         seed {}",
         train.len(),
         test.len(),
         dev.location(),
-        args.batch
+        args.batch,
+        args.seed
     );
     for task in tasks {
         let epochs = args.epochs.unwrap_or(match task {
@@ -481,18 +524,10 @@ fn run(args: &Args) -> Res<()> {
             Task::Cnn => 6,
         });
         let orders: Vec<Vec<usize>> = (0..epochs)
-            .map(|e| data::permutation(train.len(), 1000 + e as u64))
+            .map(|e| data::permutation(train.len(), args.seed * 1_000_003 + 1000 + e as u64))
             .collect();
         // The initial weights every optimizer starts from.
-        let init = {
-            let varmap = VarMap::new();
-            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-            Model::new(task, vb, &ThorLayers::new())?;
-            let data = varmap.data().lock().unwrap();
-            data.iter()
-                .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
-                .collect::<candle_core::Result<HashMap<_, _>>>()?
-        };
+        let init = initial_weights(task, &dev, args.seed)?;
         let setup = Setup {
             task,
             dev: &dev,
