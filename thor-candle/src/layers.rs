@@ -248,7 +248,7 @@ fn check_bias(name: &str, b: &Tensor, outputs: usize) -> Result<()> {
     Ok(())
 }
 
-/// [`candle_nn::linear`] as a THOR layer named after `vb`'s prefix.
+/// [`candle_nn::linear`](fn@candle_nn::linear) as a THOR layer named after `vb`'s prefix.
 pub fn linear(
     in_dim: usize,
     out_dim: usize,
@@ -259,7 +259,7 @@ pub fn linear(
     ThorLinear::new(candle_nn::linear(in_dim, out_dim, vb)?, &name, layers)
 }
 
-/// [`candle_nn::linear_no_bias`] as a THOR layer named after `vb`'s prefix.
+/// [`candle_nn::linear_no_bias`](fn@candle_nn::linear_no_bias) as a THOR layer named after `vb`'s prefix.
 pub fn linear_no_bias(
     in_dim: usize,
     out_dim: usize,
@@ -274,7 +274,7 @@ pub fn linear_no_bias(
     )
 }
 
-/// [`candle_nn::linear_b`] as a THOR layer named after `vb`'s prefix.
+/// [`candle_nn::linear_b`](fn@candle_nn::linear_b) as a THOR layer named after `vb`'s prefix.
 pub fn linear_b(
     in_dim: usize,
     out_dim: usize,
@@ -290,7 +290,7 @@ pub fn linear_b(
     )
 }
 
-/// [`candle_nn::conv2d`] as a THOR layer named after `vb`'s prefix.
+/// [`candle_nn::conv2d`](fn@candle_nn::conv2d) as a THOR layer named after `vb`'s prefix.
 pub fn conv2d(
     in_channels: usize,
     out_channels: usize,
@@ -304,7 +304,7 @@ pub fn conv2d(
     ThorConv2d::new(inner, &name, layers)
 }
 
-/// [`candle_nn::conv2d_no_bias`] as a THOR layer named after `vb`'s prefix.
+/// [`candle_nn::conv2d_no_bias`](fn@candle_nn::conv2d_no_bias) as a THOR layer named after `vb`'s prefix.
 pub fn conv2d_no_bias(
     in_channels: usize,
     out_channels: usize,
