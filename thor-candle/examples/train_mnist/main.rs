@@ -70,6 +70,9 @@ struct Args {
     /// THOR's KL clip (0: none; default: the task's).
     #[arg(long)]
     kl_clip: Option<f32>,
+    /// THOR's learning-rate warm-up in epochs (linear from 0; default 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    thor_warmup: f64,
     /// THOR's statistics decay (default: the task's).
     #[arg(long)]
     stat_decay: Option<f32>,
@@ -362,7 +365,11 @@ fn train_run(s: &Setup, m: &Method, args: &Args, pb: &ProgressBar) -> Res<RunLog
             let (x, y) = s.train.batch(idx, s.dev)?;
             let ts = Instant::now();
             if let Opt::Thor(o) = &mut opt {
-                o.set_epoch(epoch as f64 + step as f64 / steps_per_epoch as f64);
+                let at = epoch as f64 + step as f64 / steps_per_epoch as f64;
+                o.set_epoch(at);
+                if args.thor_warmup > 0.0 {
+                    o.set_learning_rate(m.lr * (at / args.thor_warmup).min(1.0))?;
+                }
             }
             let loss = model.loss(s.task, &x, &y)?;
             opt.backward_step(&loss)
@@ -601,11 +608,15 @@ fn report(task: Task, logs: &[RunLog]) {
         .filter(|l| l.kind != Kind::Thor)
         .filter_map(|l| l.epochs.last().map(|e| e.train_loss))
         .fold(f64::INFINITY, f64::min);
-    println!(
-        "\n{}: best first-order final training loss {:.4}",
-        task.name(),
-        best_first_order
-    );
+    if best_first_order.is_finite() {
+        println!(
+            "\n{}: best first-order final training loss {:.4}",
+            task.name(),
+            best_first_order
+        );
+    } else {
+        println!("\n{}: no first-order run to compare with", task.name());
+    }
     let reach = |l: &RunLog, pred: &dyn Fn(&EpochLog) -> bool| {
         l.epochs
             .iter()
@@ -634,7 +645,11 @@ fn report(task: Task, logs: &[RunLog]) {
             l.label,
             last.map_or(f64::NAN, |e| e.train_loss),
             acc,
-            reach(l, &|e| e.train_loss <= best_first_order)
+            if best_first_order.is_finite() {
+                reach(l, &|e| e.train_loss <= best_first_order)
+            } else {
+                "-".into()
+            }
         );
         if task == Task::Cnn {
             print!(" {:>16}", reach(l, &|e| e.test_acc >= 0.97));
