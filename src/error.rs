@@ -45,6 +45,12 @@ pub enum Error {
     /// A CUDA driver call failed.
     #[error("CUDA driver error: {0}")]
     Driver(String),
+    /// A collective of a distributed step failed: a rank left the group, did not arrive
+    /// within the group's timeout, or called a different collective. The group is broken
+    /// afterwards, and so is the state of every step that used it (see
+    /// [`crate::dist`]).
+    #[error("communication failed: {0}")]
+    Communication(String),
     /// A host buffer whose size the caller chose could not be allocated.
     #[error("out of memory: `{arg}` needs {bytes} bytes")]
     OutOfMemory {

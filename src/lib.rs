@@ -15,6 +15,7 @@ pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dist;
 pub mod dtype;
 pub mod error;
 pub mod invert;

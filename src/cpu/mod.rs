@@ -547,7 +547,7 @@ fn syrk_lower(dst: MatMut<'_, f32>, x: MatRef<'_, f32>, alpha: f32) {
 
 /// Copies the lower triangle of the top-left `w x w` of a `b x b` block to its upper
 /// triangle (bit for bit) and sets everything past `w` to identity.
-fn mirror_and_pad(s: &mut [f32], b: usize, w: usize) {
+pub(crate) fn mirror_and_pad(s: &mut [f32], b: usize, w: usize) {
     for r in 0..b {
         for c in r + 1..b {
             s[r * b + c] = if c < w { s[c * b + r] } else { 0.0 };

@@ -8,7 +8,10 @@
 //! previous inverse and counts a failed inversion). All memory is allocated by
 //! [`CpuThorStep::new`]; a step allocates nothing.
 
-use super::{accumulate_set_with, invert, Damping, FactorInput, InvertOptions, Workspace};
+use super::{
+    accumulate_set_with, invert, mirror_and_pad, Damping, FactorInput, InvertOptions, Workspace,
+};
+use crate::dist::{pack_lower, tri_len, unpack_lower, CommCounters, Communicator, OwnershipPlan};
 use crate::dtype::Element;
 use crate::error::{check_len, try_vec, Error, Result};
 use crate::layout::FactorSet;
@@ -61,6 +64,39 @@ pub struct CpuThorStep {
     history: Vec<Decision>,
     steps: u64,
     ws: Workspace,
+    dist: Option<Box<Dist>>,
+}
+
+/// The state a distributed step adds: its rank's plan and communicator, and the buffers the
+/// collectives move, allocated once.
+#[derive(Debug)]
+struct Dist {
+    plan: OwnershipPlan,
+    comm: Box<dyn Communicator>,
+    /// This rank's raw products `X^T X` of every block, `[total_blocks, b, b]`.
+    local: Vec<f32>,
+    /// The factor state the local accumulation sees: every factor "has statistics" (so
+    /// alpha 1, beta 0), frozen ones frozen.
+    local_state: Vec<u8>,
+    /// Packed lower triangles of every block in the plan's order.
+    send: Vec<f32>,
+    /// This rank's segment of the reduce-scatter: the sums of its blocks.
+    recv: Vec<f32>,
+    scatter_counts: Vec<usize>,
+    gather_counts: Vec<usize>,
+    /// This rank's refreshed inverses (packed) and their info words.
+    gather_send: Vec<f32>,
+    /// Every rank's refreshed inverses and info words.
+    gather_recv: Vec<f32>,
+    /// Per factor: non-finite flag, then samples.
+    meta: Vec<f64>,
+    /// Per block: the sum of its real diagonal (owners only; 0 elsewhere).
+    traces: Vec<f64>,
+    /// Per block: owned by this rank and masked for inversion.
+    owned_mask: Vec<u8>,
+    block_factor: Vec<usize>,
+    /// A collective failed: the state differs between ranks.
+    broken: bool,
 }
 
 impl CpuThorStep {
@@ -114,7 +150,64 @@ impl CpuThorStep {
             history: Vec::with_capacity(cfg.history.max(1) * n),
             steps: 0,
             ws: Workspace::try_new(ws_len)?,
+            dist: None,
         })
+    }
+
+    /// The step of one rank of a data-parallel group ([`crate::dist`]): `comm` is this
+    /// rank's end of the group; every rank makes its step with the same `set`, `layers` and
+    /// `cfg` and runs it on its own local batch. Each [`CpuThorStep::run`] then gives every
+    /// rank the decisions, counters and inverses that one rank would compute from the union
+    /// of the batches (sums in another order: equal to rounding), the statistics of the
+    /// blocks this rank owns ([`CpuThorStep::plan`]; the others' stay as they were), and
+    /// the same layer skipped on every rank when any rank's input is not finite.
+    ///
+    /// After a failed collective ([`Error::Communication`]) the step refuses to run again:
+    /// its state may differ from the other ranks'.
+    pub fn new_distributed<E: Element>(
+        set: &FactorSet,
+        layers: &[RuleLayer],
+        cfg: StepConfig,
+        comm: Box<dyn Communicator>,
+    ) -> Result<Self> {
+        let mut step = Self::new::<E>(set, layers, cfg)?;
+        let plan = OwnershipPlan::new(set, comm.world())?;
+        let (nb, nf, b) = (set.total_blocks(), set.len(), set.block());
+        let tri = tri_len(b);
+        let rank = comm.rank();
+        let owned = plan.owned(rank).len();
+        let mut scatter_counts = vec![0; plan.world()];
+        plan.counts(tri, |_| true, &mut scatter_counts);
+        // The scratch buffers start as NaN, so that an element a stage reads before it is
+        // written shows in the results.
+        step.dist = Some(Box::new(Dist {
+            local: try_vec("set", set.buffer_len(), f32::NAN)?,
+            local_state: vec![0; nf],
+            send: try_vec("set", nb * tri, f32::NAN)?,
+            recv: try_vec("set", owned * tri, f32::NAN)?,
+            scatter_counts,
+            gather_counts: vec![0; plan.world()],
+            gather_send: try_vec("set", owned * (tri + 1), f32::NAN)?,
+            gather_recv: try_vec("set", nb * (tri + 1), f32::NAN)?,
+            meta: vec![0.0; 2 * nf],
+            traces: vec![0.0; nb],
+            owned_mask: vec![0; nb],
+            block_factor: set.block_factor(),
+            broken: false,
+            plan,
+            comm,
+        }));
+        Ok(step)
+    }
+
+    /// The block ownership of a distributed step (`None` on one rank).
+    pub fn plan(&self) -> Option<&OwnershipPlan> {
+        self.dist.as_ref().map(|d| &d.plan)
+    }
+
+    /// What a distributed step's communicator has moved so far (`None` on one rank).
+    pub fn comm_counters(&self) -> Option<CommCounters> {
+        self.dist.as_ref().map(|d| d.comm.counters())
     }
 
     /// The factor set.
@@ -124,10 +217,15 @@ impl CpuThorStep {
 
     /// Runs one factor step on `inputs` (`inputs[f]` feeds factor `f`) with damping
     /// `damping` (`sqrt(damping)` is added to every factor before inversion, and enters the
-    /// layer traces of the rule). Bad arguments are refused before anything changes.
+    /// layer traces of the rule). Bad arguments are refused before anything changes. On a
+    /// distributed step ([`CpuThorStep::new_distributed`]) every rank of the group calls it
+    /// with its own inputs.
     pub fn run<E: Element>(&mut self, inputs: &[HostStepInput<'_, E>], damping: f32) -> Result<()> {
         check_damping(damping)?;
         check_len("inputs", self.set.len(), inputs.len())?;
+        if self.dist.is_some() {
+            return self.run_distributed(inputs, damping);
+        }
         let d = self.cfg.stat_decay;
         accumulate_set_with(
             &self.set,
@@ -148,7 +246,178 @@ impl CpuThorStep {
             &mut self.status,
             &mut self.ws,
         )?;
-        // The rule, layer by layer, as the device kernel runs it.
+        self.decide(damping);
+        self.invert(damping, None)?;
+        self.tally();
+        Ok(())
+    }
+
+    /// [`CpuThorStep::run`] on one rank of a group: local products, the statuses and
+    /// sample counts all-reduced, the products reduce-scattered to their owners (packed),
+    /// EMA and traces on the owners, the traces all-reduced, the rule on every rank,
+    /// inversion on the owners, the refreshed inverses all-gathered.
+    fn run_distributed<E: Element>(
+        &mut self,
+        inputs: &[HostStepInput<'_, E>],
+        damping: f32,
+    ) -> Result<()> {
+        let mut dist = self.dist.take().expect("a distributed step");
+        let out = self.distributed_stages(&mut dist, inputs, damping);
+        if matches!(out, Err(Error::Communication(_))) {
+            dist.broken = true;
+        }
+        self.dist = Some(dist);
+        out
+    }
+
+    fn distributed_stages<E: Element>(
+        &mut self,
+        dist: &mut Dist,
+        inputs: &[HostStepInput<'_, E>],
+        damping: f32,
+    ) -> Result<()> {
+        if dist.broken {
+            return Err(Error::Communication(
+                "an earlier collective of this step failed; its state may differ from the other ranks' (restore a saved state into a new step)".into(),
+            ));
+        }
+        let (b, nf) = (self.set.block(), self.set.len());
+        let (bb, tri) = (b * b, tri_len(b));
+        let rank = dist.comm.rank();
+        // 1. This rank's raw products (alpha 1, beta 0) and non-finite statuses; argument
+        // errors return here, before anything changes.
+        for (s, &f) in dist.local_state.iter_mut().zip(&self.factor_state) {
+            *s = (f & FACTOR_FROZEN) | FACTOR_HAS_STATS;
+        }
+        accumulate_set_with(
+            &self.set,
+            |f| FactorInput {
+                x: inputs[f].x,
+                layout: inputs[f].layout,
+                alpha: 1.0,
+                beta: 0.0,
+            },
+            Some(&self.partners),
+            Some(&dist.local_state),
+            &mut dist.local,
+            &mut self.block_traces,
+            &mut self.factor_traces,
+            &mut self.status,
+            &mut self.ws,
+        )?;
+        // 2. Which factors any rank could not read, and the samples of the union.
+        let (flags, samples) = dist.meta.split_at_mut(nf);
+        for (f, inp) in inputs.iter().enumerate() {
+            flags[f] = f64::from(u8::from(self.status[f] == 1));
+            samples[f] = inp.layout.samples() as f64;
+        }
+        dist.comm.all_reduce(&mut dist.meta)?;
+        for f in 0..nf {
+            self.status[f] = if self.factor_state[f] & FACTOR_FROZEN != 0 {
+                3
+            } else if dist.meta[f] > 0.0 {
+                1
+            } else {
+                0
+            };
+        }
+        for f in 0..nf {
+            if self.status[f] == 0 && self.partners[f].is_some_and(|q| self.status[q] == 1) {
+                self.status[f] = 2;
+            }
+        }
+        // 3. Every block's sum to its owner.
+        for (i, &k) in dist.plan.order().iter().enumerate() {
+            pack_lower(
+                &dist.local[k * bb..(k + 1) * bb],
+                b,
+                &mut dist.send[i * tri..(i + 1) * tri],
+            );
+        }
+        dist.comm
+            .reduce_scatter(&dist.send, &dist.scatter_counts, &mut dist.recv)?;
+        // 4. Owners: the EMA of their blocks, and the blocks' traces.
+        let d = self.cfg.stat_decay;
+        dist.traces.fill(0.0);
+        for (i, &k) in dist.plan.owned(rank).iter().enumerate() {
+            let f = dist.block_factor[k];
+            let s = &mut self.stats[k * bb..(k + 1) * bb];
+            let e = &self.set.entries()[f];
+            let valid = e.layout.valid(k - e.first_block);
+            if self.status[f] == 0 {
+                let n = dist.meta[nf + f] as f32;
+                let (alpha, beta) = if self.factor_state[f] & FACTOR_HAS_STATS == 0 {
+                    (1.0 / n, 0.0)
+                } else {
+                    ((1.0 - d) / n, d)
+                };
+                let sum = &dist.recv[i * tri..(i + 1) * tri];
+                let mut at = 0;
+                for r in 0..b {
+                    for c in 0..=r {
+                        let old = if beta == 0.0 {
+                            0.0
+                        } else {
+                            beta * s[r * b + c]
+                        };
+                        s[r * b + c] = old + alpha * sum[at];
+                        at += 1;
+                    }
+                }
+                mirror_and_pad(s, b, valid);
+            }
+            dist.traces[k] = (0..valid).map(|i| s[i * b + i] as f64).sum();
+        }
+        // 5. Every block's trace on every rank, so that every rank decides the same.
+        dist.comm.all_reduce(&mut dist.traces)?;
+        for (f, e) in self.set.entries().iter().enumerate() {
+            let range = e.first_block..e.first_block + e.layout.blocks();
+            self.factor_traces[f] = dist.traces[range.clone()].iter().sum::<f64>() as f32;
+            for k in range {
+                let pad = b - e.layout.valid(k - e.first_block);
+                self.block_traces[k] = (dist.traces[k] + pad as f64) as f32;
+            }
+        }
+        self.decide(damping);
+        // 6. Owners invert their blocks of the updated layers.
+        for (k, m) in dist.owned_mask.iter_mut().enumerate() {
+            *m = u8::from(self.mask[k] != 0 && dist.plan.owner(k) == rank);
+        }
+        self.invert(damping, Some(&dist.owned_mask))?;
+        // 7. The refreshed inverses (packed, with their info words) to every rank.
+        let mask = &self.mask;
+        dist.plan
+            .counts(tri + 1, |k| mask[k] != 0, &mut dist.gather_counts);
+        let mut at = 0;
+        for &k in dist.plan.owned(rank).iter().filter(|&&k| mask[k] != 0) {
+            let out = &mut dist.gather_send[at..at + tri + 1];
+            pack_lower(&self.inverses[k * bb..(k + 1) * bb], b, &mut out[..tri]);
+            out[tri] = self.info[k] as f32;
+            at += tri + 1;
+        }
+        let total: usize = dist.gather_counts.iter().sum();
+        dist.comm.all_gather(
+            &dist.gather_send[..at],
+            &dist.gather_counts,
+            &mut dist.gather_recv[..total],
+        )?;
+        let mut at = 0;
+        for r in 0..dist.plan.world() {
+            for &k in dist.plan.owned(r).iter().filter(|&&k| mask[k] != 0) {
+                let got = &dist.gather_recv[at..at + tri + 1];
+                unpack_lower(&got[..tri], b, &mut self.inverses[k * bb..(k + 1) * bb]);
+                self.info[k] = got[tri] as i32;
+                at += tri + 1;
+            }
+        }
+        self.tally();
+        Ok(())
+    }
+
+    /// The trace rule for every layer, from the statuses and factor traces of the last
+    /// accumulation: decisions, counters (but the inversions'), factor states and the
+    /// inversion mask.
+    fn decide(&mut self, damping: f32) {
         let sets = self.set.entries();
         for (l, lay) in self.layers.iter().enumerate() {
             let factors = [lay.a_factor, lay.g_factor];
@@ -197,9 +466,13 @@ impl CpuThorStep {
             self.mask[lay.first_block..lay.first_block + lay.blocks]
                 .fill((decision == Decision::Update) as u8);
         }
+    }
+
+    /// The masked damped inversion (`mask`, else the rule's mask).
+    fn invert(&mut self, damping: f32, mask: Option<&[u8]>) -> Result<()> {
         let opts = InvertOptions {
             damping: Damping::Uniform(damping.sqrt()),
-            mask: Some(&self.mask),
+            mask: Some(mask.unwrap_or(&self.mask)),
             policy: self.cfg.policy,
         };
         invert(
@@ -210,8 +483,11 @@ impl CpuThorStep {
             None,
             &opts,
             &mut self.ws,
-        )?;
-        // The tally: an update counts as one, or as a failed inversion.
+        )
+    }
+
+    /// Counts each update as one, or as a failed inversion, and keeps the decisions.
+    fn tally(&mut self) {
         for (l, lay) in self.layers.iter().enumerate() {
             if self.decisions[l] == Decision::Update {
                 let info = &self.info[lay.first_block..lay.first_block + lay.blocks];
@@ -231,7 +507,6 @@ impl CpuThorStep {
             self.history[r..r + n].copy_from_slice(&self.decisions);
         }
         self.steps += 1;
-        Ok(())
     }
 
     /// The step's state, for saving.

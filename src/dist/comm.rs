@@ -1,0 +1,450 @@
+//! The collectives a distributed step needs, and an in-process group of ranks.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::plan::{even_counts, ring_bytes, Collective};
+use crate::error::{check_len, Error, Result};
+
+/// What a rank moved, as a ring algorithm moves it (see each collective).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommCounters {
+    /// Collectives completed.
+    pub collectives: u64,
+    /// Bytes this rank sent.
+    pub bytes_sent: u64,
+    /// Bytes this rank received.
+    pub bytes_received: u64,
+}
+
+impl CommCounters {
+    fn add(&mut self, (sent, received): (u64, u64)) {
+        self.collectives += 1;
+        self.bytes_sent += sent;
+        self.bytes_received += received;
+    }
+}
+
+/// One rank's end of a group of `world` ranks: the collectives of a distributed factor
+/// step. Every rank must call the same collectives in the same order with the same
+/// `counts`. A failure (a rank gone, a timeout, a mismatched call) is
+/// [`Error::Communication`], after which the group is broken.
+///
+/// Implementations move the bytes (in process, NCCL, torch.distributed, ...); the
+/// library does the math.
+pub trait Communicator: Send + fmt::Debug {
+    /// This rank, `0..world`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// Sums `send` over the ranks and gives this rank its segment: `send` is `world`
+    /// segments back to back, segment `r` of `counts[r]` elements; `recv` receives the sum
+    /// of every rank's segment `rank` (`counts[rank]` elements).
+    fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()>;
+    /// Gathers every rank's `send` (`counts[r]` elements from rank `r`) into `recv`, rank
+    /// 0's first.
+    fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()>;
+    /// Sums `buf` over the ranks, in place; every rank gets the same values.
+    fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()>;
+    /// What this rank has moved so far.
+    fn counters(&self) -> CommCounters;
+}
+
+/// Checks the arguments of a reduce-scatter or all-gather on `world` ranks.
+fn check_counts(
+    world: usize,
+    rank: usize,
+    counts: &[usize],
+    whole: (&'static str, usize),
+    part: (&'static str, usize),
+) -> Result<()> {
+    check_len("counts", world, counts.len())?;
+    let total = counts
+        .iter()
+        .try_fold(0usize, |a, &c| a.checked_add(c))
+        .ok_or_else(|| Error::invalid("counts", "the total overflows"))?;
+    check_len(whole.0, total, whole.1)?;
+    check_len(part.0, counts[rank], part.1)
+}
+
+/// A group of ranks that are threads of one process, exchanging through shared memory:
+/// for tests of the distributed step, and as the reference of its semantics. Made by
+/// [`LocalGroup::new`], which returns one [`LocalComm`] per rank to move to its thread.
+///
+/// Sums are taken in rank order, so every rank of an all-reduce gets bit-identical values.
+/// A rank whose [`LocalComm`] is dropped (its thread returned or panicked) leaves the
+/// group: the others' next collective that needs it fails at once; a rank that does not
+/// arrive makes the others fail after the group's timeout. Each collective copies its
+/// inputs (this transport is for tests, not for speed).
+#[derive(Debug)]
+pub struct LocalGroup;
+
+impl LocalGroup {
+    /// `world` ranks whose collectives wait at most `timeout` for the other ranks.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(world: usize, timeout: Duration) -> Result<Vec<LocalComm>> {
+        if world == 0 {
+            return Err(Error::invalid("world", "at least one rank is needed"));
+        }
+        if timeout.is_zero() {
+            return Err(Error::invalid("timeout", "must be positive"));
+        }
+        let shared = Arc::new(Shared {
+            world,
+            timeout,
+            state: Mutex::new(GroupState::default()),
+            cv: Condvar::new(),
+        });
+        Ok((0..world)
+            .map(|rank| LocalComm {
+                rank,
+                shared: shared.clone(),
+                seq: 0,
+                counters: CommCounters::default(),
+            })
+            .collect())
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    state: Mutex<GroupState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    rounds: HashMap<u64, Round>,
+    broken: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ReduceScatter,
+    AllGather,
+    AllReduce,
+}
+
+#[derive(Debug)]
+struct Round {
+    kind: Kind,
+    counts: Vec<usize>,
+    f32s: Vec<Option<Vec<f32>>>,
+    f64s: Vec<Option<Vec<f64>>>,
+    arrived: usize,
+    read: usize,
+}
+
+/// One rank of a [`LocalGroup`].
+#[derive(Debug)]
+pub struct LocalComm {
+    rank: usize,
+    shared: Arc<Shared>,
+    seq: u64,
+    counters: CommCounters,
+}
+
+impl LocalComm {
+    /// Deposits this rank's contribution to the next collective, waits for every rank's,
+    /// and hands them to `read` (under the group's lock) in rank order.
+    fn exchange<T>(
+        &mut self,
+        kind: Kind,
+        counts: &[usize],
+        f32s: Option<Vec<f32>>,
+        f64s: Option<Vec<f64>>,
+        read: impl FnOnce(&Round) -> T,
+    ) -> Result<T> {
+        let sh = &*self.shared;
+        let seq = self.seq;
+        self.seq += 1;
+        let mut st: MutexGuard<'_, GroupState> = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = &st.broken {
+            return Err(Error::Communication(format!(
+                "rank {}: the group is broken ({why})",
+                self.rank
+            )));
+        }
+        let round = st.rounds.entry(seq).or_insert_with(|| Round {
+            kind,
+            counts: counts.to_vec(),
+            f32s: vec![None; sh.world],
+            f64s: vec![None; sh.world],
+            arrived: 0,
+            read: 0,
+        });
+        if round.kind != kind || round.counts != counts {
+            let why = format!(
+                "collective #{seq}: rank {} called {kind:?} with counts {counts:?}, another rank {:?} with counts {:?}",
+                self.rank, round.kind, round.counts
+            );
+            st.broken = Some(why.clone());
+            sh.cv.notify_all();
+            return Err(Error::Communication(why));
+        }
+        round.f32s[self.rank] = f32s;
+        round.f64s[self.rank] = f64s;
+        round.arrived += 1;
+        sh.cv.notify_all();
+        let deadline = Instant::now() + sh.timeout;
+        loop {
+            let round = &st.rounds[&seq];
+            if round.arrived == sh.world {
+                break;
+            }
+            if let Some(why) = &st.broken {
+                return Err(Error::Communication(format!(
+                    "rank {}, collective #{seq}: the group broke while waiting ({why})",
+                    self.rank
+                )));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let missing: Vec<usize> = (0..sh.world)
+                    .filter(|&r| round.f32s[r].is_none() && round.f64s[r].is_none())
+                    .collect();
+                let why = format!(
+                    "rank {} waited {:?} at collective #{seq} ({kind:?}) for ranks {missing:?}",
+                    self.rank, sh.timeout
+                );
+                st.broken = Some(why.clone());
+                sh.cv.notify_all();
+                return Err(Error::Communication(why));
+            }
+            st = sh
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let round = st
+            .rounds
+            .get_mut(&seq)
+            .expect("the round exists until read");
+        let out = read(round);
+        round.read += 1;
+        if round.read == sh.world {
+            st.rounds.remove(&seq);
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for LocalComm {
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.broken.is_none() {
+            st.broken = Some(format!("rank {} left the group", self.rank));
+        }
+        self.shared.cv.notify_all();
+    }
+}
+
+impl Communicator for LocalComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+
+    fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        let (w, r) = (self.shared.world, self.rank);
+        check_counts(w, r, counts, ("send", send.len()), ("recv", recv.len()))?;
+        let start: usize = counts[..r].iter().sum();
+        self.exchange(
+            Kind::ReduceScatter,
+            counts,
+            Some(send.to_vec()),
+            None,
+            |round| {
+                recv.fill(0.0);
+                for s in round.f32s.iter().flatten() {
+                    for (o, v) in recv.iter_mut().zip(&s[start..start + counts[r]]) {
+                        *o += v;
+                    }
+                }
+            },
+        )?;
+        self.counters
+            .add(ring_bytes(Collective::ReduceScatter, counts, r, 4));
+        Ok(())
+    }
+
+    fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        let (w, r) = (self.shared.world, self.rank);
+        check_counts(w, r, counts, ("recv", recv.len()), ("send", send.len()))?;
+        self.exchange(
+            Kind::AllGather,
+            counts,
+            Some(send.to_vec()),
+            None,
+            |round| {
+                let mut at = 0;
+                for s in round.f32s.iter().flatten() {
+                    recv[at..at + s.len()].copy_from_slice(s);
+                    at += s.len();
+                }
+            },
+        )?;
+        self.counters
+            .add(ring_bytes(Collective::AllGather, counts, r, 4));
+        Ok(())
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()> {
+        let (w, r) = (self.shared.world, self.rank);
+        let mut counts = vec![0usize; w];
+        even_counts(buf.len(), w, &mut counts);
+        self.exchange(
+            Kind::AllReduce,
+            &counts,
+            None,
+            Some(buf.to_vec()),
+            |round| {
+                buf.fill(0.0);
+                for s in round.f64s.iter().flatten() {
+                    for (o, v) in buf.iter_mut().zip(s) {
+                        *o += v;
+                    }
+                }
+            },
+        )?;
+        self.counters
+            .add(ring_bytes(Collective::AllReduce, &counts, r, 8));
+        Ok(())
+    }
+
+    fn counters(&self) -> CommCounters {
+        self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_ranks<T: Send>(
+        world: usize,
+        timeout: Duration,
+        f: impl Fn(LocalComm) -> T + Sync,
+    ) -> Vec<T> {
+        let comms = LocalGroup::new(world, timeout).unwrap();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    let f = &f;
+                    s.spawn(move || f(c))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn collectives_sum_and_gather() {
+        let out = on_ranks(3, Duration::from_secs(10), |mut c| {
+            let r = c.rank();
+            let counts = [2, 0, 1];
+            let send: Vec<f32> = (0..3).map(|i| (10 * r + i) as f32).collect();
+            let mut recv = vec![f32::NAN; counts[r]];
+            c.reduce_scatter(&send, &counts, &mut recv).unwrap();
+            let mine = vec![r as f32 + 1.0; counts[r]];
+            let mut all = vec![f32::NAN; 3];
+            c.all_gather(&mine, &counts, &mut all).unwrap();
+            let mut v = [r as f64, 1.0];
+            c.all_reduce(&mut v).unwrap();
+            (recv, all, v, c.counters())
+        });
+        // Segment sums: element i over ranks is 30 + 3 i.
+        assert_eq!(out[0].0, vec![30.0, 33.0]);
+        assert!(out[1].0.is_empty());
+        assert_eq!(out[2].0, vec![36.0]);
+        for (_, all, v, cnt) in &out {
+            assert_eq!(all, &vec![1.0, 1.0, 3.0]);
+            assert_eq!(v, &[3.0, 3.0]);
+            assert_eq!(cnt.collectives, 3);
+        }
+        // Rank 1 (owning nothing) sends all 3 elements of the reduce-scatter and the
+        // all-gather's segments but its successor's (2 elements); the all-reduce of 2 f64
+        // (segments 1, 1, 0): 1 in its reduce-scatter, 2 in its all-gather.
+        assert_eq!(out[1].3.bytes_sent, 12 + 8 + (8 + 16));
+    }
+
+    #[test]
+    fn a_rank_that_leaves_fails_the_others() {
+        let out = on_ranks(3, Duration::from_secs(60), |mut c| {
+            if c.rank() == 1 {
+                return None;
+            }
+            let t = Instant::now();
+            let mut v = [1.0f64];
+            let e = c.all_reduce(&mut v).unwrap_err();
+            Some((e, t.elapsed()))
+        });
+        for (e, t) in out.into_iter().flatten() {
+            assert!(
+                matches!(&e, Error::Communication(m) if m.contains("rank 1 left")),
+                "{e}"
+            );
+            assert!(t < Duration::from_secs(30), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn a_rank_that_never_arrives_times_out() {
+        let out = on_ranks(2, Duration::from_millis(200), |mut c| {
+            if c.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(1500));
+                let mut v = [1.0f64];
+                return c.all_reduce(&mut v).unwrap_err();
+            }
+            let mut v = [1.0f64];
+            c.all_reduce(&mut v).unwrap_err()
+        });
+        assert!(
+            matches!(&out[0], Error::Communication(m) if m.contains("for ranks [1]")),
+            "{}",
+            out[0]
+        );
+        // The late rank finds the group broken.
+        assert!(
+            matches!(&out[1], Error::Communication(m) if m.contains("broken")),
+            "{}",
+            out[1]
+        );
+    }
+
+    #[test]
+    fn mismatched_calls_and_bad_counts() {
+        let out = on_ranks(2, Duration::from_secs(10), |mut c| {
+            let mut recv = [0.0f32; 1];
+            if c.rank() == 0 {
+                c.reduce_scatter(&[1.0, 2.0], &[1, 1], &mut recv)
+            } else {
+                c.all_gather(&[1.0], &[1, 1], &mut [0.0; 2])
+            }
+        });
+        assert!(out
+            .iter()
+            .all(|r| matches!(r, Err(Error::Communication(_)))));
+        let mut c = LocalGroup::new(2, Duration::from_secs(1)).unwrap();
+        let e = c[0]
+            .reduce_scatter(&[1.0, 2.0], &[1, 2], &mut [0.0; 1])
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "send", .. }), "{e}");
+        let e = c[0].all_gather(&[1.0], &[1], &mut [0.0; 1]).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "counts", .. }), "{e}");
+        let e = LocalGroup::new(0, Duration::from_secs(1)).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "world", .. }),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! THOR's factor step across ranks (data-parallel training): every block of every factor is
+//! owned by one rank.
+//!
+//! Each rank accumulates the factors of its local batch; a reduce-scatter delivers each
+//! block's sum to its owner only, as a packed lower triangle; the owner applies the EMA and
+//! computes the block's trace; the traces are all-reduced so that every rank takes the same
+//! rule decision for every layer; owners invert their blocks of the updated layers and the
+//! refreshed inverses are all-gathered (only those). Every rank then holds every inverse and
+//! applies the preconditioner to its own gradients locally.
+//!
+//! - [`OwnershipPlan`]: which rank owns which block, balanced by inversion cost,
+//!   deterministic from the factor set and the world size alone, with the bytes each rank
+//!   sends per statistics step.
+//! - [`Communicator`]: the collectives the step needs (reduce-scatter and all-gather with
+//!   per-rank counts, a small f64 all-reduce), behind a small interface so that any transport
+//!   can move the bytes; [`LocalGroup`] runs ranks as threads of one process (tests, and
+//!   the reference for other transports).
+//! - The step itself is [`crate::cpu::step::CpuThorStep::new_distributed`]: the same step
+//!   as on one rank, with the collectives between its stages.
+//!
+//! A collective that fails (a rank left the group or did not arrive within the timeout)
+//! returns [`crate::Error::Communication`] on every other rank; the group, and the state of
+//! every step that used it, is broken afterwards (a later step refuses to run): restore a
+//! saved state into a new step on a new group.
+
+mod comm;
+mod plan;
+
+pub use comm::{CommCounters, Communicator, LocalComm, LocalGroup};
+pub use plan::{pack_lower, tri_len, unpack_lower, OwnershipPlan};

@@ -1,0 +1,440 @@
+//! THOR's factor step across ranks (`thor_kernels::dist`), ranks as threads of an
+//! in-process group: the same decisions, counters, statistics, inverses and preconditioned
+//! gradients as one rank on the union of the batches, a NaN on one rank skipping the layer
+//! on all of them, a rank that leaves or never arrives failing the others with a clear
+//! error, and the bytes the plan says each rank sends.
+
+mod common;
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use common::step_cases::{StepScenario, STEPS};
+use common::*;
+use thor_kernels::cpu::step::{CpuThorStep, HostStepInput};
+use thor_kernels::cpu::{self, Workspace};
+use thor_kernels::dist::{tri_len, Communicator, LocalGroup, OwnershipPlan};
+use thor_kernels::rule::{Decision, RuleLayer};
+use thor_kernels::shapes;
+use thor_kernels::step::StepConfig;
+use thor_kernels::{Error, FactorSet};
+
+/// Rows of each rank: uneven, growing with the rank (rank 0 the fewest), at least one.
+fn row_ranges(rows: usize, world: usize) -> Vec<Range<usize>> {
+    let (tri, extra) = (world * (world + 1) / 2, rows - world);
+    let cut = |r: usize| r + extra * (r * (r + 1) / 2) / tri;
+    (0..world).map(|r| cut(r)..cut(r + 1)).collect()
+}
+
+fn config(sc: &StepScenario) -> StepConfig {
+    StepConfig {
+        stat_decay: sc.decay,
+        thresholds: sc.thresholds,
+        ..StepConfig::default()
+    }
+}
+
+/// What a step shows after each statistics step.
+#[derive(Debug, Clone)]
+struct Seen {
+    decisions: Vec<Decision>,
+    counters: Vec<[u64; 6]>,
+    stats: Vec<f32>,
+    inverses: Vec<f32>,
+}
+
+fn seen(step: &CpuThorStep) -> Seen {
+    Seen {
+        decisions: step.decisions().to_vec(),
+        counters: step.counters().iter().map(|c| c.to_array()).collect(),
+        stats: step.stats().to_vec(),
+        inverses: step.inverses().to_vec(),
+    }
+}
+
+/// The scenario's inputs of step `k`, rows `rows` of every factor.
+fn inputs<'a>(
+    batch: &'a [Vec<f32>],
+    dims: &[usize],
+    rows: Range<usize>,
+) -> Vec<HostStepInput<'a, f32>> {
+    batch
+        .iter()
+        .zip(dims)
+        .map(|(x, &d)| HostStepInput::matrix(&x[rows.start * d..rows.end * d], rows.len(), d))
+        .collect()
+}
+
+/// One rank on every row: the oracle of the distributed runs (itself checked against the
+/// optimizer and the f64 reference in tests/thor.rs).
+fn one_rank(sc: &StepScenario) -> Vec<Seen> {
+    let set = sc.set();
+    let mut step = CpuThorStep::new::<f32>(&set, &RuleLayer::pairs(&set), config(sc)).unwrap();
+    let dims = sc.flat_dims();
+    (0..STEPS)
+        .map(|k| {
+            let batch = sc.batch(k);
+            step.run(&inputs(&batch, &dims, 0..sc.rows), sc.damping)
+                .unwrap();
+            seen(&step)
+        })
+        .collect()
+}
+
+/// Runs the scenario on `world` ranks; per rank: what it saw after each step, its blocks,
+/// and its bytes sent.
+fn ranks(sc: &StepScenario, world: usize) -> Vec<(Vec<Seen>, Vec<usize>, u64)> {
+    let set = sc.set();
+    let layers = RuleLayer::pairs(&set);
+    let dims = sc.flat_dims();
+    let ranges = row_ranges(sc.rows, world);
+    let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (set, layers, dims, ranges) = (&set, &layers, &dims, &ranges);
+                s.spawn(move || {
+                    let rank = comm.rank();
+                    let mut step = CpuThorStep::new_distributed::<f32>(
+                        set,
+                        layers,
+                        config(sc),
+                        Box::new(comm),
+                    )
+                    .unwrap();
+                    let seen_steps = (0..STEPS)
+                        .map(|k| {
+                            let batch = sc.batch(k);
+                            step.run(&inputs(&batch, dims, ranges[rank].clone()), sc.damping)
+                                .unwrap();
+                            seen(&step)
+                        })
+                        .collect();
+                    let owned = step.plan().unwrap().owned(rank).to_vec();
+                    (seen_steps, owned, step.comm_counters().unwrap().bytes_sent)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(1f64, |m, v| m.max(v.abs() as f64));
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (&a, &w)| m.max((a as f64 - w as f64).abs()))
+        / scale
+}
+
+#[test]
+fn every_world_size_matches_one_rank_on_the_union() {
+    let sc = StepScenario::new();
+    let set = sc.set();
+    let b = set.block();
+    let want = one_rank(&sc);
+    // The scenario's own decisions (update, reuse, skipped, freeze, frozen) on one rank.
+    for (k, w) in want.iter().enumerate() {
+        for (l, d) in w.decisions.iter().enumerate() {
+            assert_eq!(*d, sc.want[l][k], "one rank, layer {l} step {k}");
+        }
+    }
+    let mut rng = rng(5);
+    let grads: Vec<Vec<f32>> = sc
+        .dims
+        .iter()
+        .map(|&(a, g)| normal(&mut rng, a * g))
+        .collect();
+    // 8 blocks: world 8 gives each rank one, world 11 leaves three ranks without any.
+    assert_eq!(set.total_blocks(), 8);
+    for world in [1, 2, 3, 4, 8, 11] {
+        let got = ranks(&sc, world);
+        let mut all_owned: Vec<usize> = got.iter().flat_map(|g| g.1.clone()).collect();
+        all_owned.sort();
+        assert_eq!(all_owned, (0..8).collect::<Vec<_>>(), "world {world}");
+        for (rank, (steps, owned, _)) in got.iter().enumerate() {
+            for (k, (g, w)) in steps.iter().zip(&want).enumerate() {
+                let at = format!("world {world} rank {rank} step {k}");
+                assert_eq!(g.decisions, w.decisions, "decisions, {at}");
+                assert_eq!(g.counters, w.counters, "counters, {at}");
+                // Every rank holds the owners' inverses, bit for bit.
+                assert_eq!(
+                    g.inverses.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    got[0].0[k]
+                        .inverses
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    "inverses differ between ranks, {at}"
+                );
+                let err = max_rel(&g.inverses, &w.inverses);
+                assert!(err <= 1e-4, "inverses, {at}: {err:e}");
+                for &blk in owned {
+                    let r = blk * b * b..(blk + 1) * b * b;
+                    let err = max_rel(&g.stats[r.clone()], &w.stats[r]);
+                    assert!(err <= 1e-5, "statistics of block {blk}, {at}: {err:e}");
+                }
+            }
+        }
+        // The preconditioned gradients after the last step, on the last rank.
+        let last = &got[world - 1].0[STEPS - 1];
+        for (l, &(da, dg)) in sc.dims.iter().enumerate() {
+            let (ea, eg) = (&set.entries()[2 * l], &set.entries()[2 * l + 1]);
+            let apply = |inv: &[f32]| {
+                let mut out = poisoned(da * dg);
+                let mut ws = Workspace::new(cpu::apply_workspace_size(Some(b), dg, da));
+                fn side<'a>(
+                    e: &'a thor_kernels::FactorEntry,
+                    inv: &'a [f32],
+                ) -> (&'a thor_kernels::BlockLayout, &'a [f32]) {
+                    (
+                        &e.layout,
+                        &inv[e.offset()..e.offset() + e.layout.buffer_len()],
+                    )
+                }
+                cpu::apply(
+                    Some(side(eg, inv)),
+                    &grads[l],
+                    Some(side(ea, inv)),
+                    dg,
+                    da,
+                    1.0,
+                    &mut out,
+                    &mut ws,
+                )
+                .unwrap();
+                out
+            };
+            let (g, w) = (apply(&last.inverses), apply(&want[STEPS - 1].inverses));
+            let err = rel_err(&g, &f64s(&w));
+            assert!(
+                err <= 1e-4,
+                "preconditioned gradient of layer {l}, world {world}: {err:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bytes_sent_are_what_the_plan_says() {
+    let sc = StepScenario::new();
+    let set = sc.set();
+    let b = set.block();
+    let (world, nf) = (3, set.len());
+    let got = ranks(&sc, world);
+    let plan = OwnershipPlan::new(&set, world).unwrap();
+    let want = one_rank(&sc);
+    let layers = RuleLayer::pairs(&set);
+    for (rank, (_, _, sent)) in got.iter().enumerate() {
+        let mut expect = 0u64;
+        for w in &want {
+            let updated = |k: usize| {
+                layers.iter().zip(&w.decisions).any(|(lay, d)| {
+                    *d == Decision::Update
+                        && (lay.first_block..lay.first_block + lay.blocks).contains(&k)
+                })
+            };
+            let (rs, ag) = plan.bytes_sent(rank, b, updated);
+            // Two all-reduces of f64: the statuses and samples (2 per factor), the block
+            // traces (1 per block), each split evenly over the ranks.
+            let ar = |n: usize| {
+                let seg = |r: usize| n / world + usize::from(r < n % world);
+                8 * ((n - seg(rank)) + (n - seg((rank + 1) % world))) as u64
+            };
+            expect += rs + ag + ar(2 * nf) + ar(set.total_blocks());
+        }
+        assert_eq!(*sent, expect, "rank {rank}");
+    }
+}
+
+#[test]
+fn resnet50_plan_halves_the_bytes_and_balances_the_inversions() {
+    // The ResNet-50 factor set at b = 128: the reduce-scatter of packed triangles and the
+    // all-gather of packed inverses against an all-reduce of whole blocks and of inverses.
+    let dims: Vec<usize> = shapes::resnet50()
+        .iter()
+        .flat_map(|l| [l.d_a, l.d_g])
+        .collect();
+    let set = FactorSet::new(128, &dims).unwrap();
+    let nb = set.total_blocks();
+    assert_eq!(nb, 654);
+    let (b, tri) = (128usize, tri_len(128));
+    let packed = (nb * tri * 4) as f64;
+    let full = (nb * b * b * 4) as f64;
+    for world in [2usize, 8, 64, 256] {
+        let plan = OwnershipPlan::new(&set, world).unwrap();
+        let frac = (world - 1) as f64 / world as f64;
+        let mut total_sent = 0u64;
+        for rank in 0..world {
+            let (rs, ag) = plan.bytes_sent(rank, b, |_| true);
+            // At most (world - 1) / world of the packed bytes, plus one block for the ranks
+            // that own one block fewer than others.
+            let slack = ((tri + 1) * 4) as f64;
+            assert!(
+                rs as f64 <= frac * packed + slack,
+                "world {world} rank {rank}"
+            );
+            assert!(ag as f64 <= frac * (packed + 4.0 * nb as f64) + slack);
+            // Against all-reducing whole blocks then all-gathering whole inverses.
+            let anchor = 2.0 * frac * full + frac * full;
+            assert!(((rs + ag) as f64) < 0.34 * anchor, "world {world}");
+            total_sent += rs;
+        }
+        // Summed over the ranks, exactly (world - 1) times the packed bytes.
+        assert_eq!(total_sent as f64, (world - 1) as f64 * packed);
+        // Inversion work: never more than one block over the mean, and no assignment of
+        // whole blocks does better (some rank owns ceil(654 / world)).
+        let most = (0..world).map(|r| plan.owned(r).len()).max().unwrap();
+        assert_eq!(most, nb.div_ceil(world), "world {world}");
+        if world == 8 {
+            assert!(plan.imbalance() <= 0.02, "{plan}");
+        }
+    }
+}
+
+#[test]
+fn a_nan_on_one_rank_skips_the_layer_on_every_rank() {
+    // The scenario's NaN at step 3 (layer 0's G input, row 0) lies in rank 0's rows only;
+    // `every_world_size_matches_one_rank_on_the_union` checks the decisions. Here: the
+    // NaN on the last rank instead, on a fresh scenario step.
+    let sc = StepScenario::new();
+    let set = sc.set();
+    let layers = RuleLayer::pairs(&set);
+    let dims = sc.flat_dims();
+    let world = 3;
+    let ranges = row_ranges(sc.rows, world);
+    let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
+    let out: Vec<Vec<Decision>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                let (set, layers, dims, ranges, sc) = (&set, &layers, &dims, &ranges, &sc);
+                s.spawn(move || {
+                    let rank = comm.rank();
+                    let mut step = CpuThorStep::new_distributed::<f32>(
+                        set,
+                        layers,
+                        config(sc),
+                        Box::new(comm),
+                    )
+                    .unwrap();
+                    let mut batch = sc.batch(0);
+                    if rank == world - 1 {
+                        // Layer 2's A input, in the last rank's rows.
+                        let at = (ranges[rank].end - 1) * dims[4] + 3;
+                        batch[4][at] = f32::INFINITY;
+                    }
+                    step.run(&inputs(&batch, dims, ranges[rank].clone()), sc.damping)
+                        .unwrap();
+                    step.decisions().to_vec()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, d) in out.iter().enumerate() {
+        assert_eq!(
+            d,
+            &[Decision::Update, Decision::Update, Decision::Skipped],
+            "rank {rank}"
+        );
+    }
+}
+
+#[test]
+fn a_rank_that_fails_or_never_arrives_fails_the_others() {
+    let sc = StepScenario::new();
+    let set = sc.set();
+    let layers = RuleLayer::pairs(&set);
+    let dims = sc.flat_dims();
+    for hang in [false, true] {
+        let world = 3;
+        let ranges = row_ranges(sc.rows, world);
+        let timeout = Duration::from_millis(if hang { 300 } else { 60_000 });
+        let comms = LocalGroup::new(world, timeout).unwrap();
+        let out: Vec<Option<(Error, Error, Duration)>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    let (set, layers, dims, ranges, sc) = (&set, &layers, &dims, &ranges, &sc);
+                    s.spawn(move || {
+                        let rank = comm.rank();
+                        let mut step = CpuThorStep::new_distributed::<f32>(
+                            set,
+                            layers,
+                            config(sc),
+                            Box::new(comm),
+                        )
+                        .unwrap();
+                        let batch = sc.batch(0);
+                        let inp = inputs(&batch, dims, ranges[rank].clone());
+                        step.run(&inp, sc.damping).unwrap();
+                        if rank == 1 {
+                            if hang {
+                                // Arrives long after the others gave up, and finds the
+                                // group broken.
+                                std::thread::sleep(Duration::from_millis(1500));
+                                let e = step.run(&inp, sc.damping).unwrap_err();
+                                assert!(matches!(e, Error::Communication(_)), "{e}");
+                            }
+                            // Else: the rank fails (returns, dropping its communicator).
+                            return None;
+                        }
+                        let t = Instant::now();
+                        let first = step.run(&inp, sc.damping).unwrap_err();
+                        let took = t.elapsed();
+                        // The step refuses to run on a state that may differ from the
+                        // other ranks'.
+                        let again = step.run(&inp, sc.damping).unwrap_err();
+                        Some((first, again, took))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (first, again, took) in out.into_iter().flatten() {
+            let want = if hang {
+                "waited"
+            } else {
+                "rank 1 left the group"
+            };
+            assert!(
+                matches!(&first, Error::Communication(m) if m.contains(want)),
+                "hang {hang}: {first}"
+            );
+            assert!(
+                matches!(&again, Error::Communication(m) if m.contains("earlier collective")),
+                "{again}"
+            );
+            assert!(took < Duration::from_secs(20), "{took:?}");
+        }
+    }
+}
+
+#[test]
+fn bad_input_on_a_distributed_step_changes_nothing_and_calls_no_collective() {
+    // A shape error is found before the first collective, so the group stays usable.
+    let sc = StepScenario::new();
+    let set = sc.set();
+    let mut comms = LocalGroup::new(1, Duration::from_secs(5)).unwrap();
+    let mut step = CpuThorStep::new_distributed::<f32>(
+        &set,
+        &RuleLayer::pairs(&set),
+        config(&sc),
+        Box::new(comms.pop().unwrap()),
+    )
+    .unwrap();
+    let dims = sc.flat_dims();
+    let batch = sc.batch(0);
+    let mut inp = inputs(&batch, &dims, 0..sc.rows);
+    let before = step.stats().to_vec();
+    inp[1] = HostStepInput::matrix(&batch[1][..5], sc.rows, dims[1]);
+    let e = step.run(&inp, sc.damping).unwrap_err();
+    assert!(matches!(e, Error::Shape { arg: "x", .. }), "{e}");
+    assert_eq!(step.comm_counters().unwrap().collectives, 0);
+    assert_eq!(step.stats(), &before[..]);
+    let inp = inputs(&batch, &dims, 0..sc.rows);
+    step.run(&inp, sc.damping).unwrap();
+    assert_eq!(step.comm_counters().unwrap().collectives, 4);
+}
