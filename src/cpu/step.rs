@@ -88,10 +88,9 @@ struct Dist {
     gather_send: Vec<f32>,
     /// Every rank's refreshed inverses and info words.
     gather_recv: Vec<f32>,
-    /// Per factor: non-finite flag, then samples.
+    /// The all-reduced values: per factor a non-finite flag, per factor its samples, per
+    /// block the trace of its old statistics and of its new sum (owners only; 0 elsewhere).
     meta: Vec<f64>,
-    /// Per block: the sum of its real diagonal (owners only; 0 elsewhere).
-    traces: Vec<f64>,
     /// Per block: owned by this rank and masked for inversion.
     owned_mask: Vec<u8>,
     block_factor: Vec<usize>,
@@ -189,8 +188,7 @@ impl CpuThorStep {
             gather_counts: vec![0; plan.world()],
             gather_send: try_vec("set", owned * (tri + 1), f32::NAN)?,
             gather_recv: try_vec("set", nb * (tri + 1), f32::NAN)?,
-            meta: vec![0.0; 2 * nf],
-            traces: vec![0.0; nb],
+            meta: vec![0.0; 2 * (nf + nb)],
             owned_mask: vec![0; nb],
             block_factor: set.block_factor(),
             broken: false,
@@ -252,10 +250,11 @@ impl CpuThorStep {
         Ok(())
     }
 
-    /// [`CpuThorStep::run`] on one rank of a group: local products, the statuses and
-    /// sample counts all-reduced, the products reduce-scattered to their owners (packed),
-    /// EMA and traces on the owners, the traces all-reduced, the rule on every rank,
-    /// inversion on the owners, the refreshed inverses all-gathered.
+    /// [`CpuThorStep::run`] on one rank of a group, in three collectives: local products
+    /// reduce-scattered to their owners (packed lower triangles); one small all-reduce of
+    /// the statuses, sample counts and the owners' traces, after which every rank computes
+    /// the same new traces and decisions; EMA and inversion on the owners; the refreshed
+    /// inverses all-gathered.
     fn run_distributed<E: Element>(
         &mut self,
         inputs: &[HostStepInput<'_, E>],
@@ -305,17 +304,48 @@ impl CpuThorStep {
             &mut self.status,
             &mut self.ws,
         )?;
-        // 2. Which factors any rank could not read, and the samples of the union.
-        let (flags, samples) = dist.meta.split_at_mut(nf);
+        // 2. Every block's sum to its owner, as a packed lower triangle.
+        for (i, &k) in dist.plan.order().iter().enumerate() {
+            pack_lower(
+                &dist.local[k * bb..(k + 1) * bb],
+                b,
+                &mut dist.send[i * tri..(i + 1) * tri],
+            );
+        }
+        dist.comm
+            .reduce_scatter(&dist.send, &dist.scatter_counts, &mut dist.recv)?;
+        // 3. One small all-reduce for what every rank needs to decide: per factor, whether
+        // any rank could not read its input and the samples of the union; per block (from
+        // its owner), the traces of the old statistics and of the new sum, from which every
+        // rank computes the new traces itself (the EMA is linear).
+        let nb = self.set.total_blocks();
+        let (flags, rest) = dist.meta.split_at_mut(nf);
+        let (samples, rest) = rest.split_at_mut(nf);
+        let (tr_old, tr_sum) = rest.split_at_mut(nb);
         for (f, inp) in inputs.iter().enumerate() {
             flags[f] = f64::from(u8::from(self.status[f] == 1));
             samples[f] = inp.layout.samples() as f64;
         }
+        tr_old.fill(0.0);
+        tr_sum.fill(0.0);
+        let diag = |r: usize| r * (r + 1) / 2 + r;
+        for (i, &k) in dist.plan.owned(rank).iter().enumerate() {
+            let e = &self.set.entries()[dist.block_factor[k]];
+            let valid = e.layout.valid(k - e.first_block);
+            let sum = &dist.recv[i * tri..(i + 1) * tri];
+            tr_old[k] = (0..valid)
+                .map(|r| self.stats[k * bb + r * b + r] as f64)
+                .sum();
+            tr_sum[k] = (0..valid).map(|r| sum[diag(r)] as f64).sum();
+        }
         dist.comm.all_reduce(&mut dist.meta)?;
-        for f in 0..nf {
-            self.status[f] = if self.factor_state[f] & FACTOR_FROZEN != 0 {
+        let (flags, rest) = dist.meta.split_at(nf);
+        let (samples, rest) = rest.split_at(nf);
+        let (tr_old, tr_sum) = rest.split_at(nb);
+        for ((st, &fs), &flag) in self.status.iter_mut().zip(&self.factor_state).zip(flags) {
+            *st = if fs & FACTOR_FROZEN != 0 {
                 3
-            } else if dist.meta[f] > 0.0 {
+            } else if flag > 0.0 {
                 1
             } else {
                 0
@@ -326,57 +356,54 @@ impl CpuThorStep {
                 self.status[f] = 2;
             }
         }
-        // 3. Every block's sum to its owner.
-        for (i, &k) in dist.plan.order().iter().enumerate() {
-            pack_lower(
-                &dist.local[k * bb..(k + 1) * bb],
-                b,
-                &mut dist.send[i * tri..(i + 1) * tri],
-            );
-        }
-        dist.comm
-            .reduce_scatter(&dist.send, &dist.scatter_counts, &mut dist.recv)?;
-        // 4. Owners: the EMA of their blocks, and the blocks' traces.
+        // The EMA's scales per factor: the first accepted statistics replace the identity.
         let d = self.cfg.stat_decay;
-        dist.traces.fill(0.0);
+        let scales = |f: usize| {
+            let n = samples[f] as f32;
+            if self.factor_state[f] & FACTOR_HAS_STATS == 0 {
+                (1.0 / n, 0.0)
+            } else {
+                ((1.0 - d) / n, d)
+            }
+        };
+        for (f, e) in self.set.entries().iter().enumerate() {
+            let (alpha, beta) = scales(f);
+            let mut total = 0.0f64;
+            for k in e.first_block..e.first_block + e.layout.blocks() {
+                let t = if self.status[f] == 0 {
+                    beta as f64 * tr_old[k] + alpha as f64 * tr_sum[k]
+                } else {
+                    tr_old[k]
+                };
+                let pad = b - e.layout.valid(k - e.first_block);
+                self.block_traces[k] = (t + pad as f64) as f32;
+                total += t;
+            }
+            self.factor_traces[f] = total as f32;
+        }
+        // 4. Owners: the EMA of their blocks.
         for (i, &k) in dist.plan.owned(rank).iter().enumerate() {
             let f = dist.block_factor[k];
-            let s = &mut self.stats[k * bb..(k + 1) * bb];
+            if self.status[f] != 0 {
+                continue;
+            }
+            let (alpha, beta) = scales(f);
             let e = &self.set.entries()[f];
-            let valid = e.layout.valid(k - e.first_block);
-            if self.status[f] == 0 {
-                let n = dist.meta[nf + f] as f32;
-                let (alpha, beta) = if self.factor_state[f] & FACTOR_HAS_STATS == 0 {
-                    (1.0 / n, 0.0)
-                } else {
-                    ((1.0 - d) / n, d)
-                };
-                let sum = &dist.recv[i * tri..(i + 1) * tri];
-                let mut at = 0;
-                for r in 0..b {
-                    for c in 0..=r {
-                        let old = if beta == 0.0 {
-                            0.0
-                        } else {
-                            beta * s[r * b + c]
-                        };
-                        s[r * b + c] = old + alpha * sum[at];
-                        at += 1;
-                    }
+            let s = &mut self.stats[k * bb..(k + 1) * bb];
+            let sum = &dist.recv[i * tri..(i + 1) * tri];
+            let mut at = 0;
+            for r in 0..b {
+                for c in 0..=r {
+                    let old = if beta == 0.0 {
+                        0.0
+                    } else {
+                        beta * s[r * b + c]
+                    };
+                    s[r * b + c] = old + alpha * sum[at];
+                    at += 1;
                 }
-                mirror_and_pad(s, b, valid);
             }
-            dist.traces[k] = (0..valid).map(|i| s[i * b + i] as f64).sum();
-        }
-        // 5. Every block's trace on every rank, so that every rank decides the same.
-        dist.comm.all_reduce(&mut dist.traces)?;
-        for (f, e) in self.set.entries().iter().enumerate() {
-            let range = e.first_block..e.first_block + e.layout.blocks();
-            self.factor_traces[f] = dist.traces[range.clone()].iter().sum::<f64>() as f32;
-            for k in range {
-                let pad = b - e.layout.valid(k - e.first_block);
-                self.block_traces[k] = (dist.traces[k] + pad as f64) as f32;
-            }
+            mirror_and_pad(s, b, e.layout.valid(k - e.first_block));
         }
         self.decide(damping);
         // 6. Owners invert their blocks of the updated layers.

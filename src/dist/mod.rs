@@ -2,11 +2,14 @@
 //! owned by one rank.
 //!
 //! Each rank accumulates the factors of its local batch; a reduce-scatter delivers each
-//! block's sum to its owner only, as a packed lower triangle; the owner applies the EMA and
-//! computes the block's trace; the traces are all-reduced so that every rank takes the same
-//! rule decision for every layer; owners invert their blocks of the updated layers and the
-//! refreshed inverses are all-gathered (only those). Every rank then holds every inverse and
-//! applies the preconditioner to its own gradients locally.
+//! block's sum to its owner only, as a packed lower triangle; one small all-reduce carries
+//! what every rank needs to decide (per factor: whether any rank's input was not finite,
+//! the samples of the union; per block, from its owner: the traces of the old statistics
+//! and of the new sum), so that every rank computes the same traces and takes the same rule
+//! decision for every layer; owners apply the EMA to their blocks and invert those of the
+//! updated layers; the refreshed inverses are all-gathered (only those). Every rank then
+//! holds every inverse and applies the preconditioner to its own gradients locally. Three
+//! collectives per statistics step, whatever the number of layers.
 //!
 //! - [`OwnershipPlan`]: which rank owns which block, balanced by inversion cost,
 //!   deterministic from the factor set and the world size alone, with the bytes each rank
@@ -27,4 +30,6 @@ mod comm;
 mod plan;
 
 pub use comm::{CommCounters, Communicator, LocalComm, LocalGroup};
-pub use plan::{pack_lower, tri_len, unpack_lower, OwnershipPlan};
+pub use plan::{
+    even_counts, pack_lower, ring_bytes, tri_len, unpack_lower, Collective, OwnershipPlan,
+};

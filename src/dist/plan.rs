@@ -219,7 +219,7 @@ impl fmt::Display for OwnershipPlan {
 
 /// A collective, for [`ring_bytes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Collective {
+pub enum Collective {
     /// Rank `r` ends with the sum of every rank's segment `r`.
     ReduceScatter,
     /// Every rank ends with every rank's segment.
@@ -232,7 +232,7 @@ pub(crate) enum Collective {
 /// `counts[r]` elements of `elem` bytes. In a ring reduce-scatter rank `r` sends every
 /// segment but its own and receives every segment but its predecessor's; in an all-gather
 /// it sends every segment but its successor's and receives every segment but its own.
-pub(crate) fn ring_bytes(op: Collective, counts: &[usize], rank: usize, elem: usize) -> (u64, u64) {
+pub fn ring_bytes(op: Collective, counts: &[usize], rank: usize, elem: usize) -> (u64, u64) {
     let w = counts.len();
     if w <= 1 {
         return (0, 0);
@@ -252,8 +252,8 @@ pub(crate) fn ring_bytes(op: Collective, counts: &[usize], rank: usize, elem: us
 }
 
 /// `n` elements split into `w` segments as evenly as possible (the first `n % w` one
-/// longer), as a ring all-reduce splits its buffer.
-pub(crate) fn even_counts(n: usize, w: usize, counts: &mut [usize]) {
+/// longer), as a ring all-reduce splits its buffer, written to `counts`.
+pub fn even_counts(n: usize, w: usize, counts: &mut [usize]) {
     for (r, c) in counts.iter_mut().enumerate().take(w) {
         *c = n / w + usize::from(r < n % w);
     }
