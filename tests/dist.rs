@@ -438,3 +438,191 @@ fn bad_input_on_a_distributed_step_changes_nothing_and_calls_no_collective() {
     step.run(&inp, sc.damping).unwrap();
     assert_eq!(step.comm_counters().unwrap().collectives, 3);
 }
+
+mod optimizer {
+    //! `Thor::with_communicator`: the optimizer on ranks against one optimizer on the union.
+
+    use super::*;
+    use thor_kernels::thor::{DampingSchedule, IntervalSchedule, LayerKind, Thor, ThorConfig};
+    use thor_kernels::BackendKind;
+
+    const LAYERS: [(usize, usize, bool); 3] = [(70, 20, true), (20, 33, false), (33, 10, true)];
+    const ROWS: usize = 48;
+
+    fn config() -> ThorConfig {
+        ThorConfig {
+            block: 32,
+            stat_decay: 0.8,
+            damping: DampingSchedule::Constant(1e-2),
+            interval: IntervalSchedule::Fixed(1),
+            backend: BackendKind::Cpu,
+            ..ThorConfig::thor()
+        }
+    }
+
+    fn add_layers(t: &mut Thor) {
+        for (i, o, bias) in LAYERS {
+            t.add_layer(LayerKind::Linear {
+                inputs: i,
+                outputs: o,
+                bias,
+            })
+            .unwrap();
+        }
+    }
+
+    /// Step `k`'s activations and output gradients per layer, `ROWS` rows; every third
+    /// step repeats the previous one (so the rule reuses).
+    fn batch(k: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+        let mut r = rng(100 + (k - usize::from(k % 3 == 2)) as u64);
+        LAYERS
+            .iter()
+            .map(|&(i, o, _)| (normal(&mut r, ROWS * i), normal(&mut r, ROWS * o)))
+            .collect()
+    }
+
+    fn grads() -> Vec<Vec<f32>> {
+        let mut r = rng(9);
+        LAYERS
+            .iter()
+            .map(|&(i, o, bias)| normal(&mut r, o * (i + usize::from(bias))))
+            .collect()
+    }
+
+    /// Runs `steps` statistics steps on rows `rows` of each batch; per step the decisions
+    /// and the preconditioned gradients.
+    fn run(
+        t: &mut Thor,
+        steps: Range<usize>,
+        rows: Range<usize>,
+    ) -> Vec<(Vec<Decision>, Vec<Vec<f32>>)> {
+        let g = grads();
+        steps
+            .map(|k| {
+                let b = batch(k);
+                let ids: Vec<_> = (0..LAYERS.len()).map(thor_kernels::thor::LayerId).collect();
+                let d = LAYERS
+                    .iter()
+                    .zip(&b)
+                    .zip(&ids)
+                    .map(|((&(i, o, _), (a, og)), &id)| {
+                        t.observe(
+                            id,
+                            &a[rows.start * i..rows.end * i],
+                            &og[rows.start * o..rows.end * o],
+                            rows.len(),
+                        )
+                        .unwrap()
+                    })
+                    .collect();
+                let p = ids
+                    .iter()
+                    .zip(&g)
+                    .map(|(&id, g)| {
+                        let mut out = poisoned(g.len());
+                        t.precondition(id, g, &mut out).unwrap();
+                        out
+                    })
+                    .collect();
+                t.finish_step();
+                (d, p)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ranks_match_one_optimizer_and_save_a_whole_state() {
+        let mut one = Thor::new(config()).unwrap();
+        add_layers(&mut one);
+        let want = run(&mut one, 0..6, 0..ROWS);
+        let updates = want
+            .iter()
+            .flat_map(|(d, _)| d)
+            .filter(|d| **d == Decision::Update)
+            .count();
+        let reuses = want
+            .iter()
+            .flat_map(|(d, _)| d)
+            .filter(|d| **d == Decision::Reuse)
+            .count();
+        assert!(
+            updates > 3 && reuses > 0,
+            "{updates} updates, {reuses} reuses"
+        );
+        let one_bytes = {
+            let mut t = Thor::new(config()).unwrap();
+            add_layers(&mut t);
+            run(&mut t, 0..4, 0..ROWS);
+            t
+        };
+        for world in [2, 3, 4] {
+            let ranges = row_ranges(ROWS, world);
+            let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
+            let out: Vec<_> = std::thread::scope(|s| {
+                let hs: Vec<_> = comms
+                    .into_iter()
+                    .map(|comm| {
+                        let ranges = &ranges;
+                        s.spawn(move || {
+                            let rank = comm.rank();
+                            let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
+                            add_layers(&mut t);
+                            let first = run(&mut t, 0..4, ranges[rank].clone());
+                            t.gather_statistics().unwrap();
+                            let bytes = t.to_bytes().unwrap();
+                            let rest = run(&mut t, 4..6, ranges[rank].clone());
+                            (first.into_iter().chain(rest).collect::<Vec<_>>(), bytes)
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (rank, (steps, bytes)) in out.iter().enumerate() {
+                // After gathering, every rank saves the same, whole state.
+                assert!(
+                    bytes == &out[0].1,
+                    "world {world} rank {rank}: saved state differs from rank 0's"
+                );
+                for (k, ((d, p), (wd, wp))) in steps.iter().zip(&want).enumerate() {
+                    assert_eq!(d, wd, "decisions, world {world} rank {rank} step {k}");
+                    for (l, (g, w)) in p.iter().zip(wp).enumerate() {
+                        let err = rel_err(g, &f64s(w));
+                        assert!(
+                            err <= 1e-4,
+                            "layer {l}, world {world} rank {rank} step {k}: {err:e}"
+                        );
+                    }
+                }
+            }
+            // The saved state loads into a single optimizer and continues as the one that
+            // ran on the union all along.
+            let mut t = Thor::new(config()).unwrap();
+            add_layers(&mut t);
+            t.load_bytes(&out[0].1).unwrap();
+            let mut u = Thor::new(config()).unwrap();
+            add_layers(&mut u);
+            u.load_bytes(&one_bytes.to_bytes().unwrap()).unwrap();
+            let (got, exp) = (run(&mut t, 4..6, 0..ROWS), run(&mut u, 4..6, 0..ROWS));
+            for ((d, p), (wd, wp)) in got.iter().zip(&exp) {
+                assert_eq!(d, wd, "world {world}: after loading");
+                for (g, w) in p.iter().zip(wp) {
+                    assert!(rel_err(g, &f64s(w)) <= 1e-4, "world {world}: after loading");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_distributed_optimizer_on_cuda_is_refused() {
+        let mut comms = LocalGroup::new(1, Duration::from_secs(1)).unwrap();
+        let cfg = ThorConfig {
+            backend: BackendKind::Cuda,
+            ..config()
+        };
+        let e = Thor::with_communicator(cfg, Box::new(comms.pop().unwrap())).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "backend", .. }),
+            "{e}"
+        );
+    }
+}

@@ -67,6 +67,18 @@ pub struct CpuThorStep {
     dist: Option<Box<Dist>>,
 }
 
+impl Dist {
+    /// An error once a collective of this step has failed.
+    fn check_usable(&self) -> Result<()> {
+        if self.broken {
+            return Err(Error::Communication(
+                "an earlier collective of this step failed; its state may differ from the other ranks' (restore a saved state into a new step)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The state a distributed step adds: its rank's plan and communicator, and the buffers the
 /// collectives move, allocated once.
 #[derive(Debug)]
@@ -169,8 +181,30 @@ impl CpuThorStep {
         cfg: StepConfig,
         comm: Box<dyn Communicator>,
     ) -> Result<Self> {
-        let mut step = Self::new::<E>(set, layers, cfg)?;
         let plan = OwnershipPlan::new(set, comm.world())?;
+        Self::new_distributed_with_plan::<E>(set, layers, cfg, comm, plan)
+    }
+
+    /// [`CpuThorStep::new_distributed`] with the block ownership given (every rank must
+    /// pass the same plan): for example [`OwnershipPlan::rotated`], so that the steps of a
+    /// model's layers spread their blocks over all ranks. Errors when the plan's world or
+    /// block count does not match `comm` and `set`.
+    pub fn new_distributed_with_plan<E: Element>(
+        set: &FactorSet,
+        layers: &[RuleLayer],
+        cfg: StepConfig,
+        comm: Box<dyn Communicator>,
+        plan: OwnershipPlan,
+    ) -> Result<Self> {
+        check_len("plan", set.total_blocks(), plan.blocks())?;
+        if plan.world() != comm.world() || comm.rank() >= comm.world() {
+            return Err(Error::shape(
+                "plan",
+                format!("a world of {} ranks (the communicator's)", comm.world()),
+                format!("{} ranks (rank {})", plan.world(), comm.rank()),
+            ));
+        }
+        let mut step = Self::new::<E>(set, layers, cfg)?;
         let (nb, nf, b) = (set.total_blocks(), set.len(), set.block());
         let tri = tri_len(b);
         let rank = comm.rank();
@@ -196,6 +230,53 @@ impl CpuThorStep {
             comm,
         }));
         Ok(step)
+    }
+
+    /// Gives every rank the statistics of every block (a collective: every rank of the
+    /// group calls it), so that any rank's saved state is complete and loads into a group of
+    /// any size. Nothing to do on one rank.
+    pub fn gather_statistics(&mut self) -> Result<()> {
+        let Some(mut dist) = self.dist.take() else {
+            return Ok(());
+        };
+        let out = self.gather_statistics_on(&mut dist);
+        if matches!(out, Err(Error::Communication(_))) {
+            dist.broken = true;
+        }
+        self.dist = Some(dist);
+        out
+    }
+
+    fn gather_statistics_on(&mut self, dist: &mut Dist) -> Result<()> {
+        dist.check_usable()?;
+        let b = self.set.block();
+        let (bb, tri) = (b * b, tri_len(b));
+        let rank = dist.comm.rank();
+        // The packed inverses' buffers have room for this (one more word per block).
+        dist.plan.counts(tri, |_| true, &mut dist.gather_counts);
+        let mut at = 0;
+        for &k in dist.plan.owned(rank) {
+            pack_lower(
+                &self.stats[k * bb..(k + 1) * bb],
+                b,
+                &mut dist.gather_send[at..at + tri],
+            );
+            at += tri;
+        }
+        let total: usize = dist.gather_counts.iter().sum();
+        dist.comm.all_gather(
+            &dist.gather_send[..at],
+            &dist.gather_counts,
+            &mut dist.gather_recv[..total],
+        )?;
+        for (i, &k) in dist.plan.order().iter().enumerate() {
+            unpack_lower(
+                &dist.gather_recv[i * tri..(i + 1) * tri],
+                b,
+                &mut self.stats[k * bb..(k + 1) * bb],
+            );
+        }
+        Ok(())
     }
 
     /// The block ownership of a distributed step (`None` on one rank).
@@ -275,11 +356,7 @@ impl CpuThorStep {
         inputs: &[HostStepInput<'_, E>],
         damping: f32,
     ) -> Result<()> {
-        if dist.broken {
-            return Err(Error::Communication(
-                "an earlier collective of this step failed; its state may differ from the other ranks' (restore a saved state into a new step)".into(),
-            ));
-        }
+        dist.check_usable()?;
         let (b, nf) = (self.set.block(), self.set.len());
         let (bb, tri) = (b * b, tri_len(b));
         let rank = dist.comm.rank();

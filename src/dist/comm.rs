@@ -52,6 +52,44 @@ pub trait Communicator: Send + fmt::Debug {
     fn counters(&self) -> CommCounters;
 }
 
+/// One rank's communicator shared by several steps (the layers of an optimizer, each with
+/// its own step): clones hand every collective to the same communicator, one at a time, so
+/// that the steps' collectives keep one order on every rank.
+#[derive(Debug, Clone)]
+pub struct SharedComm(Arc<Mutex<Box<dyn Communicator>>>);
+
+impl SharedComm {
+    /// Shares `comm`.
+    pub fn new(comm: Box<dyn Communicator>) -> Self {
+        SharedComm(Arc::new(Mutex::new(comm)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Box<dyn Communicator>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Communicator for SharedComm {
+    fn rank(&self) -> usize {
+        self.lock().rank()
+    }
+    fn world(&self) -> usize {
+        self.lock().world()
+    }
+    fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        self.lock().reduce_scatter(send, counts, recv)
+    }
+    fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        self.lock().all_gather(send, counts, recv)
+    }
+    fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()> {
+        self.lock().all_reduce(buf)
+    }
+    fn counters(&self) -> CommCounters {
+        self.lock().counters()
+    }
+}
+
 /// Checks the arguments of a reduce-scatter or all-gather on `world` ranks.
 fn check_counts(
     world: usize,

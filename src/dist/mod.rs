@@ -29,7 +29,7 @@
 mod comm;
 mod plan;
 
-pub use comm::{CommCounters, Communicator, LocalComm, LocalGroup};
+pub use comm::{CommCounters, Communicator, LocalComm, LocalGroup, SharedComm};
 pub use plan::{
     even_counts, pack_lower, ring_bytes, tri_len, unpack_lower, Collective, OwnershipPlan,
 };

@@ -105,27 +105,43 @@ impl OwnershipPlan {
             owner[k] = r;
             load[r] += costs[k];
         }
+        Ok(Self::from_owners(costs.to_vec(), owner, world))
+    }
+
+    /// The plan that gives block `k` to `owner[k]`.
+    fn from_owners(costs: Vec<f64>, owner: Vec<usize>, world: usize) -> Self {
         let mut starts = vec![0usize; world + 1];
-        for &r in &owner {
+        let mut load = vec![0.0f64; world];
+        for (k, &r) in owner.iter().enumerate() {
             starts[r + 1] += 1;
+            load[r] += costs[k];
         }
         for r in 0..world {
             starts[r + 1] += starts[r];
         }
         let mut next = starts.clone();
-        let mut order = vec![0usize; costs.len()];
+        let mut order = vec![0usize; owner.len()];
         for (k, &r) in owner.iter().enumerate() {
             order[next[r]] = k;
             next[r] += 1;
         }
-        Ok(OwnershipPlan {
+        OwnershipPlan {
             world,
-            costs: costs.to_vec(),
+            costs,
             owner,
             order,
             starts,
             load,
-        })
+        }
+    }
+
+    /// The same plan with every block moved from rank `r` to rank `(r + first) % world`:
+    /// for a model whose layers each run their own step, rotating each layer's plan by the
+    /// blocks before it spreads the whole model round-robin over the ranks.
+    pub fn rotated(&self, first: usize) -> Self {
+        let w = self.world;
+        let owner = self.owner.iter().map(|&r| (r + first) % w).collect();
+        Self::from_owners(self.costs.clone(), owner, w)
     }
 
     /// Number of ranks.
@@ -295,6 +311,10 @@ mod tests {
         assert_eq!(p.owned(2), &[2, 5]);
         assert_eq!(p.order(), &[0, 3, 6, 1, 4, 7, 2, 5]);
         assert!(p.owned(3).is_empty());
+        let q = p.rotated(4);
+        assert_eq!(q.owned(1), &[0, 3, 6]);
+        assert_eq!(q.owned(0), &[2, 5]);
+        assert_eq!(q.loads()[1], p.loads()[0]);
         // A world larger than the set: the last ranks own nothing.
         let p = OwnershipPlan::new(&set, 11).unwrap();
         assert_eq!(p.owned(7), &[7]);

@@ -45,6 +45,11 @@ pub(crate) trait LayerEngine: std::fmt::Debug + Send {
     fn restore(&mut self, be: &AnyBackend, s: &StepSnapshot) -> Result<()>;
     /// The decision of the layer's last statistics step (on a device: waits for it).
     fn last_decision(&self, be: &AnyBackend) -> Result<Decision>;
+    /// On one rank of a group: every rank's statistics of the layer's blocks (a
+    /// collective); nothing to do otherwise.
+    fn gather_statistics(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// A statistics step from device inputs (CUDA only): A's f32 input at `a.0` as `a.1`
     /// describes it (with `append_ones`, a matrix of `d_a - 1` columns that a ones column
     /// is appended to), G's at `g.0`; the same rows. Queues the step and returns without
@@ -108,6 +113,25 @@ pub(crate) fn new_engine(
     }
 }
 
+/// A new engine on the CPU backend for one rank of a group: the layer's blocks owned as
+/// `plan` says, collectives through `comm` (shared by the model's layers).
+pub(crate) fn new_distributed_engine(
+    block: usize,
+    d_a: usize,
+    d_g: usize,
+    cfg: StepConfig,
+    comm: crate::dist::SharedComm,
+    first_rank: usize,
+) -> Result<Box<dyn LayerEngine>> {
+    use crate::dist::{Communicator, OwnershipPlan};
+    let (set, layers) = layer_set(block, d_a, d_g)?;
+    let plan = OwnershipPlan::new(&set, comm.world())?.rotated(first_rank);
+    let step =
+        CpuThorStep::new_distributed_with_plan::<f32>(&set, &layers, cfg, Box::new(comm), plan)?;
+    let ws = Workspace::try_new(cpu::apply_workspace_size(Some(block), d_g, d_a))?;
+    Ok(Box::new(CpuLayer { step, ws, d_a, d_g }))
+}
+
 /// A layer on the CPU backend.
 #[derive(Debug)]
 struct CpuLayer {
@@ -165,6 +189,10 @@ impl LayerEngine for CpuLayer {
 
     fn last_decision(&self, _: &AnyBackend) -> Result<Decision> {
         Ok(self.step.decisions()[0])
+    }
+
+    fn gather_statistics(&mut self) -> Result<()> {
+        self.step.gather_statistics()
     }
 
     #[cfg(feature = "cuda")]

@@ -393,6 +393,9 @@ pub struct Thor {
     /// Where the layers' state lives and their operations run.
     backend: AnyBackend,
     ones_buf: Vec<f32>,
+    /// On one rank of a group: its communicator, and the blocks of the layers so far (the
+    /// next layer's plan starts at the rank after them).
+    dist: Option<(crate::dist::SharedComm, usize)>,
 }
 
 impl Thor {
@@ -417,7 +420,56 @@ impl Thor {
             next_stats: 0,
             backend,
             ones_buf: Vec::new(),
+            dist: None,
         })
+    }
+
+    /// The optimizer of one rank of a data-parallel group ([`crate::dist`]): `comm` is this
+    /// rank's end of the group. Every rank makes its optimizer with the same configuration,
+    /// adds the same layers in the same order and calls [`Thor::observe`] (or
+    /// [`Thor::observe_conv`]) for the same layers in the same order with its own local
+    /// batch; each such call is then three collectives, after which every rank holds the
+    /// decision, counters and inverses one rank would compute from the union of the
+    /// batches (a NaN on any rank skips the layer on all). The blocks of the model's layers
+    /// are spread round-robin over the ranks: each rank accumulates its batch for every
+    /// block, but applies the EMA to and inverts only the blocks it owns. Preconditioning is
+    /// local.
+    ///
+    /// The CPU backend only for now (`cfg.backend` `Cpu` or `Auto`; `Cuda` is an error
+    /// naming `backend`). Before saving ([`Thor::to_bytes`]), call
+    /// [`Thor::gather_statistics`] on every rank: the saved state is then complete and
+    /// loads into a group of any size, or into a single optimizer. After a failed
+    /// collective ([`Error::Communication`]) the layer refuses further statistics steps:
+    /// restore a saved state into a new optimizer on a new group.
+    pub fn with_communicator(
+        cfg: ThorConfig,
+        comm: Box<dyn crate::dist::Communicator>,
+    ) -> Result<Self> {
+        if cfg.backend == BackendKind::Cuda {
+            return Err(Error::invalid(
+                "backend",
+                "a distributed optimizer runs on the CPU backend for now",
+            ));
+        }
+        let mut thor = Self::with_backend(cfg, AnyBackend::Cpu(crate::backend::CpuBackend))?;
+        thor.dist = Some((crate::dist::SharedComm::new(comm), 0));
+        Ok(thor)
+    }
+
+    /// On one rank of a group ([`Thor::with_communicator`]): gives every rank the
+    /// statistics of every block of every layer (a collective: every rank calls it), so
+    /// that any rank's [`Thor::to_bytes`] saves the whole state. Nothing to do otherwise.
+    pub fn gather_statistics(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            l.engine.gather_statistics()?;
+        }
+        Ok(())
+    }
+
+    /// On one rank of a group: what its communicator has moved so far.
+    pub fn comm_counters(&self) -> Option<crate::dist::CommCounters> {
+        use crate::dist::Communicator;
+        self.dist.as_ref().map(|(c, _)| c.counters())
     }
 
     /// The backend the optimizer runs on.
@@ -466,19 +518,33 @@ impl Thor {
         // Every buffer is sized by the caller's layer: allocated fallibly, so that a layer
         // too large for memory is an error naming it rather than an abort (and nothing
         // changes).
-        let engine =
-            engine::new_engine(&self.backend, b, kind.d_a(), kind.d_g(), self.step_config())
-                .map_err(|e| match e {
-                    Error::OutOfMemory { bytes, .. } => Error::OutOfMemory {
-                        arg: "layer",
-                        bytes,
-                    },
-                    other => other,
-                })?;
+        let engine = match &self.dist {
+            None => {
+                engine::new_engine(&self.backend, b, kind.d_a(), kind.d_g(), self.step_config())
+            }
+            Some((comm, first)) => engine::new_distributed_engine(
+                b,
+                kind.d_a(),
+                kind.d_g(),
+                self.step_config(),
+                comm.clone(),
+                *first,
+            ),
+        }
+        .map_err(|e| match e {
+            Error::OutOfMemory { bytes, .. } => Error::OutOfMemory {
+                arg: "layer",
+                bytes,
+            },
+            other => other,
+        })?;
         self.layers.try_reserve(1).map_err(|_| Error::OutOfMemory {
             arg: "layer",
             bytes: std::mem::size_of::<LayerState>(),
         })?;
+        if let Some((_, first)) = &mut self.dist {
+            *first += a.blocks() + g.blocks();
+        }
         self.layers.push(LayerState { kind, a, g, engine });
         Ok(LayerId(self.layers.len() - 1))
     }
