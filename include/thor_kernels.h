@@ -40,6 +40,9 @@ typedef enum ThorStatus {
   THOR_STATUS_INTERNAL = 8,
   // A host buffer whose size the arguments set could not be allocated (nothing changed).
   THOR_STATUS_OUT_OF_MEMORY = 9,
+  // A collective of a distributed optimizer failed (a communicator callback returned
+  // non-zero); the optimizer refuses further statistics steps.
+  THOR_STATUS_COMMUNICATION = 10,
 } ThorStatus;
 
 // Element types of inputs.
@@ -87,17 +90,6 @@ typedef struct ThorContext ThorContext;
 // pointers, work queued on the context's stream).
 typedef struct ThorOptimizer ThorOptimizer;
 
-// Failure policy of `thor_v1_invert`: `max_retries` 0 reports only; otherwise failed blocks
-// are refactored with damping `max(l, floor) * factor` up to `max_retries` times.
-typedef struct ThorInvertPolicy {
-  // Retries after the first attempt (0: report only).
-  uint32_t max_retries;
-  // Damping multiplier per retry (> 1).
-  float factor;
-  // Damping a retry starts from (> 0).
-  float floor;
-} ThorInvertPolicy;
-
 // The optimizer's configuration (see `thor::ThorConfig`); fill it with
 // `thor_v1_optimizer_config_default` and change what you need.
 typedef struct ThorOptimizerConfig {
@@ -122,6 +114,34 @@ typedef struct ThorOptimizerConfig {
   // Non-SPD retry (1) or report only (0).
   int32_t retry;
 } ThorOptimizerConfig;
+
+// Sums `send` over the ranks and gives this rank its segment: `send` is `world` segments
+// back to back, segment `r` of `counts[r]` floats (`counts` has `world` entries); `recv`
+// receives the sum of every rank's segment `rank` (`counts[rank]` floats). Returns 0 on
+// success, anything else on failure.
+typedef int32_t (*ThorReduceScatterFn)(void *user,
+                                       const float *send,
+                                       const int64_t *counts,
+                                       float *recv);
+
+// Sums the `n` doubles of `buf` over the ranks, in place; every rank must get the same
+// values. Returns 0 on success, anything else on failure.
+typedef int32_t (*ThorAllReduceFn)(void *user, double *buf, int64_t n);
+
+// Gathers every rank's `send` (`counts[rank]` floats) into `recv` (the sum of `counts`
+// floats, rank 0's first). Returns 0 on success, anything else on failure.
+typedef int32_t (*ThorAllGatherFn)(void *user, const float *send, const int64_t *counts, float *recv);
+
+// Failure policy of `thor_v1_invert`: `max_retries` 0 reports only; otherwise failed blocks
+// are refactored with damping `max(l, floor) * factor` up to `max_retries` times.
+typedef struct ThorInvertPolicy {
+  // Retries after the first attempt (0: report only).
+  uint32_t max_retries;
+  // Damping multiplier per retry (> 1).
+  float factor;
+  // Damping a retry starts from (> 0).
+  float floor;
+} ThorInvertPolicy;
 
 // Per-layer counters (`thor::LayerCounters`, field for field).
 typedef struct ThorCounters {
@@ -219,6 +239,44 @@ enum ThorStatus thor_v1_context_synchronize(struct ThorContext *ctx);
 // memory on a CPU context, device memory on a CUDA context), valid for the call and, on a
 // CUDA context, until the queued work completes; handles must come from this library.
 void thor_v1_context_destroy(struct ThorContext *ctx);
+
+// Creates in `*out` the optimizer of rank `rank` of a group of `world` ranks (CPU
+// backend): every rank makes it with the same `cfg`, registers the same layers in the same
+// order and calls `thor_v1_optimizer_observe` (or `_observe_conv`) for the same layers in
+// the same order with its own local batch; each such call runs three collectives through
+// the callbacks (`reduce_scatter`, `all_reduce`, `all_gather`, in that order), after which
+// every rank holds the decision, counters and inverses one optimizer would compute from
+// the union of the batches. Preconditioning is local. Call
+// `thor_v1_optimizer_gather_statistics` on every rank before saving. Release with
+// `thor_v1_optimizer_destroy`.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (a pointer or callback null or misaligned, `world` < 1,
+// `rank` outside `0..world`, a field of `cfg` out of range). Later calls return
+// `COMMUNICATION` when a callback fails.
+//
+// # Safety
+// `cfg` and `out` address one value each; the callbacks follow their types'
+// descriptions, may be called with `user` from any thread that uses the optimizer, and
+// stay valid (with `user`) until the optimizer is destroyed.
+enum ThorStatus thor_v1_optimizer_create_distributed(const struct ThorOptimizerConfig *cfg,
+                                                     int32_t rank,
+                                                     int32_t world,
+                                                     void *user,
+                                                     ThorReduceScatterFn reduce_scatter,
+                                                     ThorAllReduceFn all_reduce,
+                                                     ThorAllGatherFn all_gather,
+                                                     struct ThorOptimizer **out);
+
+// On a distributed optimizer, gives every rank the statistics of every layer (a
+// collective: every rank calls it; one `all_gather` per layer), so that any rank's
+// `thor_v1_optimizer_save` writes the whole state, which loads into a group of any size or
+// a single optimizer. Nothing to do on other optimizers.
+//
+// Returns `OK`; `INVALID_ARGUMENT` (`opt` null or misaligned); `COMMUNICATION`.
+//
+// # Safety
+// `opt` is null or a live optimizer made by this library.
+enum ThorStatus thor_v1_optimizer_gather_statistics(struct ThorOptimizer *opt);
 
 // Splits the dense row-major `dim x dim` factor at `dense` (row stride `ld` elements) into
 // `ceil(dim / block)` padded blocks of `block x block` at `out`. A pure copy on both

@@ -5,7 +5,8 @@
 //!
 //! Modules by concern: [`checks`] (pointer and size checks every entry point runs first),
 //! [`context`] (CPU and CUDA contexts), [`ops`] (the kernel ops), [`optimizer`] (the THOR
-//! optimizer handle); this file holds the status codes and the error channel.
+//! optimizer handle), [`dist`] (the optimizer on one rank of a group, collectives through
+//! the caller's callbacks); this file holds the status codes and the error channel.
 //!
 //! Conventions: every function is prefixed `thor_v1_` ([`ABI_PREFIX`]) and returns a
 //! [`ThorStatus`]; on failure `thor_v1_last_error_message()` gives a message naming the bad
@@ -35,11 +36,13 @@ use thor_kernels::{Conv2dGeometry, Patches, TensorLayout};
 pub mod checks;
 pub use checks::THOR_MAX_FACTORS;
 pub mod context;
+pub mod dist;
 pub mod ops;
 pub mod optimizer;
 
 use checks::*;
 pub use context::*;
+pub use dist::*;
 pub use ops::*;
 pub use optimizer::*;
 
@@ -105,6 +108,9 @@ pub enum ThorStatus {
     Internal = 8,
     /// A host buffer whose size the arguments set could not be allocated (nothing changed).
     OutOfMemory = 9,
+    /// A collective of a distributed optimizer failed (a communicator callback returned
+    /// non-zero); the optimizer refuses further statistics steps.
+    Communication = 10,
 }
 
 /// Element types of inputs.
@@ -137,6 +143,7 @@ pub(crate) fn status_of(e: &Error) -> ThorStatus {
         Error::KernelLoad(_) => ThorStatus::KernelLoad,
         Error::Driver(_) => ThorStatus::Driver,
         Error::OutOfMemory { .. } => ThorStatus::OutOfMemory,
+        Error::Communication(_) => ThorStatus::Communication,
         // A kind added to the library after this match: not a caller's mistake.
         _ => ThorStatus::Internal,
     }

@@ -70,13 +70,13 @@ pub unsafe extern "C" fn thor_v1_optimizer_config_default(
 /// An optimizer handle: on the CPU (host pointers) or resident on a CUDA device (device
 /// pointers, work queued on the context's stream).
 pub struct ThorOptimizer {
-    thor: Thor,
-    device: bool,
+    pub(crate) thor: Thor,
+    pub(crate) device: bool,
 }
 
 /// The library's configuration from the C one, every field checked by the name the header
 /// gives it (the block size, decay, thresholds and the rest when the optimizer is made).
-fn config_of(c: ThorOptimizerConfig) -> Result<ThorConfig> {
+pub(crate) fn config_of(c: ThorOptimizerConfig) -> Result<ThorConfig> {
     if !(c.damping_l0.is_finite() && c.damping_l0 >= 0.0) {
         return Err(Error::invalid(
             "damping_l0",

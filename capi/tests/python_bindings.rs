@@ -33,6 +33,15 @@ ns = dict(C)
 ns["POINTER"] = lambda t: t + "*"
 ns["None"] = None
 structs = {}
+fnptrs = {}
+for stmt in tree.body:
+    # `ThorXFn = CFUNCTYPE(ret, args...)`: a callback type, named as the header's typedef.
+    if (isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Call)
+            and ast.unparse(stmt.value.func) == "CFUNCTYPE"):
+        name = stmt.targets[0].id
+        ts = [eval(compile(ast.Expression(a), "fnptr", "eval"), dict(ns)) for a in stmt.value.args]
+        fnptrs[name] = ts
+        ns[name] = T(name)
 for node in ast.walk(tree):
     if isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("Structure") for b in node.bases):
         ns[node.name] = "struct:" + node.name
@@ -47,6 +56,8 @@ for name, (args, ret) in sigs.items():
     print("fn", name, ret if ret is not None else "void", *args)
 for name, fields in structs.items():
     print("struct", name, *[f"{n}:{t}" for n, t in fields])
+for name, (ret, *args) in fnptrs.items():
+    print("fnptr", name, ret, *args)
 "#;
 
 /// A C type from the header, normalised: no `const`, `struct ` or `enum `, no spaces; the
@@ -82,23 +93,53 @@ fn header_functions(h: &str) -> BTreeMap<String, (String, Vec<String>)> {
         };
         let name = decl[open..open + paren].trim().to_string();
         let ret = norm(decl[..open].rsplit(['{', '}']).next().unwrap_or(""));
-        let params = decl[open + paren + 1..decl.rfind(')').unwrap()].trim();
-        let args = if params == "void" || params.is_empty() {
-            Vec::new()
-        } else {
-            params
-                .split(',')
-                .map(|p| {
-                    // Drop the parameter name: the last identifier.
-                    let p = p.trim();
-                    let cut = p
-                        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-                        .map_or(0, |i| i + 1);
-                    norm(&p[..cut])
-                })
-                .collect()
-        };
+        let args = param_types(&decl[open + paren + 1..decl.rfind(')').unwrap()]);
         out.insert(name, (ret, args));
+    }
+    out
+}
+
+/// The types of a C parameter list (names dropped).
+fn param_types(params: &str) -> Vec<String> {
+    let params = params.trim();
+    if params == "void" || params.is_empty() {
+        return Vec::new();
+    }
+    params
+        .split(',')
+        .map(|p| {
+            // Drop the parameter name: the last identifier.
+            let p = p.trim();
+            let cut = p
+                .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .map_or(0, |i| i + 1);
+            norm(&p[..cut])
+        })
+        .collect()
+}
+
+/// `name -> (return type, parameter types)` of every function-pointer typedef
+/// (`typedef int32_t (*ThorXFn)(void *user, ...);`) in the header.
+fn header_fn_types(h: &str) -> BTreeMap<String, (String, Vec<String>)> {
+    let code: String = h
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//") && !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut out = BTreeMap::new();
+    for decl in code.split(';') {
+        let Some(t) = decl.find("typedef ") else {
+            continue;
+        };
+        let decl = &decl[t + "typedef ".len()..];
+        let Some(star) = decl.find("(*") else {
+            continue;
+        };
+        let close = star + decl[star..].find(')').unwrap();
+        let name = decl[star + 2..close].trim().to_string();
+        let open = close + decl[close..].find('(').unwrap();
+        let args = param_types(&decl[open + 1..decl.rfind(')').unwrap()]);
+        out.insert(name, (norm(&decl[..star]), args));
     }
     out
 }
@@ -176,6 +217,12 @@ fn python_ctypes_declarations_match_the_header() {
     let header = std::fs::read_to_string(repo().join("include/thor_kernels.h")).unwrap();
     let fns = header_functions(&header);
     let structs = header_structs(&header);
+    let fn_types = header_fn_types(&header);
+    assert!(
+        fn_types.len() >= 3,
+        "parsed {} callback types",
+        fn_types.len()
+    );
     assert!(fns.len() >= 30, "parsed {} header functions", fns.len());
     let listing = String::from_utf8(out.stdout).unwrap();
     let (mut n_fn, mut n_struct) = (0, 0);
@@ -230,6 +277,24 @@ fn python_ctypes_declarations_match_the_header() {
                     ));
                 }
             }
+            Some("fnptr") => {
+                let name = w.next().unwrap();
+                let ret = w.next().unwrap();
+                let args: Vec<&str> = w.collect();
+                match fn_types.get(name) {
+                    None => errors.push(format!("{name}: no callback typedef in the header")),
+                    Some((c_ret, c_args)) => {
+                        let ok = ret == c_ret
+                            && args.len() == c_args.len()
+                            && args.iter().zip(c_args).all(|(p, c)| compatible(p, c));
+                        if !ok {
+                            errors.push(format!(
+                                "{name}: {ret} ({args:?}) in Python, {c_ret} ({c_args:?}) in C"
+                            ));
+                        }
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -255,6 +320,14 @@ fn the_comparison_notices_drift() {
     assert!(!compatible("void**", &args[2]));
     assert!(compatible("struct:X*", "ThorX*"));
     assert!(!compatible("struct:Y*", "ThorX*"));
+    let t = header_fn_types("typedef int32_t (*ThorF)(void *user, const double *x, int64_t n);");
+    assert_eq!(
+        t["ThorF"],
+        (
+            "int32_t".to_string(),
+            vec!["void*".to_string(), "double*".into(), "int64_t".into()]
+        )
+    );
     let s = header_structs(header);
     assert_eq!(
         s["ThorX"],

@@ -8,7 +8,8 @@ import ctypes
 import os
 import sys
 import threading
-from ctypes import POINTER, c_char_p, c_double, c_float, c_int32, c_int64, c_uint32, c_uint64, c_void_p
+from ctypes import (CFUNCTYPE, POINTER, c_char_p, c_double, c_float, c_int32, c_int64, c_uint32, c_uint64,
+                    c_void_p)
 from pathlib import Path
 
 #: The C ABI version these bindings are written for (``thor_v1_abi_version``).
@@ -16,7 +17,7 @@ ABI_VERSION = 1
 
 STATUS = {0: "OK", 1: "INVALID_ARGUMENT", 2: "SHAPE", 3: "NOT_POSITIVE_DEFINITE", 4: "NO_DEVICE",
           5: "KERNEL_LOAD", 6: "DRIVER", 7: "NOT_SUPPORTED", 8: "INTERNAL",
-          9: "OUT_OF_MEMORY"}
+          9: "OUT_OF_MEMORY", 10: "COMMUNICATION"}
 
 
 class ThorError(RuntimeError):
@@ -52,6 +53,12 @@ class ConvTensors(ctypes.Structure):
 class Counters(ctypes.Structure):
     _fields_ = [(n, c_uint64) for n in ("statistics", "updates", "reuses", "freezes", "skipped", "failed_inversions")]
 
+
+# The collectives of a distributed optimizer, implemented by the caller (the header's
+# typedefs of the same names): they return 0 on success.
+ThorReduceScatterFn = CFUNCTYPE(c_int32, c_void_p, POINTER(c_float), POINTER(c_int64), POINTER(c_float))
+ThorAllReduceFn = CFUNCTYPE(c_int32, c_void_p, POINTER(c_double), c_int64)
+ThorAllGatherFn = CFUNCTYPE(c_int32, c_void_p, POINTER(c_float), POINTER(c_int64), POINTER(c_float))
 
 _NAMES = ("thor_kernels_capi", "libthor_kernels_capi")
 _SUFFIXES = {"linux": ".so", "darwin": ".dylib", "win32": ".dll"}
@@ -96,6 +103,10 @@ _SIGNATURES = {
     "thor_v1_optimizer_config_default": ([POINTER(OptimizerConfig)], c_int32),
     "thor_v1_optimizer_create": ([POINTER(OptimizerConfig), POINTER(c_void_p)], c_int32),
     "thor_v1_optimizer_create_on": ([c_void_p, POINTER(OptimizerConfig), POINTER(c_void_p)], c_int32),
+    "thor_v1_optimizer_create_distributed": ([POINTER(OptimizerConfig), c_int32, c_int32, c_void_p,
+                                              ThorReduceScatterFn, ThorAllReduceFn, ThorAllGatherFn,
+                                              POINTER(c_void_p)], c_int32),
+    "thor_v1_optimizer_gather_statistics": ([c_void_p], c_int32),
     "thor_v1_optimizer_last_decision": ([c_void_p, c_int32, POINTER(c_int32)], c_int32),
     "thor_v1_optimizer_destroy": ([c_void_p], None),
     "thor_v1_optimizer_add_linear": ([c_void_p, c_int64, c_int64, c_int32, POINTER(c_int32)], c_int32),

@@ -1,0 +1,269 @@
+//! The optimizer on one rank of a data-parallel group: the library does the math, the
+//! caller's three callbacks move the bytes (MPI, NCCL, torch.distributed, ...).
+
+#[allow(unused_imports)]
+use super::*;
+
+use thor_kernels::dist::{CommCounters, Communicator};
+
+/// Sums `send` over the ranks and gives this rank its segment: `send` is `world` segments
+/// back to back, segment `r` of `counts[r]` floats (`counts` has `world` entries); `recv`
+/// receives the sum of every rank's segment `rank` (`counts[rank]` floats). Returns 0 on
+/// success, anything else on failure.
+pub type ThorReduceScatterFn = Option<
+    unsafe extern "C" fn(
+        user: *mut c_void,
+        send: *const f32,
+        counts: *const i64,
+        recv: *mut f32,
+    ) -> i32,
+>;
+
+/// Gathers every rank's `send` (`counts[rank]` floats) into `recv` (the sum of `counts`
+/// floats, rank 0's first). Returns 0 on success, anything else on failure.
+pub type ThorAllGatherFn = Option<
+    unsafe extern "C" fn(
+        user: *mut c_void,
+        send: *const f32,
+        counts: *const i64,
+        recv: *mut f32,
+    ) -> i32,
+>;
+
+/// Sums the `n` doubles of `buf` over the ranks, in place; every rank must get the same
+/// values. Returns 0 on success, anything else on failure.
+pub type ThorAllReduceFn =
+    Option<unsafe extern "C" fn(user: *mut c_void, buf: *mut f64, n: i64) -> i32>;
+
+/// The non-null form of a callback type.
+type Callback<T> = <T as IntoIterator>::Item;
+
+/// A [`Communicator`] over the caller's callbacks.
+struct CallbackComm {
+    rank: usize,
+    world: usize,
+    user: *mut c_void,
+    reduce_scatter: Callback<ThorReduceScatterFn>,
+    all_gather: Callback<ThorAllGatherFn>,
+    all_reduce: Callback<ThorAllReduceFn>,
+    counts: Vec<i64>,
+    counters: CommCounters,
+}
+
+impl std::fmt::Debug for CallbackComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackComm")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the optimizer holding this communicator is used by one thread at a time (the
+// handle's contract), and `thor_v1_optimizer_create_distributed` requires the callbacks and
+// `user` to be usable from whichever thread calls the optimizer.
+unsafe impl Send for CallbackComm {}
+
+impl CallbackComm {
+    fn set_counts(&mut self, counts: &[usize]) {
+        self.counts.clear();
+        self.counts.extend(counts.iter().map(|&c| c as i64));
+    }
+
+    fn status(&mut self, what: &str, code: i32, bytes: (u64, u64)) -> Result<()> {
+        if code != 0 {
+            return Err(Error::Communication(format!(
+                "rank {}: the {what} callback returned {code}",
+                self.rank
+            )));
+        }
+        self.counters.collectives += 1;
+        self.counters.bytes_sent += bytes.0;
+        self.counters.bytes_received += bytes.1;
+        Ok(())
+    }
+}
+
+fn check_counts(world: usize, counts: &[usize], total: usize) -> Result<()> {
+    if counts.len() != world || counts.iter().sum::<usize>() != total {
+        return Err(Error::shape(
+            "counts",
+            format!("{world} counts summing to {total}"),
+            format!("{counts:?}"),
+        ));
+    }
+    Ok(())
+}
+
+impl Communicator for CallbackComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        check_counts(self.world, counts, send.len())?;
+        if recv.len() != counts[self.rank] {
+            return Err(Error::shape(
+                "recv",
+                format!("{}", counts[self.rank]),
+                format!("{}", recv.len()),
+            ));
+        }
+        self.set_counts(counts);
+        // SAFETY: the lengths were checked against `counts`; the callback's contract is the
+        // header's.
+        let code = unsafe {
+            (self.reduce_scatter)(
+                self.user,
+                send.as_ptr(),
+                self.counts.as_ptr(),
+                recv.as_mut_ptr(),
+            )
+        };
+        let bytes = thor_kernels::dist::ring_bytes(
+            thor_kernels::dist::Collective::ReduceScatter,
+            counts,
+            self.rank,
+            4,
+        );
+        self.status("reduce_scatter", code, bytes)
+    }
+
+    fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        check_counts(self.world, counts, recv.len())?;
+        if send.len() != counts[self.rank] {
+            return Err(Error::shape(
+                "send",
+                format!("{}", counts[self.rank]),
+                format!("{}", send.len()),
+            ));
+        }
+        self.set_counts(counts);
+        // SAFETY: as in reduce_scatter.
+        let code = unsafe {
+            (self.all_gather)(
+                self.user,
+                send.as_ptr(),
+                self.counts.as_ptr(),
+                recv.as_mut_ptr(),
+            )
+        };
+        let bytes = thor_kernels::dist::ring_bytes(
+            thor_kernels::dist::Collective::AllGather,
+            counts,
+            self.rank,
+            4,
+        );
+        self.status("all_gather", code, bytes)
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()> {
+        // SAFETY: `buf` holds `buf.len()` doubles.
+        let code = unsafe { (self.all_reduce)(self.user, buf.as_mut_ptr(), buf.len() as i64) };
+        let mut counts = vec![0; self.world];
+        thor_kernels::dist::even_counts(buf.len(), self.world, &mut counts);
+        let bytes = thor_kernels::dist::ring_bytes(
+            thor_kernels::dist::Collective::AllReduce,
+            &counts,
+            self.rank,
+            8,
+        );
+        self.status("all_reduce", code, bytes)
+    }
+
+    fn counters(&self) -> CommCounters {
+        self.counters
+    }
+}
+
+/// Creates in `*out` the optimizer of rank `rank` of a group of `world` ranks (CPU
+/// backend): every rank makes it with the same `cfg`, registers the same layers in the same
+/// order and calls `thor_v1_optimizer_observe` (or `_observe_conv`) for the same layers in
+/// the same order with its own local batch; each such call runs three collectives through
+/// the callbacks (`reduce_scatter`, `all_reduce`, `all_gather`, in that order), after which
+/// every rank holds the decision, counters and inverses one optimizer would compute from
+/// the union of the batches. Preconditioning is local. Call
+/// `thor_v1_optimizer_gather_statistics` on every rank before saving. Release with
+/// `thor_v1_optimizer_destroy`.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (a pointer or callback null or misaligned, `world` < 1,
+/// `rank` outside `0..world`, a field of `cfg` out of range). Later calls return
+/// `COMMUNICATION` when a callback fails.
+///
+/// # Safety
+/// `cfg` and `out` address one value each; the callbacks follow their types'
+/// descriptions, may be called with `user` from any thread that uses the optimizer, and
+/// stay valid (with `user`) until the optimizer is destroyed.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn thor_v1_optimizer_create_distributed(
+    cfg: *const ThorOptimizerConfig,
+    rank: i32,
+    world: i32,
+    user: *mut c_void,
+    reduce_scatter: ThorReduceScatterFn,
+    all_reduce: ThorAllReduceFn,
+    all_gather: ThorAllGatherFn,
+    out: *mut *mut ThorOptimizer,
+) -> ThorStatus {
+    guard(|| {
+        check_ptr("cfg", cfg)?;
+        check_ptr("out", out as *const *mut ThorOptimizer)?;
+        let world = usize::try_from(world)
+            .ok()
+            .filter(|&w| w >= 1)
+            .ok_or_else(|| Error::invalid("world", format!("must be >= 1, got {world}")))?;
+        let rank = usize::try_from(rank)
+            .ok()
+            .filter(|&r| r < world)
+            .ok_or_else(|| Error::invalid("rank", format!("must be in 0..{world}, got {rank}")))?;
+        let missing = |arg| Error::invalid(arg, "must not be null");
+        let comm = CallbackComm {
+            rank,
+            world,
+            user,
+            reduce_scatter: reduce_scatter.ok_or_else(|| missing("reduce_scatter"))?,
+            all_gather: all_gather.ok_or_else(|| missing("all_gather"))?,
+            all_reduce: all_reduce.ok_or_else(|| missing("all_reduce"))?,
+            counts: Vec::with_capacity(world),
+            counters: CommCounters::default(),
+        };
+        // SAFETY: checked.
+        let mut config = config_of(unsafe { *cfg })?;
+        config.backend = thor_kernels::BackendKind::Cpu;
+        let thor =
+            Thor::with_communicator(config, Box::new(comm)).map_err(rename("thresholds", "w1"))?;
+        // SAFETY: checked.
+        unsafe {
+            *out = Box::into_raw(Box::new(ThorOptimizer {
+                thor,
+                device: false,
+            }))
+        };
+        Ok(())
+    })
+}
+
+/// On a distributed optimizer, gives every rank the statistics of every layer (a
+/// collective: every rank calls it; one `all_gather` per layer), so that any rank's
+/// `thor_v1_optimizer_save` writes the whole state, which loads into a group of any size or
+/// a single optimizer. Nothing to do on other optimizers.
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (`opt` null or misaligned); `COMMUNICATION`.
+///
+/// # Safety
+/// `opt` is null or a live optimizer made by this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_gather_statistics(
+    opt: *mut ThorOptimizer,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function; checked for null and alignment first.
+        unsafe { opt_mut(opt)? }.gather_statistics()?;
+        Ok(())
+    })
+}

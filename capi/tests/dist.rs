@@ -1,0 +1,266 @@
+//! The distributed optimizer through the C ABI: callbacks that move the bytes through the
+//! library's in-process group, against one optimizer on the union of the batches; a
+//! failing callback is `COMMUNICATION` and the optimizer refuses statistics afterwards.
+
+use std::ffi::{c_void, CStr};
+use std::ptr::null_mut;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use thor_kernels::dist::{Communicator, LocalComm, LocalGroup};
+use thor_kernels_capi::*;
+
+/// The callbacks' `user`: a rank's communicator, and whether to fail.
+struct User {
+    comm: LocalComm,
+    fail: bool,
+}
+
+fn counts(counts: *const i64, world: usize) -> Vec<usize> {
+    // SAFETY: the library passes `world` counts.
+    let c = unsafe { std::slice::from_raw_parts(counts, world) };
+    c.iter().map(|&v| v as usize).collect()
+}
+
+unsafe extern "C" fn reduce_scatter(
+    user: *mut c_void,
+    send: *const f32,
+    c: *const i64,
+    recv: *mut f32,
+) -> i32 {
+    // SAFETY: `user` is the rank's `User`; lengths as the header describes them.
+    let u = unsafe { &mut *(user as *mut User) };
+    if u.fail {
+        return 7;
+    }
+    let c = counts(c, u.comm.world());
+    let total: usize = c.iter().sum();
+    let (send, recv) = unsafe {
+        (
+            std::slice::from_raw_parts(send, total),
+            std::slice::from_raw_parts_mut(recv, c[u.comm.rank()]),
+        )
+    };
+    i32::from(u.comm.reduce_scatter(send, &c, recv).is_err())
+}
+
+unsafe extern "C" fn all_gather(
+    user: *mut c_void,
+    send: *const f32,
+    c: *const i64,
+    recv: *mut f32,
+) -> i32 {
+    // SAFETY: as in reduce_scatter.
+    let u = unsafe { &mut *(user as *mut User) };
+    let c = counts(c, u.comm.world());
+    let total: usize = c.iter().sum();
+    let (send, recv) = unsafe {
+        (
+            std::slice::from_raw_parts(send, c[u.comm.rank()]),
+            std::slice::from_raw_parts_mut(recv, total),
+        )
+    };
+    i32::from(u.comm.all_gather(send, &c, recv).is_err())
+}
+
+unsafe extern "C" fn all_reduce(user: *mut c_void, buf: *mut f64, n: i64) -> i32 {
+    // SAFETY: as in reduce_scatter.
+    let u = unsafe { &mut *(user as *mut User) };
+    let buf = unsafe { std::slice::from_raw_parts_mut(buf, n as usize) };
+    i32::from(u.comm.all_reduce(buf).is_err())
+}
+
+fn config() -> ThorOptimizerConfig {
+    let mut cfg = std::mem::MaybeUninit::<ThorOptimizerConfig>::uninit();
+    // SAFETY: writes the whole struct.
+    unsafe {
+        assert_eq!(
+            thor_v1_optimizer_config_default(cfg.as_mut_ptr()),
+            ThorStatus::Ok
+        );
+        let mut cfg = cfg.assume_init();
+        cfg.block = 32;
+        cfg.interval = 1;
+        cfg.stat_decay = 0.5;
+        cfg.damping_l0 = 0.01;
+        cfg.damping_decay = 1.0;
+        cfg
+    }
+}
+
+const D_IN: usize = 40;
+const D_OUT: usize = 36;
+const ROWS: usize = 30;
+
+/// Runs 3 statistics steps on rows `rows` of the data; the preconditioned gradient after
+/// each. `opt` has one linear layer with bias.
+fn run(opt: *mut ThorOptimizer, rows: std::ops::Range<usize>) -> Vec<Vec<f32>> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(3);
+    let grad: Vec<f32> = (0..D_OUT * (D_IN + 1))
+        .map(|_| r.random::<f32>() - 0.5)
+        .collect();
+    (0..3)
+        .map(|k| {
+            let mut r = rand::rngs::StdRng::seed_from_u64(10 + k);
+            let acts: Vec<f32> = (0..ROWS * D_IN).map(|_| r.random::<f32>() - 0.5).collect();
+            let outg: Vec<f32> = (0..ROWS * D_OUT).map(|_| r.random::<f32>() - 0.5).collect();
+            let mut out = vec![f32::NAN; grad.len()];
+            let mut dec = -1;
+            // SAFETY: live buffers of the sizes the header gives.
+            unsafe {
+                let st = thor_v1_optimizer_observe(
+                    opt,
+                    0,
+                    acts[rows.start * D_IN..].as_ptr(),
+                    outg[rows.start * D_OUT..].as_ptr(),
+                    rows.len() as i64,
+                    &mut dec,
+                );
+                assert_eq!(
+                    st,
+                    ThorStatus::Ok,
+                    "{:?}",
+                    CStr::from_ptr(thor_v1_last_error_message())
+                );
+                assert!((0..=4).contains(&dec), "a decision was written");
+                let st = thor_v1_optimizer_precondition(opt, 0, grad.as_ptr(), out.as_mut_ptr());
+                assert_eq!(st, ThorStatus::Ok);
+                assert_eq!(thor_v1_optimizer_finish_step(opt), ThorStatus::Ok);
+            }
+            out
+        })
+        .collect()
+}
+
+fn add_layer(opt: *mut ThorOptimizer) {
+    let mut id = -1;
+    // SAFETY: a live optimizer.
+    let st = unsafe { thor_v1_optimizer_add_linear(opt, D_IN as i64, D_OUT as i64, 1, &mut id) };
+    assert_eq!((st, id), (ThorStatus::Ok, 0));
+}
+
+fn create(user: &mut User, world: i32) -> *mut ThorOptimizer {
+    let mut opt = null_mut();
+    let cfg = config();
+    // SAFETY: `user` outlives the optimizer (the caller destroys it first).
+    let st = unsafe {
+        thor_v1_optimizer_create_distributed(
+            &cfg,
+            user.comm.rank() as i32,
+            world,
+            user as *mut User as *mut c_void,
+            Some(reduce_scatter),
+            Some(all_reduce),
+            Some(all_gather),
+            &mut opt,
+        )
+    };
+    assert_eq!(st, ThorStatus::Ok);
+    add_layer(opt);
+    opt
+}
+
+#[test]
+fn ranks_through_callbacks_match_one_optimizer() {
+    let mut one = null_mut();
+    // SAFETY: a config and an out pointer.
+    assert_eq!(
+        unsafe { thor_v1_optimizer_create(&config(), &mut one) },
+        ThorStatus::Ok
+    );
+    add_layer(one);
+    let want = run(one, 0..ROWS);
+    // SAFETY: made above.
+    unsafe { thor_v1_optimizer_destroy(one) };
+    let world = 3;
+    let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
+    let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let rank = comm.rank();
+                    let mut user = User { comm, fail: false };
+                    let opt = create(&mut user, world as i32);
+                    let out = run(opt, rank * 10..rank * 10 + 10);
+                    // SAFETY: made above; destroyed before `user` goes.
+                    unsafe {
+                        assert_eq!(thor_v1_optimizer_gather_statistics(opt), ThorStatus::Ok);
+                        thor_v1_optimizer_destroy(opt);
+                    }
+                    out
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, steps) in got.iter().enumerate() {
+        for (k, (g, w)) in steps.iter().zip(&want).enumerate() {
+            let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+            assert!(err < 1e-4, "rank {rank} step {k}: {err:e}");
+        }
+    }
+}
+
+#[test]
+fn a_failing_callback_is_a_communication_error() {
+    let comms = LocalGroup::new(1, Duration::from_secs(5)).unwrap();
+    let mut user = User {
+        comm: comms.into_iter().next().unwrap(),
+        fail: true,
+    };
+    let opt = create(&mut user, 1);
+    let acts = vec![0.5f32; ROWS * D_IN];
+    let outg = vec![0.25f32; ROWS * D_OUT];
+    let mut dec = -1;
+    // SAFETY: live buffers of the sizes the header gives.
+    unsafe {
+        for _ in 0..2 {
+            let st = thor_v1_optimizer_observe(
+                opt,
+                0,
+                acts.as_ptr(),
+                outg.as_ptr(),
+                ROWS as i64,
+                &mut dec,
+            );
+            assert_eq!(st, ThorStatus::Communication);
+            assert_eq!(dec, -1, "nothing written");
+        }
+        let msg = CStr::from_ptr(thor_v1_last_error_message())
+            .to_string_lossy()
+            .into_owned();
+        assert!(msg.contains("earlier collective"), "{msg}");
+        thor_v1_optimizer_destroy(opt);
+    }
+    // Null callbacks and a bad rank are refused by name.
+    let mut opt = null_mut();
+    let cfg = config();
+    for (rank, world, rs, arg) in [
+        (0, 1, None, "reduce_scatter"),
+        (1, 1, Some(reduce_scatter as _), "rank"),
+        (0, 0, Some(reduce_scatter as _), "world"),
+    ] {
+        // SAFETY: a config and an out pointer; the callbacks are never called.
+        let st = unsafe {
+            thor_v1_optimizer_create_distributed(
+                &cfg,
+                rank,
+                world,
+                null_mut(),
+                rs,
+                Some(all_reduce),
+                Some(all_gather),
+                &mut opt,
+            )
+        };
+        assert_eq!(st, ThorStatus::InvalidArgument, "{arg}");
+        // SAFETY: never null.
+        let msg = unsafe { CStr::from_ptr(thor_v1_last_error_message()) }
+            .to_string_lossy()
+            .into_owned();
+        assert!(msg.contains(&format!("`{arg}`")), "{arg}: {msg}");
+        assert!(opt.is_null());
+    }
+}
