@@ -32,6 +32,16 @@ Devices. The optimizer runs where the hooked layers are: for a model on a CUDA d
 state (statistics, inverses, the trace rule, counters) lives on that device and its work is
 queued on the CUDA stream that is current when the optimizer is made; for a model on the CPU
 on the library's CPU backend.
+
+Many processes. With ``process_group=`` (a ``torch.distributed`` group whose backend takes
+CPU tensors, such as gloo; a model on the CPU) every process is one rank of a data-parallel
+run (for example under ``DistributedDataParallel``): each statistics step pools the factors of
+every rank's local batch, every block of every factor is owned by one rank, which keeps its
+statistics and inverts it, and the inverses are shared, so every rank preconditions with the
+inverses one process would compute from the union of the batches. torch.distributed moves the
+bytes, the library does the math; every rank must make the optimizer the same way and step
+together. ``state_dict()`` is then a collective (it gathers every rank's statistics first):
+call it on every rank, save from any.
 """
 
 from __future__ import annotations
@@ -51,7 +61,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ._lib import ConvTensors, Counters, OptimizerConfig, ThorError, check, lib
+from ._lib import (ConvTensors, Counters, OptimizerConfig, ThorAllGatherFn, ThorAllReduceFn, ThorError,
+                   ThorReduceScatterFn, check, lib)
 from .ops import Decision, _Context, _ptr
 
 __all__ = ["THOR", "ThorPreconditioner", "Decision", "ThorError"]
@@ -111,11 +122,87 @@ class _Layer:
         self.calls: list[list] = []
 
 
+class _Collectives:
+    """torch.distributed moving a distributed engine's bytes: the three callbacks of
+    ``thor_v1_optimizer_create_distributed``. The reduce-scatter is an all-reduce of the
+    whole buffer (gloo has no reduce-scatter), the all-gather pads every rank's part to the
+    longest, and the small f64 all-reduce gathers every rank's vector and sums them in rank
+    order (so that every rank gets the same bits, whatever the backend's reduction order).
+    A failure is kept (``error``) and reported to the library as a non-zero status."""
+
+    def __init__(self, group):
+        import torch.distributed as dist
+        self.dist, self.group = dist, group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.error: BaseException | None = None
+        # The ctypes callbacks must live as long as the engine.
+        self.reduce_scatter = ThorReduceScatterFn(self._guard(self._reduce_scatter))
+        self.all_reduce = ThorAllReduceFn(self._guard(self._all_reduce))
+        self.all_gather = ThorAllGatherFn(self._guard(self._all_gather))
+
+    def _guard(self, fn):
+        def call(*args):
+            try:
+                fn(*args)
+                return 0
+            except BaseException as e:  # never unwind into the library
+                self.error = e
+                return 1
+        return call
+
+    def _counts(self, counts) -> list[int]:
+        return [int(counts[r]) for r in range(self.world)]
+
+    def _reduce_scatter(self, _user, send, counts, recv) -> None:
+        c = self._counts(counts)
+        buf = torch.empty(sum(c), dtype=torch.float32)
+        ctypes.memmove(buf.data_ptr(), send, buf.numel() * 4)
+        self.dist.all_reduce(buf, group=self.group)
+        start = sum(c[:self.rank])
+        ctypes.memmove(recv, buf.data_ptr() + 4 * start, 4 * c[self.rank])
+
+    def _all_gather(self, _user, send, counts, recv) -> None:
+        c = self._counts(counts)
+        longest = max(c)
+        mine = torch.zeros(longest, dtype=torch.float32)
+        ctypes.memmove(mine.data_ptr(), send, 4 * c[self.rank])
+        parts = [torch.empty(longest, dtype=torch.float32) for _ in range(self.world)]
+        self.dist.all_gather(parts, mine, group=self.group)
+        recv_addr = ctypes.cast(recv, c_void_p).value
+        at = 0
+        for part, n in zip(parts, c):
+            ctypes.memmove(recv_addr + 4 * at, part.data_ptr(), 4 * n)
+            at += n
+
+    def _all_reduce(self, _user, buf, n) -> None:
+        mine = torch.empty(n, dtype=torch.float64)
+        ctypes.memmove(mine.data_ptr(), buf, 8 * n)
+        parts = [torch.empty(n, dtype=torch.float64) for _ in range(self.world)]
+        self.dist.all_gather(parts, mine, group=self.group)
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        ctypes.memmove(buf, total.data_ptr(), 8 * n)
+
+    def check(self, status: int) -> None:
+        """``check`` that raises with the failed collective's own error as the cause."""
+        if status != 0 and self.error is not None:
+            e, self.error = self.error, None
+            try:
+                check(status)
+            except ThorError as t:
+                raise t from e
+        check(status)
+
+
 class _Engine:
     """One optimizer handle of the library: the layers of one param group."""
 
-    def __init__(self, device: torch.device, settings: dict, conv_norm: str):
+    def __init__(self, device: torch.device, settings: dict, conv_norm: str, process_group=None):
         _check_settings(settings)
+        if process_group is not None and device.type != "cpu":
+            raise ValueError(f"process_group: a distributed optimizer runs on the CPU for now; the model is on "
+                             f"{device}")
         cfg = OptimizerConfig()
         check(lib().thor_v1_optimizer_config_default(ctypes.byref(cfg)))
         cfg.block, cfg.interval = int(settings["block"]), int(settings["interval"])
@@ -128,7 +215,15 @@ class _Engine:
         # The stream object too, so that a torch.cuda.ExternalStream outlives the engine.
         self._stream_obj = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self.ptr = c_void_p()
-        check(lib().thor_v1_optimizer_create_on(ctx.ptr, ctypes.byref(cfg), ctypes.byref(self.ptr)))
+        self.collectives = None
+        if process_group is not None:
+            self.collectives = _Collectives(process_group)
+            c = self.collectives
+            check(lib().thor_v1_optimizer_create_distributed(ctypes.byref(cfg), c.rank, c.world, None,
+                                                             c.reduce_scatter, c.all_reduce, c.all_gather,
+                                                             ctypes.byref(self.ptr)))
+        else:
+            check(lib().thor_v1_optimizer_create_on(ctx.ptr, ctypes.byref(cfg), ctypes.byref(self.ptr)))
         self._finalizer = weakref.finalize(self, lib().thor_v1_optimizer_destroy, self.ptr)
         check(lib().thor_v1_optimizer_set_conv_norm(self.ptr, _CONV_NORMS[conv_norm]))
         self.stats = self.needs_statistics()
@@ -158,8 +253,9 @@ class _Engine:
                     "step on that stream (or make the optimizer under the stream you train on)")
 
     def observe(self, layer: _Layer, a: torch.Tensor, g: torch.Tensor) -> None:
+        check_ = self.collectives.check if self.collectives is not None else check
         if not layer.conv:
-            check(lib().thor_v1_optimizer_observe(self.ptr, layer.index, _ptr(a), _ptr(g), a.shape[0], None))
+            check_(lib().thor_v1_optimizer_observe(self.ptr, layer.index, _ptr(a), _ptr(g), a.shape[0], None))
             return
         m = layer.module
         t = ConvTensors()
@@ -167,7 +263,7 @@ class _Engine:
         t.stride[:], t.dilation[:] = list(m.stride), list(m.dilation)
         t.padding[:] = [0, 0] if layer.pad is not None else list(m.padding)
         t.input_strides[:], t.grad_strides[:] = list(a.stride()), list(g.stride())
-        check(lib().thor_v1_optimizer_observe_conv(self.ptr, layer.index, _ptr(a), _ptr(g), ctypes.byref(t), None))
+        check_(lib().thor_v1_optimizer_observe_conv(self.ptr, layer.index, _ptr(a), _ptr(g), ctypes.byref(t), None))
 
     def precondition(self, layer: _Layer, full: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(full)
@@ -204,7 +300,11 @@ class _Engine:
         check(lib().thor_v1_optimizer_last_decision(self.ptr, layer.index, ctypes.byref(d)))
         return Decision(d.value)
 
-    def save(self) -> bytes:
+    def save(self, gather: bool = True) -> bytes:
+        """The engine's state; on a distributed engine with ``gather`` (a collective) every
+        rank's statistics first, so that the state is whole."""
+        if gather and self.collectives is not None:
+            self.collectives.check(lib().thor_v1_optimizer_gather_statistics(self.ptr))
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "thor.state")
             check(lib().thor_v1_optimizer_save(self.ptr, path.encode()))
@@ -490,6 +590,10 @@ class THOR(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` the loop uses, if any: recorded output
             gradients are unscaled with its scale.
         exclude: modules left out of preconditioning (they get the plain update).
+        process_group: a ``torch.distributed`` group (CPU tensors: gloo) when every process
+            is one rank of a data-parallel run: the statistics of every rank's batch are
+            pooled and every rank gets the same inverses (see the module's documentation).
+            ``state_dict()`` is then a collective.
 
     ``damping``, ``damping_decay``, ``damping_every``, ``stat_decay``, ``interval``, ``block``,
     ``w1``, ``w2`` and ``kl_clip`` may differ between groups (each group with hooked layers
@@ -500,7 +604,8 @@ class THOR(torch.optim.Optimizer):
                  weight_decay: float = 0.0, *, damping: float = 0.03, damping_decay: float = 1.0,
                  damping_every: float = 10.0, stat_decay: float = 0.0, interval: int = 20, block: int = 128,
                  w1: float = 0.01, w2: float = 0.0, kl_clip: float = 0.0, conv_norm: str = "position",
-                 steps_per_epoch: int | None = None, grad_scaler=None, exclude: Iterable[torch.nn.Module] = ()):
+                 steps_per_epoch: int | None = None, grad_scaler=None, exclude: Iterable[torch.nn.Module] = (),
+                 process_group=None):
         if conv_norm not in _CONV_NORMS:
             raise ValueError(f"conv_norm must be one of {sorted(_CONV_NORMS)}, got {conv_norm!r}")
         if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
@@ -516,6 +621,7 @@ class THOR(torch.optim.Optimizer):
         self._conv_norm = conv_norm
         self._steps_per_epoch = steps_per_epoch
         self._grad_scaler = grad_scaler
+        self._process_group = process_group
         self._epoch: float | None = None
         self._steps = 0
         self._engines: dict[int, _Engine] = {}
@@ -553,7 +659,8 @@ class THOR(torch.optim.Optimizer):
         devices = {m.weight.device for _, m in mine} | {e.device for e in self._engines.values()}
         if len(devices) > 1:
             raise ValueError(f"the hooked layers are on more than one device: {sorted(map(str, devices))}")
-        engine = _Engine(next(iter(devices)), {k: group[k] for k in ENGINE_SETTINGS}, self._conv_norm)
+        engine = _Engine(next(iter(devices)), {k: group[k] for k in ENGINE_SETTINGS}, self._conv_norm,
+                         self._process_group)
         layers = []
         for name, m in mine:
             bias = m.bias is not None and m.bias.requires_grad
@@ -719,7 +826,8 @@ class THOR(torch.optim.Optimizer):
                                      f"optimizer's {e.settings[k]!r}; make the optimizer with the saved settings")
         steps, epoch = int(thor["steps"]), thor["epoch"]
         before = super().state_dict()
-        saved = {i: e.save() for i, e in self._engines.items()}
+        # This rank's own state, to put back if loading fails (no collective).
+        saved = {i: e.save(gather=False) for i, e in self._engines.items()}
         super().load_state_dict(state_dict)
         loaded = []
         try:
@@ -756,14 +864,14 @@ class ThorPreconditioner:
             opt.step()
 
     The damping is ``damping * damping_decay ** (epoch / damping_every)`` with the epoch
-    given to :meth:`step` (required when ``damping_decay`` < 1). Statistics, devices and
-    convolutions as for :class:`THOR` (see the module's documentation).
+    given to :meth:`step` (required when ``damping_decay`` < 1). Statistics, devices,
+    convolutions and ``process_group`` as for :class:`THOR` (see the module's documentation).
     """
 
     def __init__(self, model: torch.nn.Module, block: int = 128, interval: int = 20, damping: float = 0.03,
                  stat_decay: float = 0.0, w1: float = 0.01, w2: float = 0.0, kl_clip: float = 0.0,
                  conv_norm: str = "position", damping_decay: float = 0.87, damping_every: float = 10.0,
-                 exclude: Iterable[torch.nn.Module] = ()):
+                 exclude: Iterable[torch.nn.Module] = (), process_group=None):
         if conv_norm not in _CONV_NORMS:
             raise ValueError(f"conv_norm must be one of {sorted(_CONV_NORMS)}, got {conv_norm!r}")
         settings = dict(block=block, interval=interval, damping=damping, damping_decay=damping_decay,
@@ -774,7 +882,7 @@ class ThorPreconditioner:
         if len(devices) > 1:
             raise ValueError(f"the hooked layers are on more than one device: {sorted(map(str, devices))}")
         self.device = next(iter(devices)) if devices else torch.device("cpu")
-        self._engine = _Engine(self.device, settings, conv_norm)
+        self._engine = _Engine(self.device, settings, conv_norm, process_group)
         self._hooks = _Hooks(model, candidates)
         #: ``(module, index)`` of every hooked layer, in the model's order.
         self.layers = []

@@ -1,0 +1,30 @@
+"""One rank of test_distributed.py's runs: ``_dist_worker.py KIND RANK WORLD OUT`` (with
+MASTER_ADDR and MASTER_PORT set) trains the shared model under DistributedDataParallel
+with a gloo group and saves its parameters and optimizer state to OUT."""
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _dist_common import BATCH, make_model, train  # noqa: E402
+
+
+def main() -> None:
+    kind, rank, world, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    per = BATCH // world
+    state = train(kind, model, ddp, slice(rank * per, (rank + 1) * per), process_group=dist.group.WORLD)
+    engines = {i: bytes(t.numpy()) for i, t in state.get("thor", {}).get("engines", {}).items()}
+    torch.save({"params": [p.detach().clone() for p in model.parameters()], "engines": engines}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""THOR with ``process_group=``: 2 to 4 processes on a gloo group (under
+DistributedDataParallel, each with its share of every batch) end with the parameters of
+one process trained on whole batches, and save the same, whole optimizer state."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _dist_common import make_model, train
+
+HERE = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(kind: str, world: int, tmp: Path) -> list[dict]:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    outs = [tmp / f"rank{r}.pt" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_dist_worker.py"), kind, str(r), str(world), str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r, out in enumerate(outs)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=180)[0].decode(errors="replace"))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    return [torch.load(out, weights_only=True) for out in outs]
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_match_one_process_on_the_whole_batch(world, tmp_path):
+    model = make_model()
+    want_state = train("thor", model, model, slice(None))
+    want = [p.detach() for p in model.parameters()]
+    ranks = _run_ranks("thor", world, tmp_path)
+    for r, got in enumerate(ranks):
+        for i, (g, w) in enumerate(zip(got["params"], want)):
+            assert _max_rel(g, w) < 1e-4, f"rank {r}, parameter {i}"
+        # Every rank saves the same, whole state (statistics gathered by state_dict()).
+        assert got["engines"] == ranks[0]["engines"], f"rank {r}"
+    # That state holds the same statistics as the single process's (up to rounding): its
+    # size and header agree, and loading it into a single-process optimizer works.
+    from thor_kernels.torch import THOR
+    single = bytes(want_state["thor"]["engines"][0].numpy())
+    assert len(ranks[0]["engines"][0]) == len(single)
+    opt = THOR(make_model(), lr=0.1, momentum=0.9, block=32, interval=1, damping=0.03, stat_decay=0.5)
+    sd = dict(want_state)
+    sd["thor"] = dict(want_state["thor"], engines={0: torch.frombuffer(bytearray(ranks[0]["engines"][0]),
+                                                                       dtype=torch.uint8)})
+    opt.load_state_dict(sd)
+
+
+def test_the_preconditioner_on_ranks(tmp_path):
+    model = make_model()
+    train("pre", model, model, slice(None))
+    want = [p.detach() for p in model.parameters()]
+    for r, got in enumerate(_run_ranks("pre", 2, tmp_path)):
+        for i, (g, w) in enumerate(zip(got["params"], want)):
+            assert _max_rel(g, w) < 1e-4, f"rank {r}, parameter {i}"
+
+
+def test_a_model_on_cuda_with_a_process_group_is_refused():
+    from thor_kernels.torch import _Engine
+    with pytest.raises(ValueError, match="process_group"):
+        _Engine(torch.device("cuda", 0), dict(block=32, interval=1, damping=0.03, damping_decay=1.0,
+                                              damping_every=10.0, stat_decay=0.0, w1=0.01, w2=0.0, kl_clip=0.0),
+                "position", process_group=object())
