@@ -41,7 +41,8 @@ typedef enum ThorStatus {
   // A host buffer whose size the arguments set could not be allocated (nothing changed).
   THOR_STATUS_OUT_OF_MEMORY = 9,
   // A collective of a distributed optimizer failed (a communicator callback returned
-  // non-zero); the optimizer refuses further statistics steps.
+  // non-zero); the optimizer refuses further statistics steps, preconditioning and
+  // saving.
   THOR_STATUS_COMMUNICATION = 10,
 } ThorStatus;
 
@@ -118,7 +119,8 @@ typedef struct ThorOptimizerConfig {
 // Sums `send` over the ranks and gives this rank its segment: `send` is `world` segments
 // back to back, segment `r` of `counts[r]` floats (`counts` has `world` entries); `recv`
 // receives the sum of every rank's segment `rank` (`counts[rank]` floats). Returns 0 on
-// success, anything else on failure.
+// success, anything else on failure. A pointer to zero floats is not null but must not be
+// read or written (a rank that owns no blocks).
 typedef int32_t (*ThorReduceScatterFn)(void *user,
                                        const float *send,
                                        const int64_t *counts,
@@ -129,7 +131,8 @@ typedef int32_t (*ThorReduceScatterFn)(void *user,
 typedef int32_t (*ThorAllReduceFn)(void *user, double *buf, int64_t n);
 
 // Gathers every rank's `send` (`counts[rank]` floats) into `recv` (the sum of `counts`
-// floats, rank 0's first). Returns 0 on success, anything else on failure.
+// floats, rank 0's first). Returns 0 on success, anything else on failure. As for
+// `ThorReduceScatterFn`, a pointer to zero floats must not be dereferenced.
 typedef int32_t (*ThorAllGatherFn)(void *user, const float *send, const int64_t *counts, float *recv);
 
 // Failure policy of `thor_v1_invert`: `max_retries` 0 reports only; otherwise failed blocks
@@ -251,8 +254,13 @@ void thor_v1_context_destroy(struct ThorContext *ctx);
 // `thor_v1_optimizer_destroy`.
 //
 // Returns `OK`; `INVALID_ARGUMENT` (a pointer or callback null or misaligned, `world` < 1,
-// `rank` outside `0..world`, a field of `cfg` out of range). Later calls return
-// `COMMUNICATION` when a callback fails.
+// `rank` outside `0..world`, a field of `cfg` out of range). Once a callback has failed,
+// every later statistics step, precondition and save of the optimizer returns
+// `COMMUNICATION` (its state may differ from the other ranks'). An argument error on one
+// rank during a statistics step makes the other ranks' callbacks wait for the transport's
+// timeout. Saving (`thor_v1_optimizer_save`) after a statistics step needs
+// `thor_v1_optimizer_gather_statistics` first, else it is `INVALID_ARGUMENT` naming
+// `gather_statistics`.
 //
 // # Safety
 // `cfg` and `out` address one value each; the callbacks follow their types'

@@ -613,6 +613,76 @@ mod optimizer {
     }
 
     #[test]
+    fn a_failure_in_one_layer_stops_every_layer_and_stale_states_are_not_saved() {
+        let comms = LocalGroup::new(2, Duration::from_secs(60)).unwrap();
+        let out: Vec<Option<Vec<Error>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    s.spawn(move || {
+                        let rank = comm.rank();
+                        let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
+                        add_layers(&mut t);
+                        let b = batch(0);
+                        let obs = |t: &mut Thor, l: usize| {
+                            let (i, o, _) = LAYERS[l];
+                            let (a, g) = &b[l];
+                            t.observe(
+                                thor_kernels::thor::LayerId(l),
+                                &a[..24 * i],
+                                &g[..24 * o],
+                                24,
+                            )
+                        };
+                        obs(&mut t, 0).unwrap();
+                        if rank == 1 {
+                            return None;
+                        }
+                        // Statistics of other ranks' blocks are missing: no stale save.
+                        let stale = t.to_bytes().unwrap_err();
+                        // Rank 1 has left: layer 1's collectives fail, and then layer 0
+                        // (whose own step never failed) refuses too.
+                        let e1 = obs(&mut t, 1).unwrap_err();
+                        let e0 = obs(&mut t, 0).unwrap_err();
+                        let (i, o, bias) = LAYERS[0];
+                        let g = vec![0.0f32; o * (i + usize::from(bias))];
+                        let mut p = vec![0.0f32; g.len()];
+                        let ep = t
+                            .precondition(thor_kernels::thor::LayerId(0), &g, &mut p)
+                            .unwrap_err();
+                        let es = t.to_bytes().unwrap_err();
+                        Some(vec![stale, e1, e0, ep, es])
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let errs = out[0].as_ref().unwrap();
+        assert!(
+            matches!(
+                &errs[0],
+                Error::InvalidArgument {
+                    arg: "gather_statistics",
+                    ..
+                }
+            ),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            matches!(&errs[1], Error::Communication(m) if m.contains("rank 1 left")),
+            "{}",
+            errs[1]
+        );
+        for e in &errs[2..] {
+            assert!(
+                matches!(e, Error::Communication(m) if m.contains("earlier collective")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn a_distributed_optimizer_on_cuda_is_refused() {
         let mut comms = LocalGroup::new(1, Duration::from_secs(1)).unwrap();
         let cfg = ThorConfig {

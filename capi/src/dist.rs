@@ -9,7 +9,8 @@ use thor_kernels::dist::{CommCounters, Communicator};
 /// Sums `send` over the ranks and gives this rank its segment: `send` is `world` segments
 /// back to back, segment `r` of `counts[r]` floats (`counts` has `world` entries); `recv`
 /// receives the sum of every rank's segment `rank` (`counts[rank]` floats). Returns 0 on
-/// success, anything else on failure.
+/// success, anything else on failure. A pointer to zero floats is not null but must not be
+/// read or written (a rank that owns no blocks).
 pub type ThorReduceScatterFn = Option<
     unsafe extern "C" fn(
         user: *mut c_void,
@@ -20,7 +21,8 @@ pub type ThorReduceScatterFn = Option<
 >;
 
 /// Gathers every rank's `send` (`counts[rank]` floats) into `recv` (the sum of `counts`
-/// floats, rank 0's first). Returns 0 on success, anything else on failure.
+/// floats, rank 0's first). Returns 0 on success, anything else on failure. As for
+/// `ThorReduceScatterFn`, a pointer to zero floats must not be dereferenced.
 pub type ThorAllGatherFn = Option<
     unsafe extern "C" fn(
         user: *mut c_void,
@@ -191,8 +193,13 @@ impl Communicator for CallbackComm {
 /// `thor_v1_optimizer_destroy`.
 ///
 /// Returns `OK`; `INVALID_ARGUMENT` (a pointer or callback null or misaligned, `world` < 1,
-/// `rank` outside `0..world`, a field of `cfg` out of range). Later calls return
-/// `COMMUNICATION` when a callback fails.
+/// `rank` outside `0..world`, a field of `cfg` out of range). Once a callback has failed,
+/// every later statistics step, precondition and save of the optimizer returns
+/// `COMMUNICATION` (its state may differ from the other ranks'). An argument error on one
+/// rank during a statistics step makes the other ranks' callbacks wait for the transport's
+/// timeout. Saving (`thor_v1_optimizer_save`) after a statistics step needs
+/// `thor_v1_optimizer_gather_statistics` first, else it is `INVALID_ARGUMENT` naming
+/// `gather_statistics`.
 ///
 /// # Safety
 /// `cfg` and `out` address one value each; the callbacks follow their types'

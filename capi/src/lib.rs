@@ -109,7 +109,8 @@ pub enum ThorStatus {
     /// A host buffer whose size the arguments set could not be allocated (nothing changed).
     OutOfMemory = 9,
     /// A collective of a distributed optimizer failed (a communicator callback returned
-    /// non-zero); the optimizer refuses further statistics steps.
+    /// non-zero); the optimizer refuses further statistics steps, preconditioning and
+    /// saving.
     Communication = 10,
 }
 

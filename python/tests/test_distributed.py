@@ -85,3 +85,30 @@ def test_a_model_on_cuda_with_a_process_group_is_refused():
         _Engine(torch.device("cuda", 0), dict(block=32, interval=1, damping=0.03, damping_decay=1.0,
                                               damping_every=10.0, stat_decay=0.0, w1=0.01, w2=0.0, kl_clip=0.0),
                 "position", process_group=object())
+
+
+def test_a_layer_missing_on_another_rank_is_left_out_everywhere():
+    # The decision logic alone, with a fake group in which another rank has no calls for
+    # the second layer: that layer is not observed here either.
+    from types import SimpleNamespace
+    from thor_kernels.torch import _Hooks
+
+    class FakeDist:
+        class ReduceOp:
+            MIN = "min"
+
+        @staticmethod
+        def all_reduce(t, op, group):
+            assert op == "min" and group == "g"
+            t[1] = 0  # the other rank lacks layer 1
+
+    class Obj:  # hashable by identity, as the module's own layers and engines
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    engine = Obj(collectives=SimpleNamespace(dist=FakeDist, group="g"))
+    local = Obj(collectives=None)
+    layers = [Obj(engine=engine), Obj(engine=engine), Obj(engine=local), Obj(engine=engine)]
+    done = {layers[0]: ["call"], layers[1]: ["call"], layers[2]: ["call"], layers[3]: []}
+    keep = _Hooks._present_everywhere(done)
+    assert keep == {layers[0], layers[2]}

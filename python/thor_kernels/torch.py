@@ -40,8 +40,12 @@ every rank's local batch, every block of every factor is owned by one rank, whic
 statistics and inverts it, and the inverses are shared, so every rank preconditions with the
 inverses one process would compute from the union of the batches. torch.distributed moves the
 bytes, the library does the math; every rank must make the optimizer the same way and step
-together. ``state_dict()`` is then a collective (it gathers every rank's statistics first):
-call it on every rank, save from any.
+together. A layer is observed on a statistics step only where every rank recorded it. A
+failed collective raises on that rank and every later step, precondition and save of the
+engine raises too; the other ranks fail when their collective times out (the group's
+``timeout``). ``state_dict()`` and ``load_state_dict()`` are then collectives (they gather every
+rank's statistics first): call them on every rank (``if rank == 0: opt.state_dict()`` waits
+for the others until the timeout), save from any.
 """
 
 from __future__ import annotations
@@ -300,10 +304,10 @@ class _Engine:
         check(lib().thor_v1_optimizer_last_decision(self.ptr, layer.index, ctypes.byref(d)))
         return Decision(d.value)
 
-    def save(self, gather: bool = True) -> bytes:
-        """The engine's state; on a distributed engine with ``gather`` (a collective) every
-        rank's statistics first, so that the state is whole."""
-        if gather and self.collectives is not None:
+    def save(self) -> bytes:
+        """The engine's state; on a distributed engine every rank's statistics are gathered
+        first (a collective), so that the state is whole."""
+        if self.collectives is not None:
             self.collectives.check(lib().thor_v1_optimizer_gather_statistics(self.ptr))
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "thor.state")
@@ -461,8 +465,11 @@ class _Hooks:
             warnings.warn(f"THOR layers {missing} got gradients but their forward was never seen on this statistics "
                           "step (a module that uses their weights without calling them?): they keep the identity "
                           "preconditioner until it is; pass them in exclude=[...] to silence this", stacklevel=3)
+        # Distributed engines: a layer is observed only where every rank has its calls (a
+        # forward skipped on one rank would otherwise leave the ranks' collectives out of step).
+        everywhere = self._present_everywhere(done)
         for layer, calls in done.items():
-            if not calls:
+            if not calls or layer not in everywhere:
                 continue
             n = known if known is not None else calls[0].g.shape[0]
             scale = n / grad_scale
@@ -475,6 +482,26 @@ class _Hooks:
                 g = torch.cat([c.g.reshape(-1, c.g.shape[-1]) for c in calls]).float() * scale
                 g = g.contiguous()
             layer.engine.observe(layer, a, g)
+
+
+    @staticmethod
+    def _present_everywhere(done: dict) -> set:
+        """The layers of ``done`` with calls on every rank of their engine's group (every
+        layer with calls for an engine that is not distributed): one small all-reduce per
+        distributed engine."""
+        keep = {layer for layer, calls in done.items() if calls}
+        engines = {}
+        for layer in done:
+            if layer.engine.collectives is not None:
+                engines.setdefault(layer.engine, []).append(layer)
+        for engine, layers in engines.items():
+            c = engine.collectives
+            have = torch.tensor([1 if done[layer] else 0 for layer in layers], dtype=torch.int32)
+            c.dist.all_reduce(have, op=c.dist.ReduceOp.MIN, group=c.group)
+            for layer, h in zip(layers, have.tolist()):
+                if not h:
+                    keep.discard(layer)
+        return keep
 
 
 def _remove_handles(handles, model_ref):
@@ -826,8 +853,8 @@ class THOR(torch.optim.Optimizer):
                                      f"optimizer's {e.settings[k]!r}; make the optimizer with the saved settings")
         steps, epoch = int(thor["steps"]), thor["epoch"]
         before = super().state_dict()
-        # This rank's own state, to put back if loading fails (no collective).
-        saved = {i: e.save(gather=False) for i, e in self._engines.items()}
+        # The state to put back if loading fails (on a distributed engine a collective).
+        saved = {i: e.save() for i, e in self._engines.items()}
         super().load_state_dict(state_dict)
         loaded = []
         try:

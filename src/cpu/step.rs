@@ -68,14 +68,22 @@ pub struct CpuThorStep {
 }
 
 impl Dist {
-    /// An error once a collective of this step has failed.
+    /// An error once a collective of this step, or of another step sharing its
+    /// communicator, has failed.
     fn check_usable(&self) -> Result<()> {
-        if self.broken {
-            return Err(Error::Communication(
-                "an earlier collective of this step failed; its state may differ from the other ranks' (restore a saved state into a new step)".into(),
-            ));
+        let why = if self.broken {
+            Some("an earlier collective of this step failed".to_string())
+        } else {
+            self.comm
+                .failed()
+                .map(|w| format!("an earlier collective of the group failed ({w})"))
+        };
+        match why {
+            Some(w) => Err(Error::Communication(format!(
+                "{w}; the state may differ from the other ranks' (restore a saved state into a new step on a new group)"
+            ))),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -106,8 +114,12 @@ struct Dist {
     /// Per block: owned by this rank and masked for inversion.
     owned_mask: Vec<u8>,
     block_factor: Vec<usize>,
-    /// A collective failed: the state differs between ranks.
+    /// A stage failed after the first collective: the state may differ between ranks.
     broken: bool,
+    /// The current step has reached its collectives.
+    in_collectives: bool,
+    /// Every block's statistics are here (until the next step; see `gather_statistics`).
+    stats_whole: bool,
 }
 
 impl CpuThorStep {
@@ -226,6 +238,8 @@ impl CpuThorStep {
             owned_mask: vec![0; nb],
             block_factor: set.block_factor(),
             broken: false,
+            in_collectives: false,
+            stats_whole: true,
             plan,
             comm,
         }));
@@ -240,11 +254,19 @@ impl CpuThorStep {
             return Ok(());
         };
         let out = self.gather_statistics_on(&mut dist);
-        if matches!(out, Err(Error::Communication(_))) {
-            dist.broken = true;
+        match out {
+            Ok(()) => dist.stats_whole = true,
+            Err(Error::Communication(_)) => dist.broken = true,
+            Err(_) => {}
         }
         self.dist = Some(dist);
         out
+    }
+
+    /// On a distributed step, an error when a collective of it (or of its group) failed:
+    /// its inverses may then differ from the other ranks'.
+    pub fn check_usable(&self) -> Result<()> {
+        self.dist.as_ref().map_or(Ok(()), |d| d.check_usable())
     }
 
     fn gather_statistics_on(&mut self, dist: &mut Dist) -> Result<()> {
@@ -342,8 +364,11 @@ impl CpuThorStep {
         damping: f32,
     ) -> Result<()> {
         let mut dist = self.dist.take().expect("a distributed step");
+        dist.in_collectives = false;
         let out = self.distributed_stages(&mut dist, inputs, damping);
-        if matches!(out, Err(Error::Communication(_))) {
+        // Any failure once the collectives started leaves this rank out of step with the
+        // others (they may have gone on, or be waiting for it).
+        if out.is_err() && dist.in_collectives {
             dist.broken = true;
         }
         self.dist = Some(dist);
@@ -381,6 +406,10 @@ impl CpuThorStep {
             &mut self.status,
             &mut self.ws,
         )?;
+        dist.in_collectives = true;
+        if dist.plan.world() > 1 {
+            dist.stats_whole = false;
+        }
         // 2. Every block's sum to its owner, as a packed lower triangle.
         for (i, &k) in dist.plan.order().iter().enumerate() {
             pack_lower(
@@ -448,7 +477,13 @@ impl CpuThorStep {
             let mut total = 0.0f64;
             for k in e.first_block..e.first_block + e.layout.blocks() {
                 let t = if self.status[f] == 0 {
-                    beta as f64 * tr_old[k] + alpha as f64 * tr_sum[k]
+                    // As the EMA: with beta 0 the old statistics are not read.
+                    let old = if beta == 0.0 {
+                        0.0
+                    } else {
+                        beta as f64 * tr_old[k]
+                    };
+                    old + alpha as f64 * tr_sum[k]
                 } else {
                     tr_old[k]
                 };
@@ -500,11 +535,14 @@ impl CpuThorStep {
             at += tri + 1;
         }
         let total: usize = dist.gather_counts.iter().sum();
-        dist.comm.all_gather(
-            &dist.gather_send[..at],
-            &dist.gather_counts,
-            &mut dist.gather_recv[..total],
-        )?;
+        // Every rank knows the mask: when no layer updated, every rank skips the gather.
+        if total > 0 {
+            dist.comm.all_gather(
+                &dist.gather_send[..at],
+                &dist.gather_counts,
+                &mut dist.gather_recv[..total],
+            )?;
+        }
         let mut at = 0;
         for r in 0..dist.plan.world() {
             for &k in dist.plan.owned(r).iter().filter(|&&k| mask[k] != 0) {
@@ -613,15 +651,26 @@ impl CpuThorStep {
         self.steps += 1;
     }
 
-    /// The step's state, for saving.
-    pub(crate) fn snapshot(&self) -> StepSnapshot {
-        StepSnapshot {
+    /// The step's state, for saving. On a distributed step that has run since the last
+    /// [`CpuThorStep::gather_statistics`], this rank lacks the other ranks' statistics:
+    /// an error naming `gather_statistics` instead of a state that would load wrong.
+    pub(crate) fn snapshot(&self) -> Result<StepSnapshot> {
+        if let Some(d) = &self.dist {
+            d.check_usable()?;
+            if !d.stats_whole {
+                return Err(Error::invalid(
+                    "gather_statistics",
+                    "this rank holds only the statistics of the blocks it owns: call gather_statistics on every rank before saving",
+                ));
+            }
+        }
+        Ok(StepSnapshot {
             stats: self.stats.clone(),
             inverses: self.inverses.clone(),
             factor_state: self.factor_state.clone(),
             rule: self.rule.clone(),
             counters: self.counters.clone(),
-        }
+        })
     }
 
     /// Takes over a saved state (sizes checked first; nothing changes on error).
@@ -634,6 +683,9 @@ impl CpuThorStep {
         self.counters.copy_from_slice(&s.counters);
         // No step has run on the loaded state yet.
         self.decisions.fill(Decision::Skipped);
+        if let Some(d) = &mut self.dist {
+            d.stats_whole = true;
+        }
         Ok(())
     }
 

@@ -30,7 +30,10 @@ impl CommCounters {
 /// One rank's end of a group of `world` ranks: the collectives of a distributed factor
 /// step. Every rank must call the same collectives in the same order with the same
 /// `counts`. A failure (a rank gone, a timeout, a mismatched call) is
-/// [`Error::Communication`], after which the group is broken.
+/// [`Error::Communication`], after which the group is broken. An argument error on one
+/// rank ([`Error::Shape`]) breaks the group too where the transport can say so
+/// ([`LocalGroup`] does); elsewhere the other ranks fail when the transport's timeout
+/// expires.
 ///
 /// Implementations move the bytes (in process, NCCL, torch.distributed, ...); the
 /// library does the math.
@@ -50,43 +53,75 @@ pub trait Communicator: Send + fmt::Debug {
     fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()>;
     /// What this rank has moved so far.
     fn counters(&self) -> CommCounters;
+    /// Why the group is broken, once a collective of this communicator has failed (the
+    /// steps that share it then refuse to run).
+    fn failed(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One rank's communicator shared by several steps (the layers of an optimizer, each with
 /// its own step): clones hand every collective to the same communicator, one at a time, so
 /// that the steps' collectives keep one order on every rank.
+/// A failed collective through any clone breaks them all ([`Communicator::failed`]), so that
+/// every step sharing the communicator refuses to run.
 #[derive(Debug, Clone)]
-pub struct SharedComm(Arc<Mutex<Box<dyn Communicator>>>);
+pub struct SharedComm(Arc<Mutex<Shared1>>);
+
+#[derive(Debug)]
+struct Shared1 {
+    comm: Box<dyn Communicator>,
+    failed: Option<String>,
+}
 
 impl SharedComm {
     /// Shares `comm`.
     pub fn new(comm: Box<dyn Communicator>) -> Self {
-        SharedComm(Arc::new(Mutex::new(comm)))
+        SharedComm(Arc::new(Mutex::new(Shared1 { comm, failed: None })))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Box<dyn Communicator>> {
+    fn lock(&self) -> MutexGuard<'_, Shared1> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a collective unless the communicator failed before; a failure is kept.
+    fn run(&self, f: impl FnOnce(&mut dyn Communicator) -> Result<()>) -> Result<()> {
+        let mut s = self.lock();
+        if let Some(why) = &s.failed {
+            return Err(Error::Communication(format!(
+                "an earlier collective failed ({why})"
+            )));
+        }
+        let out = f(s.comm.as_mut());
+        if let Err(e) = &out {
+            s.failed = Some(e.to_string());
+        }
+        out
     }
 }
 
 impl Communicator for SharedComm {
     fn rank(&self) -> usize {
-        self.lock().rank()
+        self.lock().comm.rank()
     }
     fn world(&self) -> usize {
-        self.lock().world()
+        self.lock().comm.world()
     }
     fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
-        self.lock().reduce_scatter(send, counts, recv)
+        self.run(|c| c.reduce_scatter(send, counts, recv))
     }
     fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
-        self.lock().all_gather(send, counts, recv)
+        self.run(|c| c.all_gather(send, counts, recv))
     }
     fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()> {
-        self.lock().all_reduce(buf)
+        self.run(|c| c.all_reduce(buf))
     }
     fn counters(&self) -> CommCounters {
-        self.lock().counters()
+        self.lock().comm.counters()
+    }
+    fn failed(&self) -> Option<String> {
+        let s = self.lock();
+        s.failed.clone().or_else(|| s.comm.failed())
     }
 }
 
@@ -293,7 +328,8 @@ impl Communicator for LocalComm {
 
     fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
         let (w, r) = (self.shared.world, self.rank);
-        check_counts(w, r, counts, ("send", send.len()), ("recv", recv.len()))?;
+        check_counts(w, r, counts, ("send", send.len()), ("recv", recv.len()))
+            .map_err(|e| self.break_with(e))?;
         let start: usize = counts[..r].iter().sum();
         self.exchange(
             Kind::ReduceScatter,
@@ -316,7 +352,8 @@ impl Communicator for LocalComm {
 
     fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
         let (w, r) = (self.shared.world, self.rank);
-        check_counts(w, r, counts, ("recv", recv.len()), ("send", send.len()))?;
+        check_counts(w, r, counts, ("recv", recv.len()), ("send", send.len()))
+            .map_err(|e| self.break_with(e))?;
         self.exchange(
             Kind::AllGather,
             counts,
@@ -360,6 +397,19 @@ impl Communicator for LocalComm {
 
     fn counters(&self) -> CommCounters {
         self.counters
+    }
+}
+
+impl LocalComm {
+    /// Marks the group broken (the other ranks' collectives fail at once instead of
+    /// waiting for this rank) and returns `e`.
+    fn break_with(&self, e: Error) -> Error {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.broken.is_none() {
+            st.broken = Some(format!("rank {}: {e}", self.rank));
+        }
+        self.shared.cv.notify_all();
+        e
     }
 }
 

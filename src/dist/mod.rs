@@ -8,8 +8,12 @@
 //! and of the new sum), so that every rank computes the same traces and takes the same rule
 //! decision for every layer; owners apply the EMA to their blocks and invert those of the
 //! updated layers; the refreshed inverses are all-gathered (only those). Every rank then
-//! holds every inverse and applies the preconditioner to its own gradients locally. Three
-//! collectives per statistics step, whatever the number of layers.
+//! holds every inverse and applies the preconditioner to its own gradients locally. At most
+//! three collectives per statistics step of a whole-model step ([`CpuThorStep`] over every
+//! layer), whatever the number of layers (the all-gather is skipped when no layer updated);
+//! [`crate::thor::Thor::with_communicator`] runs one step per layer, so three per layer.
+//!
+//! [`CpuThorStep`]: crate::cpu::step::CpuThorStep
 //!
 //! - [`OwnershipPlan`]: which rank owns which block, balanced by inversion cost,
 //!   deterministic from the factor set and the world size alone, with the bytes each rank

@@ -140,7 +140,7 @@ impl OwnershipPlan {
     /// blocks before it spreads the whole model round-robin over the ranks.
     pub fn rotated(&self, first: usize) -> Self {
         let w = self.world;
-        let owner = self.owner.iter().map(|&r| (r + first) % w).collect();
+        let owner = self.owner.iter().map(|&r| (r + first % w) % w).collect();
         Self::from_owners(self.costs.clone(), owner, w)
     }
 
@@ -197,8 +197,11 @@ impl OwnershipPlan {
     /// Bytes rank `rank` sends in one statistics step with blocks of `b x b` f32 elements,
     /// as a ring moves them: the reduce-scatter of every block's packed lower triangle, and
     /// the all-gather of the packed inverse (and its info word) of every block `updated`
-    /// keeps. `(reduce-scatter bytes, all-gather bytes)`.
+    /// keeps. `(reduce-scatter bytes, all-gather bytes)`; 0 for a rank past the world.
     pub fn bytes_sent(&self, rank: usize, b: usize, updated: impl Fn(usize) -> bool) -> (u64, u64) {
+        if rank >= self.world {
+            return (0, 0);
+        }
         let tri = tri_len(b);
         let mut counts = vec![0usize; self.world];
         self.counts(tri, |_| true, &mut counts);
@@ -248,9 +251,10 @@ pub enum Collective {
 /// `counts[r]` elements of `elem` bytes. In a ring reduce-scatter rank `r` sends every
 /// segment but its own and receives every segment but its predecessor's; in an all-gather
 /// it sends every segment but its successor's and receives every segment but its own.
+/// `(0, 0)` for one rank, or for a rank past `counts`.
 pub fn ring_bytes(op: Collective, counts: &[usize], rank: usize, elem: usize) -> (u64, u64) {
     let w = counts.len();
-    if w <= 1 {
+    if w <= 1 || rank >= w {
         return (0, 0);
     }
     let total: usize = counts.iter().sum();
@@ -315,6 +319,10 @@ mod tests {
         assert_eq!(q.owned(1), &[0, 3, 6]);
         assert_eq!(q.owned(0), &[2, 5]);
         assert_eq!(q.loads()[1], p.loads()[0]);
+        assert_eq!(
+            p.rotated(usize::MAX).owned(0),
+            p.rotated(usize::MAX % 3).owned(0)
+        );
         // A world larger than the set: the last ranks own nothing.
         let p = OwnershipPlan::new(&set, 11).unwrap();
         assert_eq!(p.owned(7), &[7]);
@@ -368,6 +376,7 @@ mod tests {
         assert_eq!(ring_bytes(Collective::AllGather, &c, 2, 4), (12, 16));
         assert_eq!(ring_bytes(Collective::AllReduce, &c, 0, 4), (32, 28));
         assert_eq!(ring_bytes(Collective::AllGather, &[5], 0, 4), (0, 0));
+        assert_eq!(ring_bytes(Collective::AllGather, &c, 3, 4), (0, 0));
         // What every rank sends, every rank receives.
         for op in [Collective::ReduceScatter, Collective::AllGather] {
             let sent: u64 = (0..3).map(|r| ring_bytes(op, &c, r, 4).0).sum();

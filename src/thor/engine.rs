@@ -154,6 +154,8 @@ impl LayerEngine for CpuLayer {
     }
 
     fn precondition(&mut self, _: &AnyBackend, grad: &[f32], out: &mut [f32]) -> Result<()> {
+        // On a broken group this rank's inverses may differ from the others'.
+        self.step.check_usable()?;
         let set = self.step.set();
         let (ea, eg) = (&set.entries()[0], &set.entries()[1]);
         let inv = self.step.inverses();
@@ -180,7 +182,7 @@ impl LayerEngine for CpuLayer {
     }
 
     fn snapshot(&self, _: &AnyBackend) -> Result<StepSnapshot> {
-        Ok(self.step.snapshot())
+        self.step.snapshot()
     }
 
     fn restore(&mut self, _: &AnyBackend, s: &StepSnapshot) -> Result<()> {
