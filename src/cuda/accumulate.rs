@@ -34,6 +34,39 @@ pub const FACTOR_ENTRY_BYTES: usize = 128;
 /// u64 words of one factor's entry in the per-call factor table.
 const ENTRY_WORDS: usize = FACTOR_ENTRY_BYTES / 8;
 
+/// Rows per partial thread block for factors of `live_tiles[f]` tiles with partial products
+/// and `rows[f]` rows, on a device that runs `target` thread blocks at once: the smallest
+/// (a multiple of 32, at least [`MIN_SPLIT_ROWS`]) that fills one wave, then the one of the
+/// least `waves x rows` among up to twice that, so that a plan does not start a second,
+/// nearly empty wave (N = 8192, d = 4608, b = 128 on 132 SMs: 540 blocks where 528 fit, at
+/// 1696 rows each; 432 blocks at 2048 rows, one wave, instead).
+fn best_split(live_tiles: &[usize], rows: &[usize], target: usize) -> usize {
+    let work: usize = live_tiles.iter().zip(rows).map(|(t, &n)| t * n).sum();
+    let per0 = work
+        .div_ceil(target.max(1))
+        .max(MIN_SPLIT_ROWS)
+        .next_multiple_of(32);
+    let items = |per: usize| -> usize {
+        live_tiles
+            .iter()
+            .zip(rows)
+            .map(|(t, &n)| t * n.div_ceil(per))
+            .sum()
+    };
+    // At most 256 candidates between per0 and 2 per0.
+    let step = (per0 / 256).next_multiple_of(32).max(32);
+    let mut best = (usize::MAX, per0);
+    let mut per = per0;
+    while per <= 2 * per0 {
+        let cost = items(per).div_ceil(target.max(1)).saturating_mul(per);
+        if cost < best.0 {
+            best = (cost, per);
+        }
+        per += step;
+    }
+    best.1
+}
+
 /// The tile edge the kernels use for block size `b`.
 pub fn tile_for(b: usize) -> usize {
     if b >= 64 {
@@ -133,17 +166,20 @@ impl AccumulatePlan {
         let tiles: Vec<(usize, usize)> = (0..tb)
             .flat_map(|r| (0..=r).map(move |c| (r * tile, c * tile)))
             .collect();
-        let work: usize = set
+        // Tiles wholly in a block's padding (rows past the factor's dimension) have no
+        // partial products: their finalize writes the identity from no slot at all.
+        let live = |e: &crate::layout::FactorEntry, j: usize, tr: usize| tr < e.layout.valid(j);
+        let live_tiles: Vec<usize> = set
             .entries()
             .iter()
-            .zip(rows)
-            .map(|(e, &n)| e.layout.blocks() * tiles.len() * n)
-            .sum();
+            .map(|e| {
+                (0..e.layout.blocks())
+                    .map(|j| tiles.iter().filter(|&&(tr, _)| live(e, j, tr)).count())
+                    .sum()
+            })
+            .collect();
         let target = TARGET_BLOCKS_PER_SM * sms.max(1);
-        let per = work
-            .div_ceil(target)
-            .max(MIN_SPLIT_ROWS)
-            .next_multiple_of(32);
+        let per = best_split(&live_tiles, rows, target);
         let (mut items, mut finals) = (Vec::new(), Vec::new());
         let mut slot = 0usize;
         let mut factor_slots = Vec::with_capacity(set.len());
@@ -152,6 +188,7 @@ impl AccumulatePlan {
             let first = slot;
             for j in 0..e.layout.blocks() {
                 for (k, &(tr, tc)) in tiles.iter().enumerate() {
+                    let splits = if live(e, j, tr) { splits } else { 0 };
                     finals.extend([
                         f as i32,
                         j as i32,
@@ -734,5 +771,42 @@ impl CudaDevice {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_wave_where_one_nearly_suffices() {
+        // N = 8192, d = 4608, b = 128 on 132 SMs: 36 blocks x 3 tiles = 108 tile jobs.
+        let set = FactorSet::new(128, &[4608]).unwrap();
+        let p = AccumulatePlan::new(&set, &[8192], DType::F32, AccumulateMode::F32, 132).unwrap();
+        let items = p.items().len() / 8;
+        assert!(
+            items <= TARGET_BLOCKS_PER_SM * 132,
+            "{items} partial blocks"
+        );
+        assert_eq!(p.rows_per_split(), 2048);
+        assert_eq!(items, 108 * 4);
+        // A larger device or fewer rows never get fewer rows than the floor.
+        let p = AccumulatePlan::new(&set, &[300], DType::F32, AccumulateMode::F32, 132).unwrap();
+        assert!(p.rows_per_split() >= MIN_SPLIT_ROWS);
+    }
+
+    #[test]
+    fn tiles_in_the_padding_have_no_partial_products() {
+        // d = 129 at b = 128: the second block holds one real row; of its three 64 x 64
+        // tiles, (64, 0) and (64, 64) are all padding.
+        let set = FactorSet::new(128, &[129]).unwrap();
+        let p = AccumulatePlan::new(&set, &[1000], DType::F32, AccumulateMode::F32, 2).unwrap();
+        let splits = 1000usize.div_ceil(p.rows_per_split());
+        let finals: Vec<&[i32]> = p.finals().chunks(8).collect();
+        assert_eq!(finals.len(), 6, "every tile is finalized");
+        let live: Vec<bool> = finals.iter().map(|f| f[5] > 0).collect();
+        assert_eq!(live, [true, true, true, true, false, false]);
+        assert_eq!(p.items().len() / 8, 4 * splits);
+        assert!(p.items().chunks(8).all(|it| !(it[1] == 1 && it[2] == 64)));
     }
 }
