@@ -683,6 +683,25 @@ mod optimizer {
     }
 
     #[test]
+    fn the_models_blocks_are_spread_over_the_ranks() {
+        // 10 blocks (4 + 3 + 3) on 4 ranks: each layer's plan starts where the last one
+        // ended, so the ranks own 3, 3, 2, 2 (without the rotation: 3, 3, 3, 1).
+        let comms = LocalGroup::new(4, Duration::from_secs(10)).unwrap();
+        let owned: Vec<usize> = comms
+            .into_iter()
+            .map(|c| {
+                let mut t = Thor::with_communicator(config(), Box::new(c)).unwrap();
+                add_layers(&mut t);
+                t.owned_blocks().unwrap()
+            })
+            .collect();
+        assert_eq!(owned, [3, 3, 2, 2]);
+        let mut one = Thor::new(config()).unwrap();
+        add_layers(&mut one);
+        assert_eq!(one.owned_blocks(), None);
+    }
+
+    #[test]
     fn a_distributed_optimizer_on_cuda_is_refused() {
         let mut comms = LocalGroup::new(1, Duration::from_secs(1)).unwrap();
         let cfg = ThorConfig {

@@ -301,6 +301,11 @@ impl CpuThorStep {
         Ok(())
     }
 
+    /// This rank in its group (`None` on one rank).
+    pub fn comm_rank(&self) -> Option<usize> {
+        self.dist.as_ref().map(|d| d.comm.rank())
+    }
+
     /// The block ownership of a distributed step (`None` on one rank).
     pub fn plan(&self) -> Option<&OwnershipPlan> {
         self.dist.as_ref().map(|d| &d.plan)

@@ -50,6 +50,10 @@ pub(crate) trait LayerEngine: std::fmt::Debug + Send {
     fn gather_statistics(&mut self) -> Result<()> {
         Ok(())
     }
+    /// On one rank of a group: the layer's blocks this rank owns; `None` otherwise.
+    fn owned_blocks(&self) -> Option<usize> {
+        None
+    }
     /// A statistics step from device inputs (CUDA only): A's f32 input at `a.0` as `a.1`
     /// describes it (with `append_ones`, a matrix of `d_a - 1` columns that a ones column
     /// is appended to), G's at `g.0`; the same rows. Queues the step and returns without
@@ -195,6 +199,11 @@ impl LayerEngine for CpuLayer {
 
     fn gather_statistics(&mut self) -> Result<()> {
         self.step.gather_statistics()
+    }
+
+    fn owned_blocks(&self) -> Option<usize> {
+        let rank = self.step.comm_rank()?;
+        self.step.plan().map(|p| p.owned(rank).len())
     }
 
     #[cfg(feature = "cuda")]

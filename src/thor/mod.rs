@@ -466,6 +466,18 @@ impl Thor {
         Ok(())
     }
 
+    /// On one rank of a group: the blocks of the model's factors this rank owns (keeps the
+    /// statistics of and inverts); `None` otherwise.
+    pub fn owned_blocks(&self) -> Option<usize> {
+        self.dist.as_ref()?;
+        Some(
+            self.layers
+                .iter()
+                .filter_map(|l| l.engine.owned_blocks())
+                .sum(),
+        )
+    }
+
     /// On one rank of a group: what its communicator has moved so far.
     pub fn comm_counters(&self) -> Option<crate::dist::CommCounters> {
         use crate::dist::Communicator;
