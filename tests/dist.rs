@@ -88,36 +88,22 @@ fn ranks(sc: &StepScenario, world: usize) -> Vec<(Vec<Seen>, Vec<usize>, u64)> {
     let layers = RuleLayer::pairs(&set);
     let dims = sc.flat_dims();
     let ranges = row_ranges(sc.rows, world);
-    let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                let (set, layers, dims, ranges) = (&set, &layers, &dims, &ranges);
-                s.spawn(move || {
-                    let rank = comm.rank();
-                    let mut step = CpuThorStep::new_distributed::<f32>(
-                        set,
-                        layers,
-                        config(sc),
-                        Box::new(comm),
-                    )
+    LocalGroup::run(world, Duration::from_secs(60), |comm| {
+        let rank = comm.rank();
+        let mut step =
+            CpuThorStep::new_distributed::<f32>(&set, &layers, config(sc), Box::new(comm)).unwrap();
+        let seen_steps = (0..STEPS)
+            .map(|k| {
+                let batch = sc.batch(k);
+                step.run(&inputs(&batch, &dims, ranges[rank].clone()), sc.damping)
                     .unwrap();
-                    let seen_steps = (0..STEPS)
-                        .map(|k| {
-                            let batch = sc.batch(k);
-                            step.run(&inputs(&batch, dims, ranges[rank].clone()), sc.damping)
-                                .unwrap();
-                            seen(&step)
-                        })
-                        .collect();
-                    let owned = step.plan().unwrap().owned(rank).to_vec();
-                    (seen_steps, owned, step.comm_counters().unwrap().bytes_sent)
-                })
+                seen(&step)
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let owned = step.plan().unwrap().owned(rank).to_vec();
+        (seen_steps, owned, step.comm_counters().unwrap().bytes_sent)
     })
+    .unwrap()
 }
 
 fn max_rel(got: &[f32], want: &[f32]) -> f64 {
@@ -304,35 +290,22 @@ fn a_nan_on_one_rank_skips_the_layer_on_every_rank() {
     let dims = sc.flat_dims();
     let world = 3;
     let ranges = row_ranges(sc.rows, world);
-    let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
-    let out: Vec<Vec<Decision>> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .into_iter()
-            .map(|comm| {
-                let (set, layers, dims, ranges, sc) = (&set, &layers, &dims, &ranges, &sc);
-                s.spawn(move || {
-                    let rank = comm.rank();
-                    let mut step = CpuThorStep::new_distributed::<f32>(
-                        set,
-                        layers,
-                        config(sc),
-                        Box::new(comm),
-                    )
-                    .unwrap();
-                    let mut batch = sc.batch(0);
-                    if rank == world - 1 {
-                        // Layer 2's A input, in the last rank's rows.
-                        let at = (ranges[rank].end - 1) * dims[4] + 3;
-                        batch[4][at] = f32::INFINITY;
-                    }
-                    step.run(&inputs(&batch, dims, ranges[rank].clone()), sc.damping)
-                        .unwrap();
-                    step.decisions().to_vec()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let out: Vec<Vec<Decision>> = LocalGroup::run(world, Duration::from_secs(60), |comm| {
+        let (set, layers, dims, ranges, sc) = (&set, &layers, &dims, &ranges, &sc);
+        let rank = comm.rank();
+        let mut step =
+            CpuThorStep::new_distributed::<f32>(set, layers, config(sc), Box::new(comm)).unwrap();
+        let mut batch = sc.batch(0);
+        if rank == world - 1 {
+            // Layer 2's A input, in the last rank's rows.
+            let at = (ranges[rank].end - 1) * dims[4] + 3;
+            batch[4][at] = f32::INFINITY;
+        }
+        step.run(&inputs(&batch, dims, ranges[rank].clone()), sc.damping)
+            .unwrap();
+        step.decisions().to_vec()
+    })
+    .unwrap();
     for (rank, d) in out.iter().enumerate() {
         assert_eq!(
             d,
@@ -352,47 +325,35 @@ fn a_rank_that_fails_or_never_arrives_fails_the_others() {
         let world = 3;
         let ranges = row_ranges(sc.rows, world);
         let timeout = Duration::from_millis(if hang { 300 } else { 60_000 });
-        let comms = LocalGroup::new(world, timeout).unwrap();
-        let out: Vec<Option<(Error, Error, Duration)>> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .into_iter()
-                .map(|comm| {
-                    let (set, layers, dims, ranges, sc) = (&set, &layers, &dims, &ranges, &sc);
-                    s.spawn(move || {
-                        let rank = comm.rank();
-                        let mut step = CpuThorStep::new_distributed::<f32>(
-                            set,
-                            layers,
-                            config(sc),
-                            Box::new(comm),
-                        )
-                        .unwrap();
-                        let batch = sc.batch(0);
-                        let inp = inputs(&batch, dims, ranges[rank].clone());
-                        step.run(&inp, sc.damping).unwrap();
-                        if rank == 1 {
-                            if hang {
-                                // Arrives long after the others gave up, and finds the
-                                // group broken.
-                                std::thread::sleep(Duration::from_millis(1500));
-                                let e = step.run(&inp, sc.damping).unwrap_err();
-                                assert!(matches!(e, Error::Communication(_)), "{e}");
-                            }
-                            // Else: the rank fails (returns, dropping its communicator).
-                            return None;
-                        }
-                        let t = Instant::now();
-                        let first = step.run(&inp, sc.damping).unwrap_err();
-                        let took = t.elapsed();
-                        // The step refuses to run on a state that may differ from the
-                        // other ranks'.
-                        let again = step.run(&inp, sc.damping).unwrap_err();
-                        Some((first, again, took))
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let out: Vec<Option<(Error, Error, Duration)>> = LocalGroup::run(world, timeout, |comm| {
+            let (set, layers, dims, ranges, sc) = (&set, &layers, &dims, &ranges, &sc);
+            let rank = comm.rank();
+            let mut step =
+                CpuThorStep::new_distributed::<f32>(set, layers, config(sc), Box::new(comm))
+                    .unwrap();
+            let batch = sc.batch(0);
+            let inp = inputs(&batch, dims, ranges[rank].clone());
+            step.run(&inp, sc.damping).unwrap();
+            if rank == 1 {
+                if hang {
+                    // Arrives long after the others gave up, and finds the
+                    // group broken.
+                    std::thread::sleep(Duration::from_millis(1500));
+                    let e = step.run(&inp, sc.damping).unwrap_err();
+                    assert!(matches!(e, Error::Communication(_)), "{e}");
+                }
+                // Else: the rank fails (returns, dropping its communicator).
+                return None;
+            }
+            let t = Instant::now();
+            let first = step.run(&inp, sc.damping).unwrap_err();
+            let took = t.elapsed();
+            // The step refuses to run on a state that may differ from the
+            // other ranks'.
+            let again = step.run(&inp, sc.damping).unwrap_err();
+            Some((first, again, took))
+        })
+        .unwrap();
         for (first, again, took) in out.into_iter().flatten() {
             let want = if hang {
                 "waited"
@@ -557,26 +518,17 @@ mod optimizer {
         };
         for world in [2, 3, 4] {
             let ranges = row_ranges(ROWS, world);
-            let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
-            let out: Vec<_> = std::thread::scope(|s| {
-                let hs: Vec<_> = comms
-                    .into_iter()
-                    .map(|comm| {
-                        let ranges = &ranges;
-                        s.spawn(move || {
-                            let rank = comm.rank();
-                            let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
-                            add_layers(&mut t);
-                            let first = run(&mut t, 0..4, ranges[rank].clone());
-                            t.gather_statistics().unwrap();
-                            let bytes = t.to_bytes().unwrap();
-                            let rest = run(&mut t, 4..6, ranges[rank].clone());
-                            (first.into_iter().chain(rest).collect::<Vec<_>>(), bytes)
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
-            });
+            let out = LocalGroup::run(world, Duration::from_secs(60), |comm| {
+                let rank = comm.rank();
+                let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
+                add_layers(&mut t);
+                let first = run(&mut t, 0..4, ranges[rank].clone());
+                t.gather_statistics().unwrap();
+                let bytes = t.to_bytes().unwrap();
+                let rest = run(&mut t, 4..6, ranges[rank].clone());
+                (first.into_iter().chain(rest).collect::<Vec<_>>(), bytes)
+            })
+            .unwrap();
             for (rank, (steps, bytes)) in out.iter().enumerate() {
                 // After gathering, every rank saves the same, whole state.
                 assert!(
@@ -614,49 +566,41 @@ mod optimizer {
 
     #[test]
     fn a_failure_in_one_layer_stops_every_layer_and_stale_states_are_not_saved() {
-        let comms = LocalGroup::new(2, Duration::from_secs(60)).unwrap();
-        let out: Vec<Option<Vec<Error>>> = std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .into_iter()
-                .map(|comm| {
-                    s.spawn(move || {
-                        let rank = comm.rank();
-                        let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
-                        add_layers(&mut t);
-                        let b = batch(0);
-                        let obs = |t: &mut Thor, l: usize| {
-                            let (i, o, _) = LAYERS[l];
-                            let (a, g) = &b[l];
-                            t.observe(
-                                thor_kernels::thor::LayerId(l),
-                                &a[..24 * i],
-                                &g[..24 * o],
-                                24,
-                            )
-                        };
-                        obs(&mut t, 0).unwrap();
-                        if rank == 1 {
-                            return None;
-                        }
-                        // Statistics of other ranks' blocks are missing: no stale save.
-                        let stale = t.to_bytes().unwrap_err();
-                        // Rank 1 has left: layer 1's collectives fail, and then layer 0
-                        // (whose own step never failed) refuses too.
-                        let e1 = obs(&mut t, 1).unwrap_err();
-                        let e0 = obs(&mut t, 0).unwrap_err();
-                        let (i, o, bias) = LAYERS[0];
-                        let g = vec![0.0f32; o * (i + usize::from(bias))];
-                        let mut p = vec![0.0f32; g.len()];
-                        let ep = t
-                            .precondition(thor_kernels::thor::LayerId(0), &g, &mut p)
-                            .unwrap_err();
-                        let es = t.to_bytes().unwrap_err();
-                        Some(vec![stale, e1, e0, ep, es])
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let out: Vec<Option<Vec<Error>>> = LocalGroup::run(2, Duration::from_secs(60), |comm| {
+            let rank = comm.rank();
+            let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
+            add_layers(&mut t);
+            let b = batch(0);
+            let obs = |t: &mut Thor, l: usize| {
+                let (i, o, _) = LAYERS[l];
+                let (a, g) = &b[l];
+                t.observe(
+                    thor_kernels::thor::LayerId(l),
+                    &a[..24 * i],
+                    &g[..24 * o],
+                    24,
+                )
+            };
+            obs(&mut t, 0).unwrap();
+            if rank == 1 {
+                return None;
+            }
+            // Statistics of other ranks' blocks are missing: no stale save.
+            let stale = t.to_bytes().unwrap_err();
+            // Rank 1 has left: layer 1's collectives fail, and then layer 0
+            // (whose own step never failed) refuses too.
+            let e1 = obs(&mut t, 1).unwrap_err();
+            let e0 = obs(&mut t, 0).unwrap_err();
+            let (i, o, bias) = LAYERS[0];
+            let g = vec![0.0f32; o * (i + usize::from(bias))];
+            let mut p = vec![0.0f32; g.len()];
+            let ep = t
+                .precondition(thor_kernels::thor::LayerId(0), &g, &mut p)
+                .unwrap_err();
+            let es = t.to_bytes().unwrap_err();
+            Some(vec![stale, e1, e0, ep, es])
+        })
+        .unwrap();
         let errs = out[0].as_ref().unwrap();
         assert!(
             matches!(

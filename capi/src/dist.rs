@@ -4,7 +4,7 @@
 #[allow(unused_imports)]
 use super::*;
 
-use thor_kernels::dist::{CommCounters, Communicator};
+use thor_kernels::dist::{check_counts, ring_bytes, Collective, CommCounters, Communicator};
 
 /// Sums `send` over the ranks and gives this rank its segment: `send` is `world` segments
 /// back to back, segment `r` of `counts[r]` floats (`counts` has `world` entries); `recv`
@@ -67,9 +67,32 @@ impl std::fmt::Debug for CallbackComm {
 unsafe impl Send for CallbackComm {}
 
 impl CallbackComm {
-    fn set_counts(&mut self, counts: &[usize]) {
+    /// A reduce-scatter or all-gather through callback `f`, its arguments checked.
+    fn segments(
+        &mut self,
+        op: Collective,
+        f: Callback<ThorReduceScatterFn>,
+        send: &[f32],
+        counts: &[usize],
+        recv: &mut [f32],
+    ) -> Result<()> {
         self.counts.clear();
         self.counts.extend(counts.iter().map(|&c| c as i64));
+        // SAFETY: the lengths were checked against `counts`; the callback's contract is the
+        // header's.
+        let code = unsafe {
+            f(
+                self.user,
+                send.as_ptr(),
+                self.counts.as_ptr(),
+                recv.as_mut_ptr(),
+            )
+        };
+        let name = match op {
+            Collective::ReduceScatter => "reduce_scatter",
+            _ => "all_gather",
+        };
+        self.status(name, code, ring_bytes(op, counts, self.rank, 4))
     }
 
     fn status(&mut self, what: &str, code: i32, bytes: (u64, u64)) -> Result<()> {
@@ -86,17 +109,6 @@ impl CallbackComm {
     }
 }
 
-fn check_counts(world: usize, counts: &[usize], total: usize) -> Result<()> {
-    if counts.len() != world || counts.iter().sum::<usize>() != total {
-        return Err(Error::shape(
-            "counts",
-            format!("{world} counts summing to {total}"),
-            format!("{counts:?}"),
-        ));
-    }
-    Ok(())
-}
-
 impl Communicator for CallbackComm {
     fn rank(&self) -> usize {
         self.rank
@@ -107,60 +119,27 @@ impl Communicator for CallbackComm {
     }
 
     fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
-        check_counts(self.world, counts, send.len())?;
-        if recv.len() != counts[self.rank] {
-            return Err(Error::shape(
-                "recv",
-                format!("{}", counts[self.rank]),
-                format!("{}", recv.len()),
-            ));
-        }
-        self.set_counts(counts);
-        // SAFETY: the lengths were checked against `counts`; the callback's contract is the
-        // header's.
-        let code = unsafe {
-            (self.reduce_scatter)(
-                self.user,
-                send.as_ptr(),
-                self.counts.as_ptr(),
-                recv.as_mut_ptr(),
-            )
-        };
-        let bytes = thor_kernels::dist::ring_bytes(
-            thor_kernels::dist::Collective::ReduceScatter,
-            counts,
+        check_counts(
+            self.world,
             self.rank,
-            4,
-        );
-        self.status("reduce_scatter", code, bytes)
+            counts,
+            ("send", send.len()),
+            ("recv", recv.len()),
+        )?;
+        let f = self.reduce_scatter;
+        self.segments(Collective::ReduceScatter, f, send, counts, recv)
     }
 
     fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
-        check_counts(self.world, counts, recv.len())?;
-        if send.len() != counts[self.rank] {
-            return Err(Error::shape(
-                "send",
-                format!("{}", counts[self.rank]),
-                format!("{}", send.len()),
-            ));
-        }
-        self.set_counts(counts);
-        // SAFETY: as in reduce_scatter.
-        let code = unsafe {
-            (self.all_gather)(
-                self.user,
-                send.as_ptr(),
-                self.counts.as_ptr(),
-                recv.as_mut_ptr(),
-            )
-        };
-        let bytes = thor_kernels::dist::ring_bytes(
-            thor_kernels::dist::Collective::AllGather,
-            counts,
+        check_counts(
+            self.world,
             self.rank,
-            4,
-        );
-        self.status("all_gather", code, bytes)
+            counts,
+            ("recv", recv.len()),
+            ("send", send.len()),
+        )?;
+        let f = self.all_gather;
+        self.segments(Collective::AllGather, f, send, counts, recv)
     }
 
     fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()> {
@@ -168,12 +147,7 @@ impl Communicator for CallbackComm {
         let code = unsafe { (self.all_reduce)(self.user, buf.as_mut_ptr(), buf.len() as i64) };
         let mut counts = vec![0; self.world];
         thor_kernels::dist::even_counts(buf.len(), self.world, &mut counts);
-        let bytes = thor_kernels::dist::ring_bytes(
-            thor_kernels::dist::Collective::AllReduce,
-            &counts,
-            self.rank,
-            8,
-        );
+        let bytes = ring_bytes(Collective::AllReduce, &counts, self.rank, 8);
         self.status("all_reduce", code, bytes)
     }
 

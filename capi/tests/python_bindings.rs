@@ -78,11 +78,7 @@ fn norm(c: &str) -> String {
 
 /// `name -> (return type, parameter types)` of every function in the header.
 fn header_functions(h: &str) -> BTreeMap<String, (String, Vec<String>)> {
-    let code: String = h
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("//") && !l.trim_start().starts_with('#'))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let code = code_of(h);
     let mut out = BTreeMap::new();
     for decl in code.split(';') {
         let Some(open) = decl.find("thor_v1_") else {
@@ -97,6 +93,14 @@ fn header_functions(h: &str) -> BTreeMap<String, (String, Vec<String>)> {
         out.insert(name, (ret, args));
     }
     out
+}
+
+/// The header's code on one line: comment and preprocessor lines dropped.
+fn code_of(h: &str) -> String {
+    h.lines()
+        .filter(|l| !l.trim_start().starts_with("//") && !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The types of a C parameter list (names dropped).
@@ -121,11 +125,7 @@ fn param_types(params: &str) -> Vec<String> {
 /// `name -> (return type, parameter types)` of every function-pointer typedef
 /// (`typedef int32_t (*ThorXFn)(void *user, ...);`) in the header.
 fn header_fn_types(h: &str) -> BTreeMap<String, (String, Vec<String>)> {
-    let code: String = h
-        .lines()
-        .filter(|l| !l.trim_start().starts_with("//") && !l.trim_start().starts_with('#'))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let code = code_of(h);
     let mut out = BTreeMap::new();
     for decl in code.split(';') {
         let Some(t) = decl.find("typedef ") else {

@@ -125,8 +125,11 @@ impl Communicator for SharedComm {
     }
 }
 
-/// Checks the arguments of a reduce-scatter or all-gather on `world` ranks.
-fn check_counts(
+/// Checks the arguments of a reduce-scatter or all-gather of rank `rank` on `world` ranks:
+/// `world` counts whose sum is the length of the whole buffer (`whole`: its name and
+/// length; `send` of a reduce-scatter, `recv` of an all-gather) and whose entry `rank` is
+/// the length of this rank's part (`part`). For implementations of [`Communicator`].
+pub fn check_counts(
     world: usize,
     rank: usize,
     counts: &[usize],
@@ -177,6 +180,28 @@ impl LocalGroup {
                 seq: 0,
                 counters: CommCounters::default(),
             })
+            .collect())
+    }
+}
+
+impl LocalGroup {
+    /// Runs `f` on every rank of a new group, each in a thread of its own, and returns the
+    /// results in rank order (a rank that panics makes this panic too, once every rank has
+    /// finished). Errors as [`LocalGroup::new`].
+    pub fn run<T: Send>(
+        world: usize,
+        timeout: Duration,
+        f: impl Fn(LocalComm) -> T + Sync,
+    ) -> Result<Vec<T>> {
+        let comms = Self::new(world, timeout)?;
+        let f = &f;
+        let joined: Vec<std::thread::Result<T>> = std::thread::scope(|s| {
+            let handles: Vec<_> = comms.into_iter().map(|c| s.spawn(move || f(c))).collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        Ok(joined
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect())
     }
 }
@@ -422,17 +447,7 @@ mod tests {
         timeout: Duration,
         f: impl Fn(LocalComm) -> T + Sync,
     ) -> Vec<T> {
-        let comms = LocalGroup::new(world, timeout).unwrap();
-        std::thread::scope(|s| {
-            let hs: Vec<_> = comms
-                .into_iter()
-                .map(|c| {
-                    let f = &f;
-                    s.spawn(move || f(c))
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        })
+        LocalGroup::run(world, timeout, f).unwrap()
     }
 
     #[test]

@@ -33,7 +33,7 @@
 mod comm;
 mod plan;
 
-pub use comm::{CommCounters, Communicator, LocalComm, LocalGroup, SharedComm};
+pub use comm::{check_counts, CommCounters, Communicator, LocalComm, LocalGroup, SharedComm};
 pub use plan::{
     even_counts, pack_lower, ring_bytes, tri_len, unpack_lower, Collective, OwnershipPlan,
 };
