@@ -215,13 +215,19 @@ fn bytes_sent_are_what_the_plan_says() {
     for (rank, (_, _, sent)) in got.iter().enumerate() {
         let mut expect = 0u64;
         for w in &want {
-            let updated = |k: usize| {
+            let decided = |k: usize, what: Decision| {
                 layers.iter().zip(&w.decisions).any(|(lay, d)| {
-                    *d == Decision::Update
-                        && (lay.first_block..lay.first_block + lay.blocks).contains(&k)
+                    *d == what && (lay.first_block..lay.first_block + lay.blocks).contains(&k)
                 })
             };
-            let (rs, ag) = plan.bytes_sent(rank, b, updated);
+            // Layers frozen before the step (decision Frozen) send nothing: layer 1 from
+            // step 2 on, layer 0 at step 7.
+            let (rs, ag) = plan.bytes_sent(
+                rank,
+                b,
+                |k| !decided(k, Decision::Frozen),
+                |k| decided(k, Decision::Update),
+            );
             // One all-reduce of f64: per factor a flag and the samples, per block two
             // traces, split evenly over the ranks.
             let ar = |n: usize| {
@@ -253,7 +259,7 @@ fn resnet50_plan_halves_the_bytes_and_balances_the_inversions() {
         let frac = (world - 1) as f64 / world as f64;
         let mut total_sent = 0u64;
         for rank in 0..world {
-            let (rs, ag) = plan.bytes_sent(rank, b, |_| true);
+            let (rs, ag) = plan.bytes_sent(rank, b, |_| true, |_| true);
             // At most (world - 1) / world of the packed bytes, plus one block for the ranks
             // that own one block fewer than others.
             let slack = ((tri + 1) * 4) as f64;

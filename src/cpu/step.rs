@@ -221,8 +221,7 @@ impl CpuThorStep {
         let tri = tri_len(b);
         let rank = comm.rank();
         let owned = plan.owned(rank).len();
-        let mut scatter_counts = vec![0; plan.world()];
-        plan.counts(tri, |_| true, &mut scatter_counts);
+        let scatter_counts = vec![0; plan.world()];
         // The scratch buffers start as NaN, so that an element a stage reads before it is
         // written shows in the results.
         step.dist = Some(Box::new(Dist {
@@ -415,16 +414,30 @@ impl CpuThorStep {
         if dist.plan.world() > 1 {
             dist.stats_whole = false;
         }
-        // 2. Every block's sum to its owner, as a packed lower triangle.
-        for (i, &k) in dist.plan.order().iter().enumerate() {
+        // 2. Every block's sum to its owner, as a packed lower triangle; frozen factors'
+        // blocks (the same on every rank) are not sent.
+        let fstate = &self.factor_state;
+        let active = |k: usize| fstate[dist.block_factor[k]] & FACTOR_FROZEN == 0;
+        dist.plan.counts(tri, active, &mut dist.scatter_counts);
+        let mut sent = 0;
+        for &k in dist.plan.order().iter().filter(|&&k| active(k)) {
             pack_lower(
                 &dist.local[k * bb..(k + 1) * bb],
                 b,
-                &mut dist.send[i * tri..(i + 1) * tri],
+                &mut dist.send[sent..sent + tri],
             );
+            sent += tri;
         }
-        dist.comm
-            .reduce_scatter(&dist.send, &dist.scatter_counts, &mut dist.recv)?;
+        let own = dist.scatter_counts[rank];
+        if sent > 0 {
+            dist.comm.reduce_scatter(
+                &dist.send[..sent],
+                &dist.scatter_counts,
+                &mut dist.recv[..own],
+            )?;
+        }
+        // Where each of this rank's blocks lies in `recv` (frozen ones nowhere).
+        let recv_at = |nth_active: usize| nth_active * tri..(nth_active + 1) * tri;
         // 3. One small all-reduce for what every rank needs to decide: per factor, whether
         // any rank could not read its input and the samples of the union; per block (from
         // its owner), the traces of the old statistics and of the new sum, from which every
@@ -440,14 +453,18 @@ impl CpuThorStep {
         tr_old.fill(0.0);
         tr_sum.fill(0.0);
         let diag = |r: usize| r * (r + 1) / 2 + r;
-        for (i, &k) in dist.plan.owned(rank).iter().enumerate() {
+        let mut nth = 0;
+        for &k in dist.plan.owned(rank) {
             let e = &self.set.entries()[dist.block_factor[k]];
             let valid = e.layout.valid(k - e.first_block);
-            let sum = &dist.recv[i * tri..(i + 1) * tri];
             tr_old[k] = (0..valid)
                 .map(|r| self.stats[k * bb + r * b + r] as f64)
                 .sum();
-            tr_sum[k] = (0..valid).map(|r| sum[diag(r)] as f64).sum();
+            if self.factor_state[dist.block_factor[k]] & FACTOR_FROZEN == 0 {
+                let sum = &dist.recv[recv_at(nth)];
+                tr_sum[k] = (0..valid).map(|r| sum[diag(r)] as f64).sum();
+                nth += 1;
+            }
         }
         dist.comm.all_reduce(&mut dist.meta)?;
         let (flags, rest) = dist.meta.split_at(nf);
@@ -498,16 +515,20 @@ impl CpuThorStep {
             }
             self.factor_traces[f] = total as f32;
         }
-        // 4. Owners: the EMA of their blocks.
-        for (i, &k) in dist.plan.owned(rank).iter().enumerate() {
+        // 4. Owners: the EMA of their blocks (a frozen factor has status 3: not here).
+        let mut nth = 0;
+        for &k in dist.plan.owned(rank) {
             let f = dist.block_factor[k];
+            let frozen = self.factor_state[f] & FACTOR_FROZEN != 0;
+            let at = nth;
+            nth += usize::from(!frozen);
             if self.status[f] != 0 {
                 continue;
             }
             let (alpha, beta) = scales(f);
             let e = &self.set.entries()[f];
             let s = &mut self.stats[k * bb..(k + 1) * bb];
-            let sum = &dist.recv[i * tri..(i + 1) * tri];
+            let sum = &dist.recv[recv_at(at)];
             let mut at = 0;
             for r in 0..b {
                 for c in 0..=r {

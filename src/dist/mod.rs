@@ -2,7 +2,8 @@
 //! owned by one rank.
 //!
 //! Each rank accumulates the factors of its local batch; a reduce-scatter delivers each
-//! block's sum to its owner only, as a packed lower triangle; one small all-reduce carries
+//! block's sum to its owner only, as a packed lower triangle (blocks of frozen factors,
+//! the same on every rank, are left out); one small all-reduce carries
 //! what every rank needs to decide (per factor: whether any rank's input was not finite,
 //! the samples of the union; per block, from its owner: the traces of the old statistics
 //! and of the new sum), so that every rank computes the same traces and takes the same rule

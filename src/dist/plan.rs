@@ -195,16 +195,23 @@ impl OwnershipPlan {
     }
 
     /// Bytes rank `rank` sends in one statistics step with blocks of `b x b` f32 elements,
-    /// as a ring moves them: the reduce-scatter of every block's packed lower triangle, and
-    /// the all-gather of the packed inverse (and its info word) of every block `updated`
-    /// keeps. `(reduce-scatter bytes, all-gather bytes)`; 0 for a rank past the world.
-    pub fn bytes_sent(&self, rank: usize, b: usize, updated: impl Fn(usize) -> bool) -> (u64, u64) {
+    /// as a ring moves them: the reduce-scatter of the packed lower triangle of every block
+    /// `sent` keeps (the distributed step leaves frozen factors out), and the all-gather of
+    /// the packed inverse (and its info word) of every block `updated` keeps.
+    /// `(reduce-scatter bytes, all-gather bytes)`; 0 for a rank past the world.
+    pub fn bytes_sent(
+        &self,
+        rank: usize,
+        b: usize,
+        sent: impl Fn(usize) -> bool,
+        updated: impl Fn(usize) -> bool,
+    ) -> (u64, u64) {
         if rank >= self.world {
             return (0, 0);
         }
         let tri = tri_len(b);
         let mut counts = vec![0usize; self.world];
-        self.counts(tri, |_| true, &mut counts);
+        self.counts(tri, sent, &mut counts);
         let scatter = ring_bytes(Collective::ReduceScatter, &counts, rank, 4).0;
         self.counts(tri + 1, updated, &mut counts);
         let gather = ring_bytes(Collective::AllGather, &counts, rank, 4).0;
