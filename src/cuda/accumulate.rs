@@ -35,32 +35,51 @@ pub const FACTOR_ENTRY_BYTES: usize = 128;
 const ENTRY_WORDS: usize = FACTOR_ENTRY_BYTES / 8;
 
 /// Rows per partial thread block for factors of `live_tiles[f]` tiles with partial products
-/// and `rows[f]` rows, on a device that runs `target` thread blocks at once: the smallest
-/// (a multiple of 32, at least [`MIN_SPLIT_ROWS`]) that fills one wave, then the one of the
-/// least `waves x rows` among up to twice that, so that a plan does not start a second,
-/// nearly empty wave (N = 8192, d = 4608, b = 128 on 132 SMs: 540 blocks where 528 fit, at
-/// 1696 rows each; 432 blocks at 2048 rows, one wave, instead).
+/// and `rows[f]` rows, on a device that runs `target` thread blocks at once: among the
+/// multiples of 32 from the one-wave figure (at least [`MIN_SPLIT_ROWS`]) to twice it, the one
+/// whose items (each as long as its rows) finish first when handed longest-first to the
+/// least-loaded of `target` slots; the smallest on a tie. So a plan does not end with a
+/// nearly empty second wave of full-length blocks, and short factors' items count for their
+/// own rows. N = 8192, d = 4608, b = 128 on 132 SMs (528 slots): the one-wave figure, 1696
+/// rows, makes 540 blocks whose last 12 (1408 rows) run after a full one: 2816 rows per slot;
+/// 1824 rows make 432 blocks of 1824 and 108 of 896, 12 of which follow another short one:
+/// 1824 (one wave of 2048-row blocks would take 2048).
 fn best_split(live_tiles: &[usize], rows: &[usize], target: usize) -> usize {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let target = target.max(1);
     let work: usize = live_tiles.iter().zip(rows).map(|(t, &n)| t * n).sum();
     let per0 = work
-        .div_ceil(target.max(1))
+        .div_ceil(target)
         .max(MIN_SPLIT_ROWS)
         .next_multiple_of(32);
-    let items = |per: usize| -> usize {
-        live_tiles
-            .iter()
-            .zip(rows)
-            .map(|(t, &n)| t * n.div_ceil(per))
-            .sum()
+    let mut lengths = Vec::new();
+    let mut makespan = |per: usize| -> usize {
+        lengths.clear();
+        for (&t, &n) in live_tiles.iter().zip(rows) {
+            let splits = n.div_ceil(per);
+            for s in 0..splits {
+                let len = per.min(n - s * per);
+                lengths.extend(std::iter::repeat_n(len, t));
+            }
+        }
+        lengths.sort_unstable_by(|a, b| b.cmp(a));
+        let mut slots: BinaryHeap<Reverse<usize>> =
+            std::iter::repeat_n(Reverse(0), target.min(lengths.len())).collect();
+        for &len in &lengths {
+            let Reverse(load) = slots.pop().unwrap_or(Reverse(0));
+            slots.push(Reverse(load + len));
+        }
+        slots.into_iter().map(|Reverse(l)| l).max().unwrap_or(0)
     };
     // At most 256 candidates between per0 and 2 per0.
     let step = (per0 / 256).next_multiple_of(32).max(32);
     let mut best = (usize::MAX, per0);
     let mut per = per0;
     while per <= 2 * per0 {
-        let cost = items(per).div_ceil(target.max(1)).saturating_mul(per);
-        if cost < best.0 {
-            best = (cost, per);
+        let m = makespan(per);
+        if m < best.0 {
+            best = (m, per);
         }
         per += step;
     }
@@ -779,17 +798,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_wave_where_one_nearly_suffices() {
-        // N = 8192, d = 4608, b = 128 on 132 SMs: 36 blocks x 3 tiles = 108 tile jobs.
+    fn no_nearly_empty_second_wave() {
+        // N = 8192, d = 4608, b = 128 on 132 SMs: 36 blocks x 3 tiles = 108 tile jobs; see
+        // `best_split` for the three candidates' finishing times (2816, 1824, 2048 rows).
         let set = FactorSet::new(128, &[4608]).unwrap();
         let p = AccumulatePlan::new(&set, &[8192], DType::F32, AccumulateMode::F32, 132).unwrap();
-        let items = p.items().len() / 8;
-        assert!(
-            items <= TARGET_BLOCKS_PER_SM * 132,
-            "{items} partial blocks"
-        );
-        assert_eq!(p.rows_per_split(), 2048);
-        assert_eq!(items, 108 * 4);
+        assert_eq!(p.rows_per_split(), 1824);
+        assert_eq!(p.items().len() / 8, 108 * 5);
+        // Short factors' items count for their own rows: a few tiny items beside a long
+        // factor do not push the long one to twice its rows per block.
+        assert_eq!(best_split(&[108, 6, 108], &[256, 64, 50176], 432), {
+            let work = 108 * 256 + 6 * 64 + 108 * 50176;
+            (work as usize).div_ceil(432).next_multiple_of(32)
+        });
         // A larger device or fewer rows never get fewer rows than the floor.
         let p = AccumulatePlan::new(&set, &[300], DType::F32, AccumulateMode::F32, 132).unwrap();
         assert!(p.rows_per_split() >= MIN_SPLIT_ROWS);
