@@ -28,7 +28,16 @@ def make_optimizer(kind: str, model: torch.nn.Module, process_group=None):
     settings = dict(block=32, interval=1, damping=0.03, stat_decay=0.5)
     if kind == "thor":
         opt = THOR(model, lr=0.1, momentum=0.9, process_group=process_group, **settings)
-        return opt.zero_grad, opt.step, opt.state_dict
+
+        def state():
+            sd = opt.state_dict()
+            # Loading it back is a collective too, and changes nothing.
+            opt.load_state_dict(sd)
+            again = opt.state_dict()
+            assert all(bytes(a.numpy()) == bytes(b.numpy())
+                       for a, b in zip(sd["thor"]["engines"].values(), again["thor"]["engines"].values()))
+            return sd
+        return opt.zero_grad, opt.step, state
     pre = ThorPreconditioner(model, damping_decay=1.0, process_group=process_group, **settings)
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 

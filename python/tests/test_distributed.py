@@ -99,7 +99,7 @@ def test_a_layer_missing_on_another_rank_is_left_out_everywhere():
 
         @staticmethod
         def all_reduce(t, op, group):
-            assert op == "min" and group == "g"
+            assert op == "min" and group == "g" and t.tolist() == [1, 1, 0, 0]
             t[1] = 0  # the other rank lacks layer 1
 
     class Obj:  # hashable by identity, as the module's own layers and engines
@@ -109,6 +109,10 @@ def test_a_layer_missing_on_another_rank_is_left_out_everywhere():
     engine = Obj(collectives=SimpleNamespace(dist=FakeDist, group="g"))
     local = Obj(collectives=None)
     layers = [Obj(engine=engine), Obj(engine=engine), Obj(engine=local), Obj(engine=engine)]
-    done = {layers[0]: ["call"], layers[1]: ["call"], layers[2]: ["call"], layers[3]: []}
+    call = SimpleNamespace(a=torch.zeros(3, 2))
+    empty = SimpleNamespace(a=torch.zeros(0, 2))
+    layers.append(Obj(engine=engine))
+    done = {layers[0]: [call], layers[1]: [call], layers[2]: [call], layers[3]: [], layers[4]: [empty]}
     keep = _Hooks._present_everywhere(done)
+    # Layer 1: missing on the other rank; layer 3: no call here; layer 4: no rows here.
     assert keep == {layers[0], layers[2]}

@@ -469,7 +469,7 @@ class _Hooks:
         # forward skipped on one rank would otherwise leave the ranks' collectives out of step).
         everywhere = self._present_everywhere(done)
         for layer, calls in done.items():
-            if not calls or layer not in everywhere:
+            if layer not in everywhere:
                 continue
             n = known if known is not None else calls[0].g.shape[0]
             scale = n / grad_scale
@@ -489,14 +489,14 @@ class _Hooks:
         """The layers of ``done`` with calls on every rank of their engine's group (every
         layer with calls for an engine that is not distributed): one small all-reduce per
         distributed engine."""
-        keep = {layer for layer, calls in done.items() if calls}
+        keep = {layer for layer, calls in done.items() if calls and any(c.a.shape[0] > 0 for c in calls)}
         engines = {}
         for layer in done:
             if layer.engine.collectives is not None:
                 engines.setdefault(layer.engine, []).append(layer)
         for engine, layers in engines.items():
             c = engine.collectives
-            have = torch.tensor([1 if done[layer] else 0 for layer in layers], dtype=torch.int32)
+            have = torch.tensor([1 if layer in keep else 0 for layer in layers], dtype=torch.int32)
             c.dist.all_reduce(have, op=c.dist.ReduceOp.MIN, group=c.group)
             for layer, h in zip(layers, have.tolist()):
                 if not h:
@@ -658,6 +658,17 @@ class THOR(torch.optim.Optimizer):
         except BaseException:
             self._hooks.remove()
             raise
+
+    def _agree(self, ok: bool) -> bool:
+        """Whether every rank of the process group says ``ok`` (one small all-reduce; just
+        ``ok`` without a group): a rank that fails tells the others here, so that they do
+        not wait for it in a later collective."""
+        if self._process_group is None:
+            return ok
+        import torch.distributed as dist
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self._process_group)
+        return bool(flag.item())
 
     def __getstate__(self):
         raise TypeError("a THOR optimizer holds native state and cannot be pickled or copied: save its "
@@ -831,41 +842,56 @@ class THOR(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores a :meth:`state_dict` of an optimizer made the same way on the same model;
-        training resumes bit-exact. On error nothing changes."""
-        state_dict = dict(state_dict)
-        thor = state_dict.pop("thor", None)
-        if thor is None:
-            raise ValueError("not a THOR state dict: it has no 'thor' entry")
-        if thor.get("version") != _STATE_VERSION:
-            raise ValueError(f"a THOR state dict of version {thor.get('version')!r}; this version reads "
-                             f"{_STATE_VERSION}")
-        engines = thor.get("engines", {})
-        if set(engines) != set(self._engines):
-            raise ValueError(f"the state dict has engines for groups {sorted(engines)}, this optimizer for "
-                             f"{sorted(self._engines)}")
-        groups = state_dict.get("param_groups", [])
-        for i, e in self._engines.items():
-            if i >= len(groups):
-                raise ValueError(f"the state dict has {len(groups)} param groups, this optimizer more")
-            for k in ENGINE_SETTINGS:
-                if groups[i].get(k) != e.settings[k]:
-                    raise ValueError(f"param group {i}: the state dict's {k} is {groups[i].get(k)!r}, this "
-                                     f"optimizer's {e.settings[k]!r}; make the optimizer with the saved settings")
-        steps, epoch = int(thor["steps"]), thor["epoch"]
+        training resumes bit-exact. On error nothing changes. With a ``process_group`` a
+        collective: every rank loads, and a failure on any rank fails (and rolls back) all."""
+        agree = self._agree
+        try:
+            state_dict = dict(state_dict)
+            thor = state_dict.pop("thor", None)
+            if thor is None:
+                raise ValueError("not a THOR state dict: it has no 'thor' entry")
+            if thor.get("version") != _STATE_VERSION:
+                raise ValueError(f"a THOR state dict of version {thor.get('version')!r}; this version reads "
+                                 f"{_STATE_VERSION}")
+            engines = thor.get("engines", {})
+            if set(engines) != set(self._engines):
+                raise ValueError(f"the state dict has engines for groups {sorted(engines)}, this optimizer for "
+                                 f"{sorted(self._engines)}")
+            groups = state_dict.get("param_groups", [])
+            for i, e in self._engines.items():
+                if i >= len(groups):
+                    raise ValueError(f"the state dict has {len(groups)} param groups, this optimizer more")
+                for k in ENGINE_SETTINGS:
+                    if groups[i].get(k) != e.settings[k]:
+                        raise ValueError(f"param group {i}: the state dict's {k} is {groups[i].get(k)!r}, this "
+                                         f"optimizer's {e.settings[k]!r}; make the optimizer with the saved "
+                                         "settings")
+            steps, epoch = int(thor["steps"]), thor["epoch"]
+        except Exception:
+            agree(False)
+            raise
+        if not agree(True):
+            raise RuntimeError("another rank of the process group could not load its THOR state (see its error); "
+                               "nothing changed")
         before = super().state_dict()
         # The state to put back if loading fails (on a distributed engine a collective).
         saved = {i: e.save() for i, e in self._engines.items()}
         super().load_state_dict(state_dict)
         loaded = []
+        error = None
         try:
             for i, e in self._engines.items():
                 e.load(_as_bytes(engines[i]))
                 loaded.append(i)
-        except Exception:
+        except Exception as e:
+            error = e
+        if not agree(error is None):
             for i in loaded:
                 self._engines[i].load(saved[i])
             super().load_state_dict(before)
-            raise
+            if error is not None:
+                raise error
+            raise RuntimeError("another rank failed to load its THOR state: this rank's load was undone")
         self._steps, self._epoch = steps, epoch
         self._hooks.clear()
 
@@ -944,7 +970,8 @@ class ThorPreconditioner:
         ``scaler.unscale_(opt)``): the recorded output gradients are unscaled with it, and a
         step whose gradients overflowed is skipped (statistics dropped, ``.grad`` left for
         the scaler to skip) and returns False. Without a scale a NaN or infinite gradient
-        raises ``FloatingPointError``. Nothing changes when it raises."""
+        raises ``FloatingPointError``. Nothing changes when it raises. With a
+        ``process_group``, every rank must pass the same ``epoch`` (it sets the damping)."""
         engine = self._engine
         if engine.settings["kl_clip"] > 0 and (lr is None or not math.isfinite(lr) or lr < 0):
             raise ValueError(f"kl_clip is set: pass this step's learning rate (finite, >= 0), step(epoch, lr=...); "

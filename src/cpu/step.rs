@@ -372,8 +372,12 @@ impl CpuThorStep {
         let out = self.distributed_stages(&mut dist, inputs, damping);
         // Any failure once the collectives started leaves this rank out of step with the
         // others (they may have gone on, or be waiting for it).
-        if out.is_err() && dist.in_collectives {
-            dist.broken = true;
+        if let Err(e) = &out {
+            if dist.in_collectives {
+                dist.broken = true;
+                // The other ranks may be waiting in this step's next collective.
+                dist.comm.abort(&format!("rank {}: {e}", dist.comm.rank()));
+            }
         }
         self.dist = Some(dist);
         out

@@ -58,6 +58,13 @@ pub trait Communicator: Send + fmt::Debug {
     fn failed(&self) -> Option<String> {
         None
     }
+    /// Tells the group this rank cannot go on (a step failed after its first collective,
+    /// for a reason of its own): where the transport can, the other ranks' collectives then
+    /// fail at once instead of waiting for this rank; the communicator's own later
+    /// collectives fail. The default does nothing.
+    fn abort(&mut self, why: &str) {
+        let _ = why;
+    }
 }
 
 /// One rank's communicator shared by several steps (the layers of an optimizer, each with
@@ -122,6 +129,13 @@ impl Communicator for SharedComm {
     fn failed(&self) -> Option<String> {
         let s = self.lock();
         s.failed.clone().or_else(|| s.comm.failed())
+    }
+    fn abort(&mut self, why: &str) {
+        let mut s = self.lock();
+        if s.failed.is_none() {
+            s.failed = Some(why.to_string());
+        }
+        s.comm.abort(why);
     }
 }
 
@@ -422,6 +436,10 @@ impl Communicator for LocalComm {
 
     fn counters(&self) -> CommCounters {
         self.counters
+    }
+
+    fn abort(&mut self, why: &str) {
+        self.break_with(Error::Communication(why.to_string()));
     }
 }
 
