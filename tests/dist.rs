@@ -234,7 +234,8 @@ fn bytes_sent_are_what_the_plan_says() {
                 let seg = |r: usize| n / world + usize::from(r < n % world);
                 8 * ((n - seg(rank)) + (n - seg((rank + 1) % world))) as u64
             };
-            expect += rs + ag + ar(2 * (nf + set.total_blocks()));
+            // (and the two values every rank checks: the damping, the steps run).
+            expect += rs + ag + ar(2 * (nf + set.total_blocks()) + 2);
         }
         assert_eq!(*sent, expect, "rank {rank}");
     }
@@ -317,6 +318,36 @@ fn a_nan_on_one_rank_skips_the_layer_on_every_rank() {
             d,
             &[Decision::Update, Decision::Update, Decision::Skipped],
             "rank {rank}"
+        );
+    }
+}
+
+#[test]
+fn ranks_that_disagree_on_the_damping_all_fail() {
+    let sc = StepScenario::new();
+    let set = sc.set();
+    let layers = RuleLayer::pairs(&set);
+    let dims = sc.flat_dims();
+    let ranges = row_ranges(sc.rows, 3);
+    let out = LocalGroup::run(3, Duration::from_secs(60), |comm| {
+        let rank = comm.rank();
+        let mut step =
+            CpuThorStep::new_distributed::<f32>(&set, &layers, config(&sc), Box::new(comm))
+                .unwrap();
+        let batch = sc.batch(0);
+        let damping = if rank == 2 {
+            2.0 * sc.damping
+        } else {
+            sc.damping
+        };
+        step.run(&inputs(&batch, &dims, ranges[rank].clone()), damping)
+            .unwrap_err()
+    })
+    .unwrap();
+    for e in out {
+        assert!(
+            matches!(&e, Error::Communication(m) if m.contains("disagree on the damping")),
+            "{e}"
         );
     }
 }

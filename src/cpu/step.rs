@@ -87,6 +87,10 @@ impl Dist {
     }
 }
 
+/// Values of the small all-reduce that every rank checks against its own: the damping and
+/// the steps run.
+const CHECKS: usize = 2;
+
 /// The state a distributed step adds: its rank's plan and communicator, and the buffers the
 /// collectives move, allocated once.
 #[derive(Debug)]
@@ -233,7 +237,7 @@ impl CpuThorStep {
             gather_counts: vec![0; plan.world()],
             gather_send: try_vec("set", owned * (tri + 1), f32::NAN)?,
             gather_recv: try_vec("set", nb * (tri + 1), f32::NAN)?,
-            meta: vec![0.0; 2 * (nf + nb)],
+            meta: vec![0.0; 2 * (nf + nb) + CHECKS],
             owned_mask: vec![0; nb],
             block_factor: set.block_factor(),
             broken: false,
@@ -449,7 +453,10 @@ impl CpuThorStep {
         let nb = self.set.total_blocks();
         let (flags, rest) = dist.meta.split_at_mut(nf);
         let (samples, rest) = rest.split_at_mut(nf);
-        let (tr_old, tr_sum) = rest.split_at_mut(nb);
+        let (tr_old, rest) = rest.split_at_mut(nb);
+        let (tr_sum, checks) = rest.split_at_mut(nb);
+        // What every rank must agree on: the damping and the steps run so far.
+        checks.copy_from_slice(&[damping as f64, self.steps as f64]);
         for (f, inp) in inputs.iter().enumerate() {
             flags[f] = f64::from(u8::from(self.status[f] == 1));
             samples[f] = inp.layout.samples() as f64;
@@ -473,7 +480,22 @@ impl CpuThorStep {
         dist.comm.all_reduce(&mut dist.meta)?;
         let (flags, rest) = dist.meta.split_at(nf);
         let (samples, rest) = rest.split_at(nf);
-        let (tr_old, tr_sum) = rest.split_at(nb);
+        let (tr_old, rest) = rest.split_at(nb);
+        let (tr_sum, checks) = rest.split_at(nb);
+        // Equal values summed over the ranks are exact: any other sum means a rank differs
+        // (every rank sees it, so every rank fails here).
+        let world = dist.plan.world() as f64;
+        for (what, mine, sum) in [
+            ("damping", damping as f64, checks[0]),
+            ("steps run", self.steps as f64, checks[1]),
+        ] {
+            if sum != mine * world {
+                return Err(Error::Communication(format!(
+                    "the ranks disagree on the {what} (this rank: {mine}, the mean: {})",
+                    sum / world
+                )));
+            }
+        }
         for ((st, &fs), &flag) in self.status.iter_mut().zip(&self.factor_state).zip(flags) {
             *st = if fs & FACTOR_FROZEN != 0 {
                 3
