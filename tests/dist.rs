@@ -696,3 +696,88 @@ mod optimizer {
         );
     }
 }
+
+#[test]
+fn a_step_that_fails_after_its_first_collective_aborts_the_group() {
+    // A transport whose all-gather fails with an error of its own (not a Communication
+    // error): the step breaks and tells the group through `abort`.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use thor_kernels::dist::{CommCounters, LocalComm};
+    #[derive(Debug)]
+    struct Flaky {
+        inner: LocalComm,
+        aborted: Arc<AtomicBool>,
+    }
+    impl Communicator for Flaky {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world(&self) -> usize {
+            self.inner.world()
+        }
+        fn reduce_scatter(
+            &mut self,
+            send: &[f32],
+            counts: &[usize],
+            recv: &mut [f32],
+        ) -> thor_kernels::Result<()> {
+            self.inner.reduce_scatter(send, counts, recv)
+        }
+        fn all_gather(
+            &mut self,
+            _: &[f32],
+            _: &[usize],
+            _: &mut [f32],
+        ) -> thor_kernels::Result<()> {
+            Err(Error::invalid("transport", "out of buffers"))
+        }
+        fn all_reduce(&mut self, buf: &mut [f64]) -> thor_kernels::Result<()> {
+            self.inner.all_reduce(buf)
+        }
+        fn counters(&self) -> CommCounters {
+            self.inner.counters()
+        }
+        fn abort(&mut self, _: &str) {
+            self.aborted.store(true, Ordering::SeqCst);
+        }
+    }
+    let sc = StepScenario::new();
+    let set = sc.set();
+    let aborted = Arc::new(AtomicBool::new(false));
+    let comm = Flaky {
+        inner: LocalGroup::new(1, Duration::from_secs(5))
+            .unwrap()
+            .pop()
+            .unwrap(),
+        aborted: aborted.clone(),
+    };
+    let mut step = CpuThorStep::new_distributed::<f32>(
+        &set,
+        &RuleLayer::pairs(&set),
+        config(&sc),
+        Box::new(comm),
+    )
+    .unwrap();
+    let dims = sc.flat_dims();
+    let batch = sc.batch(0);
+    let inp = inputs(&batch, &dims, 0..sc.rows);
+    let e = step.run(&inp, sc.damping).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                arg: "transport",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(aborted.load(Ordering::SeqCst), "the group was not told");
+    let e = step.run(&inp, sc.damping).unwrap_err();
+    assert!(
+        matches!(&e, Error::Communication(m) if m.contains("earlier collective")),
+        "{e}"
+    );
+    assert!(matches!(step.check_usable(), Err(Error::Communication(_))));
+}
