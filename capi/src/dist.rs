@@ -49,6 +49,8 @@ struct CallbackComm {
     all_gather: Callback<ThorAllGatherFn>,
     all_reduce: Callback<ThorAllReduceFn>,
     counts: Vec<i64>,
+    /// The all-reduce's even segments (for the byte counters), allocated once.
+    segments_buf: Vec<usize>,
     counters: CommCounters,
 }
 
@@ -67,7 +69,7 @@ impl std::fmt::Debug for CallbackComm {
 unsafe impl Send for CallbackComm {}
 
 impl CallbackComm {
-    /// A reduce-scatter or all-gather through callback `f`, its arguments checked.
+    /// A reduce-scatter or all-gather through callback `f`, its arguments checked first.
     fn segments(
         &mut self,
         op: Collective,
@@ -76,6 +78,12 @@ impl CallbackComm {
         counts: &[usize],
         recv: &mut [f32],
     ) -> Result<()> {
+        // The whole buffer is `send` of a reduce-scatter, `recv` of an all-gather.
+        let (whole, part) = match op {
+            Collective::ReduceScatter => (("send", send.len()), ("recv", recv.len())),
+            _ => (("recv", recv.len()), ("send", send.len())),
+        };
+        check_counts(self.world, self.rank, counts, whole, part)?;
         self.counts.clear();
         self.counts.extend(counts.iter().map(|&c| c as i64));
         // SAFETY: the lengths were checked against `counts`; the callback's contract is the
@@ -119,25 +127,11 @@ impl Communicator for CallbackComm {
     }
 
     fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
-        check_counts(
-            self.world,
-            self.rank,
-            counts,
-            ("send", send.len()),
-            ("recv", recv.len()),
-        )?;
         let f = self.reduce_scatter;
         self.segments(Collective::ReduceScatter, f, send, counts, recv)
     }
 
     fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
-        check_counts(
-            self.world,
-            self.rank,
-            counts,
-            ("recv", recv.len()),
-            ("send", send.len()),
-        )?;
         let f = self.all_gather;
         self.segments(Collective::AllGather, f, send, counts, recv)
     }
@@ -145,9 +139,10 @@ impl Communicator for CallbackComm {
     fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()> {
         // SAFETY: `buf` holds `buf.len()` doubles.
         let code = unsafe { (self.all_reduce)(self.user, buf.as_mut_ptr(), buf.len() as i64) };
-        let mut counts = vec![0; self.world];
-        thor_kernels::dist::even_counts(buf.len(), self.world, &mut counts);
-        let bytes = ring_bytes(Collective::AllReduce, &counts, self.rank, 8);
+        let mut segs = std::mem::take(&mut self.segments_buf);
+        thor_kernels::dist::even_counts(buf.len(), self.world, &mut segs);
+        let bytes = ring_bytes(Collective::AllReduce, &segs, self.rank, 8);
+        self.segments_buf = segs;
         self.status("all_reduce", code, bytes)
     }
 
@@ -211,6 +206,7 @@ pub unsafe extern "C" fn thor_v1_optimizer_create_distributed(
             all_gather: all_gather.ok_or_else(|| missing("all_gather"))?,
             all_reduce: all_reduce.ok_or_else(|| missing("all_reduce"))?,
             counts: Vec::with_capacity(world),
+            segments_buf: vec![0; world],
             counters: CommCounters::default(),
         };
         // SAFETY: checked.
