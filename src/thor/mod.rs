@@ -439,8 +439,8 @@ impl Thor {
     /// naming `backend`). Before saving ([`Thor::to_bytes`]), call
     /// [`Thor::gather_statistics`] on every rank: the saved state is then complete and
     /// loads into a group of any size, or into a single optimizer. After a failed
-    /// collective ([`Error::Communication`]) the layer refuses further statistics steps:
-    /// restore a saved state into a new optimizer on a new group.
+    /// collective ([`Error::Communication`]) every layer refuses further statistics steps,
+    /// preconditioning and saving: restore a saved state into a new optimizer on a new group.
     pub fn with_communicator(
         cfg: ThorConfig,
         comm: Box<dyn crate::dist::Communicator>,
