@@ -606,3 +606,271 @@ acc_finalize_t32_f32(const AccFactor* factors, const int* items, int b, const fl
                      const int* flags, const unsigned char* fstate, float* blocks, int* status) {
     acc_finalize<32>(factors, items, b, ws, flags, fstate, blocks, status);
 }
+
+// ---------------------------------------------------------------------------------------
+// Block kernels (the second variant of the partial products, b = 64 and 128): one thread
+// block per (factor, diagonal block, range of rows) computes the block's whole lower part,
+// so each column of X is read once (the tile kernels read a 128-wide block as three 64-wide
+// tiles, four column slices). 6 warps, each one warp tile of (b / 2) x (b / 4) on the lower
+// part: rows [0, b/2) x columns [0, b/2) by warps 0-1, rows [b/2, b) x all columns by 2-5.
+//
+// Shared memory holds STAGES stages of R rows of the block's b columns in X's own layout
+// (row pitch b + 8 elements), filled by 16-byte cp.async for a matrix factor whose rows are
+// 16-byte aligned, element by element otherwise (a convolution's patches, an unaligned
+// input, the block's last partial chunk, rows past the range: 0). Both mma operands come
+// from the one stage: A = X_j^T and B = X_j, both stored k-major, so 16-bit fragments are
+// ldmatrix.trans loads (the row pitch is 16 bytes past a multiple of 128: the eight rows of
+// each 8 x 8 matrix hit distinct banks), TF32 fragments scalar loads that the pitch (8 words
+// past a multiple of 32) keeps free of bank conflicts. f32 input runs as TF32 (rounded
+// once, ~3e-4) or as 3xTF32 (each value split in a TF32 high part and a TF32 remainder, the
+// three larger of the four products summed: f32-level error on tensor cores).
+//
+// Outputs go to the same T x T workspace slots the finalize kernel sums (T = 64): the
+// block's live tiles k (in the plan's order (0,0), (64,0), (64,64)) at slot0 + k * stride.
+// Work item (8 ints): factor, block j, rows [n0, n1), slot0, stride, 0, 0.
+#define ACCB_STAGES 4
+#define ACCB_PAD 8
+#define ACCB_THREADS 192
+
+// One element of the stage as stored: f32, or the bits of a 16-bit value.
+template <typename In>
+struct AccbElem {
+    typedef unsigned short type;
+};
+template <>
+struct AccbElem<float> {
+    typedef float type;
+};
+
+template <typename In>
+__device__ __forceinline__ typename AccbElem<In>::type accb_load(const In* p) {
+    return p->bits;
+}
+template <>
+__device__ __forceinline__ float accb_load<float>(const float* p) {
+    return *p;
+}
+template <typename In>
+__device__ __forceinline__ typename AccbElem<In>::type accb_gather(const AccFactor& f, const In* x,
+                                                                   const AccRow& r, const AccCol& c) {
+    return acc_gather_bits<In>(f, x, r, c);
+}
+template <>
+__device__ __forceinline__ float accb_gather<float>(const AccFactor& f, const float* x,
+                                                    const AccRow& r, const AccCol& c) {
+    return acc_gather<float>(f, x, r, c);
+}
+
+// TF32 high part and remainder of v (3xTF32).
+__device__ __forceinline__ void accb_split(float v, unsigned& hi, unsigned& lo) {
+    const float h = thor_to_tf32(v);
+    hi = __float_as_uint(h);
+    lo = __float_as_uint(thor_to_tf32(v - h));
+}
+
+template <typename In, int B, bool SPLIT>
+__device__ void acc_partial_block(const AccFactor* __restrict__ factors,
+                                  const int* __restrict__ items, int b,
+                                  float* __restrict__ ws, int* __restrict__ flags) {
+    typedef typename AccbElem<In>::type E;
+    constexpr int ES = sizeof(E);
+    constexpr int R = ES == 4 ? 16 : 32;  // rows per stage: two mma k-steps
+    constexpr int KS = ES == 4 ? 8 : 16;  // rows per mma
+    constexpr int P = B + ACCB_PAD;       // row pitch, elements
+    constexpr int PB = P * ES;            // row pitch, bytes
+    constexpr int CH = 16 / ES;           // elements per 16-byte chunk
+    constexpr int CPR = B / CH;           // chunks per row
+    constexpr int CHUNKS = R * CPR;
+    constexpr int STAGE = R * PB;
+    constexpr int T = 64;
+    constexpr int WM = B / 2, WN = B / 4, MT = WM / 16, NT = WN / 8;
+    constexpr int NTILES = (B / T) * (B / T + 1) / 2;
+    static_assert(PB % 128 == 16 || ES == 4, "16-bit rows 16 bytes past a multiple of 128");
+    static_assert(P % 32 == 8 || ES == 2, "f32 rows 8 words past a multiple of 32");
+    static_assert(NT % 2 == 0, "ldmatrix x4 loads two n8 tiles");
+    THOR_SHARED(__align__(16) unsigned char, smem, [ACCB_STAGES * STAGE]);
+    const int* it = items + 8 * (long long)blockIdx.x;
+    const AccFactor f = factors[it[0]];
+    const int j = it[1], n0 = it[2], n1 = it[3], slot0 = it[4], stride = it[5];
+    const int w = min(B, f.d - j * B);  // real columns of this block
+    const long long col0 = (long long)j * B;
+    const In* x = reinterpret_cast<const In*>(f.x);
+    const int tid = threadIdx.x, warp = tid / THOR_WARP, lane = tid % THOR_WARP;
+    const int g = lane >> 2, t = lane & 3;
+    const int wm = (warp < 2 ? 0 : 1) * WM, wn = (warp < 2 ? warp : warp - 2) * WN;
+    const int tr = wm / T * T, tc = wn / T * T;
+    const int tile = (tr / T) * (tr / T + 1) / 2 + tc / T;
+    // A warp whose rows or columns are all padding has nothing the finalize reads.
+    const bool active = wm < w && wn < w;
+    const bool patches = f.kind == ACC_PATCHES;
+    const bool fast = !patches && ((f.x | (unsigned long long)(f.ld * ES)) % 16 == 0);
+    AccInv inv = {};
+    if (patches) inv = acc_inv(f);
+
+    auto load = [&](int st, int n) {
+        unsigned char* base = smem + st * STAGE;
+        for (int c = tid; c < CHUNKS; c += ACCB_THREADS) {
+            const int r = c / CPR, cc = c % CPR * CH, row = n + r;
+            unsigned char* dst = base + r * PB + cc * ES;
+            if (fast && row < n1 && cc + CH <= w) {
+                thor_cp_async16(dst, x + (long long)row * f.ld + col0 + cc);
+                continue;
+            }
+            E* e = reinterpret_cast<E*>(dst);
+            if (row >= n1 || cc >= w) {
+#pragma unroll
+                for (int k = 0; k < CH; ++k) e[k] = E(0);
+            } else if (patches) {
+                const AccRow ar = acc_row(f, inv, row);
+#pragma unroll
+                for (int k = 0; k < CH; ++k) {
+                    const int col = (int)col0 + cc + k;
+                    e[k] = accb_gather<In>(f, x, ar, acc_col(f, col, cc + k < w));
+                }
+            } else {
+                const In* xr = x + (long long)row * f.ld + col0 + cc;
+#pragma unroll
+                for (int k = 0; k < CH; ++k) e[k] = cc + k < w ? accb_load<In>(xr + k) : E(0);
+            }
+        }
+    };
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int q = 0; q < NT; ++q)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][q][e] = 0.f;
+
+    auto compute = [&](int st) {
+        const unsigned char* base = smem + st * STAGE;
+#pragma unroll
+        for (int kk = 0; kk < R; kk += KS) {
+            if constexpr (ES == 2) {
+                unsigned af[MT][4], bf[NT][2];
+                const int l8 = lane & 7, mi = lane >> 3;
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    const int k = kk + (mi >> 1) * 8 + l8, m = wm + 16 * i + (mi & 1) * 8;
+                    thor_ldmatrix_x4_trans(af[i], base + k * PB + m * ES);
+                }
+#pragma unroll
+                for (int q = 0; q < NT; q += 2) {
+                    const int k = kk + (mi & 1) * 8 + l8, nn = wn + 8 * q + (mi >> 1) * 8;
+                    unsigned r4[4];
+                    thor_ldmatrix_x4_trans(r4, base + k * PB + nn * ES);
+                    bf[q][0] = r4[0];
+                    bf[q][1] = r4[1];
+                    bf[q + 1][0] = r4[2];
+                    bf[q + 1][1] = r4[3];
+                }
+#pragma unroll
+                for (int i = 0; i < MT; ++i)
+#pragma unroll
+                    for (int q = 0; q < NT; ++q) acc_mma<In>(acc[i][q], af[i], bf[q]);
+            } else {
+                const float* s = reinterpret_cast<const float*>(base);
+                const float* s0 = s + (kk + t) * P;
+                const float* s4 = s + (kk + t + 4) * P;
+                unsigned ah[MT][4], al[MT][4], bh[NT][2], bl[NT][2];
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    const int m = wm + 16 * i + g;
+                    const float v[4] = {s0[m], s0[m + 8], s4[m], s4[m + 8]};
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        if (SPLIT) {
+                            accb_split(v[e], ah[i][e], al[i][e]);
+                        } else {
+                            ah[i][e] = __float_as_uint(thor_to_tf32(v[e]));
+                        }
+                    }
+                }
+#pragma unroll
+                for (int q = 0; q < NT; ++q) {
+                    const int nn = wn + 8 * q + g;
+                    const float v[2] = {s0[nn], s4[nn]};
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        if (SPLIT) {
+                            accb_split(v[e], bh[q][e], bl[q][e]);
+                        } else {
+                            bh[q][e] = __float_as_uint(thor_to_tf32(v[e]));
+                        }
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < MT; ++i)
+#pragma unroll
+                    for (int q = 0; q < NT; ++q) {
+                        if (SPLIT) {  // the small products first
+                            thor_mma_tf32(acc[i][q], al[i], bh[q], acc[i][q]);
+                            thor_mma_tf32(acc[i][q], ah[i], bl[q], acc[i][q]);
+                        }
+                        thor_mma_tf32(acc[i][q], ah[i], bh[q], acc[i][q]);
+                    }
+            }
+        }
+    };
+
+    // The pipeline: STAGES - 1 stages in flight; before computing stage i, wait for it and
+    // pass a barrier (it is then visible to all, and every warp is done with stage i - 1,
+    // whose buffer the next load refills). A commit per iteration, empty or not, keeps the
+    // group count aligned with the stage count.
+    const int nk = (n1 - n0 + R - 1) / R;
+#pragma unroll
+    for (int s = 0; s < ACCB_STAGES - 1; ++s) {
+        if (s < nk) load(s, n0 + s * R);
+        thor_cp_async_commit();
+    }
+    for (int i = 0; i < nk; ++i) {
+        thor_cp_async_wait<ACCB_STAGES - 2>();
+        __syncthreads();
+        const int nx = i + ACCB_STAGES - 1;
+        if (nx < nk) load(nx % ACCB_STAGES, n0 + nx * R);
+        thor_cp_async_commit();
+        if (active) compute(i % ACCB_STAGES);
+    }
+    thor_cp_async_wait<0>();
+
+    bool bad = false;
+    if (active) {
+        float* out = ws + (long long)(slot0 + tile * stride) * T * T;
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+            for (int q = 0; q < NT; ++q)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = wm + 16 * i + g + (e >= 2 ? 8 : 0);
+                    const int c = wn + 8 * q + 2 * t + (e & 1);
+                    out[(r - tr) * T + (c - tc)] = acc[i][q][e];
+                    if (r == c && !acc_finite(acc[i][q][e])) bad = true;
+                }
+    }
+    // One flag per live tile (a tile is live when its first row is a real one).
+#pragma unroll
+    for (int k = 0; k < NTILES; ++k) {
+        const int any = __syncthreads_or(bad && tile == k);
+        const int ktr = k == 0 ? 0 : T;  // tiles (0,0), (64,0), (64,64)
+        if (tid == 0 && ktr < w) flags[slot0 + k * stride] = any;
+    }
+}
+
+#define ACC_BLOCK(NAME, IN, B, SPLIT)                                                        \
+    extern "C" __global__ void __launch_bounds__(ACCB_THREADS)                                \
+        NAME(const AccFactor* factors, const int* items, int b, float* ws, int* flags,        \
+             const unsigned char* fstate) {                                                   \
+        if (acc_frozen(factors, items, fstate)) return;                                       \
+        acc_partial_block<IN, B, SPLIT>(factors, items, b, ws, flags);                        \
+    }
+
+ACC_BLOCK(acc_block_b128_tf32, float, 128, false)
+ACC_BLOCK(acc_block_b64_tf32, float, 64, false)
+ACC_BLOCK(acc_block_b128_f32x3, float, 128, true)
+ACC_BLOCK(acc_block_b64_f32x3, float, 64, true)
+ACC_BLOCK(acc_block_b128_f16, thor_f16, 128, false)
+ACC_BLOCK(acc_block_b64_f16, thor_f16, 64, false)
+ACC_BLOCK(acc_block_b128_bf16, thor_bf16, 128, false)
+ACC_BLOCK(acc_block_b64_bf16, thor_bf16, 64, false)

@@ -285,7 +285,7 @@ fn emulated_trace_rule_matches_the_reference() {
 mod accumulate {
     use super::*;
     use thor_kernels::cuda::accumulate::{
-        AccumulateBuffers, AccumulateMode, AccumulatePlan, FactorInput,
+        AccumulateBuffers, AccumulateKernel, AccumulateMode, AccumulatePlan, FactorInput,
     };
     use thor_kernels::Element;
 
@@ -348,9 +348,30 @@ mod accumulate {
         order: i32,
         state: Option<&[u8]>,
     ) -> Out {
+        run_acc_with(
+            set,
+            inputs,
+            init,
+            mode,
+            order,
+            state,
+            AccumulateKernel::Tiles,
+        )
+    }
+
+    /// [`run_acc_state`] with the partial products computed by `kernel`.
+    pub fn run_acc_with<E: Element + bytemuck::Pod>(
+        set: &FactorSet,
+        inputs: &[Input<E>],
+        init: &[f32],
+        mode: AccumulateMode,
+        order: i32,
+        state: Option<&[u8]>,
+        kernel: AccumulateKernel,
+    ) -> Out {
         let mut fstate = state.map(Guarded::new);
         let rows: Vec<usize> = inputs.iter().map(|i| i.rows).collect();
-        let plan = AccumulatePlan::new(set, &rows, E::DTYPE, mode, 132).unwrap();
+        let plan = AccumulatePlan::with_kernel(set, &rows, E::DTYPE, mode, 132, kernel).unwrap();
         let mut xs: Vec<Guarded<E>> = inputs.iter().map(|i| Guarded::new(&i.x)).collect();
         let fi: Vec<FactorInput> = inputs
             .iter()
@@ -441,13 +462,24 @@ mod accumulate {
         beta: f32,
         seed: u64,
     ) -> Vec<Input<E>> {
+        make_inputs_ld(set, rows, beta, seed, |f, d| d + (f % 3) * 5)
+    }
+
+    /// [`make_inputs`] with factor `f`'s row stride `ld(f, d)`.
+    pub fn make_inputs_ld<E: Element>(
+        set: &FactorSet,
+        rows: &[usize],
+        beta: f32,
+        seed: u64,
+        ld: impl Fn(usize, usize) -> usize,
+    ) -> Vec<Input<E>> {
         set.entries()
             .iter()
             .zip(rows)
             .enumerate()
             .map(|(f, (e, &n))| {
                 let d = e.layout.dim();
-                let ld = d + (f % 3) * 5;
+                let ld = ld(f, d);
                 let mut r = rng(seed * 31 + f as u64);
                 let x = normal(&mut r, (n - 1) * ld + d)
                     .into_iter()
@@ -580,6 +612,94 @@ fn emulated_accumulate_tensor_cores_and_half_inputs() {
     }
 }
 
+/// The block kernels (b = 64 and 128): every input type and mode, rows that miss the
+/// stage boundaries, blocks with dead tiles, and strides that take the cp.async path
+/// (16-byte rows) and the element path, against the f64 reference; 16-bit products are
+/// exact in f32, so 16-bit inputs and 3xTF32 meet the f32 tolerance.
+#[test]
+fn emulated_accumulate_block_kernels() {
+    use accumulate::*;
+    use half::{bf16, f16};
+    use thor_kernels::cuda::accumulate::{AccumulateKernel, AccumulateMode};
+    let _g = lock();
+    let blocks = AccumulateKernel::Blocks;
+    for b in [64usize, 128] {
+        let dims = [1, b / 2 + 3, b - 1, b, b + 1, 3 * b + 5];
+        let rows = [7usize, 1000, 1, 33, 300, 129];
+        let set = FactorSet::new(b, &dims).unwrap();
+        // Even factors: rows 16-byte aligned for every type; odd ones: not.
+        let ld = |f: usize, d: usize| {
+            if f % 2 == 0 {
+                d.next_multiple_of(8)
+            } else {
+                d + 3
+            }
+        };
+        let init = init_blocks(&set, 21);
+        let fresh = poisoned(set.buffer_len());
+        let seed = 1000 + b as u64;
+        for (k, (mode, tol)) in [
+            (AccumulateMode::F32, 1e-5),
+            (AccumulateMode::TensorCore, 5e-4),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (beta, start) = if k == 0 { (0.0, &fresh) } else { (0.95, &init) };
+            let inputs = make_inputs_ld::<f32>(&set, &rows, beta, seed + k as u64, ld);
+            let out = run_acc_with(&set, &inputs, start, mode, k as i32, None, blocks);
+            let want = reference_set(&set, &inputs, start);
+            check(
+                &set,
+                &out,
+                &want,
+                tol,
+                &format!("blocks f32 {mode:?} b={b}"),
+            );
+        }
+        for (k, mode) in [AccumulateMode::TensorCore, AccumulateMode::F32]
+            .into_iter()
+            .enumerate()
+        {
+            let inputs = make_inputs_ld::<f16>(&set, &rows, 0.95, seed + 10 + k as u64, ld);
+            let out = run_acc_with(&set, &inputs, &init, mode, 2, None, blocks);
+            let want = reference_set(&set, &inputs, &init);
+            check(
+                &set,
+                &out,
+                &want,
+                1e-5,
+                &format!("blocks f16 {mode:?} b={b}"),
+            );
+            let inputs = make_inputs_ld::<bf16>(&set, &rows, 0.0, seed + 20 + k as u64, ld);
+            let out = run_acc_with(&set, &inputs, &fresh, mode, 3, None, blocks);
+            let want = reference_set(&set, &inputs, &fresh);
+            check(
+                &set,
+                &out,
+                &want,
+                1e-5,
+                &format!("blocks bf16 {mode:?} b={b}"),
+            );
+        }
+    }
+    // Other block sizes have no block kernels: refused, naming the kernel.
+    let set = FactorSet::new(32, &[40]).unwrap();
+    let err = thor_kernels::cuda::accumulate::AccumulatePlan::with_kernel(
+        &set,
+        &[10],
+        thor_kernels::DType::F32,
+        AccumulateMode::F32,
+        132,
+        blocks,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, thor_kernels::Error::InvalidArgument { arg, .. } if arg == "kernel"),
+        "{err}"
+    );
+}
+
 /// Implicit im2col: every conv and position case of tests/common/conv_cases.rs, grouped
 /// per block size with a matrix factor, in F32, TF32 and 16-bit tensor-core modes.
 #[test]
@@ -587,7 +707,7 @@ fn emulated_accumulate_conv_patches() {
     use accumulate::*;
     use common::conv_cases::{conv_cases, position_cases};
     use half::bf16;
-    use thor_kernels::cuda::accumulate::AccumulateMode;
+    use thor_kernels::cuda::accumulate::{AccumulateKernel, AccumulateMode};
     let _g = lock();
     let cases: Vec<_> = conv_cases().into_iter().chain(position_cases()).collect();
     for b in [32usize, 64] {
@@ -619,67 +739,108 @@ fn emulated_accumulate_conv_patches() {
             v
         };
         let init = init_blocks(&set, 11);
-        for (mode, tol, order) in [
-            (AccumulateMode::F32, 1e-5, 0),
-            (AccumulateMode::TensorCore, 5e-4, 2),
-        ] {
-            let inputs = make(700 + b as u64);
-            let out = run_acc(&set, &inputs, &init, mode, order);
-            let want = reference_set(&set, &inputs, &init);
-            check(&set, &out, &want, tol, &format!("conv f32 {mode:?} b={b}"));
-            let inputs16: Vec<Input<bf16>> = make(800 + b as u64)
+        // The block kernels at b = 64 as well (16-bit products exact in f32).
+        let kernels: &[AccumulateKernel] = if b == 64 {
+            &[AccumulateKernel::Tiles, AccumulateKernel::Blocks]
+        } else {
+            &[AccumulateKernel::Tiles]
+        };
+        for &kernel in kernels {
+            let tol16 = if kernel == AccumulateKernel::Blocks {
+                1e-5
+            } else {
+                1e-2
+            };
+            for (mode, tol, order) in [
+                (AccumulateMode::F32, 1e-5, 0),
+                (AccumulateMode::TensorCore, 5e-4, 2),
+            ] {
+                let inputs = make(700 + b as u64);
+                let out = run_acc_with(&set, &inputs, &init, mode, order, None, kernel);
+                let want = reference_set(&set, &inputs, &init);
+                check(
+                    &set,
+                    &out,
+                    &want,
+                    tol,
+                    &format!("conv f32 {mode:?} {kernel:?} b={b}"),
+                );
+                let inputs16: Vec<Input<bf16>> = make(800 + b as u64)
+                    .iter()
+                    .map(|i| i.map(|&v| bf16::from_f32(v)))
+                    .collect();
+                let out = run_acc_with(&set, &inputs16, &init, mode, 1, None, kernel);
+                let want = reference_set(&set, &inputs16, &init);
+                check(
+                    &set,
+                    &out,
+                    &want,
+                    tol16,
+                    &format!("conv bf16 {mode:?} {kernel:?} b={b}"),
+                );
+            }
+            // f16 on tensor cores (its ones column is the f16 bit pattern of 1).
+            let inputs16: Vec<Input<half::f16>> = make(850 + b as u64)
                 .iter()
-                .map(|i| i.map(|&v| bf16::from_f32(v)))
+                .map(|i| i.map(|&v| half::f16::from_f32(v)))
                 .collect();
-            let out = run_acc(&set, &inputs16, &init, mode, 1);
+            let out = run_acc_with(
+                &set,
+                &inputs16,
+                &init,
+                AccumulateMode::TensorCore,
+                2,
+                None,
+                kernel,
+            );
             let want = reference_set(&set, &inputs16, &init);
             check(
                 &set,
                 &out,
                 &want,
-                1e-2,
-                &format!("conv bf16 {mode:?} b={b}"),
+                tol16,
+                &format!("conv f16 {kernel:?} b={b}"),
+            );
+            // First statistics (no factor holds any yet): alpha is the entry's first alpha,
+            // 1 / batch for patches normalised per sample (KFC's A), 1 / rows otherwise.
+            let mut inputs = make(900 + b as u64);
+            for (f, i) in inputs.iter_mut().enumerate() {
+                if let Some(p) = i.patches.as_mut() {
+                    p.per_sample = f % 2 == 0;
+                    i.alpha = 1.0 / if p.per_sample { p.batch } else { p.rows() } as f32;
+                } else {
+                    i.alpha = 1.0 / i.rows as f32;
+                }
+                // The kernel replaces the inputs' own alpha and beta for a factor without
+                // statistics; the reference takes the ones it should use.
+                i.beta = 0.0;
+            }
+            let state = vec![0u8; set.len()];
+            let out = run_acc_with(
+                &set,
+                &inputs,
+                &init,
+                AccumulateMode::F32,
+                3,
+                Some(&state),
+                kernel,
+            );
+            let want = reference_set(&set, &inputs, &init);
+            check(
+                &set,
+                &out,
+                &want,
+                1e-5,
+                &format!("conv first statistics {kernel:?} b={b}"),
             );
         }
-        // f16 on tensor cores (its ones column is the f16 bit pattern of 1).
-        let inputs16: Vec<Input<half::f16>> = make(850 + b as u64)
-            .iter()
-            .map(|i| i.map(|&v| half::f16::from_f32(v)))
-            .collect();
-        let out = run_acc(&set, &inputs16, &init, AccumulateMode::TensorCore, 2);
-        let want = reference_set(&set, &inputs16, &init);
-        check(&set, &out, &want, 1e-2, &format!("conv f16 b={b}"));
-        // First statistics (no factor holds any yet): alpha is the entry's first alpha,
-        // 1 / batch for patches normalised per sample (KFC's A), 1 / rows otherwise.
-        let mut inputs = make(900 + b as u64);
-        for (f, i) in inputs.iter_mut().enumerate() {
-            if let Some(p) = i.patches.as_mut() {
-                p.per_sample = f % 2 == 0;
-                i.alpha = 1.0 / if p.per_sample { p.batch } else { p.rows() } as f32;
-            } else {
-                i.alpha = 1.0 / i.rows as f32;
-            }
-            // The kernel replaces the inputs' own alpha and beta for a factor without
-            // statistics; the reference takes the ones it should use.
-            i.beta = 0.0;
-        }
-        let state = vec![0u8; set.len()];
-        let out = run_acc_state(&set, &inputs, &init, AccumulateMode::F32, 3, Some(&state));
-        let want = reference_set(&set, &inputs, &init);
-        check(
-            &set,
-            &out,
-            &want,
-            1e-5,
-            &format!("conv first statistics b={b}"),
-        );
     }
 }
 
 #[test]
 fn emulated_accumulate_many_rows_and_non_finite_inputs() {
     use accumulate::*;
-    use thor_kernels::cuda::accumulate::AccumulateMode;
+    use thor_kernels::cuda::accumulate::{AccumulateKernel, AccumulateMode};
     let _g = lock();
     // 65537 rows: many row ranges summed in a fixed order.
     let set = FactorSet::new(32, &[33]).unwrap();
@@ -696,14 +857,18 @@ fn emulated_accumulate_many_rows_and_non_finite_inputs() {
     // A NaN in factor 1 and an Inf in factor 2: both reported and left as they were; the
     // others updated.
     let set = FactorSet::new(64, &[70, 64, 100, 5]).unwrap();
-    for mode in [AccumulateMode::F32, AccumulateMode::TensorCore] {
+    let kernels = [AccumulateKernel::Tiles, AccumulateKernel::Blocks];
+    for (mode, kernel) in [AccumulateMode::F32, AccumulateMode::TensorCore]
+        .into_iter()
+        .flat_map(|m| kernels.map(|k| (m, k)))
+    {
         let mut inputs = make_inputs::<f32>(&set, &[300, 600, 40, 9], 0.95, 88);
         let (ld1, ld2) = (inputs[1].ld, inputs[2].ld);
         inputs[1].x[599 * ld1 + 17] = f32::NAN;
         inputs[2].x[3 * ld2 + 99] = f32::INFINITY;
         let init = init_blocks(&set, 3);
-        let out = run_acc(&set, &inputs, &init, mode, 2);
-        assert_eq!(out.status, vec![0, 1, 1, 0], "{mode:?}");
+        let out = run_acc_with(&set, &inputs, &init, mode, 2, None, kernel);
+        assert_eq!(out.status, vec![0, 1, 1, 0], "{mode:?} {kernel:?}");
         let want = reference_set(&set, &inputs, &init);
         for (f, e) in set.entries().iter().enumerate() {
             let range = e.offset()..e.offset() + e.layout.buffer_len();
@@ -713,7 +878,7 @@ fn emulated_accumulate_many_rows_and_non_finite_inputs() {
                         .iter()
                         .zip(&init[range])
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{mode:?}: factor {f} changed"
+                    "{mode:?} {kernel:?}: factor {f} changed"
                 );
             } else {
                 let tol = if mode == AccumulateMode::F32 {

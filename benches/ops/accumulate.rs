@@ -98,19 +98,31 @@ impl AccCase {
         g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
         id: &str,
     ) {
-        use thor_kernels::cuda::accumulate::AccumulateMode;
-        for (label, mode, bf16) in [
+        use thor_kernels::cuda::accumulate::{AccumulateKernel, AccumulateMode};
+        let cases = [
             ("thor_f32", AccumulateMode::F32, false),
             ("thor_tf32", AccumulateMode::TensorCore, false),
             ("thor_bf16_input", AccumulateMode::TensorCore, true),
-        ] {
+        ];
+        // Both kernel families side by side (the block kernels at b = 64 and 128 only;
+        // their F32 mode is 3xTF32 on tensor cores).
+        let b = self.set.block();
+        for (kernel, (label, mode, bf16)) in AccumulateKernel::ALL
+            .into_iter()
+            .filter(|k| k.supports(b))
+            .flat_map(|k| cases.map(|c| (k, c)))
+        {
+            let label = match kernel {
+                AccumulateKernel::Tiles => label.to_string(),
+                _ => format!("{label}_{}", kernel.name()),
+            };
             let dtype = if bf16 {
                 thor_kernels::DType::BF16
             } else {
                 thor_kernels::DType::F32
             };
             let mut acc = dev
-                .plan_accumulate(&self.set, &self.rows, dtype, mode)
+                .plan_accumulate_with(&self.set, &self.rows, dtype, mode, kernel)
                 .unwrap();
             g.throughput(Throughput::Bytes(self.input_bytes(if bf16 {
                 2

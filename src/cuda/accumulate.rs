@@ -34,21 +34,23 @@ pub const FACTOR_ENTRY_BYTES: usize = 128;
 /// u64 words of one factor's entry in the per-call factor table.
 const ENTRY_WORDS: usize = FACTOR_ENTRY_BYTES / 8;
 
-/// Rows per partial thread block for factors of `live_tiles[f]` tiles with partial products
-/// and `rows[f]` rows, on a device that runs `target` thread blocks at once: among the
-/// multiples of 32 from the one-wave figure (at least [`MIN_SPLIT_ROWS`]) to twice it, the one
-/// whose items (each as long as its rows) finish first when handed longest-first to the
-/// least-loaded of `target` slots; the smallest on a tie. So a plan does not end with a
-/// nearly empty second wave of full-length blocks, and short factors' items count for their
-/// own rows. N = 8192, d = 4608, b = 128 on 132 SMs (528 slots): the one-wave figure, 1696
-/// rows, makes 540 blocks whose last 12 (1408 rows) run after a full one: 2816 rows per slot;
-/// 1824 rows make 432 blocks of 1824 and 108 of 896, 12 of which follow another short one:
-/// 1824 (one wave of 2048-row blocks would take 2048).
-fn best_split(live_tiles: &[usize], rows: &[usize], target: usize) -> usize {
+/// Rows per partial thread block. `weights[f]` lists the thread blocks each range of factor
+/// `f`'s rows makes, by the tiles each computes (the tile kernels: one per live tile, weight
+/// 1; the block kernels: one per diagonal block, weighted by its live tiles); `rows[f]` is
+/// the factor's rows, and the device runs `target` thread blocks at once. Among the multiples
+/// of 32 from the one-wave figure (at least [`MIN_SPLIT_ROWS`]) to twice it, the one whose
+/// thread blocks (each as long as its rows times its weight) finish first when handed
+/// longest-first to the least-loaded of `target` slots; the smallest on a tie. So a plan does
+/// not end with a nearly empty second wave of full-length blocks, and short factors' blocks
+/// count for their own rows. N = 8192, d = 4608, b = 128 on 132 SMs (528 slots), tile
+/// kernels: the one-wave figure, 1696 rows, makes 540 blocks whose last 12 (1408 rows) run
+/// after a full one: 2816 rows per slot; 1824 rows make 432 blocks of 1824 and 108 of 896,
+/// 12 of which follow another short one: 1824 (one wave of 2048-row blocks would take 2048).
+fn best_split(weights: &[Vec<usize>], rows: &[usize], target: usize) -> usize {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
     let target = target.max(1);
-    let work: usize = live_tiles.iter().zip(rows).map(|(t, &n)| t * n).sum();
+    let work: usize = weights.iter().zip(rows).map(|(w, &n)| w.len() * n).sum();
     let per0 = work
         .div_ceil(target)
         .max(MIN_SPLIT_ROWS)
@@ -56,11 +58,11 @@ fn best_split(live_tiles: &[usize], rows: &[usize], target: usize) -> usize {
     let mut lengths = Vec::new();
     let mut makespan = |per: usize| -> usize {
         lengths.clear();
-        for (&t, &n) in live_tiles.iter().zip(rows) {
+        for (w, &n) in weights.iter().zip(rows) {
             let splits = n.div_ceil(per);
             for s in 0..splits {
                 let len = per.min(n - s * per);
-                lengths.extend(std::iter::repeat_n(len, t));
+                lengths.extend(w.iter().map(|&k| k * len));
             }
         }
         lengths.sort_unstable_by(|a, b| b.cmp(a));
@@ -95,14 +97,57 @@ pub fn tile_for(b: usize) -> usize {
     }
 }
 
+/// Which kernels compute a plan's partial products. Both write the same workspace slots,
+/// summed by the same finalize, so they agree to rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AccumulateKernel {
+    /// One thread block per lower `T x T` tile of a diagonal block and range of rows (every
+    /// block size, every mode; f32 input on SIMT cores in F32 mode).
+    Tiles,
+    /// One thread block per diagonal block and range of rows, the block's lower part on
+    /// tensor cores from a multi-stage `cp.async` pipeline with `ldmatrix` fragments, each
+    /// column of the input read once (block sizes 64 and 128, sm_80 and later). f32 input
+    /// in F32 mode runs as 3xTF32 (split-precision products, f32-level error); 16-bit
+    /// inputs' products are exact in f32 in either mode.
+    Blocks,
+}
+
+impl AccumulateKernel {
+    /// Every kernel family, in the order a choice lists them.
+    pub const ALL: [AccumulateKernel; 2] = [AccumulateKernel::Tiles, AccumulateKernel::Blocks];
+
+    /// Whether this family has kernels for block size `b`.
+    pub fn supports(self, b: usize) -> bool {
+        match self {
+            AccumulateKernel::Tiles => true,
+            AccumulateKernel::Blocks => b == 64 || b == 128,
+        }
+    }
+
+    /// A short stable name ("tiles", "blocks"), as choices are recorded.
+    pub fn name(self) -> &'static str {
+        match self {
+            AccumulateKernel::Tiles => "tiles",
+            AccumulateKernel::Blocks => "blocks",
+        }
+    }
+}
+
+/// Thread blocks per multiprocessor the planner aims for with the block kernels (192
+/// threads, 34 KiB of shared memory; two fit by registers at up to 170 per thread).
+pub const TARGET_BLOCK_KERNELS_PER_SM: usize = 2;
+
 /// The cut of a grouped accumulation: which thread block does what. Depends on the set,
-/// the rows of each factor's input, the element type, the mode and the device size only.
+/// the rows of each factor's input, the element type, the mode, the kernel family and the
+/// device size only.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AccumulatePlan {
     set: FactorSet,
     rows: Vec<usize>,
     dtype: DType,
     mode: AccumulateMode,
+    kernel: AccumulateKernel,
     tile: usize,
     items: Vec<i32>,
     finals: Vec<i32>,
@@ -158,7 +203,8 @@ pub struct AccumulateBuffers {
 
 impl AccumulatePlan {
     /// Plans the accumulation of every factor of `set`, factor `f` from an input of
-    /// `rows[f]` rows, for a device with `sms` multiprocessors.
+    /// `rows[f]` rows, for a device with `sms` multiprocessors, with the tile kernels
+    /// ([`AccumulateKernel::Tiles`]).
     pub fn new(
         set: &FactorSet,
         rows: &[usize],
@@ -166,6 +212,29 @@ impl AccumulatePlan {
         mode: AccumulateMode,
         sms: usize,
     ) -> Result<Self> {
+        Self::with_kernel(set, rows, dtype, mode, sms, AccumulateKernel::Tiles)
+    }
+
+    /// [`AccumulatePlan::new`] with the partial products computed by `kernel`; an error
+    /// naming `kernel` when that family has no kernels for the set's block size.
+    pub fn with_kernel(
+        set: &FactorSet,
+        rows: &[usize],
+        dtype: DType,
+        mode: AccumulateMode,
+        sms: usize,
+        kernel: AccumulateKernel,
+    ) -> Result<Self> {
+        if !kernel.supports(set.block()) {
+            return Err(Error::invalid(
+                "kernel",
+                format!(
+                    "the {} kernels have no block size {} (64 and 128 only)",
+                    kernel.name(),
+                    set.block()
+                ),
+            ));
+        }
         check_len("rows", set.len(), rows.len())?;
         if let Some(f) = rows.iter().position(|&n| n == 0) {
             return Err(Error::invalid(
@@ -188,17 +257,29 @@ impl AccumulatePlan {
         // Tiles wholly in a block's padding (rows past the factor's dimension) have no
         // partial products: their finalize writes the identity from no slot at all.
         let live = |e: &crate::layout::FactorEntry, j: usize, tr: usize| tr < e.layout.valid(j);
-        let live_tiles: Vec<usize> = set
+        let live_in = |e: &crate::layout::FactorEntry, j: usize| {
+            tiles.iter().filter(|&&(tr, _)| live(e, j, tr)).count()
+        };
+        // The thread blocks of one range of rows, weighted by the tiles each computes.
+        let blocks_kernel = kernel == AccumulateKernel::Blocks;
+        let weights: Vec<Vec<usize>> = set
             .entries()
             .iter()
             .map(|e| {
-                (0..e.layout.blocks())
-                    .map(|j| tiles.iter().filter(|&&(tr, _)| live(e, j, tr)).count())
-                    .sum()
+                let per_block = (0..e.layout.blocks()).map(|j| live_in(e, j));
+                if blocks_kernel {
+                    per_block.collect()
+                } else {
+                    vec![1; per_block.sum()]
+                }
             })
             .collect();
-        let target = TARGET_BLOCKS_PER_SM * sms.max(1);
-        let per = best_split(&live_tiles, rows, target);
+        let per_sm = if blocks_kernel {
+            TARGET_BLOCK_KERNELS_PER_SM
+        } else {
+            TARGET_BLOCKS_PER_SM
+        };
+        let per = best_split(&weights, rows, per_sm * sms.max(1));
         let (mut items, mut finals) = (Vec::new(), Vec::new());
         let mut slot = 0usize;
         let mut factor_slots = Vec::with_capacity(set.len());
@@ -206,6 +287,24 @@ impl AccumulatePlan {
             let splits = n.div_ceil(per);
             let first = slot;
             for j in 0..e.layout.blocks() {
+                if blocks_kernel {
+                    // One item per range for the whole block: its live tiles (a prefix of
+                    // `tiles`) take slots slot + k * splits + s.
+                    for s in 0..splits {
+                        let n0 = s * per;
+                        let n1 = (n0 + per).min(n);
+                        items.extend([
+                            f as i32,
+                            j as i32,
+                            n0 as i32,
+                            n1 as i32,
+                            (slot + s) as i32,
+                            splits as i32,
+                            0,
+                            0,
+                        ]);
+                    }
+                }
                 for (k, &(tr, tc)) in tiles.iter().enumerate() {
                     let splits = if live(e, j, tr) { splits } else { 0 };
                     finals.extend([
@@ -219,18 +318,20 @@ impl AccumulatePlan {
                         0,
                     ]);
                     for s in 0..splits {
-                        let n0 = s * per;
-                        let n1 = (n0 + per).min(n);
-                        items.extend([
-                            f as i32,
-                            j as i32,
-                            tr as i32,
-                            tc as i32,
-                            n0 as i32,
-                            n1 as i32,
-                            slot as i32,
-                            0,
-                        ]);
+                        if !blocks_kernel {
+                            let n0 = s * per;
+                            let n1 = (n0 + per).min(n);
+                            items.extend([
+                                f as i32,
+                                j as i32,
+                                tr as i32,
+                                tc as i32,
+                                n0 as i32,
+                                n1 as i32,
+                                slot as i32,
+                                0,
+                            ]);
+                        }
                         slot += 1;
                     }
                 }
@@ -245,6 +346,7 @@ impl AccumulatePlan {
             rows: rows.to_vec(),
             dtype,
             mode,
+            kernel,
             tile,
             items,
             finals,
@@ -290,6 +392,11 @@ impl AccumulatePlan {
     /// The element type of the inputs.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// The kernel family computing the partial products.
+    pub fn kernel(&self) -> AccumulateKernel {
+        self.kernel
     }
 
     /// The tile edge.
@@ -379,6 +486,19 @@ impl AccumulatePlan {
 
     fn partial_kernel(&self) -> KernelId {
         use AccumulateMode::*;
+        if self.kernel == AccumulateKernel::Blocks {
+            let b128 = self.set.block() == 128;
+            return match (self.dtype, self.mode, b128) {
+                (DType::F32, F32, true) => kernels::ACC_BLOCK_B128_F32X3,
+                (DType::F32, F32, false) => kernels::ACC_BLOCK_B64_F32X3,
+                (DType::F32, TensorCore, true) => kernels::ACC_BLOCK_B128_TF32,
+                (DType::F32, TensorCore, false) => kernels::ACC_BLOCK_B64_TF32,
+                (DType::F16, _, true) => kernels::ACC_BLOCK_B128_F16,
+                (DType::F16, _, false) => kernels::ACC_BLOCK_B64_F16,
+                (DType::BF16, _, true) => kernels::ACC_BLOCK_B128_BF16,
+                (DType::BF16, _, false) => kernels::ACC_BLOCK_B64_BF16,
+            };
+        }
         let t64 = self.tile == 64;
         match (self.dtype, self.mode, t64) {
             (DType::F32, F32, true) => kernels::ACC_PARTIAL_T64_F32,
@@ -397,6 +517,9 @@ impl AccumulatePlan {
     }
 
     fn partial_threads(&self) -> u32 {
+        if self.kernel == AccumulateKernel::Blocks {
+            return 192;
+        }
         match (self.mode, self.tile) {
             (AccumulateMode::TensorCore, _) => 128,
             (AccumulateMode::F32, 64) => 128,
@@ -646,7 +769,21 @@ impl CudaDevice {
         dtype: DType,
         mode: AccumulateMode,
     ) -> Result<DeviceAccumulate> {
-        let plan = AccumulatePlan::new(set, rows, dtype, mode, self.sm_count()?)?;
+        self.plan_accumulate_with(set, rows, dtype, mode, AccumulateKernel::Tiles)
+    }
+
+    /// [`CudaDevice::plan_accumulate`] with the partial products computed by `kernel`
+    /// ([`AccumulatePlan::with_kernel`]).
+    pub fn plan_accumulate_with(
+        &self,
+        set: &FactorSet,
+        rows: &[usize],
+        dtype: DType,
+        mode: AccumulateMode,
+        kernel: AccumulateKernel,
+    ) -> Result<DeviceAccumulate> {
+        let sms = self.sm_count()?;
+        let plan = AccumulatePlan::with_kernel(set, rows, dtype, mode, sms, kernel)?;
         Ok(DeviceAccumulate {
             items: self.upload(plan.items())?,
             finals: self.upload(plan.finals())?,
@@ -807,10 +944,17 @@ mod tests {
         assert_eq!(p.items().len() / 8, 108 * 5);
         // Short factors' items count for their own rows: a few tiny items beside a long
         // factor do not push the long one to twice its rows per block.
-        assert_eq!(best_split(&[108, 6, 108], &[256, 64, 50176], 432), {
-            let work = 108 * 256 + 6 * 64 + 108 * 50176;
-            (work as usize).div_ceil(432).next_multiple_of(32)
-        });
+        assert_eq!(
+            best_split(
+                &[vec![1; 108], vec![1; 6], vec![1; 108]],
+                &[256, 64, 50176],
+                432
+            ),
+            {
+                let work = 108 * 256 + 6 * 64 + 108 * 50176;
+                (work as usize).div_ceil(432).next_multiple_of(32)
+            }
+        );
         // A larger device or fewer rows never get fewer rows than the floor.
         let p = AccumulatePlan::new(&set, &[300], DType::F32, AccumulateMode::F32, 132).unwrap();
         assert!(p.rows_per_split() >= MIN_SPLIT_ROWS);
@@ -829,5 +973,55 @@ mod tests {
         assert_eq!(live, [true, true, true, true, false, false]);
         assert_eq!(p.items().len() / 8, 4 * splits);
         assert!(p.items().chunks(8).all(|it| !(it[1] == 1 && it[2] == 64)));
+    }
+
+    #[test]
+    fn block_kernel_items_cover_every_slot_once() {
+        // Mixed factors (dead tiles in the last blocks of 129 and 60 at b = 128), many rows.
+        for (b, dims, rows) in [
+            (128, vec![4608, 129, 60], vec![8192, 1000, 40]),
+            (64, vec![1, 65, 200], vec![7, 5000, 300]),
+        ] {
+            let set = FactorSet::new(b, &dims).unwrap();
+            let mode = AccumulateMode::TensorCore;
+            let k = AccumulateKernel::Blocks;
+            let p = AccumulatePlan::with_kernel(&set, &rows, DType::BF16, mode, 132, k).unwrap();
+            let tiles = AccumulatePlan::new(&set, &rows, DType::BF16, mode, 132).unwrap();
+            assert_eq!(p.finals().len(), tiles.finals().len(), "same finalize");
+            let mut hits = vec![0u32; p.slots()];
+            for it in p.items().chunks(8) {
+                let (f, j) = (it[0] as usize, it[1] as usize);
+                let valid = set.entries()[f].layout.valid(j);
+                let live = if valid > 64 {
+                    b / 64 * (b / 64 + 1) / 2
+                } else {
+                    1
+                };
+                assert!(it[2] < it[3] && it[3] as usize <= rows[f]);
+                for t in 0..live {
+                    hits[it[4] as usize + t * it[5] as usize] += 1;
+                }
+            }
+            assert!(hits.iter().all(|&h| h == 1), "b={b}: {hits:?}");
+            // Each block's items cover its factor's rows once.
+            for fi in p.finals().chunks(8).filter(|fi| fi[2] == 0) {
+                let rows_f = rows[fi[0] as usize];
+                let covered: usize = p
+                    .items()
+                    .chunks(8)
+                    .filter(|it| it[0] == fi[0] && it[1] == fi[1])
+                    .map(|it| (it[3] - it[2]) as usize)
+                    .sum();
+                assert_eq!(covered, rows_f, "b={b} {fi:?}");
+            }
+        }
+        // N = 8192, d = 4608, b = 128 on 132 SMs: one item per block and range.
+        let set = FactorSet::new(128, &[4608]).unwrap();
+        let k = AccumulateKernel::Blocks;
+        let p = AccumulatePlan::with_kernel(&set, &[8192], DType::F32, AccumulateMode::F32, 132, k)
+            .unwrap();
+        let splits = 8192usize.div_ceil(p.rows_per_split());
+        assert_eq!(p.items().len() / 8, 36 * splits);
+        assert_eq!(p.kernel(), k);
     }
 }

@@ -39,6 +39,22 @@ pub mod kernels {
     /// Batched damped Cholesky inversion, b = 256, f32.
     pub const INVERT_CHOL_B256_F32: KernelId = id("invert", "invert_chol_b256_f32");
 
+    /// Accumulation partial products, whole diagonal blocks of 128, f32 input as TF32, tensor cores.
+    pub const ACC_BLOCK_B128_TF32: KernelId = id("accumulate", "acc_block_b128_tf32");
+    /// Accumulation partial products, whole diagonal blocks of 64, f32 input as TF32, tensor cores.
+    pub const ACC_BLOCK_B64_TF32: KernelId = id("accumulate", "acc_block_b64_tf32");
+    /// Accumulation partial products, whole diagonal blocks of 128, f32 input as 3xTF32 (f32-level error), tensor cores.
+    pub const ACC_BLOCK_B128_F32X3: KernelId = id("accumulate", "acc_block_b128_f32x3");
+    /// Accumulation partial products, whole diagonal blocks of 64, f32 input as 3xTF32 (f32-level error), tensor cores.
+    pub const ACC_BLOCK_B64_F32X3: KernelId = id("accumulate", "acc_block_b64_f32x3");
+    /// Accumulation partial products, whole diagonal blocks of 128, f16 input, tensor cores.
+    pub const ACC_BLOCK_B128_F16: KernelId = id("accumulate", "acc_block_b128_f16");
+    /// Accumulation partial products, whole diagonal blocks of 64, f16 input, tensor cores.
+    pub const ACC_BLOCK_B64_F16: KernelId = id("accumulate", "acc_block_b64_f16");
+    /// Accumulation partial products, whole diagonal blocks of 128, bf16 input, tensor cores.
+    pub const ACC_BLOCK_B128_BF16: KernelId = id("accumulate", "acc_block_b128_bf16");
+    /// Accumulation partial products, whole diagonal blocks of 64, bf16 input, tensor cores.
+    pub const ACC_BLOCK_B64_BF16: KernelId = id("accumulate", "acc_block_b64_bf16");
     /// Accumulation partial products, 64 x 64 tiles, f32 input, SIMT f32.
     pub const ACC_PARTIAL_T64_F32: KernelId = id("accumulate", "acc_partial_t64_f32");
     /// Accumulation partial products, 32 x 32 tiles, f32 input, SIMT f32.
@@ -115,7 +131,7 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 31] = [
+    pub const ALL: [KernelId; 39] = [
         TRACE_RULE_F32,
         RULE_TALLY_F32,
         APPLY_B32_F32,
@@ -140,6 +156,14 @@ pub mod kernels {
         ACC_PARTIAL_T32_BF16,
         ACC_FINALIZE_T64_F32,
         ACC_FINALIZE_T32_F32,
+        ACC_BLOCK_B128_TF32,
+        ACC_BLOCK_B64_TF32,
+        ACC_BLOCK_B128_F32X3,
+        ACC_BLOCK_B64_F32X3,
+        ACC_BLOCK_B128_F16,
+        ACC_BLOCK_B64_F16,
+        ACC_BLOCK_B128_BF16,
+        ACC_BLOCK_B64_BF16,
         SPLIT_BLOCKS_F32,
         MERGE_BLOCKS_F32,
         TRACE_SET_F32,

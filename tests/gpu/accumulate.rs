@@ -3,11 +3,13 @@
 
 use super::*;
 
-use thor_kernels::cuda::accumulate::{AccumulateMode, DeviceElement, DeviceInput};
+use thor_kernels::cuda::accumulate::{
+    AccumulateKernel, AccumulateMode, DeviceElement, DeviceInput,
+};
 
 /// Runs the device accumulation of `set` from inputs `(x, rows, ld)` with `alpha = 1 /
-/// rows`, `beta`, starting from `init`; checks against the reference with `tol` and
-/// returns the status per factor.
+/// rows`, `beta`, starting from `init`, with the tile kernels and (b = 64, 128) the block
+/// kernels; checks each against the reference with `tol` and returns the status per factor.
 #[allow(clippy::too_many_arguments)]
 fn case<E: DeviceElement>(
     dev: &CudaDevice,
@@ -19,12 +21,38 @@ fn case<E: DeviceElement>(
     seed: u64,
     nan_in: Option<usize>,
 ) -> Vec<i32> {
+    let mut st = Vec::new();
+    for kernel in AccumulateKernel::ALL {
+        if kernel.supports(set.block()) {
+            st = case_with::<E>(dev, set, rows, beta, mode, tol, seed, nan_in, kernel);
+        }
+    }
+    st
+}
+
+#[allow(clippy::too_many_arguments)]
+fn case_with<E: DeviceElement>(
+    dev: &CudaDevice,
+    set: &FactorSet,
+    rows: &[usize],
+    beta: f32,
+    mode: AccumulateMode,
+    tol: f64,
+    seed: u64,
+    nan_in: Option<usize>,
+    kernel: AccumulateKernel,
+) -> Vec<i32> {
     let mut r = rng(seed);
     let mut xs = Vec::new();
     let mut lds = Vec::new();
     for (f, (e, &n)) in set.entries().iter().zip(rows).enumerate() {
         let d = e.layout.dim();
-        let ld = d + (f % 2) * 3;
+        // Odd factors' rows are not 16-byte aligned (the block kernels' element path).
+        let ld = if f % 2 == 0 {
+            d.next_multiple_of(8)
+        } else {
+            d + 3
+        };
         let mut x: Vec<E> = normal(&mut r, (n - 1) * ld + d)
             .into_iter()
             .map(E::from_f32)
@@ -50,7 +78,9 @@ fn case<E: DeviceElement>(
         }
         v
     };
-    let mut acc = dev.plan_accumulate(set, rows, E::DTYPE, mode).unwrap();
+    let mut acc = dev
+        .plan_accumulate_with(set, rows, E::DTYPE, mode, kernel)
+        .unwrap();
     let dxs: Vec<_> = xs.iter().map(|x| dev.upload(x).unwrap()).collect();
     let inputs: Vec<DeviceInput<'_, E>> = dxs
         .iter()
@@ -103,7 +133,11 @@ fn case<E: DeviceElement>(
         )
         .unwrap();
         let err = rel_err(&got[range.clone()], &want);
-        assert!(err < tol, "{mode:?} {:?} factor {f}: {err:e}", E::DTYPE);
+        assert!(
+            err < tol,
+            "{mode:?} {kernel:?} {:?} factor {f}: {err:e}",
+            E::DTYPE
+        );
         for k in 0..e.layout.blocks() {
             assert!(bitwise_symmetric(&got, b, e.first_block + k));
             let w: f64 = (0..b).map(|i| want[k * b * b + i * b + i]).sum();
