@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod choice;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -761,7 +761,10 @@ impl CudaDevice {
 
     /// Plans the grouped accumulation of every factor of `set` (factor `f` from inputs of
     /// `rows[f]` rows of type `dtype`) for this device, and allocates its tables and
-    /// workspace once.
+    /// workspace once. The kernel family is the one chosen for this card and these shapes
+    /// ([`CudaDevice::choose_accumulate_kernel`]: on first use both families are timed on
+    /// synthetic inputs of these sizes and checked against each other; the choice is
+    /// remembered, see [`crate::choice`]).
     pub fn plan_accumulate(
         &self,
         set: &FactorSet,
@@ -769,7 +772,8 @@ impl CudaDevice {
         dtype: DType,
         mode: AccumulateMode,
     ) -> Result<DeviceAccumulate> {
-        self.plan_accumulate_with(set, rows, dtype, mode, AccumulateKernel::Tiles)
+        let (kernel, _) = self.choose_accumulate_kernel(set, rows, dtype, mode)?;
+        self.plan_accumulate_with(set, rows, dtype, mode, kernel)
     }
 
     /// [`CudaDevice::plan_accumulate`] with the partial products computed by `kernel`

@@ -9,6 +9,7 @@
 
 pub mod accumulate;
 pub mod apply;
+pub mod choose;
 mod ops;
 pub mod raw;
 mod rule;

@@ -253,3 +253,56 @@ fn gpu_accumulate_dense_syrk_matches_reference() {
         1e-4 * (k.n as f64).sqrt() * 2.0,
     );
 }
+
+#[test]
+fn gpu_accumulate_kernel_choice_times_both_families() {
+    use thor_kernels::choice::{ChoiceSettings, ChoiceSource, Chooser};
+    let Some(dev) = gpu_or_skip("gpu_accumulate_kernel_choice_times_both_families") else {
+        return;
+    };
+    // This process's own chooser: nothing read from or written to the user's file.
+    let mut chooser = Chooser::new(ChoiceSettings::default(), "test");
+    let set = FactorSet::new(128, &[4608, 1153, 60]).unwrap();
+    let rows = [batch(8192), batch(8192), batch(300)];
+    for (dtype, mode) in [
+        (thor_kernels::DType::F32, AccumulateMode::F32),
+        (thor_kernels::DType::F32, AccumulateMode::TensorCore),
+        (thor_kernels::DType::BF16, AccumulateMode::TensorCore),
+    ] {
+        let (kernel, d) = dev
+            .choose_accumulate_kernel_in(&mut chooser, &set, &rows, dtype, mode)
+            .unwrap();
+        assert_eq!(d.source, ChoiceSource::Measured);
+        assert_eq!(d.trials.len(), 2);
+        for t in &d.trials {
+            assert!(t.rejected.is_none(), "{dtype:?} {mode:?}: {t:?}");
+            println!(
+                "choice {dtype:?} {mode:?} {}: {:.1} us",
+                t.variant,
+                t.seconds.unwrap() * 1e6
+            );
+        }
+        println!("choice {dtype:?} {mode:?}: {kernel:?}");
+        // Asked again: remembered, nothing timed.
+        let (again, d) = dev
+            .choose_accumulate_kernel_in(&mut chooser, &set, &rows, dtype, mode)
+            .unwrap();
+        assert_eq!((again, d.source), (kernel, ChoiceSource::Remembered));
+    }
+    // b = 32: only the tile kernels, nothing timed.
+    let small = FactorSet::new(32, &[100]).unwrap();
+    let (k, d) = dev
+        .choose_accumulate_kernel_in(
+            &mut chooser,
+            &small,
+            &[64],
+            thor_kernels::DType::F32,
+            AccumulateMode::F32,
+        )
+        .unwrap();
+    assert_eq!(
+        (k, d.source),
+        (AccumulateKernel::Tiles, ChoiceSource::Baseline)
+    );
+    assert!(chooser.warnings().is_empty(), "{:?}", chooser.warnings());
+}

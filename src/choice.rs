@@ -1,0 +1,724 @@
+//! Run-time choice among kernel variants, remembered per card.
+//!
+//! Some operations have more than one kernel (the accumulation's tile and block kernels,
+//! say), and which is fastest depends on the card, the shapes and the element type. A
+//! [`Chooser`] settles it on the card itself: on first use for a [`ChoiceKey`] (operation,
+//! card, shape class, element type) it runs every eligible variant on the caller's data,
+//! checks each against the baseline (the library's first kernel for that operation), keeps
+//! the fastest one that agrees and did not fail, and records the choice in a small text
+//! file, so later runs on the same card start from it. A variant that fails or disagrees
+//! is never chosen, and is reported. So a new variant can never make the library slower
+//! than the baseline on any card, nor give a wrong answer where the baseline gives a right
+//! one.
+//!
+//! Settings ([`ChoiceSettings::from_env`]):
+//! - `THOR_CHOICES`: the file (default `$XDG_CACHE_HOME/thor-kernels/choices.txt`, else
+//!   `~/.cache/thor-kernels/choices.txt`); `off` turns choosing off (the baseline always,
+//!   nothing timed, nothing written); `memory` keeps choices for the process only.
+//! - `THOR_FORCE_<OP>` (`THOR_FORCE_ACCUMULATE=blocks`, say): that variant, untimed,
+//!   wherever it is eligible.
+//!
+//! The file is never trusted blindly: one written by another version of the library or of
+//! its kernels (stale), one whose checksum does not match or that does not parse
+//! (corrupt), is ignored as a whole with a warning and rewritten at the next choice; an
+//! entry naming a variant the operation does not have, or that is not eligible for the
+//! shapes at hand, is ignored with a warning.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// What a choice is for: one operation on one card, for one class of shapes and one
+/// element type. Fields are free text without tabs or newlines.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChoiceKey {
+    /// The operation ("accumulate").
+    pub op: String,
+    /// The card: its name, compute capability and multiprocessor count.
+    pub card: String,
+    /// The shape class (for the accumulation: block size, mode and the rows and
+    /// dimensions of every factor).
+    pub class: String,
+    /// The element type of the inputs ("f32", "bf16", ...).
+    pub dtype: String,
+}
+
+impl fmt::Display for ChoiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} on {} ({}, {})",
+            self.op, self.card, self.class, self.dtype
+        )
+    }
+}
+
+/// How a variant came to be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChoiceSource {
+    /// Choosing is off, or only the baseline is eligible.
+    Baseline,
+    /// Forced by `THOR_FORCE_<OP>` or [`ChoiceSettings::force`].
+    Forced,
+    /// Read from the file (or from this process's earlier choice).
+    Remembered,
+    /// Timed just now.
+    Measured,
+}
+
+/// One variant's trial: its time, or why it was not chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrialReport {
+    /// The variant's name.
+    pub variant: String,
+    /// Median seconds per run, when it ran and agreed with the baseline.
+    pub seconds: Option<f64>,
+    /// Why it cannot be chosen (failed, disagreed with the baseline), if so.
+    pub rejected: Option<String>,
+}
+
+/// The outcome of [`Chooser::choose`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The variant to use.
+    pub variant: String,
+    /// How it was chosen.
+    pub source: ChoiceSource,
+    /// Every variant's trial (measured choices only; empty otherwise).
+    pub trials: Vec<TrialReport>,
+}
+
+/// What one trial of a variant gives back: its median time over a few runs and its output,
+/// to be compared with the baseline's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trial {
+    /// Median seconds per run.
+    pub seconds: f64,
+    /// The output of one run (the same inputs for every variant).
+    pub output: Vec<f32>,
+}
+
+/// Where choices are kept and which are forced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChoiceSettings {
+    /// False: always the baseline, nothing timed (`THOR_CHOICES=off`).
+    pub enabled: bool,
+    /// The file choices are read from and written to; `None`: this process only.
+    pub file: Option<PathBuf>,
+    /// Forced variants by operation (`THOR_FORCE_ACCUMULATE=blocks`).
+    pub forced: BTreeMap<String, String>,
+}
+
+impl Default for ChoiceSettings {
+    /// Choosing on, this process only, nothing forced.
+    fn default() -> Self {
+        ChoiceSettings {
+            enabled: true,
+            file: None,
+            forced: BTreeMap::new(),
+        }
+    }
+}
+
+impl ChoiceSettings {
+    /// The settings the environment gives (see the module docs).
+    pub fn from_env() -> Self {
+        let mut s = ChoiceSettings::default();
+        match std::env::var("THOR_CHOICES") {
+            Ok(v) if v == "off" => s.enabled = false,
+            Ok(v) if v == "memory" => {}
+            Ok(v) if !v.is_empty() => s.file = Some(PathBuf::from(v)),
+            _ => s.file = default_file(),
+        }
+        for (k, v) in std::env::vars() {
+            if let Some(op) = k.strip_prefix("THOR_FORCE_") {
+                s.forced.insert(op.to_ascii_lowercase(), v);
+            }
+        }
+        s
+    }
+
+    /// These settings with `variant` forced for `op`.
+    pub fn force(mut self, op: &str, variant: &str) -> Self {
+        self.forced.insert(op.to_string(), variant.to_string());
+        self
+    }
+}
+
+fn default_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("thor-kernels").join("choices.txt"))
+}
+
+const MAGIC: &str = "thor-kernels choices 1";
+
+/// FNV-1a, 64 bits: the file's checksum and the kernels' fingerprint.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Chooses variants and remembers the choices (see the module docs).
+#[derive(Debug)]
+pub struct Chooser {
+    settings: ChoiceSettings,
+    build: String,
+    entries: BTreeMap<ChoiceKey, String>,
+    warnings: Vec<String>,
+}
+
+impl Chooser {
+    /// A chooser for a library build identified by `build` (its version and a fingerprint
+    /// of its kernels: a file written by another build is stale). Reads the file, if any;
+    /// a stale or corrupt one is ignored with a warning ([`Chooser::warnings`]).
+    pub fn new(settings: ChoiceSettings, build: &str) -> Self {
+        let mut c = Chooser {
+            settings,
+            build: build.replace(['\t', '\n'], " "),
+            entries: BTreeMap::new(),
+            warnings: Vec::new(),
+        };
+        if c.settings.enabled {
+            if let Some(path) = c.settings.file.clone() {
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => match parse(&text, &c.build) {
+                        Ok(e) => c.entries = e,
+                        Err(why) => c.warn(format!(
+                            "ignoring the kernel choices in {}: {why}",
+                            path.display()
+                        )),
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => c.warn(format!(
+                        "cannot read the kernel choices in {}: {e}",
+                        path.display()
+                    )),
+                }
+            }
+        }
+        c
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &ChoiceSettings {
+        &self.settings
+    }
+
+    /// Warnings so far (a stale or corrupt file, ignored entries, rejected variants, a file
+    /// that could not be written); each was also printed to standard error.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The remembered choice for `key`, if any.
+    pub fn remembered(&self, key: &ChoiceKey) -> Option<&str> {
+        self.entries.get(key).map(String::as_str)
+    }
+
+    fn warn(&mut self, msg: String) {
+        eprintln!("thor-kernels: {msg}");
+        self.warnings.push(msg);
+    }
+
+    /// The variant to use for `key` among `eligible` (names; the first is the baseline,
+    /// the library's first kernel for the operation). Forced, else remembered, else
+    /// measured: `trial(v)` runs variant `v` on the caller's data a few times and gives its
+    /// median time and output. The baseline runs first; another variant is chosen only when
+    /// it ran, its output is finite and within `tol` (relative Frobenius error) of the
+    /// baseline's, and it was faster. A baseline that fails fails the choice (with its
+    /// error); other failures are reported and their variants passed over. A measured
+    /// choice is written to the file (a failed write is a warning, never an error).
+    pub fn choose(
+        &mut self,
+        key: &ChoiceKey,
+        eligible: &[&str],
+        tol: f64,
+        mut trial: impl FnMut(&str) -> Result<Trial>,
+    ) -> Result<Decision> {
+        let Some(&baseline) = eligible.first() else {
+            return Err(Error::invalid("eligible", "no variant to choose from"));
+        };
+        let decision = |variant: &str, source| Decision {
+            variant: variant.to_string(),
+            source,
+            trials: Vec::new(),
+        };
+        if let Some(forced) = self.settings.forced.get(&key.op) {
+            if !eligible.contains(&forced.as_str()) {
+                return Err(Error::invalid(
+                    "THOR_FORCE",
+                    format!(
+                        "{} = {forced} is not among the variants eligible here ({})",
+                        key.op,
+                        eligible.join(", ")
+                    ),
+                ));
+            }
+            return Ok(decision(forced, ChoiceSource::Forced));
+        }
+        if !self.settings.enabled || eligible.len() == 1 {
+            return Ok(decision(baseline, ChoiceSource::Baseline));
+        }
+        if let Some(v) = self.entries.get(key).cloned() {
+            if eligible.contains(&v.as_str()) {
+                return Ok(decision(&v, ChoiceSource::Remembered));
+            }
+            self.warn(format!(
+                "ignoring the remembered choice {v} for {key}: not eligible here ({})",
+                eligible.join(", ")
+            ));
+        }
+        let base = trial(baseline)?;
+        let mut trials = vec![TrialReport {
+            variant: baseline.to_string(),
+            seconds: Some(base.seconds),
+            rejected: None,
+        }];
+        let mut best = (base.seconds, baseline);
+        for &v in &eligible[1..] {
+            let verdict = match trial(v) {
+                Err(e) => Err(format!("failed: {e}")),
+                Ok(t) => match agreement(&t.output, &base.output) {
+                    Some(err) if err <= tol => Ok(t.seconds),
+                    Some(err) => Err(format!(
+                        "disagrees with {baseline}: relative error {err:.3e} > {tol:.1e}"
+                    )),
+                    None => Err(format!(
+                        "its output is not finite or not the baseline's size \
+                         ({} values, {baseline} gave {})",
+                        t.output.len(),
+                        base.output.len()
+                    )),
+                },
+            };
+            match verdict {
+                Ok(s) => {
+                    if s < best.0 {
+                        best = (s, v);
+                    }
+                    trials.push(TrialReport {
+                        variant: v.to_string(),
+                        seconds: Some(s),
+                        rejected: None,
+                    });
+                }
+                Err(why) => {
+                    self.warn(format!("variant {v} of {key} not chosen: {why}"));
+                    trials.push(TrialReport {
+                        variant: v.to_string(),
+                        seconds: None,
+                        rejected: Some(why),
+                    });
+                }
+            }
+        }
+        let chosen = best.1.to_string();
+        self.entries.insert(key.clone(), chosen.clone());
+        self.save();
+        Ok(Decision {
+            variant: chosen,
+            source: ChoiceSource::Measured,
+            trials,
+        })
+    }
+
+    /// Writes every choice to the file (a temporary file renamed over it).
+    fn save(&mut self) {
+        let Some(path) = self.settings.file.clone() else {
+            return;
+        };
+        if let Err(e) = write_file(&path, &render(&self.entries, &self.build)) {
+            self.warn(format!(
+                "cannot write the kernel choices to {}: {e}",
+                path.display()
+            ));
+        }
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+}
+
+/// The relative Frobenius error of `out` against `base`, or `None` when the sizes differ or
+/// `out` holds a non-finite value.
+fn agreement(out: &[f32], base: &[f32]) -> Option<f64> {
+    if out.len() != base.len() || out.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&o, &b) in out.iter().zip(base) {
+        num += (o as f64 - b as f64).powi(2);
+        den += (b as f64).powi(2);
+    }
+    Some(if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    })
+}
+
+fn render(entries: &BTreeMap<ChoiceKey, String>, build: &str) -> String {
+    let mut body = format!("{MAGIC}\t{build}\n");
+    for (k, v) in entries {
+        body.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{v}\n",
+            k.op, k.card, k.class, k.dtype
+        ));
+    }
+    let sum = fingerprint(body.as_bytes());
+    body.push_str(&format!("checksum\t{sum:016x}\n"));
+    body
+}
+
+fn parse(text: &str, build: &str) -> std::result::Result<BTreeMap<ChoiceKey, String>, String> {
+    let (body, last) = match text.trim_end_matches('\n').rsplit_once('\n') {
+        Some((body, last)) => (format!("{body}\n"), last),
+        None => return Err("corrupt: no checksum line".into()),
+    };
+    let want = last
+        .strip_prefix("checksum\t")
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .ok_or("corrupt: no checksum line")?;
+    if fingerprint(body.as_bytes()) != want {
+        return Err("corrupt: the checksum does not match".into());
+    }
+    let mut lines = body.lines();
+    let header = lines.next().unwrap_or_default();
+    let Some(theirs) = header
+        .strip_prefix(MAGIC)
+        .and_then(|r| r.strip_prefix('\t'))
+    else {
+        return Err("not a kernel choice file of this format".into());
+    };
+    if theirs != build {
+        return Err(format!(
+            "stale: written by {theirs}, this is {build} (the kernels changed)"
+        ));
+    }
+    let mut entries = BTreeMap::new();
+    for (n, line) in lines.enumerate() {
+        let f: Vec<&str> = line.split('\t').collect();
+        let [op, card, class, dtype, variant] = f[..] else {
+            return Err(format!(
+                "corrupt: line {} has {} fields, not 5",
+                n + 2,
+                f.len()
+            ));
+        };
+        if variant.is_empty() {
+            return Err(format!("corrupt: line {} names no variant", n + 2));
+        }
+        let key = ChoiceKey {
+            op: op.into(),
+            card: card.into(),
+            class: class.into(),
+            dtype: dtype.into(),
+        };
+        entries.insert(key, variant.to_string());
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(class: &str) -> ChoiceKey {
+        ChoiceKey {
+            op: "accumulate".into(),
+            card: "NVIDIA H200 sm_90 132 SMs".into(),
+            class: class.into(),
+            dtype: "f32".into(),
+        }
+    }
+
+    fn file(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("thor-choice-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir.join("choices.txt")
+    }
+
+    fn settings(path: &Path) -> ChoiceSettings {
+        ChoiceSettings {
+            file: Some(path.to_path_buf()),
+            ..ChoiceSettings::default()
+        }
+    }
+
+    /// A variant's name and its trial's time and output (`None`: it fails).
+    type Row<'a> = (&'a str, Option<(f64, Vec<f32>)>);
+
+    /// Trials with the given times and outputs; counts runs.
+    fn trials<'a>(
+        table: &'a [Row<'a>],
+        runs: &'a mut Vec<String>,
+    ) -> impl FnMut(&str) -> Result<Trial> + 'a {
+        move |v: &str| {
+            runs.push(v.to_string());
+            match table
+                .iter()
+                .find(|(n, _)| *n == v)
+                .and_then(|(_, t)| t.clone())
+            {
+                Some((seconds, output)) => Ok(Trial { seconds, output }),
+                None => Err(Error::invalid("variant", format!("{v} failed to launch"))),
+            }
+        }
+    }
+
+    #[test]
+    fn fastest_agreeing_variant_is_chosen_and_remembered() {
+        let path = file("remember");
+        let table = [
+            ("tiles", Some((2.0e-3, vec![1.0, 2.0, 3.0]))),
+            ("blocks", Some((1.0e-3, vec![1.0, 2.0, 3.0 + 1e-6]))),
+        ];
+        let mut runs = Vec::new();
+        let mut c = Chooser::new(settings(&path), "v1 k1");
+        let d = c
+            .choose(
+                &key("a"),
+                &["tiles", "blocks"],
+                1e-5,
+                trials(&table, &mut runs),
+            )
+            .unwrap();
+        assert_eq!(
+            (d.variant.as_str(), d.source),
+            ("blocks", ChoiceSource::Measured)
+        );
+        assert_eq!(d.trials.len(), 2);
+        assert_eq!(runs, ["tiles", "blocks"], "the baseline runs first");
+        // A new chooser of the same build reads it back, untimed.
+        let mut runs = Vec::new();
+        let mut c = Chooser::new(settings(&path), "v1 k1");
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        let d = c
+            .choose(
+                &key("a"),
+                &["tiles", "blocks"],
+                1e-5,
+                trials(&table, &mut runs),
+            )
+            .unwrap();
+        assert_eq!(
+            (d.variant.as_str(), d.source),
+            ("blocks", ChoiceSource::Remembered)
+        );
+        assert!(runs.is_empty());
+        // Another shape class is measured afresh.
+        let d = c
+            .choose(
+                &key("b"),
+                &["tiles", "blocks"],
+                1e-5,
+                trials(&table, &mut runs),
+            )
+            .unwrap();
+        assert_eq!(d.source, ChoiceSource::Measured);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn wrong_or_failing_variants_are_never_chosen_and_reported() {
+        let base = vec![1.0, -2.0, 3.0];
+        for (name, out, why) in [
+            ("wrong", Some((1e-6, vec![1.0, -2.0, 3.1])), "disagrees"),
+            ("nan", Some((1e-6, vec![1.0, f32::NAN, 3.0])), "not finite"),
+            (
+                "short",
+                Some((1e-6, vec![1.0, -2.0])),
+                "not finite or not the baseline's size",
+            ),
+            ("fails", None, "failed"),
+        ] {
+            let table = [("tiles", Some((1.0, base.clone()))), (name, out)];
+            let mut runs = Vec::new();
+            let mut c = Chooser::new(ChoiceSettings::default(), "b");
+            let d = c
+                .choose(
+                    &key(name),
+                    &["tiles", name],
+                    1e-5,
+                    trials(&table, &mut runs),
+                )
+                .unwrap();
+            assert_eq!(d.variant, "tiles", "{name}");
+            let r = d.trials[1].rejected.as_deref().unwrap();
+            assert!(r.contains(why), "{name}: {r}");
+            assert!(c
+                .warnings()
+                .iter()
+                .any(|w| w.contains(name) && w.contains(why)));
+        }
+        // A failing baseline fails the choice.
+        let table = [("tiles", None), ("blocks", Some((1.0, base)))];
+        let mut runs = Vec::new();
+        let mut c = Chooser::new(ChoiceSettings::default(), "b");
+        let e = c
+            .choose(
+                &key("x"),
+                &["tiles", "blocks"],
+                1e-5,
+                trials(&table, &mut runs),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "variant", .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn slower_variant_loses_to_the_baseline() {
+        let table = [
+            ("tiles", Some((1.0e-3, vec![4.0]))),
+            ("blocks", Some((1.5e-3, vec![4.0]))),
+        ];
+        let mut runs = Vec::new();
+        let mut c = Chooser::new(ChoiceSettings::default(), "b");
+        let d = c
+            .choose(
+                &key("a"),
+                &["tiles", "blocks"],
+                1e-5,
+                trials(&table, &mut runs),
+            )
+            .unwrap();
+        assert_eq!(d.variant, "tiles");
+        assert_eq!(d.trials[1].seconds, Some(1.5e-3));
+    }
+
+    #[test]
+    fn stale_corrupt_or_foreign_files_are_ignored_with_a_warning() {
+        let path = file("stale");
+        let table = [
+            ("tiles", Some((2.0, vec![1.0]))),
+            ("blocks", Some((1.0, vec![1.0]))),
+        ];
+        let mut runs = Vec::new();
+        let mut c = Chooser::new(settings(&path), "v1 kA");
+        c.choose(
+            &key("a"),
+            &["tiles", "blocks"],
+            1e-5,
+            trials(&table, &mut runs),
+        )
+        .unwrap();
+        let good = std::fs::read_to_string(&path).unwrap();
+        // Another build of the kernels: stale.
+        let c = Chooser::new(settings(&path), "v1 kB");
+        assert!(c.remembered(&key("a")).is_none());
+        assert!(c.warnings()[0].contains("stale"), "{:?}", c.warnings());
+        // An edited entry (checksum no longer matches), a truncated file, garbage.
+        for (label, text) in [
+            ("edited", good.replace("blocks", "tiles")),
+            ("truncated", good[..good.len() / 2].to_string()),
+            ("garbage", "\u{0}\u{1}not a file\n".to_string()),
+            ("empty", String::new()),
+        ] {
+            std::fs::write(&path, &text).unwrap();
+            let c = Chooser::new(settings(&path), "v1 kA");
+            assert!(c.remembered(&key("a")).is_none(), "{label}");
+            assert!(
+                c.warnings().iter().any(|w| w.contains("corrupt")),
+                "{label}: {:?}",
+                c.warnings()
+            );
+        }
+        // A resealed entry naming a variant that is not eligible here: ignored, remeasured.
+        std::fs::write(
+            &path,
+            render(&[(key("a"), "bogus".to_string())].into(), "v1 kA"),
+        )
+        .unwrap();
+        let mut c = Chooser::new(settings(&path), "v1 kA");
+        assert_eq!(c.remembered(&key("a")), Some("bogus"));
+        let mut runs = Vec::new();
+        let d = c
+            .choose(
+                &key("a"),
+                &["tiles", "blocks"],
+                1e-5,
+                trials(&table, &mut runs),
+            )
+            .unwrap();
+        assert_eq!(
+            (d.variant.as_str(), d.source),
+            ("blocks", ChoiceSource::Measured)
+        );
+        assert!(c.warnings()[0].contains("bogus"));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn off_forced_and_unwritable() {
+        let table = [
+            ("tiles", Some((2.0, vec![1.0]))),
+            ("blocks", Some((1.0, vec![1.0]))),
+        ];
+        let eligible = ["tiles", "blocks"];
+        // Off: the baseline, nothing run.
+        let off = ChoiceSettings {
+            enabled: false,
+            ..ChoiceSettings::default()
+        };
+        let mut runs = Vec::new();
+        let d = Chooser::new(off, "b")
+            .choose(&key("a"), &eligible, 1e-5, trials(&table, &mut runs))
+            .unwrap();
+        assert_eq!(
+            (d.variant.as_str(), d.source),
+            ("tiles", ChoiceSource::Baseline)
+        );
+        // Forced: that variant, nothing run; a forced variant that is not eligible is an error.
+        let forced = ChoiceSettings::default().force("accumulate", "blocks");
+        let d = Chooser::new(forced.clone(), "b")
+            .choose(&key("a"), &eligible, 1e-5, trials(&table, &mut runs))
+            .unwrap();
+        assert_eq!(
+            (d.variant.as_str(), d.source),
+            ("blocks", ChoiceSource::Forced)
+        );
+        let e = Chooser::new(forced, "b")
+            .choose(&key("a"), &["tiles"], 1e-5, trials(&table, &mut runs))
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidArgument {
+                    arg: "THOR_FORCE",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(runs.is_empty());
+        // A file that cannot be written: a warning, the choice stands.
+        let blocker = file("unwritable");
+        std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+        std::fs::write(&blocker, "a file where a directory should be").unwrap();
+        let mut c = Chooser::new(settings(&blocker.join("choices.txt")), "b");
+        let d = c
+            .choose(&key("a"), &eligible, 1e-5, trials(&table, &mut runs))
+            .unwrap();
+        assert_eq!(d.variant, "blocks");
+        assert!(c.warnings().iter().any(|w| w.contains("cannot write")));
+        let _ = std::fs::remove_dir_all(blocker.parent().unwrap());
+    }
+}

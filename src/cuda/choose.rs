@@ -1,0 +1,262 @@
+//! The device side of [`crate::choice`]: one chooser per process (settings from the
+//! environment, the file keyed to this build's kernels), the card's key, and the
+//! accumulation's kernel family chosen by timing both on the card.
+
+use std::sync::{Mutex, OnceLock};
+
+use super::accumulate::{AccumulateKernel, AccumulateMode, DeviceElement, DeviceInput};
+use super::CudaDevice;
+use crate::choice::{fingerprint, ChoiceKey, ChoiceSettings, Chooser, Decision, Trial};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::layout::FactorSet;
+
+/// This build as choice files record it: the crate version and a fingerprint of every
+/// kernel's source (a file written by another build is stale).
+pub fn build_id() -> String {
+    let mut all = Vec::new();
+    for m in super::kernels::MODULES {
+        all.extend_from_slice(m.name.as_bytes());
+        all.extend_from_slice(m.source.as_bytes());
+    }
+    format!(
+        "thor-kernels {} kernels {:016x}",
+        env!("CARGO_PKG_VERSION"),
+        fingerprint(&all)
+    )
+}
+
+/// The process's chooser, made from [`ChoiceSettings::from_env`] on first use.
+pub fn chooser() -> &'static Mutex<Chooser> {
+    static CHOOSER: OnceLock<Mutex<Chooser>> = OnceLock::new();
+    CHOOSER.get_or_init(|| Mutex::new(Chooser::new(ChoiceSettings::from_env(), &build_id())))
+}
+
+/// The shape class of a grouped accumulation as choices are keyed: block size, mode, the
+/// number of factors and a fingerprint of every factor's dimension and rows.
+pub fn accumulate_class(set: &FactorSet, rows: &[usize], mode: AccumulateMode) -> String {
+    let mut shapes = Vec::with_capacity(16 * set.len());
+    for (e, &n) in set.entries().iter().zip(rows) {
+        shapes.extend_from_slice(&(e.layout.dim() as u64).to_le_bytes());
+        shapes.extend_from_slice(&(n as u64).to_le_bytes());
+    }
+    format!(
+        "b={} {:?} {} factors {:016x}",
+        set.block(),
+        mode,
+        set.len(),
+        fingerprint(&shapes)
+    )
+}
+
+/// Relative Frobenius difference allowed between a variant's statistics and the tile
+/// kernels' on the same inputs: twice the design's tolerance against the f64 reference
+/// (f32 paths and 16-bit inputs, whose products are exact in f32: 1e-5; TF32: 5e-4).
+pub fn accumulate_tolerance(dtype: DType, mode: AccumulateMode) -> f64 {
+    match (dtype, mode) {
+        (DType::F32, AccumulateMode::TensorCore) => 1e-3,
+        _ => 2e-5,
+    }
+}
+
+/// Synthetic inputs larger than this are not made for a choice (the tile kernels run,
+/// with a warning): all factors read one buffer of the largest factor's size.
+pub const MAX_TRIAL_BYTES: usize = 1 << 30;
+
+impl CudaDevice {
+    /// The card as choices are keyed: its name, compute capability and multiprocessors.
+    pub fn card_key(&self) -> Result<String> {
+        Ok(format!(
+            "{} sm_{} {} SMs",
+            self.name()?.replace(['\t', '\n'], " "),
+            self.arch(),
+            self.sm_count()?
+        ))
+    }
+
+    /// The accumulation's kernel family for these shapes on this card: forced
+    /// (`THOR_FORCE_ACCUMULATE`), else remembered, else timed now on synthetic inputs of
+    /// the planned sizes (each eligible family a few times on this device's stream, the
+    /// result checked against the tile kernels', see [`crate::choice`]); the tile kernels
+    /// when choosing is off, when only they are eligible (b = 32, 256) or when the inputs
+    /// would exceed [`MAX_TRIAL_BYTES`].
+    pub fn choose_accumulate_kernel(
+        &self,
+        set: &FactorSet,
+        rows: &[usize],
+        dtype: DType,
+        mode: AccumulateMode,
+    ) -> Result<(AccumulateKernel, Decision)> {
+        let mut chooser = chooser().lock().unwrap_or_else(|e| e.into_inner());
+        self.choose_accumulate_kernel_in(&mut chooser, set, rows, dtype, mode)
+    }
+
+    /// [`CudaDevice::choose_accumulate_kernel`] with a chooser of the caller's (its own
+    /// settings and file) instead of the process's.
+    pub fn choose_accumulate_kernel_in(
+        &self,
+        chooser: &mut Chooser,
+        set: &FactorSet,
+        rows: &[usize],
+        dtype: DType,
+        mode: AccumulateMode,
+    ) -> Result<(AccumulateKernel, Decision)> {
+        // The shapes are checked first, by the plan every family shares.
+        super::accumulate::AccumulatePlan::new(set, rows, dtype, mode, 1)?;
+        let eligible: Vec<AccumulateKernel> = AccumulateKernel::ALL
+            .into_iter()
+            .filter(|k| k.supports(set.block()))
+            .collect();
+        let names: Vec<&str> = eligible.iter().map(|k| k.name()).collect();
+        let key = ChoiceKey {
+            op: "accumulate".into(),
+            card: self.card_key()?,
+            class: accumulate_class(set, rows, mode),
+            dtype: format!("{dtype:?}").to_ascii_lowercase(),
+        };
+        let longest = set
+            .entries()
+            .iter()
+            .zip(rows)
+            .map(|(e, &n)| n.saturating_mul(e.layout.dim()))
+            .max()
+            .unwrap_or(0);
+        let elem = dtype.size();
+        let too_large = longest.saturating_mul(elem) > MAX_TRIAL_BYTES;
+        let decision = if too_large
+            && chooser.settings().enabled
+            && chooser.remembered(&key).is_none()
+            && !chooser.settings().forced.contains_key("accumulate")
+        {
+            eprintln!(
+                "thor-kernels: {key}: inputs of {} MiB are too large to time at plan time; \
+                 the tile kernels run",
+                (longest * elem) >> 20
+            );
+            Decision {
+                variant: names[0].to_string(),
+                source: crate::choice::ChoiceSource::Baseline,
+                trials: Vec::new(),
+            }
+        } else {
+            let tol = accumulate_tolerance(dtype, mode);
+            match dtype {
+                DType::F32 => chooser.choose(&key, &names, tol, |v| {
+                    self.accumulate_trial::<f32>(set, rows, mode, longest, by_name(v)?)
+                })?,
+                DType::F16 => chooser.choose(&key, &names, tol, |v| {
+                    self.accumulate_trial::<half::f16>(set, rows, mode, longest, by_name(v)?)
+                })?,
+                DType::BF16 => chooser.choose(&key, &names, tol, |v| {
+                    self.accumulate_trial::<half::bf16>(set, rows, mode, longest, by_name(v)?)
+                })?,
+            }
+        };
+        Ok((by_name(&decision.variant)?, decision))
+    }
+
+    /// One family's trial: the accumulation of every factor from one synthetic buffer
+    /// (uniform values in [-1, 1), `len` elements), once for its output, then timed with
+    /// events a few times (at most 10, about 20 ms in all); the median.
+    fn accumulate_trial<E: DeviceElement>(
+        &self,
+        set: &FactorSet,
+        rows: &[usize],
+        mode: AccumulateMode,
+        len: usize,
+        kernel: AccumulateKernel,
+    ) -> Result<Trial> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let host: Vec<E> = (0..len.max(1))
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                E::from_f32(((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            })
+            .collect();
+        let x = self.upload(&host)?;
+        let inputs: Vec<DeviceInput<'_, E>> = set
+            .entries()
+            .iter()
+            .zip(rows)
+            .map(|(e, &n)| DeviceInput {
+                x: x.as_view(),
+                layout: crate::InputLayout::matrix(n, e.layout.dim()),
+                alpha: 1.0 / n as f32,
+                beta: 0.0,
+            })
+            .collect();
+        let mut acc = self.plan_accumulate_with(set, rows, E::DTYPE, mode, kernel)?;
+        let mut blocks = self.zeros::<f32>(set.buffer_len())?;
+        let mut bt = self.zeros::<f32>(set.total_blocks())?;
+        let mut ft = self.zeros::<f32>(set.len())?;
+        let mut status = self.zeros::<i32>(set.len())?;
+        let mut run =
+            |acc: &mut _| self.accumulate(acc, &inputs, &mut blocks, &mut bt, &mut ft, &mut status);
+        run(&mut acc)?;
+        let ctx = self.context_handle();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
+        let mut times = Vec::new();
+        let mut spent = 0.0;
+        while times.len() < 10 && (times.len() < 3 || spent < 0.02) {
+            start.record(self.stream())?;
+            run(&mut acc)?;
+            end.record(self.stream())?;
+            end.synchronize()?;
+            let t = start.elapsed_ms(&end)? as f64 / 1e3;
+            spent += t;
+            times.push(t);
+        }
+        times.sort_by(f64::total_cmp);
+        let st = self.download(&status)?;
+        if let Some(f) = st.iter().position(|&s| s != 0) {
+            return Err(Error::invalid(
+                "kernel",
+                format!(
+                    "{}: factor {f} reported status {} on finite input",
+                    kernel.name(),
+                    st[f]
+                ),
+            ));
+        }
+        Ok(Trial {
+            seconds: times[times.len() / 2],
+            output: self.download(&blocks)?,
+        })
+    }
+}
+
+fn by_name(v: &str) -> Result<AccumulateKernel> {
+    AccumulateKernel::ALL
+        .into_iter()
+        .find(|k| k.name() == v)
+        .ok_or_else(|| Error::invalid("kernel", format!("no accumulation kernel named {v}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_tell_shapes_apart() {
+        let set = FactorSet::new(128, &[4608, 300]).unwrap();
+        let a = accumulate_class(&set, &[8192, 100], AccumulateMode::F32);
+        assert!(a.starts_with("b=128 F32 2 factors "), "{a}");
+        assert_ne!(a, accumulate_class(&set, &[8192, 101], AccumulateMode::F32));
+        assert_ne!(
+            a,
+            accumulate_class(&set, &[8192, 100], AccumulateMode::TensorCore)
+        );
+        let other = FactorSet::new(128, &[4608, 301]).unwrap();
+        assert_ne!(
+            a,
+            accumulate_class(&other, &[8192, 100], AccumulateMode::F32)
+        );
+        assert_eq!(a, accumulate_class(&set, &[8192, 100], AccumulateMode::F32));
+        assert!(build_id().starts_with("thor-kernels "));
+        assert_eq!(by_name("blocks").unwrap(), AccumulateKernel::Blocks);
+        assert!(by_name("nope").is_err());
+    }
+}
