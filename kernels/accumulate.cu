@@ -705,7 +705,14 @@ __device__ void acc_partial_block(const AccFactor* __restrict__ factors,
     const bool patches = f.kind == ACC_PATCHES;
     const bool fast = !patches && ((f.x | (unsigned long long)(f.ld * ES)) % 16 == 0);
     AccInv inv = {};
-    if (patches) inv = acc_inv(f);
+    // A patch factor's columns, decoded once per thread block (the divisions by the kernel
+    // size), so that each element costs its row's decode (once per chunk) and a lookup.
+    THOR_SHARED(AccCol, cols, [B]);
+    if (patches) {
+        inv = acc_inv(f);
+        for (int c = tid; c < B; c += ACCB_THREADS) cols[c] = acc_col(f, (int)col0 + c, c < w);
+        __syncthreads();  // uniform: `patches` is the same for the whole block
+    }
 
     auto load = [&](int st, int n) {
         unsigned char* base = smem + st * STAGE;
@@ -723,10 +730,7 @@ __device__ void acc_partial_block(const AccFactor* __restrict__ factors,
             } else if (patches) {
                 const AccRow ar = acc_row(f, inv, row);
 #pragma unroll
-                for (int k = 0; k < CH; ++k) {
-                    const int col = (int)col0 + cc + k;
-                    e[k] = accb_gather<In>(f, x, ar, acc_col(f, col, cc + k < w));
-                }
+                for (int k = 0; k < CH; ++k) e[k] = accb_gather<In>(f, x, ar, cols[cc + k]);
             } else {
                 const In* xr = x + (long long)row * f.ld + col0 + cc;
 #pragma unroll
