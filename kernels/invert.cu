@@ -341,3 +341,13 @@ THOR_INVERT_REG_KERNEL(32, 8)
 THOR_INVERT_REG_KERNEL(64, 8)
 THOR_INVERT_REG_KERNEL(128, 16)
 THOR_INVERT_KERNEL(256, 512)
+
+// b = 128 at two thread blocks per SM (registers capped at 128 per thread): the same
+// register kernel; the second block's steps fill the first one's barrier waits.
+extern "C" __global__ void __launch_bounds__(256, 2) invert_chol_b128x2_f32(
+    const float* in, float* out, int nblocks, const float* damping, float damping_all,
+    const unsigned char* mask, int max_retries, float retry_factor, float retry_floor, int* info,
+    float* damping_used) {
+    invert_chol_reg<128, 16>(in, out, nblocks, damping, damping_all, mask, max_retries,
+                             retry_factor, retry_floor, info, damping_used);
+}

@@ -158,6 +158,13 @@ fn emu_invert(b: usize, input: &[f32], o: Inv<'_>) -> (Vec<f32>, Vec<i32>, Vec<f
         damping_used: used.ptr(),
     };
     let plan = raw::plan_invert_chol_f32(inp, outp, &args).unwrap();
+    // Every other kernel for this block size runs on fresh copies of the same buffers and
+    // must give the same bits (same arithmetic, another use of the multiprocessor).
+    let others: Vec<_> = raw::InvertKernel::ALL
+        .into_iter()
+        .filter(|k| *k != raw::InvertKernel::Standard && k.supports(b))
+        .collect();
+    let before = (din.get(), dout.as_ref().map(|d| d.get()));
     run(&[plan], order).unwrap();
     din.check("input");
     info.check("info");
@@ -169,6 +176,26 @@ fn emu_invert(b: usize, input: &[f32], o: Inv<'_>) -> (Vec<f32>, Vec<i32>, Vec<f
         }
         None => din.get(),
     };
+    for k in others {
+        let mut din2 = Guarded::new(&before.0);
+        let mut dout2 = before.1.as_deref().map(Guarded::new);
+        let mut info2 = Guarded::new(&vec![i32::MIN; nb]);
+        let mut used2 = Guarded::new(&vec![f32::NAN; nb]);
+        let inp2 = din2.ptr();
+        let args2 = InvertArgs {
+            info: info2.ptr(),
+            damping_used: used2.ptr(),
+            ..args
+        };
+        let outp2 = dout2.as_mut().map_or(inp2, |o| o.ptr());
+        let plan = raw::plan_invert_chol_f32_with(inp2, outp2, &args2, k).unwrap();
+        run(&[plan], order).unwrap();
+        let out2 = dout2.as_ref().map_or_else(|| din2.get(), |o| o.get());
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same(&out2, &out), "{k:?}: another output");
+        assert_eq!(info2.get(), info.get(), "{k:?}: info");
+        assert!(same(&used2.get(), &used.get()), "{k:?}: damping used");
+    }
     (out, info.get(), used.get())
 }
 

@@ -161,6 +161,7 @@ pub(crate) fn gpu_invert_benches(c: &mut Criterion) {
         // Effective rate: b^3 flops per block.
         g.throughput(Throughput::Elements((nb * b * b * b) as u64));
         let id = format!("invert/b{b}_x{nb}");
+        // The kernel chosen for this card ("thor"), and every kernel for this b by name.
         g.bench_function(format!("{id}/thor"), |bch| {
             bch.iter_custom(|iters| {
                 device_time(&dev, iters, || {
@@ -169,6 +170,19 @@ pub(crate) fn gpu_invert_benches(c: &mut Criterion) {
                 })
             })
         });
+        for k in thor_kernels::cuda::raw::InvertKernel::ALL {
+            if !k.supports(b) {
+                continue;
+            }
+            g.bench_function(format!("{id}/thor_{}", k.name()), |bch| {
+                bch.iter_custom(|iters| {
+                    device_time(&dev, iters, || {
+                        dev.invert_with(k, b, &input, &mut out, &mut info, &opts)
+                            .unwrap()
+                    })
+                })
+            });
+        }
         let mut route = CusolverRoute::new(&dev, b, nb);
         if !route.run(&dev, h, &input, b, nb) {
             println!("SKIPPED {id}/cusolver_potrf_trsm_gemm: a library call refused b = {b}");

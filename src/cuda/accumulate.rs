@@ -763,8 +763,8 @@ impl CudaDevice {
     /// `rows[f]` rows of type `dtype`) for this device, and allocates its tables and
     /// workspace once. The kernel family is the one chosen for this card and these shapes
     /// ([`CudaDevice::choose_accumulate_kernel`]: on first use both families are timed on
-    /// synthetic inputs of these sizes and checked against each other; the choice is
-    /// remembered, see [`crate::choice`]).
+    /// synthetic inputs of these sizes and checked against each other, which waits for the
+    /// device; the choice is remembered, see [`crate::choice`]).
     pub fn plan_accumulate(
         &self,
         set: &FactorSet,

@@ -1,10 +1,11 @@
 //! The device side of [`crate::choice`]: one chooser per process (settings from the
-//! environment, the file keyed to this build's kernels), the card's key, and the
-//! accumulation's kernel family chosen by timing both on the card.
+//! environment, the file keyed to this build's kernels), the card's key, and the kernels
+//! chosen by timing them on the card: the accumulation's family and the inversion's kernel.
 
 use std::sync::{Mutex, OnceLock};
 
 use super::accumulate::{AccumulateKernel, AccumulateMode, DeviceElement, DeviceInput};
+use super::raw::InvertKernel;
 use super::CudaDevice;
 use crate::choice::{fingerprint, ChoiceKey, ChoiceSettings, Chooser, Decision, Trial};
 use crate::dtype::DType;
@@ -66,12 +67,136 @@ pub const MAX_TRIAL_BYTES: usize = 1 << 30;
 impl CudaDevice {
     /// The card as choices are keyed: its name, compute capability and multiprocessors.
     pub fn card_key(&self) -> Result<String> {
-        Ok(format!(
+        if let Some(k) = self.card.get() {
+            return Ok(k.clone());
+        }
+        let k = format!(
             "{} sm_{} {} SMs",
             self.name()?.replace(['\t', '\n'], " "),
             self.arch(),
             self.sm_count()?
-        ))
+        );
+        Ok(self.card.get_or_init(|| k).clone())
+    }
+
+    /// The inversion kernel for `blocks` blocks of `b` on this card: forced
+    /// (`THOR_FORCE_INVERT`), else remembered, else timed now on synthetic well-conditioned
+    /// SPD blocks (each eligible kernel a few times on this device's stream, checked against
+    /// the standard kernel); the standard kernel when choosing is off, when it is the only
+    /// one for `b`, or past [`MAX_TRIAL_BYTES`] of blocks.
+    pub fn choose_invert_kernel(
+        &self,
+        b: usize,
+        blocks: usize,
+    ) -> Result<(InvertKernel, Decision)> {
+        let mut chooser = chooser().lock().unwrap_or_else(|e| e.into_inner());
+        self.choose_invert_kernel_in(&mut chooser, b, blocks)
+    }
+
+    /// [`CudaDevice::choose_invert_kernel`] with a chooser of the caller's.
+    pub fn choose_invert_kernel_in(
+        &self,
+        chooser: &mut Chooser,
+        b: usize,
+        blocks: usize,
+    ) -> Result<(InvertKernel, Decision)> {
+        crate::layout::check_block_size(b)?;
+        if blocks == 0 {
+            return Err(Error::invalid("blocks", "at least one block is needed"));
+        }
+        let names: Vec<&str> = InvertKernel::ALL
+            .into_iter()
+            .filter(|k| k.supports(b))
+            .map(|k| k.name())
+            .collect();
+        let key = ChoiceKey {
+            op: "invert".into(),
+            card: self.card_key()?,
+            class: format!("b={b} blocks={blocks}"),
+            dtype: "f32".into(),
+        };
+        let len = blocks.saturating_mul(b * b);
+        let decision = if len.saturating_mul(4) > MAX_TRIAL_BYTES
+            && names.len() > 1
+            && chooser.settings().enabled
+            && chooser.remembered(&key).is_none()
+            && !chooser.settings().forced.contains_key("invert")
+        {
+            Decision {
+                variant: names[0].to_string(),
+                source: crate::choice::ChoiceSource::Baseline,
+                trials: Vec::new(),
+            }
+        } else {
+            chooser.choose(&key, &names, 1e-6, |v| {
+                self.invert_trial(b, blocks, invert_by_name(v)?)
+            })?
+        };
+        Ok((invert_by_name(&decision.variant)?, decision))
+    }
+
+    /// One inversion kernel's trial on `blocks` synthetic SPD blocks of `b` (b on the
+    /// diagonal, uniform values in [-1, 1) off it, symmetric: diagonally dominant), timed
+    /// as [`CudaDevice::median_time`] does; the output of the last run.
+    fn invert_trial(&self, b: usize, blocks: usize, kernel: InvertKernel) -> Result<Trial> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut host = vec![0.0f32; blocks * b * b];
+        for m in host.chunks_mut(b * b) {
+            for i in 0..b {
+                for j in 0..i {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let v = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                    m[i * b + j] = v;
+                    m[j * b + i] = v;
+                }
+                m[i * b + i] = b as f32;
+            }
+        }
+        let input = self.upload(&host)?;
+        let mut out = self.zeros::<f32>(host.len())?;
+        let mut info = self.zeros::<i32>(blocks)?;
+        let opts = super::ops::DeviceInvertOptions::uniform(1e-3);
+        let mut run = || self.invert_with(kernel, b, &input, &mut out, &mut info, &opts);
+        let seconds = self.median_time(&mut run)?;
+        let st = self.download(&info)?;
+        if let Some(j) = st.iter().position(|&s| s != 0) {
+            return Err(Error::invalid(
+                "kernel",
+                format!(
+                    "{}: block {j} gave info {} on an SPD block",
+                    kernel.name(),
+                    st[j]
+                ),
+            ));
+        }
+        Ok(Trial {
+            seconds,
+            output: self.download(&out)?,
+        })
+    }
+
+    /// Runs `f` once (warm-up), then times it with events on this device's stream at least
+    /// 3 and at most 10 times, until about 20 ms are spent; the median seconds.
+    fn median_time(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        f()?;
+        let ctx = self.context_handle();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let (start, end) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
+        let mut times = Vec::new();
+        let mut spent = 0.0;
+        while times.len() < 10 && (times.len() < 3 || spent < 0.02) {
+            start.record(self.stream())?;
+            f()?;
+            end.record(self.stream())?;
+            end.synchronize()?;
+            let t = start.elapsed_ms(&end)? as f64 / 1e3;
+            spent += t;
+            times.push(t);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
     }
 
     /// The accumulation's kernel family for these shapes on this card: forced
@@ -156,8 +281,8 @@ impl CudaDevice {
     }
 
     /// One family's trial: the accumulation of every factor from one synthetic buffer
-    /// (uniform values in [-1, 1), `len` elements), once for its output, then timed with
-    /// events a few times (at most 10, about 20 ms in all); the median.
+    /// (uniform values in [-1, 1), `len` elements), timed as [`CudaDevice::median_time`]
+    /// does; the output of the last run.
     fn accumulate_trial<E: DeviceElement>(
         &self,
         set: &FactorSet,
@@ -192,24 +317,17 @@ impl CudaDevice {
         let mut bt = self.zeros::<f32>(set.total_blocks())?;
         let mut ft = self.zeros::<f32>(set.len())?;
         let mut status = self.zeros::<i32>(set.len())?;
-        let mut run =
-            |acc: &mut _| self.accumulate(acc, &inputs, &mut blocks, &mut bt, &mut ft, &mut status);
-        run(&mut acc)?;
-        let ctx = self.context_handle();
-        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let (start, end) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
-        let mut times = Vec::new();
-        let mut spent = 0.0;
-        while times.len() < 10 && (times.len() < 3 || spent < 0.02) {
-            start.record(self.stream())?;
-            run(&mut acc)?;
-            end.record(self.stream())?;
-            end.synchronize()?;
-            let t = start.elapsed_ms(&end)? as f64 / 1e3;
-            spent += t;
-            times.push(t);
-        }
-        times.sort_by(f64::total_cmp);
+        let mut run = || {
+            self.accumulate(
+                &mut acc,
+                &inputs,
+                &mut blocks,
+                &mut bt,
+                &mut ft,
+                &mut status,
+            )
+        };
+        let seconds = self.median_time(&mut run)?;
         let st = self.download(&status)?;
         if let Some(f) = st.iter().position(|&s| s != 0) {
             return Err(Error::invalid(
@@ -222,10 +340,17 @@ impl CudaDevice {
             ));
         }
         Ok(Trial {
-            seconds: times[times.len() / 2],
+            seconds,
             output: self.download(&blocks)?,
         })
     }
+}
+
+fn invert_by_name(v: &str) -> Result<InvertKernel> {
+    InvertKernel::ALL
+        .into_iter()
+        .find(|k| k.name() == v)
+        .ok_or_else(|| Error::invalid("kernel", format!("no inversion kernel named {v}")))
 }
 
 fn by_name(v: &str) -> Result<AccumulateKernel> {

@@ -158,6 +158,8 @@ pub struct CudaDevice {
     /// Everything loaded from the current kernel source, dropped as one when it changes.
     cache: Mutex<KernelCache>,
     blas: std::sync::OnceLock<Box<cudarc::cublas::CudaBlas>>,
+    /// The card as kernel choices are keyed ([`CudaDevice::card_key`]), once.
+    card: std::sync::OnceLock<String>,
 }
 
 /// The modules loaded from one kernel source, their functions, and the dynamic shared
@@ -245,6 +247,7 @@ impl CudaDevice {
             source: KernelSource::from_env(),
             cache: Mutex::new(KernelCache::default()),
             blas: std::sync::OnceLock::new(),
+            card: std::sync::OnceLock::new(),
         })
     }
 

@@ -139,6 +139,11 @@ impl CudaDevice {
     /// bit), lower triangle of the input read. `info` receives per block 0, the failing
     /// 1-based pivot, or a negative code ([`crate::invert`]); failed and skipped blocks keep
     /// their output. `damping_used`, when given, receives each attempted block's final damping.
+    ///
+    /// The kernel is the one chosen for this card and block count
+    /// ([`CudaDevice::choose_invert_kernel`]): the first call for a new block count may time
+    /// the kernels on synthetic blocks and wait for the device, so make it before capturing
+    /// a CUDA graph (or set `THOR_CHOICES=off`, or force one with `THOR_FORCE_INVERT`).
     pub fn invert(
         &self,
         b: usize,
@@ -154,9 +159,10 @@ impl CudaDevice {
         check_len("out", nb * b * b, out.len())?;
         self.check_same_context("input", input)?;
         self.check_same_context("out", out)?;
+        let (kernel, _) = self.choose_invert_kernel(b, nb)?;
         let (ip, _r) = input.device_ptr(&self.stream);
         let (op, _w) = out.device_ptr_mut(&self.stream);
-        self.invert_launch(b, ip, op, info, damping_used, opts)
+        self.invert_launch(kernel, b, ip, op, info, damping_used, opts)
     }
 
     /// [`CudaDevice::invert`] in place: failed and skipped blocks keep their input values.
@@ -171,12 +177,15 @@ impl CudaDevice {
         crate::layout::check_block_size(b)?;
         check_len("blocks", info.len() * b * b, blocks.len())?;
         self.check_same_context("blocks", blocks)?;
+        let (kernel, _) = self.choose_invert_kernel(b, info.len())?;
         let (p, _w) = blocks.device_ptr_mut(&self.stream);
-        self.invert_launch(b, p, p, info, damping_used, opts)
+        self.invert_launch(kernel, b, p, p, info, damping_used, opts)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn invert_launch(
         &self,
+        kernel: raw::InvertKernel,
         b: usize,
         input: u64,
         output: u64,
@@ -224,8 +233,31 @@ impl CudaDevice {
             info: info_p,
             damping_used: used,
         };
+        let plan = raw::plan_invert_chol_f32_with(input, output, &args, kernel)?;
         // SAFETY: every buffer belongs to this context and was checked against nb and b;
         // input and output are one allocation (in place) or two distinct CudaSlices.
-        unsafe { raw::invert_chol_f32(self, input, output, &args) }
+        unsafe { raw::launch(self, &plan) }
+    }
+
+    /// [`CudaDevice::invert`] with the inversion run by `kernel` rather than the one chosen
+    /// for this card.
+    pub fn invert_with(
+        &self,
+        kernel: raw::InvertKernel,
+        b: usize,
+        input: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        info: &mut CudaSlice<i32>,
+        opts: &DeviceInvertOptions<'_>,
+    ) -> Result<()> {
+        crate::layout::check_block_size(b)?;
+        let nb = info.len();
+        check_len("input", nb * b * b, input.len())?;
+        check_len("out", nb * b * b, out.len())?;
+        self.check_same_context("input", input)?;
+        self.check_same_context("out", out)?;
+        let (ip, _r) = input.device_ptr(&self.stream);
+        let (op, _w) = out.device_ptr_mut(&self.stream);
+        self.invert_launch(kernel, b, ip, op, info, None, opts)
     }
 }

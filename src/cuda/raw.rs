@@ -38,6 +38,9 @@ pub mod kernels {
     pub const INVERT_CHOL_B128_F32: KernelId = id("invert", "invert_chol_b128_f32");
     /// Batched damped Cholesky inversion, b = 256, f32.
     pub const INVERT_CHOL_B256_F32: KernelId = id("invert", "invert_chol_b256_f32");
+    /// Batched damped Cholesky inversion, b = 128, f32, registers capped for two thread
+    /// blocks per SM.
+    pub const INVERT_CHOL_B128X2_F32: KernelId = id("invert", "invert_chol_b128x2_f32");
 
     /// Accumulation partial products, whole diagonal blocks of 128, f32 input as TF32, tensor cores.
     pub const ACC_BLOCK_B128_TF32: KernelId = id("accumulate", "acc_block_b128_tf32");
@@ -131,7 +134,7 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 39] = [
+    pub const ALL: [KernelId; 40] = [
         TRACE_RULE_F32,
         RULE_TALLY_F32,
         APPLY_B32_F32,
@@ -171,6 +174,7 @@ pub mod kernels {
         INVERT_CHOL_B64_F32,
         INVERT_CHOL_B128_F32,
         INVERT_CHOL_B256_F32,
+        INVERT_CHOL_B128X2_F32,
     ];
 }
 
@@ -417,6 +421,40 @@ pub unsafe fn trace_set_f32(
     unsafe { launch(dev, &plan) }
 }
 
+/// Which kernel runs a batched inversion. Every kernel computes the same thing in the same
+/// order; they differ in how they use the multiprocessor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum InvertKernel {
+    /// One thread block per matrix, at the kernel's natural register count (every block
+    /// size; at b = 128 one thread block per SM).
+    Standard,
+    /// b = 128 only: the same kernel with registers capped at 128 so that two thread
+    /// blocks share an SM, each filling the other's barrier waits.
+    TwoPerSm,
+}
+
+impl InvertKernel {
+    /// Every inversion kernel, the baseline first.
+    pub const ALL: [InvertKernel; 2] = [InvertKernel::Standard, InvertKernel::TwoPerSm];
+
+    /// Whether this kernel exists for block size `b`.
+    pub fn supports(self, b: usize) -> bool {
+        match self {
+            InvertKernel::Standard => true,
+            InvertKernel::TwoPerSm => b == 128,
+        }
+    }
+
+    /// A short stable name ("standard", "two_per_sm"), as choices are recorded.
+    pub fn name(self) -> &'static str {
+        match self {
+            InvertKernel::Standard => "standard",
+            InvertKernel::TwoPerSm => "two_per_sm",
+        }
+    }
+}
+
 /// Arguments of [`invert_chol_f32`] besides the matrices.
 #[derive(Debug, Clone, Copy)]
 pub struct InvertArgs {
@@ -446,7 +484,28 @@ pub fn plan_invert_chol_f32(
     output: CUdeviceptr,
     args: &InvertArgs,
 ) -> Result<LaunchPlan> {
+    plan_invert_chol_f32_with(input, output, args, InvertKernel::Standard)
+}
+
+/// [`plan_invert_chol_f32`] with the inversion run by `kernel`; an error naming `kernel`
+/// when it has no kernel for the block size.
+pub fn plan_invert_chol_f32_with(
+    input: CUdeviceptr,
+    output: CUdeviceptr,
+    args: &InvertArgs,
+    kernel: InvertKernel,
+) -> Result<LaunchPlan> {
     crate::layout::check_block_size(args.b)?;
+    if !kernel.supports(args.b) {
+        return Err(Error::invalid(
+            "kernel",
+            format!(
+                "the {} inversion has no block size {}",
+                kernel.name(),
+                args.b
+            ),
+        ));
+    }
     check_ptr("input", input, 4)?;
     check_ptr("output", output, 4)?;
     check_ptr("info", args.info, 4)?;
@@ -472,7 +531,10 @@ pub fn plan_invert_chol_f32(
     let smem = super::tuning::invert_smem_bytes(args.b);
     use KernelArg::*;
     Ok(LaunchPlan {
-        kernel: kernels::invert_chol_f32(args.b),
+        kernel: match kernel {
+            InvertKernel::TwoPerSm => kernels::INVERT_CHOL_B128X2_F32,
+            _ => kernels::invert_chol_f32(args.b),
+        },
         grid: (grid, 1, 1),
         block: (super::tuning::invert_threads(args.b), 1, 1),
         smem: smem as u32,

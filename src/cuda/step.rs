@@ -96,6 +96,8 @@ pub struct DeviceThorStep {
     dtype: DType,
     partners: Vec<Option<usize>>,
     acc: DeviceAccumulate,
+    /// The inversion kernel chosen for this card and the set's block count.
+    invert: raw::InvertKernel,
     rule: DeviceTraceRule,
     stats: CudaSlice<f32>,
     inverses: CudaSlice<f32>,
@@ -202,11 +204,13 @@ impl CudaDevice {
                 eye[k * b * b + i * b + i] = 1.0;
             }
         }
+        let (invert, _) = self.choose_invert_kernel(set.block(), nb)?;
         Ok(DeviceThorStep {
             cfg,
             dtype,
             partners: partners_kept,
             acc,
+            invert,
             rule,
             stats: self.upload(&eye)?,
             inverses: self.upload(&eye)?,
@@ -450,7 +454,7 @@ impl DeviceThorStep {
         )?;
         guards.extend(g);
         plans.push(rule);
-        plans.push(raw::plan_invert_chol_f32(
+        plans.push(raw::plan_invert_chol_f32_with(
             bp,
             ip,
             &InvertArgs {
@@ -464,6 +468,7 @@ impl DeviceThorStep {
                 info: infp,
                 damping_used: up,
             },
+            self.invert,
         )?);
         plans.extend(tally);
         debug_assert_eq!(plans.len(), Self::LAUNCHES);

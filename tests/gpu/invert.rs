@@ -205,3 +205,33 @@ fn gpu_invert_residual_bound_up_to_cond_1e7() {
         invert_cases::residual_bound(&GpuInverter(&dev), b, "gpu");
     }
 }
+
+#[test]
+fn gpu_invert_kernel_choice_times_every_kernel() {
+    use thor_kernels::choice::{ChoiceSettings, ChoiceSource, Chooser};
+    use thor_kernels::cuda::raw::InvertKernel;
+    let Some(dev) = gpu_or_skip("gpu_invert_kernel_choice_times_every_kernel") else {
+        return;
+    };
+    let mut chooser = Chooser::new(ChoiceSettings::default(), "test");
+    for (b, nb) in [(128usize, 2048usize), (128, 64)] {
+        let (kernel, d) = dev.choose_invert_kernel_in(&mut chooser, b, nb).unwrap();
+        assert_eq!(d.source, ChoiceSource::Measured);
+        assert_eq!(d.trials.len(), 2);
+        for t in &d.trials {
+            assert!(t.rejected.is_none(), "b={b} x{nb}: {t:?}");
+            println!(
+                "invert choice b={b} x{nb} {}: {:.1} us",
+                t.variant,
+                t.seconds.unwrap() * 1e6
+            );
+        }
+        println!("invert choice b={b} x{nb}: {kernel:?}");
+    }
+    let (k, d) = dev.choose_invert_kernel_in(&mut chooser, 64, 100).unwrap();
+    assert_eq!(
+        (k, d.source),
+        (InvertKernel::Standard, ChoiceSource::Baseline)
+    );
+    assert!(chooser.warnings().is_empty(), "{:?}", chooser.warnings());
+}
