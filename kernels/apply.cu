@@ -39,11 +39,48 @@ __device__ __forceinline__ float apply_load<thor_bf16>(const thor_bf16* p) {
     return thor_bf16_to_float(p->bits);
 }
 
-template <typename In, int B, int R, int TM, int TN, int NT>
+// A thread's TN operand values of row k of a B-wide chunk: the tile kernels (CF false) own
+// columns tx TN .. tx TN + TN - 1, read one word at a time (lanes TN words apart: 4-way bank
+// conflicts at TN = 8, 2-way at b = 64); the conflict-free kernels (CF true) own two runs of
+// TN / 2, at tx TN / 2 and B / 2 + tx TN / 2, each one vector load (8 lanes of a phase read
+// 128 contiguous bytes).
+template <int B, int TN, bool CF>
+__device__ __forceinline__ int apply_col(int tx, int q) {
+    if (!CF) return tx * TN + q;
+    constexpr int H = TN / 2;
+    return q < H ? tx * H + q : B / 2 + tx * H + q - H;
+}
+
+template <int B, int TN, bool CF>
+__device__ __forceinline__ void apply_row(const float* row, int tx, float* bv) {
+#ifdef THOR_EMULATE
+    if (CF && reinterpret_cast<unsigned long long>(row + tx * (TN / 2)) % (TN * 2) != 0)
+        thor_emu::fail("apply: a misaligned vector load from shared memory");
+#endif
+    if constexpr (CF && TN == 8) {
+        const float4 lo = *reinterpret_cast<const float4*>(row + tx * 4);
+        const float4 hi = *reinterpret_cast<const float4*>(row + B / 2 + tx * 4);
+        bv[0] = lo.x, bv[1] = lo.y, bv[2] = lo.z, bv[3] = lo.w;
+        bv[4] = hi.x, bv[5] = hi.y, bv[6] = hi.z, bv[7] = hi.w;
+    } else if constexpr (CF && TN == 4) {
+        const float2 lo = *reinterpret_cast<const float2*>(row + tx * 2);
+        const float2 hi = *reinterpret_cast<const float2*>(row + B / 2 + tx * 2);
+        bv[0] = lo.x, bv[1] = lo.y, bv[2] = hi.x, bv[3] = hi.y;
+    } else {
+#pragma unroll
+        for (int q = 0; q < TN; ++q) bv[q] = row[apply_col<B, TN, CF>(tx, q)];
+    }
+}
+
+template <typename In, int B, int R, int TM, int TN, int NT, bool CF = false>
 __device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __restrict__ items) {
     constexpr int TX = B / TN, TY = R / TM;
     static_assert(TX * TY == NT, "thread count");
-    constexpr int LDT = B + 4;
+    static_assert(!CF || TN == 4 || TN == 8, "vector loads of TN / 2");
+    // Row pitch of T: B + 4 (tile kernels; rows 8 apart share a bank at B = 128: 2-way
+    // conflicts in phase 2's T reads), B + 1 (conflict-free kernels). Both keep the operand
+    // chunks after T 16-byte aligned (R (B + 1) is a multiple of 4 at every R, B).
+    constexpr int LDT = CF ? B + 1 : B + 4;
     THOR_DYNAMIC_SMEM(float, apply_smem);
     constexpr int PA = APPLY_BK * R / NT, PB = APPLY_BK * B / NT;  // per thread per chunk
     float* T = apply_smem;                    // R x LDT
@@ -117,8 +154,7 @@ __device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __r
                 float av[TM], bv[TN];
 #pragma unroll
                 for (int a = 0; a < TM; ++a) av[a] = as[k * R + ty * TM + a];
-#pragma unroll
-                for (int q = 0; q < TN; ++q) bv[q] = bs[k * B + tx * TN + q];
+                apply_row<B, TN, CF>(bs + k * B, tx, bv);
 #pragma unroll
                 for (int a = 0; a < TM; ++a)
 #pragma unroll
@@ -130,7 +166,8 @@ __device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __r
 #pragma unroll
         for (int a = 0; a < TM; ++a)
 #pragma unroll
-            for (int q = 0; q < TN; ++q) T[(ty * TM + a) * LDT + tx * TN + q] = acc[a][q];
+            for (int q = 0; q < TN; ++q)
+                T[(ty * TM + a) * LDT + apply_col<B, TN, CF>(tx, q)] = acc[a][q];
     }
     __syncthreads();  // T complete; every read of grad by this block is done
 
@@ -172,8 +209,7 @@ __device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __r
             float av[TM], bv[TN];
 #pragma unroll
             for (int a = 0; a < TM; ++a) av[a] = T[(ty * TM + a) * LDT + k0 + k];
-#pragma unroll
-            for (int q = 0; q < TN; ++q) bv[q] = bs[k * B + tx * TN + q];
+            apply_row<B, TN, CF>(bs + k * B, tx, bv);
 #pragma unroll
             for (int a = 0; a < TM; ++a)
 #pragma unroll
@@ -188,7 +224,7 @@ __device__ void apply_tile(const ApplyLayer* __restrict__ layers, const int* __r
         if (r >= rows) continue;
 #pragma unroll
         for (int q = 0; q < TN; ++q) {
-            const int c = tx * TN + q;
+            const int c = apply_col<B, TN, CF>(tx, q);
             if (c < wj) out[(grow0 + r0 + r) * ld + gcol0 + c] = L.scale * acc[a][q];
         }
     }
@@ -209,3 +245,15 @@ APPLY_KERNEL(apply_b32_bf16, thor_bf16, 32, 32, 4, 4, 64)
 APPLY_KERNEL(apply_b64_bf16, thor_bf16, 64, 64, 4, 4, 256)
 APPLY_KERNEL(apply_b128_bf16, thor_bf16, 128, 128, 8, 8, 256)
 APPLY_KERNEL(apply_b256_bf16, thor_bf16, 256, 64, 8, 8, 256)
+
+// Conflict-free kernels (vector operand loads, T pitch B + 1) for b = 64 and 128; at b = 128
+// with registers capped for two thread blocks per SM (two 98 KiB blocks fit in 227 KiB).
+#define APPLY_CF_KERNEL(NAME, IN, B, R, TM, TN, NT, MINB)                            \
+    extern "C" __global__ void __launch_bounds__(NT, MINB)                          \
+        NAME(const ApplyLayer* layers, const int* items) {                          \
+        apply_tile<IN, B, R, TM, TN, NT, true>(layers, items);                      \
+    }
+APPLY_CF_KERNEL(apply_b64_f32_cf, float, 64, 64, 4, 4, 256, 1)
+APPLY_CF_KERNEL(apply_b128_f32_cf, float, 128, 128, 8, 8, 256, 1)
+APPLY_CF_KERNEL(apply_b64_bf16_cf, thor_bf16, 64, 64, 4, 4, 256, 1)
+APPLY_CF_KERNEL(apply_b128_bf16_cf, thor_bf16, 128, 128, 8, 8, 256, 1)

@@ -11,7 +11,12 @@ use crate::thor::LayerCounters;
 /// How the products are computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum AccumulateMode {
-    /// SIMT fused multiply-adds in f32 on every input type: the accuracy baseline.
+    /// f32-level accuracy on every input type, the accuracy baseline (error against the f64
+    /// reference below 1e-5): SIMT fused multiply-adds in f32 on the CPU and in the device's
+    /// tile kernels; on the device's block kernels (b = 64, 128, where chosen for the card,
+    /// see [`crate::choice`]) 3xTF32 tensor-core products on f32 input and 16-bit products,
+    /// exact in f32, on f16 / bf16 input. The kernel family changes the rounding, not the
+    /// accuracy class; `THOR_CHOICES=off` keeps the tile kernels everywhere.
     #[default]
     F32,
     /// Tensor cores: TF32 products on f32 input, f16 / bf16 products on 16-bit input;

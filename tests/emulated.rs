@@ -922,11 +922,12 @@ fn emulated_accumulate_many_rows_and_non_finite_inputs() {
 
 mod apply {
     use super::*;
-    use thor_kernels::cuda::apply::{ApplyLayer, ApplyPlan, LayerBuffers};
+    use thor_kernels::cuda::apply::{ApplyKernel, ApplyLayer, ApplyPlan, LayerBuffers};
     use thor_kernels::Element;
 
-    /// Runs the emulated apply of `layers` (grads of type E), out of place or in place;
-    /// returns the outputs.
+    /// Runs the emulated apply of `layers` (grads of type E), out of place or in place,
+    /// with every kernel for the block size (each on fresh buffers; all must give the
+    /// standard kernel's bits); returns the outputs.
     pub fn run_apply<E: Element + bytemuck::Pod>(
         set: &FactorSet,
         inv: &[f32],
@@ -936,7 +937,41 @@ mod apply {
         in_place: bool,
         order: i32,
     ) -> Result<Vec<Vec<f32>>, String> {
-        let plan = ApplyPlan::new(set, layers, E::DTYPE).map_err(|e| e.to_string())?;
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        for k in ApplyKernel::ALL {
+            if !k.supports(set.block()) {
+                continue;
+            }
+            let outs = run_apply_with(set, inv, layers, grads, scales, in_place, order, k)?;
+            match &first {
+                None => first = Some(outs),
+                Some(f) => {
+                    for (l, (a, b)) in outs.iter().zip(f).enumerate() {
+                        assert!(
+                            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                            "{k:?}: layer {l} differs from the standard kernel"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(first.unwrap())
+    }
+
+    /// [`run_apply`] with one kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_apply_with<E: Element + bytemuck::Pod>(
+        set: &FactorSet,
+        inv: &[f32],
+        layers: &[ApplyLayer],
+        grads: &[Vec<E>],
+        scales: &[f32],
+        in_place: bool,
+        order: i32,
+        kernel: ApplyKernel,
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let plan =
+            ApplyPlan::with_kernel(set, layers, E::DTYPE, kernel).map_err(|e| e.to_string())?;
         let mut dinv = Guarded::new(inv);
         let mut dg: Vec<Guarded<E>> = grads.iter().map(|g| Guarded::new(g)).collect();
         let mut douts: Vec<Guarded<f32>> = grads

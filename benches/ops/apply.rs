@@ -149,6 +149,24 @@ pub(crate) fn gpu_apply_benches(c: &mut Criterion) {
     g.bench_function("apply/resnet50_54_layers_b128/thor", |bch| {
         bch.iter_custom(|iters| device_time(&dev, iters, || apply(&mut outs)))
     });
+    // Every kernel by name beside the chosen one ("thor").
+    for kernel in thor_kernels::cuda::apply::ApplyKernel::ALL {
+        let mut kplan = dev
+            .plan_apply_with(&set, &layers, thor_kernels::DType::F32, kernel)
+            .unwrap();
+        g.bench_function(
+            format!("apply/resnet50_54_layers_b128/thor_{}", kernel.name()),
+            |bch| {
+                bch.iter_custom(|iters| {
+                    device_time(&dev, iters, || {
+                        let mut ov: Vec<_> = outs.iter_mut().map(|o| o.as_view_mut()).collect();
+                        dev.apply(&mut kplan, &inv, &views, &mut ov, &scales)
+                            .unwrap()
+                    })
+                })
+            },
+        );
+    }
     // Baseline buffers (padded gradient, intermediate, padded output) per layer.
     let s = dev.stream().clone();
     let pads: Vec<[CudaSlice<f32>; 3]> = layers

@@ -135,8 +135,15 @@ impl AccumulateKernel {
 }
 
 /// Thread blocks per multiprocessor the planner aims for with the block kernels (192
-/// threads, 34 KiB of shared memory; two fit by registers at up to 170 per thread).
-pub const TARGET_BLOCK_KERNELS_PER_SM: usize = 2;
+/// threads each) at block size `b`: 2 at b = 128 (126-149 registers, 37 KiB of shared
+/// memory: two fit by registers), 4 at b = 64 (48-60 registers, 19.5 KiB).
+pub fn target_block_kernels_per_sm(b: usize) -> usize {
+    if b == 128 {
+        2
+    } else {
+        4
+    }
+}
 
 /// The cut of a grouped accumulation: which thread block does what. Depends on the set,
 /// the rows of each factor's input, the element type, the mode, the kernel family and the
@@ -275,7 +282,7 @@ impl AccumulatePlan {
             })
             .collect();
         let per_sm = if blocks_kernel {
-            TARGET_BLOCK_KERNELS_PER_SM
+            target_block_kernels_per_sm(b)
         } else {
             TARGET_BLOCKS_PER_SM
         };

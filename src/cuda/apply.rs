@@ -58,12 +58,47 @@ pub fn smem_bytes(b: usize) -> usize {
     (r * (b + 4) + 2 * 16 * r + 2 * 16 * b) * 4
 }
 
+/// Which kernel runs an apply. Both compute the same products in the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ApplyKernel {
+    /// Every block size: each thread's operand columns side by side, read a word at a time.
+    Standard,
+    /// b = 64 and 128: each thread's operand columns in two runs read by vector loads, and
+    /// the intermediate's row pitch chosen so that neither phase has shared-memory bank
+    /// conflicts (the standard kernel has 4-way conflicts on the operand reads at b = 128,
+    /// 2-way at b = 64, and 2-way on the intermediate's reads at b = 128).
+    ConflictFree,
+}
+
+impl ApplyKernel {
+    /// Every apply kernel, the baseline first.
+    pub const ALL: [ApplyKernel; 2] = [ApplyKernel::Standard, ApplyKernel::ConflictFree];
+
+    /// Whether this kernel exists for block size `b`.
+    pub fn supports(self, b: usize) -> bool {
+        match self {
+            ApplyKernel::Standard => true,
+            ApplyKernel::ConflictFree => b == 64 || b == 128,
+        }
+    }
+
+    /// A short stable name ("standard", "conflict_free"), as choices are recorded.
+    pub fn name(self) -> &'static str {
+        match self {
+            ApplyKernel::Standard => "standard",
+            ApplyKernel::ConflictFree => "conflict_free",
+        }
+    }
+}
+
 /// The cut of an apply over layers: which thread block computes which tile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApplyPlan {
     set: FactorSet,
     layers: Vec<ApplyLayer>,
     dtype: DType,
+    kernel: ApplyKernel,
     items: Vec<i32>,
 }
 
@@ -82,6 +117,27 @@ impl ApplyPlan {
     /// Plans the apply of `layers` whose inverse blocks live in a buffer laid out as `set`
     /// (all of one block size), gradients of element type `dtype` (f32 or bf16).
     pub fn new(set: &FactorSet, layers: &[ApplyLayer], dtype: DType) -> Result<Self> {
+        Self::with_kernel(set, layers, dtype, ApplyKernel::Standard)
+    }
+
+    /// [`ApplyPlan::new`] run by `kernel`; an error naming `kernel` when it has none for
+    /// the set's block size.
+    pub fn with_kernel(
+        set: &FactorSet,
+        layers: &[ApplyLayer],
+        dtype: DType,
+        kernel: ApplyKernel,
+    ) -> Result<Self> {
+        if !kernel.supports(set.block()) {
+            return Err(Error::invalid(
+                "kernel",
+                format!(
+                    "the {} apply has no block size {}",
+                    kernel.name(),
+                    set.block()
+                ),
+            ));
+        }
         if layers.is_empty() {
             return Err(Error::invalid("layers", "at least one layer is needed"));
         }
@@ -135,6 +191,7 @@ impl ApplyPlan {
             set: set.clone(),
             layers: layers.to_vec(),
             dtype,
+            kernel,
             items,
         })
     }
@@ -217,8 +274,20 @@ impl ApplyPlan {
         Ok(t)
     }
 
-    fn kernel(&self) -> KernelId {
-        kernels::apply(self.set.block(), self.dtype == DType::BF16)
+    /// The kernel that runs the plan.
+    pub fn kernel(&self) -> ApplyKernel {
+        self.kernel
+    }
+
+    fn kernel_id(&self) -> KernelId {
+        let bf16 = self.dtype == DType::BF16;
+        match (self.kernel, self.set.block(), bf16) {
+            (ApplyKernel::ConflictFree, 64, false) => kernels::APPLY_B64_F32_CF,
+            (ApplyKernel::ConflictFree, 64, true) => kernels::APPLY_B64_BF16_CF,
+            (ApplyKernel::ConflictFree, 128, false) => kernels::APPLY_B128_F32_CF,
+            (ApplyKernel::ConflictFree, 128, true) => kernels::APPLY_B128_BF16_CF,
+            (_, b, bf16) => kernels::apply(b, bf16),
+        }
     }
 
     /// The launch, with the layer table at `layers` and the plan's items at `items`.
@@ -227,7 +296,7 @@ impl ApplyPlan {
         raw::check_ptr("items", items, 4)?;
         let b = self.set.block();
         Ok(LaunchPlan {
-            kernel: self.kernel(),
+            kernel: self.kernel_id(),
             grid: (raw::grid_u32("layers", self.items.len() / 4)?, 1, 1),
             block: (threads(b), 1, 1),
             smem: smem_bytes(b) as u32,
@@ -287,13 +356,30 @@ impl DeviceApply {
 impl CudaDevice {
     /// Plans the apply of `layers` with inverses laid out as `set`, gradients of type
     /// `dtype` (f32 or bf16), and allocates its tables once.
+    ///
+    /// The kernel is the one chosen for this card and these layers
+    /// ([`CudaDevice::choose_apply_kernel`]: on first use every kernel for the block size is
+    /// timed on synthetic gradients and inverses of these shapes, which waits for the device;
+    /// see [`crate::choice`]).
     pub fn plan_apply(
         &self,
         set: &FactorSet,
         layers: &[ApplyLayer],
         dtype: DType,
     ) -> Result<DeviceApply> {
-        let plan = ApplyPlan::new(set, layers, dtype)?;
+        let (kernel, _) = self.choose_apply_kernel(set, layers, dtype)?;
+        self.plan_apply_with(set, layers, dtype, kernel)
+    }
+
+    /// [`CudaDevice::plan_apply`] run by `kernel` ([`ApplyPlan::with_kernel`]).
+    pub fn plan_apply_with(
+        &self,
+        set: &FactorSet,
+        layers: &[ApplyLayer],
+        dtype: DType,
+        kernel: ApplyKernel,
+    ) -> Result<DeviceApply> {
+        let plan = ApplyPlan::with_kernel(set, layers, dtype, kernel)?;
         Ok(DeviceApply {
             items: self.upload(plan.items())?,
             table: self.zeros(8 * layers.len())?,

@@ -5,6 +5,7 @@
 use std::sync::{Mutex, OnceLock};
 
 use super::accumulate::{AccumulateKernel, AccumulateMode, DeviceElement, DeviceInput};
+use super::apply::{ApplyKernel, ApplyLayer};
 use super::raw::InvertKernel;
 use super::CudaDevice;
 use crate::choice::{fingerprint, ChoiceKey, ChoiceSettings, Chooser, Decision, Trial};
@@ -60,8 +61,9 @@ pub fn accumulate_tolerance(dtype: DType, mode: AccumulateMode) -> f64 {
     }
 }
 
-/// Synthetic inputs larger than this are not made for a choice (the tile kernels run,
-/// with a warning): all factors read one buffer of the largest factor's size.
+/// Synthetic inputs larger than this are not made for a choice (the baseline runs, with a
+/// warning): the accumulation's factors all read one buffer of the largest factor's size,
+/// the inversion's trial holds all its blocks.
 pub const MAX_TRIAL_BYTES: usize = 1 << 30;
 
 impl CudaDevice {
@@ -115,23 +117,10 @@ impl CudaDevice {
             class: format!("b={b} blocks={blocks}"),
             dtype: "f32".into(),
         };
-        let len = blocks.saturating_mul(b * b);
-        let decision = if len.saturating_mul(4) > MAX_TRIAL_BYTES
-            && names.len() > 1
-            && chooser.settings().enabled
-            && chooser.remembered(&key).is_none()
-            && !chooser.settings().forced.contains_key("invert")
-        {
-            Decision {
-                variant: names[0].to_string(),
-                source: crate::choice::ChoiceSource::Baseline,
-                trials: Vec::new(),
-            }
-        } else {
-            chooser.choose(&key, &names, 1e-6, |v| {
-                self.invert_trial(b, blocks, invert_by_name(v)?)
-            })?
-        };
+        let bytes = blocks.saturating_mul(b * b * 4);
+        let decision = self.decide(chooser, &key, &names, 1e-6, bytes, |v| {
+            self.invert_trial(b, blocks, invert_by_name(v)?)
+        })?;
         Ok((invert_by_name(&decision.variant)?, decision))
     }
 
@@ -173,8 +162,180 @@ impl CudaDevice {
         }
         Ok(Trial {
             seconds,
-            output: self.download(&out)?,
+            parts: self
+                .download(&out)?
+                .chunks(b * b)
+                .map(<[f32]>::to_vec)
+                .collect(),
         })
+    }
+
+    /// The apply kernel for these layers on this card: forced (`THOR_FORCE_APPLY`), else
+    /// remembered, else timed now on synthetic gradients and symmetric inverse blocks of
+    /// these shapes (checked layer by layer against the standard kernel); the standard
+    /// kernel when choosing is off or it is the only one for the block size.
+    pub fn choose_apply_kernel(
+        &self,
+        set: &FactorSet,
+        layers: &[ApplyLayer],
+        dtype: DType,
+    ) -> Result<(ApplyKernel, Decision)> {
+        let mut chooser = chooser().lock().unwrap_or_else(|e| e.into_inner());
+        self.choose_apply_kernel_in(&mut chooser, set, layers, dtype)
+    }
+
+    /// [`CudaDevice::choose_apply_kernel`] with a chooser of the caller's.
+    pub fn choose_apply_kernel_in(
+        &self,
+        chooser: &mut Chooser,
+        set: &FactorSet,
+        layers: &[ApplyLayer],
+        dtype: DType,
+    ) -> Result<(ApplyKernel, Decision)> {
+        // The shapes are checked first, by the plan every kernel shares.
+        super::apply::ApplyPlan::new(set, layers, dtype)?;
+        let names: Vec<&str> = ApplyKernel::ALL
+            .into_iter()
+            .filter(|k| k.supports(set.block()))
+            .map(|k| k.name())
+            .collect();
+        let mut shapes = Vec::with_capacity(32 * layers.len());
+        for l in layers {
+            for v in [
+                l.out_dim,
+                l.in_dim,
+                l.g_factor.map_or(usize::MAX, |f| f),
+                l.a_factor.map_or(usize::MAX, |f| f),
+            ] {
+                shapes.extend_from_slice(&(v as u64).to_le_bytes());
+            }
+        }
+        let key = ChoiceKey {
+            op: "apply".into(),
+            card: self.card_key()?,
+            class: format!(
+                "b={} {} layers {:016x}",
+                set.block(),
+                layers.len(),
+                fingerprint(&shapes)
+            ),
+            dtype: format!("{dtype:?}").to_ascii_lowercase(),
+        };
+        let elems: usize = layers.iter().map(|l| l.out_dim * l.in_dim).sum();
+        let bytes = elems * (dtype.size() + 4) + set.buffer_len() * 4;
+        let decision = match dtype {
+            DType::BF16 => self.decide(chooser, &key, &names, 1e-6, bytes, |v| {
+                self.apply_trial::<half::bf16>(set, layers, apply_by_name(v)?)
+            })?,
+            _ => self.decide(chooser, &key, &names, 1e-6, bytes, |v| {
+                self.apply_trial::<f32>(set, layers, apply_by_name(v)?)
+            })?,
+        };
+        Ok((apply_by_name(&decision.variant)?, decision))
+    }
+
+    /// One apply kernel's trial: every layer from synthetic gradients (uniform in [-1, 1))
+    /// and symmetric inverse blocks, timed as [`CudaDevice::median_time`] does; the outputs
+    /// of the last run, one part per layer.
+    fn apply_trial<E: DeviceElement>(
+        &self,
+        set: &FactorSet,
+        layers: &[ApplyLayer],
+        kernel: ApplyKernel,
+    ) -> Result<Trial> {
+        let mut state = 0x5851_f42d_4c95_7f2du64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let b = set.block();
+        let mut inv = vec![0.0f32; set.buffer_len()];
+        for m in inv.chunks_mut(b * b) {
+            for i in 0..b {
+                for j in 0..=i {
+                    let v = next();
+                    m[i * b + j] = v;
+                    m[j * b + i] = v;
+                }
+            }
+        }
+        let inv = self.upload(&inv)?;
+        let mut grads = Vec::with_capacity(layers.len());
+        let mut outs = Vec::with_capacity(layers.len());
+        for l in layers {
+            let g: Vec<E> = (0..l.out_dim * l.in_dim)
+                .map(|_| E::from_f32(next()))
+                .collect();
+            grads.push(self.upload(&g)?);
+            outs.push(self.zeros::<f32>(l.out_dim * l.in_dim)?);
+        }
+        let mut plan = self.plan_apply_with(set, layers, E::DTYPE, kernel)?;
+        let scales = vec![1.0f32; layers.len()];
+        let mut run = || {
+            let gv: Vec<_> = grads.iter().map(|g| g.as_view()).collect();
+            let mut ov: Vec<_> = outs.iter_mut().map(|o| o.as_view_mut()).collect();
+            self.apply(&mut plan, &inv, &gv, &mut ov, &scales)
+        };
+        let seconds = self.median_time(&mut run)?;
+        let parts = outs
+            .iter()
+            .map(|o| self.download(o))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Trial { seconds, parts })
+    }
+
+    /// The decision for `key` among `names` (the baseline first): [`Chooser::choose`] with
+    /// `trial`, except that nothing is timed while this device's stream is being captured
+    /// into a graph, nor when the trial's inputs would take more than [`MAX_TRIAL_BYTES`]
+    /// (`trial_bytes`); then, and when a trial of the baseline fails, the baseline runs (or a
+    /// forced or remembered variant), with a warning.
+    fn decide(
+        &self,
+        chooser: &mut Chooser,
+        key: &ChoiceKey,
+        names: &[&str],
+        tol: f64,
+        trial_bytes: usize,
+        trial: impl FnMut(&str) -> Result<Trial>,
+    ) -> Result<Decision> {
+        let would_time = names.len() > 1
+            && chooser.settings().enabled
+            && chooser.remembered(key).is_none()
+            && !chooser.settings().forced.contains_key(&key.op);
+        if would_time {
+            use cudarc::driver::sys::CUstreamCaptureStatus;
+            let capturing = self.stream().capture_status()?
+                != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+            let why = if capturing {
+                Some("the stream is being captured".to_string())
+            } else if trial_bytes > MAX_TRIAL_BYTES {
+                Some(format!(
+                    "its inputs ({} MiB) are too large to time",
+                    trial_bytes >> 20
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                chooser.warn(format!(
+                    "{key}: not timed ({why}); the {} variant runs",
+                    names[0]
+                ));
+                return chooser.without_trials(key, names);
+            }
+        }
+        match chooser.choose(key, names, tol, trial) {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                chooser.warn(format!(
+                    "{key}: timing the variants failed ({e}); the {} variant runs",
+                    names[0]
+                ));
+                chooser.without_trials(key, names)
+            }
+        }
     }
 
     /// Runs `f` once (warm-up), then times it with events on this device's stream at least
@@ -247,42 +408,26 @@ impl CudaDevice {
             .max()
             .unwrap_or(0);
         let elem = dtype.size();
-        let too_large = longest.saturating_mul(elem) > MAX_TRIAL_BYTES;
-        let decision = if too_large
-            && chooser.settings().enabled
-            && chooser.remembered(&key).is_none()
-            && !chooser.settings().forced.contains_key("accumulate")
-        {
-            eprintln!(
-                "thor-kernels: {key}: inputs of {} MiB are too large to time at plan time; \
-                 the tile kernels run",
-                (longest * elem) >> 20
-            );
-            Decision {
-                variant: names[0].to_string(),
-                source: crate::choice::ChoiceSource::Baseline,
-                trials: Vec::new(),
-            }
-        } else {
-            let tol = accumulate_tolerance(dtype, mode);
-            match dtype {
-                DType::F32 => chooser.choose(&key, &names, tol, |v| {
-                    self.accumulate_trial::<f32>(set, rows, mode, longest, by_name(v)?)
-                })?,
-                DType::F16 => chooser.choose(&key, &names, tol, |v| {
-                    self.accumulate_trial::<half::f16>(set, rows, mode, longest, by_name(v)?)
-                })?,
-                DType::BF16 => chooser.choose(&key, &names, tol, |v| {
-                    self.accumulate_trial::<half::bf16>(set, rows, mode, longest, by_name(v)?)
-                })?,
-            }
+        let len = longest.saturating_add(16 * set.len());
+        let tol = accumulate_tolerance(dtype, mode);
+        let decision = match dtype {
+            DType::F32 => self.decide(chooser, &key, &names, tol, len * elem, |v| {
+                self.accumulate_trial::<f32>(set, rows, mode, len, by_name(v)?)
+            })?,
+            DType::F16 => self.decide(chooser, &key, &names, tol, len * elem, |v| {
+                self.accumulate_trial::<half::f16>(set, rows, mode, len, by_name(v)?)
+            })?,
+            DType::BF16 => self.decide(chooser, &key, &names, tol, len * elem, |v| {
+                self.accumulate_trial::<half::bf16>(set, rows, mode, len, by_name(v)?)
+            })?,
         };
         Ok((by_name(&decision.variant)?, decision))
     }
 
     /// One family's trial: the accumulation of every factor from one synthetic buffer
-    /// (uniform values in [-1, 1), `len` elements), timed as [`CudaDevice::median_time`]
-    /// does; the output of the last run.
+    /// (uniform values in [-1, 1), `len` elements; factor `f` reads from element `16 f`, so
+    /// factors see different data), timed as [`CudaDevice::median_time`] does; the output of
+    /// the last run, one part per factor.
     fn accumulate_trial<E: DeviceElement>(
         &self,
         set: &FactorSet,
@@ -305,8 +450,9 @@ impl CudaDevice {
             .entries()
             .iter()
             .zip(rows)
-            .map(|(e, &n)| DeviceInput {
-                x: x.as_view(),
+            .enumerate()
+            .map(|(f, (e, &n))| DeviceInput {
+                x: x.slice(16 * f..),
                 layout: crate::InputLayout::matrix(n, e.layout.dim()),
                 alpha: 1.0 / n as f32,
                 beta: 0.0,
@@ -329,6 +475,7 @@ impl CudaDevice {
         };
         let seconds = self.median_time(&mut run)?;
         let st = self.download(&status)?;
+        let got = self.download(&blocks)?;
         if let Some(f) = st.iter().position(|&s| s != 0) {
             return Err(Error::invalid(
                 "kernel",
@@ -341,9 +488,20 @@ impl CudaDevice {
         }
         Ok(Trial {
             seconds,
-            output: self.download(&blocks)?,
+            parts: set
+                .entries()
+                .iter()
+                .map(|e| got[e.offset()..e.offset() + e.layout.buffer_len()].to_vec())
+                .collect(),
         })
     }
+}
+
+fn apply_by_name(v: &str) -> Result<ApplyKernel> {
+    ApplyKernel::ALL
+        .into_iter()
+        .find(|k| k.name() == v)
+        .ok_or_else(|| Error::invalid("kernel", format!("no apply kernel named {v}")))
 }
 
 fn invert_by_name(v: &str) -> Result<InvertKernel> {

@@ -123,6 +123,14 @@ pub mod kernels {
     /// The rule's counters after the inversion (updates and failed inversions).
     pub const RULE_TALLY_F32: KernelId = id("rule", "rule_tally_f32");
 
+    /// Preconditioner apply, b = 64, f32 gradients, conflict-free operand loads.
+    pub const APPLY_B64_F32_CF: KernelId = id("apply", "apply_b64_f32_cf");
+    /// Preconditioner apply, b = 64, bf16 gradients, conflict-free operand loads.
+    pub const APPLY_B64_BF16_CF: KernelId = id("apply", "apply_b64_bf16_cf");
+    /// Preconditioner apply, b = 128, f32 gradients, conflict-free operand loads.
+    pub const APPLY_B128_F32_CF: KernelId = id("apply", "apply_b128_f32_cf");
+    /// Preconditioner apply, b = 128, bf16 gradients, conflict-free operand loads.
+    pub const APPLY_B128_BF16_CF: KernelId = id("apply", "apply_b128_bf16_cf");
     /// The inversion kernel for block size `b` (one of the supported sizes).
     pub fn invert_chol_f32(b: usize) -> KernelId {
         match b {
@@ -134,7 +142,7 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 40] = [
+    pub const ALL: [KernelId; 44] = [
         TRACE_RULE_F32,
         RULE_TALLY_F32,
         APPLY_B32_F32,
@@ -175,6 +183,10 @@ pub mod kernels {
         INVERT_CHOL_B128_F32,
         INVERT_CHOL_B256_F32,
         INVERT_CHOL_B128X2_F32,
+        APPLY_B64_F32_CF,
+        APPLY_B128_F32_CF,
+        APPLY_B64_BF16_CF,
+        APPLY_B128_BF16_CF,
     ];
 }
 

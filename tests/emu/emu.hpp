@@ -29,6 +29,14 @@ struct uint3 {
 struct dim3 {
     unsigned x, y, z;
 };
+// CUDA's vector types, with their alignment (a vector load from a misaligned address is a
+// fault on the GPU; the kernels that use them assert their offsets' alignment).
+struct alignas(8) float2 {
+    float x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
 
 extern uint3 threadIdx;
 extern uint3 blockIdx;

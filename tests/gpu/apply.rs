@@ -39,36 +39,71 @@ fn gpu_apply_matches_reference_odd_shapes_in_and_out_of_place() {
             .iter()
             .map(|g| dev.upload(&vec![-3.0f32; pad + g.len()]).unwrap())
             .collect();
-        let mut plan = dev
-            .plan_apply(&set, &layers, thor_kernels::DType::F32)
-            .unwrap();
-        {
-            let mut outs: Vec<_> = out_bufs.iter_mut().map(|o| o.slice_mut(pad..)).collect();
-            dev.apply(&mut plan, &dinv, &views, &mut outs, &scales)
+        // Every kernel for this block size, each against the reference.
+        for kernel in thor_kernels::cuda::apply::ApplyKernel::ALL {
+            if !kernel.supports(b) {
+                continue;
+            }
+            let mut plan = dev
+                .plan_apply_with(&set, &layers, thor_kernels::DType::F32, kernel)
                 .unwrap();
-        }
-        let mut inplace: Vec<_> = grads.iter().map(|g| dev.upload(g).unwrap()).collect();
-        let in_place = {
-            let mut v: Vec<_> = inplace.iter_mut().map(|g| g.as_view_mut()).collect();
-            dev.apply_in_place(&mut plan, &dinv, &mut v, &scales)
-        };
-        for (l, lay) in layers.iter().enumerate() {
-            let want = apply_cases::reference_layer(&set, &inv, lay, &grads[l], scales[l]);
-            let got = dev.download(&out_bufs[l]).unwrap();
-            assert!(
-                got[..pad].iter().all(|&v| v == -3.0),
-                "b={b} layer {l}: head written"
-            );
-            assert!(rel_err(&got[pad..], &want) < 1e-5, "b={b} layer {l}");
-            if b <= 128 {
-                let got = dev.download(&inplace[l]).unwrap();
-                assert!(rel_err(&got, &want) < 1e-5, "b={b} layer {l} in place");
+            {
+                let mut outs: Vec<_> = out_bufs.iter_mut().map(|o| o.slice_mut(pad..)).collect();
+                dev.apply(&mut plan, &dinv, &views, &mut outs, &scales)
+                    .unwrap();
+            }
+            let mut inplace: Vec<_> = grads.iter().map(|g| dev.upload(g).unwrap()).collect();
+            let in_place = {
+                let mut v: Vec<_> = inplace.iter_mut().map(|g| g.as_view_mut()).collect();
+                dev.apply_in_place(&mut plan, &dinv, &mut v, &scales)
+            };
+            for (l, lay) in layers.iter().enumerate() {
+                let want = apply_cases::reference_layer(&set, &inv, lay, &grads[l], scales[l]);
+                let got = dev.download(&out_bufs[l]).unwrap();
+                assert!(
+                    got[..pad].iter().all(|&v| v == -3.0),
+                    "b={b} layer {l}: head written"
+                );
+                assert!(
+                    rel_err(&got[pad..], &want) < 1e-5,
+                    "{kernel:?} b={b} layer {l}"
+                );
+                if b <= 128 {
+                    let got = dev.download(&inplace[l]).unwrap();
+                    assert!(rel_err(&got, &want) < 1e-5, "b={b} layer {l} in place");
+                }
+            }
+            if b == 256 {
+                assert!(in_place.is_err());
+            } else {
+                in_place.unwrap();
             }
         }
-        if b == 256 {
-            assert!(in_place.is_err());
-        } else {
-            in_place.unwrap();
-        }
     }
+}
+
+#[test]
+fn gpu_apply_kernel_choice_times_every_kernel() {
+    use thor_kernels::choice::{ChoiceSettings, ChoiceSource, Chooser};
+    let Some(dev) = gpu_or_skip("gpu_apply_kernel_choice_times_every_kernel") else {
+        return;
+    };
+    let mut chooser = Chooser::new(ChoiceSettings::default(), "test");
+    let (set, layers) = apply_cases::odd_layers(128, &apply_cases::odd_shapes(128));
+    for dtype in [thor_kernels::DType::F32, thor_kernels::DType::BF16] {
+        let (kernel, d) = dev
+            .choose_apply_kernel_in(&mut chooser, &set, &layers, dtype)
+            .unwrap();
+        assert_eq!(d.source, ChoiceSource::Measured);
+        for t in &d.trials {
+            assert!(t.rejected.is_none(), "{dtype:?}: {t:?}");
+            println!(
+                "apply choice {dtype:?} {}: {:.1} us",
+                t.variant,
+                t.seconds.unwrap() * 1e6
+            );
+        }
+        println!("apply choice {dtype:?}: {kernel:?}");
+    }
+    assert!(chooser.warnings().is_empty(), "{:?}", chooser.warnings());
 }
