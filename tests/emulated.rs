@@ -396,9 +396,22 @@ mod accumulate {
         state: Option<&[u8]>,
         kernel: AccumulateKernel,
     ) -> Out {
-        let mut fstate = state.map(Guarded::new);
         let rows: Vec<usize> = inputs.iter().map(|i| i.rows).collect();
         let plan = AccumulatePlan::with_kernel(set, &rows, E::DTYPE, mode, 132, kernel).unwrap();
+        run_acc_plan(&plan, inputs, init, order, state, false)
+    }
+
+    /// Runs `plan` on the emulator; with `fallback`, its tile-kernel fallback items.
+    pub fn run_acc_plan<E: Element + bytemuck::Pod>(
+        plan: &AccumulatePlan,
+        inputs: &[Input<E>],
+        init: &[f32],
+        order: i32,
+        state: Option<&[u8]>,
+        fallback: bool,
+    ) -> Out {
+        let set = plan.set();
+        let mut fstate = state.map(Guarded::new);
         let mut xs: Vec<Guarded<E>> = inputs.iter().map(|i| Guarded::new(&i.x)).collect();
         let fi: Vec<FactorInput> = inputs
             .iter()
@@ -411,7 +424,11 @@ mod accumulate {
             })
             .collect();
         let mut factors = Guarded::new(&plan.factor_table(&fi).unwrap());
-        let mut items = Guarded::new(plan.items());
+        let mut items = Guarded::new(if fallback {
+            plan.fallback_items()
+        } else {
+            plan.items()
+        });
         let mut finals = Guarded::new(plan.finals());
         let mut ws = Guarded::new(&poisoned(plan.workspace_len()));
         let mut flags = Guarded::new(&vec![-7i32; plan.slots()]);
@@ -421,19 +438,22 @@ mod accumulate {
         let mut bt = Guarded::new(&poisoned(set.total_blocks()));
         let mut ft = Guarded::new(&poisoned(set.len()));
         let launches = plan
-            .launches(&AccumulateBuffers {
-                factors: factors.ptr(),
-                items: items.ptr(),
-                finals: finals.ptr(),
-                workspace: ws.ptr(),
-                flags: flags.ptr(),
-                blocks: blocks.ptr(),
-                status: status.ptr(),
-                trace_desc: desc.ptr(),
-                block_traces: bt.ptr(),
-                factor_traces: ft.ptr(),
-                factor_state: fstate.as_mut().map_or(0, |g| g.ptr()),
-            })
+            .launches_with(
+                &AccumulateBuffers {
+                    factors: factors.ptr(),
+                    items: items.ptr(),
+                    finals: finals.ptr(),
+                    workspace: ws.ptr(),
+                    flags: flags.ptr(),
+                    blocks: blocks.ptr(),
+                    status: status.ptr(),
+                    trace_desc: desc.ptr(),
+                    block_traces: bt.ptr(),
+                    factor_traces: ft.ptr(),
+                    factor_state: fstate.as_mut().map_or(0, |g| g.ptr()),
+                },
+                fallback,
+            )
             .unwrap();
         assert_eq!(
             launches.len(),
@@ -682,6 +702,26 @@ fn emulated_accumulate_block_kernels() {
                 &want,
                 tol,
                 &format!("blocks f32 {mode:?} b={b}"),
+            );
+            // The plan's tile-kernel fallback on the same slots (for inputs off the fast
+            // path): the same statistics.
+            let plan = thor_kernels::cuda::accumulate::AccumulatePlan::with_kernel(
+                &set,
+                &rows,
+                thor_kernels::DType::F32,
+                mode,
+                132,
+                blocks,
+            )
+            .unwrap();
+            assert!(!plan.fallback_items().is_empty());
+            let out = run_acc_plan(&plan, &inputs, start, 1, None, true);
+            check(
+                &set,
+                &out,
+                &want,
+                tol,
+                &format!("fallback f32 {mode:?} b={b}"),
             );
         }
         for (k, mode) in [AccumulateMode::TensorCore, AccumulateMode::F32]

@@ -157,6 +157,9 @@ pub struct AccumulatePlan {
     kernel: AccumulateKernel,
     tile: usize,
     items: Vec<i32>,
+    /// Block kernels only: the same work as tile-kernel items on the same slots, for calls
+    /// whose inputs the block kernels' cp.async path cannot read.
+    fallback: Vec<i32>,
     finals: Vec<i32>,
     slots: usize,
     factor_slots: Vec<(usize, usize)>,
@@ -287,7 +290,7 @@ impl AccumulatePlan {
             TARGET_BLOCKS_PER_SM
         };
         let per = best_split(&weights, rows, per_sm * sms.max(1));
-        let (mut items, mut finals) = (Vec::new(), Vec::new());
+        let (mut items, mut fallback, mut finals) = (Vec::new(), Vec::new(), Vec::new());
         let mut slot = 0usize;
         let mut factor_slots = Vec::with_capacity(set.len());
         for (f, (e, &n)) in set.entries().iter().zip(rows).enumerate() {
@@ -325,10 +328,15 @@ impl AccumulatePlan {
                         0,
                     ]);
                     for s in 0..splits {
-                        if !blocks_kernel {
-                            let n0 = s * per;
-                            let n1 = (n0 + per).min(n);
-                            items.extend([
+                        let n0 = s * per;
+                        let n1 = (n0 + per).min(n);
+                        let tile_items = if blocks_kernel {
+                            &mut fallback
+                        } else {
+                            &mut items
+                        };
+                        {
+                            tile_items.extend([
                                 f as i32,
                                 j as i32,
                                 tr as i32,
@@ -356,6 +364,7 @@ impl AccumulatePlan {
             kernel,
             tile,
             items,
+            fallback,
             finals,
             slots: slot,
             factor_slots,
@@ -419,6 +428,26 @@ impl AccumulatePlan {
     /// Partial work items, 8 i32 each (one thread block each).
     pub fn items(&self) -> &[i32] {
         &self.items
+    }
+
+    /// Tile-kernel items on the same slots as [`AccumulatePlan::items`], for a block-kernel
+    /// plan's calls with inputs [`AccumulatePlan::blocks_can_read`] refuses (empty for a
+    /// tile-kernel plan).
+    pub fn fallback_items(&self) -> &[i32] {
+        &self.fallback
+    }
+
+    /// Whether the plan's block kernels take `inputs` on their fast path: every input a
+    /// matrix whose address and row stride in bytes are multiples of 16. Otherwise a
+    /// block-kernel plan runs its tile-kernel items (the families were timed against each
+    /// other on such matrices only). False for a tile-kernel plan.
+    pub fn blocks_can_read(&self, inputs: &[FactorInput]) -> bool {
+        let elem = self.dtype.size() as u64;
+        self.kernel == AccumulateKernel::Blocks
+            && inputs.iter().all(|i| match i.layout {
+                InputLayout::Matrix { ld, .. } => i.x % 16 == 0 && (ld as u64 * elem) % 16 == 0,
+                InputLayout::Patches(_) => false,
+            })
     }
 
     /// Finalize items, 8 i32 each (one thread block each).
@@ -491,9 +520,9 @@ impl AccumulatePlan {
         Ok(t)
     }
 
-    fn partial_kernel(&self) -> KernelId {
+    fn partial_kernel(&self, kernel: AccumulateKernel) -> KernelId {
         use AccumulateMode::*;
-        if self.kernel == AccumulateKernel::Blocks {
+        if kernel == AccumulateKernel::Blocks {
             let b128 = self.set.block() == 128;
             return match (self.dtype, self.mode, b128) {
                 (DType::F32, F32, true) => kernels::ACC_BLOCK_B128_F32X3,
@@ -523,8 +552,8 @@ impl AccumulatePlan {
         }
     }
 
-    fn partial_threads(&self) -> u32 {
-        if self.kernel == AccumulateKernel::Blocks {
+    fn partial_threads(&self, kernel: AccumulateKernel) -> u32 {
+        if kernel == AccumulateKernel::Blocks {
             return 192;
         }
         match (self.mode, self.tile) {
@@ -534,8 +563,31 @@ impl AccumulatePlan {
         }
     }
 
-    /// The three launches (partial products, finalize, traces) on buffers `buf`.
+    /// The three launches (partial products, finalize, traces) on buffers `buf`, `buf.items`
+    /// holding [`AccumulatePlan::items`].
     pub fn launches(&self, buf: &AccumulateBuffers) -> Result<Vec<LaunchPlan>> {
+        self.launches_with(buf, false)
+    }
+
+    /// [`AccumulatePlan::launches`], or with `fallback` the tile kernels on
+    /// [`AccumulatePlan::fallback_items`] (which `buf.items` then holds; a block-kernel plan
+    /// only).
+    pub fn launches_with(
+        &self,
+        buf: &AccumulateBuffers,
+        fallback: bool,
+    ) -> Result<Vec<LaunchPlan>> {
+        if fallback && self.kernel != AccumulateKernel::Blocks {
+            return Err(Error::invalid(
+                "fallback",
+                "only a block-kernel plan has fallback items",
+            ));
+        }
+        let (kernel, items) = if fallback {
+            (AccumulateKernel::Tiles, &self.fallback)
+        } else {
+            (self.kernel, &self.items)
+        };
         for (name, p, align) in [
             ("factors", buf.factors, 16),
             ("items", buf.items, 4),
@@ -548,13 +600,13 @@ impl AccumulatePlan {
             raw::check_ptr(name, p, align)?;
         }
         let b = self.set.block() as i32;
-        let parts = raw::grid_u32("items", self.items.len() / 8)?;
+        let parts = raw::grid_u32("items", items.len() / 8)?;
         let fins = raw::grid_u32("finals", self.finals.len() / 8)?;
         use KernelArg::*;
         let partial = LaunchPlan {
-            kernel: self.partial_kernel(),
+            kernel: self.partial_kernel(kernel),
             grid: (parts, 1, 1),
-            block: (self.partial_threads(), 1, 1),
+            block: (self.partial_threads(kernel), 1, 1),
             smem: 0,
             args: vec![
                 Ptr(buf.factors),
@@ -603,6 +655,10 @@ impl AccumulatePlan {
 pub struct DeviceAccumulate {
     plan: AccumulatePlan,
     items: CudaSlice<i32>,
+    /// The plan's fallback items (block-kernel plans), and whether the inputs of the factor
+    /// table last set need them.
+    fallback: Option<CudaSlice<i32>>,
+    use_fallback: bool,
     finals: CudaSlice<i32>,
     factors: CudaSlice<u64>,
     workspace: CudaSlice<f32>,
@@ -661,10 +717,23 @@ impl DeviceAccumulate {
 
     /// Uploads the factor table for `inputs` (stream-ordered): later launches read the
     /// inputs at these addresses.
+    /// A block-kernel plan runs its tile-kernel items for inputs its block kernels cannot
+    /// read on their fast path ([`AccumulatePlan::blocks_can_read`]).
     pub fn set_factor_table(&mut self, dev: &CudaDevice, inputs: &[FactorInput]) -> Result<()> {
         let table = self.plan.factor_table(inputs)?;
         dev.stream().memcpy_htod(&table, &mut self.factors)?;
+        self.use_fallback = self.fallback.is_some() && !self.plan.blocks_can_read(inputs);
         Ok(())
+    }
+
+    /// The kernel family the next launches run: the plan's, or the tile kernels when the
+    /// factor table last set holds inputs a block-kernel plan's fast path cannot read.
+    pub fn running_kernel(&self) -> AccumulateKernel {
+        if self.use_fallback {
+            AccumulateKernel::Tiles
+        } else {
+            self.plan.kernel()
+        }
     }
 
     /// The three launches on the factor table last set and the given outputs (and the
@@ -680,24 +749,32 @@ impl DeviceAccumulate {
         factor_state: CUdeviceptr,
     ) -> Result<(Vec<LaunchPlan>, Vec<SyncOnDrop<'a>>)> {
         let (fp, a) = self.factors.device_ptr(s);
-        let (ip, b) = self.items.device_ptr(s);
+        let fallback = self.use_fallback;
+        let items = match (&self.fallback, fallback) {
+            (Some(f), true) => f,
+            _ => &self.items,
+        };
+        let (ip, b) = items.device_ptr(s);
         let (np, c) = self.finals.device_ptr(s);
         let (wp, d) = self.workspace.device_ptr_mut(s);
         let (gp, e) = self.flags.device_ptr_mut(s);
         let (tp, f) = self.trace_desc.device_ptr(s);
-        let plans = self.plan.launches(&AccumulateBuffers {
-            factors: fp,
-            items: ip,
-            finals: np,
-            workspace: wp,
-            flags: gp,
-            blocks,
-            status,
-            trace_desc: tp,
-            block_traces,
-            factor_traces,
-            factor_state,
-        })?;
+        let plans = self.plan.launches_with(
+            &AccumulateBuffers {
+                factors: fp,
+                items: ip,
+                finals: np,
+                workspace: wp,
+                flags: gp,
+                blocks,
+                status,
+                trace_desc: tp,
+                block_traces,
+                factor_traces,
+                factor_state,
+            },
+            fallback,
+        )?;
         Ok((plans, vec![a, b, c, d, e, f]))
     }
 }
@@ -797,6 +874,12 @@ impl CudaDevice {
         let plan = AccumulatePlan::with_kernel(set, rows, dtype, mode, sms, kernel)?;
         Ok(DeviceAccumulate {
             items: self.upload(plan.items())?,
+            fallback: if plan.fallback_items().is_empty() {
+                None
+            } else {
+                Some(self.upload(plan.fallback_items())?)
+            },
+            use_fallback: false,
             finals: self.upload(plan.finals())?,
             factors: self.zeros(ENTRY_WORDS * set.len())?,
             workspace: self.zeros(plan.workspace_len())?,
@@ -1034,5 +1117,42 @@ mod tests {
         let splits = 8192usize.div_ceil(p.rows_per_split());
         assert_eq!(p.items().len() / 8, 36 * splits);
         assert_eq!(p.kernel(), k);
+    }
+
+    #[test]
+    fn block_plans_fall_back_to_tiles_off_the_fast_path() {
+        let set = FactorSet::new(128, &[300, 200]).unwrap();
+        let rows = [1000, 64];
+        let mode = AccumulateMode::TensorCore;
+        let k = AccumulateKernel::Blocks;
+        let p = AccumulatePlan::with_kernel(&set, &rows, DType::F32, mode, 132, k).unwrap();
+        let input = |x: u64, ld: usize, n: usize| FactorInput {
+            x,
+            layout: InputLayout::matrix(n, ld),
+            alpha: 1.0,
+            beta: 0.0,
+        };
+        let aligned = [input(256, 300, 1000), input(1024, 200, 64)];
+        assert!(p.blocks_can_read(&aligned));
+        assert!(
+            !p.blocks_can_read(&[input(256, 301, 1000), aligned[1]]),
+            "ld"
+        );
+        assert!(
+            !p.blocks_can_read(&[input(260, 300, 1000), aligned[1]]),
+            "address"
+        );
+        // The fallback items are the tile plan's work on the same slots.
+        let fb: Vec<&[i32]> = p.fallback_items().chunks(8).collect();
+        assert!(fb.iter().all(|it| (it[6] as usize) < p.slots()));
+        let mut seen = vec![false; p.slots()];
+        for it in &fb {
+            assert!(!seen[it[6] as usize]);
+            seen[it[6] as usize] = true;
+        }
+        assert!(seen.iter().all(|&v| v), "every slot once");
+        // A tile plan has none and never reads as block-ready.
+        let t = AccumulatePlan::new(&set, &rows, DType::F32, mode, 132).unwrap();
+        assert!(t.fallback_items().is_empty() && !t.blocks_can_read(&aligned));
     }
 }

@@ -404,7 +404,7 @@ impl CudaDevice {
             .entries()
             .iter()
             .zip(rows)
-            .map(|(e, &n)| n.saturating_mul(e.layout.dim()))
+            .map(|(e, &n)| n.saturating_mul(e.layout.dim().next_multiple_of(8)))
             .max()
             .unwrap_or(0);
         let elem = dtype.size();
@@ -453,7 +453,8 @@ impl CudaDevice {
             .enumerate()
             .map(|(f, (e, &n))| DeviceInput {
                 x: x.slice(16 * f..),
-                layout: crate::InputLayout::matrix(n, e.layout.dim()),
+                // Rows 16-byte aligned for every type: the inputs the block kernels take.
+                layout: crate::InputLayout::matrix(n, e.layout.dim().next_multiple_of(8)),
                 alpha: 1.0 / n as f32,
                 beta: 0.0,
             })
