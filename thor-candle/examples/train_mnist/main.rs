@@ -67,6 +67,11 @@ struct Args {
     /// Steps between THOR's statistics (default: the task's).
     #[arg(long)]
     thor_interval: Option<u64>,
+    /// Steps between THOR's statistics by epoch, as `epoch:interval` pairs in increasing
+    /// epoch order ("0:1,0.5:5": every step for half an epoch, then every 5); overrides
+    /// `--thor-interval`.
+    #[arg(long)]
+    thor_intervals: Option<String>,
     /// THOR's KL clip (0: none; default: the task's).
     #[arg(long)]
     kl_clip: Option<f32>,
@@ -129,6 +134,18 @@ impl Method {
     }
 }
 
+/// `--thor-intervals` parsed (`epoch:interval` pairs; `main` refuses a malformed list).
+fn intervals(args: &Args) -> Option<Vec<(f64, u64)>> {
+    let text = args.thor_intervals.as_deref()?;
+    text.split(',')
+        .map(|p| {
+            let (e, n) = p.trim().split_once(':')?;
+            let (e, n): (f64, u64) = (e.trim().parse().ok()?, n.trim().parse().ok()?);
+            (e.is_finite() && e >= 0.0 && n >= 1).then_some((e, n))
+        })
+        .collect()
+}
+
 /// THOR's settings per task (the levers for the autoencoder are discussed in
 /// docs/TRAINING.md).
 fn thor_settings(task: Task, args: &Args) -> (f64, ThorConfig) {
@@ -146,7 +163,10 @@ fn thor_settings(task: Task, args: &Args) -> (f64, ThorConfig) {
             decay: 0.87,
             every: 10.0,
         },
-        interval: IntervalSchedule::Fixed(args.thor_interval.unwrap_or(interval)),
+        interval: match intervals(args) {
+            Some(list) => IntervalSchedule::Stepwise(list),
+            None => IntervalSchedule::Fixed(args.thor_interval.unwrap_or(interval)),
+        },
         kl_clip: (kl > 0.0).then_some(kl),
         // KFC's conv factors (THOR's 1 / (ho wo) scale of conv layers): per-position
         // factors make a conv layer's step ho * wo times larger.
@@ -495,6 +515,10 @@ fn device(name: &str) -> Res<Device> {
 
 fn main() {
     let args = Args::parse();
+    if let (Some(text), None) = (&args.thor_intervals, intervals(&args)) {
+        eprintln!("error: --thor-intervals {text:?}: expected epoch:interval pairs (epoch >= 0, interval >= 1)");
+        std::process::exit(2);
+    }
     if let Err(e) = run(&args) {
         eprintln!("error: {e}");
         std::process::exit(1);
