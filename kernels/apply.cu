@@ -246,8 +246,9 @@ APPLY_KERNEL(apply_b64_bf16, thor_bf16, 64, 64, 4, 4, 256)
 APPLY_KERNEL(apply_b128_bf16, thor_bf16, 128, 128, 8, 8, 256)
 APPLY_KERNEL(apply_b256_bf16, thor_bf16, 256, 64, 8, 8, 256)
 
-// Conflict-free kernels (vector operand loads, T pitch B + 1) for b = 64 and 128; at b = 128
-// with registers capped for two thread blocks per SM (two 98 KiB blocks fit in 227 KiB).
+// Conflict-free kernels (vector operand loads, T pitch B + 1) for b = 64 and 128, one
+// thread block per SM at b = 128 as the standard kernel (capping registers at 128 for two
+// spilled 176-248 bytes).
 #define APPLY_CF_KERNEL(NAME, IN, B, R, TM, TN, NT, MINB)                            \
     extern "C" __global__ void __launch_bounds__(NT, MINB)                          \
         NAME(const ApplyLayer* layers, const int* items) {                          \

@@ -14,17 +14,20 @@
 //! Settings ([`ChoiceSettings::from_env`]):
 //! - `THOR_CHOICES`: the file (default `$XDG_CACHE_HOME/thor-kernels/choices.txt`, else
 //!   `~/.cache/thor-kernels/choices.txt`); `off` turns choosing off (the baseline always,
-//!   nothing timed, nothing written: bit-for-bit the same kernels on every machine);
+//!   nothing timed, nothing written: bit-for-bit the same kernels on every machine, unless
+//!   a variant is forced);
 //!   `memory` keeps choices for the process only.
 //! - `THOR_FORCE_<OP>` (`THOR_FORCE_ACCUMULATE=blocks`, `THOR_FORCE_INVERT=two_per_sm`,
 //!   `THOR_FORCE_APPLY=conflict_free`): that variant, untimed, wherever it is eligible
 //!   (elsewhere a warning, and the choice is made as usual).
 //!
-//! The file is never trusted blindly: one written by another version of the library or of
-//! its kernels (stale), one whose checksum does not match or that does not parse
-//! (corrupt), is ignored as a whole with a warning and rewritten at the next choice; an
-//! entry naming a variant the operation does not have, or that is not eligible for the
-//! shapes at hand, is ignored with a warning.
+//! The file is never trusted blindly: one whose checksum does not match or that does not
+//! parse (corrupt) is ignored as a whole with a warning and rewritten at the next choice;
+//! choices made by another version of the library or of its kernels (stale) are never used
+//! (they stay in the file for that build; a file holding only those is reported); an entry
+//! naming a variant the operation does not have, or that is not eligible for the shapes at
+//! hand, is ignored with a warning. A choice made while a variant failed (perhaps for a
+//! passing reason) is used by the process that made it and not written.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -177,7 +180,7 @@ fn default_file() -> Option<PathBuf> {
     Some(base.join("thor-kernels").join("choices.txt"))
 }
 
-const MAGIC: &str = "thor-kernels choices 1";
+const MAGIC: &str = "thor-kernels choices 2";
 
 /// FNV-1a, 64 bits: the file's checksum and the kernels' fingerprint.
 pub fn fingerprint(bytes: &[u8]) -> u64 {
@@ -192,25 +195,44 @@ pub struct Chooser {
     settings: ChoiceSettings,
     build: String,
     entries: BTreeMap<ChoiceKey, String>,
+    /// Choices made with a variant failing: used by this process, never written.
+    unsaved: std::collections::BTreeSet<ChoiceKey>,
+    /// The file's choices of other builds of the library: kept in the file, never used.
+    others: BTreeMap<(String, ChoiceKey), String>,
     warnings: Vec<String>,
 }
 
 impl Chooser {
     /// A chooser for a library build identified by `build` (its version and a fingerprint
-    /// of its kernels: a file written by another build is stale). Reads the file, if any;
-    /// a stale or corrupt one is ignored with a warning ([`Chooser::warnings`]).
+    /// of its kernels: choices another build made are stale, kept in the file for that
+    /// build but never used). Reads the file, if any; a corrupt one is ignored with a
+    /// warning ([`Chooser::warnings`]), as is one holding only other builds' choices.
     pub fn new(settings: ChoiceSettings, build: &str) -> Self {
         let mut c = Chooser {
             settings,
-            build: build.replace(['\t', '\n'], " "),
+            build: build.replace(['\t', '\n', '\r'], " "),
             entries: BTreeMap::new(),
+            unsaved: Default::default(),
+            others: BTreeMap::new(),
             warnings: Vec::new(),
         };
         if c.settings.enabled {
             if let Some(path) = c.settings.file.clone() {
                 match std::fs::read_to_string(&path) {
                     Ok(text) => match parse(&text, &c.build) {
-                        Ok(e) => c.entries = e,
+                        Ok((ours, others)) => {
+                            if ours.is_empty() && !others.is_empty() {
+                                c.warn(format!(
+                                    "ignoring the kernel choices in {}: stale ({} made by other \
+                                     builds of the library, none by {})",
+                                    path.display(),
+                                    others.len(),
+                                    c.build
+                                ));
+                            }
+                            c.entries = ours;
+                            c.others = others;
+                        }
                         Err(why) => c.warn(format!(
                             "ignoring the kernel choices in {}: {why}",
                             path.display()
@@ -251,6 +273,17 @@ impl Chooser {
         }
         eprintln!("thor-kernels: {msg}");
         self.warnings.push(msg);
+    }
+
+    /// Whether [`Chooser::choose`] would run trials for `key` among `eligible` (nothing
+    /// eligible is forced or remembered, choosing is on, there is more than one variant).
+    pub fn needs_trial(&self, key: &ChoiceKey, eligible: &[&str]) -> bool {
+        let key = clean(key);
+        let usable = |v: Option<&String>| v.is_some_and(|v| eligible.contains(&v.as_str()));
+        self.settings.enabled
+            && eligible.len() > 1
+            && !usable(self.settings.forced.get(&key.op.to_ascii_lowercase()))
+            && !usable(self.entries.get(&key))
     }
 
     /// The baseline's decision for `key` among `eligible` without running anything: forced,
@@ -376,12 +409,14 @@ impl Chooser {
         let chosen = best.1.to_string();
         self.entries.insert(key.clone(), chosen.clone());
         if failed {
+            self.unsaved.insert(key.clone());
             // A failure may have been passing (memory, say): remembered for this process
             // only, tried again by the next.
             self.warn(format!(
                 "the choice for {key} is not written to the file: a variant failed"
             ));
         } else {
+            self.unsaved.remove(key);
             self.save();
         }
         Ok(Decision {
@@ -400,13 +435,20 @@ impl Chooser {
         };
         let r = with_lock(&path, || {
             if let Ok(text) = std::fs::read_to_string(&path) {
-                if let Ok(theirs) = parse(&text, &self.build) {
-                    for (k, v) in theirs {
+                if let Ok((ours, others)) = parse(&text, &self.build) {
+                    for (k, v) in ours {
                         self.entries.entry(k).or_insert(v);
+                    }
+                    for (k, v) in others {
+                        self.others.entry(k).or_insert(v);
                     }
                 }
             }
-            write_file(&path, &render(&self.entries, &self.build))
+            let mine = self
+                .entries
+                .iter()
+                .filter(|(k, _)| !self.unsaved.contains(*k));
+            write_file(&path, &render(mine, &self.others, &self.build))
         });
         if let Err(e) = r {
             self.warn(format!(
@@ -428,45 +470,51 @@ fn clean(key: &ChoiceKey) -> ChoiceKey {
     }
 }
 
-/// Runs `f` holding `PATH.lock` (made with create_new; one left by a writer that died is
-/// taken over after 10 s; gives up after 2 s of waiting).
+/// Runs `f` holding `PATH.lock` (made with create_new, removed afterwards even if `f`
+/// panics; one older than 10 s, or dated in the future, is a dead writer's and is taken
+/// over; gives up after 2 s of waiting, whatever the reason).
 fn with_lock<T>(path: &Path, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
     use std::time::{Duration, Instant, SystemTime};
+    struct Held(PathBuf);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let lock = path.with_extension("lock");
     let start = Instant::now();
-    loop {
+    let _held = loop {
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&lock)
         {
-            Ok(_) => break,
+            Ok(_) => break Held(lock.clone()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let stale = std::fs::metadata(&lock)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| SystemTime::now().duration_since(t).ok())
-                    .is_some_and(|age| age > Duration::from_secs(10));
-                if stale {
-                    let _ = std::fs::remove_file(&lock);
-                } else if start.elapsed() > Duration::from_secs(2) {
+                if start.elapsed() > Duration::from_secs(2) {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::WouldBlock,
                         format!("{} is held by another writer", lock.display()),
                     ));
-                } else {
+                }
+                let stale = std::fs::metadata(&lock)
+                    .and_then(|m| m.modified())
+                    .map(|t| match SystemTime::now().duration_since(t) {
+                        Ok(age) => age > Duration::from_secs(10),
+                        Err(_) => true, // dated in the future
+                    })
+                    .unwrap_or(false);
+                if !(stale && std::fs::remove_file(&lock).is_ok()) {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
             Err(e) => return Err(e),
         }
-    }
-    let r = f();
-    let _ = std::fs::remove_file(&lock);
-    r
+    };
+    f()
 }
 
 fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
@@ -495,7 +543,7 @@ fn agreement(out: &[Vec<f32>], base: &[Vec<f32>]) -> Option<f64> {
     }
     let mut worst = 0.0f64;
     for (o, b) in out.iter().zip(base) {
-        if o.len() != b.len() || o.iter().any(|v| !v.is_finite()) {
+        if o.len() != b.len() || o.iter().chain(b).any(|v| !v.is_finite()) {
             return None;
         }
         let (mut num, mut den) = (0.0f64, 0.0f64);
@@ -512,20 +560,37 @@ fn agreement(out: &[Vec<f32>], base: &[Vec<f32>]) -> Option<f64> {
     Some(worst)
 }
 
-fn render(entries: &BTreeMap<ChoiceKey, String>, build: &str) -> String {
-    let mut body = format!("{MAGIC}\t{build}\n");
-    for (k, v) in entries {
-        body.push_str(&format!(
-            "{}\t{}\t{}\t{}\t{v}\n",
-            k.op, k.card, k.class, k.dtype
-        ));
+/// Choices of one build, and of others, by key.
+type Parsed = (
+    BTreeMap<ChoiceKey, String>,
+    BTreeMap<(String, ChoiceKey), String>,
+);
+
+/// The file: a header, one line per choice (build, operation, card, class, element type,
+/// variant; tab-separated), a checksum of everything before it.
+fn render<'a>(
+    ours: impl Iterator<Item = (&'a ChoiceKey, &'a String)>,
+    others: &BTreeMap<(String, ChoiceKey), String>,
+    build: &str,
+) -> String {
+    let mut body = format!("{MAGIC}\n");
+    let line = |b: &str, k: &ChoiceKey, v: &str| {
+        format!("{b}\t{}\t{}\t{}\t{}\t{v}\n", k.op, k.card, k.class, k.dtype)
+    };
+    for ((b, k), v) in others {
+        if b != build {
+            body.push_str(&line(b, k, v));
+        }
+    }
+    for (k, v) in ours {
+        body.push_str(&line(build, k, v));
     }
     let sum = fingerprint(body.as_bytes());
     body.push_str(&format!("checksum\t{sum:016x}\n"));
     body
 }
 
-fn parse(text: &str, build: &str) -> std::result::Result<BTreeMap<ChoiceKey, String>, String> {
+fn parse(text: &str, build: &str) -> std::result::Result<Parsed, String> {
     let (body, last) = match text.trim_end_matches('\n').rsplit_once('\n') {
         Some((body, last)) => (format!("{body}\n"), last),
         None => return Err("corrupt: no checksum line".into()),
@@ -538,24 +603,15 @@ fn parse(text: &str, build: &str) -> std::result::Result<BTreeMap<ChoiceKey, Str
         return Err("corrupt: the checksum does not match".into());
     }
     let mut lines = body.lines();
-    let header = lines.next().unwrap_or_default();
-    let Some(theirs) = header
-        .strip_prefix(MAGIC)
-        .and_then(|r| r.strip_prefix('\t'))
-    else {
-        return Err("not a kernel choice file of this format".into());
-    };
-    if theirs != build {
-        return Err(format!(
-            "stale: written by {theirs}, this is {build} (the kernels changed)"
-        ));
+    if lines.next() != Some(MAGIC) {
+        return Err("corrupt: not a kernel choice file of this format".into());
     }
-    let mut entries = BTreeMap::new();
+    let (mut ours, mut others) = (BTreeMap::new(), BTreeMap::new());
     for (n, line) in lines.enumerate() {
         let f: Vec<&str> = line.split('\t').collect();
-        let [op, card, class, dtype, variant] = f[..] else {
+        let [b, op, card, class, dtype, variant] = f[..] else {
             return Err(format!(
-                "corrupt: line {} has {} fields, not 5",
+                "corrupt: line {} has {} fields, not 6",
                 n + 2,
                 f.len()
             ));
@@ -569,9 +625,13 @@ fn parse(text: &str, build: &str) -> std::result::Result<BTreeMap<ChoiceKey, Str
             class: class.into(),
             dtype: dtype.into(),
         };
-        entries.insert(key, variant.to_string());
+        if b == build {
+            ours.insert(key, variant.to_string());
+        } else {
+            others.insert((b.to_string(), key), variant.to_string());
+        }
     }
-    Ok(entries)
+    Ok((ours, others))
 }
 
 #[cfg(test)]
@@ -599,6 +659,9 @@ mod tests {
             ..ChoiceSettings::default()
         }
     }
+
+    /// The two variants most tests choose between.
+    const TWO: [&str; 2] = ["tiles", "blocks"];
 
     /// A variant's name and its trial's time and output (`None`: it fails).
     type Row<'a> = (&'a str, Option<(f64, Vec<f32>)>);
@@ -634,12 +697,7 @@ mod tests {
         let mut runs = Vec::new();
         let mut c = Chooser::new(settings(&path), "v1 k1");
         let d = c
-            .choose(
-                &key("a"),
-                &["tiles", "blocks"],
-                1e-5,
-                trials(&table, &mut runs),
-            )
+            .choose(&key("a"), &TWO, 1e-5, trials(&table, &mut runs))
             .unwrap();
         assert_eq!(
             (d.variant.as_str(), d.source),
@@ -652,12 +710,7 @@ mod tests {
         let mut c = Chooser::new(settings(&path), "v1 k1");
         assert!(c.warnings().is_empty(), "{:?}", c.warnings());
         let d = c
-            .choose(
-                &key("a"),
-                &["tiles", "blocks"],
-                1e-5,
-                trials(&table, &mut runs),
-            )
+            .choose(&key("a"), &TWO, 1e-5, trials(&table, &mut runs))
             .unwrap();
         assert_eq!(
             (d.variant.as_str(), d.source),
@@ -666,12 +719,7 @@ mod tests {
         assert!(runs.is_empty());
         // Another shape class is measured afresh.
         let d = c
-            .choose(
-                &key("b"),
-                &["tiles", "blocks"],
-                1e-5,
-                trials(&table, &mut runs),
-            )
+            .choose(&key("b"), &TWO, 1e-5, trials(&table, &mut runs))
             .unwrap();
         assert_eq!(d.source, ChoiceSource::Measured);
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
@@ -714,12 +762,7 @@ mod tests {
         let mut runs = Vec::new();
         let mut c = Chooser::new(ChoiceSettings::default(), "b");
         let e = c
-            .choose(
-                &key("x"),
-                &["tiles", "blocks"],
-                1e-5,
-                trials(&table, &mut runs),
-            )
+            .choose(&key("x"), &TWO, 1e-5, trials(&table, &mut runs))
             .unwrap_err();
         assert!(
             matches!(e, Error::InvalidArgument { arg: "variant", .. }),
@@ -737,12 +780,7 @@ mod tests {
             let mut runs = Vec::new();
             let mut c = Chooser::new(ChoiceSettings::default(), "b");
             let d = c
-                .choose(
-                    &key("a"),
-                    &["tiles", "blocks"],
-                    1e-5,
-                    trials(&table, &mut runs),
-                )
+                .choose(&key("a"), &TWO, 1e-5, trials(&table, &mut runs))
                 .unwrap();
             assert_eq!(d.variant, want, "{t}");
             assert_eq!(d.trials[1].seconds, Some(t));
@@ -756,12 +794,7 @@ mod tests {
         let mut runs = Vec::new();
         let mut c = Chooser::new(settings(&path), "b");
         let d = c
-            .choose(
-                &key("a"),
-                &["tiles", "blocks"],
-                1e-5,
-                trials(&table, &mut runs),
-            )
+            .choose(&key("a"), &TWO, 1e-5, trials(&table, &mut runs))
             .unwrap();
         assert_eq!(
             (d.variant.as_str(), d.source),
@@ -773,6 +806,16 @@ mod tests {
             Some("tiles"),
             "remembered in memory"
         );
+        // Nor later, when another choice of the same chooser is written.
+        let ok1 = [
+            ("tiles", Some((2.0, vec![4.0]))),
+            ("blocks", Some((1.0, vec![4.0]))),
+        ];
+        c.choose(&key("b"), &TWO, 1e-5, trials(&ok1, &mut runs))
+            .unwrap();
+        let later = Chooser::new(settings(&path), "b");
+        assert_eq!(later.remembered(&key("b")), Some("blocks"));
+        assert_eq!(later.remembered(&key("a")), None);
         // Two choosers on one file keep each other's choices.
         let ok = [
             ("tiles", Some((2.0, vec![4.0]))),
@@ -780,20 +823,10 @@ mod tests {
         ];
         let mut one = Chooser::new(settings(&path), "b");
         let mut two = Chooser::new(settings(&path), "b");
-        one.choose(
-            &key("x"),
-            &["tiles", "blocks"],
-            1e-5,
-            trials(&ok, &mut runs),
-        )
-        .unwrap();
-        two.choose(
-            &key("y"),
-            &["tiles", "blocks"],
-            1e-5,
-            trials(&ok, &mut runs),
-        )
-        .unwrap();
+        one.choose(&key("x"), &TWO, 1e-5, trials(&ok, &mut runs))
+            .unwrap();
+        two.choose(&key("y"), &TWO, 1e-5, trials(&ok, &mut runs))
+            .unwrap();
         let three = Chooser::new(settings(&path), "b");
         assert_eq!(three.remembered(&key("x")), Some("blocks"));
         assert_eq!(three.remembered(&key("y")), Some("blocks"));
@@ -801,7 +834,7 @@ mod tests {
         let mut odd = key("tab\there");
         odd.card.push('\n');
         let mut four = Chooser::new(settings(&path), "b");
-        four.choose(&odd, &["tiles", "blocks"], 1e-5, trials(&ok, &mut runs))
+        four.choose(&odd, &TWO, 1e-5, trials(&ok, &mut runs))
             .unwrap();
         let five = Chooser::new(settings(&path), "b");
         assert!(five.warnings().is_empty(), "{:?}", five.warnings());
@@ -818,18 +851,26 @@ mod tests {
         ];
         let mut runs = Vec::new();
         let mut c = Chooser::new(settings(&path), "v1 kA");
-        c.choose(
-            &key("a"),
-            &["tiles", "blocks"],
-            1e-5,
-            trials(&table, &mut runs),
-        )
-        .unwrap();
+        c.choose(&key("a"), &TWO, 1e-5, trials(&table, &mut runs))
+            .unwrap();
         let good = std::fs::read_to_string(&path).unwrap();
-        // Another build of the kernels: stale.
-        let c = Chooser::new(settings(&path), "v1 kB");
+        // Another build of the kernels: stale, reported, not used; its own choices join
+        // the first build's in the file, each used by its build only.
+        let mut c = Chooser::new(settings(&path), "v1 kB");
         assert!(c.remembered(&key("a")).is_none());
         assert!(c.warnings()[0].contains("stale"), "{:?}", c.warnings());
+        assert!(c.needs_trial(&key("a"), &TWO));
+        c.choose(&key("a"), &TWO, 1e-5, trials(&table, &mut runs))
+            .unwrap();
+        let a = Chooser::new(settings(&path), "v1 kA");
+        assert!(a.warnings().is_empty(), "{:?}", a.warnings());
+        assert_eq!(a.remembered(&key("a")), Some("blocks"));
+        assert!(!a.needs_trial(&key("a"), &TWO));
+        assert!(
+            a.needs_trial(&key("a"), &["tiles", "other"]),
+            "remembered but not eligible"
+        );
+        std::fs::write(&path, &good).unwrap();
         // An edited entry (checksum no longer matches), a truncated file, garbage.
         for (label, text) in [
             ("edited", good.replace("blocks", "tiles")),
@@ -847,21 +888,13 @@ mod tests {
             );
         }
         // A resealed entry naming a variant that is not eligible here: ignored, remeasured.
-        std::fs::write(
-            &path,
-            render(&[(key("a"), "bogus".to_string())].into(), "v1 kA"),
-        )
-        .unwrap();
+        let bogus: BTreeMap<ChoiceKey, String> = [(key("a"), "bogus".to_string())].into();
+        std::fs::write(&path, render(bogus.iter(), &BTreeMap::new(), "v1 kA")).unwrap();
         let mut c = Chooser::new(settings(&path), "v1 kA");
         assert_eq!(c.remembered(&key("a")), Some("bogus"));
         let mut runs = Vec::new();
         let d = c
-            .choose(
-                &key("a"),
-                &["tiles", "blocks"],
-                1e-5,
-                trials(&table, &mut runs),
-            )
+            .choose(&key("a"), &TWO, 1e-5, trials(&table, &mut runs))
             .unwrap();
         assert_eq!(
             (d.variant.as_str(), d.source),

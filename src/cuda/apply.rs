@@ -65,9 +65,11 @@ pub enum ApplyKernel {
     /// Every block size: each thread's operand columns side by side, read a word at a time.
     Standard,
     /// b = 64 and 128: each thread's operand columns in two runs read by vector loads, and
-    /// the intermediate's row pitch chosen so that neither phase has shared-memory bank
-    /// conflicts (the standard kernel has 4-way conflicts on the operand reads at b = 128,
-    /// 2-way at b = 64, and 2-way on the intermediate's reads at b = 128).
+    /// the intermediate's row pitch b + 1, so that the operand and intermediate reads of both
+    /// phases are free of shared-memory bank conflicts (the standard kernel has 4-way
+    /// conflicts on the operand reads at b = 128, 2-way at b = 64, and 2-way on the
+    /// intermediate's reads at b = 128); the intermediate's stores, once per tile, keep
+    /// 4-way (b = 128) and 2-way (b = 64) conflicts.
     ConflictFree,
 }
 

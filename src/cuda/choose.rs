@@ -95,6 +95,27 @@ impl CudaDevice {
         self.choose_invert_kernel_in(&mut chooser, b, blocks)
     }
 
+    /// The inversion kernel [`CudaDevice::invert`] runs for `blocks` blocks of `b`: asked of
+    /// the chooser once per shape on this device, then kept (whatever the chooser said,
+    /// including the baseline after a failed trial), so a training loop's calls cost a
+    /// lookup.
+    pub(crate) fn invert_kernel_for(&self, b: usize, blocks: usize) -> Result<InvertKernel> {
+        if let Some(&k) = self
+            .invert_kernels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(b, blocks))
+        {
+            return Ok(k);
+        }
+        let (k, _) = self.choose_invert_kernel(b, blocks)?;
+        self.invert_kernels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((b, blocks), k);
+        Ok(k)
+    }
+
     /// [`CudaDevice::choose_invert_kernel`] with a chooser of the caller's.
     pub fn choose_invert_kernel_in(
         &self,
@@ -106,22 +127,18 @@ impl CudaDevice {
         if blocks == 0 {
             return Err(Error::invalid("blocks", "at least one block is needed"));
         }
-        let names: Vec<&str> = InvertKernel::ALL
-            .into_iter()
-            .filter(|k| k.supports(b))
-            .map(|k| k.name())
-            .collect();
+        let names = names_for::<InvertKernel>(b);
         let key = ChoiceKey {
             op: "invert".into(),
             card: self.card_key()?,
             class: format!("b={b} blocks={blocks}"),
             dtype: "f32".into(),
         };
-        let bytes = blocks.saturating_mul(b * b * 4);
+        let bytes = blocks.saturating_mul(b * b * 4 * 2); // input and output
         let decision = self.decide(chooser, &key, &names, 1e-6, bytes, |v| {
-            self.invert_trial(b, blocks, invert_by_name(v)?)
+            self.invert_trial(b, blocks, by_name::<InvertKernel>(v)?)
         })?;
-        Ok((invert_by_name(&decision.variant)?, decision))
+        Ok((by_name::<InvertKernel>(&decision.variant)?, decision))
     }
 
     /// One inversion kernel's trial on `blocks` synthetic SPD blocks of `b` (b on the
@@ -194,11 +211,7 @@ impl CudaDevice {
     ) -> Result<(ApplyKernel, Decision)> {
         // The shapes are checked first, by the plan every kernel shares.
         super::apply::ApplyPlan::new(set, layers, dtype)?;
-        let names: Vec<&str> = ApplyKernel::ALL
-            .into_iter()
-            .filter(|k| k.supports(set.block()))
-            .map(|k| k.name())
-            .collect();
+        let names = names_for::<ApplyKernel>(set.block());
         let mut shapes = Vec::with_capacity(32 * layers.len());
         for l in layers {
             for v in [
@@ -225,13 +238,13 @@ impl CudaDevice {
         let bytes = elems * (dtype.size() + 4) + set.buffer_len() * 4;
         let decision = match dtype {
             DType::BF16 => self.decide(chooser, &key, &names, 1e-6, bytes, |v| {
-                self.apply_trial::<half::bf16>(set, layers, apply_by_name(v)?)
+                self.apply_trial::<half::bf16>(set, layers, by_name::<ApplyKernel>(v)?)
             })?,
             _ => self.decide(chooser, &key, &names, 1e-6, bytes, |v| {
-                self.apply_trial::<f32>(set, layers, apply_by_name(v)?)
+                self.apply_trial::<f32>(set, layers, by_name::<ApplyKernel>(v)?)
             })?,
         };
-        Ok((apply_by_name(&decision.variant)?, decision))
+        Ok((by_name::<ApplyKernel>(&decision.variant)?, decision))
     }
 
     /// One apply kernel's trial: every layer from synthetic gradients (uniform in [-1, 1))
@@ -300,11 +313,7 @@ impl CudaDevice {
         trial_bytes: usize,
         trial: impl FnMut(&str) -> Result<Trial>,
     ) -> Result<Decision> {
-        let would_time = names.len() > 1
-            && chooser.settings().enabled
-            && chooser.remembered(key).is_none()
-            && !chooser.settings().forced.contains_key(&key.op);
-        if would_time {
+        if chooser.needs_trial(key, names) {
             use cudarc::driver::sys::CUstreamCaptureStatus;
             let capturing = self.stream().capture_status()?
                 != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
@@ -389,11 +398,7 @@ impl CudaDevice {
     ) -> Result<(AccumulateKernel, Decision)> {
         // The shapes are checked first, by the plan every family shares.
         super::accumulate::AccumulatePlan::new(set, rows, dtype, mode, 1)?;
-        let eligible: Vec<AccumulateKernel> = AccumulateKernel::ALL
-            .into_iter()
-            .filter(|k| k.supports(set.block()))
-            .collect();
-        let names: Vec<&str> = eligible.iter().map(|k| k.name()).collect();
+        let names = names_for::<AccumulateKernel>(set.block());
         let key = ChoiceKey {
             op: "accumulate".into(),
             card: self.card_key()?,
@@ -409,19 +414,34 @@ impl CudaDevice {
             .unwrap_or(0);
         let elem = dtype.size();
         let len = longest.saturating_add(16 * set.len());
+        let bytes = len
+            .saturating_mul(elem)
+            .saturating_add(set.buffer_len() * 4);
         let tol = accumulate_tolerance(dtype, mode);
         let decision = match dtype {
-            DType::F32 => self.decide(chooser, &key, &names, tol, len * elem, |v| {
-                self.accumulate_trial::<f32>(set, rows, mode, len, by_name(v)?)
+            DType::F32 => self.decide(chooser, &key, &names, tol, bytes, |v| {
+                self.accumulate_trial::<f32>(set, rows, mode, len, by_name::<AccumulateKernel>(v)?)
             })?,
-            DType::F16 => self.decide(chooser, &key, &names, tol, len * elem, |v| {
-                self.accumulate_trial::<half::f16>(set, rows, mode, len, by_name(v)?)
+            DType::F16 => self.decide(chooser, &key, &names, tol, bytes, |v| {
+                self.accumulate_trial::<half::f16>(
+                    set,
+                    rows,
+                    mode,
+                    len,
+                    by_name::<AccumulateKernel>(v)?,
+                )
             })?,
-            DType::BF16 => self.decide(chooser, &key, &names, tol, len * elem, |v| {
-                self.accumulate_trial::<half::bf16>(set, rows, mode, len, by_name(v)?)
+            DType::BF16 => self.decide(chooser, &key, &names, tol, bytes, |v| {
+                self.accumulate_trial::<half::bf16>(
+                    set,
+                    rows,
+                    mode,
+                    len,
+                    by_name::<AccumulateKernel>(v)?,
+                )
             })?,
         };
-        Ok((by_name(&decision.variant)?, decision))
+        Ok((by_name::<AccumulateKernel>(&decision.variant)?, decision))
     }
 
     /// One family's trial: the accumulation of every factor from one synthetic buffer
@@ -498,25 +518,49 @@ impl CudaDevice {
     }
 }
 
-fn apply_by_name(v: &str) -> Result<ApplyKernel> {
-    ApplyKernel::ALL
-        .into_iter()
-        .find(|k| k.name() == v)
-        .ok_or_else(|| Error::invalid("kernel", format!("no apply kernel named {v}")))
+/// A family of kernels for one operation, as choices name them.
+pub trait KernelVariant: Copy + 'static {
+    /// Every variant, the baseline first.
+    const ALL: &'static [Self];
+    /// The variant's stable name.
+    fn name(self) -> &'static str;
+    /// Whether the variant exists for block size `b`.
+    fn supports(self, b: usize) -> bool;
 }
 
-fn invert_by_name(v: &str) -> Result<InvertKernel> {
-    InvertKernel::ALL
-        .into_iter()
-        .find(|k| k.name() == v)
-        .ok_or_else(|| Error::invalid("kernel", format!("no inversion kernel named {v}")))
+macro_rules! kernel_variant {
+    ($t:ty) => {
+        impl KernelVariant for $t {
+            const ALL: &'static [Self] = &<$t>::ALL;
+            fn name(self) -> &'static str {
+                <$t>::name(self)
+            }
+            fn supports(self, b: usize) -> bool {
+                <$t>::supports(self, b)
+            }
+        }
+    };
+}
+kernel_variant!(AccumulateKernel);
+kernel_variant!(InvertKernel);
+kernel_variant!(ApplyKernel);
+
+/// The names of `V`'s variants for block size `b`, the baseline first.
+fn names_for<V: KernelVariant>(b: usize) -> Vec<&'static str> {
+    V::ALL
+        .iter()
+        .filter(|k| k.supports(b))
+        .map(|k| k.name())
+        .collect()
 }
 
-fn by_name(v: &str) -> Result<AccumulateKernel> {
-    AccumulateKernel::ALL
-        .into_iter()
+/// The variant of `V` called `v`.
+fn by_name<V: KernelVariant>(v: &str) -> Result<V> {
+    V::ALL
+        .iter()
+        .copied()
         .find(|k| k.name() == v)
-        .ok_or_else(|| Error::invalid("kernel", format!("no accumulation kernel named {v}")))
+        .ok_or_else(|| Error::invalid("kernel", format!("no kernel variant named {v}")))
 }
 
 #[cfg(test)]
@@ -540,7 +584,10 @@ mod tests {
         );
         assert_eq!(a, accumulate_class(&set, &[8192, 100], AccumulateMode::F32));
         assert!(build_id().starts_with("thor-kernels "));
-        assert_eq!(by_name("blocks").unwrap(), AccumulateKernel::Blocks);
-        assert!(by_name("nope").is_err());
+        assert_eq!(
+            by_name::<AccumulateKernel>("blocks").unwrap(),
+            AccumulateKernel::Blocks
+        );
+        assert!(by_name::<AccumulateKernel>("nope").is_err());
     }
 }

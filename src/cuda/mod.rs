@@ -160,6 +160,8 @@ pub struct CudaDevice {
     blas: std::sync::OnceLock<Box<cudarc::cublas::CudaBlas>>,
     /// The card as kernel choices are keyed ([`CudaDevice::card_key`]), once.
     card: std::sync::OnceLock<String>,
+    /// The inversion kernel chosen per (block size, block count) on this device.
+    invert_kernels: Mutex<HashMap<(usize, usize), raw::InvertKernel>>,
 }
 
 /// The modules loaded from one kernel source, their functions, and the dynamic shared
@@ -248,6 +250,7 @@ impl CudaDevice {
             cache: Mutex::new(KernelCache::default()),
             blas: std::sync::OnceLock::new(),
             card: std::sync::OnceLock::new(),
+            invert_kernels: Mutex::new(HashMap::new()),
         })
     }
 
@@ -412,13 +415,16 @@ impl CudaDevice {
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
         )?;
-        // A kernel this hungry for shared memory wants the whole carveout (L1 gives way), so
-        // that as many of its thread blocks fit on an SM as registers allow (two of the
-        // 67 KiB inversion at b = 128, for one); the driver takes it as a preference.
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            100,
-        )?;
+        // The two-per-SM inversion needs the whole carveout (two 67 KiB blocks; L1 gives
+        // way) to get its second block; the others fit one block per SM by registers and keep
+        // the default. Only a preference: a driver that refuses it costs occupancy, not
+        // correctness.
+        if k == raw::kernels::INVERT_CHOL_B128X2_F32 {
+            let _ = f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                100,
+            );
+        }
         c.smem_configured.insert(k.name, bytes);
         Ok(f)
     }

@@ -153,16 +153,7 @@ impl CudaDevice {
         damping_used: Option<&mut CudaSlice<f32>>,
         opts: &DeviceInvertOptions<'_>,
     ) -> Result<()> {
-        crate::layout::check_block_size(b)?;
-        let nb = info.len();
-        check_len("input", nb * b * b, input.len())?;
-        check_len("out", nb * b * b, out.len())?;
-        self.check_same_context("input", input)?;
-        self.check_same_context("out", out)?;
-        let (kernel, _) = self.choose_invert_kernel(b, nb)?;
-        let (ip, _r) = input.device_ptr(&self.stream);
-        let (op, _w) = out.device_ptr_mut(&self.stream);
-        self.invert_launch(kernel, b, ip, op, info, damping_used, opts)
+        self.invert_out_of_place(None, b, input, out, info, damping_used, opts)
     }
 
     /// [`CudaDevice::invert`] in place: failed and skipped blocks keep their input values.
@@ -177,7 +168,7 @@ impl CudaDevice {
         crate::layout::check_block_size(b)?;
         check_len("blocks", info.len() * b * b, blocks.len())?;
         self.check_same_context("blocks", blocks)?;
-        let (kernel, _) = self.choose_invert_kernel(b, info.len())?;
+        let kernel = self.invert_kernel_for(b, info.len())?;
         let (p, _w) = blocks.device_ptr_mut(&self.stream);
         self.invert_launch(kernel, b, p, p, info, damping_used, opts)
     }
@@ -250,14 +241,33 @@ impl CudaDevice {
         info: &mut CudaSlice<i32>,
         opts: &DeviceInvertOptions<'_>,
     ) -> Result<()> {
+        self.invert_out_of_place(Some(kernel), b, input, out, info, None, opts)
+    }
+
+    /// [`CudaDevice::invert`] by `kernel`, or by the one chosen for this card when `None`.
+    #[allow(clippy::too_many_arguments)]
+    fn invert_out_of_place(
+        &self,
+        kernel: Option<raw::InvertKernel>,
+        b: usize,
+        input: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        info: &mut CudaSlice<i32>,
+        damping_used: Option<&mut CudaSlice<f32>>,
+        opts: &DeviceInvertOptions<'_>,
+    ) -> Result<()> {
         crate::layout::check_block_size(b)?;
         let nb = info.len();
         check_len("input", nb * b * b, input.len())?;
         check_len("out", nb * b * b, out.len())?;
         self.check_same_context("input", input)?;
         self.check_same_context("out", out)?;
+        let kernel = match kernel {
+            Some(k) => k,
+            None => self.invert_kernel_for(b, nb)?,
+        };
         let (ip, _r) = input.device_ptr(&self.stream);
         let (op, _w) = out.device_ptr_mut(&self.stream);
-        self.invert_launch(kernel, b, ip, op, info, None, opts)
+        self.invert_launch(kernel, b, ip, op, info, damping_used, opts)
     }
 }

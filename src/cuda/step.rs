@@ -20,7 +20,7 @@ use cudarc::driver::{
 use super::accumulate::{DeviceAccumulate, DeviceElement, FactorInput};
 use super::raw::{self, InvertArgs, LaunchPlan};
 use super::rule::{DeviceTraceRule, RuleLayer, RuleTally};
-use super::CudaDevice;
+use super::{CudaDevice, KernelId};
 use crate::dtype::DType;
 use crate::error::{check_len, Error, Result};
 use crate::layout::FactorSet;
@@ -149,6 +149,10 @@ pub struct StepTraffic {
 struct StepGraph {
     graph: CudaGraph,
     _functions: Vec<CudaFunction>,
+    /// The kernels of the launches captured, in order: a step whose launches name other
+    /// kernels (the accumulation switching between its block kernels and their tile-kernel
+    /// fallback as the inputs change) captures anew.
+    kernels: Vec<KernelId>,
 }
 
 // SAFETY: a CUDA graph may be used from any thread as long as calls on it are serialised;
@@ -605,7 +609,7 @@ impl DeviceThorStep {
     ) -> Result<()> {
         // The damping is read from device memory: one capture serves every damping.
         let cached = self.graph.take();
-        let captures = cached.is_none() as u64;
+        let mut captures = 0u64;
         let capture_stream = match &self.capture_stream {
             Some(s) => s.clone(),
             None => {
@@ -615,13 +619,16 @@ impl DeviceThorStep {
             }
         };
         let graph = self.with_raw_launches(dev, inputs, damping, |plans| {
+            let kernels: Vec<KernelId> = plans.iter().map(|p| p.kernel).collect();
             let graph = match cached {
-                Some(g) => g,
-                None => {
+                Some(g) if g.kernels == kernels => g,
+                _ => {
+                    captures = 1;
                     let (graph, functions) = capture(dev, &capture_stream, plans)?;
                     StepGraph {
                         graph,
                         _functions: functions,
+                        kernels,
                     }
                 }
             };
