@@ -149,9 +149,11 @@ fn intervals(args: &Args) -> Option<Vec<(f64, u64)>> {
 /// THOR's settings per task (the levers for the autoencoder are discussed in
 /// docs/TRAINING.md).
 fn thor_settings(task: Task, args: &Args) -> (f64, ThorConfig) {
-    let (lr, damping, interval, kl, decay) = match task {
-        Task::Autoencoder => (0.1, 0.3, 5, 3e-2, 0.95),
-        Task::Cnn => (0.2, 0.03, 5, 1e-3, 0.95),
+    // The autoencoder takes statistics at every step of its first epoch (the network moves
+    // fastest there) and keeps a shorter memory of them (decay 0.8).
+    let (lr, damping, interval, kl, decay, first_epoch_every_step) = match task {
+        Task::Autoencoder => (0.1, 0.3, 5, 3e-2, 0.8, true),
+        Task::Cnn => (0.2, 0.03, 5, 1e-3, 0.95, false),
     };
     let damping = args.thor_damping.unwrap_or(damping);
     let kl = args.kl_clip.unwrap_or(kl);
@@ -163,9 +165,13 @@ fn thor_settings(task: Task, args: &Args) -> (f64, ThorConfig) {
             decay: 0.87,
             every: 10.0,
         },
-        interval: match intervals(args) {
-            Some(list) => IntervalSchedule::Stepwise(list),
-            None => IntervalSchedule::Fixed(args.thor_interval.unwrap_or(interval)),
+        interval: match (intervals(args), args.thor_interval) {
+            (Some(list), _) => IntervalSchedule::Stepwise(list),
+            (None, Some(n)) => IntervalSchedule::Fixed(n),
+            (None, None) if first_epoch_every_step => {
+                IntervalSchedule::Stepwise(vec![(0.0, 1), (1.0, interval)])
+            }
+            (None, None) => IntervalSchedule::Fixed(interval),
         },
         kl_clip: (kl > 0.0).then_some(kl),
         // KFC's conv factors (THOR's 1 / (ho wo) scale of conv layers): per-position
