@@ -150,10 +150,7 @@ impl CudaDevice {
         for m in host.chunks_mut(b * b) {
             for i in 0..b {
                 for j in 0..i {
-                    state = state
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(1_442_695_040_888_963_407);
-                    let v = ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                    let v = uniform(&mut state);
                     m[i * b + j] = v;
                     m[j * b + i] = v;
                 }
@@ -257,12 +254,7 @@ impl CudaDevice {
         kernel: ApplyKernel,
     ) -> Result<Trial> {
         let mut state = 0x5851_f42d_4c95_7f2du64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut next = move || uniform(&mut state);
         let b = set.block();
         let mut inv = vec![0.0f32; set.buffer_len()];
         for m in inv.chunks_mut(b * b) {
@@ -458,12 +450,7 @@ impl CudaDevice {
     ) -> Result<Trial> {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let host: Vec<E> = (0..len.max(1))
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                E::from_f32(((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-            })
+            .map(|_| E::from_f32(uniform(&mut state)))
             .collect();
         let x = self.upload(&host)?;
         let inputs: Vec<DeviceInput<'_, E>> = set
@@ -516,6 +503,15 @@ impl CudaDevice {
                 .collect(),
         })
     }
+}
+
+/// The next value in [-1, 1) of a 64-bit linear congruential sequence (the trials' synthetic
+/// inputs: reproducible, no generator crate).
+fn uniform(state: &mut u64) -> f32 {
+    *state = state
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407);
+    ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
 /// A family of kernels for one operation, as choices name them.
