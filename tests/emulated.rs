@@ -1209,8 +1209,24 @@ impl EmuStep {
         damping: f32,
         order: i32,
     ) {
-        use thor_kernels::cuda::accumulate::{AccumulateBuffers, FactorInput};
         let mut gx: Vec<Guarded<f32>> = xs.iter().map(|x| Guarded::new(x)).collect();
+        let (_factors, launches) = self.launches(&mut gx, decay, thresholds, damping, None);
+        run(&launches, order).unwrap();
+    }
+
+    /// The step's six launches on the inputs `gx`; on a rank of a distributed step
+    /// (`local`: its local products buffer and the inversion's mask), the accumulation's
+    /// raw products (alpha 1, beta 0, no factor state) go to `local` and the inversion reads
+    /// the owned mask. Returns the factor table with the launches.
+    fn launches(
+        &mut self,
+        gx: &mut [Guarded<f32>],
+        decay: f32,
+        thresholds: thor_kernels::rule::Thresholds,
+        damping: f32,
+        local: Option<(u64, u64)>,
+    ) -> (Guarded<u64>, Vec<raw::LaunchPlan>) {
+        use thor_kernels::cuda::accumulate::{AccumulateBuffers, FactorInput};
         let rows = self.plan.rows().to_vec();
         let fi: Vec<FactorInput> = gx
             .iter_mut()
@@ -1219,8 +1235,12 @@ impl EmuStep {
             .map(|((g, e), &n)| FactorInput {
                 x: g.ptr(),
                 layout: thor_kernels::InputLayout::matrix(n, e.layout.dim()),
-                alpha: (1.0 - decay) / n as f32,
-                beta: decay,
+                alpha: if local.is_some() {
+                    1.0
+                } else {
+                    (1.0 - decay) / n as f32
+                },
+                beta: if local.is_some() { 0.0 } else { decay },
             })
             .collect();
         let mut factors = Guarded::new(&self.plan.factor_table(&fi).unwrap());
@@ -1232,12 +1252,16 @@ impl EmuStep {
                 finals: self.finals.ptr(),
                 workspace: self.ws.ptr(),
                 flags: self.flags.ptr(),
-                blocks: self.stats.ptr(),
+                blocks: local.map_or(self.stats.ptr(), |l| l.0),
                 status: self.status.ptr(),
                 trace_desc: self.desc.ptr(),
                 block_traces: self.bt.ptr(),
                 factor_traces: self.ft.ptr(),
-                factor_state: self.fstate.ptr(),
+                factor_state: if local.is_some() {
+                    0
+                } else {
+                    self.fstate.ptr()
+                },
             })
             .unwrap();
         let nl = self.layers.len();
@@ -1275,7 +1299,7 @@ impl EmuStep {
                     blocks: self.set.total_blocks(),
                     damping: self.block_damping.ptr(),
                     damping_all: 0.0,
-                    mask: self.mask.ptr(),
+                    mask: local.map_or(self.mask.ptr(), |l| l.1),
                     policy: FailurePolicy::retry(),
                     info: self.info.ptr(),
                     damping_used: self.used.ptr(),
@@ -1294,7 +1318,7 @@ impl EmuStep {
             .unwrap(),
         );
         assert_eq!(launches.len(), 6, "the device step's launches");
-        run(&launches, order).unwrap();
+        (factors, launches)
     }
 }
 
@@ -1512,6 +1536,264 @@ fn emulated_ldmatrix_gives_the_fragment_layouts() {
                 ld_expected(&tile, trans),
                 "trans {trans} order {order}"
             );
+        }
+    }
+}
+
+/// One rank's buffers of the distributed device step (src/cuda/dist.rs) beside its
+/// [`EmuStep`].
+struct EmuDist {
+    layout: thor_kernels::cuda::dist::DistLayout,
+    local: Guarded<f32>,
+    send: Guarded<f32>,
+    recv: Guarded<f32>,
+    meta: Guarded<f64>,
+    gather_send: Guarded<f32>,
+    gather_recv: Guarded<f32>,
+    send_list: Guarded<i32>,
+    own_list: Guarded<i32>,
+    blocks_tab: Guarded<i32>,
+    factors_tab: Guarded<i32>,
+    samples: Guarded<f64>,
+    own_mask: Guarded<u8>,
+    fault: Guarded<i32>,
+}
+
+impl EmuDist {
+    fn new(st: &EmuStep, plan: &thor_kernels::dist::OwnershipPlan, rank: usize) -> Self {
+        let set = &st.set;
+        let partners: Vec<Option<usize>> = (0..set.len()).map(|f| Some(f ^ 1)).collect();
+        let l = thor_kernels::cuda::dist::DistLayout::new(set, plan, rank, &partners).unwrap();
+        let samples: Vec<f64> = st.plan.rows().iter().map(|&n| n as f64).collect();
+        EmuDist {
+            local: Guarded::new(&poisoned(set.buffer_len())),
+            send: Guarded::new(&poisoned(l.send_len())),
+            recv: Guarded::new(&poisoned(l.recv_len())),
+            meta: Guarded::new(&vec![f64::NAN; l.meta_len()]),
+            gather_send: Guarded::new(&poisoned(l.gather_send_len())),
+            gather_recv: Guarded::new(&poisoned(l.gather_recv_len())),
+            send_list: Guarded::new(l.send_list()),
+            own_list: Guarded::new(l.own_list()),
+            blocks_tab: Guarded::new(l.blocks_table()),
+            factors_tab: Guarded::new(l.factors_table()),
+            samples: Guarded::new(&samples),
+            own_mask: Guarded::new(&vec![7u8; set.total_blocks()]),
+            fault: Guarded::new(&[0]),
+            layout: l,
+        }
+    }
+
+    fn buffers(&mut self, st: &mut EmuStep) -> thor_kernels::cuda::dist::DistBuffers {
+        thor_kernels::cuda::dist::DistBuffers {
+            local: self.local.ptr(),
+            send: self.send.ptr(),
+            recv: self.recv.ptr(),
+            meta: self.meta.ptr(),
+            gather_send: self.gather_send.ptr(),
+            gather_recv: self.gather_recv.ptr(),
+            send_list: self.send_list.ptr(),
+            own_list: self.own_list.ptr(),
+            blocks_tab: self.blocks_tab.ptr(),
+            factors_tab: self.factors_tab.ptr(),
+            samples: self.samples.ptr(),
+            own_mask: self.own_mask.ptr(),
+            fault: self.fault.ptr(),
+            stats: st.stats.ptr(),
+            inverses: st.inv.ptr(),
+            info: st.info.ptr(),
+            status: st.status.ptr(),
+            factor_state: st.fstate.ptr(),
+            mask: st.mask.ptr(),
+            block_traces: st.bt.ptr(),
+            factor_traces: st.ft.ptr(),
+            damping_at: st.damping_at.ptr(),
+            step: st.step.ptr(),
+        }
+    }
+}
+
+/// The collectives of a group of emulated ranks, on the host: segment `r` of every rank's
+/// `send` summed (in rank order) into rank `r`'s `recv`.
+fn emu_reduce_scatter(ranks: &mut [(EmuStep, EmuDist)]) {
+    let sends: Vec<Vec<f32>> = ranks.iter().map(|(_, d)| d.send.get()).collect();
+    for (r, (_, d)) in ranks.iter_mut().enumerate() {
+        let n = d.layout.recv_len();
+        let sum: Vec<f32> = (0..n)
+            .map(|i| sends.iter().fold(0.0f32, |a, s| a + s[r * n + i]))
+            .collect();
+        d.recv.set(&sum);
+    }
+}
+
+fn emu_all_reduce(ranks: &mut [(EmuStep, EmuDist)]) {
+    let metas: Vec<Vec<f64>> = ranks.iter().map(|(_, d)| d.meta.get()).collect();
+    let sum: Vec<f64> = (0..metas[0].len())
+        .map(|i| metas.iter().fold(0.0, |a, m| a + m[i]))
+        .collect();
+    for (_, d) in ranks.iter_mut() {
+        d.meta.set(&sum);
+    }
+}
+
+fn emu_all_gather(ranks: &mut [(EmuStep, EmuDist)]) {
+    let all: Vec<f32> = ranks
+        .iter()
+        .flat_map(|(_, d)| d.gather_send.get())
+        .collect();
+    for (_, d) in ranks.iter_mut() {
+        d.gather_recv.set(&all);
+    }
+}
+
+/// One distributed step of every emulated rank on its rows of `xs`, the collectives
+/// between the launches as src/cuda/step.rs queues them; then the statistics gathered, so
+/// that every rank holds the whole state.
+fn emu_dist_step(
+    ranks: &mut [(EmuStep, EmuDist)],
+    xs: &[Vec<f32>],
+    splits: &[usize],
+    sc: &step_cases::StepScenario,
+    order: i32,
+) {
+    let mut tables = Vec::new();
+    for (r, (st, d)) in ranks.iter_mut().enumerate() {
+        let mut gx: Vec<Guarded<f32>> = xs
+            .iter()
+            .zip(st.set.entries())
+            .map(|(x, e)| {
+                let dim = e.layout.dim();
+                Guarded::new(&x[splits[r] * dim..splits[r + 1] * dim])
+            })
+            .collect();
+        let local = (d.local.ptr(), d.own_mask.ptr());
+        let (t, launches) = st.launches(&mut gx, sc.decay, sc.thresholds, sc.damping, Some(local));
+        let buf = d.buffers(st);
+        let l = &d.layout;
+        let mut plans = launches[..3].to_vec();
+        plans.push(l.plan_pack_sums(&buf).unwrap());
+        run(&plans, order).unwrap();
+        tables.push((gx, t, launches, buf));
+    }
+    emu_reduce_scatter(ranks);
+    for ((_, d), (_, _, _, buf)) in ranks.iter_mut().zip(&tables) {
+        run(&[d.layout.plan_meta(buf).unwrap()], order).unwrap();
+    }
+    emu_all_reduce(ranks);
+    for ((_, d), (_, _, launches, buf)) in ranks.iter_mut().zip(&tables) {
+        let l = &d.layout;
+        let plans = vec![
+            l.plan_resolve(buf, sc.decay).unwrap(),
+            l.plan_ema(buf, sc.decay).unwrap(),
+            launches[3].clone(),
+            l.plan_own_mask(buf).unwrap(),
+            launches[4].clone(),
+            l.plan_pack_inverses(buf).unwrap(),
+        ];
+        run(&plans, order).unwrap();
+    }
+    emu_all_gather(ranks);
+    for ((_, d), (_, _, launches, buf)) in ranks.iter_mut().zip(&tables) {
+        let plans = vec![
+            d.layout.plan_unpack_inverses(buf).unwrap(),
+            launches[5].clone(),
+            d.layout.plan_pack_statistics(buf).unwrap(),
+        ];
+        run(&plans, order).unwrap();
+    }
+    emu_all_gather(ranks);
+    for ((_, d), (_, _, _, buf)) in ranks.iter_mut().zip(&tables) {
+        run(&[d.layout.plan_unpack_statistics(buf).unwrap()], order).unwrap();
+        d.local.check("local");
+        d.send.check("send");
+        d.gather_recv.check("gather_recv");
+    }
+}
+
+#[test]
+fn emulated_distributed_device_step_matches_the_optimizer_on_the_union() {
+    // The distributed device step's kernels (pack, metadata, resolve, EMA, owned mask,
+    // unpack) between host-emulated collectives, on 2, 3 and 5 ranks with uneven rows (at
+    // 5 some rank owns fewer blocks than others: padded segments), against `Thor` on the
+    // CPU fed the whole batch: the same decisions and counters on every rank, statistics
+    // against the f64 reference, inverses within the DESIGN.md tolerances and identical on
+    // every rank.
+    let _g = lock();
+    let sc = step_cases::StepScenario::new();
+    let set = sc.set();
+    for (world, splits) in [
+        (2usize, vec![0usize, 40, 64]),
+        (3, vec![0, 30, 50, 64]),
+        (5, vec![0, 1, 20, 33, 50, 64]),
+    ] {
+        let plan = thor_kernels::dist::OwnershipPlan::new(&set, world).unwrap();
+        let mut ranks: Vec<(EmuStep, EmuDist)> = (0..world)
+            .map(|r| {
+                let rows = vec![splits[r + 1] - splits[r]; set.len()];
+                let st = EmuStep::new(set.clone(), &rows);
+                let d = EmuDist::new(&st, &plan, r);
+                (st, d)
+            })
+            .collect();
+        let (mut thor, ids) = sc.thor();
+        for k in 0..step_cases::STEPS {
+            sc.observe(&mut thor, &ids, k);
+            for (st, _) in ranks.iter_mut() {
+                st.damping_at.set(&[sc.damping]);
+            }
+            emu_dist_step(
+                &mut ranks,
+                &sc.batch(k),
+                &splits,
+                &sc,
+                ORDERS[k % ORDERS.len()],
+            );
+            let inv0 = ranks[0].0.inv.get();
+            for (r, (st, d)) in ranks.iter().enumerate() {
+                sc.check(
+                    k,
+                    &thor,
+                    &ids,
+                    &st.decisions.get(),
+                    &st.counters.get(),
+                    &st.stats.get(),
+                    &st.inv.get(),
+                    &st.status.get(),
+                );
+                assert_eq!(d.fault.get(), vec![0], "world {world} rank {r}");
+                // The traces the rule read: those of the statistics (padding counted in
+                // the blocks' traces, not in the factors').
+                let (stats, b) = (st.stats.get(), set.block());
+                let (bt, ft) = (st.bt.get(), st.ft.get());
+                for (f, e) in set.entries().iter().enumerate() {
+                    let mut total = 0.0f64;
+                    for j in 0..e.layout.blocks() {
+                        let kb = e.first_block + j;
+                        let diag = |n: usize| -> f64 {
+                            (0..n).map(|i| stats[kb * b * b + i * b + i] as f64).sum()
+                        };
+                        let want = diag(b);
+                        assert!(
+                            (bt[kb] as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                            "world {world} rank {r} step {k}: block {kb}'s trace {} against {want}",
+                            bt[kb]
+                        );
+                        total += diag(e.layout.valid(j));
+                    }
+                    assert!(
+                        (ft[f] as f64 - total).abs() <= 1e-5 * total.abs().max(1.0),
+                        "world {world} rank {r} step {k}: factor {f}'s trace {} against {total}",
+                        ft[f]
+                    );
+                }
+                assert!(
+                    st.inv
+                        .get()
+                        .iter()
+                        .zip(&inv0)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "world {world}: rank {r}'s inverses differ from rank 0's at step {k}"
+                );
+            }
         }
     }
 }

@@ -10,6 +10,7 @@
 pub mod accumulate;
 pub mod apply;
 pub mod choose;
+pub mod dist;
 mod ops;
 pub mod raw;
 mod rule;

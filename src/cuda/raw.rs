@@ -123,6 +123,19 @@ pub mod kernels {
     /// The rule's counters after the inversion (updates and failed inversions).
     pub const RULE_TALLY_F32: KernelId = id("rule", "rule_tally_f32");
 
+    /// Distributed step: blocks' lower triangles packed for a collective.
+    pub const DIST_PACK_F32: KernelId = id("dist", "dist_pack_f32");
+    /// Distributed step: packed lower triangles back into symmetric blocks.
+    pub const DIST_UNPACK_F32: KernelId = id("dist", "dist_unpack_f32");
+    /// Distributed step: this rank's flags, samples and owned traces for the all-reduce.
+    pub const DIST_META_F32: KernelId = id("dist", "dist_meta_f32");
+    /// Distributed step: statuses and traces from the summed metadata.
+    pub const DIST_RESOLVE_F32: KernelId = id("dist", "dist_resolve_f32");
+    /// Distributed step: the EMA of the owned blocks from the received sums.
+    pub const DIST_EMA_F32: KernelId = id("dist", "dist_ema_f32");
+    /// Distributed step: the rule's mask on the owned blocks.
+    pub const DIST_OWN_MASK_F32: KernelId = id("dist", "dist_own_mask_f32");
+
     /// Preconditioner apply, b = 64, f32 gradients, conflict-free operand loads.
     pub const APPLY_B64_F32_CF: KernelId = id("apply", "apply_b64_f32_cf");
     /// Preconditioner apply, b = 64, bf16 gradients, conflict-free operand loads.
@@ -142,7 +155,7 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 44] = [
+    pub const ALL: [KernelId; 50] = [
         TRACE_RULE_F32,
         RULE_TALLY_F32,
         APPLY_B32_F32,
@@ -187,6 +200,12 @@ pub mod kernels {
         APPLY_B128_F32_CF,
         APPLY_B64_BF16_CF,
         APPLY_B128_BF16_CF,
+        DIST_PACK_F32,
+        DIST_UNPACK_F32,
+        DIST_META_F32,
+        DIST_RESOLVE_F32,
+        DIST_EMA_F32,
+        DIST_OWN_MASK_F32,
     ];
 }
 

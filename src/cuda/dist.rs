@@ -1,0 +1,874 @@
+//! THOR's factor step across ranks on the device ([`crate::dist`] on the GPU): the tables
+//! and launches between the collectives, and the device-side collectives themselves.
+//!
+//! A distributed [`DeviceThorStep`](super::step::DeviceThorStep) runs, on every rank:
+//!
+//! 1. the accumulation of its local batch's raw products (alpha 1, beta 0) into a buffer
+//!    of its own, then `dist_pack_f32`: every block as a packed lower triangle, rank by rank
+//!    in the plan's order, each rank's segment padded to the most blocks any rank owns;
+//! 2. a **reduce-scatter**: each rank receives the sums of the blocks it owns;
+//! 3. `dist_meta_f32`: per factor a non-finite flag and the local samples, per owned block
+//!    the traces of the old statistics and of the received sum, the damping and the step
+//!    count; an **all-reduce** (f64) sums them;
+//! 4. `dist_resolve_f32` (statuses and traces, the same on every rank), `dist_ema_f32` (the
+//!    owned blocks' EMA), the trace rule, `dist_own_mask_f32` and the inversion of the
+//!    updated blocks this rank owns, then `dist_pack_f32` of the owned inverses with their
+//!    info words;
+//! 5. an **all-gather**, then `dist_unpack_f32` writes the updated blocks' inverses on every
+//!    rank, and the rule's tally counts them.
+//!
+//! Unlike the CPU step ([`crate::cpu::step::CpuThorStep::new_distributed`]), which sends
+//! only what is needed, the device step's collectives have fixed sizes (the decisions live
+//! on the device, and the host does not wait for them): frozen factors' blocks are sent in
+//! the reduce-scatter and every owned inverse in the all-gather (the receivers keep only the
+//! updated ones), so that the whole step is queued with no host synchronization.
+
+use cudarc::driver::sys::CUdeviceptr;
+use cudarc::driver::CudaSlice;
+use std::fmt;
+
+use super::raw::{check_ptr, grid_u32, kernels, KernelArg, LaunchPlan};
+use super::CudaDevice;
+use crate::dist::{tri_len, CommCounters, Communicator, OwnershipPlan};
+use crate::error::{check_len, Error, Result};
+use crate::layout::FactorSet;
+
+/// The tables of one rank's distributed device step, from the factor set, the block
+/// ownership and the partners (A and G of a layer), with the launches between the
+/// collectives on raw device buffers ([`DistBuffers`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistLayout {
+    b: usize,
+    nf: usize,
+    nb: usize,
+    rank: usize,
+    world: usize,
+    per: usize,
+    blocks_tab: Vec<i32>,
+    factors_tab: Vec<i32>,
+    send_list: Vec<i32>,
+    own_list: Vec<i32>,
+}
+
+/// The device buffers of one rank's distributed step (raw addresses of the caller's
+/// buffers, of the sizes [`DistLayout`] gives; see each launch for what it reads and writes).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DistBuffers {
+    /// The local products, one `b x b` block per block of the set (f32).
+    pub local: CUdeviceptr,
+    /// [`DistLayout::send_len`] f32: the packed sums' segments, rank by rank.
+    pub send: CUdeviceptr,
+    /// [`DistLayout::recv_len`] f32: this rank's summed segment.
+    pub recv: CUdeviceptr,
+    /// [`DistLayout::meta_len`] f64.
+    pub meta: CUdeviceptr,
+    /// [`DistLayout::gather_send_len`] f32: the owned inverses with their info words.
+    pub gather_send: CUdeviceptr,
+    /// [`DistLayout::gather_recv_len`] f32: every rank's `gather_send`.
+    pub gather_recv: CUdeviceptr,
+    /// [`DistLayout::send_list`] on the device (i32).
+    pub send_list: CUdeviceptr,
+    /// [`DistLayout::own_list`] on the device (i32).
+    pub own_list: CUdeviceptr,
+    /// [`DistLayout::blocks_table`] on the device (i32).
+    pub blocks_tab: CUdeviceptr,
+    /// [`DistLayout::factors_table`] on the device (i32).
+    pub factors_tab: CUdeviceptr,
+    /// One f64 per factor: the samples of this rank's local input.
+    pub samples: CUdeviceptr,
+    /// One byte per block: the inversion's mask (the rule's, on owned blocks).
+    pub own_mask: CUdeviceptr,
+    /// One i32, set to 1 when the ranks disagree on the damping or the step count.
+    pub fault: CUdeviceptr,
+    /// The step's statistics (f32 blocks).
+    pub stats: CUdeviceptr,
+    /// The step's inverses (f32 blocks).
+    pub inverses: CUdeviceptr,
+    /// One i32 per block: the inversion's info words.
+    pub info: CUdeviceptr,
+    /// One i32 per factor: the statuses (accumulation's, then resolved).
+    pub status: CUdeviceptr,
+    /// One byte per factor: the rule's factor state.
+    pub factor_state: CUdeviceptr,
+    /// One byte per block: the rule's mask.
+    pub mask: CUdeviceptr,
+    /// One f32 per block.
+    pub block_traces: CUdeviceptr,
+    /// One f32 per factor.
+    pub factor_traces: CUdeviceptr,
+    /// One f32: the step's damping.
+    pub damping_at: CUdeviceptr,
+    /// One u64: the rule's step counter (the steps run so far).
+    pub step: CUdeviceptr,
+}
+
+impl DistLayout {
+    /// The layout of rank `rank` of `plan.world()` for `set`, with `partners[f]` the other
+    /// factor of `f`'s layer. Errors when the plan is not `set`'s, `rank` is out of range or
+    /// a size does not fit the kernels' `int` arithmetic.
+    pub fn new(
+        set: &FactorSet,
+        plan: &OwnershipPlan,
+        rank: usize,
+        partners: &[Option<usize>],
+    ) -> Result<Self> {
+        let (b, nf, nb, world) = (set.block(), set.len(), set.total_blocks(), plan.world());
+        check_len("plan", nb, plan.order().len())?;
+        check_len("partners", nf, partners.len())?;
+        if rank >= world {
+            return Err(Error::invalid(
+                "rank",
+                format!("{rank} is not below the world size {world}"),
+            ));
+        }
+        let per = (0..world)
+            .map(|r| plan.owned(r).len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let int = |what: &'static str, n: Option<usize>| -> Result<i32> {
+            n.and_then(|n| i32::try_from(n).ok())
+                .ok_or_else(|| Error::invalid(what, "too large for the kernels' 32-bit indices"))
+        };
+        int("set", world.checked_mul(per))?;
+        int("set", per.checked_mul(tri_len(b) + 1))?;
+        int("set", Some(nb))?;
+        let mut blocks_tab = vec![0i32; 4 * nb];
+        for (f, e) in set.entries().iter().enumerate() {
+            for j in 0..e.layout.blocks() {
+                let k = e.first_block + j;
+                blocks_tab[4 * k] = f as i32;
+                blocks_tab[4 * k + 1] = e.layout.valid(j) as i32;
+            }
+        }
+        let mut send_list = vec![-1i32; world * per];
+        for r in 0..world {
+            for (i, &k) in plan.owned(r).iter().enumerate() {
+                send_list[r * per + i] = k as i32;
+                blocks_tab[4 * k + 2] = r as i32;
+                blocks_tab[4 * k + 3] = i as i32;
+            }
+        }
+        let mut factors_tab = Vec::with_capacity(3 * nf);
+        for (e, p) in set.entries().iter().zip(partners) {
+            let partner = match *p {
+                Some(q) if q < nf => q as i32,
+                Some(q) => {
+                    return Err(Error::invalid(
+                        "partners",
+                        format!("factor {q} is not in the set of {nf}"),
+                    ))
+                }
+                None => -1,
+            };
+            factors_tab.extend([e.first_block as i32, e.layout.blocks() as i32, partner]);
+        }
+        let own_list = send_list[rank * per..(rank + 1) * per].to_vec();
+        Ok(DistLayout {
+            b,
+            nf,
+            nb,
+            rank,
+            world,
+            per,
+            blocks_tab,
+            factors_tab,
+            send_list,
+            own_list,
+        })
+    }
+
+    /// The most blocks any rank owns: every rank's segment in the collectives holds this
+    /// many (padded).
+    pub fn per_rank(&self) -> usize {
+        self.per
+    }
+
+    /// Elements of the reduce-scatter's send buffer: `world` segments of
+    /// [`DistLayout::recv_len`].
+    pub fn send_len(&self) -> usize {
+        self.world * self.recv_len()
+    }
+
+    /// Elements of one rank's segment of the reduce-scatter.
+    pub fn recv_len(&self) -> usize {
+        self.per * tri_len(self.b)
+    }
+
+    /// Elements of the all-reduced metadata (f64).
+    pub fn meta_len(&self) -> usize {
+        2 * self.nf + 2 * self.nb + 2
+    }
+
+    /// Elements of one rank's segment of the all-gather (packed inverses and info words).
+    pub fn gather_send_len(&self) -> usize {
+        self.per * (tri_len(self.b) + 1)
+    }
+
+    /// Elements of the all-gather's receive buffer.
+    pub fn gather_recv_len(&self) -> usize {
+        self.world * self.gather_send_len()
+    }
+
+    /// The blocks of every rank's segment, rank by rank (`-1`: padding).
+    pub fn send_list(&self) -> &[i32] {
+        &self.send_list
+    }
+
+    /// The blocks this rank owns, padded to [`DistLayout::per_rank`] with `-1`.
+    pub fn own_list(&self) -> &[i32] {
+        &self.own_list
+    }
+
+    /// Per block: factor, valid rows, owner, position in the owner's list.
+    pub fn blocks_table(&self) -> &[i32] {
+        &self.blocks_tab
+    }
+
+    /// Per factor: first block, block count, partner (`-1`: none).
+    pub fn factors_table(&self) -> &[i32] {
+        &self.factors_tab
+    }
+
+    /// The packing of the local products for the reduce-scatter.
+    pub fn plan_pack_sums(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        pack(
+            buf.local,
+            self.b,
+            buf.send_list,
+            self.world * self.per,
+            0,
+            tri_len(self.b),
+            buf.send,
+        )
+    }
+
+    /// This rank's metadata for the all-reduce (reads the accumulation's statuses, the
+    /// statistics of owned blocks and the received sums).
+    pub fn plan_meta(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        for (name, p, align) in [
+            ("status", buf.status, 4),
+            ("samples", buf.samples, 8),
+            ("blocks_tab", buf.blocks_tab, 4),
+            ("factor_state", buf.factor_state, 1),
+            ("stats", buf.stats, 4),
+            ("recv", buf.recv, 4),
+            ("damping_at", buf.damping_at, 4),
+            ("step", buf.step, 8),
+            ("meta", buf.meta, 8),
+        ] {
+            check_ptr(name, p, align)?;
+        }
+        use KernelArg::*;
+        Ok(LaunchPlan {
+            kernel: kernels::DIST_META_F32,
+            grid: (grid_u32("blocks", self.nb.div_ceil(256))?, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+            args: vec![
+                Ptr(buf.status),
+                Ptr(buf.samples),
+                I32(self.nf as i32),
+                Ptr(buf.blocks_tab),
+                I32(self.nb as i32),
+                I32(self.rank as i32),
+                I32(self.b as i32),
+                Ptr(buf.factor_state),
+                Ptr(buf.stats),
+                Ptr(buf.recv),
+                Ptr(buf.damping_at),
+                Ptr(buf.step),
+                Ptr(buf.meta),
+            ],
+        })
+    }
+
+    /// Statuses, block and factor traces from the summed metadata (`decay`: the statistics'
+    /// EMA decay).
+    pub fn plan_resolve(&self, buf: &DistBuffers, decay: f32) -> Result<LaunchPlan> {
+        check_decay(decay)?;
+        for (name, p, align) in [
+            ("meta", buf.meta, 8),
+            ("factors_tab", buf.factors_tab, 4),
+            ("blocks_tab", buf.blocks_tab, 4),
+            ("factor_state", buf.factor_state, 1),
+            ("damping_at", buf.damping_at, 4),
+            ("step", buf.step, 8),
+            ("status", buf.status, 4),
+            ("block_traces", buf.block_traces, 4),
+            ("factor_traces", buf.factor_traces, 4),
+            ("fault", buf.fault, 4),
+        ] {
+            check_ptr(name, p, align)?;
+        }
+        use KernelArg::*;
+        Ok(LaunchPlan {
+            kernel: kernels::DIST_RESOLVE_F32,
+            grid: (1, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+            args: vec![
+                Ptr(buf.meta),
+                I32(self.nf as i32),
+                I32(self.nb as i32),
+                Ptr(buf.factors_tab),
+                Ptr(buf.blocks_tab),
+                I32(self.b as i32),
+                Ptr(buf.factor_state),
+                F32(decay),
+                I32(self.world as i32),
+                Ptr(buf.damping_at),
+                Ptr(buf.step),
+                Ptr(buf.status),
+                Ptr(buf.block_traces),
+                Ptr(buf.factor_traces),
+                Ptr(buf.fault),
+            ],
+        })
+    }
+
+    /// The EMA of the owned blocks whose factor's status is 0, from the received sums.
+    pub fn plan_ema(&self, buf: &DistBuffers, decay: f32) -> Result<LaunchPlan> {
+        check_decay(decay)?;
+        for (name, p, align) in [
+            ("recv", buf.recv, 4),
+            ("own_list", buf.own_list, 4),
+            ("blocks_tab", buf.blocks_tab, 4),
+            ("status", buf.status, 4),
+            ("factor_state", buf.factor_state, 1),
+            ("meta", buf.meta, 8),
+            ("stats", buf.stats, 4),
+        ] {
+            check_ptr(name, p, align)?;
+        }
+        use KernelArg::*;
+        Ok(LaunchPlan {
+            kernel: kernels::DIST_EMA_F32,
+            grid: (grid_u32("blocks", self.per)?, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+            args: vec![
+                Ptr(buf.recv),
+                Ptr(buf.own_list),
+                Ptr(buf.blocks_tab),
+                Ptr(buf.status),
+                Ptr(buf.factor_state),
+                Ptr(buf.meta),
+                I32(self.nf as i32),
+                F32(decay),
+                I32(self.b as i32),
+                Ptr(buf.stats),
+            ],
+        })
+    }
+
+    /// The inversion's mask: the rule's on the blocks this rank owns.
+    pub fn plan_own_mask(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        for (name, p) in [
+            ("mask", buf.mask),
+            ("blocks_tab", buf.blocks_tab),
+            ("own_mask", buf.own_mask),
+        ] {
+            check_ptr(name, p, 1)?;
+        }
+        check_ptr("blocks_tab", buf.blocks_tab, 4)?;
+        use KernelArg::*;
+        Ok(LaunchPlan {
+            kernel: kernels::DIST_OWN_MASK_F32,
+            grid: (grid_u32("blocks", self.nb.div_ceil(256))?, 1, 1),
+            block: (256, 1, 1),
+            smem: 0,
+            args: vec![
+                Ptr(buf.mask),
+                Ptr(buf.blocks_tab),
+                I32(self.nb as i32),
+                I32(self.rank as i32),
+                Ptr(buf.own_mask),
+            ],
+        })
+    }
+
+    /// The owned inverses and their info words, packed for the all-gather.
+    pub fn plan_pack_inverses(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        check_ptr("info", buf.info, 4)?;
+        pack(
+            buf.inverses,
+            self.b,
+            buf.own_list,
+            self.per,
+            buf.info,
+            tri_len(self.b) + 1,
+            buf.gather_send,
+        )
+    }
+
+    /// The owned statistics, packed for the all-gather of
+    /// [`DistLayout::plan_unpack_statistics`].
+    pub fn plan_pack_statistics(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        pack(
+            buf.stats,
+            self.b,
+            buf.own_list,
+            self.per,
+            0,
+            tri_len(self.b) + 1,
+            buf.gather_send,
+        )
+    }
+
+    /// Every rank's updated inverses (the rule's mask) and their info words, from the
+    /// all-gather.
+    pub fn plan_unpack_inverses(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        check_ptr("mask", buf.mask, 1)?;
+        check_ptr("info", buf.info, 4)?;
+        unpack(self, buf.gather_recv, buf.mask, buf.inverses, buf.info, buf)
+    }
+
+    /// Every block's statistics from the all-gather of
+    /// [`DistLayout::plan_pack_statistics`].
+    pub fn plan_unpack_statistics(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        unpack(self, buf.gather_recv, 0, buf.stats, 0, buf)
+    }
+}
+
+fn check_decay(decay: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&decay) {
+        return Err(Error::invalid("decay", format!("{decay} is not in [0, 1)")));
+    }
+    Ok(())
+}
+
+fn pack(
+    blocks: CUdeviceptr,
+    b: usize,
+    list: CUdeviceptr,
+    count: usize,
+    info: CUdeviceptr,
+    stride: usize,
+    out: CUdeviceptr,
+) -> Result<LaunchPlan> {
+    for (name, p) in [("blocks", blocks), ("list", list), ("out", out)] {
+        check_ptr(name, p, 4)?;
+    }
+    use KernelArg::*;
+    Ok(LaunchPlan {
+        kernel: kernels::DIST_PACK_F32,
+        grid: (grid_u32("blocks", count)?, 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        args: vec![
+            Ptr(blocks),
+            I32(b as i32),
+            Ptr(list),
+            Ptr(info),
+            I32(stride as i32),
+            Ptr(out),
+        ],
+    })
+}
+
+fn unpack(
+    l: &DistLayout,
+    gathered: CUdeviceptr,
+    mask: CUdeviceptr,
+    blocks: CUdeviceptr,
+    info: CUdeviceptr,
+    buf: &DistBuffers,
+) -> Result<LaunchPlan> {
+    for (name, p) in [
+        ("gather_recv", gathered),
+        ("send_list", buf.send_list),
+        ("blocks", blocks),
+    ] {
+        check_ptr(name, p, 4)?;
+    }
+    use KernelArg::*;
+    Ok(LaunchPlan {
+        kernel: kernels::DIST_UNPACK_F32,
+        grid: (grid_u32("blocks", l.world * l.per)?, 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        args: vec![
+            Ptr(gathered),
+            I32(l.b as i32),
+            Ptr(buf.send_list),
+            I32((tri_len(l.b) + 1) as i32),
+            Ptr(mask),
+            Ptr(blocks),
+            Ptr(info),
+        ],
+    })
+}
+
+/// One rank's end of a group, moving device buffers on the rank's [`CudaDevice`] stream:
+/// the collectives of a distributed device step, with equal counts on every rank. Every
+/// rank must call the same collectives in the same order with the same sizes; a failure is
+/// [`Error::Communication`], after which the group is broken.
+///
+/// [`NcclComm`] queues them on the stream (no host synchronization);
+/// [`HostStagedComm`] copies through the host and any [`Communicator`] (gloo through
+/// PyTorch, the in-process [`crate::dist::LocalGroup`]), waiting for the stream.
+pub trait DeviceCommunicator: Send + fmt::Debug {
+    /// This rank, `0..world`.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world(&self) -> usize;
+    /// `recv` receives the sum over the ranks of segment `rank` of `send` (`world`
+    /// segments of `recv.len()` elements back to back).
+    fn reduce_scatter(
+        &mut self,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()>;
+    /// `recv` receives every rank's `send`, rank 0's first (`world * send.len()` elements).
+    fn all_gather(
+        &mut self,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()>;
+    /// Sums `buf` over the ranks, in place.
+    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()>;
+    /// What this rank has moved so far (ring model, as [`Communicator::counters`]).
+    fn counters(&self) -> CommCounters;
+}
+
+fn check_segments(world: usize, send: usize, recv: usize, gather: bool) -> Result<()> {
+    let (seg, whole, name) = if gather {
+        (send, recv, "recv")
+    } else {
+        (recv, send, "send")
+    };
+    if seg.checked_mul(world) != Some(whole) {
+        return Err(Error::shape(
+            name,
+            format!("{world} segments of {seg} elements"),
+            whole,
+        ));
+    }
+    Ok(())
+}
+
+/// A [`DeviceCommunicator`] over any host [`Communicator`]: each collective downloads the
+/// send buffer (waiting for the stream), runs the host collective and uploads the result.
+/// For transports without device support (gloo, threads of one process); NCCL
+/// ([`NcclComm`]) keeps everything on the stream.
+#[derive(Debug)]
+pub struct HostStagedComm {
+    comm: Box<dyn Communicator>,
+    counts: Vec<usize>,
+    host_send: Vec<f32>,
+    host_recv: Vec<f32>,
+    host_meta: Vec<f64>,
+}
+
+impl HostStagedComm {
+    /// Stages `comm`'s collectives through host memory.
+    pub fn new(comm: Box<dyn Communicator>) -> Self {
+        HostStagedComm {
+            counts: vec![0; comm.world()],
+            comm,
+            host_send: Vec::new(),
+            host_recv: Vec::new(),
+            host_meta: Vec::new(),
+        }
+    }
+}
+
+impl DeviceCommunicator for HostStagedComm {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+    fn world(&self) -> usize {
+        self.comm.world()
+    }
+    fn reduce_scatter(
+        &mut self,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_segments(self.world(), send.len(), recv.len(), false)?;
+        self.counts.fill(recv.len());
+        self.host_send.resize(send.len(), 0.0);
+        self.host_recv.resize(recv.len(), 0.0);
+        dev.download_into(send, &mut self.host_send)?;
+        self.comm
+            .reduce_scatter(&self.host_send, &self.counts, &mut self.host_recv)?;
+        dev.stream().memcpy_htod(&self.host_recv, recv)?;
+        Ok(())
+    }
+    fn all_gather(
+        &mut self,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_segments(self.world(), send.len(), recv.len(), true)?;
+        self.counts.fill(send.len());
+        self.host_send.resize(send.len(), 0.0);
+        self.host_recv.resize(recv.len(), 0.0);
+        dev.download_into(send, &mut self.host_send)?;
+        self.comm
+            .all_gather(&self.host_send, &self.counts, &mut self.host_recv)?;
+        dev.stream().memcpy_htod(&self.host_recv, recv)?;
+        Ok(())
+    }
+    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()> {
+        self.host_meta.resize(buf.len(), 0.0);
+        dev.download_into(buf, &mut self.host_meta)?;
+        self.comm.all_reduce(&mut self.host_meta)?;
+        dev.stream().memcpy_htod(&self.host_meta, buf)?;
+        Ok(())
+    }
+    fn counters(&self) -> CommCounters {
+        self.comm.counters()
+    }
+}
+
+pub use nccl::{nccl_unique_id, NcclComm, NcclId};
+
+mod nccl {
+    use super::*;
+    use crate::dist::{even_counts, ring_bytes, Collective};
+    use cudarc::nccl::{Comm, Id, ReduceOp};
+
+    /// The 128 bytes that identify an NCCL group: made once ([`nccl_unique_id`], on one
+    /// rank) and handed to every rank (by the caller's own means: a file, a TCP store, an
+    /// MPI broadcast) before [`NcclComm::new`].
+    pub type NcclId = [std::ffi::c_char; 128];
+
+    fn nccl_present() -> Result<()> {
+        // SAFETY: only tries to load the NCCL library.
+        #[cfg(not(feature = "link-cuda"))]
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(Error::NoDevice(
+                "the NCCL library (libnccl) cannot be loaded: install NCCL for multi-GPU steps"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
+        Error::Communication(format!("NCCL {what} failed: {e:?}"))
+    }
+
+    /// A new NCCL group id (needs the NCCL library).
+    pub fn nccl_unique_id() -> Result<NcclId> {
+        nccl_present()?;
+        Ok(*Id::new().map_err(|e| nccl_err("unique id", e))?.internal())
+    }
+
+    /// A [`DeviceCommunicator`] over NCCL: the collectives are queued on the device's
+    /// stream, no host synchronization. Created collectively: every rank of `world` calls
+    /// [`NcclComm::new`] with the same id (the call returns once all have joined).
+    pub struct NcclComm {
+        comm: Comm,
+        counters: CommCounters,
+        counts: Vec<usize>,
+    }
+
+    // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are
+    // not concurrent; `NcclComm` is only used through `&mut self`.
+    unsafe impl Send for NcclComm {}
+
+    impl fmt::Debug for NcclComm {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.debug_struct("NcclComm")
+                .field("rank", &self.comm.rank())
+                .field("world", &self.comm.world_size())
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl NcclComm {
+        /// Joins the group `id` as rank `rank` of `world`, queueing on `dev`'s stream.
+        /// Errors when NCCL cannot be loaded, `rank` is not below `world`, or NCCL fails.
+        pub fn new(dev: &CudaDevice, rank: usize, world: usize, id: &NcclId) -> Result<Self> {
+            if world == 0 || rank >= world || i32::try_from(world).is_err() {
+                return Err(Error::invalid(
+                    "rank",
+                    format!("rank {rank} of a world of {world}"),
+                ));
+            }
+            nccl_present()?;
+            let comm = Comm::from_rank(dev.stream().clone(), rank, world, Id::uninit(*id))
+                .map_err(|e| nccl_err("initialisation", e))?;
+            Ok(NcclComm {
+                comm,
+                counters: CommCounters::default(),
+                counts: vec![0; world],
+            })
+        }
+
+        /// A group of one rank (a test of the path, or a single-GPU run of a
+        /// distributed script).
+        pub fn single(dev: &CudaDevice) -> Result<Self> {
+            Self::new(dev, 0, 1, &nccl_unique_id()?)
+        }
+
+        fn check_stream(&self, dev: &CudaDevice) -> Result<()> {
+            if !std::sync::Arc::ptr_eq(&self.comm.stream(), dev.stream()) {
+                return Err(Error::invalid(
+                    "dev",
+                    "not the device (stream) the NCCL communicator was made on",
+                ));
+            }
+            Ok(())
+        }
+
+        /// Counts a collective over segments of `seg` elements (`None`: an all-reduce of
+        /// `elems`, split as a ring splits it) of `size` bytes.
+        fn count(&mut self, c: Collective, seg: Option<usize>, elems: usize, size: usize) {
+            let w = self.comm.world_size();
+            match seg {
+                Some(n) => self.counts.fill(n),
+                None => even_counts(elems, w, &mut self.counts),
+            }
+            let (s, r) = ring_bytes(c, &self.counts, self.comm.rank(), size);
+            self.counters.collectives += 1;
+            self.counters.bytes_sent += s;
+            self.counters.bytes_received += r;
+        }
+    }
+
+    impl DeviceCommunicator for NcclComm {
+        fn rank(&self) -> usize {
+            self.comm.rank()
+        }
+        fn world(&self) -> usize {
+            self.comm.world_size()
+        }
+        fn reduce_scatter(
+            &mut self,
+            dev: &CudaDevice,
+            send: &CudaSlice<f32>,
+            recv: &mut CudaSlice<f32>,
+        ) -> Result<()> {
+            self.check_stream(dev)?;
+            check_segments(self.world(), send.len(), recv.len(), false)?;
+            self.comm
+                .reduce_scatter(send, recv, &ReduceOp::Sum)
+                .map_err(|e| nccl_err("reduce-scatter", e))?;
+            self.count(Collective::ReduceScatter, Some(recv.len()), 0, 4);
+            Ok(())
+        }
+        fn all_gather(
+            &mut self,
+            dev: &CudaDevice,
+            send: &CudaSlice<f32>,
+            recv: &mut CudaSlice<f32>,
+        ) -> Result<()> {
+            self.check_stream(dev)?;
+            check_segments(self.world(), send.len(), recv.len(), true)?;
+            self.comm
+                .all_gather(send, recv)
+                .map_err(|e| nccl_err("all-gather", e))?;
+            self.count(Collective::AllGather, Some(send.len()), 0, 4);
+            Ok(())
+        }
+        fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()> {
+            self.check_stream(dev)?;
+            self.comm
+                .all_reduce_in_place(buf, &ReduceOp::Sum)
+                .map_err(|e| nccl_err("all-reduce", e))?;
+            self.count(Collective::AllReduce, None, buf.len(), 8);
+            Ok(())
+        }
+        fn counters(&self) -> CommCounters {
+            self.counters
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(world: usize, rank: usize) -> Result<DistLayout> {
+        let set = FactorSet::new(32, &[40, 10, 70]).unwrap();
+        let plan = OwnershipPlan::new(&set, world).unwrap();
+        DistLayout::new(&set, &plan, rank, &[Some(1), Some(0), None])
+    }
+
+    #[test]
+    fn layout_tables_pad_every_rank_to_the_most_blocks() {
+        // 2 + 1 + 3 = 6 blocks on 4 ranks, round-robin: 2, 2, 1, 1.
+        let l = layout(4, 2).unwrap();
+        assert_eq!(l.per_rank(), 2);
+        assert_eq!(l.send_list(), &[0, 4, 1, 5, 2, -1, 3, -1]);
+        assert_eq!(l.own_list(), &[2, -1]);
+        assert_eq!(l.send_len(), 4 * 2 * 528);
+        assert_eq!(l.gather_recv_len(), 4 * l.gather_send_len());
+        assert_eq!(l.meta_len(), 2 * 3 + 2 * 6 + 2);
+        // Block 1 (factor 0's second: 8 valid rows) is rank 1's first; block 5 (factor
+        // 2's last: 6 valid rows) rank 1's second.
+        assert_eq!(&l.blocks_table()[4..8], &[0, 8, 1, 0]);
+        assert_eq!(&l.blocks_table()[20..24], &[2, 6, 1, 1]);
+        assert_eq!(l.factors_table(), &[0, 2, 1, 2, 1, 0, 3, 3, -1]);
+    }
+
+    #[test]
+    fn layout_errors_name_the_argument() {
+        let e = layout(3, 3).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "rank", .. }),
+            "{e}"
+        );
+        let set = FactorSet::new(32, &[40, 10]).unwrap();
+        let plan = OwnershipPlan::new(&set, 2).unwrap();
+        let e = DistLayout::new(&set, &plan, 0, &[None]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Shape {
+                    arg: "partners",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = DistLayout::new(&set, &plan, 0, &[Some(5), None]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidArgument {
+                    arg: "partners",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let other = OwnershipPlan::new(&FactorSet::new(32, &[40]).unwrap(), 2).unwrap();
+        let e = DistLayout::new(&set, &other, 0, &[None, None]).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "plan", .. }), "{e}");
+        let l = layout(2, 0).unwrap();
+        let buf = DistBuffers::default();
+        let e = l.plan_resolve(&buf, 1.0).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "decay", .. }),
+            "{e}"
+        );
+        let e = l.plan_meta(&buf).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "status", .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nccl_without_the_library_is_a_clear_error() {
+        // SAFETY: only tries to load the library.
+        if unsafe { cudarc::nccl::sys::is_culib_present() } {
+            assert!(nccl_unique_id().is_ok());
+        } else {
+            let e = nccl_unique_id().unwrap_err();
+            assert!(
+                matches!(&e, Error::NoDevice(m) if m.contains("NCCL")),
+                "{e}"
+            );
+        }
+    }
+}
