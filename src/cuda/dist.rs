@@ -532,6 +532,11 @@ pub trait DeviceCommunicator: Send + fmt::Debug {
     fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()>;
     /// What this rank has moved so far (ring model, as [`Communicator::counters`]).
     fn counters(&self) -> CommCounters;
+    /// Tells the group this rank cannot go on (as [`Communicator::abort`]); the default
+    /// does nothing.
+    fn abort(&mut self, why: &str) {
+        let _ = why;
+    }
 }
 
 fn check_segments(world: usize, send: usize, recv: usize, gather: bool) -> Result<()> {
@@ -624,6 +629,9 @@ impl DeviceCommunicator for HostStagedComm {
     }
     fn counters(&self) -> CommCounters {
         self.comm.counters()
+    }
+    fn abort(&mut self, why: &str) {
+        self.comm.abort(why);
     }
 }
 

@@ -52,8 +52,8 @@ pub struct DeviceTraceRule {
 impl DeviceTraceRule {
     /// The rule's launch for one statistics step on raw buffers (see
     /// [`CudaDevice::trace_rule`]), with, given `tally`, the launch that completes the
-    /// counters after the inversion, and the guards of the rule's own buffers: keep them
-    /// until the launches are queued. `factor_status` (one i32 per factor, or 0) skips the
+    /// counters after the inversion, the guards of the rule's own buffers (keep them until
+    /// the launches are queued) and the address of its step counter (one u64). `factor_status` (one i32 per factor, or 0) skips the
     /// layers whose statistics were not updated.
     ///
     /// The plan addresses raw buffers: launching it is sound only while `factor_traces`
@@ -75,6 +75,7 @@ impl DeviceTraceRule {
         raw::LaunchPlan,
         Option<raw::LaunchPlan>,
         Vec<SyncOnDrop<'a>>,
+        u64,
     )> {
         let (lp, a) = self.layers.device_ptr(s);
         let (pp, b) = self.prev.device_ptr_mut(s);
@@ -117,7 +118,7 @@ impl DeviceTraceRule {
             )?),
             None => None,
         };
-        Ok((plan, after, vec![a, b, c, d, e]))
+        Ok((plan, after, vec![a, b, c, d, e], cp))
     }
 
     /// The rule's per-layer state (waits for queued work on `dev`'s stream).
@@ -237,7 +238,7 @@ impl CudaDevice {
         let (tp, _a) = factor_traces.device_ptr(s);
         let (mp, _e) = mask.device_ptr_mut(s);
         let (dp, _f) = decisions.device_ptr_mut(s);
-        let (plan, _, _guards) = rule.plan(s, tp, 0, damping, thresholds, mp, dp, None)?;
+        let (plan, _, _guards, _) = rule.plan(s, tp, 0, damping, thresholds, mp, dp, None)?;
         // SAFETY: every buffer belongs to this device and was sized from the same set and
         // layer table.
         unsafe { raw::launch(self, &plan) }?;

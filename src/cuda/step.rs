@@ -18,9 +18,11 @@ use cudarc::driver::{
 };
 
 use super::accumulate::{DeviceAccumulate, DeviceElement, FactorInput};
+use super::dist::{DeviceCommunicator, DistBuffers, DistLayout};
 use super::raw::{self, InvertArgs, LaunchPlan};
 use super::rule::{DeviceTraceRule, RuleLayer, RuleTally};
 use super::{CudaDevice, KernelId};
+use crate::dist::OwnershipPlan;
 use crate::dtype::DType;
 use crate::error::{check_len, Error, Result};
 use crate::layout::FactorSet;
@@ -125,6 +127,39 @@ pub struct DeviceThorStep {
     capture_stream: Option<Arc<CudaStream>>,
     graph: Option<StepGraph>,
     traffic: StepTraffic,
+    /// On one rank of a group: the distributed step's tables, buffers and communicator.
+    dist: Option<Box<StepDist>>,
+}
+
+/// What a distributed step adds ([`CudaDevice::new_distributed_thor_step`]).
+#[derive(Debug)]
+struct StepDist {
+    comm: Box<dyn DeviceCommunicator>,
+    layout: DistLayout,
+    local: CudaSlice<f32>,
+    send: CudaSlice<f32>,
+    recv: CudaSlice<f32>,
+    meta: CudaSlice<f64>,
+    gather_send: CudaSlice<f32>,
+    gather_recv: CudaSlice<f32>,
+    send_list: CudaSlice<i32>,
+    own_list: CudaSlice<i32>,
+    blocks_tab: CudaSlice<i32>,
+    factors_tab: CudaSlice<i32>,
+    samples: CudaSlice<f64>,
+    own_mask: CudaSlice<u8>,
+    fault: CudaSlice<i32>,
+    /// Why the step is out of step with its group (a failure once its collectives began).
+    broken: Option<String>,
+    /// Whether every block's statistics are this rank's (false after a step on more than
+    /// one rank, until [`DeviceThorStep::gather_statistics`]).
+    stats_whole: bool,
+}
+
+impl StepDist {
+    /// Launches between the collectives: after the first four the reduce-scatter, after
+    /// the fifth the all-reduce, after the eleventh the all-gather.
+    const PHASES: [std::ops::Range<usize>; 4] = [0..4, 4..5, 5..11, 11..13];
 }
 
 /// What the step has queued so far: kernel launches (a graph launch counts one), graph
@@ -234,7 +269,61 @@ impl CudaDevice {
             capture_stream: None,
             graph: None,
             traffic: StepTraffic::default(),
+            dist: None,
         })
+    }
+
+    /// [`CudaDevice::new_thor_step`] for one rank of a data-parallel group ([`crate::dist`]
+    /// on the device): every rank calls it with the same set, layers and configuration, and
+    /// its own `rows` (local batches may differ) and communicator (`comm.rank()` of
+    /// `comm.world()`). Each block is owned by one rank ([`OwnershipPlan::new`]); see
+    /// [`crate::cuda::dist`] for the step's launches and collectives.
+    ///
+    /// A distributed step runs eagerly ([`DeviceThorStep::run_graph`] queues the same
+    /// launches and collectives, without a graph) and counts
+    /// [`DeviceThorStep::DIST_LAUNCHES`] launches per step. Its statistics are whole on a
+    /// rank only after [`DeviceThorStep::gather_statistics`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_distributed_thor_step(
+        &self,
+        set: &FactorSet,
+        rows: &[usize],
+        dtype: DType,
+        layers: &[RuleLayer],
+        cfg: StepConfig,
+        comm: Box<dyn DeviceCommunicator>,
+    ) -> Result<DeviceThorStep> {
+        let (rank, world) = (comm.rank(), comm.world());
+        if world == 0 || rank >= world {
+            return Err(Error::invalid(
+                "comm",
+                format!("rank {rank} of a world of {world}"),
+            ));
+        }
+        let mut step = self.new_thor_step(set, rows, dtype, layers, cfg)?;
+        let plan = OwnershipPlan::new(set, world)?;
+        let layout = DistLayout::new(set, &plan, rank, &step.partners)?;
+        let nan = |n: usize| self.upload(&vec![f32::NAN; n]);
+        step.dist = Some(Box::new(StepDist {
+            local: nan(set.buffer_len())?,
+            send: nan(layout.send_len())?,
+            recv: nan(layout.recv_len())?,
+            meta: self.upload(&vec![f64::NAN; layout.meta_len()])?,
+            gather_send: nan(layout.gather_send_len())?,
+            gather_recv: nan(layout.gather_recv_len())?,
+            send_list: self.upload(layout.send_list())?,
+            own_list: self.upload(layout.own_list())?,
+            blocks_tab: self.upload(layout.blocks_table())?,
+            factors_tab: self.upload(layout.factors_table())?,
+            samples: self.zeros(set.len())?,
+            own_mask: self.zeros(set.total_blocks())?,
+            fault: self.zeros(1)?,
+            comm,
+            layout,
+            broken: None,
+            stats_whole: true,
+        }));
+        Ok(step)
     }
 }
 
@@ -242,6 +331,10 @@ impl DeviceThorStep {
     /// Launches per factor step: accumulate (partial products, finalize, traces), trace
     /// rule, inversion, the counters' tally.
     pub const LAUNCHES: usize = 6;
+
+    /// Launches per factor step of a distributed step: the step's, the accumulation's
+    /// packing, the metadata, resolve, EMA, owned mask, the inverses' packing and unpacking.
+    pub const DIST_LAUNCHES: usize = 13;
 
     /// The factor set.
     pub fn set(&self) -> &FactorSet {
@@ -273,6 +366,12 @@ impl DeviceThorStep {
     /// The step's state on the host (waits for queued work on `dev`'s stream).
     pub(crate) fn snapshot(&self, dev: &CudaDevice) -> Result<StepSnapshot> {
         dev.check_same_context("step", &self.stats)?;
+        if self.dist.as_ref().is_some_and(|d| !d.stats_whole) {
+            return Err(Error::invalid(
+                "gather_statistics",
+                "a distributed step's statistics are spread over its ranks: gather them first",
+            ));
+        }
         let c = dev.download(&self.counters)?;
         Ok(StepSnapshot {
             stats: dev.download(&self.stats)?,
@@ -303,20 +402,18 @@ impl DeviceThorStep {
         self.rule.upload_state(dev, &s.rule)
     }
 
-    /// Checks `inputs` against the plan, uploads the factor table when their addresses or
-    /// strides changed, builds the step's launches with `damping` and hands them to `f`
-    /// while every buffer they address is borrowed (cudarc's guards live until `f` has
-    /// queued its work, so the stream events cover the kernels).
-    fn with_launches<E: DeviceElement, R>(
+    /// Checks `inputs` against the plan and hands their addresses and layouts to `f` while
+    /// they are borrowed (cudarc's guards live until `f` has queued its work, so the stream
+    /// events cover the kernels that read them).
+    fn with_input_ptrs<E: DeviceElement, R>(
         &mut self,
         dev: &CudaDevice,
         inputs: &[StepInput<'_, E>],
         damping: f32,
-        f: impl FnOnce(&[LaunchPlan]) -> Result<R>,
+        f: impl FnOnce(&mut Self, &[(u64, InputLayout)]) -> Result<R>,
     ) -> Result<R> {
         self.check_views(dev, inputs, damping)?;
         let s: &CudaStream = dev.stream();
-        // The inputs' guards live until `f` has queued its work.
         let mut in_guards: Vec<SyncOnDrop<'_>> = Vec::with_capacity(inputs.len());
         let mut ptrs: Vec<(u64, InputLayout)> = Vec::with_capacity(inputs.len());
         for inp in inputs {
@@ -324,7 +421,7 @@ impl DeviceThorStep {
             in_guards.push(g);
             ptrs.push((p, inp.layout));
         }
-        let r = self.with_raw_launches(dev, &ptrs, damping, f);
+        let r = f(self, &ptrs);
         drop(in_guards);
         r
     }
@@ -363,11 +460,17 @@ impl DeviceThorStep {
     /// [`DeviceThorStep::with_launches`] on raw input addresses (checked against the plan
     /// by the caller: the elements their layouts read, of the planned type, of `dev`'s
     /// context, valid until the queued work completes).
+    ///
+    /// With `dist` (the step's distributed part, taken out of it), the launches are those
+    /// of a distributed step ([`DeviceThorStep::DIST_LAUNCHES`], in
+    /// [`StepDist::PHASES`]): the accumulation's raw products to its own buffer, the
+    /// inversion of owned blocks, the kernels between the collectives.
     fn with_raw_launches<R>(
         &mut self,
         dev: &CudaDevice,
         inputs: &[(u64, InputLayout)],
         damping: f32,
+        mut dist: Option<&mut StepDist>,
         f: impl FnOnce(&[LaunchPlan]) -> Result<R>,
     ) -> Result<R> {
         let s: &CudaStream = dev.stream();
@@ -392,11 +495,29 @@ impl DeviceThorStep {
                 .map(|(&(x, layout), _)| FactorInput {
                     x,
                     layout,
-                    alpha: (1.0 - self.cfg.stat_decay) / layout.samples() as f32,
-                    beta: self.cfg.stat_decay,
+                    // A rank of a group accumulates raw products; the EMA follows the sum.
+                    alpha: if dist.is_some() {
+                        1.0
+                    } else {
+                        (1.0 - self.cfg.stat_decay) / layout.samples() as f32
+                    },
+                    beta: if dist.is_some() {
+                        0.0
+                    } else {
+                        self.cfg.stat_decay
+                    },
                 })
                 .collect();
-            if let Err(e) = self.acc.set_factor_table(dev, &table) {
+            let mut uploaded = self.acc.set_factor_table(dev, &table);
+            if let (Ok(()), Some(d)) = (&uploaded, dist.as_deref_mut()) {
+                let samples: Vec<f64> =
+                    self.bound.iter().map(|(_, l)| l.samples() as f64).collect();
+                uploaded = dev
+                    .stream()
+                    .memcpy_htod(&samples, &mut d.samples)
+                    .map_err(Error::from);
+            }
+            if let Err(e) = uploaded {
                 // Nothing valid is on the device: the next call must upload again.
                 self.bound.clear();
                 return Err(e);
@@ -437,7 +558,54 @@ impl DeviceThorStep {
         guards.push(g);
         let (cp, g) = self.counters.device_ptr_mut(s);
         guards.push(g);
-        let (mut plans, g) = self.acc.bound_launches(s, bp, btp, ftp, stp, fsp)?;
+        // A rank of a group: its buffers' addresses (the rest filled in below).
+        let mut dbuf = None;
+        if let Some(d) = dist {
+            let (local, g1) = d.local.device_ptr_mut(s);
+            let (send, g2) = d.send.device_ptr_mut(s);
+            let (recv, g3) = d.recv.device_ptr_mut(s);
+            let (gather_send, g4) = d.gather_send.device_ptr_mut(s);
+            let (gather_recv, g5) = d.gather_recv.device_ptr_mut(s);
+            guards.extend([g1, g2, g3, g4, g5]);
+            let (meta, g) = d.meta.device_ptr_mut(s);
+            guards.push(g);
+            let (send_list, g1) = d.send_list.device_ptr(s);
+            let (own_list, g2) = d.own_list.device_ptr(s);
+            let (blocks_tab, g3) = d.blocks_tab.device_ptr(s);
+            let (factors_tab, g4) = d.factors_tab.device_ptr(s);
+            let (fault, g5) = d.fault.device_ptr_mut(s);
+            guards.extend([g1, g2, g3, g4, g5]);
+            let (samples, g) = d.samples.device_ptr_mut(s);
+            guards.push(g);
+            let (own_mask, g) = d.own_mask.device_ptr_mut(s);
+            guards.push(g);
+            let buf = DistBuffers {
+                local,
+                send,
+                recv,
+                meta,
+                gather_send,
+                gather_recv,
+                send_list,
+                own_list,
+                blocks_tab,
+                factors_tab,
+                samples,
+                own_mask,
+                fault,
+                ..DistBuffers::default()
+            };
+            dbuf = Some((buf, &d.layout));
+        }
+        // A rank of a group: raw products to its own buffer, every factor accumulated (the
+        // resolve marks the frozen ones after the all-reduce).
+        let (acc_out, acc_state) = match &dbuf {
+            Some((b, _)) => (b.local, 0),
+            None => (bp, fsp),
+        };
+        let (mut plans, g) = self
+            .acc
+            .bound_launches(s, acc_out, btp, ftp, stp, acc_state)?;
         guards.extend(g);
         let tally = RuleTally {
             factor_state: fsp,
@@ -446,7 +614,7 @@ impl DeviceThorStep {
             damping_at: dap,
             block_damping: bdp,
         };
-        let (rule, tally, g) = self.rule.plan(
+        let (rule, tally, g, step_counter) = self.rule.plan(
             s,
             ftp,
             stp,
@@ -457,6 +625,7 @@ impl DeviceThorStep {
             Some(tally),
         )?;
         guards.extend(g);
+        let own_mask = dbuf.as_ref().map_or(mp, |(b, _)| b.own_mask);
         plans.push(rule);
         plans.push(raw::plan_invert_chol_f32_with(
             bp,
@@ -467,7 +636,7 @@ impl DeviceThorStep {
                 // Per block, as the rule wrote it from `damping_at`.
                 damping: bdp,
                 damping_all: 0.0,
-                mask: mp,
+                mask: own_mask,
                 policy: self.cfg.policy,
                 info: infp,
                 damping_used: up,
@@ -476,6 +645,40 @@ impl DeviceThorStep {
         )?);
         plans.extend(tally);
         debug_assert_eq!(plans.len(), Self::LAUNCHES);
+        if let Some((part, l)) = dbuf {
+            let buf = DistBuffers {
+                stats: bp,
+                inverses: ip,
+                info: infp,
+                status: stp,
+                factor_state: fsp,
+                mask: mp,
+                block_traces: btp,
+                factor_traces: ftp,
+                damping_at: dap,
+                step: step_counter,
+                ..part
+            };
+            let decay = self.cfg.stat_decay;
+            let [acc0, acc1, acc2, rule, invert, tally] = <[LaunchPlan; 6]>::try_from(plans)
+                .map_err(|_| Error::invalid("step", "not the step's six launches"))?;
+            plans = vec![
+                acc0,
+                acc1,
+                acc2,
+                l.plan_pack_sums(&buf)?,
+                l.plan_meta(&buf)?,
+                l.plan_resolve(&buf, decay)?,
+                l.plan_ema(&buf, decay)?,
+                rule,
+                l.plan_own_mask(&buf)?,
+                invert,
+                l.plan_pack_inverses(&buf)?,
+                l.plan_unpack_inverses(&buf)?,
+                tally,
+            ];
+            debug_assert_eq!(plans.len(), Self::DIST_LAUNCHES);
+        }
         let r = f(&plans);
         drop(guards);
         r
@@ -484,12 +687,21 @@ impl DeviceThorStep {
     /// Queues one factor step on `inputs` (`inputs[f]` feeds factor `f`) with damping
     /// `damping` (`sqrt(damping)` is added to every factor before inversion, and enters the
     /// layer traces of the rule): [`DeviceThorStep::LAUNCHES`] launches, no synchronization.
+    ///
+    /// On a distributed step ([`CudaDevice::new_distributed_thor_step`]) every rank of the
+    /// group calls it with its own inputs: [`DeviceThorStep::DIST_LAUNCHES`] launches and
+    /// three collectives.
     pub fn run<E: DeviceElement>(
         &mut self,
         dev: &CudaDevice,
         inputs: &[StepInput<'_, E>],
         damping: f32,
     ) -> Result<()> {
+        if self.dist.is_some() {
+            return self.with_input_ptrs(dev, inputs, damping, |st, ptrs| {
+                st.dist_step(dev, ptrs, damping)
+            });
+        }
         self.run_launches(dev, inputs, damping, 0..Self::LAUNCHES)
     }
 
@@ -526,7 +738,150 @@ impl DeviceThorStep {
                 ));
             }
         }
+        if self.dist.is_some() {
+            return self.dist_step(dev, inputs, damping);
+        }
         self.graph_step(dev, inputs, damping)
+    }
+
+    /// One step of a distributed step on checked raw inputs: the launches of each of
+    /// [`StepDist::PHASES`], each followed by its collective. A failure once the first
+    /// collective may have started leaves this rank out of step with its group: the step
+    /// then refuses to run, and the communicator is told.
+    fn dist_step(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(u64, InputLayout)],
+        damping: f32,
+    ) -> Result<()> {
+        let mut d = self.dist.take().expect("a distributed step");
+        if let Some(why) = &d.broken {
+            let e = Error::Communication(format!("an earlier distributed step failed ({why})"));
+            self.dist = Some(d);
+            return Err(e);
+        }
+        let mut in_group = false;
+        let mut out = Ok(());
+        for (phase, range) in StepDist::PHASES.into_iter().enumerate() {
+            let n = range.len() as u64;
+            out = self.with_raw_launches(dev, inputs, damping, Some(&mut d), |plans| {
+                for p in &plans[range] {
+                    // SAFETY: the plans address the step's buffers and the inputs, checked
+                    // by the callers and borrowed until the launches are queued.
+                    unsafe { raw::launch(dev, p) }?;
+                }
+                Ok(())
+            });
+            if out.is_err() {
+                break;
+            }
+            self.traffic.launches += n;
+            in_group = true;
+            let d = &mut *d;
+            out = match phase {
+                0 => d.comm.reduce_scatter(dev, &d.send, &mut d.recv),
+                1 => d.comm.all_reduce(dev, &mut d.meta),
+                2 => d.comm.all_gather(dev, &d.gather_send, &mut d.gather_recv),
+                _ => Ok(()),
+            };
+            if out.is_err() {
+                break;
+            }
+        }
+        match &out {
+            Err(e) if in_group => {
+                d.broken = Some(e.to_string());
+                d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
+            }
+            Err(_) => {}
+            Ok(()) => d.stats_whole &= d.comm.world() == 1,
+        }
+        self.dist = Some(d);
+        out
+    }
+
+    /// On a distributed step, every rank's statistics to every rank (an all-gather of the
+    /// owned blocks): afterwards [`DeviceThorStep::stats`] holds the whole state on every
+    /// rank, as the step's save needs. Every rank of the group calls it. A no-op on a
+    /// single-device step.
+    pub fn gather_statistics(&mut self, dev: &CudaDevice) -> Result<()> {
+        let Some(mut d) = self.dist.take() else {
+            return Ok(());
+        };
+        let out = self.gather_statistics_of(dev, &mut d);
+        if let Err(e) = &out {
+            d.broken.get_or_insert_with(|| e.to_string());
+            d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
+        }
+        self.dist = Some(d);
+        out
+    }
+
+    fn gather_statistics_of(&mut self, dev: &CudaDevice, d: &mut StepDist) -> Result<()> {
+        if let Some(why) = &d.broken {
+            return Err(Error::Communication(format!(
+                "an earlier distributed step failed ({why})"
+            )));
+        }
+        dev.check_same_context("step", &self.stats)?;
+        let s: &CudaStream = dev.stream();
+        let buffers = |st: &mut CudaSlice<f32>, d: &mut StepDist, pack: bool| -> Result<()> {
+            let (stats, g1) = st.device_ptr_mut(s);
+            let (own_list, g2) = d.own_list.device_ptr(s);
+            let (send_list, g3) = d.send_list.device_ptr(s);
+            let (gather_send, g4) = d.gather_send.device_ptr_mut(s);
+            let (gather_recv, g5) = d.gather_recv.device_ptr_mut(s);
+            let buf = DistBuffers {
+                stats,
+                own_list,
+                send_list,
+                gather_send,
+                gather_recv,
+                ..DistBuffers::default()
+            };
+            let plan = if pack {
+                d.layout.plan_pack_statistics(&buf)?
+            } else {
+                d.layout.plan_unpack_statistics(&buf)?
+            };
+            // SAFETY: the plan addresses the step's own buffers, guarded until queued.
+            unsafe { raw::launch(dev, &plan) }?;
+            drop((g1, g2, g3, g4, g5));
+            Ok(())
+        };
+        buffers(&mut self.stats, d, true)?;
+        d.comm.all_gather(dev, &d.gather_send, &mut d.gather_recv)?;
+        buffers(&mut self.stats, d, false)?;
+        self.traffic.launches += 2;
+        d.stats_whole = true;
+        Ok(())
+    }
+
+    /// On a distributed step, an error when the ranks disagreed on the damping or the
+    /// steps run (every layer was then skipped, on every rank) or a step failed; waits for
+    /// the queued work. `Ok` on a single-device step.
+    pub fn check_group(&mut self, dev: &CudaDevice) -> Result<()> {
+        let Some(d) = &self.dist else {
+            return Ok(());
+        };
+        if let Some(why) = &d.broken {
+            return Err(Error::Communication(format!(
+                "an earlier distributed step failed ({why})"
+            )));
+        }
+        self.traffic.syncs += 1;
+        if dev.download(&d.fault)?[0] != 0 {
+            return Err(Error::Communication(
+                "the ranks disagree on the damping or on the steps run: every layer was skipped"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// On a distributed step, its communicator's counters (`None` on a single device).
+    pub fn comm_counters(&self) -> Option<crate::dist::CommCounters> {
+        self.dist.as_ref().map(|d| d.comm.counters())
     }
 
     /// The last step's decision per layer (waits for queued work on `dev`'s stream).
@@ -560,14 +915,22 @@ impl DeviceThorStep {
                 format!("{range:?} is not inside 0..{}", Self::LAUNCHES),
             ));
         }
+        if self.dist.is_some() {
+            return Err(Error::invalid(
+                "range",
+                "a distributed step runs whole: call run",
+            ));
+        }
         let n = range.len() as u64;
-        self.with_launches(dev, inputs, damping, |plans| {
-            for p in &plans[range] {
-                // SAFETY: the plans address the step's buffers and `inputs`, all checked
-                // against the plan and borrowed until the launches are queued.
-                unsafe { raw::launch(dev, p) }?;
-            }
-            Ok(())
+        self.with_input_ptrs(dev, inputs, damping, |st, ptrs| {
+            st.with_raw_launches(dev, ptrs, damping, None, |plans| {
+                for p in &plans[range] {
+                    // SAFETY: the plans address the step's buffers and `inputs`, all
+                    // checked against the plan and borrowed until the launches are queued.
+                    unsafe { raw::launch(dev, p) }?;
+                }
+                Ok(())
+            })
         })?;
         self.traffic.launches += n;
         Ok(())
@@ -585,19 +948,12 @@ impl DeviceThorStep {
         inputs: &[StepInput<'_, E>],
         damping: f32,
     ) -> Result<()> {
-        self.check_views(dev, inputs, damping)?;
-        let s = dev.stream().clone();
-        // The inputs' guards live until the graph launch is queued.
-        let mut guards = Vec::with_capacity(inputs.len());
-        let mut ptrs = Vec::with_capacity(inputs.len());
-        for inp in inputs {
-            let (p, g) = inp.x.device_ptr(&s);
-            guards.push(g);
-            ptrs.push((p, inp.layout));
+        if self.dist.is_some() {
+            return self.run(dev, inputs, damping);
         }
-        let r = self.graph_step(dev, &ptrs, damping);
-        drop(guards);
-        r
+        self.with_input_ptrs(dev, inputs, damping, |st, ptrs| {
+            st.graph_step(dev, ptrs, damping)
+        })
     }
 
     /// One step through the step's graph (captured on first use) on checked raw inputs.
@@ -618,7 +974,7 @@ impl DeviceThorStep {
                 s
             }
         };
-        let graph = self.with_raw_launches(dev, inputs, damping, |plans| {
+        let graph = self.with_raw_launches(dev, inputs, damping, None, |plans| {
             let kernels: Vec<KernelId> = plans.iter().map(|p| p.kernel).collect();
             let graph = match cached {
                 Some(g) if g.kernels == kernels => g,

@@ -517,3 +517,145 @@ fn gpu_thor_device_inputs_match_the_cpu_optimizer() {
     again.load_bytes(&saved).unwrap();
     assert_eq!(again.to_bytes().unwrap(), saved);
 }
+
+/// What one rank of a distributed device step saw at each step: decisions, counters,
+/// statistics (gathered), inverses and statuses.
+type RankSteps = Vec<(Vec<i32>, Vec<u64>, Vec<f32>, Vec<f32>, Vec<i32>)>;
+
+/// The scenario's steps on one rank of `world` (rows `splits[rank]..splits[rank + 1]` of
+/// every batch), through `comm`.
+fn distributed_rank(
+    dev: &thor_kernels::cuda::CudaDevice,
+    sc: &step_cases::StepScenario,
+    splits: &[usize],
+    comm: Box<dyn thor_kernels::cuda::dist::DeviceCommunicator>,
+) -> RankSteps {
+    use thor_kernels::cuda::step::StepConfig;
+    use thor_kernels::cuda::RuleLayer;
+    let rank = comm.rank();
+    let set = sc.set();
+    let dims = sc.flat_dims();
+    let (lo, hi) = (splits[rank], splits[rank + 1]);
+    let cfg = StepConfig {
+        stat_decay: sc.decay,
+        thresholds: sc.thresholds,
+        history: step_cases::STEPS,
+        ..StepConfig::default()
+    };
+    let mut step = dev
+        .new_distributed_thor_step(
+            &set,
+            &vec![hi - lo; set.len()],
+            thor_kernels::DType::F32,
+            &RuleLayer::pairs(&set),
+            cfg,
+            comm,
+        )
+        .unwrap();
+    let mut out = Vec::new();
+    for k in 0..step_cases::STEPS {
+        let xs: Vec<_> = sc
+            .batch(k)
+            .iter()
+            .zip(&dims)
+            .map(|(x, &d)| dev.upload(&x[lo * d..hi * d]).unwrap())
+            .collect();
+        // Every other step through run_graph: a distributed step runs it eagerly.
+        if k % 2 == 0 {
+            step.run(dev, &inputs(&xs, &dims), sc.damping).unwrap();
+        } else {
+            step.run_graph(dev, &inputs(&xs, &dims), sc.damping)
+                .unwrap();
+        }
+        step.gather_statistics(dev).unwrap();
+        step.check_group(dev).unwrap();
+        let counters: Vec<u64> = step
+            .counters(dev)
+            .unwrap()
+            .iter()
+            .flat_map(|c| c.to_array())
+            .collect();
+        out.push((
+            dev.download(step.decisions()).unwrap(),
+            counters,
+            dev.download(step.stats()).unwrap(),
+            dev.download(step.inverses()).unwrap(),
+            dev.download(step.status()).unwrap(),
+        ));
+    }
+    assert_eq!(
+        step.traffic().captures,
+        0,
+        "a distributed step is not captured"
+    );
+    out
+}
+
+/// Every rank's steps against `Thor` on the CPU fed the whole batches; the inverses
+/// identical on every rank.
+fn check_ranks(sc: &step_cases::StepScenario, ranks: &[RankSteps]) {
+    let (mut thor, ids) = sc.thor();
+    for k in 0..step_cases::STEPS {
+        sc.observe(&mut thor, &ids, k);
+        for (r, steps) in ranks.iter().enumerate() {
+            let (d, c, s, i, st) = &steps[k];
+            sc.check(k, &thor, &ids, d, c, s, i, st);
+            assert!(
+                i.iter()
+                    .zip(&ranks[0][k].3)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "rank {r}'s inverses differ from rank 0's at step {k}"
+            );
+        }
+    }
+}
+
+/// The distributed device step on 2 and 3 ranks (threads, each with its own device handle
+/// on GPU 0, collectives staged through the host by the in-process group), uneven rows,
+/// against the optimizer on the union of the batches.
+#[test]
+fn gpu_distributed_device_step_matches_the_optimizer_on_the_union() {
+    use std::time::Duration;
+    use thor_kernels::cuda::dist::HostStagedComm;
+    use thor_kernels::cuda::CudaDevice;
+    use thor_kernels::dist::LocalGroup;
+    if gpu_or_skip("gpu_distributed_device_step_matches_the_optimizer_on_the_union").is_none() {
+        return;
+    }
+    let sc = step_cases::StepScenario::new();
+    for splits in [vec![0usize, 40, 64], vec![0, 30, 50, 64]] {
+        let world = splits.len() - 1;
+        let ranks = LocalGroup::run(world, Duration::from_secs(60), |c| {
+            let dev = CudaDevice::new(0).unwrap();
+            distributed_rank(
+                &dev,
+                &sc,
+                &splits,
+                Box::new(HostStagedComm::new(Box::new(c))),
+            )
+        })
+        .unwrap();
+        check_ranks(&sc, &ranks);
+    }
+}
+
+/// The distributed device step through NCCL on one rank (the collectives queued on the
+/// stream), against the optimizer; skipped with a note where libnccl is not installed.
+#[test]
+fn gpu_distributed_device_step_over_nccl_world_1() {
+    use thor_kernels::cuda::dist::NcclComm;
+    let Some(dev) = gpu_or_skip("gpu_distributed_device_step_over_nccl_world_1") else {
+        return;
+    };
+    let comm = match NcclComm::single(&dev) {
+        Ok(c) => c,
+        Err(thor_kernels::Error::NoDevice(why)) if !gpu_required() => {
+            skip_note!("SKIPPED gpu_distributed_device_step_over_nccl_world_1: {why}");
+            return;
+        }
+        Err(e) => panic!("NCCL on one rank: {e}"),
+    };
+    let sc = step_cases::StepScenario::new();
+    let ranks = vec![distributed_rank(&dev, &sc, &[0, sc.rows], Box::new(comm))];
+    check_ranks(&sc, &ranks);
+}
