@@ -539,6 +539,86 @@ pub trait DeviceCommunicator: Send + fmt::Debug {
     }
 }
 
+/// One rank's device communicator shared by several steps (the layers of an optimizer,
+/// each with its own step): clones hand every collective to the same communicator, one at a
+/// time, in the order the steps call them. A failed collective through any clone breaks
+/// them all (their later collectives fail at once), as [`crate::dist::SharedComm`] does
+/// for host communicators.
+#[derive(Debug, Clone)]
+pub struct SharedDeviceComm(std::sync::Arc<std::sync::Mutex<SharedDevice>>);
+
+#[derive(Debug)]
+struct SharedDevice {
+    comm: Box<dyn DeviceCommunicator>,
+    failed: Option<String>,
+}
+
+impl SharedDeviceComm {
+    /// Shares `comm`.
+    pub fn new(comm: Box<dyn DeviceCommunicator>) -> Self {
+        SharedDeviceComm(std::sync::Arc::new(std::sync::Mutex::new(SharedDevice {
+            comm,
+            failed: None,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedDevice> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(&self, f: impl FnOnce(&mut dyn DeviceCommunicator) -> Result<()>) -> Result<()> {
+        let mut s = self.lock();
+        if let Some(why) = &s.failed {
+            return Err(Error::Communication(format!(
+                "an earlier collective failed ({why})"
+            )));
+        }
+        let out = f(s.comm.as_mut());
+        if let Err(e) = &out {
+            s.failed = Some(e.to_string());
+        }
+        out
+    }
+}
+
+impl DeviceCommunicator for SharedDeviceComm {
+    fn rank(&self) -> usize {
+        self.lock().comm.rank()
+    }
+    fn world(&self) -> usize {
+        self.lock().comm.world()
+    }
+    fn reduce_scatter(
+        &mut self,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.run(|c| c.reduce_scatter(dev, send, recv))
+    }
+    fn all_gather(
+        &mut self,
+        dev: &CudaDevice,
+        send: &CudaSlice<f32>,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        self.run(|c| c.all_gather(dev, send, recv))
+    }
+    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()> {
+        self.run(|c| c.all_reduce(dev, buf))
+    }
+    fn counters(&self) -> CommCounters {
+        self.lock().comm.counters()
+    }
+    fn abort(&mut self, why: &str) {
+        let mut s = self.lock();
+        if s.failed.is_none() {
+            s.failed = Some(why.to_string());
+        }
+        s.comm.abort(why);
+    }
+}
+
 fn check_segments(world: usize, send: usize, recv: usize, gather: bool) -> Result<()> {
     let (seg, whole, name) = if gather {
         (send, recv, "recv")

@@ -300,8 +300,33 @@ impl CudaDevice {
                 format!("rank {rank} of a world of {world}"),
             ));
         }
-        let mut step = self.new_thor_step(set, rows, dtype, layers, cfg)?;
         let plan = OwnershipPlan::new(set, world)?;
+        self.new_distributed_thor_step_with_plan(set, rows, dtype, layers, cfg, comm, plan)
+    }
+
+    /// [`CudaDevice::new_distributed_thor_step`] with the block ownership given (every rank
+    /// must pass the same plan): an error when its world or block count does not match
+    /// `comm` and `set`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_distributed_thor_step_with_plan(
+        &self,
+        set: &FactorSet,
+        rows: &[usize],
+        dtype: DType,
+        layers: &[RuleLayer],
+        cfg: StepConfig,
+        comm: Box<dyn DeviceCommunicator>,
+        plan: OwnershipPlan,
+    ) -> Result<DeviceThorStep> {
+        let (rank, world) = (comm.rank(), comm.world());
+        if plan.world() != world || rank >= world {
+            return Err(Error::shape(
+                "plan",
+                format!("a world of {world} ranks (the communicator's)"),
+                plan.world(),
+            ));
+        }
+        let mut step = self.new_thor_step(set, rows, dtype, layers, cfg)?;
         let layout = DistLayout::new(set, &plan, rank, &step.partners)?;
         let nan = |n: usize| self.upload(&vec![f32::NAN; n]);
         step.dist = Some(Box::new(StepDist {
@@ -877,6 +902,12 @@ impl DeviceThorStep {
             ));
         }
         Ok(())
+    }
+
+    /// On a distributed step, the blocks this rank owns (`None` on a single device).
+    pub fn owned_blocks(&self) -> Option<usize> {
+        let d = self.dist.as_ref()?;
+        Some(d.layout.own_list().iter().filter(|&&k| k >= 0).count())
     }
 
     /// On a distributed step, its communicator's counters (`None` on a single device).

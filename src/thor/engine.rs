@@ -47,7 +47,8 @@ pub(crate) trait LayerEngine: std::fmt::Debug + Send {
     fn last_decision(&self, be: &AnyBackend) -> Result<Decision>;
     /// On one rank of a group: every rank's statistics of the layer's blocks (a
     /// collective); nothing to do otherwise.
-    fn gather_statistics(&mut self) -> Result<()> {
+    fn gather_statistics(&mut self, be: &AnyBackend) -> Result<()> {
+        let _ = be;
         Ok(())
     }
     /// On one rank of a group: the layer's blocks this rank owns; `None` otherwise.
@@ -113,27 +114,82 @@ pub(crate) fn new_engine(
             Ok(Box::new(CpuLayer { step, ws, d_a, d_g }))
         }
         #[cfg(feature = "cuda")]
-        AnyBackend::Cuda(dev) => Ok(Box::new(CudaLayer::new(dev, set, &layers, cfg)?)),
+        AnyBackend::Cuda(dev) => Ok(Box::new(CudaLayer::new(dev, set, &layers, cfg, None)?)),
     }
 }
 
-/// A new engine on the CPU backend for one rank of a group: the layer's blocks owned as
-/// `plan` says, collectives through `comm` (shared by the model's layers).
+/// One rank's end of a group, shared by the optimizer's layers: host collectives for the
+/// CPU backend, device collectives for CUDA.
+#[derive(Debug, Clone)]
+pub(crate) enum ThorComm {
+    /// Collectives on host buffers.
+    Host(crate::dist::SharedComm),
+    /// Collectives on device buffers, on the device's stream.
+    #[cfg(feature = "cuda")]
+    Device(crate::cuda::dist::SharedDeviceComm),
+}
+
+impl ThorComm {
+    fn world(&self) -> usize {
+        use crate::dist::Communicator;
+        match self {
+            ThorComm::Host(c) => c.world(),
+            #[cfg(feature = "cuda")]
+            ThorComm::Device(c) => crate::cuda::dist::DeviceCommunicator::world(c),
+        }
+    }
+
+    /// What this rank has moved so far.
+    pub(crate) fn counters(&self) -> crate::dist::CommCounters {
+        use crate::dist::Communicator;
+        match self {
+            ThorComm::Host(c) => c.counters(),
+            #[cfg(feature = "cuda")]
+            ThorComm::Device(c) => crate::cuda::dist::DeviceCommunicator::counters(c),
+        }
+    }
+}
+
+/// A new engine on `be` for one rank of a group: the layer's blocks owned round-robin from
+/// rank `first_rank` on, collectives through `comm` (shared by the model's layers).
 pub(crate) fn new_distributed_engine(
+    be: &AnyBackend,
     block: usize,
     d_a: usize,
     d_g: usize,
     cfg: StepConfig,
-    comm: crate::dist::SharedComm,
+    comm: &ThorComm,
     first_rank: usize,
 ) -> Result<Box<dyn LayerEngine>> {
-    use crate::dist::{Communicator, OwnershipPlan};
+    use crate::dist::OwnershipPlan;
     let (set, layers) = layer_set(block, d_a, d_g)?;
     let plan = OwnershipPlan::new(&set, comm.world())?.rotated(first_rank);
-    let step =
-        CpuThorStep::new_distributed_with_plan::<f32>(&set, &layers, cfg, Box::new(comm), plan)?;
-    let ws = Workspace::try_new(cpu::apply_workspace_size(Some(block), d_g, d_a))?;
-    Ok(Box::new(CpuLayer { step, ws, d_a, d_g }))
+    match (be, comm) {
+        (AnyBackend::Cpu(_), ThorComm::Host(c)) => {
+            let step = CpuThorStep::new_distributed_with_plan::<f32>(
+                &set,
+                &layers,
+                cfg,
+                Box::new(c.clone()),
+                plan,
+            )?;
+            let ws = Workspace::try_new(cpu::apply_workspace_size(Some(block), d_g, d_a))?;
+            Ok(Box::new(CpuLayer { step, ws, d_a, d_g }))
+        }
+        #[cfg(feature = "cuda")]
+        (AnyBackend::Cuda(dev), ThorComm::Device(c)) => Ok(Box::new(CudaLayer::new(
+            dev,
+            set,
+            &layers,
+            cfg,
+            Some((Box::new(c.clone()), plan)),
+        )?)),
+        #[cfg(feature = "cuda")]
+        _ => Err(Error::invalid(
+            "backend",
+            "the communicator does not move this backend's buffers",
+        )),
+    }
 }
 
 /// A layer on the CPU backend.
@@ -197,7 +253,7 @@ impl LayerEngine for CpuLayer {
         Ok(self.step.decisions()[0])
     }
 
-    fn gather_statistics(&mut self) -> Result<()> {
+    fn gather_statistics(&mut self, _: &AnyBackend) -> Result<()> {
         self.step.gather_statistics()
     }
 
@@ -241,16 +297,28 @@ struct CudaLayer {
 
 #[cfg(feature = "cuda")]
 impl CudaLayer {
+    /// The layer's engine; with `dist`, on one rank of a group (its communicator and the
+    /// layer's block ownership).
     fn new(
         dev: &CudaDevice,
         set: FactorSet,
         layers: &[RuleLayer],
         cfg: StepConfig,
+        dist: Option<(
+            Box<dyn crate::cuda::dist::DeviceCommunicator>,
+            crate::dist::OwnershipPlan,
+        )>,
     ) -> Result<Self> {
         use crate::cuda::apply::ApplyLayer;
         let (d_a, d_g) = (set.entries()[0].layout.dim(), set.entries()[1].layout.dim());
         // Planned for one row; the first statistics step plans for its rows.
-        let step = dev.new_thor_step(&set, &[1, 1], crate::DType::F32, layers, cfg)?;
+        let (rows, f32) = ([1, 1], crate::DType::F32);
+        let step = match dist {
+            None => dev.new_thor_step(&set, &rows, f32, layers, cfg)?,
+            Some((comm, plan)) => {
+                dev.new_distributed_thor_step_with_plan(&set, &rows, f32, layers, cfg, comm, plan)?
+            }
+        };
         let apply = dev.plan_apply(
             &set,
             &[ApplyLayer {
@@ -330,6 +398,9 @@ impl LayerEngine for CudaLayer {
         // One graph launch per step once captured: the damping is read from device memory,
         // so the schedule does not recapture (a change of rows does).
         self.step.run_graph(dev, &inputs, damping)?;
+        // On a rank of a group: the ranks agreed on the damping and the steps run (the
+        // decision is read now anyway).
+        self.step.check_group(dev)?;
         self.last_decision(be)
     }
 
@@ -366,6 +437,14 @@ impl LayerEngine for CudaLayer {
 
     fn last_decision(&self, be: &AnyBackend) -> Result<Decision> {
         Ok(self.step.read_decisions(Self::dev(be)?)?[0])
+    }
+
+    fn gather_statistics(&mut self, be: &AnyBackend) -> Result<()> {
+        self.step.gather_statistics(Self::dev(be)?)
+    }
+
+    fn owned_blocks(&self) -> Option<usize> {
+        self.step.owned_blocks()
     }
 
     unsafe fn observe_raw(

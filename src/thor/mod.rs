@@ -395,7 +395,7 @@ pub struct Thor {
     ones_buf: Vec<f32>,
     /// On one rank of a group: its communicator, and the blocks of the layers so far (the
     /// next layer's plan starts at the rank after them).
-    dist: Option<(crate::dist::SharedComm, usize)>,
+    dist: Option<(engine::ThorComm, usize)>,
 }
 
 impl Thor {
@@ -435,8 +435,10 @@ impl Thor {
     /// block, but applies the EMA to and inverts only the blocks it owns. Preconditioning is
     /// local.
     ///
-    /// The CPU backend only for now (`cfg.backend` `Cpu` or `Auto`; `Cuda` is an error
-    /// naming `backend`). Before saving ([`Thor::to_bytes`]), call
+    /// On the CPU backend with `cfg.backend` `Cpu` or `Auto`; with `Cuda`, on the first
+    /// CUDA device, the collectives staged through host memory
+    /// ([`crate::cuda::dist::HostStagedComm`]; [`Thor::with_device_communicator`] takes
+    /// NCCL). Before saving ([`Thor::to_bytes`]), call
     /// [`Thor::gather_statistics`] on every rank: the saved state is then complete and
     /// loads into a group of any size, or into a single optimizer. After a failed
     /// collective ([`Error::Communication`]) every layer refuses further statistics steps,
@@ -446,13 +448,46 @@ impl Thor {
         comm: Box<dyn crate::dist::Communicator>,
     ) -> Result<Self> {
         if cfg.backend == BackendKind::Cuda {
+            #[cfg(feature = "cuda")]
+            {
+                cfg.validate()?;
+                let dev = crate::cuda::CudaDevice::new(0)?;
+                let staged = crate::cuda::dist::HostStagedComm::new(comm);
+                return Self::with_device_communicator(cfg, dev, Box::new(staged));
+            }
+            #[cfg(not(feature = "cuda"))]
             return Err(Error::invalid(
                 "backend",
-                "a distributed optimizer runs on the CPU backend for now",
+                "this build has no CUDA backend (the `cuda` feature is off)",
             ));
         }
         let mut thor = Self::with_backend(cfg, AnyBackend::Cpu(crate::backend::CpuBackend))?;
-        thor.dist = Some((crate::dist::SharedComm::new(comm), 0));
+        thor.dist = Some((
+            engine::ThorComm::Host(crate::dist::SharedComm::new(comm)),
+            0,
+        ));
+        Ok(thor)
+    }
+
+    /// The optimizer of one rank of a data-parallel group on the CUDA device `dev`, its
+    /// collectives through `comm` on `dev`'s stream (for instance
+    /// [`crate::cuda::dist::NcclComm`], made on `dev`): as [`Thor::with_communicator`], with
+    /// every layer's statistics step resident on the device ([`CudaDevice::new_distributed_thor_step`]:
+    /// a statistics step of a layer is its launches and three collectives on the stream).
+    /// `cfg.backend` is not consulted.
+    ///
+    /// [`CudaDevice::new_distributed_thor_step`]: crate::cuda::CudaDevice::new_distributed_thor_step
+    #[cfg(feature = "cuda")]
+    pub fn with_device_communicator(
+        cfg: ThorConfig,
+        dev: crate::cuda::CudaDevice,
+        comm: Box<dyn crate::cuda::dist::DeviceCommunicator>,
+    ) -> Result<Self> {
+        let mut thor = Self::with_backend(cfg, AnyBackend::Cuda(Box::new(dev)))?;
+        thor.dist = Some((
+            engine::ThorComm::Device(crate::cuda::dist::SharedDeviceComm::new(comm)),
+            0,
+        ));
         Ok(thor)
     }
 
@@ -461,7 +496,7 @@ impl Thor {
     /// that any rank's [`Thor::to_bytes`] saves the whole state. Nothing to do otherwise.
     pub fn gather_statistics(&mut self) -> Result<()> {
         for l in &mut self.layers {
-            l.engine.gather_statistics()?;
+            l.engine.gather_statistics(&self.backend)?;
         }
         Ok(())
     }
@@ -480,7 +515,6 @@ impl Thor {
 
     /// On one rank of a group: what its communicator has moved so far.
     pub fn comm_counters(&self) -> Option<crate::dist::CommCounters> {
-        use crate::dist::Communicator;
         self.dist.as_ref().map(|(c, _)| c.counters())
     }
 
@@ -535,11 +569,12 @@ impl Thor {
                 engine::new_engine(&self.backend, b, kind.d_a(), kind.d_g(), self.step_config())
             }
             Some((comm, first)) => engine::new_distributed_engine(
+                &self.backend,
                 b,
                 kind.d_a(),
                 kind.d_g(),
                 self.step_config(),
-                comm.clone(),
+                comm,
                 *first,
             ),
         }
