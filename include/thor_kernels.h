@@ -275,6 +275,27 @@ enum ThorStatus thor_v1_optimizer_create_distributed(const struct ThorOptimizerC
                                                      ThorAllGatherFn all_gather,
                                                      struct ThorOptimizer **out);
 
+// `thor_v1_optimizer_create_distributed` on the context `ctx`: on a CPU context the same;
+// on a CUDA context every layer's statistics, inverses and rule state live on its device,
+// the work is queued on the context's stream and every array the optimizer functions take
+// is device memory (as `thor_v1_optimizer_create_on`). The callbacks still move host
+// memory: each collective waits for the stream, copies the device buffer down, calls the
+// callback and copies the result up.
+//
+// Returns as `thor_v1_optimizer_create_distributed`; on a CUDA context also `DRIVER`.
+//
+// # Safety
+// As `thor_v1_optimizer_create_distributed`; `ctx` must come from this library.
+enum ThorStatus thor_v1_optimizer_create_distributed_on(struct ThorContext *ctx,
+                                                        const struct ThorOptimizerConfig *cfg,
+                                                        int32_t rank,
+                                                        int32_t world,
+                                                        void *user,
+                                                        ThorReduceScatterFn reduce_scatter,
+                                                        ThorAllReduceFn all_reduce,
+                                                        ThorAllGatherFn all_gather,
+                                                        struct ThorOptimizer **out);
+
 // On a distributed optimizer, gives every rank the statistics of every layer (a
 // collective: every rank calls it; one `all_gather` per layer), so that any rank's
 // `thor_v1_optimizer_save` writes the whole state, which loads into a group of any size or

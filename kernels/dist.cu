@@ -26,9 +26,13 @@
 #ifndef THOR_EMULATE
 __device__ __forceinline__ double dist_dmul(double a, double b) { return __dmul_rn(a, b); }
 __device__ __forceinline__ double dist_dadd(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float dist_fmul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float dist_fadd(float a, float b) { return __fadd_rn(a, b); }
 #else
 inline double dist_dmul(double a, double b) { return a * b; }
 inline double dist_dadd(double a, double b) { return a + b; }
+inline float dist_fmul(float a, float b) { return a * b; }
+inline float dist_fadd(float a, float b) { return a + b; }
 #endif
 
 // Segment i of `out` (`stride` floats apart, stride >= b (b + 1) / 2) holds the lower
@@ -194,8 +198,9 @@ dist_ema_f32(const float* __restrict__ recv, const int* __restrict__ list,
     float* s = stats + (long long)k * b * b;
     for (int r = 0; r < b; ++r) {
         for (int c = threadIdx.x; c <= r; c += blockDim.x) {
-            const float v = alpha * p[r * (r + 1) / 2 + c];
-            s[r * b + c] = beta != 0.f ? fmaf(beta, s[r * b + c], v) : v;
+            // beta s + alpha sum, unfused, as the CPU step computes it.
+            const float v = dist_fmul(alpha, p[r * (r + 1) / 2 + c]);
+            s[r * b + c] = beta != 0.f ? dist_fadd(dist_fmul(beta, s[r * b + c]), v) : v;
         }
     }
     __syncthreads();

@@ -187,42 +187,127 @@ pub unsafe extern "C" fn thor_v1_optimizer_create_distributed(
     out: *mut *mut ThorOptimizer,
 ) -> ThorStatus {
     guard(|| {
-        check_ptr("cfg", cfg)?;
-        check_ptr("out", out as *const *mut ThorOptimizer)?;
-        let world = usize::try_from(world)
-            .ok()
-            .filter(|&w| w >= 1)
-            .ok_or_else(|| Error::invalid("world", format!("must be >= 1, got {world}")))?;
-        let rank = usize::try_from(rank)
-            .ok()
-            .filter(|&r| r < world)
-            .ok_or_else(|| Error::invalid("rank", format!("must be in 0..{world}, got {rank}")))?;
-        let missing = |arg| Error::invalid(arg, "must not be null");
-        let comm = CallbackComm {
-            rank,
-            world,
-            user,
-            reduce_scatter: reduce_scatter.ok_or_else(|| missing("reduce_scatter"))?,
-            all_gather: all_gather.ok_or_else(|| missing("all_gather"))?,
-            all_reduce: all_reduce.ok_or_else(|| missing("all_reduce"))?,
-            counts: Vec::with_capacity(world),
-            segments_buf: vec![0; world],
-            counters: CommCounters::default(),
-        };
-        // SAFETY: checked.
-        let mut config = config_of(unsafe { *cfg })?;
-        config.backend = thor_kernels::BackendKind::Cpu;
-        let thor =
-            Thor::with_communicator(config, Box::new(comm)).map_err(rename("thresholds", "w1"))?;
-        // SAFETY: checked.
+        // SAFETY: this function's contract, passed on.
         unsafe {
-            *out = Box::into_raw(Box::new(ThorOptimizer {
-                thor,
-                device: false,
-            }))
-        };
+            create_distributed(
+                None,
+                cfg,
+                rank,
+                world,
+                user,
+                (reduce_scatter, all_reduce, all_gather),
+                out,
+            )
+        }?;
         Ok(())
     })
+}
+
+/// `thor_v1_optimizer_create_distributed` on the context `ctx`: on a CPU context the same;
+/// on a CUDA context every layer's statistics, inverses and rule state live on its device,
+/// the work is queued on the context's stream and every array the optimizer functions take
+/// is device memory (as `thor_v1_optimizer_create_on`). The callbacks still move host
+/// memory: each collective waits for the stream, copies the device buffer down, calls the
+/// callback and copies the result up.
+///
+/// Returns as `thor_v1_optimizer_create_distributed`; on a CUDA context also `DRIVER`.
+///
+/// # Safety
+/// As `thor_v1_optimizer_create_distributed`; `ctx` must come from this library.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn thor_v1_optimizer_create_distributed_on(
+    ctx: *mut ThorContext,
+    cfg: *const ThorOptimizerConfig,
+    rank: i32,
+    world: i32,
+    user: *mut c_void,
+    reduce_scatter: ThorReduceScatterFn,
+    all_reduce: ThorAllReduceFn,
+    all_gather: ThorAllGatherFn,
+    out: *mut *mut ThorOptimizer,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function; checked first.
+        let c = unsafe { crate::context::ctx_mut(ctx)? };
+        // SAFETY: this function's contract, passed on.
+        unsafe {
+            create_distributed(
+                Some(&c.device),
+                cfg,
+                rank,
+                world,
+                user,
+                (reduce_scatter, all_reduce, all_gather),
+                out,
+            )
+        }?;
+        Ok(())
+    })
+}
+
+/// The two creators' common part: `device` is the context's backend (`None`: the CPU).
+///
+/// # Safety
+/// As `thor_v1_optimizer_create_distributed`.
+unsafe fn create_distributed(
+    device: Option<&AnyBackend>,
+    cfg: *const ThorOptimizerConfig,
+    rank: i32,
+    world: i32,
+    user: *mut c_void,
+    (reduce_scatter, all_reduce, all_gather): (
+        ThorReduceScatterFn,
+        ThorAllReduceFn,
+        ThorAllGatherFn,
+    ),
+    out: *mut *mut ThorOptimizer,
+) -> Result<()> {
+    check_ptr("cfg", cfg)?;
+    check_ptr("out", out as *const *mut ThorOptimizer)?;
+    let world = usize::try_from(world)
+        .ok()
+        .filter(|&w| w >= 1)
+        .ok_or_else(|| Error::invalid("world", format!("must be >= 1, got {world}")))?;
+    let rank = usize::try_from(rank)
+        .ok()
+        .filter(|&r| r < world)
+        .ok_or_else(|| Error::invalid("rank", format!("must be in 0..{world}, got {rank}")))?;
+    let missing = |arg| Error::invalid(arg, "must not be null");
+    let comm = CallbackComm {
+        rank,
+        world,
+        user,
+        reduce_scatter: reduce_scatter.ok_or_else(|| missing("reduce_scatter"))?,
+        all_gather: all_gather.ok_or_else(|| missing("all_gather"))?,
+        all_reduce: all_reduce.ok_or_else(|| missing("all_reduce"))?,
+        counts: Vec::with_capacity(world),
+        segments_buf: vec![0; world],
+        counters: CommCounters::default(),
+    };
+    // SAFETY: checked.
+    let mut config = config_of(unsafe { *cfg })?;
+    let (thor, on_device) = match device {
+        Some(AnyBackend::Cuda(dev)) => {
+            let dev = CudaDevice::from_stream(dev.stream().clone())?;
+            let staged = thor_kernels::cuda::dist::HostStagedComm::new(Box::new(comm));
+            let thor = Thor::with_device_communicator(config, dev, Box::new(staged));
+            (thor, true)
+        }
+        _ => {
+            config.backend = thor_kernels::BackendKind::Cpu;
+            (Thor::with_communicator(config, Box::new(comm)), false)
+        }
+    };
+    let thor = thor.map_err(rename("thresholds", "w1"))?;
+    // SAFETY: checked.
+    unsafe {
+        *out = Box::into_raw(Box::new(ThorOptimizer {
+            thor,
+            device: on_device,
+        }))
+    };
+    Ok(())
 }
 
 /// On a distributed optimizer, gives every rank the statistics of every layer (a

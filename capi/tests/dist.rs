@@ -139,21 +139,32 @@ fn add_layer(opt: *mut ThorOptimizer) {
     assert_eq!((st, id), (ThorStatus::Ok, 0));
 }
 
+/// Rank `user.comm.rank()`'s optimizer: odd ranks through
+/// `thor_v1_optimizer_create_distributed_on` on a CPU context, even ones without a context.
 fn create(user: &mut User, world: i32) -> *mut ThorOptimizer {
     let mut opt = null_mut();
     let cfg = config();
-    // SAFETY: `user` outlives the optimizer (the caller destroys it first).
+    let rank = user.comm.rank() as i32;
+    let user = user as *mut User as *mut c_void;
+    let (rs, ar, ag) = (
+        Some(reduce_scatter as _),
+        Some(all_reduce as _),
+        Some(all_gather as _),
+    );
+    // SAFETY: `user` outlives the optimizer (the caller destroys it first); the context is
+    // made here and destroyed after the optimizer is made (the optimizer does not keep it).
     let st = unsafe {
-        thor_v1_optimizer_create_distributed(
-            &cfg,
-            user.comm.rank() as i32,
-            world,
-            user as *mut User as *mut c_void,
-            Some(reduce_scatter),
-            Some(all_reduce),
-            Some(all_gather),
-            &mut opt,
-        )
+        if rank % 2 == 1 {
+            let mut ctx = null_mut();
+            assert_eq!(thor_v1_context_create_cpu(&mut ctx), ThorStatus::Ok);
+            let st = thor_v1_optimizer_create_distributed_on(
+                ctx, &cfg, rank, world, user, rs, ar, ag, &mut opt,
+            );
+            thor_v1_context_destroy(ctx);
+            st
+        } else {
+            thor_v1_optimizer_create_distributed(&cfg, rank, world, user, rs, ar, ag, &mut opt)
+        }
     };
     assert_eq!(st, ThorStatus::Ok);
     add_layer(opt);
@@ -263,4 +274,29 @@ fn a_failing_callback_is_a_communication_error() {
         assert!(msg.contains(&format!("`{arg}`")), "{arg}: {msg}");
         assert!(opt.is_null());
     }
+}
+
+#[test]
+fn a_distributed_optimizer_on_a_null_context_is_refused() {
+    let mut opt = null_mut();
+    // SAFETY: a null context is checked before anything is read.
+    let st = unsafe {
+        thor_v1_optimizer_create_distributed_on(
+            null_mut(),
+            &config(),
+            0,
+            1,
+            null_mut(),
+            Some(reduce_scatter),
+            Some(all_reduce),
+            Some(all_gather),
+            &mut opt,
+        )
+    };
+    assert_eq!(st, ThorStatus::InvalidArgument);
+    assert!(opt.is_null());
+    // SAFETY: the library's own message, valid until its next call on this thread.
+    let msg = unsafe { std::ffi::CStr::from_ptr(thor_v1_last_error_message()) };
+    let msg = msg.to_string_lossy();
+    assert!(msg.contains("ctx"), "{msg}");
 }

@@ -55,8 +55,9 @@ def train(kind: str, model: torch.nn.Module, forward, rows: slice, process_group
     """STEPS steps on rows ``rows`` of each batch; ``forward`` runs the model (a DDP wrapper
     averages the gradients over the ranks). Returns the optimizer's state dict."""
     zero, step, state = make_optimizer(kind, model, process_group)
+    device = next(model.parameters()).device
     for k in range(STEPS):
-        x, y = batch(k)
+        x, y = (t.to(device) for t in batch(k))
         zero()
         F.cross_entropy(forward(x[rows]), y[rows]).backward()
         step()

@@ -1,5 +1,6 @@
 """One rank of test_distributed.py's runs: ``_dist_worker.py KIND RANK WORLD OUT`` (with
-MASTER_ADDR and MASTER_PORT set) trains the shared model under DistributedDataParallel
+MASTER_ADDR and MASTER_PORT set; KIND ``thor`` or ``pre``, ``-cuda`` appended for a model
+on the GPU) trains the shared model under DistributedDataParallel
 with a gloo group and saves its parameters and optimizer state to OUT."""
 
 import os
@@ -17,12 +18,14 @@ def main() -> None:
     kind, rank, world, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
-    model = make_model()
+    # KIND-cuda: the model (and so the optimizer's state) on the GPU.
+    kind, on_cuda = kind.removesuffix("-cuda"), kind.endswith("-cuda")
+    model = make_model().to("cuda" if on_cuda else "cpu")
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     per = BATCH // world
     state = train(kind, model, ddp, slice(rank * per, (rank + 1) * per), process_group=dist.group.WORLD)
     engines = {i: bytes(t.numpy()) for i, t in state.get("thor", {}).get("engines", {}).items()}
-    torch.save({"params": [p.detach().clone() for p in model.parameters()], "engines": engines}, out)
+    torch.save({"params": [p.detach().cpu().clone() for p in model.parameters()], "engines": engines}, out)
     dist.destroy_process_group()
 
 

@@ -79,12 +79,17 @@ def test_the_preconditioner_on_ranks(tmp_path):
             assert _max_rel(g, w) < 1e-4, f"rank {r}, parameter {i}"
 
 
-def test_a_model_on_cuda_with_a_process_group_is_refused():
-    from thor_kernels.torch import _Engine
-    with pytest.raises(ValueError, match="process_group"):
-        _Engine(torch.device("cuda", 0), dict(block=32, interval=1, damping=0.03, damping_decay=1.0,
-                                              damping_every=10.0, stat_decay=0.0, w1=0.01, w2=0.0, kl_clip=0.0),
-                "position", process_group=object())
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ranks_with_models_on_cuda_match_one_process_on_the_cpu(tmp_path):
+    # The optimizer's state on the GPU, the collectives through gloo on host memory.
+    model = make_model()
+    train("thor", model, model, slice(None))
+    want = [p.detach() for p in model.parameters()]
+    ranks = _run_ranks("thor-cuda", 2, tmp_path)
+    for r, got in enumerate(ranks):
+        for i, (g, w) in enumerate(zip(got["params"], want)):
+            assert _max_rel(g, w) < 1e-3, f"rank {r}, parameter {i}"
+        assert got["engines"] == ranks[0]["engines"], f"rank {r}"
 
 
 def test_a_layer_missing_on_another_rank_is_left_out_everywhere():

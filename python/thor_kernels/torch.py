@@ -34,7 +34,8 @@ queued on the CUDA stream that is current when the optimizer is made; for a mode
 on the library's CPU backend.
 
 Many processes. With ``process_group=`` (a ``torch.distributed`` group whose backend takes
-CPU tensors, such as gloo; a model on the CPU) every process is one rank of a data-parallel
+CPU tensors, such as gloo; the model on the CPU or on a CUDA device, where the optimizer's
+state stays on the device and each collective goes through host memory) every process is one rank of a data-parallel
 run (for example under ``DistributedDataParallel``): each statistics step pools the factors of
 every rank's local batch, every block of every factor is owned by one rank, which keeps its
 statistics and inverts it, and the inverses are shared, so every rank preconditions with the
@@ -204,9 +205,6 @@ class _Engine:
 
     def __init__(self, device: torch.device, settings: dict, conv_norm: str, process_group=None):
         _check_settings(settings)
-        if process_group is not None and device.type != "cpu":
-            raise ValueError(f"process_group: a distributed optimizer runs on the CPU for now; the model is on "
-                             f"{device}")
         cfg = OptimizerConfig()
         check(lib().thor_v1_optimizer_config_default(ctypes.byref(cfg)))
         cfg.block, cfg.interval = int(settings["block"]), int(settings["interval"])
@@ -223,9 +221,9 @@ class _Engine:
         if process_group is not None:
             self.collectives = _Collectives(process_group)
             c = self.collectives
-            check(lib().thor_v1_optimizer_create_distributed(ctypes.byref(cfg), c.rank, c.world, None,
-                                                             c.reduce_scatter, c.all_reduce, c.all_gather,
-                                                             ctypes.byref(self.ptr)))
+            check(lib().thor_v1_optimizer_create_distributed_on(ctx.ptr, ctypes.byref(cfg), c.rank, c.world, None,
+                                                                c.reduce_scatter, c.all_reduce, c.all_gather,
+                                                                ctypes.byref(self.ptr)))
         else:
             check(lib().thor_v1_optimizer_create_on(ctx.ptr, ctypes.byref(cfg), ctypes.byref(self.ptr)))
         self._finalizer = weakref.finalize(self, lib().thor_v1_optimizer_destroy, self.ptr)
@@ -617,7 +615,8 @@ class THOR(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` the loop uses, if any: recorded output
             gradients are unscaled with its scale.
         exclude: modules left out of preconditioning (they get the plain update).
-        process_group: a ``torch.distributed`` group (CPU tensors: gloo) when every process
+        process_group: a ``torch.distributed`` group (CPU tensors: gloo; the model on the CPU
+            or a CUDA device) when every process
             is one rank of a data-parallel run: the statistics of every rank's batch are
             pooled and every rank gets the same inverses (see the module's documentation).
             ``state_dict()`` is then a collective.

@@ -132,7 +132,10 @@ impl DistLayout {
         };
         int("set", world.checked_mul(per))?;
         int("set", per.checked_mul(tri_len(b) + 1))?;
-        int("set", Some(nb))?;
+        // The kernels index the tables and the metadata in `int`.
+        int("set", nb.checked_mul(4))?;
+        int("set", nf.checked_mul(3))?;
+        int("set", nb.checked_add(nf).and_then(|n| n.checked_mul(2)))?;
         let mut blocks_tab = vec![0i32; 4 * nb];
         for (f, e) in set.entries().iter().enumerate() {
             for j in 0..e.layout.blocks() {
@@ -537,6 +540,13 @@ pub trait DeviceCommunicator: Send + fmt::Debug {
     fn abort(&mut self, why: &str) {
         let _ = why;
     }
+    /// An error when the collectives cannot run on `dev`'s stream (checked when a step is
+    /// made and before each step, so that nothing is queued that a collective then
+    /// refuses). The default accepts every device.
+    fn check_device(&self, dev: &CudaDevice) -> Result<()> {
+        let _ = dev;
+        Ok(())
+    }
 }
 
 /// One rank's device communicator shared by several steps (the layers of an optimizer,
@@ -616,6 +626,9 @@ impl DeviceCommunicator for SharedDeviceComm {
             s.failed = Some(why.to_string());
         }
         s.comm.abort(why);
+    }
+    fn check_device(&self, dev: &CudaDevice) -> Result<()> {
+        self.lock().comm.check_device(dev)
     }
 }
 
@@ -753,7 +766,10 @@ mod nccl {
     /// stream, no host synchronization. Created collectively: every rank of `world` calls
     /// [`NcclComm::new`] with the same id (the call returns once all have joined).
     pub struct NcclComm {
-        comm: Comm,
+        /// `None` once aborted.
+        comm: Option<Comm>,
+        rank: usize,
+        world: usize,
         counters: CommCounters,
         counts: Vec<usize>,
     }
@@ -765,8 +781,9 @@ mod nccl {
     impl fmt::Debug for NcclComm {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("NcclComm")
-                .field("rank", &self.comm.rank())
-                .field("world", &self.comm.world_size())
+                .field("rank", &self.rank)
+                .field("world", &self.world)
+                .field("aborted", &self.comm.is_none())
                 .finish_non_exhaustive()
         }
     }
@@ -782,10 +799,14 @@ mod nccl {
                 ));
             }
             nccl_present()?;
+            // NCCL joins on the calling thread's current device: make it `dev`'s.
+            dev.context_handle().bind_to_thread()?;
             let comm = Comm::from_rank(dev.stream().clone(), rank, world, Id::uninit(*id))
                 .map_err(|e| nccl_err("initialisation", e))?;
             Ok(NcclComm {
-                comm,
+                comm: Some(comm),
+                rank,
+                world,
                 counters: CommCounters::default(),
                 counts: vec![0; world],
             })
@@ -797,25 +818,31 @@ mod nccl {
             Self::new(dev, 0, 1, &nccl_unique_id()?)
         }
 
-        fn check_stream(&self, dev: &CudaDevice) -> Result<()> {
-            if !std::sync::Arc::ptr_eq(&self.comm.stream(), dev.stream()) {
+        /// The live communicator, checked against `dev`'s stream.
+        fn comm(&self, dev: &CudaDevice) -> Result<&Comm> {
+            let Some(comm) = &self.comm else {
+                return Err(Error::Communication(
+                    "the NCCL communicator was aborted".into(),
+                ));
+            };
+            if !std::sync::Arc::ptr_eq(&comm.stream(), dev.stream()) {
                 return Err(Error::invalid(
                     "dev",
                     "not the device (stream) the NCCL communicator was made on",
                 ));
             }
-            Ok(())
+            Ok(comm)
         }
 
         /// Counts a collective over segments of `seg` elements (`None`: an all-reduce of
         /// `elems`, split as a ring splits it) of `size` bytes.
         fn count(&mut self, c: Collective, seg: Option<usize>, elems: usize, size: usize) {
-            let w = self.comm.world_size();
+            let w = self.world;
             match seg {
                 Some(n) => self.counts.fill(n),
                 None => even_counts(elems, w, &mut self.counts),
             }
-            let (s, r) = ring_bytes(c, &self.counts, self.comm.rank(), size);
+            let (s, r) = ring_bytes(c, &self.counts, self.rank, size);
             self.counters.collectives += 1;
             self.counters.bytes_sent += s;
             self.counters.bytes_received += r;
@@ -824,10 +851,10 @@ mod nccl {
 
     impl DeviceCommunicator for NcclComm {
         fn rank(&self) -> usize {
-            self.comm.rank()
+            self.rank
         }
         fn world(&self) -> usize {
-            self.comm.world_size()
+            self.world
         }
         fn reduce_scatter(
             &mut self,
@@ -835,9 +862,8 @@ mod nccl {
             send: &CudaSlice<f32>,
             recv: &mut CudaSlice<f32>,
         ) -> Result<()> {
-            self.check_stream(dev)?;
-            check_segments(self.world(), send.len(), recv.len(), false)?;
-            self.comm
+            check_segments(self.world, send.len(), recv.len(), false)?;
+            self.comm(dev)?
                 .reduce_scatter(send, recv, &ReduceOp::Sum)
                 .map_err(|e| nccl_err("reduce-scatter", e))?;
             self.count(Collective::ReduceScatter, Some(recv.len()), 0, 4);
@@ -849,17 +875,15 @@ mod nccl {
             send: &CudaSlice<f32>,
             recv: &mut CudaSlice<f32>,
         ) -> Result<()> {
-            self.check_stream(dev)?;
-            check_segments(self.world(), send.len(), recv.len(), true)?;
-            self.comm
+            check_segments(self.world, send.len(), recv.len(), true)?;
+            self.comm(dev)?
                 .all_gather(send, recv)
                 .map_err(|e| nccl_err("all-gather", e))?;
             self.count(Collective::AllGather, Some(send.len()), 0, 4);
             Ok(())
         }
         fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()> {
-            self.check_stream(dev)?;
-            self.comm
+            self.comm(dev)?
                 .all_reduce_in_place(buf, &ReduceOp::Sum)
                 .map_err(|e| nccl_err("all-reduce", e))?;
             self.count(Collective::AllReduce, None, buf.len(), 8);
@@ -867,6 +891,24 @@ mod nccl {
         }
         fn counters(&self) -> CommCounters {
             self.counters
+        }
+        fn abort(&mut self, _why: &str) {
+            // ncclCommAbort (cudarc's drop of the communicator): the other ranks' pending
+            // collectives fail instead of waiting for this rank.
+            self.comm = None;
+        }
+        fn check_device(&self, dev: &CudaDevice) -> Result<()> {
+            self.comm(dev).map(|_| ())
+        }
+    }
+
+    impl Drop for NcclComm {
+        fn drop(&mut self) {
+            // The collectives queued on the stream complete before the communicator goes
+            // (cudarc aborts it on drop).
+            if let Some(c) = &self.comm {
+                let _ = c.stream().synchronize();
+            }
         }
     }
 }

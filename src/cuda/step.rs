@@ -326,6 +326,7 @@ impl CudaDevice {
                 plan.world(),
             ));
         }
+        comm.check_device(self)?;
         let mut step = self.new_thor_step(set, rows, dtype, layers, cfg)?;
         let layout = DistLayout::new(set, &plan, rank, &step.partners)?;
         let nan = |n: usize| self.upload(&vec![f32::NAN; n]);
@@ -391,6 +392,11 @@ impl DeviceThorStep {
     /// The step's state on the host (waits for queued work on `dev`'s stream).
     pub(crate) fn snapshot(&self, dev: &CudaDevice) -> Result<StepSnapshot> {
         dev.check_same_context("step", &self.stats)?;
+        if let Some(why) = self.dist.as_ref().and_then(|d| d.broken.as_ref()) {
+            return Err(Error::Communication(format!(
+                "an earlier distributed step failed ({why}): its state is not saved"
+            )));
+        }
         if self.dist.as_ref().is_some_and(|d| !d.stats_whole) {
             return Err(Error::invalid(
                 "gather_statistics",
@@ -785,7 +791,13 @@ impl DeviceThorStep {
             self.dist = Some(d);
             return Err(e);
         }
-        let mut in_group = false;
+        if let Err(e) = d.comm.check_device(dev) {
+            self.dist = Some(d);
+            return Err(e);
+        }
+        // From here on the other ranks go into the collectives: any failure leaves this
+        // rank out of step with them, and its statistics are no longer whole.
+        d.stats_whole &= d.comm.world() == 1;
         let mut out = Ok(());
         for (phase, range) in StepDist::PHASES.into_iter().enumerate() {
             let n = range.len() as u64;
@@ -801,7 +813,6 @@ impl DeviceThorStep {
                 break;
             }
             self.traffic.launches += n;
-            in_group = true;
             let d = &mut *d;
             out = match phase {
                 0 => d.comm.reduce_scatter(dev, &d.send, &mut d.recv),
@@ -813,13 +824,9 @@ impl DeviceThorStep {
                 break;
             }
         }
-        match &out {
-            Err(e) if in_group => {
-                d.broken = Some(e.to_string());
-                d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
-            }
-            Err(_) => {}
-            Ok(()) => d.stats_whole &= d.comm.world() == 1,
+        if let Err(e) = &out {
+            d.broken = Some(e.to_string());
+            d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
         }
         self.dist = Some(d);
         out
@@ -896,10 +903,15 @@ impl DeviceThorStep {
         }
         self.traffic.syncs += 1;
         if dev.download(&d.fault)?[0] != 0 {
-            return Err(Error::Communication(
-                "the ranks disagree on the damping or on the steps run: every layer was skipped"
-                    .into(),
-            ));
+            // As on the CPU: the group is broken (here after a step that skipped every
+            // layer on every rank).
+            let why = "the ranks disagree on the damping or on the steps run";
+            let d = self.dist.as_mut().expect("a distributed step");
+            d.broken = Some(why.into());
+            d.comm.abort(why);
+            return Err(Error::Communication(format!(
+                "{why}: every layer was skipped"
+            )));
         }
         Ok(())
     }
