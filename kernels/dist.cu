@@ -35,6 +35,16 @@ inline float dist_fmul(float a, float b) { return a * b; }
 inline float dist_fadd(float a, float b) { return a + b; }
 #endif
 
+// Element t of a packed lower triangle is (r, c): t = r (r + 1) / 2 + c, c <= r. The
+// threads of a block walk the triangle flat (every thread busy on every row).
+__device__ __forceinline__ void dist_tri_rc(int t, int* r, int* c) {
+    int q = (int)((sqrtf(8.f * (float)t + 1.f) - 1.f) * 0.5f);
+    while (q * (q + 1) / 2 > t) --q;
+    while ((q + 1) * (q + 2) / 2 <= t) ++q;
+    *r = q;
+    *c = t - q * (q + 1) / 2;
+}
+
 // Segment i of `out` (`stride` floats apart, stride >= b (b + 1) / 2) holds the lower
 // triangle of block list[i] of `blocks`, row by row ((0,0), (1,0), (1,1), (2,0), ...); a
 // negative list[i] is padding: zeros. When stride > b (b + 1) / 2, the element after the
@@ -51,8 +61,10 @@ dist_pack_f32(const float* __restrict__ blocks, int b, const int* __restrict__ l
         return;
     }
     const float* s = blocks + (long long)k * b * b;
-    for (int r = 0; r < b; ++r) {
-        for (int c = threadIdx.x; c <= r; c += blockDim.x) o[r * (r + 1) / 2 + c] = s[r * b + c];
+    for (int t = threadIdx.x; t < tri; t += blockDim.x) {
+        int r, c;
+        dist_tri_rc(t, &r, &c);
+        o[t] = s[r * b + c];
     }
     if (threadIdx.x == 0 && stride > tri) o[tri] = info != nullptr ? (float)info[k] : 0.f;
 }
@@ -68,12 +80,12 @@ dist_unpack_f32(const float* __restrict__ in, int b, const int* __restrict__ lis
     if (k < 0 || (mask != nullptr && mask[k] == 0)) return;
     const float* p = in + (long long)blockIdx.x * stride;
     float* s = blocks + (long long)k * b * b;
-    for (int r = 0; r < b; ++r) {
-        for (int c = threadIdx.x; c <= r; c += blockDim.x) {
-            const float v = p[r * (r + 1) / 2 + c];
-            s[r * b + c] = v;
-            s[c * b + r] = v;
-        }
+    for (int t = threadIdx.x; t < b * (b + 1) / 2; t += blockDim.x) {
+        int r, c;
+        dist_tri_rc(t, &r, &c);
+        const float v = p[t];
+        s[r * b + c] = v;
+        s[c * b + r] = v;
     }
     if (threadIdx.x == 0 && info != nullptr) info[k] = (int)p[b * (b + 1) / 2];
 }
@@ -196,12 +208,12 @@ dist_ema_f32(const float* __restrict__ recv, const int* __restrict__ list,
     dist_scales(meta, nf, f, fstate, decay, &alpha, &beta);
     const float* p = recv + (long long)blockIdx.x * (b * (b + 1) / 2);
     float* s = stats + (long long)k * b * b;
-    for (int r = 0; r < b; ++r) {
-        for (int c = threadIdx.x; c <= r; c += blockDim.x) {
-            // beta s + alpha sum, unfused, as the CPU step computes it.
-            const float v = dist_fmul(alpha, p[r * (r + 1) / 2 + c]);
-            s[r * b + c] = beta != 0.f ? dist_fadd(dist_fmul(beta, s[r * b + c]), v) : v;
-        }
+    for (int t = threadIdx.x; t < b * (b + 1) / 2; t += blockDim.x) {
+        int r, c;
+        dist_tri_rc(t, &r, &c);
+        // beta s + alpha sum, unfused, as the CPU step computes it.
+        const float v = dist_fmul(alpha, p[t]);
+        s[r * b + c] = beta != 0.f ? dist_fadd(dist_fmul(beta, s[r * b + c]), v) : v;
     }
     __syncthreads();
     // The mirror reads rows below w only; the padding rows (w and up) are written only here.

@@ -18,6 +18,14 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/loc
   [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
 done
 export PATH="$PATH:/usr/local/cuda/bin"
+# NCCL for the multi-GPU path's one-rank tests: the system's, or the one a PyTorch install
+# brought (nvidia-nccl wheel: only libnccl.so.2, linked here as libnccl.so, the name the
+# library loads); without it those tests say SKIPPED.
+nccl_lib=$(python3 -c 'import glob, site; print(next(iter(glob.glob(site.getsitepackages()[0] + "/nvidia/nccl/lib/libnccl.so.2")), ""))' 2>/dev/null)
+if [ -n "$nccl_lib" ]; then
+  mkdir -p "$out/nccl" && ln -sf "$nccl_lib" "$out/nccl/libnccl.so"
+  export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$out/nccl"
+fi
 summary="$out/summary.txt"
 printf '%-34s %-6s %8s  %s\n' step status seconds notes > "$summary"
 

@@ -745,7 +745,9 @@ mod nccl {
         #[cfg(not(feature = "link-cuda"))]
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             return Err(Error::NoDevice(
-                "the NCCL library (libnccl) cannot be loaded: install NCCL for multi-GPU steps"
+                "the NCCL library cannot be loaded: install NCCL for multi-GPU steps (it is \
+                 loaded as libnccl.so, the development package's link: with only libnccl.so.2, \
+                 link libnccl.so to it in a directory on LD_LIBRARY_PATH)"
                     .into(),
             ));
         }
