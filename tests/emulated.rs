@@ -1557,6 +1557,8 @@ struct EmuDist {
     samples: Guarded<f64>,
     own_mask: Guarded<u8>,
     fault: Guarded<i32>,
+    upd_own: Guarded<i32>,
+    upd_all: Guarded<i32>,
 }
 
 impl EmuDist {
@@ -1579,6 +1581,8 @@ impl EmuDist {
             samples: Guarded::new(&samples),
             own_mask: Guarded::new(&vec![7u8; set.total_blocks()]),
             fault: Guarded::new(&[0]),
+            upd_own: Guarded::new(&vec![-7; l.per_rank()]),
+            upd_all: Guarded::new(&vec![-7; l.send_list().len()]),
             layout: l,
         }
     }
@@ -1635,26 +1639,33 @@ fn emu_all_reduce(ranks: &mut [(EmuStep, EmuDist)]) {
     }
 }
 
-fn emu_all_gather(ranks: &mut [(EmuStep, EmuDist)]) {
+/// Every rank's first `n` elements of `gather_send` into the first `world * n` of every
+/// rank's `gather_recv` (the rest keeps what it held).
+fn emu_all_gather(ranks: &mut [(EmuStep, EmuDist)], n: usize) {
     let all: Vec<f32> = ranks
         .iter()
-        .flat_map(|(_, d)| d.gather_send.get())
+        .flat_map(|(_, d)| d.gather_send.get()[..n].to_vec())
         .collect();
     for (_, d) in ranks.iter_mut() {
-        d.gather_recv.set(&all);
+        let mut recv = d.gather_recv.get();
+        recv[..all.len()].copy_from_slice(&all);
+        d.gather_recv.set(&recv);
     }
 }
 
 /// One distributed step of every emulated rank on its rows of `xs`, the collectives
-/// between the launches as src/cuda/step.rs queues them; then the statistics gathered, so
-/// that every rank holds the whole state.
+/// between the launches as src/cuda/step.rs queues them (with `updated_only`, the
+/// all-gather of the updated inverses only, listed from the rule's mask); then the
+/// statistics gathered, so that every rank holds the whole state. Returns the blocks per
+/// rank of the inverses' all-gather (0: none).
 fn emu_dist_step(
     ranks: &mut [(EmuStep, EmuDist)],
     xs: &[Vec<f32>],
     splits: &[usize],
     sc: &step_cases::StepScenario,
     order: i32,
-) {
+    updated_only: bool,
+) -> usize {
     let mut tables = Vec::new();
     for (r, (st, d)) in ranks.iter_mut().enumerate() {
         let mut gx: Vec<Guarded<f32>> = xs
@@ -1679,34 +1690,56 @@ fn emu_dist_step(
         run(&[d.layout.plan_meta(buf).unwrap()], order).unwrap();
     }
     emu_all_reduce(ranks);
-    for ((_, d), (_, _, launches, buf)) in ranks.iter_mut().zip(&tables) {
-        let l = &d.layout;
-        let plans = vec![
-            l.plan_resolve(buf, sc.decay).unwrap(),
-            l.plan_ema(buf, sc.decay).unwrap(),
+    let mut blocks = ranks[0].1.layout.per_rank();
+    for ((st, d), (_, _, launches, buf)) in ranks.iter_mut().zip(&mut tables) {
+        let plans = [
+            d.layout.plan_resolve(buf, sc.decay).unwrap(),
+            d.layout.plan_ema(buf, sc.decay).unwrap(),
             launches[3].clone(),
-            l.plan_own_mask(buf).unwrap(),
-            launches[4].clone(),
-            l.plan_pack_inverses(buf).unwrap(),
         ];
         run(&plans, order).unwrap();
-    }
-    emu_all_gather(ranks);
-    for ((_, d), (_, _, launches, buf)) in ranks.iter_mut().zip(&tables) {
-        let plans = vec![
-            d.layout.plan_unpack_inverses(buf).unwrap(),
-            launches[5].clone(),
-            d.layout.plan_pack_statistics(buf).unwrap(),
-        ];
+        if updated_only {
+            let (mut own, mut all) = (d.upd_own.get(), d.upd_all.get());
+            blocks = d
+                .layout
+                .updated_lists(&st.mask.get(), &mut own, &mut all)
+                .unwrap();
+            d.upd_own.set(&own);
+            d.upd_all.set(&all);
+            buf.own_list = d.upd_own.ptr();
+            buf.send_list = d.upd_all.ptr();
+        }
+        let mut plans = vec![d.layout.plan_own_mask(buf).unwrap(), launches[4].clone()];
+        if blocks > 0 {
+            plans.push(d.layout.plan_pack_inverses(buf, blocks).unwrap());
+        }
         run(&plans, order).unwrap();
     }
-    emu_all_gather(ranks);
+    if blocks > 0 {
+        let n = ranks[0].1.layout.gather_len(blocks);
+        emu_all_gather(ranks, n);
+    }
+    for ((_, d), (_, _, launches, buf)) in ranks.iter_mut().zip(&mut tables) {
+        let mut plans = Vec::new();
+        if blocks > 0 {
+            plans.push(d.layout.plan_unpack_inverses(buf, blocks).unwrap());
+        }
+        plans.push(launches[5].clone());
+        // The statistics' gather: every owned block.
+        buf.own_list = d.own_list.ptr();
+        buf.send_list = d.send_list.ptr();
+        plans.push(d.layout.plan_pack_statistics(buf).unwrap());
+        run(&plans, order).unwrap();
+    }
+    let n = ranks[0].1.layout.gather_send_len();
+    emu_all_gather(ranks, n);
     for ((_, d), (_, _, _, buf)) in ranks.iter_mut().zip(&tables) {
         run(&[d.layout.plan_unpack_statistics(buf).unwrap()], order).unwrap();
         d.local.check("local");
         d.send.check("send");
         d.gather_recv.check("gather_recv");
     }
+    blocks
 }
 
 #[test]
@@ -1720,10 +1753,11 @@ fn emulated_distributed_device_step_matches_the_optimizer_on_the_union() {
     let _g = lock();
     let sc = step_cases::StepScenario::new();
     let set = sc.set();
-    for (world, splits) in [
-        (2usize, vec![0usize, 40, 64]),
-        (3, vec![0, 30, 50, 64]),
-        (5, vec![0, 1, 20, 33, 50, 64]),
+    for (world, splits, updated_only) in [
+        (2usize, vec![0usize, 40, 64], false),
+        (3, vec![0, 30, 50, 64], false),
+        (5, vec![0, 1, 20, 33, 50, 64], false),
+        (3, vec![0, 30, 50, 64], true),
     ] {
         let plan = thor_kernels::dist::OwnershipPlan::new(&set, world).unwrap();
         let mut ranks: Vec<(EmuStep, EmuDist)> = (0..world)
@@ -1735,18 +1769,37 @@ fn emulated_distributed_device_step_matches_the_optimizer_on_the_union() {
             })
             .collect();
         let (mut thor, ids) = sc.thor();
+        let (mut saw_none, mut saw_some) = (false, false);
         for k in 0..step_cases::STEPS {
             sc.observe(&mut thor, &ids, k);
             for (st, _) in ranks.iter_mut() {
                 st.damping_at.set(&[sc.damping]);
             }
-            emu_dist_step(
+            let blocks = emu_dist_step(
                 &mut ranks,
                 &sc.batch(k),
                 &splits,
                 &sc,
                 ORDERS[k % ORDERS.len()],
+                updated_only,
             );
+            if updated_only {
+                // The most updated blocks any rank owns: none when no layer updated.
+                let l = &ranks[0].1.layout;
+                let mask = ranks[0].0.mask.get();
+                let want = (0..world)
+                    .map(|r| {
+                        l.send_list()[r * l.per_rank()..(r + 1) * l.per_rank()]
+                            .iter()
+                            .filter(|&&k| k >= 0 && mask[k as usize] != 0)
+                            .count()
+                    })
+                    .max()
+                    .unwrap();
+                assert_eq!(blocks, want, "step {k}");
+                saw_none |= blocks == 0;
+                saw_some |= blocks > 0 && blocks < l.per_rank();
+            }
             let inv0 = ranks[0].0.inv.get();
             for (r, (st, d)) in ranks.iter().enumerate() {
                 sc.check(
@@ -1795,6 +1848,11 @@ fn emulated_distributed_device_step_matches_the_optimizer_on_the_union() {
                 );
             }
         }
+        // The scenario has steps where no layer updates and steps where some do.
+        assert!(
+            !updated_only || (saw_none && saw_some),
+            "{saw_none} {saw_some}"
+        );
     }
 }
 

@@ -24,7 +24,7 @@
 //! updated ones), so that the whole step is queued with no host synchronization.
 
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaView, CudaViewMut};
 use std::fmt;
 
 use super::raw::{check_ptr, grid_u32, kernels, KernelArg, LaunchPlan};
@@ -391,18 +391,68 @@ impl DistLayout {
         })
     }
 
-    /// The owned inverses and their info words, packed for the all-gather.
-    pub fn plan_pack_inverses(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+    /// The inverses of the blocks of `buf.own_list` (`blocks` of them: this rank's
+    /// segment, [`DistLayout::own_list`] with [`DistLayout::per_rank`], or the updated ones
+    /// of [`DistLayout::updated_lists`]) and their info words, packed for the all-gather.
+    pub fn plan_pack_inverses(&self, buf: &DistBuffers, blocks: usize) -> Result<LaunchPlan> {
         check_ptr("info", buf.info, 4)?;
+        self.check_segment(blocks)?;
         pack(
             buf.inverses,
             self.b,
             buf.own_list,
-            self.per,
+            blocks,
             buf.info,
             tri_len(self.b) + 1,
             buf.gather_send,
         )
+    }
+
+    fn check_segment(&self, blocks: usize) -> Result<()> {
+        if blocks == 0 || blocks > self.per {
+            return Err(Error::invalid(
+                "blocks",
+                format!("{blocks} blocks per segment: 1 to {} here", self.per),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Elements of one rank's segment of an all-gather of `blocks` packed blocks with their
+    /// info words ([`DistLayout::gather_send_len`] for [`DistLayout::per_rank`] blocks).
+    pub fn gather_len(&self, blocks: usize) -> usize {
+        blocks * (tri_len(self.b) + 1)
+    }
+
+    /// For an all-gather of the updated inverses only: from the rule's `mask` (one byte per
+    /// block, the same on every rank), `own` (at least [`DistLayout::per_rank`] entries)
+    /// receives the updated blocks this rank owns and `all` (at least `world` times that)
+    /// every rank's, in segments of the returned count (the most any rank owns, 0 when no
+    /// block updated), each padded with `-1`.
+    pub fn updated_lists(&self, mask: &[u8], own: &mut [i32], all: &mut [i32]) -> Result<usize> {
+        check_len("mask", self.nb, mask.len())?;
+        crate::error::check_min_len("own", self.per, own.len())?;
+        crate::error::check_min_len("all", self.world * self.per, all.len())?;
+        let updated = |r: usize| {
+            self.send_list[r * self.per..(r + 1) * self.per]
+                .iter()
+                .filter(|&&k| k >= 0 && mask[k as usize] != 0)
+        };
+        let n = (0..self.world)
+            .map(|r| updated(r).count())
+            .max()
+            .unwrap_or(0);
+        all.fill(-1);
+        for r in 0..self.world {
+            for (i, &k) in updated(r).enumerate() {
+                all[r * n + i] = k;
+            }
+        }
+        own.fill(-1);
+        for (i, &k) in updated(self.rank).enumerate() {
+            own[i] = k;
+        }
+        Ok(n)
     }
 
     /// The owned statistics, packed for the all-gather of
@@ -420,17 +470,28 @@ impl DistLayout {
     }
 
     /// Every rank's updated inverses (the rule's mask) and their info words, from the
-    /// all-gather.
-    pub fn plan_unpack_inverses(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+    /// all-gather of segments of `blocks` blocks listed, rank by rank, in `buf.send_list`
+    /// ([`DistLayout::send_list`] with [`DistLayout::per_rank`], or the `all` of
+    /// [`DistLayout::updated_lists`]).
+    pub fn plan_unpack_inverses(&self, buf: &DistBuffers, blocks: usize) -> Result<LaunchPlan> {
         check_ptr("mask", buf.mask, 1)?;
         check_ptr("info", buf.info, 4)?;
-        unpack(self, buf.gather_recv, buf.mask, buf.inverses, buf.info, buf)
+        self.check_segment(blocks)?;
+        unpack(
+            self,
+            blocks,
+            buf.gather_recv,
+            buf.mask,
+            buf.inverses,
+            buf.info,
+            buf,
+        )
     }
 
     /// Every block's statistics from the all-gather of
     /// [`DistLayout::plan_pack_statistics`].
     pub fn plan_unpack_statistics(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
-        unpack(self, buf.gather_recv, 0, buf.stats, 0, buf)
+        unpack(self, self.per, buf.gather_recv, 0, buf.stats, 0, buf)
     }
 }
 
@@ -472,6 +533,7 @@ fn pack(
 
 fn unpack(
     l: &DistLayout,
+    per: usize,
     gathered: CUdeviceptr,
     mask: CUdeviceptr,
     blocks: CUdeviceptr,
@@ -488,7 +550,7 @@ fn unpack(
     use KernelArg::*;
     Ok(LaunchPlan {
         kernel: kernels::DIST_UNPACK_F32,
-        grid: (grid_u32("blocks", l.world * l.per)?, 1, 1),
+        grid: (grid_u32("blocks", l.world * per)?, 1, 1),
         block: (256, 1, 1),
         smem: 0,
         args: vec![
@@ -521,18 +583,18 @@ pub trait DeviceCommunicator: Send + fmt::Debug {
     fn reduce_scatter(
         &mut self,
         dev: &CudaDevice,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()>;
     /// `recv` receives every rank's `send`, rank 0's first (`world * send.len()` elements).
     fn all_gather(
         &mut self,
         dev: &CudaDevice,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()>;
     /// Sums `buf` over the ranks, in place.
-    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()>;
+    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaViewMut<'_, f64>) -> Result<()>;
     /// What this rank has moved so far (ring model, as [`Communicator::counters`]).
     fn counters(&self) -> CommCounters;
     /// Tells the group this rank cannot go on (as [`Communicator::abort`]); the default
@@ -601,20 +663,20 @@ impl DeviceCommunicator for SharedDeviceComm {
     fn reduce_scatter(
         &mut self,
         dev: &CudaDevice,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         self.run(|c| c.reduce_scatter(dev, send, recv))
     }
     fn all_gather(
         &mut self,
         dev: &CudaDevice,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         self.run(|c| c.all_gather(dev, send, recv))
     }
-    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()> {
+    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaViewMut<'_, f64>) -> Result<()> {
         self.run(|c| c.all_reduce(dev, buf))
     }
     fn counters(&self) -> CommCounters {
@@ -684,14 +746,15 @@ impl DeviceCommunicator for HostStagedComm {
     fn reduce_scatter(
         &mut self,
         dev: &CudaDevice,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         check_segments(self.world(), send.len(), recv.len(), false)?;
         self.counts.fill(recv.len());
         self.host_send.resize(send.len(), 0.0);
         self.host_recv.resize(recv.len(), 0.0);
-        dev.download_into(send, &mut self.host_send)?;
+        dev.stream().memcpy_dtoh(send, &mut self.host_send)?;
+        dev.synchronize()?;
         self.comm
             .reduce_scatter(&self.host_send, &self.counts, &mut self.host_recv)?;
         dev.stream().memcpy_htod(&self.host_recv, recv)?;
@@ -700,22 +763,24 @@ impl DeviceCommunicator for HostStagedComm {
     fn all_gather(
         &mut self,
         dev: &CudaDevice,
-        send: &CudaSlice<f32>,
-        recv: &mut CudaSlice<f32>,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
         check_segments(self.world(), send.len(), recv.len(), true)?;
         self.counts.fill(send.len());
         self.host_send.resize(send.len(), 0.0);
         self.host_recv.resize(recv.len(), 0.0);
-        dev.download_into(send, &mut self.host_send)?;
+        dev.stream().memcpy_dtoh(send, &mut self.host_send)?;
+        dev.synchronize()?;
         self.comm
             .all_gather(&self.host_send, &self.counts, &mut self.host_recv)?;
         dev.stream().memcpy_htod(&self.host_recv, recv)?;
         Ok(())
     }
-    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()> {
+    fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaViewMut<'_, f64>) -> Result<()> {
         self.host_meta.resize(buf.len(), 0.0);
-        dev.download_into(buf, &mut self.host_meta)?;
+        dev.stream().memcpy_dtoh(buf, &mut self.host_meta)?;
+        dev.synchronize()?;
         self.comm.all_reduce(&mut self.host_meta)?;
         dev.stream().memcpy_htod(&self.host_meta, buf)?;
         Ok(())
@@ -861,8 +926,8 @@ mod nccl {
         fn reduce_scatter(
             &mut self,
             dev: &CudaDevice,
-            send: &CudaSlice<f32>,
-            recv: &mut CudaSlice<f32>,
+            send: &CudaView<'_, f32>,
+            recv: &mut CudaViewMut<'_, f32>,
         ) -> Result<()> {
             check_segments(self.world, send.len(), recv.len(), false)?;
             self.comm(dev)?
@@ -874,8 +939,8 @@ mod nccl {
         fn all_gather(
             &mut self,
             dev: &CudaDevice,
-            send: &CudaSlice<f32>,
-            recv: &mut CudaSlice<f32>,
+            send: &CudaView<'_, f32>,
+            recv: &mut CudaViewMut<'_, f32>,
         ) -> Result<()> {
             check_segments(self.world, send.len(), recv.len(), true)?;
             self.comm(dev)?
@@ -884,7 +949,7 @@ mod nccl {
             self.count(Collective::AllGather, Some(send.len()), 0, 4);
             Ok(())
         }
-        fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaSlice<f64>) -> Result<()> {
+        fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaViewMut<'_, f64>) -> Result<()> {
             self.comm(dev)?
                 .all_reduce_in_place(buf, &ReduceOp::Sum)
                 .map_err(|e| nccl_err("all-reduce", e))?;
@@ -940,6 +1005,37 @@ mod tests {
         assert_eq!(&l.blocks_table()[4..8], &[0, 8, 1, 0]);
         assert_eq!(&l.blocks_table()[20..24], &[2, 6, 1, 1]);
         assert_eq!(l.factors_table(), &[0, 2, 1, 2, 1, 0, 3, 3, -1]);
+    }
+
+    #[test]
+    fn updated_lists_pack_the_updated_blocks_of_every_rank() {
+        // Owners 0 4 | 1 5 | 2 - | 3 -; blocks 1, 4 and 5 updated.
+        let l = layout(4, 1).unwrap();
+        let mask = [0u8, 1, 0, 0, 1, 1];
+        let (mut own, mut all) = (vec![9; 2], vec![9; 8]);
+        assert_eq!(l.updated_lists(&mask, &mut own, &mut all).unwrap(), 2);
+        assert_eq!(own, [1, 5]);
+        assert_eq!(all, [4, -1, 1, 5, -1, -1, -1, -1]);
+        let n = l.updated_lists(&[0; 6], &mut own, &mut all).unwrap();
+        assert_eq!((n, &own[..]), (0, &[-1, -1][..]));
+        let e = l.updated_lists(&[0; 5], &mut own, &mut all).unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "mask", .. }), "{e}");
+        let e = l
+            .plan_pack_inverses(&DistBuffers::default(), 1)
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "info", .. }),
+            "{e}"
+        );
+        let buf = DistBuffers {
+            info: 256,
+            ..DistBuffers::default()
+        };
+        let e = l.plan_pack_inverses(&buf, 3).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "blocks", .. }),
+            "{e}"
+        );
     }
 
     #[test]

@@ -154,12 +154,29 @@ struct StepDist {
     /// Whether every block's statistics are this rank's (false after a step on more than
     /// one rank, until [`DeviceThorStep::gather_statistics`]).
     stats_whole: bool,
+    /// Whether the all-gather carries the updated inverses only (the step waits for the
+    /// rule's mask) rather than every owned one.
+    updated_only: bool,
+    /// Blocks per rank in this step's all-gather.
+    gather_blocks: usize,
+    /// The updated-only lists on the device ([`DistLayout::updated_lists`]) and their
+    /// host staging, with the mask's.
+    upd_own: CudaSlice<i32>,
+    upd_all: CudaSlice<i32>,
+    host_own: Vec<i32>,
+    host_all: Vec<i32>,
+    host_mask: Vec<u8>,
 }
 
 impl StepDist {
-    /// Launches between the collectives: after the first four the reduce-scatter, after
-    /// the fifth the all-reduce, after the eleventh the all-gather.
-    const PHASES: [std::ops::Range<usize>; 4] = [0..4, 4..5, 5..11, 11..13];
+    /// The step's launches, in order ([`DeviceThorStep::DIST_LAUNCHES`]): the
+    /// reduce-scatter follows `PACK_SUMS`, the all-reduce `META`, the all-gather
+    /// `PACK_INVERSES`; with the updated-only gather, the rule's mask is read after `RULE`.
+    const PACK_SUMS: usize = 3;
+    const META: usize = 4;
+    const RULE: usize = 7;
+    const PACK_INVERSES: usize = 10;
+    const UNPACK: usize = 11;
 }
 
 /// What the step has queued so far: kernel launches (a graph launch counts one), graph
@@ -344,6 +361,13 @@ impl CudaDevice {
             samples: self.zeros(set.len())?,
             own_mask: self.zeros(set.total_blocks())?,
             fault: self.zeros(1)?,
+            upd_own: self.zeros(layout.per_rank())?,
+            upd_all: self.zeros(layout.send_list().len())?,
+            host_own: vec![0; layout.per_rank()],
+            host_all: vec![0; layout.send_list().len()],
+            host_mask: vec![0; set.total_blocks()],
+            gather_blocks: layout.per_rank(),
+            updated_only: false,
             comm,
             layout,
             broken: None,
@@ -494,7 +518,7 @@ impl DeviceThorStep {
     ///
     /// With `dist` (the step's distributed part, taken out of it), the launches are those
     /// of a distributed step ([`DeviceThorStep::DIST_LAUNCHES`], in
-    /// [`StepDist::PHASES`]): the accumulation's raw products to its own buffer, the
+    /// [`StepDist`]'s order): the accumulation's raw products to its own buffer, the
     /// inversion of owned blocks, the kernels between the collectives.
     fn with_raw_launches<R>(
         &mut self,
@@ -600,8 +624,17 @@ impl DeviceThorStep {
             guards.extend([g1, g2, g3, g4, g5]);
             let (meta, g) = d.meta.device_ptr_mut(s);
             guards.push(g);
-            let (send_list, g1) = d.send_list.device_ptr(s);
-            let (own_list, g2) = d.own_list.device_ptr(s);
+            // The all-gather's lists: every owned block, or this step's updated ones.
+            let (send_list, g1) = if d.updated_only {
+                d.upd_all.device_ptr(s)
+            } else {
+                d.send_list.device_ptr(s)
+            };
+            let (own_list, g2) = if d.updated_only {
+                d.upd_own.device_ptr(s)
+            } else {
+                d.own_list.device_ptr(s)
+            };
             let (blocks_tab, g3) = d.blocks_tab.device_ptr(s);
             let (factors_tab, g4) = d.factors_tab.device_ptr(s);
             let (fault, g5) = d.fault.device_ptr_mut(s);
@@ -626,12 +659,12 @@ impl DeviceThorStep {
                 fault,
                 ..DistBuffers::default()
             };
-            dbuf = Some((buf, &d.layout));
+            dbuf = Some((buf, &d.layout, d.gather_blocks.max(1)));
         }
         // A rank of a group: raw products to its own buffer, every factor accumulated (the
         // resolve marks the frozen ones after the all-reduce).
         let (acc_out, acc_state) = match &dbuf {
-            Some((b, _)) => (b.local, 0),
+            Some((b, _, _)) => (b.local, 0),
             None => (bp, fsp),
         };
         let (mut plans, g) = self
@@ -656,7 +689,7 @@ impl DeviceThorStep {
             Some(tally),
         )?;
         guards.extend(g);
-        let own_mask = dbuf.as_ref().map_or(mp, |(b, _)| b.own_mask);
+        let own_mask = dbuf.as_ref().map_or(mp, |(b, _, _)| b.own_mask);
         plans.push(rule);
         plans.push(raw::plan_invert_chol_f32_with(
             bp,
@@ -676,7 +709,7 @@ impl DeviceThorStep {
         )?);
         plans.extend(tally);
         debug_assert_eq!(plans.len(), Self::LAUNCHES);
-        if let Some((part, l)) = dbuf {
+        if let Some((part, l, gathered)) = dbuf {
             let buf = DistBuffers {
                 stats: bp,
                 inverses: ip,
@@ -704,8 +737,8 @@ impl DeviceThorStep {
                 rule,
                 l.plan_own_mask(&buf)?,
                 invert,
-                l.plan_pack_inverses(&buf)?,
-                l.plan_unpack_inverses(&buf)?,
+                l.plan_pack_inverses(&buf, gathered)?,
+                l.plan_unpack_inverses(&buf, gathered)?,
                 tally,
             ];
             debug_assert_eq!(plans.len(), Self::DIST_LAUNCHES);
@@ -798,38 +831,88 @@ impl DeviceThorStep {
         // From here on the other ranks go into the collectives: any failure leaves this
         // rank out of step with them, and its statistics are no longer whole.
         d.stats_whole &= d.comm.world() == 1;
-        let mut out = Ok(());
-        for (phase, range) in StepDist::PHASES.into_iter().enumerate() {
-            let n = range.len() as u64;
-            out = self.with_raw_launches(dev, inputs, damping, Some(&mut d), |plans| {
-                for p in &plans[range] {
-                    // SAFETY: the plans address the step's buffers and the inputs, checked
-                    // by the callers and borrowed until the launches are queued.
-                    unsafe { raw::launch(dev, p) }?;
-                }
-                Ok(())
-            });
-            if out.is_err() {
-                break;
-            }
-            self.traffic.launches += n;
-            let d = &mut *d;
-            out = match phase {
-                0 => d.comm.reduce_scatter(dev, &d.send, &mut d.recv),
-                1 => d.comm.all_reduce(dev, &mut d.meta),
-                2 => d.comm.all_gather(dev, &d.gather_send, &mut d.gather_recv),
-                _ => Ok(()),
-            };
-            if out.is_err() {
-                break;
-            }
-        }
+        let out = self.dist_phases(dev, inputs, damping, &mut d);
         if let Err(e) = &out {
             d.broken = Some(e.to_string());
             d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
         }
         self.dist = Some(d);
         out
+    }
+
+    /// The launches and collectives of [`DeviceThorStep::dist_step`].
+    fn dist_phases(
+        &mut self,
+        dev: &CudaDevice,
+        inputs: &[(u64, InputLayout)],
+        damping: f32,
+        d: &mut StepDist,
+    ) -> Result<()> {
+        use StepDist as P;
+        let launch = |st: &mut Self, d: &mut StepDist, range: std::ops::Range<usize>| {
+            let n = range.len() as u64;
+            st.with_raw_launches(dev, inputs, damping, Some(d), |plans| {
+                for p in &plans[range] {
+                    // SAFETY: the plans address the step's buffers and the inputs, checked
+                    // by the callers and borrowed until the launches are queued.
+                    unsafe { raw::launch(dev, p) }?;
+                }
+                Ok(())
+            })?;
+            st.traffic.launches += n;
+            Ok::<(), Error>(())
+        };
+        d.gather_blocks = d.layout.per_rank();
+        launch(self, d, 0..P::PACK_SUMS + 1)?;
+        d.comm
+            .reduce_scatter(dev, &d.send.as_view(), &mut d.recv.as_view_mut())?;
+        launch(self, d, P::META..P::META + 1)?;
+        d.comm.all_reduce(dev, &mut d.meta.as_view_mut())?;
+        if d.updated_only {
+            launch(self, d, P::META + 1..P::RULE + 1)?;
+            // The rule's mask (the same on every rank) says which inverses to gather.
+            dev.download_into(&self.mask, &mut d.host_mask)?;
+            self.traffic.syncs += 1;
+            d.gather_blocks =
+                d.layout
+                    .updated_lists(&d.host_mask, &mut d.host_own, &mut d.host_all)?;
+            let s = dev.stream();
+            s.memcpy_htod(&d.host_own, &mut d.upd_own)?;
+            s.memcpy_htod(&d.host_all, &mut d.upd_all)?;
+            self.traffic.uploads += 1;
+            if d.gather_blocks == 0 {
+                // No layer updated (every rank knows): the inversion masks every block out
+                // (its info words say so, as in every step), no all-gather.
+                launch(self, d, P::RULE + 1..P::PACK_INVERSES)?;
+                return launch(self, d, P::UNPACK + 1..Self::DIST_LAUNCHES);
+            }
+            launch(self, d, P::RULE + 1..P::PACK_INVERSES + 1)?;
+        } else {
+            launch(self, d, P::META + 1..P::PACK_INVERSES + 1)?;
+        }
+        let n = d.layout.gather_len(d.gather_blocks);
+        d.comm.all_gather(
+            dev,
+            &d.gather_send.slice(0..n),
+            &mut d.gather_recv.slice_mut(0..n * d.comm.world()),
+        )?;
+        launch(self, d, P::UNPACK..Self::DIST_LAUNCHES)
+    }
+
+    /// On a distributed step, whether the all-gather of the inverses carries only the
+    /// blocks the rule updated (`true`: the step waits once for the rule's mask, a few
+    /// bytes, and sends (world - 1) / world of the updated inverses, nothing when no layer
+    /// updated) or every owned block (`false`, the default: no host synchronization in the
+    /// step, the all-gather's size fixed). Every rank must choose the same. An error on a
+    /// single-device step.
+    pub fn set_gather_updated_only(&mut self, updated_only: bool) -> Result<()> {
+        match &mut self.dist {
+            Some(d) => {
+                d.updated_only = updated_only;
+                Ok(())
+            }
+            None => Err(Error::invalid("updated_only", "not a distributed step")),
+        }
     }
 
     /// On a distributed step, every rank's statistics to every rank (an all-gather of the
@@ -882,7 +965,11 @@ impl DeviceThorStep {
             Ok(())
         };
         buffers(&mut self.stats, d, true)?;
-        d.comm.all_gather(dev, &d.gather_send, &mut d.gather_recv)?;
+        d.comm.all_gather(
+            dev,
+            &d.gather_send.as_view(),
+            &mut d.gather_recv.as_view_mut(),
+        )?;
         buffers(&mut self.stats, d, false)?;
         self.traffic.launches += 2;
         d.stats_whole = true;

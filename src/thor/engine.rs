@@ -316,7 +316,13 @@ impl CudaLayer {
         let step = match dist {
             None => dev.new_thor_step(&set, &rows, f32, layers, cfg)?,
             Some((comm, plan)) => {
-                dev.new_distributed_thor_step_with_plan(&set, &rows, f32, layers, cfg, comm, plan)?
+                let mut step = dev.new_distributed_thor_step_with_plan(
+                    &set, &rows, f32, layers, cfg, comm, plan,
+                )?;
+                // A statistics step returns its decision (a wait) anyway: the inverses'
+                // all-gather waits for the rule's mask too and carries the updated ones only.
+                step.set_gather_updated_only(true)?;
+                step
             }
         };
         let apply = dev.plan_apply(

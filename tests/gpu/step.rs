@@ -523,12 +523,13 @@ fn gpu_thor_device_inputs_match_the_cpu_optimizer() {
 type RankSteps = Vec<(Vec<i32>, Vec<u64>, Vec<f32>, Vec<f32>, Vec<i32>)>;
 
 /// The scenario's steps on one rank of `world` (rows `splits[rank]..splits[rank + 1]` of
-/// every batch), through `comm`.
+/// every batch), through `comm`; with `updated_only`, the all-gather of updated inverses.
 fn distributed_rank(
     dev: &thor_kernels::cuda::CudaDevice,
     sc: &step_cases::StepScenario,
     splits: &[usize],
     comm: Box<dyn thor_kernels::cuda::dist::DeviceCommunicator>,
+    updated_only: bool,
 ) -> RankSteps {
     use thor_kernels::cuda::step::StepConfig;
     use thor_kernels::cuda::RuleLayer;
@@ -552,6 +553,7 @@ fn distributed_rank(
             comm,
         )
         .unwrap();
+    step.set_gather_updated_only(updated_only).unwrap();
     let mut out = Vec::new();
     for k in 0..step_cases::STEPS {
         let xs: Vec<_> = sc
@@ -627,12 +629,8 @@ fn gpu_distributed_device_step_matches_the_optimizer_on_the_union() {
         let world = splits.len() - 1;
         let ranks = LocalGroup::run(world, Duration::from_secs(60), |c| {
             let dev = CudaDevice::new(0).unwrap();
-            distributed_rank(
-                &dev,
-                &sc,
-                &splits,
-                Box::new(HostStagedComm::new(Box::new(c))),
-            )
+            let comm = Box::new(HostStagedComm::new(Box::new(c)));
+            distributed_rank(&dev, &sc, &splits, comm, world == 3)
         })
         .unwrap();
         check_ranks(&sc, &ranks);
@@ -658,7 +656,13 @@ fn gpu_distributed_device_step_over_nccl_world_1() {
         Err(e) => panic!("NCCL on one rank: {e}"),
     };
     let sc = step_cases::StepScenario::new();
-    let ranks = vec![distributed_rank(&dev, &sc, &[0, sc.rows], Box::new(comm))];
+    let ranks = vec![distributed_rank(
+        &dev,
+        &sc,
+        &[0, sc.rows],
+        Box::new(comm),
+        false,
+    )];
     check_ranks(&sc, &ranks);
 }
 
