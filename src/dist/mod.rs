@@ -24,7 +24,9 @@
 //!   can move the bytes; [`LocalGroup`] runs ranks as threads of one process (tests, and
 //!   the reference for other transports).
 //! - The step itself is [`crate::cpu::step::CpuThorStep::new_distributed`]: the same step
-//!   as on one rank, with the collectives between its stages.
+//!   as on one rank, with the collectives between its stages; on a GPU,
+//!   `CudaDevice::new_distributed_thor_step` (`crate::cuda::dist`: NCCL, or any
+//!   [`Communicator`] staged through host memory).
 //!
 //! A collective that fails (a rank left the group or did not arrive within the timeout)
 //! returns [`crate::Error::Communication`] on every other rank; the group, and the state of
