@@ -235,11 +235,12 @@ impl DistLayout {
 
     /// The packing of the local products for the reduce-scatter.
     pub fn plan_pack_sums(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        let blocks = self.world * self.per;
         pack(
-            buf.local,
             self.b,
+            ("local", buf.local),
             buf.send_list,
-            self.world * self.per,
+            blocks,
             0,
             tri_len(self.b),
             buf.send,
@@ -249,146 +250,92 @@ impl DistLayout {
     /// This rank's metadata for the all-reduce (reads the accumulation's statuses, the
     /// statistics of owned blocks and the received sums).
     pub fn plan_meta(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
-        for (name, p, align) in [
-            ("status", buf.status, 4),
-            ("samples", buf.samples, 8),
-            ("blocks_tab", buf.blocks_tab, 4),
-            ("factor_state", buf.factor_state, 1),
-            ("stats", buf.stats, 4),
-            ("recv", buf.recv, 4),
-            ("damping_at", buf.damping_at, 4),
-            ("step", buf.step, 8),
-            ("meta", buf.meta, 8),
-        ] {
-            check_ptr(name, p, align)?;
-        }
-        use KernelArg::*;
-        Ok(LaunchPlan {
-            kernel: kernels::DIST_META_F32,
-            grid: (grid_u32("blocks", self.nb.div_ceil(256))?, 1, 1),
-            block: (256, 1, 1),
-            smem: 0,
-            args: vec![
-                Ptr(buf.status),
-                Ptr(buf.samples),
-                I32(self.nf as i32),
-                Ptr(buf.blocks_tab),
-                I32(self.nb as i32),
-                I32(self.rank as i32),
-                I32(self.b as i32),
-                Ptr(buf.factor_state),
-                Ptr(buf.stats),
-                Ptr(buf.recv),
-                Ptr(buf.damping_at),
-                Ptr(buf.step),
-                Ptr(buf.meta),
+        use Arg::*;
+        plan(
+            kernels::DIST_META_F32,
+            self.nb.div_ceil(256),
+            &[
+                P("status", buf.status, 4),
+                P("samples", buf.samples, 8),
+                I(self.nf),
+                P("blocks_tab", buf.blocks_tab, 4),
+                I(self.nb),
+                I(self.rank),
+                I(self.b),
+                P("factor_state", buf.factor_state, 1),
+                P("stats", buf.stats, 4),
+                P("recv", buf.recv, 4),
+                P("damping_at", buf.damping_at, 4),
+                P("step", buf.step, 8),
+                P("meta", buf.meta, 8),
             ],
-        })
+        )
     }
 
     /// Statuses, block and factor traces from the summed metadata (`decay`: the statistics'
     /// EMA decay).
     pub fn plan_resolve(&self, buf: &DistBuffers, decay: f32) -> Result<LaunchPlan> {
         check_decay(decay)?;
-        for (name, p, align) in [
-            ("meta", buf.meta, 8),
-            ("factors_tab", buf.factors_tab, 4),
-            ("blocks_tab", buf.blocks_tab, 4),
-            ("factor_state", buf.factor_state, 1),
-            ("damping_at", buf.damping_at, 4),
-            ("step", buf.step, 8),
-            ("status", buf.status, 4),
-            ("block_traces", buf.block_traces, 4),
-            ("factor_traces", buf.factor_traces, 4),
-            ("fault", buf.fault, 4),
-        ] {
-            check_ptr(name, p, align)?;
-        }
-        use KernelArg::*;
-        Ok(LaunchPlan {
-            kernel: kernels::DIST_RESOLVE_F32,
-            grid: (1, 1, 1),
-            block: (256, 1, 1),
-            smem: 0,
-            args: vec![
-                Ptr(buf.meta),
-                I32(self.nf as i32),
-                I32(self.nb as i32),
-                Ptr(buf.factors_tab),
-                Ptr(buf.blocks_tab),
-                I32(self.b as i32),
-                Ptr(buf.factor_state),
-                F32(decay),
-                I32(self.world as i32),
-                Ptr(buf.damping_at),
-                Ptr(buf.step),
-                Ptr(buf.status),
-                Ptr(buf.block_traces),
-                Ptr(buf.factor_traces),
-                Ptr(buf.fault),
+        use Arg::*;
+        plan(
+            kernels::DIST_RESOLVE_F32,
+            1,
+            &[
+                P("meta", buf.meta, 8),
+                I(self.nf),
+                I(self.nb),
+                P("factors_tab", buf.factors_tab, 4),
+                P("blocks_tab", buf.blocks_tab, 4),
+                I(self.b),
+                P("factor_state", buf.factor_state, 1),
+                F(decay),
+                I(self.world),
+                P("damping_at", buf.damping_at, 4),
+                P("step", buf.step, 8),
+                P("status", buf.status, 4),
+                P("block_traces", buf.block_traces, 4),
+                P("factor_traces", buf.factor_traces, 4),
+                P("fault", buf.fault, 4),
             ],
-        })
+        )
     }
 
     /// The EMA of the owned blocks whose factor's status is 0, from the received sums.
     pub fn plan_ema(&self, buf: &DistBuffers, decay: f32) -> Result<LaunchPlan> {
         check_decay(decay)?;
-        for (name, p, align) in [
-            ("recv", buf.recv, 4),
-            ("own_list", buf.own_list, 4),
-            ("blocks_tab", buf.blocks_tab, 4),
-            ("status", buf.status, 4),
-            ("factor_state", buf.factor_state, 1),
-            ("meta", buf.meta, 8),
-            ("stats", buf.stats, 4),
-        ] {
-            check_ptr(name, p, align)?;
-        }
-        use KernelArg::*;
-        Ok(LaunchPlan {
-            kernel: kernels::DIST_EMA_F32,
-            grid: (grid_u32("blocks", self.per)?, 1, 1),
-            block: (256, 1, 1),
-            smem: 0,
-            args: vec![
-                Ptr(buf.recv),
-                Ptr(buf.own_list),
-                Ptr(buf.blocks_tab),
-                Ptr(buf.status),
-                Ptr(buf.factor_state),
-                Ptr(buf.meta),
-                I32(self.nf as i32),
-                F32(decay),
-                I32(self.b as i32),
-                Ptr(buf.stats),
+        use Arg::*;
+        plan(
+            kernels::DIST_EMA_F32,
+            self.per,
+            &[
+                P("recv", buf.recv, 4),
+                P("own_list", buf.own_list, 4),
+                P("blocks_tab", buf.blocks_tab, 4),
+                P("status", buf.status, 4),
+                P("factor_state", buf.factor_state, 1),
+                P("meta", buf.meta, 8),
+                I(self.nf),
+                F(decay),
+                I(self.b),
+                P("stats", buf.stats, 4),
             ],
-        })
+        )
     }
 
     /// The inversion's mask: the rule's on the blocks this rank owns.
     pub fn plan_own_mask(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
-        for (name, p) in [
-            ("mask", buf.mask),
-            ("blocks_tab", buf.blocks_tab),
-            ("own_mask", buf.own_mask),
-        ] {
-            check_ptr(name, p, 1)?;
-        }
-        check_ptr("blocks_tab", buf.blocks_tab, 4)?;
-        use KernelArg::*;
-        Ok(LaunchPlan {
-            kernel: kernels::DIST_OWN_MASK_F32,
-            grid: (grid_u32("blocks", self.nb.div_ceil(256))?, 1, 1),
-            block: (256, 1, 1),
-            smem: 0,
-            args: vec![
-                Ptr(buf.mask),
-                Ptr(buf.blocks_tab),
-                I32(self.nb as i32),
-                I32(self.rank as i32),
-                Ptr(buf.own_mask),
+        use Arg::*;
+        plan(
+            kernels::DIST_OWN_MASK_F32,
+            self.nb.div_ceil(256),
+            &[
+                P("mask", buf.mask, 1),
+                P("blocks_tab", buf.blocks_tab, 4),
+                I(self.nb),
+                I(self.rank),
+                P("own_mask", buf.own_mask, 1),
             ],
-        })
+        )
     }
 
     /// The inverses of the blocks of `buf.own_list` (`blocks` of them: this rank's
@@ -397,13 +344,15 @@ impl DistLayout {
     pub fn plan_pack_inverses(&self, buf: &DistBuffers, blocks: usize) -> Result<LaunchPlan> {
         check_ptr("info", buf.info, 4)?;
         self.check_segment(blocks)?;
+        let stride = tri_len(self.b) + 1;
+        let inverses = ("inverses", buf.inverses);
         pack(
-            buf.inverses,
             self.b,
+            inverses,
             buf.own_list,
             blocks,
             buf.info,
-            tri_len(self.b) + 1,
+            stride,
             buf.gather_send,
         )
     }
@@ -458,13 +407,15 @@ impl DistLayout {
     /// The owned statistics, packed for the all-gather of
     /// [`DistLayout::plan_unpack_statistics`].
     pub fn plan_pack_statistics(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
+        let stride = tri_len(self.b) + 1;
+        let stats = ("stats", buf.stats);
         pack(
-            buf.stats,
             self.b,
+            stats,
             buf.own_list,
             self.per,
             0,
-            tri_len(self.b) + 1,
+            stride,
             buf.gather_send,
         )
     }
@@ -502,35 +453,66 @@ fn check_decay(decay: f32) -> Result<()> {
     Ok(())
 }
 
+/// One kernel argument of the launches above: a device pointer checked (non-null, aligned)
+/// under its name, one that may be null, a size (checked to fit `int` by
+/// [`DistLayout::new`]) or a float.
+enum Arg {
+    P(&'static str, CUdeviceptr, u64),
+    Nullable(CUdeviceptr),
+    I(usize),
+    F(f32),
+}
+
+/// The launch of `kernel` over `blocks` thread blocks of 256 threads with `args`.
+fn plan(kernel: super::KernelId, blocks: usize, args: &[Arg]) -> Result<LaunchPlan> {
+    let mut out = Vec::with_capacity(args.len());
+    for a in args {
+        out.push(match *a {
+            Arg::P(name, p, align) => {
+                check_ptr(name, p, align)?;
+                KernelArg::Ptr(p)
+            }
+            Arg::Nullable(p) => KernelArg::Ptr(p),
+            Arg::I(v) => KernelArg::I32(v as i32),
+            Arg::F(v) => KernelArg::F32(v),
+        });
+    }
+    Ok(LaunchPlan {
+        kernel,
+        grid: (grid_u32("blocks", blocks)?, 1, 1),
+        block: (256, 1, 1),
+        smem: 0,
+        args: out,
+    })
+}
+
+/// `dist_pack_f32` of `count` segments of the blocks `list` names in `blocks`.
 fn pack(
-    blocks: CUdeviceptr,
     b: usize,
+    blocks: (&'static str, CUdeviceptr),
     list: CUdeviceptr,
     count: usize,
     info: CUdeviceptr,
     stride: usize,
     out: CUdeviceptr,
 ) -> Result<LaunchPlan> {
-    for (name, p) in [("blocks", blocks), ("list", list), ("out", out)] {
-        check_ptr(name, p, 4)?;
-    }
-    use KernelArg::*;
-    Ok(LaunchPlan {
-        kernel: kernels::DIST_PACK_F32,
-        grid: (grid_u32("blocks", count)?, 1, 1),
-        block: (256, 1, 1),
-        smem: 0,
-        args: vec![
-            Ptr(blocks),
-            I32(b as i32),
-            Ptr(list),
-            Ptr(info),
-            I32(stride as i32),
-            Ptr(out),
+    use Arg::*;
+    plan(
+        kernels::DIST_PACK_F32,
+        count,
+        &[
+            P(blocks.0, blocks.1, 4),
+            I(b),
+            P("list", list, 4),
+            Nullable(info),
+            I(stride),
+            P("out", out, 4),
         ],
-    })
+    )
 }
 
+/// `dist_unpack_f32` of `world * per` segments of `gathered` into `blocks` (and `info`),
+/// the blocks `buf.send_list` names, those set in `mask` (all when null).
 fn unpack(
     l: &DistLayout,
     per: usize,
@@ -540,29 +522,20 @@ fn unpack(
     info: CUdeviceptr,
     buf: &DistBuffers,
 ) -> Result<LaunchPlan> {
-    for (name, p) in [
-        ("gather_recv", gathered),
-        ("send_list", buf.send_list),
-        ("blocks", blocks),
-    ] {
-        check_ptr(name, p, 4)?;
-    }
-    use KernelArg::*;
-    Ok(LaunchPlan {
-        kernel: kernels::DIST_UNPACK_F32,
-        grid: (grid_u32("blocks", l.world * per)?, 1, 1),
-        block: (256, 1, 1),
-        smem: 0,
-        args: vec![
-            Ptr(gathered),
-            I32(l.b as i32),
-            Ptr(buf.send_list),
-            I32((tri_len(l.b) + 1) as i32),
-            Ptr(mask),
-            Ptr(blocks),
-            Ptr(info),
+    use Arg::*;
+    plan(
+        kernels::DIST_UNPACK_F32,
+        l.world * per,
+        &[
+            P("gather_recv", gathered, 4),
+            I(l.b),
+            P("send_list", buf.send_list, 4),
+            I(tri_len(l.b) + 1),
+            Nullable(mask),
+            P("blocks", blocks, 4),
+            Nullable(info),
         ],
-    })
+    )
 }
 
 /// One rank's end of a group, moving device buffers on the rank's [`CudaDevice`] stream:
@@ -617,48 +590,21 @@ pub trait DeviceCommunicator: Send + fmt::Debug {
 /// them all (their later collectives fail at once), as [`crate::dist::SharedComm`] does
 /// for host communicators.
 #[derive(Debug, Clone)]
-pub struct SharedDeviceComm(std::sync::Arc<std::sync::Mutex<SharedDevice>>);
-
-#[derive(Debug)]
-struct SharedDevice {
-    comm: Box<dyn DeviceCommunicator>,
-    failed: Option<String>,
-}
+pub struct SharedDeviceComm(crate::dist::SharedCell<dyn DeviceCommunicator>);
 
 impl SharedDeviceComm {
     /// Shares `comm`.
     pub fn new(comm: Box<dyn DeviceCommunicator>) -> Self {
-        SharedDeviceComm(std::sync::Arc::new(std::sync::Mutex::new(SharedDevice {
-            comm,
-            failed: None,
-        })))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SharedDevice> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn run(&self, f: impl FnOnce(&mut dyn DeviceCommunicator) -> Result<()>) -> Result<()> {
-        let mut s = self.lock();
-        if let Some(why) = &s.failed {
-            return Err(Error::Communication(format!(
-                "an earlier collective failed ({why})"
-            )));
-        }
-        let out = f(s.comm.as_mut());
-        if let Err(e) = &out {
-            s.failed = Some(e.to_string());
-        }
-        out
+        SharedDeviceComm(crate::dist::SharedCell::new(comm))
     }
 }
 
 impl DeviceCommunicator for SharedDeviceComm {
     fn rank(&self) -> usize {
-        self.lock().comm.rank()
+        self.0.lock().comm.rank()
     }
     fn world(&self) -> usize {
-        self.lock().comm.world()
+        self.0.lock().comm.world()
     }
     fn reduce_scatter(
         &mut self,
@@ -666,7 +612,7 @@ impl DeviceCommunicator for SharedDeviceComm {
         send: &CudaView<'_, f32>,
         recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        self.run(|c| c.reduce_scatter(dev, send, recv))
+        self.0.run(|c| c.reduce_scatter(dev, send, recv))
     }
     fn all_gather(
         &mut self,
@@ -674,23 +620,19 @@ impl DeviceCommunicator for SharedDeviceComm {
         send: &CudaView<'_, f32>,
         recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        self.run(|c| c.all_gather(dev, send, recv))
+        self.0.run(|c| c.all_gather(dev, send, recv))
     }
     fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaViewMut<'_, f64>) -> Result<()> {
-        self.run(|c| c.all_reduce(dev, buf))
+        self.0.run(|c| c.all_reduce(dev, buf))
     }
     fn counters(&self) -> CommCounters {
-        self.lock().comm.counters()
+        self.0.lock().comm.counters()
     }
     fn abort(&mut self, why: &str) {
-        let mut s = self.lock();
-        if s.failed.is_none() {
-            s.failed = Some(why.to_string());
-        }
-        s.comm.abort(why);
+        self.0.abort(why, |c, why| c.abort(why));
     }
     fn check_device(&self, dev: &CudaDevice) -> Result<()> {
-        self.lock().comm.check_device(dev)
+        self.0.lock().comm.check_device(dev)
     }
 }
 

@@ -73,26 +73,37 @@ pub trait Communicator: Send + fmt::Debug {
 /// A failed collective through any clone breaks them all ([`Communicator::failed`]), so that
 /// every step sharing the communicator refuses to run.
 #[derive(Debug, Clone)]
-pub struct SharedComm(Arc<Mutex<Shared1>>);
+pub struct SharedComm(SharedCell<dyn Communicator>);
 
+/// A communicator shared by clones ([`SharedComm`], and the device one of
+/// `crate::cuda::dist`): one collective at a time, broken for good by the first failure.
 #[derive(Debug)]
-struct Shared1 {
-    comm: Box<dyn Communicator>,
-    failed: Option<String>,
+pub(crate) struct SharedCell<C: ?Sized>(Arc<Mutex<Sticky<C>>>);
+
+impl<C: ?Sized> Clone for SharedCell<C> {
+    fn clone(&self) -> Self {
+        SharedCell(self.0.clone())
+    }
 }
 
-impl SharedComm {
-    /// Shares `comm`.
-    pub fn new(comm: Box<dyn Communicator>) -> Self {
-        SharedComm(Arc::new(Mutex::new(Shared1 { comm, failed: None })))
+#[derive(Debug)]
+pub(crate) struct Sticky<C: ?Sized> {
+    /// Why the communicator is broken (a collective through it failed, or it was aborted).
+    pub(crate) failed: Option<String>,
+    pub(crate) comm: Box<C>,
+}
+
+impl<C: ?Sized> SharedCell<C> {
+    pub(crate) fn new(comm: Box<C>) -> Self {
+        SharedCell(Arc::new(Mutex::new(Sticky { comm, failed: None })))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared1> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Sticky<C>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs a collective unless the communicator failed before; a failure is kept.
-    fn run(&self, f: impl FnOnce(&mut dyn Communicator) -> Result<()>) -> Result<()> {
+    pub(crate) fn run(&self, f: impl FnOnce(&mut C) -> Result<()>) -> Result<()> {
         let mut s = self.lock();
         if let Some(why) = &s.failed {
             return Err(Error::Communication(format!(
@@ -105,37 +116,49 @@ impl SharedComm {
         }
         out
     }
-}
 
-impl Communicator for SharedComm {
-    fn rank(&self) -> usize {
-        self.lock().comm.rank()
-    }
-    fn world(&self) -> usize {
-        self.lock().comm.world()
-    }
-    fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
-        self.run(|c| c.reduce_scatter(send, counts, recv))
-    }
-    fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
-        self.run(|c| c.all_gather(send, counts, recv))
-    }
-    fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()> {
-        self.run(|c| c.all_reduce(buf))
-    }
-    fn counters(&self) -> CommCounters {
-        self.lock().comm.counters()
-    }
-    fn failed(&self) -> Option<String> {
-        let s = self.lock();
-        s.failed.clone().or_else(|| s.comm.failed())
-    }
-    fn abort(&mut self, why: &str) {
+    /// Marks the communicator broken (keeping an earlier reason) and hands it `abort`.
+    pub(crate) fn abort(&self, why: &str, abort: impl FnOnce(&mut C, &str)) {
         let mut s = self.lock();
         if s.failed.is_none() {
             s.failed = Some(why.to_string());
         }
-        s.comm.abort(why);
+        abort(s.comm.as_mut(), why);
+    }
+}
+
+impl SharedComm {
+    /// Shares `comm`.
+    pub fn new(comm: Box<dyn Communicator>) -> Self {
+        SharedComm(SharedCell::new(comm))
+    }
+}
+
+impl Communicator for SharedComm {
+    fn rank(&self) -> usize {
+        self.0.lock().comm.rank()
+    }
+    fn world(&self) -> usize {
+        self.0.lock().comm.world()
+    }
+    fn reduce_scatter(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        self.0.run(|c| c.reduce_scatter(send, counts, recv))
+    }
+    fn all_gather(&mut self, send: &[f32], counts: &[usize], recv: &mut [f32]) -> Result<()> {
+        self.0.run(|c| c.all_gather(send, counts, recv))
+    }
+    fn all_reduce(&mut self, buf: &mut [f64]) -> Result<()> {
+        self.0.run(|c| c.all_reduce(buf))
+    }
+    fn counters(&self) -> CommCounters {
+        self.0.lock().comm.counters()
+    }
+    fn failed(&self) -> Option<String> {
+        let s = self.0.lock();
+        s.failed.clone().or_else(|| s.comm.failed())
+    }
+    fn abort(&mut self, why: &str) {
+        self.0.abort(why, |c, why| c.abort(why));
     }
 }
 

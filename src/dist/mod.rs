@@ -36,6 +36,8 @@
 mod comm;
 mod plan;
 
+#[cfg(feature = "cuda")]
+pub(crate) use comm::SharedCell;
 pub use comm::{check_counts, CommCounters, Communicator, LocalComm, LocalGroup, SharedComm};
 pub use plan::{
     even_counts, pack_lower, ring_bytes, tri_len, unpack_lower, Collective, OwnershipPlan,
