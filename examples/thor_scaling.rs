@@ -135,6 +135,9 @@ enum Stage {
 /// stage the slowest rank's time (a collective waits for every rank).
 #[derive(Default)]
 struct Row {
+    /// Bytes the busiest rank sends in the device step's fixed-size collectives (every
+    /// rank's segment padded to the most blocks any rank owns); 0 for the layer-wise scheme.
+    padded_sent: u64,
     sent: u64,
     received: u64,
     blocks: usize,
@@ -262,9 +265,10 @@ fn run(a: &Args) -> Result<(), String> {
     );
     println!();
     println!(
-        "{:>5} | {:>24} {:>7} {:>9} | {:>24} {:>7} {:>9} | {:>6}",
+        "{:>5} | {:>24} {:>7} {:>7} {:>9} | {:>24} {:>7} {:>9} | {:>6}",
         "world",
         "blocks: sent/recv MB",
+        "GPU MB",
         "inverts",
         "step ms",
         "layers: sent/recv MB",
@@ -278,9 +282,10 @@ fn run(a: &Args) -> Result<(), String> {
         let t_ours = t_acc + ours.comm + ours.invert;
         let t_theirs = t_acc + theirs.comm + theirs.invert;
         println!(
-            "{w:>5} | {:>11.1} / {:>10.1} {:>7} {:>9.3} | {:>11.1} / {:>10.1} {:>7} {:>9.3} | {:>5.2}x",
+            "{w:>5} | {:>11.1} / {:>10.1} {:>7.1} {:>7} {:>9.3} | {:>11.1} / {:>10.1} {:>7} {:>9.3} | {:>5.2}x",
             ours.sent as f64 / 1e6,
             ours.received as f64 / 1e6,
+            ours.padded_sent as f64 / 1e6,
             ours.blocks,
             t_ours * 1e3,
             theirs.sent as f64 / 1e6,
@@ -293,7 +298,9 @@ fn run(a: &Args) -> Result<(), String> {
     println!();
     println!(
         "blocks: the library's plan (packed triangles reduce-scattered to the block owners, \
-         one small all-reduce of statuses and traces, packed inverses all-gathered); layers: \
+         one small all-reduce of statuses and traces, packed inverses all-gathered); GPU MB: \
+         the device step's reduce-scatter and all-gather sent, every rank's segment padded to \
+         the most blocks a rank owns (NCCL takes one count for all); layers: \
          all-reduce of the whole blocks, each layer inverted by one rank \
          (longest-processing-time over layers), the owners' inverses all-gathered. Bytes and \
          inversions of the busiest rank; per stage the slowest rank's time; every layer \
@@ -331,6 +338,10 @@ fn blocks_scheme(set: &FactorSet, w: usize, m: &Model) -> thor_kernels::Result<R
     row.add_stage(w, m, Stage::Ring, |r| {
         ring_bytes(Collective::AllGather, &counts, r, 4)
     });
+    // The device step: the same collectives on segments of `row.blocks` blocks each.
+    let padded = |per_block: usize, op| ring_bytes(op, &vec![row.blocks * per_block; w], 0, 4).0;
+    row.padded_sent =
+        padded(tri, Collective::ReduceScatter) + padded(tri + 1, Collective::AllGather);
     Ok(row)
 }
 
