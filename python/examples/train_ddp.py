@@ -5,6 +5,11 @@ statistics of all shares are pooled, and every rank preconditions with the same 
 
     python python/examples/train_ddp.py --ranks 2 [--epochs 3]    # starts the ranks itself
     torchrun --nproc_per_node 2 python/examples/train_ddp.py       # or under torchrun
+    python python/examples/train_ddp.py --ranks 2 --device cuda    # rank r on GPU r % count
+
+With ``--device cuda`` each rank's model and THOR state live on a GPU (rank r on GPU
+r modulo the GPUs there are); the gradients and THOR's collectives still go through the gloo
+group (host memory).
 
 Rank 0 prints per-epoch loss and test accuracy and, at the end, the size of the optimizer
 state (whole on every rank after ``state_dict()``); every rank checks that its parameters
@@ -45,16 +50,21 @@ def train(rank: int, world: int, args) -> None:
     xtr, ytr, xte, yte = load(DATA)
     local = args.batch // world
     steps_per_epoch = len(xtr) // args.batch
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        xtr, ytr = xtr.to(device), ytr.to(device)  # the test set moves in chunks
     torch.manual_seed(0)
-    model = resnet()
+    model = resnet().to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = THOR(model, lr=args.lr, momentum=0.9, weight_decay=5e-4, damping=0.03, interval=20, block=128,
                kl_clip=1e-2, steps_per_epoch=steps_per_epoch, process_group=dist.group.WORLD)
     g = torch.Generator().manual_seed(1)
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        order = torch.randperm(len(xtr), generator=g)
-        total = torch.zeros(1)
+        order = torch.randperm(len(xtr), generator=g).to(device)
+        total = torch.zeros(1, device=device)
         for i in range(steps_per_epoch):
             idx = order[i * args.batch:(i + 1) * args.batch][rank * local:(rank + 1) * local]
             opt.zero_grad()
@@ -63,7 +73,7 @@ def train(rank: int, world: int, args) -> None:
             opt.step()
             total += loss.detach()
         dist.all_reduce(total)
-        acc = accuracy(model, xte, yte, torch.device("cpu"))
+        acc = accuracy(model, xte, yte, device)
         if rank == 0:
             print(f"epoch {epoch + 1}: train loss {total.item() / world / steps_per_epoch:.4f}, "
                   f"test accuracy {100 * acc:.1f}% ({time.perf_counter() - start:.1f} s)", flush=True)
@@ -72,7 +82,7 @@ def train(rank: int, world: int, args) -> None:
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     ref = flat.clone()
     dist.broadcast(ref, src=0)
-    same = torch.tensor([int(torch.equal(flat, ref))])
+    same = torch.tensor([int(torch.equal(flat, ref))], device=device)
     dist.all_reduce(same, op=dist.ReduceOp.MIN)  # every rank learns it, none is left waiting
     if not same.item():
         raise SystemExit(f"rank {rank}: the ranks' parameters differ")
@@ -96,6 +106,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="global batch, split evenly over the ranks")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where each rank's model and THOR state live (gloo moves the bytes either way)")
     args = ap.parse_args()
     if "RANK" in os.environ:  # torchrun (or another launcher) started this process
         train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
