@@ -1597,6 +1597,8 @@ impl EmuDist {
             gather_recv: self.gather_recv.ptr(),
             send_list: self.send_list.ptr(),
             own_list: self.own_list.ptr(),
+            gather_own: self.own_list.ptr(),
+            gather_all: self.send_list.ptr(),
             blocks_tab: self.blocks_tab.ptr(),
             factors_tab: self.factors_tab.ptr(),
             samples: self.samples.ptr(),
@@ -1706,8 +1708,8 @@ fn emu_dist_step(
                 .unwrap();
             d.upd_own.set(&own);
             d.upd_all.set(&all);
-            buf.own_list = d.upd_own.ptr();
-            buf.send_list = d.upd_all.ptr();
+            buf.gather_own = d.upd_own.ptr();
+            buf.gather_all = d.upd_all.ptr();
         }
         let mut plans = vec![d.layout.plan_own_mask(buf).unwrap(), launches[4].clone()];
         if blocks > 0 {
@@ -1725,9 +1727,6 @@ fn emu_dist_step(
             plans.push(d.layout.plan_unpack_inverses(buf, blocks).unwrap());
         }
         plans.push(launches[5].clone());
-        // The statistics' gather: every owned block.
-        buf.own_list = d.own_list.ptr();
-        buf.send_list = d.send_list.ptr();
         plans.push(d.layout.plan_pack_statistics(buf).unwrap());
         run(&plans, order).unwrap();
     }

@@ -615,8 +615,9 @@ class THOR(torch.optim.Optimizer):
         grad_scaler: the ``torch.amp.GradScaler`` the loop uses, if any: recorded output
             gradients are unscaled with its scale.
         exclude: modules left out of preconditioning (they get the plain update).
-        process_group: a ``torch.distributed`` group (CPU tensors: gloo; the model on the CPU
-            or a CUDA device) when every process
+        process_group: a ``torch.distributed`` group that moves CPU tensors (gloo; with a
+            model on a GPU under an NCCL process group, make a second group for THOR with
+            ``torch.distributed.new_group(backend="gloo")``) when every process
             is one rank of a data-parallel run: the statistics of every rank's batch are
             pooled and every rank gets the same inverses (see the module's documentation).
             ``state_dict()`` is then a collective.

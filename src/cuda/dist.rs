@@ -70,6 +70,12 @@ pub struct DistBuffers {
     pub send_list: CUdeviceptr,
     /// [`DistLayout::own_list`] on the device (i32).
     pub own_list: CUdeviceptr,
+    /// The blocks whose inverses this rank packs for the all-gather (i32):
+    /// [`DistLayout::own_list`], or the `own` of [`DistLayout::updated_lists`].
+    pub gather_own: CUdeviceptr,
+    /// Every rank's blocks in the all-gather of the inverses, rank by rank (i32):
+    /// [`DistLayout::send_list`], or the `all` of [`DistLayout::updated_lists`].
+    pub gather_all: CUdeviceptr,
     /// [`DistLayout::blocks_table`] on the device (i32).
     pub blocks_tab: CUdeviceptr,
     /// [`DistLayout::factors_table`] on the device (i32).
@@ -338,7 +344,7 @@ impl DistLayout {
         )
     }
 
-    /// The inverses of the blocks of `buf.own_list` (`blocks` of them: this rank's
+    /// The inverses of the blocks of `buf.gather_own` (`blocks` of them: this rank's
     /// segment, [`DistLayout::own_list`] with [`DistLayout::per_rank`], or the updated ones
     /// of [`DistLayout::updated_lists`]) and their info words, packed for the all-gather.
     pub fn plan_pack_inverses(&self, buf: &DistBuffers, blocks: usize) -> Result<LaunchPlan> {
@@ -349,7 +355,7 @@ impl DistLayout {
         pack(
             self.b,
             inverses,
-            buf.own_list,
+            buf.gather_own,
             blocks,
             buf.info,
             stride,
@@ -421,28 +427,30 @@ impl DistLayout {
     }
 
     /// Every rank's updated inverses (the rule's mask) and their info words, from the
-    /// all-gather of segments of `blocks` blocks listed, rank by rank, in `buf.send_list`
+    /// all-gather of segments of `blocks` blocks listed, rank by rank, in `buf.gather_all`
     /// ([`DistLayout::send_list`] with [`DistLayout::per_rank`], or the `all` of
     /// [`DistLayout::updated_lists`]).
     pub fn plan_unpack_inverses(&self, buf: &DistBuffers, blocks: usize) -> Result<LaunchPlan> {
         check_ptr("mask", buf.mask, 1)?;
         check_ptr("info", buf.info, 4)?;
         self.check_segment(blocks)?;
+        let list = ("gather_all", buf.gather_all);
         unpack(
             self,
             blocks,
+            list,
             buf.gather_recv,
             buf.mask,
             buf.inverses,
             buf.info,
-            buf,
         )
     }
 
     /// Every block's statistics from the all-gather of
     /// [`DistLayout::plan_pack_statistics`].
     pub fn plan_unpack_statistics(&self, buf: &DistBuffers) -> Result<LaunchPlan> {
-        unpack(self, self.per, buf.gather_recv, 0, buf.stats, 0, buf)
+        let list = ("send_list", buf.send_list);
+        unpack(self, self.per, list, buf.gather_recv, 0, buf.stats, 0)
     }
 }
 
@@ -512,15 +520,15 @@ fn pack(
 }
 
 /// `dist_unpack_f32` of `world * per` segments of `gathered` into `blocks` (and `info`),
-/// the blocks `buf.send_list` names, those set in `mask` (all when null).
+/// the blocks `list` names, those set in `mask` (all when null).
 fn unpack(
     l: &DistLayout,
     per: usize,
+    list: (&'static str, CUdeviceptr),
     gathered: CUdeviceptr,
     mask: CUdeviceptr,
     blocks: CUdeviceptr,
     info: CUdeviceptr,
-    buf: &DistBuffers,
 ) -> Result<LaunchPlan> {
     use Arg::*;
     plan(
@@ -529,7 +537,7 @@ fn unpack(
         &[
             P("gather_recv", gathered, 4),
             I(l.b),
-            P("send_list", buf.send_list, 4),
+            P(list.0, list.1, 4),
             I(tri_len(l.b) + 1),
             Nullable(mask),
             P("blocks", blocks, 4),
@@ -582,6 +590,12 @@ pub trait DeviceCommunicator: Send + fmt::Debug {
         let _ = dev;
         Ok(())
     }
+    /// Whether each collective waits for the stream on the host (a host-staged transport):
+    /// then a step loses nothing by waiting for the rule's mask too, and the optimizer
+    /// gathers the updated inverses only. The default: false.
+    fn waits_for_host(&self) -> bool {
+        false
+    }
 }
 
 /// One rank's device communicator shared by several steps (the layers of an optimizer,
@@ -633,6 +647,9 @@ impl DeviceCommunicator for SharedDeviceComm {
     }
     fn check_device(&self, dev: &CudaDevice) -> Result<()> {
         self.0.lock().comm.check_device(dev)
+    }
+    fn waits_for_host(&self) -> bool {
+        self.0.lock().comm.waits_for_host()
     }
 }
 
@@ -732,6 +749,9 @@ impl DeviceCommunicator for HostStagedComm {
     }
     fn abort(&mut self, why: &str) {
         self.comm.abort(why);
+    }
+    fn waits_for_host(&self) -> bool {
+        true
     }
 }
 
@@ -904,19 +924,27 @@ mod nccl {
         fn abort(&mut self, _why: &str) {
             // ncclCommAbort (cudarc's drop of the communicator): the other ranks' pending
             // collectives fail instead of waiting for this rank.
-            self.comm = None;
+            if let Some(c) = self.comm.take() {
+                drop_comm(c);
+            }
         }
         fn check_device(&self, dev: &CudaDevice) -> Result<()> {
             self.comm(dev).map(|_| ())
         }
     }
 
+    /// Drops an NCCL communicator (cudarc aborts it, and panics when that fails: on the
+    /// error paths this runs on, the panic is contained and the communicator left as it is).
+    fn drop_comm(c: Comm) {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(c)));
+    }
+
     impl Drop for NcclComm {
         fn drop(&mut self) {
-            // The collectives queued on the stream complete before the communicator goes
-            // (cudarc aborts it on drop).
-            if let Some(c) = &self.comm {
+            // The collectives queued on the stream complete before the communicator goes.
+            if let Some(c) = self.comm.take() {
                 let _ = c.stream().synchronize();
+                drop_comm(c);
             }
         }
     }
@@ -976,6 +1004,19 @@ mod tests {
         let e = l.plan_pack_inverses(&buf, 3).unwrap_err();
         assert!(
             matches!(e, Error::InvalidArgument { arg: "blocks", .. }),
+            "{e}"
+        );
+        let buf = DistBuffers {
+            info: 256,
+            inverses: 256,
+            gather_send: 256,
+            own_list: 256,
+            ..DistBuffers::default()
+        };
+        // The all-gather's list is its own (not the statistics' own_list).
+        let e = l.plan_pack_inverses(&buf, 1).unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "list", .. }),
             "{e}"
         );
     }

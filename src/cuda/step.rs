@@ -181,7 +181,9 @@ impl StepDist {
 
 /// What the step has queued so far: kernel launches (a graph launch counts one), graph
 /// captures, host-to-device copies (factor table uploads) and host synchronizations. In a
-/// training loop's steady state only `launches` grows.
+/// training loop's steady state only `launches` grows (on a distributed step gathering the
+/// updated inverses only, also one synchronization and two uploads per step: the rule's
+/// mask down, the gather's lists up).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepTraffic {
     /// Kernel launches and graph launches.
@@ -624,16 +626,16 @@ impl DeviceThorStep {
             guards.extend([g1, g2, g3, g4, g5]);
             let (meta, g) = d.meta.device_ptr_mut(s);
             guards.push(g);
-            // The all-gather's lists: every owned block, or this step's updated ones.
-            let (send_list, g1) = if d.updated_only {
-                d.upd_all.device_ptr(s)
+            let (send_list, g1) = d.send_list.device_ptr(s);
+            let (own_list, g2) = d.own_list.device_ptr(s);
+            // The inverses' all-gather: every owned block, or this step's updated ones.
+            let (gather_all, gather_own) = if d.updated_only {
+                let (all, ga) = d.upd_all.device_ptr(s);
+                let (own, go) = d.upd_own.device_ptr(s);
+                guards.extend([ga, go]);
+                (all, own)
             } else {
-                d.send_list.device_ptr(s)
-            };
-            let (own_list, g2) = if d.updated_only {
-                d.upd_own.device_ptr(s)
-            } else {
-                d.own_list.device_ptr(s)
+                (send_list, own_list)
             };
             let (blocks_tab, g3) = d.blocks_tab.device_ptr(s);
             let (factors_tab, g4) = d.factors_tab.device_ptr(s);
@@ -652,6 +654,8 @@ impl DeviceThorStep {
                 gather_recv,
                 send_list,
                 own_list,
+                gather_own,
+                gather_all,
                 blocks_tab,
                 factors_tab,
                 samples,
@@ -879,7 +883,7 @@ impl DeviceThorStep {
             let s = dev.stream();
             s.memcpy_htod(&d.host_own, &mut d.upd_own)?;
             s.memcpy_htod(&d.host_all, &mut d.upd_all)?;
-            self.traffic.uploads += 1;
+            self.traffic.uploads += 2;
             if d.gather_blocks == 0 {
                 // No layer updated (every rank knows): the inversion masks every block out
                 // (its info words say so, as in every step), no all-gather.
@@ -980,6 +984,24 @@ impl DeviceThorStep {
     /// steps run (every layer was then skipped, on every rank) or a step failed; waits for
     /// the queued work. `Ok` on a single-device step.
     pub fn check_group(&mut self, dev: &CudaDevice) -> Result<()> {
+        if self.dist.is_some() {
+            self.traffic.syncs += 1;
+        }
+        let out = self.read_group_fault(dev);
+        if let (Err(e), Some(d)) = (&out, self.dist.as_mut()) {
+            // As on the CPU: the group is broken (here after a step that skipped every
+            // layer on every rank).
+            if d.broken.is_none() {
+                d.broken = Some(e.to_string());
+                d.comm.abort(&e.to_string());
+            }
+        }
+        out
+    }
+
+    /// [`DeviceThorStep::check_group`] without marking the step (for readers that hold it
+    /// shared): the error, if any, and a wait for the queued work.
+    pub(crate) fn read_group_fault(&self, dev: &CudaDevice) -> Result<()> {
         let Some(d) = &self.dist else {
             return Ok(());
         };
@@ -988,17 +1010,11 @@ impl DeviceThorStep {
                 "an earlier distributed step failed ({why})"
             )));
         }
-        self.traffic.syncs += 1;
         if dev.download(&d.fault)?[0] != 0 {
-            // As on the CPU: the group is broken (here after a step that skipped every
-            // layer on every rank).
-            let why = "the ranks disagree on the damping or on the steps run";
-            let d = self.dist.as_mut().expect("a distributed step");
-            d.broken = Some(why.into());
-            d.comm.abort(why);
-            return Err(Error::Communication(format!(
-                "{why}: every layer was skipped"
-            )));
+            return Err(Error::Communication(
+                "the ranks disagree on the damping or on the steps run: every layer was skipped"
+                    .into(),
+            ));
         }
         Ok(())
     }

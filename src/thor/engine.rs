@@ -316,12 +316,14 @@ impl CudaLayer {
         let step = match dist {
             None => dev.new_thor_step(&set, &rows, f32, layers, cfg)?,
             Some((comm, plan)) => {
+                // A transport that waits for the stream at each collective loses nothing by
+                // waiting for the rule's mask too: its all-gather carries the updated
+                // inverses only. NCCL keeps the step free of waits (every owned inverse).
+                let updated_only = comm.waits_for_host();
                 let mut step = dev.new_distributed_thor_step_with_plan(
                     &set, &rows, f32, layers, cfg, comm, plan,
                 )?;
-                // A statistics step returns its decision (a wait) anyway: the inverses'
-                // all-gather waits for the rule's mask too and carries the updated ones only.
-                step.set_gather_updated_only(true)?;
+                step.set_gather_updated_only(updated_only)?;
                 step
             }
         };
@@ -442,7 +444,10 @@ impl LayerEngine for CudaLayer {
     }
 
     fn last_decision(&self, be: &AnyBackend) -> Result<Decision> {
-        Ok(self.step.read_decisions(Self::dev(be)?)?[0])
+        let dev = Self::dev(be)?;
+        // On a rank of a group: the ranks agreed (a wait, as the decision's read is).
+        self.step.read_group_fault(dev)?;
+        Ok(self.step.read_decisions(dev)?[0])
     }
 
     fn gather_statistics(&mut self, be: &AnyBackend) -> Result<()> {

@@ -435,10 +435,10 @@ impl Thor {
     /// block, but applies the EMA to and inverts only the blocks it owns. Preconditioning is
     /// local.
     ///
-    /// On the CPU backend with `cfg.backend` `Cpu` or `Auto`; with `Cuda`, on the first
-    /// CUDA device, the collectives staged through host memory
-    /// ([`crate::cuda::dist::HostStagedComm`]; [`Thor::with_device_communicator`] takes
-    /// NCCL). Before saving ([`Thor::to_bytes`]), call
+    /// On the CPU backend with `cfg.backend` `Cpu` or `Auto`; with `Cuda`, on CUDA device 0
+    /// (of those the process sees: `CUDA_VISIBLE_DEVICES` picks one per process), the
+    /// collectives staged through host memory ([`crate::cuda::dist::HostStagedComm`]; for
+    /// another device, or NCCL, [`Thor::with_device_communicator`]). Before saving ([`Thor::to_bytes`]), call
     /// [`Thor::gather_statistics`] on every rank: the saved state is then complete and
     /// loads into a group of any size, or into a single optimizer. After a failed
     /// collective ([`Error::Communication`]) every layer refuses further statistics steps,
