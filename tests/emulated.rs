@@ -1655,11 +1655,11 @@ fn emu_all_gather(ranks: &mut [(EmuStep, EmuDist)], n: usize) {
     }
 }
 
-/// One distributed step of every emulated rank on its rows of `xs`, the collectives
-/// between the launches as src/cuda/step.rs queues them (with `updated_only`, the
-/// all-gather of the updated inverses only, listed from the rule's mask); then the
-/// statistics gathered, so that every rank holds the whole state. Returns the blocks per
-/// rank of the inverses' all-gather (0: none).
+/// One distributed step of every emulated rank on its rows of `xs`: the launches of
+/// `DistLayout::step_plans` in the phases src/cuda/step.rs runs, the collectives between
+/// them emulated on the host (with `updated_only`, the all-gather of the updated inverses
+/// only, listed from the rule's mask); then the statistics gathered, so that every rank
+/// holds the whole state. Returns the blocks per rank of the inverses' all-gather (0: none).
 fn emu_dist_step(
     ranks: &mut [(EmuStep, EmuDist)],
     xs: &[Vec<f32>],
@@ -1668,7 +1668,8 @@ fn emu_dist_step(
     order: i32,
     updated_only: bool,
 ) -> usize {
-    let mut tables = Vec::new();
+    use thor_kernels::cuda::dist::DistLayout as P;
+    let mut ctx = Vec::new();
     for (r, (st, d)) in ranks.iter_mut().enumerate() {
         let mut gx: Vec<Guarded<f32>> = xs
             .iter()
@@ -1680,59 +1681,65 @@ fn emu_dist_step(
             .collect();
         let local = (d.local.ptr(), d.own_mask.ptr());
         let (t, launches) = st.launches(&mut gx, sc.decay, sc.thresholds, sc.damping, Some(local));
-        let buf = d.buffers(st);
-        let l = &d.layout;
-        let mut plans = launches[..3].to_vec();
-        plans.push(l.plan_pack_sums(&buf).unwrap());
-        run(&plans, order).unwrap();
-        tables.push((gx, t, launches, buf));
-    }
-    emu_reduce_scatter(ranks);
-    for ((_, d), (_, _, _, buf)) in ranks.iter_mut().zip(&tables) {
-        run(&[d.layout.plan_meta(buf).unwrap()], order).unwrap();
-    }
-    emu_all_reduce(ranks);
-    let mut blocks = ranks[0].1.layout.per_rank();
-    for ((st, d), (_, _, launches, buf)) in ranks.iter_mut().zip(&mut tables) {
-        let plans = [
-            d.layout.plan_resolve(buf, sc.decay).unwrap(),
-            d.layout.plan_ema(buf, sc.decay).unwrap(),
-            launches[3].clone(),
-        ];
-        run(&plans, order).unwrap();
+        let mut buf = d.buffers(st);
         if updated_only {
-            let (mut own, mut all) = (d.upd_own.get(), d.upd_all.get());
-            blocks = d
-                .layout
-                .updated_lists(&st.mask.get(), &mut own, &mut all)
-                .unwrap();
-            d.upd_own.set(&own);
-            d.upd_all.set(&all);
+            // As the step: the gather's lists are the updated ones from the start (still
+            // the last step's, or poison, until the rule's mask of this step is read).
             buf.gather_own = d.upd_own.ptr();
             buf.gather_all = d.upd_all.ptr();
         }
-        let mut plans = vec![d.layout.plan_own_mask(buf).unwrap(), launches[4].clone()];
-        if blocks > 0 {
-            plans.push(d.layout.plan_pack_inverses(buf, blocks).unwrap());
+        let per = d.layout.per_rank();
+        let plans = d
+            .layout
+            .step_plans(&buf, sc.decay, launches.clone(), per)
+            .unwrap();
+        run(&plans[..=P::PACK_SUMS], order).unwrap();
+        ctx.push((gx, t, launches, buf, plans));
+    }
+    emu_reduce_scatter(ranks);
+    for (_, _, _, _, plans) in &ctx {
+        run(&plans[P::META..=P::META], order).unwrap();
+    }
+    emu_all_reduce(ranks);
+    let mut blocks = ranks[0].1.layout.per_rank();
+    for ((st, d), (_, _, launches, buf, plans)) in ranks.iter_mut().zip(&mut ctx) {
+        if !updated_only {
+            run(&plans[P::META + 1..=P::PACK_INVERSES], order).unwrap();
+            continue;
         }
-        run(&plans, order).unwrap();
+        run(&plans[P::META + 1..=P::RULE], order).unwrap();
+        let (mut own, mut all) = (d.upd_own.get(), d.upd_all.get());
+        blocks = d
+            .layout
+            .updated_lists(&st.mask.get(), &mut own, &mut all)
+            .unwrap();
+        d.upd_own.set(&own);
+        d.upd_all.set(&all);
+        *plans = d
+            .layout
+            .step_plans(buf, sc.decay, launches.clone(), blocks.max(1))
+            .unwrap();
+        if blocks == 0 {
+            run(&plans[P::RULE + 1..P::PACK_INVERSES], order).unwrap();
+            run(&plans[P::UNPACK + 1..], order).unwrap();
+        } else {
+            run(&plans[P::RULE + 1..=P::PACK_INVERSES], order).unwrap();
+        }
     }
     if blocks > 0 {
         let n = ranks[0].1.layout.gather_len(blocks);
         emu_all_gather(ranks, n);
-    }
-    for ((_, d), (_, _, launches, buf)) in ranks.iter_mut().zip(&mut tables) {
-        let mut plans = Vec::new();
-        if blocks > 0 {
-            plans.push(d.layout.plan_unpack_inverses(buf, blocks).unwrap());
+        for (_, _, _, _, plans) in &ctx {
+            run(&plans[P::UNPACK..], order).unwrap();
         }
-        plans.push(launches[5].clone());
-        plans.push(d.layout.plan_pack_statistics(buf).unwrap());
-        run(&plans, order).unwrap();
+    }
+    // The statistics' gather: every owned block.
+    for ((_, d), (_, _, _, buf, _)) in ranks.iter_mut().zip(&ctx) {
+        run(&[d.layout.plan_pack_statistics(buf).unwrap()], order).unwrap();
     }
     let n = ranks[0].1.layout.gather_send_len();
     emu_all_gather(ranks, n);
-    for ((_, d), (_, _, _, buf)) in ranks.iter_mut().zip(&tables) {
+    for ((_, d), (_, _, _, buf, _)) in ranks.iter_mut().zip(&ctx) {
         run(&[d.layout.plan_unpack_statistics(buf).unwrap()], order).unwrap();
         d.local.check("local");
         d.send.check("send");

@@ -109,6 +109,52 @@ pub struct DistBuffers {
 }
 
 impl DistLayout {
+    /// Launches of a distributed step ([`DistLayout::step_plans`]).
+    pub const LAUNCHES: usize = 13;
+    /// Position of the local products' packing: the reduce-scatter follows it.
+    pub const PACK_SUMS: usize = 3;
+    /// Position of the metadata: the all-reduce follows it.
+    pub const META: usize = 4;
+    /// Position of the trace rule: the updated-only gather reads the mask after it.
+    pub const RULE: usize = 7;
+    /// Position of the inverses' packing: the all-gather follows it.
+    pub const PACK_INVERSES: usize = 10;
+    /// Position of the inverses' unpacking.
+    pub const UNPACK: usize = 11;
+
+    /// A distributed step's launches in order, from the single-device step's six
+    /// (`step`: the accumulation's three, writing raw products to `buf.local` without the
+    /// factor state; the rule; the inversion masked by `buf.own_mask`; the tally) and the
+    /// kernels between the collectives, the inverses' all-gather of `gathered` blocks per
+    /// rank: accumulation (0..3), [`Self::PACK_SUMS`], [`Self::META`], resolve, EMA,
+    /// [`Self::RULE`], owned mask, inversion, [`Self::PACK_INVERSES`], [`Self::UNPACK`],
+    /// tally.
+    pub fn step_plans(
+        &self,
+        buf: &DistBuffers,
+        decay: f32,
+        step: Vec<LaunchPlan>,
+        gathered: usize,
+    ) -> Result<Vec<LaunchPlan>> {
+        let [acc0, acc1, acc2, rule, invert, tally] = <[LaunchPlan; 6]>::try_from(step)
+            .map_err(|_| Error::invalid("step", "not the step's six launches"))?;
+        Ok(vec![
+            acc0,
+            acc1,
+            acc2,
+            self.plan_pack_sums(buf)?,
+            self.plan_meta(buf)?,
+            self.plan_resolve(buf, decay)?,
+            self.plan_ema(buf, decay)?,
+            rule,
+            self.plan_own_mask(buf)?,
+            invert,
+            self.plan_pack_inverses(buf, gathered)?,
+            self.plan_unpack_inverses(buf, gathered)?,
+            tally,
+        ])
+    }
+
     /// The layout of rank `rank` of `plan.world()` for `set`, with `partners[f]` the other
     /// factor of `f`'s layer. Errors when the plan is not `set`'s, `rank` is out of range or
     /// a size does not fit the kernels' `int` arithmetic.

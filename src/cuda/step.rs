@@ -168,17 +168,6 @@ struct StepDist {
     host_mask: Vec<u8>,
 }
 
-impl StepDist {
-    /// The step's launches, in order ([`DeviceThorStep::DIST_LAUNCHES`]): the
-    /// reduce-scatter follows `PACK_SUMS`, the all-reduce `META`, the all-gather
-    /// `PACK_INVERSES`; with the updated-only gather, the rule's mask is read after `RULE`.
-    const PACK_SUMS: usize = 3;
-    const META: usize = 4;
-    const RULE: usize = 7;
-    const PACK_INVERSES: usize = 10;
-    const UNPACK: usize = 11;
-}
-
 /// What the step has queued so far: kernel launches (a graph launch counts one), graph
 /// captures, host-to-device copies (factor table uploads) and host synchronizations. In a
 /// training loop's steady state only `launches` grows (on a distributed step gathering the
@@ -385,8 +374,9 @@ impl DeviceThorStep {
     pub const LAUNCHES: usize = 6;
 
     /// Launches per factor step of a distributed step: the step's, the accumulation's
-    /// packing, the metadata, resolve, EMA, owned mask, the inverses' packing and unpacking.
-    pub const DIST_LAUNCHES: usize = 13;
+    /// packing, the metadata, resolve, EMA, owned mask, the inverses' packing and unpacking
+    /// ([`DistLayout::step_plans`]).
+    pub const DIST_LAUNCHES: usize = DistLayout::LAUNCHES;
 
     /// The factor set.
     pub fn set(&self) -> &FactorSet {
@@ -727,25 +717,7 @@ impl DeviceThorStep {
                 step: step_counter,
                 ..part
             };
-            let decay = self.cfg.stat_decay;
-            let [acc0, acc1, acc2, rule, invert, tally] = <[LaunchPlan; 6]>::try_from(plans)
-                .map_err(|_| Error::invalid("step", "not the step's six launches"))?;
-            plans = vec![
-                acc0,
-                acc1,
-                acc2,
-                l.plan_pack_sums(&buf)?,
-                l.plan_meta(&buf)?,
-                l.plan_resolve(&buf, decay)?,
-                l.plan_ema(&buf, decay)?,
-                rule,
-                l.plan_own_mask(&buf)?,
-                invert,
-                l.plan_pack_inverses(&buf, gathered)?,
-                l.plan_unpack_inverses(&buf, gathered)?,
-                tally,
-            ];
-            debug_assert_eq!(plans.len(), Self::DIST_LAUNCHES);
+            plans = l.step_plans(&buf, self.cfg.stat_decay, plans, gathered)?;
         }
         let r = f(&plans);
         drop(guards);
@@ -852,7 +824,7 @@ impl DeviceThorStep {
         damping: f32,
         d: &mut StepDist,
     ) -> Result<()> {
-        use StepDist as P;
+        use DistLayout as P;
         let launch = |st: &mut Self, d: &mut StepDist, range: std::ops::Range<usize>| {
             let n = range.len() as u64;
             st.with_raw_launches(dev, inputs, damping, Some(d), |plans| {
@@ -888,7 +860,7 @@ impl DeviceThorStep {
                 // No layer updated (every rank knows): the inversion masks every block out
                 // (its info words say so, as in every step), no all-gather.
                 launch(self, d, P::RULE + 1..P::PACK_INVERSES)?;
-                return launch(self, d, P::UNPACK + 1..Self::DIST_LAUNCHES);
+                return launch(self, d, P::UNPACK + 1..P::LAUNCHES);
             }
             launch(self, d, P::RULE + 1..P::PACK_INVERSES + 1)?;
         } else {
@@ -900,7 +872,7 @@ impl DeviceThorStep {
             &d.gather_send.slice(0..n),
             &mut d.gather_recv.slice_mut(0..n * d.comm.world()),
         )?;
-        launch(self, d, P::UNPACK..Self::DIST_LAUNCHES)
+        launch(self, d, P::UNPACK..P::LAUNCHES)
     }
 
     /// On a distributed step, whether the all-gather of the inverses carries only the
