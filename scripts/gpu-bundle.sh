@@ -11,6 +11,9 @@ scripts/install-cuda.sh >/dev/null
 # shellcheck source=cuda-env.sh
 source scripts/cuda-env.sh
 export THOR_REQUIRE_NVCC=1
+# SASS for the device machine's cards only (H100 / H200: sm_90; PTX of it is embedded too):
+# every binary carries the kernels, and two architectures put the bundle over its limit.
+export THOR_CUDA_ARCHS="${THOR_CUDA_ARCHS:-90}"
 out=gpu-bundle
 rm -rf "$out"
 mkdir -p "$out/tests" "$out/benches" "$out/examples"
@@ -54,6 +57,7 @@ strip --strip-debug "$out"/python/*.so
 cp scripts/gpu-run.sh "$out/run.sh"
 chmod +x "$out/run.sh"
 git rev-parse --short HEAD > "$out/COMMIT" 2>/dev/null || echo unknown > "$out/COMMIT"
+echo "$THOR_CUDA_ARCHS" > "$out/ARCHS"
 size=$(du -sm "$out" | cut -f1)
 ls -la "$out"/tests "$out"/benches "$out"/examples >&2
 if [ "$size" -ge 60 ]; then

@@ -13,6 +13,8 @@ mkdir -p "$out"
 bench=1
 [ "${2:-}" = "--no-bench" ] && bench=0
 export THOR_REQUIRE_GPU=1
+# The architectures the bundle's kernels were built for (the build check reads them).
+[ -f "$here/ARCHS" ] && export THOR_CUDA_ARCHS="$(cat "$here/ARCHS")"
 # NVRTC for the run-time compile path, from the machine's CUDA toolkit when it has one.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
