@@ -325,9 +325,9 @@ fn blocks_scheme(set: &FactorSet, w: usize, m: &Model) -> thor_kernels::Result<R
         ring_bytes(Collective::ReduceScatter, &counts, r, 4)
     });
     // One small all-reduce: a flag and the samples per factor, two traces per block, the
-    // damping and the step count every rank checks.
+    // damping, the step count and the plan's fingerprint every rank checks.
     let mut small = vec![0usize; w];
-    even_counts(2 * (nf + nb) + 2, w, &mut small);
+    even_counts(2 * (nf + nb) + 3, w, &mut small);
     row.add_stage(w, m, Stage::Tree, |r| {
         ring_bytes(Collective::AllReduce, &small, r, 8)
     });

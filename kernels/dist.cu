@@ -14,7 +14,8 @@
 //   blocks_tab, 4 ints per block k of the set: factor, valid rows (the rest is padding),
 //     owner, position in its owner's list.
 //   factors_tab, 3 ints per factor: first block, block count, partner factor (-1: none).
-//   meta, doubles: flags[nf] samples[nf] tr_old[nb] tr_sum[nb] damping steps.
+//   meta, doubles: flags[nf] samples[nf] tr_old[nb] tr_sum[nb] damping steps plan, the last
+//     three the values every rank checks (plan: the block ownership's fingerprint).
 // Statuses as the accumulation's: 0 updated, 1 not finite, 2 partner not finite, 3 frozen.
 #include "common.cuh"
 
@@ -94,14 +95,16 @@ dist_unpack_f32(const float* __restrict__ in, int b, const int* __restrict__ lis
 // the flag status == 1 and the samples of its local input; per block this rank owns, the
 // trace of its statistics and (unless its factor is frozen) of the received sum (segment
 // `position` of `recv`, a packed lower triangle), in double, row by row; the other blocks
-// 0; the damping (from `damping_at`) and the steps run (`step`, the rule's counter).
+// 0; the damping (from `damping_at`), the steps run (`step`, the rule's counter) and the
+// plan's fingerprint.
 // Grid: a thread per block of the set (nb >= nf).
 extern "C" __global__ void __launch_bounds__(256)
 dist_meta_f32(const int* __restrict__ status, const double* __restrict__ samples, int nf,
               const int* __restrict__ blocks_tab, int nb, int rank, int b,
               const unsigned char* __restrict__ fstate, const float* __restrict__ stats,
               const float* __restrict__ recv, const float* __restrict__ damping_at,
-              const unsigned long long* __restrict__ step, double* __restrict__ meta) {
+              const unsigned long long* __restrict__ step, double plan,
+              double* __restrict__ meta) {
     const int k = blockIdx.x * blockDim.x + threadIdx.x;
     if (k < nf) {
         meta[k] = status[k] == 1 ? 1.0 : 0.0;
@@ -110,6 +113,7 @@ dist_meta_f32(const int* __restrict__ status, const double* __restrict__ samples
     if (k == 0) {
         meta[2 * nf + 2 * nb] = (double)*damping_at;
         meta[2 * nf + 2 * nb + 1] = (double)*step;
+        meta[2 * nf + 2 * nb + 2] = plan;
     }
     if (k >= nb) return;
     const int* t = blocks_tab + 4 * k;
@@ -144,8 +148,8 @@ __device__ __forceinline__ void dist_scales(const double* meta, int nf, int f,
 // From the summed metadata, the same on every rank: each factor's status (frozen 3, a
 // non-finite input on any rank 1, its partner's 2, else 0), each block's trace after the EMA
 // (plus its padding) and each factor's trace (as the single-rank step's accumulation
-// writes them; a factor whose statistics stay keeps its old trace). When the ranks' damping
-// or step count differ (the sums are not `world` times this rank's), every factor reads as
+// writes them; a factor whose statistics stay keeps its old trace). When the ranks' damping,
+// step count or block ownership differ (the sums are not `world` times this rank's), every factor reads as
 // not finite, so that no layer changes, and `fault` is set (read by the host). One thread
 // block.
 extern "C" __global__ void __launch_bounds__(256)
@@ -153,10 +157,11 @@ dist_resolve_f32(const double* __restrict__ meta, int nf, int nb,
                  const int* __restrict__ factors_tab, const int* __restrict__ blocks_tab, int b,
                  const unsigned char* __restrict__ fstate, float decay, int world,
                  const float* __restrict__ damping_at, const unsigned long long* __restrict__ step,
-                 int* __restrict__ status, float* __restrict__ block_traces,
+                 double plan, int* __restrict__ status, float* __restrict__ block_traces,
                  float* __restrict__ factor_traces, int* __restrict__ fault) {
     const double* checks = meta + 2 * nf + 2 * nb;
-    const bool agree = checks[0] == (double)*damping_at * world && checks[1] == (double)*step * world;
+    const bool agree = checks[0] == (double)*damping_at * world &&
+                       checks[1] == (double)*step * world && checks[2] == plan * world;
     if (threadIdx.x == 0 && !agree) *fault = 1;
     for (int f = threadIdx.x; f < nf; f += blockDim.x) {
         status[f] = !agree ? 1 : (fstate[f] & DIST_FROZEN) ? 3 : meta[f] > 0.0 ? 1 : 0;

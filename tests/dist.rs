@@ -234,8 +234,9 @@ fn bytes_sent_are_what_the_plan_says() {
                 let seg = |r: usize| n / world + usize::from(r < n % world);
                 8 * ((n - seg(rank)) + (n - seg((rank + 1) % world))) as u64
             };
-            // (and the two values every rank checks: the damping, the steps run).
-            expect += rs + ag + ar(2 * (nf + set.total_blocks()) + 2);
+            // (and the three values every rank checks: the damping, the steps run, the
+            // plan's fingerprint).
+            expect += rs + ag + ar(2 * (nf + set.total_blocks()) + 3);
         }
         assert_eq!(*sent, expect, "rank {rank}");
     }
@@ -787,4 +788,39 @@ fn a_step_that_fails_after_its_first_collective_aborts_the_group() {
         "{e}"
     );
     assert!(matches!(step.check_usable(), Err(Error::Communication(_))));
+}
+
+#[test]
+fn ranks_that_run_different_plans_all_fail() {
+    // Through the `_with_plan` constructor a caller can hand ranks different ownerships:
+    // the segments would not line up; every rank says so instead.
+    let sc = StepScenario::new();
+    let set = sc.set();
+    let layers = RuleLayer::pairs(&set);
+    let dims = sc.flat_dims();
+    let ranges = row_ranges(sc.rows, 2);
+    let out = LocalGroup::run(2, Duration::from_secs(60), |comm| {
+        let rank = comm.rank();
+        let plan = OwnershipPlan::new(&set, 2).unwrap().rotated(rank);
+        let mut step = CpuThorStep::new_distributed_with_plan::<f32>(
+            &set,
+            &layers,
+            config(&sc),
+            Box::new(comm),
+            plan,
+        )
+        .unwrap();
+        step.run(
+            &inputs(&sc.batch(0), &dims, ranges[rank].clone()),
+            sc.damping,
+        )
+        .unwrap_err()
+    })
+    .unwrap();
+    for e in out {
+        assert!(
+            matches!(&e, Error::Communication(m) if m.contains("block ownership")),
+            "{e}"
+        );
+    }
 }

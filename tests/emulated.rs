@@ -1942,3 +1942,34 @@ fn emulated_distributed_pack_and_unpack_every_block_size() {
         );
     }
 }
+
+#[test]
+fn emulated_distributed_ranks_with_different_plans_skip_everything_and_say_so() {
+    // Two ranks handed different block ownerships (as `_with_plan` allows): the resolve sees
+    // the plans' fingerprints disagree, every layer is skipped on every rank and the fault
+    // word is set for the host.
+    let _g = lock();
+    let sc = step_cases::StepScenario::new();
+    let set = sc.set();
+    let splits = [0usize, 30, 64];
+    let plan = thor_kernels::dist::OwnershipPlan::new(&set, 2).unwrap();
+    let mut ranks: Vec<(EmuStep, EmuDist)> = (0..2)
+        .map(|r| {
+            let st = EmuStep::new(set.clone(), &vec![splits[r + 1] - splits[r]; set.len()]);
+            let d = EmuDist::new(&st, &plan.rotated(r), r);
+            (st, d)
+        })
+        .collect();
+    for (st, _) in ranks.iter_mut() {
+        st.damping_at.set(&[sc.damping]);
+    }
+    emu_dist_step(&mut ranks, &sc.batch(0), &splits, &sc, 0, false);
+    for (r, (st, d)) in ranks.iter().enumerate() {
+        assert_eq!(d.fault.get(), vec![1], "rank {r}");
+        assert_eq!(
+            st.decisions.get(),
+            vec![4; 3],
+            "rank {r}: every layer skipped"
+        );
+    }
+}

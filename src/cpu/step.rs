@@ -87,9 +87,9 @@ impl Dist {
     }
 }
 
-/// Values of the small all-reduce that every rank checks against its own: the damping and
-/// the steps run.
-const CHECKS: usize = 2;
+/// Values of the small all-reduce that every rank checks against its own: the damping, the
+/// steps run and the plan's fingerprint.
+const CHECKS: usize = 3;
 
 /// The state a distributed step adds: its rank's plan and communicator, and the buffers the
 /// collectives move, allocated once.
@@ -456,7 +456,8 @@ impl CpuThorStep {
         let (tr_old, rest) = rest.split_at_mut(nb);
         let (tr_sum, checks) = rest.split_at_mut(nb);
         // What every rank must agree on: the damping and the steps run so far.
-        checks.copy_from_slice(&[damping as f64, self.steps as f64]);
+        let plan_id = dist.plan.fingerprint() as f64;
+        checks.copy_from_slice(&[damping as f64, self.steps as f64, plan_id]);
         for (f, inp) in inputs.iter().enumerate() {
             flags[f] = f64::from(u8::from(self.status[f] == 1));
             samples[f] = inp.layout.samples() as f64;
@@ -488,6 +489,7 @@ impl CpuThorStep {
         for (what, mine, sum) in [
             ("damping", damping as f64, checks[0]),
             ("steps run", self.steps as f64, checks[1]),
+            ("block ownership", plan_id, checks[2]),
         ] {
             if sum != mine * world {
                 return Err(Error::Communication(format!(

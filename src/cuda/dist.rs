@@ -48,6 +48,8 @@ pub struct DistLayout {
     factors_tab: Vec<i32>,
     send_list: Vec<i32>,
     own_list: Vec<i32>,
+    /// [`OwnershipPlan::fingerprint`], checked by every rank.
+    plan_id: f64,
 }
 
 /// The device buffers of one rank's distributed step (raw addresses of the caller's
@@ -220,6 +222,7 @@ impl DistLayout {
         }
         let own_list = send_list[rank * per..(rank + 1) * per].to_vec();
         Ok(DistLayout {
+            plan_id: plan.fingerprint() as f64,
             b,
             nf,
             nb,
@@ -252,7 +255,7 @@ impl DistLayout {
 
     /// Elements of the all-reduced metadata (f64).
     pub fn meta_len(&self) -> usize {
-        2 * self.nf + 2 * self.nb + 2
+        2 * self.nf + 2 * self.nb + 3
     }
 
     /// Elements of one rank's segment of the all-gather (packed inverses and info words).
@@ -319,6 +322,7 @@ impl DistLayout {
                 P("recv", buf.recv, 4),
                 P("damping_at", buf.damping_at, 4),
                 P("step", buf.step, 8),
+                D(self.plan_id),
                 P("meta", buf.meta, 8),
             ],
         )
@@ -344,6 +348,7 @@ impl DistLayout {
                 I(self.world),
                 P("damping_at", buf.damping_at, 4),
                 P("step", buf.step, 8),
+                D(self.plan_id),
                 P("status", buf.status, 4),
                 P("block_traces", buf.block_traces, 4),
                 P("factor_traces", buf.factor_traces, 4),
@@ -509,12 +514,13 @@ fn check_decay(decay: f32) -> Result<()> {
 
 /// One kernel argument of the launches above: a device pointer checked (non-null, aligned)
 /// under its name, one that may be null, a size (checked to fit `int` by
-/// [`DistLayout::new`]) or a float.
+/// [`DistLayout::new`]), a float or a double.
 enum Arg {
     P(&'static str, CUdeviceptr, u64),
     Nullable(CUdeviceptr),
     I(usize),
     F(f32),
+    D(f64),
 }
 
 /// The launch of `kernel` over `blocks` thread blocks of 256 threads with `args`.
@@ -529,6 +535,7 @@ fn plan(kernel: super::KernelId, blocks: usize, args: &[Arg]) -> Result<LaunchPl
             Arg::Nullable(p) => KernelArg::Ptr(p),
             Arg::I(v) => KernelArg::I32(v as i32),
             Arg::F(v) => KernelArg::F32(v),
+            Arg::D(v) => KernelArg::F64(v),
         });
     }
     Ok(LaunchPlan {
@@ -1015,7 +1022,7 @@ mod tests {
         assert_eq!(l.own_list(), &[2, -1]);
         assert_eq!(l.send_len(), 4 * 2 * 528);
         assert_eq!(l.gather_recv_len(), 4 * l.gather_send_len());
-        assert_eq!(l.meta_len(), 2 * 3 + 2 * 6 + 2);
+        assert_eq!(l.meta_len(), 2 * 3 + 2 * 6 + 3);
         // Block 1 (factor 0's second: 8 valid rows) is rank 1's first; block 5 (factor
         // 2's last: 6 valid rows) rank 1's second.
         assert_eq!(&l.blocks_table()[4..8], &[0, 8, 1, 0]);

@@ -154,6 +154,19 @@ impl OwnershipPlan {
         self.owner.len()
     }
 
+    /// A fingerprint of the ownership (world size and every block's owner; FNV-1a folded to
+    /// 32 bits, so that its sum over any number of ranks is exact in an f64): the
+    /// distributed steps check that every rank runs the same plan.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for v in std::iter::once(self.world).chain(self.owner.iter().copied()) {
+            for byte in (v as u64).to_le_bytes() {
+                h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        (h >> 32) ^ (h & 0xffff_ffff)
+    }
+
     /// The rank that owns block `k` (`k < blocks()`).
     pub fn owner(&self, k: usize) -> usize {
         self.owner[k]
