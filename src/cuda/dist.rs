@@ -748,6 +748,34 @@ impl HostStagedComm {
     }
 }
 
+impl HostStagedComm {
+    /// The reduce-scatter (`gather` false) or all-gather of `send` into `recv` through host
+    /// memory: down (waiting for the stream), the host collective, up.
+    fn staged(
+        &mut self,
+        dev: &CudaDevice,
+        send: &CudaView<'_, f32>,
+        recv: &mut CudaViewMut<'_, f32>,
+        gather: bool,
+    ) -> Result<()> {
+        check_segments(self.comm.world(), send.len(), recv.len(), gather)?;
+        self.counts
+            .fill(if gather { send.len() } else { recv.len() });
+        self.host_send.resize(send.len(), 0.0);
+        self.host_recv.resize(recv.len(), 0.0);
+        dev.stream().memcpy_dtoh(send, &mut self.host_send)?;
+        dev.synchronize()?;
+        let (s, c, r) = (&self.host_send, &self.counts, &mut self.host_recv);
+        if gather {
+            self.comm.all_gather(s, c, r)?;
+        } else {
+            self.comm.reduce_scatter(s, c, r)?;
+        }
+        dev.stream().memcpy_htod(&self.host_recv, recv)?;
+        Ok(())
+    }
+}
+
 impl DeviceCommunicator for HostStagedComm {
     fn rank(&self) -> usize {
         self.comm.rank()
@@ -761,16 +789,7 @@ impl DeviceCommunicator for HostStagedComm {
         send: &CudaView<'_, f32>,
         recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        check_segments(self.world(), send.len(), recv.len(), false)?;
-        self.counts.fill(recv.len());
-        self.host_send.resize(send.len(), 0.0);
-        self.host_recv.resize(recv.len(), 0.0);
-        dev.stream().memcpy_dtoh(send, &mut self.host_send)?;
-        dev.synchronize()?;
-        self.comm
-            .reduce_scatter(&self.host_send, &self.counts, &mut self.host_recv)?;
-        dev.stream().memcpy_htod(&self.host_recv, recv)?;
-        Ok(())
+        self.staged(dev, send, recv, false)
     }
     fn all_gather(
         &mut self,
@@ -778,16 +797,7 @@ impl DeviceCommunicator for HostStagedComm {
         send: &CudaView<'_, f32>,
         recv: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        check_segments(self.world(), send.len(), recv.len(), true)?;
-        self.counts.fill(send.len());
-        self.host_send.resize(send.len(), 0.0);
-        self.host_recv.resize(recv.len(), 0.0);
-        dev.stream().memcpy_dtoh(send, &mut self.host_send)?;
-        dev.synchronize()?;
-        self.comm
-            .all_gather(&self.host_send, &self.counts, &mut self.host_recv)?;
-        dev.stream().memcpy_htod(&self.host_recv, recv)?;
-        Ok(())
+        self.staged(dev, send, recv, true)
     }
     fn all_reduce(&mut self, dev: &CudaDevice, buf: &mut CudaViewMut<'_, f64>) -> Result<()> {
         self.host_meta.resize(buf.len(), 0.0);
