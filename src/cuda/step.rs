@@ -446,7 +446,13 @@ impl DeviceThorStep {
         // No step has run on the loaded state yet.
         let none = vec![crate::rule::Decision::Skipped.code(); self.rule.layers()];
         st.memcpy_htod(&none, &mut self.decisions)?;
-        self.rule.upload_state(dev, &s.rule)
+        self.rule.upload_state(dev, &s.rule)?;
+        // A saved state is whole: on a rank of a group, every block's statistics are now
+        // this rank's (every rank loads the same state).
+        if let Some(d) = &mut self.dist {
+            d.stats_whole = true;
+        }
+        Ok(())
     }
 
     /// Checks `inputs` against the plan and hands their addresses and layouts to `f` while
