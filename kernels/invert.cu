@@ -145,6 +145,72 @@ __device__ void invert_chol(const float* in, float* out, int nblocks, const floa
 }
 
 // ---------------------------------------------------------------------------------------
+// Pieces shared by the register kernels below (a P x P grid of threads; thread (ty, tx)
+// holds the R x R elements (ty + P a, tx + P q) of a b x b matrix, R = B / P).
+
+// Stages block `src` (lower triangle, mirrored) plus `lam` on the diagonal into the
+// registers `v`, through `L` (B rows of B + 1 floats). Ends with a barrier: L is free.
+template <int B, int P>
+__device__ __forceinline__ void stage_damped(const float* src, float* L, float (&v)[B / P][B / P],
+                                             float lam) {
+    constexpr int R = B / P, NT = P * P, LD = B + 1;
+    const int tid = threadIdx.x, tx = tid % P, ty = tid / P;
+    for (int idx = tid; idx < B * B; idx += NT) L[(idx / B) * LD + idx % B] = src[idx];
+    __syncthreads();
+#pragma unroll
+    for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int q = 0; q < R; ++q) {
+            const int i = ty + P * a, j = tx + P * q;
+            v[a][q] = i >= j ? L[i * LD + j] : L[j * LD + i];
+            if (i == j) v[a][q] += lam;
+        }
+    __syncthreads();  // L is written next
+}
+
+// X = Z Z^T stored to `dst` (lower entries computed once, stored to (r, c) and (c, r)),
+// with Z = L^-T upper triangular in `L`, zeros below its diagonal included: Z(r, k) at
+// L[r * LD + k], or at L[k * LD + r] when ZT (L holding L^-1 = Z^T itself).
+// X(r, c) = sum_{k >= max(r, c)} Z(r, k) Z(c, k), lower groups (q <= a) only.
+template <int B, int P, bool ZT>
+__device__ __forceinline__ void gram_store(float* L, float* dst) {
+    constexpr int R = B / P, NT = P * P, LD = B + 1;
+    const int tid = threadIdx.x, tx = tid % P, ty = tid / P;
+    float v[R][R];
+#pragma unroll
+    for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int q = 0; q < R; ++q) v[a][q] = 0.f;
+#pragma unroll
+    for (int kq = 0; kq < R; ++kq) {
+        for (int kr = 0; kr < P; ++kr) {
+            const int k = kq * P + kr;
+            float yr[R], yc[R];
+#pragma unroll
+            for (int a = 0; a <= kq; ++a)
+                yr[a] = ZT ? L[k * LD + ty + P * a] : L[(ty + P * a) * LD + k];
+#pragma unroll
+            for (int q = 0; q <= kq; ++q)
+                yc[q] = ZT ? L[k * LD + tx + P * q] : L[(tx + P * q) * LD + k];
+#pragma unroll
+            for (int a = 0; a <= kq; ++a)
+#pragma unroll
+                for (int q = 0; q <= a; ++q) v[a][q] = fmaf(yr[a], yc[q], v[a][q]);
+        }
+    }
+    __syncthreads();  // every read of Z is done
+#pragma unroll
+    for (int a = 0; a < R; ++a)
+#pragma unroll
+        for (int q = 0; q <= a; ++q) L[(ty + P * a) * LD + tx + P * q] = v[a][q];
+    __syncthreads();
+    for (int idx = tid; idx < B * B; idx += NT) {
+        const int r = idx / B, c = idx % B;
+        dst[idx] = r >= c ? L[r * LD + c] : L[c * LD + r];
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // v2 for b <= 128: the same route (right-looking Cholesky, L^-1, L^-T L^-1) with the working
 // matrix in registers. Thread (ty, tx) of a P x P grid holds the R x R elements
 // (ty + P a, tx + P q), a cyclic distribution, so the shrinking trailing matrix stays spread
@@ -176,18 +242,7 @@ __device__ void invert_chol_reg(const float* in, float* out, int nblocks, const 
     float v[R][R];
     int fail = 0;
     for (int attempt = 0;; ++attempt) {
-        // Stage the input (lower triangle, mirrored) through shared memory.
-        for (int idx = tid; idx < B * B; idx += NT) L[(idx / B) * LD + idx % B] = src[idx];
-        __syncthreads();
-#pragma unroll
-        for (int a = 0; a < R; ++a)
-#pragma unroll
-            for (int q = 0; q < R; ++q) {
-                const int i = ty + P * a, j = tx + P * q;
-                v[a][q] = i >= j ? L[i * LD + j] : L[j * LD + i];
-                if (i == j) v[a][q] += lam;
-            }
-        __syncthreads();  // L is written below
+        stage_damped<B, P>(src, L, v, lam);
         fail = 0;
 #pragma unroll
         for (int kq = 0; kq < R; ++kq) {
@@ -284,37 +339,206 @@ __device__ void invert_chol_reg(const float* in, float* out, int nblocks, const 
         for (int q = 0; q < R; ++q) L[(ty + P * a) * LD + tx + P * q] = v[a][q];
     __syncthreads();
 
-    // Phase 3: X(r, c) = sum_{k >= max(r, c)} Z(r, k) Z(c, k), lower groups (q <= a) only.
+    gram_store<B, P, false>(L, out + (long long)blk * B * B);
+}
+
+// The rank-P update of groups qlo <= q < qhi (rows a >= q: lower groups only) of the
+// registers `v` by the panel of columns k0 ... k0 + P - 1 of L: v(i, j) -= sum_t L(i, k0 + t)
+// L(j, k0 + t), t ascending. Called with constant group bounds, so `v` stays in registers.
+template <int B, int P>
+__device__ __forceinline__ void rank_update(float (&v)[B / P][B / P], const float* L, int k0,
+                                            int qlo, int qhi = B / P) {
+    constexpr int R = B / P, LD = B + 1;
+    const int tx = threadIdx.x % P, ty = threadIdx.x / P;
 #pragma unroll
-    for (int a = 0; a < R; ++a)
+    for (int t = 0; t < P; ++t) {
+        float li[R], lj[R];
 #pragma unroll
-        for (int q = 0; q < R; ++q) v[a][q] = 0.f;
+        for (int a = qlo; a < R; ++a) li[a] = L[(ty + P * a) * LD + k0 + t];
 #pragma unroll
-    for (int kq = 0; kq < R; ++kq) {
-        for (int kr = 0; kr < P; ++kr) {
-            const int k = kq * P + kr;
-            float yr[R], yc[R];
+        for (int q = qlo; q < qhi; ++q) lj[q] = L[(tx + P * q) * LD + k0 + t];
 #pragma unroll
-            for (int a = 0; a <= kq; ++a) yr[a] = L[(ty + P * a) * LD + k];
+        for (int a = qlo; a < R; ++a)
 #pragma unroll
-            for (int q = 0; q <= kq; ++q) yc[q] = L[(tx + P * q) * LD + k];
+            for (int q = qlo; q < qhi && q <= a; ++q) v[a][q] = fmaf(-li[a], lj[q], v[a][q]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Blocked variant for b <= 128: the same P x P grid and cyclic register layout, with the
+// factorization and the triangular inverse done a panel of P columns at a time, so that a
+// whole matrix takes about 3 B / P + 2 B / P block-wide barriers instead of 2 B.
+//
+// Phase 1 (right-looking blocked Cholesky), panel p (columns k0 = P p ... k0 + P - 1):
+// every thread publishes its lower entries of the panel to shared memory; one warp factors
+// the panel's P x P diagonal block in registers (lane r holds row r, the pivots and
+// columns passed by shuffles) while the other warps apply the previous panel's rank-P
+// update to the groups right of this panel; every other row of the panel is then solved
+// against the diagonal block by one thread each; the next panel's group takes this panel's
+// update in registers. The arithmetic of every entry of L is the standard kernel's, in the
+// same order, so the factor, the failing pivot and the retries are bit for bit the same.
+//
+// Phase 2 (left inverse X = L^-1, X L = I, blocked as LAPACK's trtri): the diagonal
+// blocks are inverted one row per thread (X(r, c) = -(sum_{k > c} X(r, k) L(k, c)) / l_cc,
+// last column first, as trti2), then block columns J from the last but one to the first:
+// X(I, J) = -(sum_{J < K <= I} X(I, K) L(K, J)) X(J, J) for every I > J at once.
+// Phase 3: X^T X as the register kernel's last phase.
+//
+// Shared memory: L (B x (B + 1)), the products of one block column ((R - 1) P x P), the
+// reciprocal pivots (B) and a status word.
+template <int B, int P>
+__device__ void invert_chol_blocked(const float* in, float* out, int nblocks,
+                                    const float* damping, float damping_all,
+                                    const unsigned char* mask, int max_retries,
+                                    float retry_factor, float retry_floor, int* info,
+                                    float* damping_used) {
+    static_assert(P <= THOR_WARP && B % P == 0, "one warp factors a diagonal block");
+    constexpr int R = B / P, NT = P * P, LD = B + 1;
+    static_assert(NT >= B, "one thread per row");
+    THOR_DYNAMIC_SMEM(float, thor_smem);
+    float* L = thor_smem;                 // B x LD: A, L, then X = L^-1, then the result
+    float* S = L + B * LD;                // (R - 1) x P x P: one block column's products
+    float* rd = S + (R - 1) * P * P;      // B: 1 / l_jj
+    int* status = reinterpret_cast<int*>(rd + B);
+    const int blk = blockIdx.x;
+    float lam;
+    if (!invert_begin(blk, nblocks, damping, damping_all, mask, info, &lam)) return;
+    const int tid = threadIdx.x, tx = tid % P, ty = tid / P, lane = tid % THOR_WARP;
+    const float* src = in + (long long)blk * B * B;
+    float v[R][R];
+    int fail = 0;
+    for (int attempt = 0;; ++attempt) {
+        stage_damped<B, P>(src, L, v, lam);
+        fail = 0;
 #pragma unroll
-            for (int a = 0; a <= kq; ++a)
+        for (int p = 0; p < R; ++p) {
+            const int k0 = P * p;
+            // Publish the panel: column group p, lower entries.
 #pragma unroll
-                for (int q = 0; q <= a; ++q) v[a][q] = fmaf(yr[a], yc[q], v[a][q]);
+            for (int a = p; a < R; ++a) {
+                const int i = ty + P * a, j = tx + k0;
+                if (i >= j) L[i * LD + j] = v[a][p];
+            }
+            __syncthreads();
+            // Warp 0 factors the diagonal block; lane r < P holds its row k0 + r.
+            if (tid < THOR_WARP) {
+                float x[P];
+#pragma unroll
+                for (int c = 0; c < P; ++c)
+                    x[c] = lane < P && c <= lane ? L[(k0 + lane) * LD + k0 + c] : 0.f;
+                int f = 0;
+#pragma unroll
+                for (int j = 0; j < P; ++j) {
+                    const float d = __shfl_sync(THOR_FULL_MASK, x[j], j);
+                    if (!positive_finite(d)) {  // the same on every lane
+                        f = k0 + j + 1;
+                        break;
+                    }
+                    const float ljj = sqrtf(d), inv = 1.f / ljj;
+                    if (lane == j) x[j] = ljj;
+                    if (lane > j) x[j] *= inv;
+#pragma unroll
+                    for (int c = j + 1; c < P; ++c) {
+                        const float lc = __shfl_sync(THOR_FULL_MASK, x[j], c);
+                        if (lane >= c) x[c] = fmaf(-x[j], lc, x[c]);
+                    }
+                    if (lane == 0) rd[k0 + j] = inv;
+                }
+                if (f == 0 && lane < P) {
+#pragma unroll
+                    for (int c = 0; c < P; ++c)
+                        if (c <= lane) L[(k0 + lane) * LD + k0 + c] = x[c];
+                }
+                if (lane == 0) *status = f;
+            }
+            // Meanwhile (and then on warp 0 too): the previous panel's update of the
+            // groups right of this panel, put off so that it overlaps the factorization.
+            if (p >= 1) rank_update<B, P>(v, L, k0 - P, p + 1);
+            __syncthreads();
+            fail = *status;
+            if (fail != 0) break;  // the same on every thread
+            // The rows below the diagonal block: L(i, j) = (a_ij - sum_{t < j} L(i, t)
+            // L(j, t)) / l_jj, one thread per row.
+            if (tid < B - k0 - P) {
+                const int i = k0 + P + tid;
+                float x[P];
+#pragma unroll
+                for (int c = 0; c < P; ++c) x[c] = L[i * LD + k0 + c];
+#pragma unroll
+                for (int j = 0; j < P; ++j) {
+#pragma unroll
+                    for (int t = 0; t < j; ++t)
+                        x[j] = fmaf(-x[t], L[(k0 + j) * LD + k0 + t], x[j]);
+                    x[j] *= rd[k0 + j];
+                }
+#pragma unroll
+                for (int c = 0; c < P; ++c) L[i * LD + k0 + c] = x[c];
+            }
+            __syncthreads();
+            // This panel's update of the next panel's group, all the next factorization
+            // needs; the other groups take it during that factorization.
+            if (p + 1 < R) rank_update<B, P>(v, L, k0, p + 1, p + 2);
         }
+        if (fail == 0 || attempt >= max_retries) break;
+        lam = fmaxf(lam, retry_floor) * retry_factor;
+        __syncthreads();  // every thread has read the status before L is reloaded
     }
-    __syncthreads();  // every read of Z is done
-#pragma unroll
-    for (int a = 0; a < R; ++a)
-#pragma unroll
-        for (int q = 0; q <= a; ++q) L[(ty + P * a) * LD + tx + P * q] = v[a][q];
-    __syncthreads();
-    float* dst = out + (long long)blk * B * B;
-    for (int idx = tid; idx < B * B; idx += NT) {
-        const int r = idx / B, c = idx % B;
-        dst[idx] = r >= c ? L[r * LD + c] : L[c * LD + r];
+    if (tid == 0) {
+        info[blk] = fail;
+        if (damping_used != nullptr) damping_used[blk] = lam;
     }
+    if (fail != 0) return;
+
+    // Phase 2a: the diagonal blocks' left inverses, one row per thread, zeros above the
+    // diagonal stored too (phase 3 reads them).
+    {
+        const int base = tid - tid % P, r = tid % P;
+        float x[P];
+        if (tid < B) {
+#pragma unroll
+            for (int c = P - 1; c >= 0; --c) {
+                float s = c == r ? 1.f : 0.f;
+#pragma unroll
+                for (int k = P - 1; k > c; --k)
+                    if (k <= r) s = fmaf(-x[k], L[(base + k) * LD + base + c], s);
+                x[c] = c <= r ? s * rd[base + c] : 0.f;
+            }
+        }
+        __syncthreads();  // every read of the diagonal blocks is done
+        if (tid < B) {
+#pragma unroll
+            for (int c = 0; c < P; ++c) L[tid * LD + base + c] = x[c];
+        }
+        __syncthreads();
+    }
+    // Phase 2b: block columns J = R - 2 ... 0, every block row I > J at once. S(I) =
+    // sum_{J < K <= I} X(I, K) L(K, J) (X(I, I) lower triangular: k <= P I + ty), then
+    // X(I, J) = -S(I) X(J, J) (X(J, J) lower triangular: m >= tx) over L(I, J).
+#pragma unroll
+    for (int J = R - 2; J >= 0; --J) {
+        float acc[R];
+#pragma unroll
+        for (int I = J + 1; I < R; ++I) acc[I] = 0.f;
+        for (int k = P * (J + 1); k < B; ++k) {
+            const float lk = L[k * LD + P * J + tx];  // read once for every I
+#pragma unroll
+            for (int I = J + 1; I < R; ++I)
+                if (k <= P * I + ty) acc[I] = fmaf(L[(P * I + ty) * LD + k], lk, acc[I]);
+        }
+#pragma unroll
+        for (int I = J + 1; I < R; ++I) S[(I - J - 1) * NT + ty * P + tx] = acc[I];
+        __syncthreads();
+#pragma unroll
+        for (int I = J + 1; I < R; ++I) {
+            const float* si = S + (I - J - 1) * NT + ty * P;
+            float s = 0.f;
+            for (int m = tx; m < P; ++m) s = fmaf(si[m], L[(P * J + m) * LD + P * J + tx], s);
+            L[(P * I + ty) * LD + P * J + tx] = -s;
+        }
+        __syncthreads();
+    }
+    // Phase 3: X^T X = Z Z^T with Z = X^T.
+    gram_store<B, P, true>(L, out + (long long)blk * B * B);
 }
 
 #define THOR_INVERT_REG_KERNEL(B, P)                                                        \
@@ -351,3 +575,19 @@ extern "C" __global__ void __launch_bounds__(256, 2) invert_chol_b128x2_f32(
     invert_chol_reg<128, 16>(in, out, nblocks, damping, damping_all, mask, max_retries,
                              retry_factor, retry_floor, info, damping_used);
 }
+
+// The blocked variant (src/cuda/raw.rs InvertKernel::Blocked) at the register kernels'
+// grids.
+#define THOR_INVERT_BLOCKED_KERNEL(B, P)                                                    \
+    extern "C" __global__ void __launch_bounds__(P * P, 1) invert_blocked_b##B##_f32(       \
+        const float* in, float* out, int nblocks, const float* damping, float damping_all,  \
+        const unsigned char* mask, int max_retries, float retry_factor, float retry_floor, \
+        int* info, float* damping_used) {                                                   \
+        invert_chol_blocked<B, P>(in, out, nblocks, damping, damping_all, mask,             \
+                                  max_retries, retry_factor, retry_floor, info,             \
+                                  damping_used);                                            \
+    }
+
+THOR_INVERT_BLOCKED_KERNEL(32, 8)
+THOR_INVERT_BLOCKED_KERNEL(64, 8)
+THOR_INVERT_BLOCKED_KERNEL(128, 16)

@@ -113,6 +113,8 @@ struct Inv<'a> {
     mask: Option<&'a [u8]>,
     policy: FailurePolicy,
     order: i32,
+    /// The kernel run (the others are run on copies and compared with it).
+    kernel: raw::InvertKernel,
 }
 
 impl Default for Inv<'_> {
@@ -124,6 +126,7 @@ impl Default for Inv<'_> {
             mask: None,
             policy: FailurePolicy::Report,
             order: 0,
+            kernel: raw::InvertKernel::Standard,
         }
     }
 }
@@ -137,6 +140,7 @@ fn emu_invert(b: usize, input: &[f32], o: Inv<'_>) -> (Vec<f32>, Vec<i32>, Vec<f
         mask,
         policy,
         order,
+        kernel,
     } = o;
     let nb = input.len() / (b * b);
     let mut din = Guarded::new(input);
@@ -157,12 +161,18 @@ fn emu_invert(b: usize, input: &[f32], o: Inv<'_>) -> (Vec<f32>, Vec<i32>, Vec<f
         info: info.ptr(),
         damping_used: used.ptr(),
     };
-    let plan = raw::plan_invert_chol_f32(inp, outp, &args).unwrap();
-    // Every other kernel for this block size runs on fresh copies of the same buffers and
-    // must give the same bits (same arithmetic, another use of the multiprocessor).
+    let plan = raw::plan_invert_chol_f32_with(inp, outp, &args, kernel).unwrap();
+    // The other kernels for this block size (every one after the standard kernel, the
+    // standard one after another) run on fresh copies of the same buffers. Those with the
+    // same arithmetic must give the same bits; the blocked kernel the same Cholesky, so the
+    // same info and damping, and failed or skipped blocks left the same.
     let others: Vec<_> = raw::InvertKernel::ALL
         .into_iter()
-        .filter(|k| *k != raw::InvertKernel::Standard && k.supports(b))
+        .filter(|k| {
+            *k != kernel
+                && k.supports(b)
+                && (kernel == raw::InvertKernel::Standard || *k == raw::InvertKernel::Standard)
+        })
         .collect();
     let before = (din.get(), dout.as_ref().map(|d| d.get()));
     run(&[plan], order).unwrap();
@@ -192,9 +202,24 @@ fn emu_invert(b: usize, input: &[f32], o: Inv<'_>) -> (Vec<f32>, Vec<i32>, Vec<f
         run(&[plan], order).unwrap();
         let out2 = dout2.as_ref().map_or_else(|| din2.get(), |o| o.get());
         let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-        assert!(same(&out2, &out), "{k:?}: another output");
-        assert_eq!(info2.get(), info.get(), "{k:?}: info");
-        assert!(same(&used2.get(), &used.get()), "{k:?}: damping used");
+        assert_eq!(info2.get(), info.get(), "{k:?} beside {kernel:?}: info");
+        assert!(
+            same(&used2.get(), &used.get()),
+            "{k:?} beside {kernel:?}: damping used"
+        );
+        if k.same_bits_as_standard() && kernel.same_bits_as_standard() {
+            assert!(same(&out2, &out), "{k:?}: another output");
+        } else {
+            for (j, &st) in info.get().iter().enumerate() {
+                let blk = j * b * b..(j + 1) * b * b;
+                if st != 0 {
+                    assert!(
+                        same(&out2[blk.clone()], &out[blk]),
+                        "{k:?} beside {kernel:?}: block {j} (info {st}) written"
+                    );
+                }
+            }
+        }
     }
     (out, info.get(), used.get())
 }
@@ -203,28 +228,34 @@ fn emu_invert(b: usize, input: &[f32], o: Inv<'_>) -> (Vec<f32>, Vec<i32>, Vec<f
 fn emulated_invert_every_block_size_matches_reference() {
     let _g = lock();
     for b in SUPPORTED_BLOCK_SIZES {
-        let nb = if b == 256 { 2 } else { 3 };
-        let mut r = rng(b as u64 * 7);
-        let conds = [1.0, 1e2, 1e4];
-        let input = spd_batch(&mut r, b, nb, &conds);
-        let order = ORDERS[(b / 32) % ORDERS.len()];
-        let (out, info, used) = emu_invert(
-            b,
-            &input,
-            Inv {
-                out_init: Some(&poisoned(input.len())),
-                damping_all: 1e-3,
-                order,
-                ..Inv::default()
-            },
-        );
-        assert_eq!(info, vec![0; nb], "b={b}");
-        assert_eq!(used, vec![1e-3; nb]);
-        for j in 0..nb {
-            let res = block_residual(&input, &out, b, j, 1e-3);
-            let tol = inverse_tolerance(conds[j % 3]);
-            assert!(res < tol, "b={b} block {j}: residual {res:e}");
-            assert!(bitwise_symmetric(&out, b, j), "b={b} block {j}");
+        for kernel in raw::InvertKernel::ALL {
+            if !kernel.supports(b) || kernel == raw::InvertKernel::TwoPerSm {
+                continue; // the two-per-SM kernel runs beside the standard one, same bits
+            }
+            let nb = if b == 256 { 2 } else { 3 };
+            let mut r = rng(b as u64 * 7);
+            let conds = [1.0, 1e2, 1e4];
+            let input = spd_batch(&mut r, b, nb, &conds);
+            let order = ORDERS[(b / 32) % ORDERS.len()];
+            let (out, info, used) = emu_invert(
+                b,
+                &input,
+                Inv {
+                    out_init: Some(&poisoned(input.len())),
+                    damping_all: 1e-3,
+                    order,
+                    kernel,
+                    ..Inv::default()
+                },
+            );
+            assert_eq!(info, vec![0; nb], "b={b} {kernel:?}");
+            assert_eq!(used, vec![1e-3; nb]);
+            for j in 0..nb {
+                let res = block_residual(&input, &out, b, j, 1e-3);
+                let tol = inverse_tolerance(conds[j % 3]);
+                assert!(res < tol, "b={b} {kernel:?} block {j}: residual {res:e}");
+                assert!(bitwise_symmetric(&out, b, j), "b={b} {kernel:?} block {j}");
+            }
         }
     }
 }
@@ -1391,8 +1422,9 @@ fn emulated_factor_step_chain_skips_a_layer_with_nan_input() {
     }
 }
 
-/// The emulator as an [`invert_cases::Inverter`], under one thread order.
-struct EmuInverter(i32);
+/// The emulator as an [`invert_cases::Inverter`], under one thread order, running one
+/// kernel.
+struct EmuInverter(i32, raw::InvertKernel);
 
 impl invert_cases::Inverter for EmuInverter {
     fn invert(
@@ -1411,8 +1443,81 @@ impl invert_cases::Inverter for EmuInverter {
                 mask: c.mask,
                 policy: c.policy,
                 order: self.0,
+                kernel: self.1,
             },
         )
+    }
+}
+
+/// The kernels the inversion cases run directly for block size `b` (the two-per-SM one
+/// runs beside the standard one, bit for bit).
+fn invert_kernels(b: usize) -> impl Iterator<Item = raw::InvertKernel> {
+    raw::InvertKernel::ALL
+        .into_iter()
+        .filter(move |k| k.supports(b) && *k != raw::InvertKernel::TwoPerSm)
+}
+
+#[test]
+fn emulated_invert_choice_accepts_every_kernel_on_its_trial_blocks() {
+    // The run-time choice checks each kernel against the standard one on synthetic blocks
+    // and passes over any that disagrees: every kernel must agree there within the
+    // tolerance the choice uses, or it could never be chosen. The timings are made up
+    // (every other kernel "faster"), so each is chosen when it agrees.
+    use thor_kernels::choice::{ChoiceKey, ChoiceSettings, Chooser, Trial};
+    use thor_kernels::cuda::choose::{invert_trial_blocks, INVERT_TOLERANCE};
+    let _g = lock();
+    for b in [32usize, 64, 128] {
+        let blocks = 2;
+        let input = invert_trial_blocks(b, blocks);
+        for other in raw::InvertKernel::ALL.into_iter().skip(1) {
+            if !other.supports(b) {
+                continue;
+            }
+            let mut chooser = Chooser::new(ChoiceSettings::default(), "emulated");
+            let key = ChoiceKey {
+                op: "invert".into(),
+                card: "emulator".into(),
+                class: format!("b={b} blocks={blocks}"),
+                dtype: "f32".into(),
+            };
+            let names = ["standard", other.name()];
+            let d = chooser
+                .choose(&key, &names, INVERT_TOLERANCE, |v| {
+                    let k = raw::InvertKernel::ALL
+                        .into_iter()
+                        .find(|k| k.name() == v)
+                        .unwrap();
+                    let (out, info, _) = emu_invert(
+                        b,
+                        &input,
+                        Inv {
+                            out_init: Some(&poisoned(input.len())),
+                            damping_all: 1e-3,
+                            kernel: k,
+                            ..Inv::default()
+                        },
+                    );
+                    assert_eq!(info, vec![0; blocks], "{v}");
+                    Ok(Trial {
+                        seconds: if k == raw::InvertKernel::Standard {
+                            2.0
+                        } else {
+                            1.0
+                        },
+                        parts: out.chunks(b * b).map(<[f32]>::to_vec).collect(),
+                    })
+                })
+                .unwrap();
+            for t in &d.trials {
+                assert!(
+                    t.rejected.is_none(),
+                    "b={b}: {} {:?}",
+                    t.variant,
+                    t.rejected
+                );
+            }
+            assert_eq!(d.variant, other.name(), "b={b}");
+        }
     }
 }
 
@@ -1421,7 +1526,9 @@ fn emulated_invert_reports_bad_blocks_in_place_and_out_of_place() {
     let _g = lock();
     for b in [32usize, 64] {
         for order in [0, 3] {
-            invert_cases::bad_blocks(&EmuInverter(order), b);
+            for kernel in invert_kernels(b) {
+                invert_cases::bad_blocks(&EmuInverter(order, kernel), b);
+            }
         }
     }
 }
@@ -1429,14 +1536,18 @@ fn emulated_invert_reports_bad_blocks_in_place_and_out_of_place() {
 #[test]
 fn emulated_invert_mask_retry_and_per_block_damping() {
     let _g = lock();
-    invert_cases::mask_retry_damping(&EmuInverter(2), 32);
+    for kernel in invert_kernels(32) {
+        invert_cases::mask_retry_damping(&EmuInverter(2, kernel), 32);
+    }
 }
 
 #[test]
 fn emulated_invert_residual_bound_up_to_cond_1e7() {
     let _g = lock();
     for b in SUPPORTED_BLOCK_SIZES {
-        invert_cases::residual_bound(&EmuInverter(1), b, "emulated");
+        for kernel in invert_kernels(b) {
+            invert_cases::residual_bound(&EmuInverter(1, kernel), b, "emulated");
+        }
     }
 }
 

@@ -61,6 +61,30 @@ pub fn accumulate_tolerance(dtype: DType, mode: AccumulateMode) -> f64 {
     }
 }
 
+/// Relative Frobenius difference allowed between an inversion kernel's output and the
+/// standard kernel's on [`invert_trial_blocks`] (well conditioned: the kernels that share
+/// the standard arithmetic agree bit for bit, the blocked one by rounding, far inside it).
+pub const INVERT_TOLERANCE: f64 = 1e-6;
+
+/// The inversion trial's `blocks` synthetic SPD blocks of `b` ([b, b] row-major each):
+/// b on the diagonal, uniform values in [-1, 1) off it, symmetric (diagonally dominant),
+/// the same every time.
+pub fn invert_trial_blocks(b: usize, blocks: usize) -> Vec<f32> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut host = vec![0.0f32; blocks * b * b];
+    for m in host.chunks_mut(b * b) {
+        for i in 0..b {
+            for j in 0..i {
+                let v = uniform(&mut state);
+                m[i * b + j] = v;
+                m[j * b + i] = v;
+            }
+            m[i * b + i] = b as f32;
+        }
+    }
+    host
+}
+
 /// Synthetic inputs larger than this are not made for a choice (the baseline runs, with a
 /// warning): the accumulation's factors all read one buffer of the largest factor's size,
 /// the inversion's trial holds all its blocks.
@@ -135,7 +159,7 @@ impl CudaDevice {
             dtype: "f32".into(),
         };
         let bytes = blocks.saturating_mul(b * b * 4 * 2); // input and output
-        let decision = self.decide(chooser, &key, &names, 1e-6, bytes, |v| {
+        let decision = self.decide(chooser, &key, &names, INVERT_TOLERANCE, bytes, |v| {
             self.invert_trial(b, blocks, by_name::<InvertKernel>(v)?)
         })?;
         Ok((by_name::<InvertKernel>(&decision.variant)?, decision))
@@ -145,18 +169,7 @@ impl CudaDevice {
     /// diagonal, uniform values in [-1, 1) off it, symmetric: diagonally dominant), timed
     /// as [`CudaDevice::median_time`] does; the output of the last run.
     fn invert_trial(&self, b: usize, blocks: usize, kernel: InvertKernel) -> Result<Trial> {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut host = vec![0.0f32; blocks * b * b];
-        for m in host.chunks_mut(b * b) {
-            for i in 0..b {
-                for j in 0..i {
-                    let v = uniform(&mut state);
-                    m[i * b + j] = v;
-                    m[j * b + i] = v;
-                }
-                m[i * b + i] = b as f32;
-            }
-        }
+        let host = invert_trial_blocks(b, blocks);
         let input = self.upload(&host)?;
         let mut out = self.zeros::<f32>(host.len())?;
         let mut info = self.zeros::<i32>(blocks)?;

@@ -41,6 +41,12 @@ pub mod kernels {
     /// Batched damped Cholesky inversion, b = 128, f32, registers capped for two thread
     /// blocks per SM.
     pub const INVERT_CHOL_B128X2_F32: KernelId = id("invert", "invert_chol_b128x2_f32");
+    /// Batched damped Cholesky inversion, blocked by panels, b = 32, f32.
+    pub const INVERT_BLOCKED_B32_F32: KernelId = id("invert", "invert_blocked_b32_f32");
+    /// Batched damped Cholesky inversion, blocked by panels, b = 64, f32.
+    pub const INVERT_BLOCKED_B64_F32: KernelId = id("invert", "invert_blocked_b64_f32");
+    /// Batched damped Cholesky inversion, blocked by panels, b = 128, f32.
+    pub const INVERT_BLOCKED_B128_F32: KernelId = id("invert", "invert_blocked_b128_f32");
 
     /// Accumulation partial products, whole diagonal blocks of 128, f32 input as TF32, tensor cores.
     pub const ACC_BLOCK_B128_TF32: KernelId = id("accumulate", "acc_block_b128_tf32");
@@ -155,7 +161,7 @@ pub mod kernels {
     }
 
     /// Every kernel above, for checks against the sources.
-    pub const ALL: [KernelId; 50] = [
+    pub const ALL: [KernelId; 53] = [
         TRACE_RULE_F32,
         RULE_TALLY_F32,
         APPLY_B32_F32,
@@ -196,6 +202,9 @@ pub mod kernels {
         INVERT_CHOL_B128_F32,
         INVERT_CHOL_B256_F32,
         INVERT_CHOL_B128X2_F32,
+        INVERT_BLOCKED_B32_F32,
+        INVERT_BLOCKED_B64_F32,
+        INVERT_BLOCKED_B128_F32,
         APPLY_B64_F32_CF,
         APPLY_B128_F32_CF,
         APPLY_B64_BF16_CF,
@@ -463,26 +472,44 @@ pub enum InvertKernel {
     /// b = 128 only: the same kernel with registers capped at 128 so that two thread
     /// blocks share an SM, each filling the other's barrier waits.
     TwoPerSm,
+    /// b <= 128: the factorization and the triangular inverse a panel of columns at a time
+    /// (8 columns at b = 32 and 64, 16 at b = 128): about 5 b / panel block-wide barriers
+    /// per matrix instead of 2 b. Its Cholesky factor takes the standard kernel's
+    /// operations in the same order, so failing pivots, retries and damping are the same;
+    /// its inverse differs from the standard one by rounding.
+    Blocked,
 }
 
 impl InvertKernel {
     /// Every inversion kernel, the baseline first.
-    pub const ALL: [InvertKernel; 2] = [InvertKernel::Standard, InvertKernel::TwoPerSm];
+    pub const ALL: [InvertKernel; 3] = [
+        InvertKernel::Standard,
+        InvertKernel::TwoPerSm,
+        InvertKernel::Blocked,
+    ];
 
     /// Whether this kernel exists for block size `b`.
     pub fn supports(self, b: usize) -> bool {
         match self {
             InvertKernel::Standard => true,
             InvertKernel::TwoPerSm => b == 128,
+            InvertKernel::Blocked => b <= 128,
         }
     }
 
-    /// A short stable name ("standard", "two_per_sm"), as choices are recorded.
+    /// A short stable name ("standard", "two_per_sm", "blocked"), as choices are recorded.
     pub fn name(self) -> &'static str {
         match self {
             InvertKernel::Standard => "standard",
             InvertKernel::TwoPerSm => "two_per_sm",
+            InvertKernel::Blocked => "blocked",
         }
+    }
+
+    /// Whether this kernel's output is the standard kernel's bit for bit (the same
+    /// arithmetic in the same order, only another use of the multiprocessor).
+    pub fn same_bits_as_standard(self) -> bool {
+        !matches!(self, InvertKernel::Blocked)
     }
 }
 
@@ -559,12 +586,15 @@ pub fn plan_invert_chol_f32_with(
     }
     let (max_retries, factor, floor) = args.policy.params()?;
     let grid = grid_u32("blocks", args.blocks)?;
-    let smem = super::tuning::invert_smem_bytes(args.b);
+    let smem = super::tuning::invert_smem_bytes(args.b, kernel);
     use KernelArg::*;
     Ok(LaunchPlan {
-        kernel: match kernel {
-            InvertKernel::TwoPerSm => kernels::INVERT_CHOL_B128X2_F32,
-            _ => kernels::invert_chol_f32(args.b),
+        kernel: match (kernel, args.b) {
+            (InvertKernel::TwoPerSm, _) => kernels::INVERT_CHOL_B128X2_F32,
+            (InvertKernel::Blocked, 32) => kernels::INVERT_BLOCKED_B32_F32,
+            (InvertKernel::Blocked, 64) => kernels::INVERT_BLOCKED_B64_F32,
+            (InvertKernel::Blocked, _) => kernels::INVERT_BLOCKED_B128_F32,
+            (InvertKernel::Standard, b) => kernels::invert_chol_f32(b),
         },
         grid: (grid, 1, 1),
         block: (super::tuning::invert_threads(args.b), 1, 1),

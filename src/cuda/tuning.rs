@@ -27,13 +27,28 @@ pub fn invert_threads(b: usize) -> u32 {
     }
 }
 
-/// invert: dynamic shared memory per matrix. b <= 128: the matrix with padded rows
-/// (b + 1 floats; L, then L^-1, then X) and two published rows or columns. b = 256: the
-/// packed lower triangle plus one column.
-pub fn invert_smem_bytes(b: usize) -> usize {
-    if b <= 128 {
-        (b * (b + 1) + 2 * b) * 4
-    } else {
+/// invert: dynamic shared memory per matrix for `kernel`. b <= 128: the matrix with
+/// padded rows (b + 1 floats; L, then L^-1, then X) and two published rows or columns; the
+/// blocked kernel instead one block column's products (b - p) x p for panels of p columns
+/// ([`invert_panel`]), b reciprocal pivots and a status word. b = 256: the packed lower
+/// triangle plus one column.
+pub fn invert_smem_bytes(b: usize, kernel: super::raw::InvertKernel) -> usize {
+    if b > 128 {
         (b * (b + 1) / 2 + b) * 4
+    } else if kernel == super::raw::InvertKernel::Blocked {
+        let p = invert_panel(b);
+        (b * (b + 1) + (b - p) * p + b + 1) * 4
+    } else {
+        (b * (b + 1) + 2 * b) * 4
+    }
+}
+
+/// invert, blocked kernel: the panel width, the side of its thread grid (8 at b = 32 and
+/// 64, 16 at b = 128; `THOR_INVERT_BLOCKED_KERNEL` in kernels/invert.cu).
+pub fn invert_panel(b: usize) -> usize {
+    if b == 128 {
+        16
+    } else {
+        8
     }
 }

@@ -214,10 +214,11 @@ fn gpu_invert_kernel_choice_times_every_kernel() {
         return;
     };
     let mut chooser = Chooser::new(ChoiceSettings::default(), "test");
-    for (b, nb) in [(128usize, 2048usize), (128, 64)] {
+    for (b, nb) in [(128usize, 2048usize), (128, 64), (64, 4096), (32, 4096)] {
         let (kernel, d) = dev.choose_invert_kernel_in(&mut chooser, b, nb).unwrap();
         assert_eq!(d.source, ChoiceSource::Measured);
-        assert_eq!(d.trials.len(), 2);
+        let kernels = InvertKernel::ALL.iter().filter(|k| k.supports(b)).count();
+        assert_eq!(d.trials.len(), kernels);
         for t in &d.trials {
             assert!(t.rejected.is_none(), "b={b} x{nb}: {t:?}");
             println!(
@@ -228,10 +229,69 @@ fn gpu_invert_kernel_choice_times_every_kernel() {
         }
         println!("invert choice b={b} x{nb}: {kernel:?}");
     }
-    let (k, d) = dev.choose_invert_kernel_in(&mut chooser, 64, 100).unwrap();
+    let (k, d) = dev.choose_invert_kernel_in(&mut chooser, 256, 100).unwrap();
     assert_eq!(
         (k, d.source),
         (InvertKernel::Standard, ChoiceSource::Baseline)
     );
     assert!(chooser.warnings().is_empty(), "{:?}", chooser.warnings());
+}
+
+#[test]
+fn gpu_invert_every_kernel_reports_and_inverts_like_the_reference() {
+    // Each kernel by name (not only the one chosen): good blocks of several conditions
+    // within the residual bound, bad blocks reported with the reference's pivot and left
+    // as they were.
+    use thor_kernels::cuda::raw::InvertKernel;
+    let Some(dev) = gpu_or_skip("gpu_invert_every_kernel_reports_and_inverts_like_the_reference")
+    else {
+        return;
+    };
+    for b in SUPPORTED_BLOCK_SIZES {
+        let mut r = rng(90 + b as u64);
+        let (bad, want) = mixed_bad_batch(&mut r, b);
+        let conds = [1.0, 1e2, 1e4, 1e6];
+        let good = spd_batch(&mut r, b, conds.len(), &conds);
+        let input: Vec<f32> = bad.iter().chain(&good).copied().collect();
+        let nb = input.len() / (b * b);
+        for k in InvertKernel::ALL.into_iter().filter(|k| k.supports(b)) {
+            let din = dev.upload(&input).unwrap();
+            let init = poisoned(input.len());
+            let mut dout = dev.upload(&init).unwrap();
+            let mut info = dev.upload(&vec![i32::MIN; nb]).unwrap();
+            dev.invert_with(
+                k,
+                b,
+                &din,
+                &mut dout,
+                &mut info,
+                &DeviceInvertOptions::uniform(0.0),
+            )
+            .unwrap();
+            let (out, info) = (dev.download(&dout).unwrap(), dev.download(&info).unwrap());
+            assert_eq!(info[..want.len()], want[..], "b={b} {k:?}");
+            assert_eq!(info[want.len()..], vec![0; conds.len()][..], "b={b} {k:?}");
+            for (j, &st) in info.iter().enumerate() {
+                let blk = j * b * b..(j + 1) * b * b;
+                if st != 0 {
+                    let same = out[blk.clone()]
+                        .iter()
+                        .zip(&init[blk])
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "b={b} {k:?}: failed block {j} written");
+                } else {
+                    let res = block_residual(&input, &out, b, j, 0.0);
+                    let c = if j < want.len() {
+                        100.0
+                    } else {
+                        conds[j - want.len()]
+                    };
+                    assert!(
+                        res < inverse_tolerance(c),
+                        "b={b} {k:?} block {j}: residual {res:e}"
+                    );
+                }
+            }
+        }
+    }
 }
