@@ -708,7 +708,8 @@ mod optimizer {
 #[test]
 fn a_step_that_fails_after_its_first_collective_aborts_the_group() {
     // A transport whose all-gather fails with an error of its own (not a Communication
-    // error): the step breaks and tells the group through `abort`.
+    // error), or panics: the step breaks and tells the group through `abort`; after a
+    // panic it refuses to run again (it must not go on as a single-rank step).
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use thor_kernels::dist::{CommCounters, LocalComm};
@@ -716,6 +717,7 @@ fn a_step_that_fails_after_its_first_collective_aborts_the_group() {
     struct Flaky {
         inner: LocalComm,
         aborted: Arc<AtomicBool>,
+        panics: bool,
     }
     impl Communicator for Flaky {
         fn rank(&self) -> usize {
@@ -738,6 +740,9 @@ fn a_step_that_fails_after_its_first_collective_aborts_the_group() {
             _: &[usize],
             _: &mut [f32],
         ) -> thor_kernels::Result<()> {
+            if self.panics {
+                panic!("a transport bug");
+            }
             Err(Error::invalid("transport", "out of buffers"))
         }
         fn all_reduce(&mut self, buf: &mut [f64]) -> thor_kernels::Result<()> {
@@ -752,42 +757,62 @@ fn a_step_that_fails_after_its_first_collective_aborts_the_group() {
     }
     let sc = StepScenario::new();
     let set = sc.set();
-    let aborted = Arc::new(AtomicBool::new(false));
-    let comm = Flaky {
-        inner: LocalGroup::new(1, Duration::from_secs(5))
-            .unwrap()
-            .pop()
-            .unwrap(),
-        aborted: aborted.clone(),
-    };
-    let mut step = CpuThorStep::new_distributed::<f32>(
-        &set,
-        &RuleLayer::pairs(&set),
-        config(&sc),
-        Box::new(comm),
-    )
-    .unwrap();
     let dims = sc.flat_dims();
     let batch = sc.batch(0);
     let inp = inputs(&batch, &dims, 0..sc.rows);
-    let e = step.run(&inp, sc.damping).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::InvalidArgument {
-                arg: "transport",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(aborted.load(Ordering::SeqCst), "the group was not told");
-    let e = step.run(&inp, sc.damping).unwrap_err();
-    assert!(
-        matches!(&e, Error::Communication(m) if m.contains("earlier collective")),
-        "{e}"
-    );
-    assert!(matches!(step.check_usable(), Err(Error::Communication(_))));
+    for panics in [false, true] {
+        let aborted = Arc::new(AtomicBool::new(false));
+        let comm = Flaky {
+            inner: LocalGroup::new(1, Duration::from_secs(5))
+                .unwrap()
+                .pop()
+                .unwrap(),
+            aborted: aborted.clone(),
+            panics,
+        };
+        let mut step = CpuThorStep::new_distributed::<f32>(
+            &set,
+            &RuleLayer::pairs(&set),
+            config(&sc),
+            Box::new(comm),
+        )
+        .unwrap();
+        if panics {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                step.run(&inp, sc.damping)
+            }));
+            assert!(r.is_err(), "the transport's panic went on");
+        } else {
+            let e = step.run(&inp, sc.damping).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    Error::InvalidArgument {
+                        arg: "transport",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
+        assert!(
+            aborted.load(Ordering::SeqCst),
+            "panics {panics}: the group was not told"
+        );
+        assert_eq!(
+            step.comm_rank(),
+            Some(0),
+            "panics {panics}: no longer a rank"
+        );
+        let e = step.run(&inp, sc.damping).unwrap_err();
+        assert!(
+            matches!(&e, Error::Communication(m) if m.contains("earlier collective")),
+            "panics {panics}: {e}"
+        );
+        assert!(matches!(step.check_usable(), Err(Error::Communication(_))));
+        let e = step.gather_statistics().unwrap_err();
+        assert!(matches!(e, Error::Communication(_)), "panics {panics}: {e}");
+    }
 }
 
 #[test]

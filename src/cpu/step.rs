@@ -253,17 +253,38 @@ impl CpuThorStep {
     /// group calls it), so that any rank's saved state is complete and loads into a group of
     /// any size. Nothing to do on one rank.
     pub fn gather_statistics(&mut self) -> Result<()> {
-        let Some(mut dist) = self.dist.take() else {
+        if self.dist.is_none() {
             return Ok(());
-        };
-        let out = self.gather_statistics_on(&mut dist);
-        match out {
-            Ok(()) => dist.stats_whole = true,
-            Err(Error::Communication(_)) => dist.broken = true,
-            Err(_) => {}
+        }
+        self.with_dist(|st, dist| {
+            let out = st.gather_statistics_on(dist);
+            match out {
+                Ok(()) => dist.stats_whole = true,
+                Err(Error::Communication(_)) => dist.broken = true,
+                Err(_) => {}
+            }
+            out
+        })
+    }
+
+    /// Runs `f` on the step and its group part, taken out for the call and put back
+    /// afterwards, also when `f` panics: the part is then marked broken (a collective may
+    /// be half done) and the group aborted before the panic goes on, so that the step never
+    /// runs again as a single-rank step nor as a whole rank of its group.
+    fn with_dist<T>(&mut self, f: impl FnOnce(&mut Self, &mut Dist) -> Result<T>) -> Result<T> {
+        let mut dist = self
+            .dist
+            .take()
+            .ok_or_else(|| Error::invalid("step", "not a distributed step"))?;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self, &mut dist)));
+        if out.is_err() {
+            dist.broken = true;
+            dist.stats_whole = false;
+            dist.comm
+                .abort(&format!("rank {}: a panic inside a step", dist.comm.rank()));
         }
         self.dist = Some(dist);
-        out
+        out.unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 
     /// On a distributed step, an error when a collective of it (or of its group) failed:
@@ -371,20 +392,20 @@ impl CpuThorStep {
         inputs: &[HostStepInput<'_, E>],
         damping: f32,
     ) -> Result<()> {
-        let mut dist = self.dist.take().expect("a distributed step");
-        dist.in_collectives = false;
-        let out = self.distributed_stages(&mut dist, inputs, damping);
-        // Any failure once the collectives started leaves this rank out of step with the
-        // others (they may have gone on, or be waiting for it).
-        if let Err(e) = &out {
-            if dist.in_collectives {
-                dist.broken = true;
-                // The other ranks may be waiting in this step's next collective.
-                dist.comm.abort(&format!("rank {}: {e}", dist.comm.rank()));
+        self.with_dist(|st, dist| {
+            dist.in_collectives = false;
+            let out = st.distributed_stages(dist, inputs, damping);
+            // Any failure once the collectives started leaves this rank out of step with
+            // the others (they may have gone on, or be waiting for it).
+            if let Err(e) = &out {
+                if dist.in_collectives {
+                    dist.broken = true;
+                    // The other ranks may be waiting in this step's next collective.
+                    dist.comm.abort(&format!("rank {}: {e}", dist.comm.rank()));
+                }
             }
-        }
-        self.dist = Some(dist);
-        out
+            out
+        })
     }
 
     fn distributed_stages<E: Element>(

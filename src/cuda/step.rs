@@ -800,26 +800,43 @@ impl DeviceThorStep {
         inputs: &[(u64, InputLayout)],
         damping: f32,
     ) -> Result<()> {
-        let mut d = self.dist.take().expect("a distributed step");
-        if let Some(why) = &d.broken {
-            let e = Error::Communication(format!("an earlier distributed step failed ({why})"));
-            self.dist = Some(d);
-            return Err(e);
-        }
-        if let Err(e) = d.comm.check_device(dev) {
-            self.dist = Some(d);
-            return Err(e);
-        }
-        // From here on the other ranks go into the collectives: any failure leaves this
-        // rank out of step with them, and its statistics are no longer whole.
-        d.stats_whole &= d.comm.world() == 1;
-        let out = self.dist_phases(dev, inputs, damping, &mut d);
-        if let Err(e) = &out {
-            d.broken = Some(e.to_string());
-            d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
+        self.with_dist(|st, d| {
+            if let Some(why) = &d.broken {
+                return Err(Error::Communication(format!(
+                    "an earlier distributed step failed ({why})"
+                )));
+            }
+            d.comm.check_device(dev)?;
+            // From here on the other ranks go into the collectives: any failure leaves this
+            // rank out of step with them, and its statistics are no longer whole.
+            d.stats_whole &= d.comm.world() == 1;
+            let out = st.dist_phases(dev, inputs, damping, d);
+            if let Err(e) = &out {
+                d.broken = Some(e.to_string());
+                d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
+            }
+            out
+        })
+    }
+
+    /// Runs `f` on the step and its distributed part, taken out for the call and put back
+    /// afterwards, also when `f` panics: the part is then marked broken (its collectives
+    /// may be half done) and the group aborted before the panic goes on, so that the step
+    /// never runs again as if it were a single-device one, nor as a whole rank.
+    fn with_dist<T>(&mut self, f: impl FnOnce(&mut Self, &mut StepDist) -> Result<T>) -> Result<T> {
+        let mut d = self
+            .dist
+            .take()
+            .ok_or_else(|| Error::invalid("step", "not a distributed step"))?;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self, &mut d)));
+        if out.is_err() {
+            d.broken = Some("a panic inside a distributed step".into());
+            d.stats_whole = false;
+            d.comm
+                .abort(&format!("rank {}: a panic inside a step", d.comm.rank()));
         }
         self.dist = Some(d);
-        out
+        out.unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 
     /// The launches and collectives of [`DeviceThorStep::dist_step`].
@@ -902,16 +919,17 @@ impl DeviceThorStep {
     /// rank, as the step's save needs. Every rank of the group calls it. A no-op on a
     /// single-device step.
     pub fn gather_statistics(&mut self, dev: &CudaDevice) -> Result<()> {
-        let Some(mut d) = self.dist.take() else {
+        if self.dist.is_none() {
             return Ok(());
-        };
-        let out = self.gather_statistics_of(dev, &mut d);
-        if let Err(e) = &out {
-            d.broken.get_or_insert_with(|| e.to_string());
-            d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
         }
-        self.dist = Some(d);
-        out
+        self.with_dist(|st, d| {
+            let out = st.gather_statistics_of(dev, d);
+            if let Err(e) = &out {
+                d.broken.get_or_insert_with(|| e.to_string());
+                d.comm.abort(&format!("rank {}: {e}", d.comm.rank()));
+            }
+            out
+        })
     }
 
     fn gather_statistics_of(&mut self, dev: &CudaDevice, d: &mut StepDist) -> Result<()> {
