@@ -442,7 +442,9 @@ mod optimizer {
     //! `Thor::with_communicator`: the optimizer on ranks against one optimizer on the union.
 
     use super::*;
-    use thor_kernels::thor::{DampingSchedule, IntervalSchedule, LayerKind, Thor, ThorConfig};
+    use thor_kernels::thor::{
+        DampingSchedule, IntervalSchedule, LayerInputs, LayerKind, Thor, ThorConfig,
+    };
     use thor_kernels::BackendKind;
 
     const LAYERS: [(usize, usize, bool); 3] = [(70, 20, true), (20, 33, false), (33, 10, true)];
@@ -495,25 +497,50 @@ mod optimizer {
         steps: Range<usize>,
         rows: Range<usize>,
     ) -> Vec<(Vec<Decision>, Vec<Vec<f32>>)> {
+        run_with(t, steps, rows, false)
+    }
+
+    /// [`run`], the layers observed one by one or (`together`) in one
+    /// [`Thor::observe_layers`].
+    fn run_with(
+        t: &mut Thor,
+        steps: Range<usize>,
+        rows: Range<usize>,
+        together: bool,
+    ) -> Vec<(Vec<Decision>, Vec<Vec<f32>>)> {
         let g = grads();
         steps
             .map(|k| {
                 let b = batch(k);
                 let ids: Vec<_> = (0..LAYERS.len()).map(thor_kernels::thor::LayerId).collect();
-                let d = LAYERS
+                let items: Vec<_> = LAYERS
                     .iter()
                     .zip(&b)
                     .zip(&ids)
                     .map(|((&(i, o, _), (a, og)), &id)| {
-                        t.observe(
-                            id,
-                            &a[rows.start * i..rows.end * i],
-                            &og[rows.start * o..rows.end * o],
-                            rows.len(),
-                        )
-                        .unwrap()
+                        let item = LayerInputs::Dense {
+                            acts: &a[rows.start * i..rows.end * i],
+                            out_grads: &og[rows.start * o..rows.end * o],
+                            rows: rows.len(),
+                        };
+                        (id, item)
                     })
                     .collect();
+                let d = if together {
+                    t.observe_layers(&items).unwrap()
+                } else {
+                    items
+                        .iter()
+                        .map(|(id, item)| match *item {
+                            LayerInputs::Dense {
+                                acts,
+                                out_grads,
+                                rows,
+                            } => t.observe(*id, acts, out_grads, rows).unwrap(),
+                            LayerInputs::Conv { .. } => unreachable!(),
+                        })
+                        .collect()
+                };
                 let p = ids
                     .iter()
                     .zip(&g)
@@ -600,6 +627,140 @@ mod optimizer {
                 }
             }
         }
+    }
+
+    #[test]
+    fn layers_observed_together_join_their_collectives() {
+        // The same steps through `observe_layers`: the same bits as layer by layer (the
+        // in-process group sums each element in rank order either way), at most three
+        // collectives per step for the three layers instead of up to nine.
+        for world in [2, 3] {
+            let ranges = row_ranges(ROWS, world);
+            let out = LocalGroup::run(world, Duration::from_secs(60), |comm| {
+                let rank = comm.rank();
+                let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
+                add_layers(&mut t);
+                let steps = run_with(&mut t, 0..6, ranges[rank].clone(), true);
+                let joint = t.comm_counters().unwrap().collectives;
+                t.gather_statistics().unwrap();
+                (steps, joint, t.to_bytes().unwrap())
+            })
+            .unwrap();
+            let sep = LocalGroup::run(world, Duration::from_secs(60), |comm| {
+                let rank = comm.rank();
+                let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
+                add_layers(&mut t);
+                let steps = run_with(&mut t, 0..6, ranges[rank].clone(), false);
+                let one_by_one = t.comm_counters().unwrap().collectives;
+                t.gather_statistics().unwrap();
+                (steps, one_by_one, t.to_bytes().unwrap())
+            })
+            .unwrap();
+            for (rank, ((steps, joint, bytes), (want, sep_n, want_bytes))) in
+                out.iter().zip(&sep).enumerate()
+            {
+                for (k, ((d, p), (wd, wp))) in steps.iter().zip(want).enumerate() {
+                    assert_eq!(d, wd, "world {world} rank {rank} step {k}");
+                    for (l, (g, w)) in p.iter().zip(wp).enumerate() {
+                        let same = g.iter().zip(w).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "world {world} rank {rank} step {k} layer {l}");
+                    }
+                }
+                assert!(
+                    bytes == want_bytes,
+                    "world {world} rank {rank}: saved state"
+                );
+                // Every step updates some layer: three joined collectives each; layer by
+                // layer 47 (the layers that did not update gather nothing).
+                assert_eq!(*joint, 3 * 6, "world {world}: collectives joined");
+                assert_eq!(*sep_n, 47, "world {world}: collectives layer by layer");
+            }
+        }
+    }
+
+    #[test]
+    fn observe_layers_checks_every_input_before_any_step() {
+        let mut t = Thor::new(config()).unwrap();
+        add_layers(&mut t);
+        let b = batch(0);
+        let id = thor_kernels::thor::LayerId;
+        let item = |l: usize, rows: usize| {
+            let (i, o, _) = LAYERS[l];
+            LayerInputs::Dense {
+                acts: &b[l].0[..rows * i],
+                out_grads: &b[l].1[..rows * o],
+                rows,
+            }
+        };
+        let before = t.to_bytes().unwrap();
+        let e = t
+            .observe_layers(&[(id(0), item(0, 8)), (id(0), item(0, 8))])
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "layers", .. }),
+            "{e}"
+        );
+        let (i, _, _) = LAYERS[1];
+        let short = LayerInputs::Dense {
+            acts: &b[1].0[..8 * i - 1],
+            out_grads: &b[1].1[..8 * LAYERS[1].1],
+            rows: 8,
+        };
+        let e = t
+            .observe_layers(&[(id(0), item(0, 8)), (id(1), short)])
+            .unwrap_err();
+        assert!(matches!(e, Error::Shape { arg: "acts", .. }), "{e}");
+        let e = t
+            .observe_layers(&[(id(0), item(0, 8)), (id(7), item(1, 8))])
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::InvalidArgument { arg: "layer", .. }),
+            "{e}"
+        );
+        assert!(t.to_bytes().unwrap() == before, "a layer changed");
+        // On one process, the same as layer by layer.
+        let mut u = Thor::new(config()).unwrap();
+        add_layers(&mut u);
+        let together = run_with(&mut t, 0..3, 0..ROWS, true);
+        let apart = run_with(&mut u, 0..3, 0..ROWS, false);
+        assert_eq!(together, apart);
+    }
+
+    #[test]
+    fn a_rank_gone_fails_every_layer_observed_together() {
+        let out = LocalGroup::run(2, Duration::from_secs(60), |comm| {
+            let rank = comm.rank();
+            let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
+            add_layers(&mut t);
+            run_with(&mut t, 0..1, 0..24, true);
+            if rank == 1 {
+                return None;
+            }
+            let b = batch(1);
+            let items: Vec<_> = (0..LAYERS.len())
+                .map(|l| {
+                    let (i, o, _) = LAYERS[l];
+                    (
+                        thor_kernels::thor::LayerId(l),
+                        LayerInputs::Dense {
+                            acts: &b[l].0[..24 * i],
+                            out_grads: &b[l].1[..24 * o],
+                            rows: 24,
+                        },
+                    )
+                })
+                .collect();
+            let e = t.observe_layers(&items).unwrap_err();
+            let again = t.observe_layers(&items).unwrap_err();
+            Some((e, again))
+        })
+        .unwrap();
+        let (e, again) = out[0].as_ref().unwrap();
+        assert!(
+            matches!(e, Error::Communication(m) if m.contains("rank 1 left")),
+            "{e}"
+        );
+        assert!(matches!(again, Error::Communication(_)), "{again}");
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! holds every inverse and applies the preconditioner to its own gradients locally. At most
 //! three collectives per statistics step of a whole-model step ([`CpuThorStep`] over every
 //! layer), whatever the number of layers (the all-gather is skipped when no layer updated);
-//! [`crate::thor::Thor::with_communicator`] runs one step per layer, so three per layer.
+//! [`crate::thor::Thor::with_communicator`] runs one step per layer: three collectives per
+//! layer through [`crate::thor::Thor::observe`], three for all the layers observed together
+//! through [`crate::thor::Thor::observe_layers`] (their collectives joined).
 //!
 //! [`CpuThorStep`]: crate::cpu::step::CpuThorStep
 //!
@@ -33,9 +35,11 @@
 //! every step that used it, is broken afterwards (a later step refuses to run): restore a
 //! saved state into a new step on a new group.
 
+mod batch;
 mod comm;
 mod plan;
 
+pub(crate) use batch::{Batch, BatchSlot, Participant};
 #[cfg(feature = "cuda")]
 pub(crate) use comm::SharedCell;
 pub use comm::{check_counts, CommCounters, Communicator, LocalComm, LocalGroup, SharedComm};

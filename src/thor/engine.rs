@@ -151,7 +151,9 @@ impl ThorComm {
 }
 
 /// A new engine on `be` for one rank of a group: the layer's blocks owned round-robin from
-/// rank `first_rank` on, collectives through `comm` (shared by the model's layers).
+/// rank `first_rank` on, collectives through `comm` (shared by the model's layers); with
+/// host collectives, also the slot that joins the layer's collectives to a batch
+/// ([`crate::thor::Thor::observe_layers`]).
 pub(crate) fn new_distributed_engine(
     be: &AnyBackend,
     block: usize,
@@ -160,30 +162,34 @@ pub(crate) fn new_distributed_engine(
     cfg: StepConfig,
     comm: &ThorComm,
     first_rank: usize,
-) -> Result<Box<dyn LayerEngine>> {
+) -> Result<(Box<dyn LayerEngine>, Option<crate::dist::BatchSlot>)> {
     use crate::dist::OwnershipPlan;
     let (set, layers) = layer_set(block, d_a, d_g)?;
     let plan = OwnershipPlan::new(&set, comm.world())?.rotated(first_rank);
     match (be, comm) {
         (AnyBackend::Cpu(_), ThorComm::Host(c)) => {
+            let (part, slot) = crate::dist::Participant::new(c.clone());
             let step = CpuThorStep::new_distributed_with_plan::<f32>(
                 &set,
                 &layers,
                 cfg,
-                Box::new(c.clone()),
+                Box::new(part),
                 plan,
             )?;
             let ws = Workspace::try_new(cpu::apply_workspace_size(Some(block), d_g, d_a))?;
-            Ok(Box::new(CpuLayer { step, ws, d_a, d_g }))
+            Ok((Box::new(CpuLayer { step, ws, d_a, d_g }), Some(slot)))
         }
         #[cfg(feature = "cuda")]
-        (AnyBackend::Cuda(dev), ThorComm::Device(c)) => Ok(Box::new(CudaLayer::new(
-            dev,
-            set,
-            &layers,
-            cfg,
-            Some((Box::new(c.clone()), plan)),
-        )?)),
+        (AnyBackend::Cuda(dev), ThorComm::Device(c)) => Ok((
+            Box::new(CudaLayer::new(
+                dev,
+                set,
+                &layers,
+                cfg,
+                Some((Box::new(c.clone()), plan)),
+            )?),
+            None,
+        )),
         #[cfg(feature = "cuda")]
         _ => Err(Error::invalid(
             "backend",

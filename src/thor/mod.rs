@@ -380,6 +380,96 @@ struct LayerState {
     a: BlockLayout,
     g: BlockLayout,
     engine: Box<dyn engine::LayerEngine>,
+    /// On one rank of a group with host collectives: joins the layer's collectives to the
+    /// others' in [`Thor::observe_layers`].
+    slot: Option<crate::dist::BatchSlot>,
+}
+
+/// The inputs of one layer's statistics step, for [`Thor::observe_layers`].
+// A short-lived descriptor passed in slices: the conv variant's two views are not worth a
+// box.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Copy)]
+pub enum LayerInputs<'a> {
+    /// As [`Thor::observe`]: activations `[rows, inputs]` (no ones column) and output
+    /// gradients `[rows, d_g]`.
+    Dense {
+        /// The layer's input activations.
+        acts: &'a [f32],
+        /// The gradients of its output.
+        out_grads: &'a [f32],
+        /// Rows of both (at least one).
+        rows: usize,
+    },
+    /// As [`Thor::observe_conv`]: a convolution's raw input and output-gradient tensors.
+    Conv {
+        /// The layer's input tensor.
+        input: &'a [f32],
+        /// How `input` is laid out.
+        input_view: Patches,
+        /// The gradient of its output.
+        out_grad: &'a [f32],
+        /// How `out_grad` is laid out.
+        grad_view: Patches,
+    },
+}
+
+/// The step inputs of layer `kind` from `item`: checked against the layer (nothing is
+/// run on error); a dense layer with bias gets its ones column in `ones`.
+fn step_inputs<'a>(
+    kind: &LayerKind,
+    item: LayerInputs<'a>,
+    norm: ConvNorm,
+    ones: &'a mut Vec<f32>,
+) -> Result<(HostStepInput<'a, f32>, HostStepInput<'a, f32>)> {
+    match item {
+        LayerInputs::Dense {
+            acts,
+            out_grads,
+            rows,
+        } => {
+            if rows == 0 {
+                return Err(Error::invalid("rows", "at least one row is needed"));
+            }
+            let (inputs, d_a, d_g) = (kind.inputs(), kind.d_a(), kind.d_g());
+            check_len("acts", product("rows", rows, inputs)?, acts.len())?;
+            check_len("out_grads", product("rows", rows, d_g)?, out_grads.len())?;
+            let x_a: &[f32] = if kind.bias() {
+                try_resize("rows", ones, product("rows", rows, d_a)?, 1.0)?;
+                for (dst, src) in ones.chunks_exact_mut(d_a).zip(acts.chunks_exact(inputs)) {
+                    dst[..inputs].copy_from_slice(src);
+                    dst[inputs] = 1.0;
+                }
+                ones
+            } else {
+                acts
+            };
+            Ok((
+                HostStepInput::matrix(x_a, rows, d_a),
+                HostStepInput::matrix(out_grads, rows, d_g),
+            ))
+        }
+        LayerInputs::Conv {
+            input,
+            input_view,
+            out_grad,
+            grad_view,
+        } => {
+            let (a, g) = conv_views(kind, input_view, grad_view, norm)?;
+            check_min_len("input", a.span()?, input.len())?;
+            check_min_len("out_grad", g.span()?, out_grad.len())?;
+            Ok((
+                HostStepInput {
+                    x: input,
+                    layout: InputLayout::Patches(a),
+                },
+                HostStepInput {
+                    x: out_grad,
+                    layout: InputLayout::Patches(g),
+                },
+            ))
+        }
+    }
 }
 
 /// The THOR optimizer state.
@@ -392,7 +482,8 @@ pub struct Thor {
     next_stats: u64,
     /// Where the layers' state lives and their operations run.
     backend: AnyBackend,
-    ones_buf: Vec<f32>,
+    /// The ones columns of dense layers with bias, one buffer per layer of a call.
+    ones_bufs: Vec<Vec<f32>>,
     /// On one rank of a group: its communicator, and the blocks of the layers so far (the
     /// next layer's plan starts at the rank after them).
     dist: Option<(engine::ThorComm, usize)>,
@@ -419,7 +510,7 @@ impl Thor {
             epoch: 0.0,
             next_stats: 0,
             backend,
-            ones_buf: Vec::new(),
+            ones_bufs: Vec::new(),
             dist: None,
         })
     }
@@ -564,9 +655,10 @@ impl Thor {
         // Every buffer is sized by the caller's layer: allocated fallibly, so that a layer
         // too large for memory is an error naming it rather than an abort (and nothing
         // changes).
-        let engine = match &self.dist {
+        let (engine, slot) = match &self.dist {
             None => {
                 engine::new_engine(&self.backend, b, kind.d_a(), kind.d_g(), self.step_config())
+                    .map(|e| (e, None))
             }
             Some((comm, first)) => engine::new_distributed_engine(
                 &self.backend,
@@ -592,7 +684,13 @@ impl Thor {
         if let Some((_, first)) = &mut self.dist {
             *first += a.blocks() + g.blocks();
         }
-        self.layers.push(LayerState { kind, a, g, engine });
+        self.layers.push(LayerState {
+            kind,
+            a,
+            g,
+            engine,
+            slot,
+        });
         Ok(LayerId(self.layers.len() - 1))
     }
 
@@ -688,37 +786,12 @@ impl Thor {
         out_grads: &[f32],
         rows: usize,
     ) -> Result<Decision> {
-        let damping = self.damping();
-        let l = layer_in(&mut self.layers, id)?;
-        if rows == 0 {
-            return Err(Error::invalid("rows", "at least one row is needed"));
-        }
-        let (inputs, d_a, d_g) = (l.kind.inputs(), l.kind.d_a(), l.kind.d_g());
-        check_len("acts", product("rows", rows, inputs)?, acts.len())?;
-        check_len("out_grads", product("rows", rows, d_g)?, out_grads.len())?;
-        let x_a: &[f32] = if l.kind.bias() {
-            try_resize("rows", &mut self.ones_buf, product("rows", rows, d_a)?, 1.0)?;
-            for (dst, src) in self
-                .ones_buf
-                .chunks_exact_mut(d_a)
-                .zip(acts.chunks_exact(inputs))
-            {
-                dst[..inputs].copy_from_slice(src);
-                dst[inputs] = 1.0;
-            }
-            &self.ones_buf
-        } else {
-            acts
+        let item = LayerInputs::Dense {
+            acts,
+            out_grads,
+            rows,
         };
-        // The layer's factor step: a frozen layer is not touched, a NaN or Inf anywhere
-        // skips it, the first statistics replace the identity, then the EMA; the rule, the
-        // inversion of an updated layer, the counters.
-        l.engine.observe(
-            &self.backend,
-            HostStepInput::matrix(x_a, rows, d_a),
-            HostStepInput::matrix(out_grads, rows, d_g),
-            damping,
-        )
+        Ok(self.observe_layers(&[(id, item)])?[0])
     }
 
     /// [`Thor::observe`] for a [`LayerKind::Conv2d`] layer from its raw tensors, without
@@ -741,24 +814,113 @@ impl Thor {
         out_grad: &[f32],
         grad_view: Patches,
     ) -> Result<Decision> {
+        let item = LayerInputs::Conv {
+            input,
+            input_view,
+            out_grad,
+            grad_view,
+        };
+        Ok(self.observe_layers(&[(id, item)])?[0])
+    }
+
+    /// The statistics steps of several layers at once, each as [`Thor::observe`] or
+    /// [`Thor::observe_conv`] would run it; their decisions, in the order given. Every
+    /// input is checked against its layer first: on an argument error (a layer given twice,
+    /// a shape that does not match) no layer changes.
+    ///
+    /// On one rank of a group with host collectives ([`Thor::with_communicator`] on the
+    /// CPU), the layers' steps run on threads of their own and their collectives are
+    /// joined: three collectives for all the layers instead of three per layer (every rank
+    /// must pass the same layers in the same order). Elsewhere, and with one layer, they
+    /// run one after the other, and an error in a layer's step (other than an argument
+    /// error) comes after the layers before it have taken theirs.
+    pub fn observe_layers(
+        &mut self,
+        items: &[(LayerId, LayerInputs<'_>)],
+    ) -> Result<Vec<Decision>> {
         let damping = self.damping();
         let norm = self.cfg.conv_norm;
-        let l = layer_in(&mut self.layers, id)?;
-        let (a, g) = conv_views(&l.kind, input_view, grad_view, norm)?;
-        check_min_len("input", a.span()?, input.len())?;
-        check_min_len("out_grad", g.span()?, out_grad.len())?;
-        l.engine.observe(
-            &self.backend,
-            HostStepInput {
-                x: input,
-                layout: InputLayout::Patches(a),
-            },
-            HostStepInput {
-                x: out_grad,
-                layout: InputLayout::Patches(g),
-            },
-            damping,
-        )
+        // Each layer once; the inputs checked before anything runs.
+        let mut pick: Vec<Option<usize>> = vec![None; self.layers.len()];
+        for (i, (id, _)) in items.iter().enumerate() {
+            self.layer(*id)?;
+            if pick[id.0].replace(i).is_some() {
+                return Err(Error::invalid(
+                    "layers",
+                    format!("layer {} is given twice", id.0),
+                ));
+            }
+        }
+        if self.ones_bufs.len() < items.len() {
+            self.ones_bufs.resize_with(items.len(), Vec::new);
+        }
+        let mut inputs = Vec::with_capacity(items.len());
+        for ((id, item), ones) in items.iter().zip(self.ones_bufs.iter_mut()) {
+            inputs.push(step_inputs(&self.layers[id.0].kind, *item, norm, ones)?);
+        }
+        // The layers' engines in the order given.
+        let mut steps: Vec<Option<&mut LayerState>> = (0..items.len()).map(|_| None).collect();
+        for (l, p) in self.layers.iter_mut().zip(&pick) {
+            if let Some(i) = p {
+                steps[*i] = Some(l);
+            }
+        }
+        let steps: Vec<&mut LayerState> = steps.into_iter().flatten().collect();
+        let be = &self.backend;
+        let batch = match &self.dist {
+            Some((engine::ThorComm::Host(c), _)) if items.len() > 1 => Some(c),
+            _ => None,
+        };
+        let Some(shared) = batch else {
+            return steps
+                .into_iter()
+                .zip(inputs)
+                .map(|(l, (a, g))| l.engine.observe(be, a, g, damping))
+                .collect();
+        };
+        let batch = crate::dist::Batch::new(shared.clone(), items.len());
+        let outs: Vec<std::thread::Result<Result<Decision>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = steps
+                .into_iter()
+                .zip(inputs)
+                .enumerate()
+                .map(|(p, (l, (a, g)))| {
+                    let batch = &batch;
+                    scope.spawn(move || {
+                        let slot = l.slot.as_ref().expect("a host-collective layer has a slot");
+                        let _joined = slot.join(batch, p);
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            l.engine.observe(be, a, g, damping)
+                        }));
+                        match &r {
+                            Ok(Ok(_)) => batch.leave(p, None),
+                            Ok(Err(e)) => batch.leave(p, Some(&e.to_string())),
+                            Err(_) => batch.leave(p, Some("a panic")),
+                        }
+                        r
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(Err))
+                .collect()
+        });
+        let mut decisions = Vec::with_capacity(outs.len());
+        let mut first_err = None;
+        for out in outs {
+            match out {
+                Ok(Ok(d)) => decisions.push(d),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(decisions),
+        }
     }
 
     /// The preconditioned gradient of layer `id`: `out = G^-1 grad A^-1` with the layer's
