@@ -378,7 +378,8 @@ __device__ __forceinline__ void rank_update(float (&v)[B / P][B / P], const floa
 // update in registers. The arithmetic of every entry of L is the standard kernel's, in the
 // same order, so the factor, the failing pivot and the retries are bit for bit the same.
 //
-// Phase 2 (left inverse X = L^-1, X L = I, blocked as LAPACK's trtri): the diagonal
+// Phase 2 (left inverse X = L^-1, X L = I, in LAPACK trtri's order, multiplying by the
+// inverted diagonal block where trtri solves with it): the diagonal
 // blocks are inverted one row per thread (X(r, c) = -(sum_{k > c} X(r, k) L(k, c)) / l_cc,
 // last column first, as trti2), then block columns J from the last but one to the first:
 // X(I, J) = -(sum_{J < K <= I} X(I, K) L(K, J)) X(J, J) for every I > J at once.

@@ -16,8 +16,11 @@
 //!   `~/.cache/thor-kernels/choices.txt`); `off` turns choosing off (the baseline always,
 //!   nothing timed, nothing written: bit-for-bit the same kernels on every machine, unless
 //!   a variant is forced);
-//!   `memory` keeps choices for the process only.
-//! - `THOR_FORCE_<OP>` (`THOR_FORCE_ACCUMULATE=blocks`, `THOR_FORCE_INVERT=two_per_sm`,
+//!   `memory` keeps choices for the process only. A choice can change results by
+//!   rounding (variants that agree within the check's tolerance, not bit for bit: the
+//!   tensor-core accumulation, the blocked inversion), so a timed choice may differ from
+//!   card to card; `off`, or a forced variant, keeps results reproducible.
+//! - `THOR_FORCE_<OP>` (`THOR_FORCE_ACCUMULATE=blocks`, `THOR_FORCE_INVERT=blocked`,
 //!   `THOR_FORCE_APPLY=conflict_free`): that variant, untimed, wherever it is eligible
 //!   (elsewhere a warning, and the choice is made as usual).
 //!

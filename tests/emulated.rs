@@ -1534,6 +1534,18 @@ fn emulated_invert_reports_bad_blocks_in_place_and_out_of_place() {
 }
 
 #[test]
+fn emulated_invert_late_failures_and_retries_at_every_size() {
+    // Failures past the first panels of the blocked kernel: the standard and the blocked
+    // kernels (each run beside the other) report the same pivots, retries and damping.
+    let _g = lock();
+    for b in SUPPORTED_BLOCK_SIZES {
+        for kernel in invert_kernels(b) {
+            invert_cases::late_failures(&EmuInverter(b as i32 % 5, kernel), b);
+        }
+    }
+}
+
+#[test]
 fn emulated_invert_mask_retry_and_per_block_damping() {
     let _g = lock();
     for kernel in invert_kernels(32) {

@@ -141,9 +141,11 @@ impl CudaDevice {
     /// their output. `damping_used`, when given, receives each attempted block's final damping.
     ///
     /// The kernel is the one chosen for this card and block count
-    /// ([`CudaDevice::choose_invert_kernel`]): the first call for a new block count may time
-    /// the kernels on synthetic blocks and wait for the device, so make it before capturing
-    /// a CUDA graph (or set `THOR_CHOICES=off`, or force one with `THOR_FORCE_INVERT`).
+    /// ([`CudaDevice::choose_invert_kernel`]): the first call for a new block count (at
+    /// b <= 128, where there is more than one kernel) may time the kernels on synthetic
+    /// blocks and wait for the device, so make it before capturing a CUDA graph (or set
+    /// `THOR_CHOICES=off`, or force one with `THOR_FORCE_INVERT`). The blocked kernel's
+    /// inverses differ from the standard one's by rounding: see [`crate::choice`].
     pub fn invert(
         &self,
         b: usize,

@@ -493,7 +493,7 @@ impl InvertKernel {
         match self {
             InvertKernel::Standard => true,
             InvertKernel::TwoPerSm => b == 128,
-            InvertKernel::Blocked => b <= 128,
+            InvertKernel::Blocked => matches!(b, 32 | 64 | 128),
         }
     }
 
@@ -593,7 +593,8 @@ pub fn plan_invert_chol_f32_with(
             (InvertKernel::TwoPerSm, _) => kernels::INVERT_CHOL_B128X2_F32,
             (InvertKernel::Blocked, 32) => kernels::INVERT_BLOCKED_B32_F32,
             (InvertKernel::Blocked, 64) => kernels::INVERT_BLOCKED_B64_F32,
-            (InvertKernel::Blocked, _) => kernels::INVERT_BLOCKED_B128_F32,
+            (InvertKernel::Blocked, 128) => kernels::INVERT_BLOCKED_B128_F32,
+            (InvertKernel::Blocked, b) => unreachable!("supports() refused b = {b}"),
             (InvertKernel::Standard, b) => kernels::invert_chol_f32(b),
         },
         grid: (grid, 1, 1),

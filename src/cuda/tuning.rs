@@ -46,9 +46,8 @@ pub fn invert_smem_bytes(b: usize, kernel: super::raw::InvertKernel) -> usize {
 /// invert, blocked kernel: the panel width, the side of its thread grid (8 at b = 32 and
 /// 64, 16 at b = 128; `THOR_INVERT_BLOCKED_KERNEL` in kernels/invert.cu).
 pub fn invert_panel(b: usize) -> usize {
-    if b == 128 {
-        16
-    } else {
-        8
+    match b {
+        128 => 16,
+        _ => 8,
     }
 }

@@ -150,6 +150,56 @@ pub fn mask_retry_damping(inv: &dyn Inverter, b: usize) {
     assert!(thor_kernels::invert::check_info(&info).is_err());
 }
 
+/// Blocks that fail at late pivots (the middle and the last panel of a blocked kernel):
+/// the reference's pivot reported, the output left as it was; and an indefinite block of
+/// size `b` retried to success at the second damping.
+pub fn late_failures(inv: &dyn Inverter, b: usize) {
+    let mut r = rng(120 + b as u64);
+    let good = spd(&mut r, b, 10.0);
+    let ks = [b / 2 + 3, b - 5];
+    let mut blocks = Vec::new();
+    for &k in &ks {
+        let mut m = good.clone();
+        m[k * b + k] = -100.0;
+        blocks.extend(m.iter().map(|&v| v as f32));
+    }
+    let (_, ref_info) = reference::invert_blocks(&f64s(&blocks), b, &[0.0; 2]).unwrap();
+    assert_eq!(ref_info, vec![ks[0] as i32 + 1, ks[1] as i32 + 1]);
+    let before = poisoned(blocks.len());
+    let (out, info, _) = inv.invert(
+        b,
+        &blocks,
+        InvertCall {
+            out_init: Some(&before),
+            ..InvertCall::default()
+        },
+    );
+    assert_eq!(info, ref_info, "b={b}");
+    let same = out
+        .iter()
+        .zip(&before)
+        .all(|(x, y)| x.to_bits() == y.to_bits());
+    assert!(same, "b={b}: a failed block was written");
+    // Eigenvalues in [-4, 95]: fails at damping 0.5, succeeds at 5.
+    let mut s = spd(&mut r, b, 100.0);
+    for i in 0..b {
+        s[i * b + i] -= 5.0;
+    }
+    let ind: Vec<f32> = s.iter().map(|&v| v as f32).collect();
+    let (out, info, used) = inv.invert(
+        b,
+        &ind,
+        InvertCall {
+            out_init: Some(&poisoned(b * b)),
+            damping_all: 0.5,
+            policy: FailurePolicy::retry(),
+            ..InvertCall::default()
+        },
+    );
+    assert_eq!((info, used), (vec![0], vec![5.0]), "b={b}");
+    assert!(block_residual(&ind, &out, b, 0, 5.0) < 1e-4, "b={b}");
+}
+
 /// Residual up to condition number 1e7: within [`inverse_tolerance`] (0.25 x cond x eps_f32)
 /// everywhere; each figure printed.
 pub fn residual_bound(inv: &dyn Inverter, b: usize, label: &str) {

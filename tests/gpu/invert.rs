@@ -197,6 +197,16 @@ fn gpu_invert_mask_retry_and_device_damping() {
 }
 
 #[test]
+fn gpu_invert_late_failures_and_retries_at_every_size() {
+    let Some(dev) = gpu_or_skip("gpu_invert_late_failures_and_retries_at_every_size") else {
+        return;
+    };
+    for b in SUPPORTED_BLOCK_SIZES {
+        invert_cases::late_failures(&GpuInverter(&dev), b);
+    }
+}
+
+#[test]
 fn gpu_invert_residual_bound_up_to_cond_1e7() {
     let Some(dev) = gpu_or_skip("gpu_invert_residual_bound_up_to_cond_1e7") else {
         return;
@@ -249,7 +259,12 @@ fn gpu_invert_every_kernel_reports_and_inverts_like_the_reference() {
     };
     for b in SUPPORTED_BLOCK_SIZES {
         let mut r = rng(90 + b as u64);
-        let (bad, want) = mixed_bad_batch(&mut r, b);
+        let (mut bad, mut want) = mixed_bad_batch(&mut r, b);
+        // A failure in the last panel of the blocked kernel too.
+        let mut late = bad[..b * b].to_vec();
+        late[(b - 5) * b + b - 5] = -100.0;
+        bad.extend_from_slice(&late);
+        want.push(b as i32 - 4);
         let conds = [1.0, 1e2, 1e4, 1e6];
         let good = spd_batch(&mut r, b, conds.len(), &conds);
         let input: Vec<f32> = bad.iter().chain(&good).copied().collect();
