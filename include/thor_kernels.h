@@ -146,22 +146,6 @@ typedef struct ThorInvertPolicy {
   float floor;
 } ThorInvertPolicy;
 
-// Per-layer counters (`thor::LayerCounters`, field for field).
-typedef struct ThorCounters {
-  // Statistics steps whose statistics were accepted.
-  uint64_t statistics;
-  // Statistics steps that recomputed the inverses.
-  uint64_t updates;
-  // Statistics steps that kept the previous inverses.
-  uint64_t reuses;
-  // 1 once the layer froze (it stays frozen).
-  uint64_t freezes;
-  // Statistics steps skipped because activations or gradients were not finite.
-  uint64_t skipped;
-  // Inversions that failed even after retries (previous inverses kept).
-  uint64_t failed_inversions;
-} ThorCounters;
-
 // The geometry of one conv layer's statistics step and the strides of its two tensors,
 // for `thor_v1_optimizer_observe_conv`. The layer's `c_in`, `c_out` and kernel come from
 // its registration.
@@ -185,6 +169,40 @@ typedef struct ThorConvTensors {
   // Element strides of the output gradient's `[n, c_out, ho, wo]`, likewise.
   int64_t grad_strides[4];
 } ThorConvTensors;
+
+// One layer's inputs for `thor_v1_optimizer_observe_layers`: a dense layer's activations
+// `[rows, inputs]` and output gradients `[rows, outputs]` as for
+// `thor_v1_optimizer_observe` (`conv` null), or a conv layer's input and output-gradient
+// tensors as `*conv` describes them, as for `thor_v1_optimizer_observe_conv` (`acts` the
+// input, `out_grads` the output gradient, `rows` ignored).
+typedef struct ThorLayerStep {
+  // The layer.
+  int32_t layer;
+  // Activations (dense) or the input tensor (conv).
+  const float *acts;
+  // Output gradients (dense) or the output-gradient tensor (conv).
+  const float *out_grads;
+  // Rows of a dense layer's inputs.
+  int64_t rows;
+  // A conv layer's geometry and strides, or null for a dense layer.
+  const struct ThorConvTensors *conv;
+} ThorLayerStep;
+
+// Per-layer counters (`thor::LayerCounters`, field for field).
+typedef struct ThorCounters {
+  // Statistics steps whose statistics were accepted.
+  uint64_t statistics;
+  // Statistics steps that recomputed the inverses.
+  uint64_t updates;
+  // Statistics steps that kept the previous inverses.
+  uint64_t reuses;
+  // 1 once the layer froze (it stays frozen).
+  uint64_t freezes;
+  // Statistics steps skipped because activations or gradients were not finite.
+  uint64_t skipped;
+  // Inversions that failed even after retries (previous inverses kept).
+  uint64_t failed_inversions;
+} ThorCounters;
 
 #ifdef __cplusplus
 extern "C" {
@@ -662,6 +680,28 @@ enum ThorStatus thor_v1_optimizer_observe(struct ThorOptimizer *opt,
                                           const float *out_grads,
                                           int64_t rows,
                                           int32_t *observation);
+
+// The statistics steps of `n` layers at once: `steps[i]` as `thor_v1_optimizer_observe`
+// (or `_observe_conv`) would take it; `observations[i]` (host memory, may be null)
+// receives layer `steps[i].layer`'s decision. On a rank of a group
+// (`thor_v1_optimizer_create_distributed` and its variants, on a CPU context) the layers'
+// collectives are joined: three per call instead of three per layer (every rank passes
+// the same layers in the same order). On a CUDA optimizer the steps are queued one after
+// the other on its stream (a non-null `observations` waits for them).
+//
+// Returns `OK`; `INVALID_ARGUMENT` (as for the single-layer calls, naming the field;
+// `steps` null or `n` negative, a layer given twice, `observations` overlapping an
+// input); `OUT_OF_MEMORY`; `COMMUNICATION`. On an argument error nothing changes.
+//
+// # Safety
+// `steps` must address `n` `ThorLayerStep`s and every pointer in them the elements their
+// descriptions give (host memory on a CPU context, device memory on a CUDA context),
+// `observations` `n` i32 or be null; all valid for the call and, on a CUDA context, until
+// the queued work completes; handles must come from this library.
+enum ThorStatus thor_v1_optimizer_observe_layers(struct ThorOptimizer *opt,
+                                                 int64_t n,
+                                                 const struct ThorLayerStep *steps,
+                                                 int32_t *observations);
 
 // The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]`
 // arrays (bias gradient as the last column for a layer with bias; host memory, or device

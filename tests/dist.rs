@@ -629,6 +629,58 @@ mod optimizer {
         }
     }
 
+    /// A rank's communicator that fails any collective called from a thread other than
+    /// the one that made it (MPI's funneled mode, say, needs that).
+    #[derive(Debug)]
+    struct OneThread {
+        inner: thor_kernels::dist::LocalComm,
+        owner: std::thread::ThreadId,
+    }
+
+    impl OneThread {
+        fn check(&self) -> thor_kernels::Result<()> {
+            if std::thread::current().id() == self.owner {
+                Ok(())
+            } else {
+                Err(Error::invalid("thread", "a collective from another thread"))
+            }
+        }
+    }
+
+    impl Communicator for OneThread {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world(&self) -> usize {
+            self.inner.world()
+        }
+        fn reduce_scatter(
+            &mut self,
+            send: &[f32],
+            counts: &[usize],
+            recv: &mut [f32],
+        ) -> thor_kernels::Result<()> {
+            self.check()?;
+            self.inner.reduce_scatter(send, counts, recv)
+        }
+        fn all_gather(
+            &mut self,
+            send: &[f32],
+            counts: &[usize],
+            recv: &mut [f32],
+        ) -> thor_kernels::Result<()> {
+            self.check()?;
+            self.inner.all_gather(send, counts, recv)
+        }
+        fn all_reduce(&mut self, buf: &mut [f64]) -> thor_kernels::Result<()> {
+            self.check()?;
+            self.inner.all_reduce(buf)
+        }
+        fn counters(&self) -> thor_kernels::dist::CommCounters {
+            self.inner.counters()
+        }
+    }
+
     #[test]
     fn layers_observed_together_join_their_collectives() {
         // The same steps through `observe_layers`: the same bits as layer by layer (the
@@ -638,6 +690,11 @@ mod optimizer {
             let ranges = row_ranges(ROWS, world);
             let out = LocalGroup::run(world, Duration::from_secs(60), |comm| {
                 let rank = comm.rank();
+                // The joined collectives run on the caller's thread.
+                let comm = OneThread {
+                    inner: comm,
+                    owner: std::thread::current().id(),
+                };
                 let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
                 add_layers(&mut t);
                 let steps = run_with(&mut t, 0..6, ranges[rank].clone(), true);

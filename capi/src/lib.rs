@@ -29,7 +29,8 @@ use thor_kernels::error::{Error, Result};
 use thor_kernels::invert::FailurePolicy;
 use thor_kernels::layout::{BlockLayout, FactorSet};
 use thor_kernels::thor::{
-    ConvNorm, DampingSchedule, IntervalSchedule, LayerId, LayerKind, Thor, ThorConfig, Thresholds,
+    ConvNorm, DampingSchedule, IntervalSchedule, LayerId, LayerInputs, LayerKind, Thor, ThorConfig,
+    Thresholds,
 };
 use thor_kernels::{Conv2dGeometry, Patches, TensorLayout};
 

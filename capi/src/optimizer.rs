@@ -424,50 +424,318 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe(
     guard(|| {
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let t = unsafe { opt_mut(opt)? };
-        let rows = checks::dim("rows", rows)?;
-        let id = LayerId(size("layer", layer as i64)?);
-        let kind = t.layer_kind(id)?;
-        let (na, ng) = (
-            count("rows", &[rows, kind.inputs()])?,
-            count("rows", &[rows, kind.d_g()])?,
-        );
+        let step = ThorLayerStep {
+            layer,
+            acts,
+            out_grads,
+            rows,
+            conv: std::ptr::null(),
+        };
         // SAFETY: `opt` was checked above.
         let device = unsafe { on_device(opt) };
-        // `observation` is host memory in both cases (device addresses never overlap it).
-        Regions::new()
-            .read("acts", acts, na)
-            .read("out_grads", out_grads, ng)
-            .write_opt("observation", observation as *const i32, 1)
-            .check()?;
-        if device {
-            // SAFETY: device pointers to `na` and `ng` f32 (the pointer contract), rows
-            // dense.
-            unsafe {
-                t.observe_device_raw(
-                    id,
-                    acts as u64,
-                    kind.inputs(),
-                    out_grads as u64,
-                    kind.d_g(),
-                    rows,
-                )?
-            };
-            if !observation.is_null() {
-                let o = t.last_decision(id)?;
-                // SAFETY: checked above.
-                unsafe { *observation = o.code() };
+        let o = (
+            observation as *const i32,
+            usize::from(!observation.is_null()),
+        );
+        // SAFETY: the pointer contract of this function.
+        let checked = unsafe { step.check(t, o)? };
+        let decision = if device {
+            // SAFETY: the pointer contract of this function, checked above.
+            unsafe { checked.queue(t)? };
+            if observation.is_null() {
+                return Ok(());
             }
-            return Ok(());
-        }
-        // SAFETY: the pointer contract of this function (module docs); checked just above.
-        let (a, g) = unsafe { (host("acts", acts, na)?, host("out_grads", out_grads, ng)?) };
-        let o = t.observe(id, a, g, rows)?;
+            t.last_decision(checked.id)?
+        } else {
+            // SAFETY: the pointer contract of this function, checked above.
+            let item = unsafe { checked.host()? };
+            t.observe_layers(&[item])?[0]
+        };
         if !observation.is_null() {
             // SAFETY: checked above, before anything changed.
-            unsafe { *observation = o.code() };
+            unsafe { *observation = decision.code() };
         }
         Ok(())
     })
+}
+
+/// One layer's inputs for `thor_v1_optimizer_observe_layers`: a dense layer's activations
+/// `[rows, inputs]` and output gradients `[rows, outputs]` as for
+/// `thor_v1_optimizer_observe` (`conv` null), or a conv layer's input and output-gradient
+/// tensors as `*conv` describes them, as for `thor_v1_optimizer_observe_conv` (`acts` the
+/// input, `out_grads` the output gradient, `rows` ignored).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ThorLayerStep {
+    /// The layer.
+    pub layer: i32,
+    /// Activations (dense) or the input tensor (conv).
+    pub acts: *const f32,
+    /// Output gradients (dense) or the output-gradient tensor (conv).
+    pub out_grads: *const f32,
+    /// Rows of a dense layer's inputs.
+    pub rows: i64,
+    /// A conv layer's geometry and strides, or null for a dense layer.
+    pub conv: *const ThorConvTensors,
+}
+
+/// A [`ThorLayerStep`] checked against its layer: the two inputs' lengths, and their
+/// layouts.
+struct CheckedStep {
+    id: LayerId,
+    acts: *const f32,
+    out_grads: *const f32,
+    na: usize,
+    ng: usize,
+    /// `None` for a dense layer (its rows and widths), else the conv views.
+    layout: std::result::Result<(usize, usize, usize), (Patches, Patches)>,
+}
+
+impl ThorLayerStep {
+    /// Checks the step against its layer in `t`, the pointers with `out` (a region the call
+    /// writes, `(null, 0)` for none): nothing is read but `*conv`.
+    ///
+    /// # Safety
+    /// `conv`, when not null, must address a `ThorConvTensors`.
+    unsafe fn check(&self, t: &Thor, out: (*const i32, usize)) -> Result<CheckedStep> {
+        let id = LayerId(size("layer", self.layer as i64)?);
+        let kind = t.layer_kind(id)?;
+        if self.conv.is_null() {
+            let rows = checks::dim("rows", self.rows)?;
+            let (na, ng) = (
+                count("rows", &[rows, kind.inputs()])?,
+                count("rows", &[rows, kind.d_g()])?,
+            );
+            Regions::new()
+                .read("acts", self.acts, na)
+                .read("out_grads", self.out_grads, ng)
+                .write_opt("observation", out.0, out.1)
+                .check()?;
+            return Ok(CheckedStep {
+                id,
+                acts: self.acts,
+                out_grads: self.out_grads,
+                na,
+                ng,
+                layout: Ok((rows, kind.inputs(), kind.d_g())),
+            });
+        }
+        check_ptr("tensors", self.conv)?;
+        // SAFETY: checked for null and alignment; a plain-data struct of the caller's.
+        let c = unsafe { *self.conv };
+        // Errors in the geometry or the strides name `tensors` and the field.
+        let in_tensors = |e: Error| match e {
+            Error::InvalidArgument { arg, reason } if arg != "layer" => {
+                Error::invalid("tensors", format!("{arg}: {reason}"))
+            }
+            Error::Shape {
+                arg,
+                expected,
+                actual,
+            } => Error::shape("tensors", format!("{arg}: {expected}"), actual),
+            other => other,
+        };
+        let (a, g, na, ng) = (|| {
+            let (a, g) = conv_views(kind, &c)?;
+            a.validate().map_err(rename("strides", "input_strides"))?;
+            g.validate().map_err(rename("strides", "grad_strides"))?;
+            let (na, ng) = (
+                a.span().map_err(rename("strides", "input_strides"))?,
+                g.span().map_err(rename("strides", "grad_strides"))?,
+            );
+            Ok((a, g, na, ng))
+        })()
+        .map_err(in_tensors)?;
+        Regions::new()
+            .read("input", self.acts, na)
+            .read("out_grad", self.out_grads, ng)
+            .read("tensors", self.conv, 1)
+            .write_opt("observation", out.0, out.1)
+            .check()?;
+        Ok(CheckedStep {
+            id,
+            acts: self.acts,
+            out_grads: self.out_grads,
+            na,
+            ng,
+            layout: Err((a, g)),
+        })
+    }
+}
+
+impl CheckedStep {
+    /// The step's host inputs.
+    ///
+    /// # Safety
+    /// The checked pointers address host memory holding the lengths checked, valid for
+    /// the returned lifetime.
+    unsafe fn host<'a>(&self) -> Result<(LayerId, LayerInputs<'a>)> {
+        let (an, gn) = match self.layout {
+            Ok(_) => ("acts", "out_grads"),
+            Err(_) => ("input", "out_grad"),
+        };
+        // SAFETY: the caller's contract.
+        let (a, g) = unsafe {
+            (
+                host(an, self.acts, self.na)?,
+                host(gn, self.out_grads, self.ng)?,
+            )
+        };
+        let item = match self.layout {
+            Ok((rows, _, _)) => LayerInputs::Dense {
+                acts: a,
+                out_grads: g,
+                rows,
+            },
+            Err((input_view, grad_view)) => LayerInputs::Conv {
+                input: a,
+                input_view,
+                out_grad: g,
+                grad_view,
+            },
+        };
+        Ok((self.id, item))
+    }
+
+    /// Queues the step of a CUDA optimizer on its stream.
+    ///
+    /// # Safety
+    /// The checked pointers address device memory of the optimizer's context holding the
+    /// lengths checked, valid until the queued work completes.
+    unsafe fn queue(&self, t: &mut Thor) -> Result<()> {
+        match self.layout {
+            // SAFETY: the caller's contract; rows dense.
+            Ok((rows, inputs, d_g)) => unsafe {
+                t.observe_device_raw(
+                    self.id,
+                    self.acts as u64,
+                    inputs,
+                    self.out_grads as u64,
+                    d_g,
+                    rows,
+                )
+            },
+            // SAFETY: the caller's contract.
+            Err((a, g)) => unsafe {
+                t.observe_conv_device_raw(self.id, self.acts as u64, a, self.out_grads as u64, g)
+            },
+        }
+    }
+}
+
+/// The statistics steps of `n` layers at once: `steps[i]` as `thor_v1_optimizer_observe`
+/// (or `_observe_conv`) would take it; `observations[i]` (host memory, may be null)
+/// receives layer `steps[i].layer`'s decision. On a rank of a group
+/// (`thor_v1_optimizer_create_distributed` and its variants, on a CPU context) the layers'
+/// collectives are joined: three per call instead of three per layer (every rank passes
+/// the same layers in the same order). On a CUDA optimizer the steps are queued one after
+/// the other on its stream (a non-null `observations` waits for them).
+///
+/// Returns `OK`; `INVALID_ARGUMENT` (as for the single-layer calls, naming the field;
+/// `steps` null or `n` negative, a layer given twice, `observations` overlapping an
+/// input); `OUT_OF_MEMORY`; `COMMUNICATION`. On an argument error nothing changes.
+///
+/// # Safety
+/// `steps` must address `n` `ThorLayerStep`s and every pointer in them the elements their
+/// descriptions give (host memory on a CPU context, device memory on a CUDA context),
+/// `observations` `n` i32 or be null; all valid for the call and, on a CUDA context, until
+/// the queued work completes; handles must come from this library.
+#[no_mangle]
+pub unsafe extern "C" fn thor_v1_optimizer_observe_layers(
+    opt: *mut ThorOptimizer,
+    n: i64,
+    steps: *const ThorLayerStep,
+    observations: *mut i32,
+) -> ThorStatus {
+    guard(|| {
+        // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
+        let t = unsafe { opt_mut(opt)? };
+        let n = size("n", n)?;
+        Regions::new()
+            .read("steps", steps, n)
+            .write_opt("observations", observations as *const i32, n)
+            .check()?;
+        // SAFETY: checked just above; plain-data structs of the caller's.
+        let steps = unsafe { host("steps", steps, n)? };
+        let out = (
+            observations as *const i32,
+            if observations.is_null() { 0 } else { n },
+        );
+        let checked = steps
+            .iter()
+            .enumerate()
+            // SAFETY: the pointer contract of this function.
+            .map(|(i, s)| unsafe { s.check(t, out) }.map_err(|e| in_step(i, e)))
+            .collect::<Result<Vec<_>>>()?;
+        // SAFETY: `opt` was checked above.
+        let decisions = if unsafe { on_device(opt) } {
+            let mut seen = vec![false; t.layers()];
+            for c in &checked {
+                if std::mem::replace(&mut seen[c.id.0], true) {
+                    return Err(Error::invalid(
+                        "steps",
+                        format!("layer {} is given twice", c.id.0),
+                    )
+                    .into());
+                }
+            }
+            for c in &checked {
+                // SAFETY: the pointer contract of this function, checked above.
+                unsafe { c.queue(t)? };
+            }
+            if observations.is_null() {
+                return Ok(());
+            }
+            checked
+                .iter()
+                .map(|c| t.last_decision(c.id))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            let items = checked
+                .iter()
+                // SAFETY: the pointer contract of this function, checked above.
+                .map(|c| unsafe { c.host() })
+                .collect::<Result<Vec<_>>>()?;
+            t.observe_layers(&items).map_err(|e| match e {
+                Error::InvalidArgument {
+                    arg: "layers",
+                    reason,
+                } => Error::InvalidArgument {
+                    arg: "steps",
+                    reason,
+                },
+                other => other,
+            })?
+        };
+        if !observations.is_null() {
+            // SAFETY: checked above: `n` i32, overlapping no input.
+            let o = unsafe { std::slice::from_raw_parts_mut(observations, n) };
+            for (o, d) in o.iter_mut().zip(decisions) {
+                *o = d.code();
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `e` about step `i` of a call: its reason says which step.
+fn in_step(i: usize, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument { arg, reason } => Error::InvalidArgument {
+            arg,
+            reason: format!("steps[{i}]: {reason}"),
+        },
+        Error::Shape {
+            arg,
+            expected,
+            actual,
+        } => Error::Shape {
+            arg,
+            expected: format!("steps[{i}]: {expected}"),
+            actual,
+        },
+        other => other,
+    }
 }
 
 /// The preconditioned gradient of layer `layer`: `grad` and `out` are `[outputs, d_a]`
@@ -936,58 +1204,35 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe_conv(
         // SAFETY: the pointer contract of this function (module docs); checked for null and alignment first.
         let t = unsafe { opt_mut(opt)? };
         check_ptr("tensors", tensors)?;
-        // SAFETY: checked for null and alignment; a plain-data struct of the caller's.
-        let c = unsafe { *tensors };
-        let id = LayerId(size("layer", layer as i64)?);
-        let kind = t.layer_kind(id)?;
-        // Errors in the geometry or the strides name `tensors` and the field.
-        let in_tensors = |e: Error| match e {
-            Error::InvalidArgument { arg, reason } if arg != "layer" => {
-                Error::invalid("tensors", format!("{arg}: {reason}"))
-            }
-            Error::Shape {
-                arg,
-                expected,
-                actual,
-            } => Error::shape("tensors", format!("{arg}: {expected}"), actual),
-            other => other,
+        let step = ThorLayerStep {
+            layer,
+            acts: input,
+            out_grads: out_grad,
+            rows: 0,
+            conv: tensors,
         };
-        let (a, g, na, ng) = (|| {
-            let (a, g) = conv_views(kind, &c)?;
-            a.validate().map_err(rename("strides", "input_strides"))?;
-            g.validate().map_err(rename("strides", "grad_strides"))?;
-            let (na, ng) = (
-                a.span().map_err(rename("strides", "input_strides"))?,
-                g.span().map_err(rename("strides", "grad_strides"))?,
-            );
-            Ok((a, g, na, ng))
-        })()
-        .map_err(in_tensors)?;
+        let o = (
+            observation as *const i32,
+            usize::from(!observation.is_null()),
+        );
+        // SAFETY: the pointer contract of this function.
+        let checked = unsafe { step.check(t, o)? };
         // SAFETY: `opt` was checked above.
-        let device = unsafe { on_device(opt) };
-        Regions::new()
-            .read("input", input, na)
-            .read("out_grad", out_grad, ng)
-            .read("tensors", tensors, 1)
-            .write_opt("observation", observation as *const i32, 1)
-            .check()?;
-        if device {
-            // SAFETY: device pointers to the elements both views span (the pointer
-            // contract).
-            unsafe { t.observe_conv_device_raw(id, input as u64, a, out_grad as u64, g)? };
-            if !observation.is_null() {
-                let o = t.last_decision(id)?;
-                // SAFETY: checked above.
-                unsafe { *observation = o.code() };
+        let decision = if unsafe { on_device(opt) } {
+            // SAFETY: the pointer contract of this function, checked above.
+            unsafe { checked.queue(t)? };
+            if observation.is_null() {
+                return Ok(());
             }
-            return Ok(());
-        }
-        // SAFETY: the pointer contract of this function (module docs); checked just above.
-        let (x, gr) = unsafe { (host("input", input, na)?, host("out_grad", out_grad, ng)?) };
-        let o = t.observe_conv(id, x, a, gr, g)?;
+            t.last_decision(checked.id)?
+        } else {
+            // SAFETY: the pointer contract of this function, checked above.
+            let item = unsafe { checked.host()? };
+            t.observe_layers(&[item])?[0]
+        };
         if !observation.is_null() {
             // SAFETY: checked above, before anything changed.
-            unsafe { *observation = o.code() };
+            unsafe { *observation = decision.code() };
         }
         Ok(())
     })

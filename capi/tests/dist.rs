@@ -300,3 +300,187 @@ fn a_distributed_optimizer_on_a_null_context_is_refused() {
     let msg = msg.to_string_lossy();
     assert!(msg.contains("ctx"), "{msg}");
 }
+
+const D_HID: usize = 20;
+
+/// Per step: the decisions and the layers' preconditioned gradients.
+type Steps = Vec<(Vec<i32>, Vec<Vec<f32>>)>;
+
+/// Three statistics steps of two layers (layer 0 from `create`, layer 1 `D_OUT -> D_HID`
+/// without bias) on rows `rows`, through `thor_v1_optimizer_observe_layers` (`together`)
+/// or one `thor_v1_optimizer_observe` per layer: per step the decisions and both layers'
+/// preconditioned gradients.
+fn run_two(opt: *mut ThorOptimizer, rows: std::ops::Range<usize>, together: bool) -> Steps {
+    let dims = [(D_IN, D_OUT, D_IN + 1), (D_OUT, D_HID, D_OUT)];
+    let mut r = rand::rngs::StdRng::seed_from_u64(4);
+    let grads: Vec<Vec<f32>> = dims
+        .iter()
+        .map(|&(_, o, da)| (0..o * da).map(|_| r.random::<f32>() - 0.5).collect())
+        .collect();
+    (0..3)
+        .map(|k| {
+            let mut r = rand::rngs::StdRng::seed_from_u64(20 + k);
+            let data: Vec<(Vec<f32>, Vec<f32>)> = dims
+                .iter()
+                .map(|&(i, o, _)| {
+                    (
+                        (0..ROWS * i).map(|_| r.random::<f32>() - 0.5).collect(),
+                        (0..ROWS * o).map(|_| r.random::<f32>() - 0.5).collect(),
+                    )
+                })
+                .collect();
+            let steps: Vec<ThorLayerStep> = data
+                .iter()
+                .zip(&dims)
+                .enumerate()
+                .map(|(l, ((a, g), &(i, o, _)))| ThorLayerStep {
+                    layer: l as i32,
+                    acts: a[rows.start * i..].as_ptr(),
+                    out_grads: g[rows.start * o..].as_ptr(),
+                    rows: rows.len() as i64,
+                    conv: std::ptr::null(),
+                })
+                .collect();
+            let mut dec = vec![-1i32; 2];
+            // SAFETY: live buffers of the sizes the header gives.
+            unsafe {
+                if together {
+                    let st =
+                        thor_v1_optimizer_observe_layers(opt, 2, steps.as_ptr(), dec.as_mut_ptr());
+                    assert_eq!(
+                        st,
+                        ThorStatus::Ok,
+                        "{:?}",
+                        CStr::from_ptr(thor_v1_last_error_message())
+                    );
+                } else {
+                    for (s, d) in steps.iter().zip(&mut dec) {
+                        let st =
+                            thor_v1_optimizer_observe(opt, s.layer, s.acts, s.out_grads, s.rows, d);
+                        assert_eq!(st, ThorStatus::Ok);
+                    }
+                }
+            }
+            let pre = grads
+                .iter()
+                .enumerate()
+                .map(|(l, g)| {
+                    let mut out = vec![f32::NAN; g.len()];
+                    // SAFETY: live buffers of the layer's size.
+                    let st = unsafe {
+                        thor_v1_optimizer_precondition(opt, l as i32, g.as_ptr(), out.as_mut_ptr())
+                    };
+                    assert_eq!(st, ThorStatus::Ok);
+                    out
+                })
+                .collect();
+            // SAFETY: a live optimizer.
+            assert_eq!(
+                unsafe { thor_v1_optimizer_finish_step(opt) },
+                ThorStatus::Ok
+            );
+            (dec, pre)
+        })
+        .collect()
+}
+
+#[test]
+fn layers_observed_together_through_callbacks_match_layer_by_layer() {
+    let world = 2;
+    let run_group = |together: bool| -> Vec<Steps> {
+        let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
+        std::thread::scope(|s| {
+            let hs: Vec<_> = comms
+                .into_iter()
+                .map(|comm| {
+                    s.spawn(move || {
+                        let rank = comm.rank();
+                        let mut user = User { comm, fail: false };
+                        let opt = create(&mut user, world as i32);
+                        let mut id = -1;
+                        // SAFETY: a live optimizer.
+                        let st = unsafe {
+                            thor_v1_optimizer_add_linear(
+                                opt,
+                                D_OUT as i64,
+                                D_HID as i64,
+                                0,
+                                &mut id,
+                            )
+                        };
+                        assert_eq!((st, id), (ThorStatus::Ok, 1));
+                        let half = ROWS / 2;
+                        let out = run_two(opt, rank * half..(rank + 1) * half, together);
+                        // SAFETY: made above; destroyed before `user` goes.
+                        unsafe { thor_v1_optimizer_destroy(opt) };
+                        out
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let (joint, apart) = (run_group(true), run_group(false));
+    assert_eq!(joint, apart);
+    assert!(joint[0]
+        .iter()
+        .all(|(d, _)| d.iter().all(|&d| (0..=4).contains(&d))));
+}
+
+#[test]
+fn observe_layers_refuses_bad_steps_by_name() {
+    // SAFETY: a config and an out pointer.
+    let mut opt = null_mut();
+    assert_eq!(
+        unsafe { thor_v1_optimizer_create(&config(), &mut opt) },
+        ThorStatus::Ok
+    );
+    add_layer(opt);
+    let acts = vec![0.5f32; ROWS * D_IN];
+    let outg = vec![0.25f32; ROWS * D_OUT];
+    let good = ThorLayerStep {
+        layer: 0,
+        acts: acts.as_ptr(),
+        out_grads: outg.as_ptr(),
+        rows: ROWS as i64,
+        conv: std::ptr::null(),
+    };
+    let no_acts = ThorLayerStep {
+        acts: std::ptr::null(),
+        ..good
+    };
+    let mut dec = [-1i32; 2];
+    let msg = || {
+        // SAFETY: never null.
+        unsafe { CStr::from_ptr(thor_v1_last_error_message()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    for (steps, n, want) in [
+        (vec![good, good], 2i64, "given twice"),
+        (vec![good, no_acts], 2, "steps[1]"),
+        (vec![good], -1, "`n`"),
+    ] {
+        // SAFETY: live buffers; the library checks the rest.
+        let st =
+            unsafe { thor_v1_optimizer_observe_layers(opt, n, steps.as_ptr(), dec.as_mut_ptr()) };
+        assert_eq!(st, ThorStatus::InvalidArgument, "{want}");
+        assert!(msg().contains(want), "{want}: {}", msg());
+        assert_eq!(dec, [-1, -1], "{want}: nothing written");
+    }
+    // SAFETY: null `steps` with one step is refused before anything is read.
+    let st =
+        unsafe { thor_v1_optimizer_observe_layers(opt, 1, std::ptr::null(), dec.as_mut_ptr()) };
+    assert_eq!(st, ThorStatus::InvalidArgument);
+    assert!(msg().contains("steps"), "{}", msg());
+    // Observations overlapping an input.
+    let st = unsafe { thor_v1_optimizer_observe_layers(opt, 1, &good, acts.as_ptr() as *mut i32) };
+    assert_eq!(st, ThorStatus::InvalidArgument);
+    // One good step: as observe.
+    // SAFETY: live buffers.
+    let st = unsafe { thor_v1_optimizer_observe_layers(opt, 1, &good, dec.as_mut_ptr()) };
+    assert_eq!(st, ThorStatus::Ok, "{}", msg());
+    assert!((0..=4).contains(&dec[0]) && dec[1] == -1);
+    // SAFETY: made above.
+    unsafe { thor_v1_optimizer_destroy(opt) };
+}

@@ -28,6 +28,7 @@ def make_optimizer(kind: str, model: torch.nn.Module, process_group=None):
     settings = dict(block=32, interval=1, damping=0.03, stat_decay=0.5)
     if kind == "thor":
         opt = THOR(model, lr=0.1, momentum=0.9, process_group=process_group, **settings)
+        COLLECTIVES["engines"] = opt._engines
 
         def state():
             sd = opt.state_dict()
@@ -51,9 +52,15 @@ def make_optimizer(kind: str, model: torch.nn.Module, process_group=None):
     return zero, step, lambda: {}
 
 
+# The last THOR optimizer's engines, and the collectives its engines ran in training.
+COLLECTIVES: dict = {}
+
+
 def train(kind: str, model: torch.nn.Module, forward, rows: slice, process_group=None):
     """STEPS steps on rows ``rows`` of each batch; ``forward`` runs the model (a DDP wrapper
-    averages the gradients over the ranks). Returns the optimizer's state dict."""
+    averages the gradients over the ranks). Returns the optimizer's state dict; leaves the
+    number of collectives the steps ran (before the state dict's) in COLLECTIVES["calls"]."""
+    COLLECTIVES.clear()
     zero, step, state = make_optimizer(kind, model, process_group)
     device = next(model.parameters()).device
     for k in range(STEPS):
@@ -61,4 +68,6 @@ def train(kind: str, model: torch.nn.Module, forward, rows: slice, process_group
         zero()
         F.cross_entropy(forward(x[rows]), y[rows]).backward()
         step()
+    COLLECTIVES["calls"] = sum(e.collectives.calls for e in COLLECTIVES.get("engines", {}).values()
+                               if e.collectives is not None)
     return state()

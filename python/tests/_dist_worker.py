@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _dist_common import BATCH, make_model, train  # noqa: E402
+from _dist_common import BATCH, COLLECTIVES, make_model, train  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +25,8 @@ def main() -> None:
     per = BATCH // world
     state = train(kind, model, ddp, slice(rank * per, (rank + 1) * per), process_group=dist.group.WORLD)
     engines = {i: bytes(t.numpy()) for i, t in state.get("thor", {}).get("engines", {}).items()}
-    torch.save({"params": [p.detach().cpu().clone() for p in model.parameters()], "engines": engines}, out)
+    torch.save({"params": [p.detach().cpu().clone() for p in model.parameters()], "engines": engines,
+                "collectives": COLLECTIVES.get("calls", 0)}, out)
     dist.destroy_process_group()
 
 

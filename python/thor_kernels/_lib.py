@@ -50,6 +50,11 @@ class ConvTensors(ctypes.Structure):
                 ("grad_strides", c_int64 * 4)]
 
 
+class LayerStep(ctypes.Structure):
+    _fields_ = [("layer", c_int32), ("acts", c_void_p), ("out_grads", c_void_p), ("rows", c_int64),
+                ("conv", POINTER(ConvTensors))]
+
+
 class Counters(ctypes.Structure):
     _fields_ = [(n, c_uint64) for n in ("statistics", "updates", "reuses", "freezes", "skipped", "failed_inversions")]
 
@@ -118,6 +123,7 @@ _SIGNATURES = {
     "thor_v1_optimizer_needs_statistics": ([c_void_p, POINTER(c_int32)], c_int32),
     "thor_v1_optimizer_observe": ([c_void_p, c_int32, c_void_p, c_void_p, c_int64, POINTER(c_int32)], c_int32),
     "thor_v1_optimizer_observe_conv": ([c_void_p, c_int32, c_void_p, c_void_p, POINTER(ConvTensors), POINTER(c_int32)], c_int32),
+    "thor_v1_optimizer_observe_layers": ([c_void_p, c_int64, POINTER(LayerStep), POINTER(c_int32)], c_int32),
     "thor_v1_optimizer_set_conv_norm": ([c_void_p, c_int32], c_int32),
     "thor_v1_optimizer_precondition": ([c_void_p, c_int32, c_void_p, c_void_p], c_int32),
     "thor_v1_optimizer_kl_clip_factor": ([c_void_p, c_float, c_int64, POINTER(c_int32), POINTER(c_void_p), POINTER(c_void_p), POINTER(c_float)], c_int32),

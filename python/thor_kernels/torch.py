@@ -66,7 +66,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ._lib import (ConvTensors, Counters, OptimizerConfig, ThorAllGatherFn, ThorAllReduceFn, ThorError,
+from ._lib import (ConvTensors, Counters, LayerStep, OptimizerConfig, ThorAllGatherFn, ThorAllReduceFn, ThorError,
                    ThorReduceScatterFn, check, lib)
 from .ops import Decision, _Context, _ptr
 
@@ -140,6 +140,7 @@ class _Collectives:
         self.dist, self.group = dist, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.error: BaseException | None = None
+        self.calls = 0  # collectives run through the callbacks so far
         # The ctypes callbacks must live as long as the engine.
         self.reduce_scatter = ThorReduceScatterFn(self._guard(self._reduce_scatter))
         self.all_reduce = ThorAllReduceFn(self._guard(self._all_reduce))
@@ -147,6 +148,7 @@ class _Collectives:
 
     def _guard(self, fn):
         def call(*args):
+            self.calls += 1
             try:
                 fn(*args)
                 return 0
@@ -254,18 +256,28 @@ class _Engine:
                     "the current CUDA stream is not the one that was current when the optimizer was made: "
                     "step on that stream (or make the optimizer under the stream you train on)")
 
-    def observe(self, layer: _Layer, a: torch.Tensor, g: torch.Tensor) -> None:
-        check_ = self.collectives.check if self.collectives is not None else check
-        if not layer.conv:
-            check_(lib().thor_v1_optimizer_observe(self.ptr, layer.index, _ptr(a), _ptr(g), a.shape[0], None))
+    def observe(self, items: list) -> None:
+        """One statistics step of the layers in ``items`` (``(layer, a, g)`` each) in one call:
+        on a distributed engine their collectives are joined, three for all of them."""
+        if not items:
             return
-        m = layer.module
-        t = ConvTensors()
-        t.batch, t.h, t.w = a.shape[0], a.shape[2], a.shape[3]
-        t.stride[:], t.dilation[:] = list(m.stride), list(m.dilation)
-        t.padding[:] = [0, 0] if layer.pad is not None else list(m.padding)
-        t.input_strides[:], t.grad_strides[:] = list(a.stride()), list(g.stride())
-        check_(lib().thor_v1_optimizer_observe_conv(self.ptr, layer.index, _ptr(a), _ptr(g), ctypes.byref(t), None))
+        check_ = self.collectives.check if self.collectives is not None else check
+        steps = (LayerStep * len(items))()
+        convs = []  # kept alive for the call
+        for s, (layer, a, g) in zip(steps, items):
+            s.layer, s.acts, s.out_grads = layer.index, _ptr(a), _ptr(g)
+            if not layer.conv:
+                s.rows = a.shape[0]
+                continue
+            m = layer.module
+            t = ConvTensors()
+            t.batch, t.h, t.w = a.shape[0], a.shape[2], a.shape[3]
+            t.stride[:], t.dilation[:] = list(m.stride), list(m.dilation)
+            t.padding[:] = [0, 0] if layer.pad is not None else list(m.padding)
+            t.input_strides[:], t.grad_strides[:] = list(a.stride()), list(g.stride())
+            convs.append(t)
+            s.conv = ctypes.pointer(t)
+        check_(lib().thor_v1_optimizer_observe_layers(self.ptr, len(items), steps, None))
 
     def precondition(self, layer: _Layer, full: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(full)
@@ -466,6 +478,7 @@ class _Hooks:
         # Distributed engines: a layer is observed only where every rank has its calls (a
         # forward skipped on one rank would otherwise leave the ranks' collectives out of step).
         everywhere = self._present_everywhere(done)
+        by_engine = {}
         for layer, calls in done.items():
             if layer not in everywhere:
                 continue
@@ -479,7 +492,10 @@ class _Hooks:
                 a = torch.cat([c.a for c in calls]).contiguous()
                 g = torch.cat([c.g.reshape(-1, c.g.shape[-1]) for c in calls]).float() * scale
                 g = g.contiguous()
-            layer.engine.observe(layer, a, g)
+            by_engine.setdefault(layer.engine, []).append((layer, a, g))
+        # Each engine's layers in one call, in registration order (the same on every rank).
+        for engine, items in by_engine.items():
+            engine.observe(sorted(items, key=lambda item: item[0].index))
 
 
     @staticmethod

@@ -8,8 +8,9 @@
 //! to the rank's [`SharedComm`] one by one; inside one ([`BatchSlot::join`]) it deposits
 //! them with the [`Batch`]. Once every participant still running has a collective pending,
 //! those of the kind that comes first in a statistics step (reduce-scatter, all-reduce,
-//! all-gather) run as one, their data concatenated in participant order, segment by
-//! segment. Which steps leave out which collective (a frozen layer sends nothing, a layer
+//! all-gather) run as one on the thread that drives the batch (the caller's: a transport
+//! sees its collectives on the thread it was called from before), their data concatenated
+//! in participant order, segment by segment. Which steps leave out which collective (a frozen layer sends nothing, a layer
 //! that did not update gathers nothing) is the same on every rank, so every rank forms the
 //! same joined collectives. A participant that fails, or panics, breaks the batch and the
 //! group: the others' collectives fail at once.
@@ -98,14 +99,14 @@ impl Batch {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Participant `p`'s collective: deposited, run with the others', its output returned.
+    /// Participant `p`'s collective: deposited, run with the others' by [`Batch::drive`],
+    /// its output returned.
     fn call(&self, p: usize, call: Call) -> Result<Out> {
         let mut st = self.lock();
         if let Some(why) = &st.failed {
             return Err(broken(why));
         }
         st.calls[p] = Some(call);
-        Self::run_ready(&mut st);
         self.cv.notify_all();
         loop {
             if let Some(out) = st.outs[p].take() {
@@ -126,42 +127,63 @@ impl Batch {
         st.active[p] = false;
         st.calls[p] = None;
         st.outs[p] = None;
-        match failure {
-            Some(why) => {
-                if st.failed.is_none() {
-                    let why = format!("a layer's step failed: {why}");
-                    st.base.abort(&why);
-                    st.failed = Some(why);
-                }
+        if let Some(why) = failure {
+            if st.failed.is_none() {
+                let why = format!("a layer's step failed: {why}");
+                st.base.abort(&why);
+                st.failed = Some(why);
             }
-            None => Self::run_ready(&mut st),
         }
         self.cv.notify_all();
     }
 
-    /// Runs rounds while every running participant has a collective pending.
-    fn run_ready(st: &mut State) {
-        while st.failed.is_none()
-            && st.active.iter().any(|&a| a)
-            && st
-                .active
-                .iter()
-                .zip(&st.calls)
-                .all(|(&a, c)| !a || c.is_some())
-        {
+    /// Runs the joined collectives on the calling thread (the one whose transport it is:
+    /// some need their collectives on one thread) until every participant has left: a
+    /// round whenever every running participant has a collective pending, those of the
+    /// kind that comes first. A collective that panics breaks the batch; the panic goes on
+    /// once every participant has left.
+    pub(crate) fn drive(&self) {
+        let mut st = self.lock();
+        let mut panic = None;
+        while st.active.iter().any(|&a| a) {
+            let ready = st.failed.is_none()
+                && st
+                    .active
+                    .iter()
+                    .zip(&st.calls)
+                    .all(|(&a, c)| !a || c.is_some());
+            if !ready {
+                st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
             let first = st.calls.iter().flatten().map(Call::order).min();
             let ps: Vec<usize> = (0..st.calls.len())
                 .filter(|&p| st.calls[p].as_ref().map(Call::order) == first)
                 .collect();
-            let calls: Vec<Call> = ps.iter().map(|&p| st.calls[p].take().unwrap()).collect();
-            match Self::joined(&mut st.base, calls) {
-                Ok(outs) => {
+            let calls: Vec<Call> = ps.iter().filter_map(|&p| st.calls[p].take()).collect();
+            let base = &mut st.base;
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Self::joined(base, calls)
+            }));
+            match run {
+                Ok(Ok(outs)) => {
                     for (p, out) in ps.into_iter().zip(outs) {
                         st.outs[p] = Some(out);
                     }
                 }
-                Err(e) => st.failed = Some(e.to_string()),
+                Ok(Err(e)) => st.failed = Some(e.to_string()),
+                Err(p) => {
+                    let why = "a panic inside a joined collective";
+                    st.base.abort(why);
+                    st.failed = Some(why.into());
+                    panic = Some(p);
+                }
             }
+            self.cv.notify_all();
+        }
+        drop(st);
+        if let Some(p) = panic {
+            std::panic::resume_unwind(p);
         }
     }
 

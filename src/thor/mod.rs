@@ -831,7 +831,8 @@ impl Thor {
     /// On one rank of a group with host collectives ([`Thor::with_communicator`] on the
     /// CPU), the layers' steps run on threads of their own and their collectives are
     /// joined: three collectives for all the layers instead of three per layer (every rank
-    /// must pass the same layers in the same order). Elsewhere, and with one layer, they
+    /// must pass the same layers in the same order), run by the communicator on the calling
+    /// thread. Elsewhere, and with one layer, they
     /// run one after the other, and an error in a layer's step (other than an argument
     /// error) comes after the layers before it have taken theirs.
     pub fn observe_layers(
@@ -879,6 +880,7 @@ impl Thor {
                 .collect();
         };
         let batch = crate::dist::Batch::new(shared.clone(), items.len());
+        // The layers' steps on threads of their own; their joined collectives on this one.
         let outs: Vec<std::thread::Result<Result<Decision>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = steps
                 .into_iter()
@@ -886,24 +888,35 @@ impl Thor {
                 .enumerate()
                 .map(|(p, (l, (a, g)))| {
                     let batch = &batch;
-                    scope.spawn(move || {
-                        let slot = l.slot.as_ref().expect("a host-collective layer has a slot");
-                        let _joined = slot.join(batch, p);
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            l.engine.observe(be, a, g, damping)
-                        }));
-                        match &r {
-                            Ok(Ok(_)) => batch.leave(p, None),
-                            Ok(Err(e)) => batch.leave(p, Some(&e.to_string())),
-                            Err(_) => batch.leave(p, Some("a panic")),
-                        }
-                        r
+                    let slot = l.slot.clone().expect("a host-collective layer has a slot");
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("thor-layer-{p}"))
+                        .spawn_scoped(scope, move || {
+                            let _joined = slot.join(batch, p);
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                l.engine.observe(be, a, g, damping)
+                            }));
+                            match &r {
+                                Ok(Ok(_)) => batch.leave(p, None),
+                                Ok(Err(e)) => batch.leave(p, Some(&e.to_string())),
+                                Err(_) => batch.leave(p, Some("a panic")),
+                            }
+                            r
+                        });
+                    spawned.map_err(|e| {
+                        let why = format!("could not start a thread: {e}");
+                        batch.leave(p, Some(&why));
+                        Error::Communication(why)
                     })
                 })
                 .collect();
+            batch.drive();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(Err))
+                .map(|h| match h {
+                    Ok(h) => h.join().unwrap_or_else(Err),
+                    Err(e) => Ok(Err(e)),
+                })
                 .collect()
         });
         let mut decisions = Vec::with_capacity(outs.len());
