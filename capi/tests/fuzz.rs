@@ -1150,7 +1150,7 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
         }
     };
     let known = |l: i32| l >= 0 && (l as i64) < nl;
-    let (c, s, mutates) = match g.rng.random_range(0..11) {
+    let (c, s, mutates) = match g.rng.random_range(0..12) {
         0 | 1 => {
             let conv = g.chance(0.3);
             let mut c = if conv {
@@ -1318,6 +1318,80 @@ fn fuzz_opt_call(g: &mut Gen, o: &mut Opt, out: &mut Vec<(Call, ThorStatus)>) {
             // SAFETY: as above.
             let s = unsafe { thor_v1_optimizer_kl_clip_factor(o.opt, lr, n, idp, gpp, upp, f) };
             (c, s, false)
+        }
+        11 => {
+            let mut c = Call::new(
+                "thor_v1_optimizer_observe_layers",
+                &[
+                    "opt",
+                    "n",
+                    "steps",
+                    "observations",
+                    "layer",
+                    "acts",
+                    "out_grads",
+                    "rows",
+                ],
+            );
+            let n = if g.chance(0.95) {
+                g.rng.random_range(0..4i64)
+            } else {
+                g.pick(&[-1, i64::MIN])
+            };
+            c.arg("n", n);
+            if n < 0 {
+                c.fault("n negative");
+            }
+            let mut steps = Vec::new();
+            let mut seen = Vec::new();
+            for _ in 0..n.max(0) {
+                let (l, rows) = (layer(g), g.size(16));
+                c.arg("layer", l);
+                c.arg("rows", rows);
+                if !known(l) || rows < 1 {
+                    c.fault("layer or rows");
+                }
+                if seen.contains(&l) {
+                    c.fault("a layer twice");
+                }
+                seen.push(l);
+                let shape = known(l).then(|| o.layers[l as usize]);
+                let r = (rows >= 1).then_some(rows as usize);
+                let na = shape.zip(r).and_then(|((i, _, _), r)| r.checked_mul(i));
+                let ng = shape.zip(r).and_then(|((_, _, dg), r)| r.checked_mul(dg));
+                let acts = c.ptr::<f32>(g, "acts", na, false, false);
+                let grads = c.ptr::<f32>(g, "out_grads", ng, false, false);
+                steps.push(ThorLayerStep {
+                    layer: l,
+                    acts,
+                    out_grads: grads,
+                    rows,
+                    conv: null(),
+                });
+            }
+            fill_finite(&mut c, g);
+            let sp = if steps.is_empty() {
+                // A valid, empty array (or null: a fault).
+                if g.chance(0.1) {
+                    c.fault("steps null");
+                    null()
+                } else {
+                    c.host_opt(g, "steps", &[0u8; 8]) as *const ThorLayerStep
+                }
+            } else {
+                c.host(g, "steps", &steps)
+            };
+            let count = (n >= 0).then_some(n as usize);
+            let obs = if g.chance(0.8) {
+                c.ptr::<i32>(g, "observations", count, true, true)
+            } else {
+                null_mut()
+            };
+            c.snapshot(g);
+            // SAFETY: a live handle; `steps` null or a guarded array of `n` steps whose
+            // pointers are null or guarded buffers of the sizes their layers imply.
+            let s = unsafe { thor_v1_optimizer_observe_layers(o.opt, n, sp, obs) };
+            (c, s, true)
         }
         10 => {
             let mut c = Call::new(
