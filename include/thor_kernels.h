@@ -265,9 +265,12 @@ void thor_v1_context_destroy(struct ThorContext *ctx);
 // backend): every rank makes it with the same `cfg`, registers the same layers in the same
 // order and calls `thor_v1_optimizer_observe` (or `_observe_conv`) for the same layers in
 // the same order with its own local batch; each such call runs three collectives through
-// the callbacks (`reduce_scatter`, `all_reduce`, `all_gather`, in that order), after which
-// every rank holds the decision, counters and inverses one optimizer would compute from
-// the union of the batches. Preconditioning is local. Call
+// the callbacks (`reduce_scatter`, `all_reduce`, `all_gather`, in that order; the
+// all-gather left out when the layer did not update), after which every rank holds the
+// decision, counters and inverses one optimizer would compute from the union of the
+// batches. `thor_v1_optimizer_observe_layers` runs several layers' steps with three
+// collectives for all of them. The callbacks are called on the thread that made the
+// observe call, one at a time. Preconditioning is local. Call
 // `thor_v1_optimizer_gather_statistics` on every rank before saving. Release with
 // `thor_v1_optimizer_destroy`.
 //
@@ -686,12 +689,15 @@ enum ThorStatus thor_v1_optimizer_observe(struct ThorOptimizer *opt,
 // receives layer `steps[i].layer`'s decision. On a rank of a group
 // (`thor_v1_optimizer_create_distributed` and its variants, on a CPU context) the layers'
 // collectives are joined: three per call instead of three per layer (every rank passes
-// the same layers in the same order). On a CUDA optimizer the steps are queued one after
-// the other on its stream (a non-null `observations` waits for them).
+// the same layers, in any order), run on the calling thread while each layer's step runs
+// on a thread of the library's. On a CUDA optimizer the steps are queued one after the
+// other on its stream (a non-null `observations` waits for them).
 //
 // Returns `OK`; `INVALID_ARGUMENT` (as for the single-layer calls, naming the field;
 // `steps` null or `n` negative, a layer given twice, `observations` overlapping an
-// input); `OUT_OF_MEMORY`; `COMMUNICATION`. On an argument error nothing changes.
+// input); `OUT_OF_MEMORY`; `COMMUNICATION`. On an argument error nothing changes; after
+// another error on a CUDA optimizer, the steps before the failing one may have been
+// queued.
 //
 // # Safety
 // `steps` must address `n` `ThorLayerStep`s and every pointer in them the elements their

@@ -497,16 +497,25 @@ mod optimizer {
         steps: Range<usize>,
         rows: Range<usize>,
     ) -> Vec<(Vec<Decision>, Vec<Vec<f32>>)> {
-        run_with(t, steps, rows, false)
+        run_with(t, steps, rows, Observe::OneByOne)
     }
 
-    /// [`run`], the layers observed one by one or (`together`) in one
-    /// [`Thor::observe_layers`].
+    /// How [`run_with`] hands the layers over.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Observe {
+        OneByOne,
+        /// In one [`Thor::observe_layers`].
+        Together,
+        /// In one [`Thor::observe_layers`], the last layer first.
+        Reversed,
+    }
+
+    /// [`run`], the layers observed as `how` says.
     fn run_with(
         t: &mut Thor,
         steps: Range<usize>,
         rows: Range<usize>,
-        together: bool,
+        how: Observe,
     ) -> Vec<(Vec<Decision>, Vec<Vec<f32>>)> {
         let g = grads();
         steps
@@ -526,7 +535,12 @@ mod optimizer {
                         (id, item)
                     })
                     .collect();
-                let d = if together {
+                let d = if how == Observe::Reversed {
+                    let rev: Vec<_> = items.iter().rev().copied().collect();
+                    let mut d = t.observe_layers(&rev).unwrap();
+                    d.reverse();
+                    d
+                } else if how == Observe::Together {
                     t.observe_layers(&items).unwrap()
                 } else {
                     items
@@ -697,7 +711,13 @@ mod optimizer {
                 };
                 let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
                 add_layers(&mut t);
-                let steps = run_with(&mut t, 0..6, ranges[rank].clone(), true);
+                // Odd ranks pass the layers in another order: the same steps.
+                let how = if rank % 2 == 1 {
+                    Observe::Reversed
+                } else {
+                    Observe::Together
+                };
+                let steps = run_with(&mut t, 0..6, ranges[rank].clone(), how);
                 let joint = t.comm_counters().unwrap().collectives;
                 t.gather_statistics().unwrap();
                 (steps, joint, t.to_bytes().unwrap())
@@ -707,7 +727,7 @@ mod optimizer {
                 let rank = comm.rank();
                 let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
                 add_layers(&mut t);
-                let steps = run_with(&mut t, 0..6, ranges[rank].clone(), false);
+                let steps = run_with(&mut t, 0..6, ranges[rank].clone(), Observe::OneByOne);
                 let one_by_one = t.comm_counters().unwrap().collectives;
                 t.gather_statistics().unwrap();
                 (steps, one_by_one, t.to_bytes().unwrap())
@@ -778,8 +798,8 @@ mod optimizer {
         // On one process, the same as layer by layer.
         let mut u = Thor::new(config()).unwrap();
         add_layers(&mut u);
-        let together = run_with(&mut t, 0..3, 0..ROWS, true);
-        let apart = run_with(&mut u, 0..3, 0..ROWS, false);
+        let together = run_with(&mut t, 0..3, 0..ROWS, Observe::Together);
+        let apart = run_with(&mut u, 0..3, 0..ROWS, Observe::OneByOne);
         assert_eq!(together, apart);
     }
 
@@ -789,7 +809,7 @@ mod optimizer {
             let rank = comm.rank();
             let mut t = Thor::with_communicator(config(), Box::new(comm)).unwrap();
             add_layers(&mut t);
-            run_with(&mut t, 0..1, 0..24, true);
+            run_with(&mut t, 0..1, 0..24, Observe::Together);
             if rank == 1 {
                 return None;
             }

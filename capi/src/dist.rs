@@ -155,9 +155,12 @@ impl Communicator for CallbackComm {
 /// backend): every rank makes it with the same `cfg`, registers the same layers in the same
 /// order and calls `thor_v1_optimizer_observe` (or `_observe_conv`) for the same layers in
 /// the same order with its own local batch; each such call runs three collectives through
-/// the callbacks (`reduce_scatter`, `all_reduce`, `all_gather`, in that order), after which
-/// every rank holds the decision, counters and inverses one optimizer would compute from
-/// the union of the batches. Preconditioning is local. Call
+/// the callbacks (`reduce_scatter`, `all_reduce`, `all_gather`, in that order; the
+/// all-gather left out when the layer did not update), after which every rank holds the
+/// decision, counters and inverses one optimizer would compute from the union of the
+/// batches. `thor_v1_optimizer_observe_layers` runs several layers' steps with three
+/// collectives for all of them. The callbacks are called on the thread that made the
+/// observe call, one at a time. Preconditioning is local. Call
 /// `thor_v1_optimizer_gather_statistics` on every rank before saving. Release with
 /// `thor_v1_optimizer_destroy`.
 ///

@@ -569,7 +569,7 @@ impl CheckedStep {
     /// # Safety
     /// The checked pointers address host memory holding the lengths checked, valid for
     /// the returned lifetime.
-    unsafe fn host<'a>(&self) -> Result<(LayerId, LayerInputs<'a>)> {
+    unsafe fn host(&self) -> Result<(LayerId, LayerInputs<'_>)> {
         let (an, gn) = match self.layout {
             Ok(_) => ("acts", "out_grads"),
             Err(_) => ("input", "out_grad"),
@@ -628,12 +628,15 @@ impl CheckedStep {
 /// receives layer `steps[i].layer`'s decision. On a rank of a group
 /// (`thor_v1_optimizer_create_distributed` and its variants, on a CPU context) the layers'
 /// collectives are joined: three per call instead of three per layer (every rank passes
-/// the same layers in the same order). On a CUDA optimizer the steps are queued one after
-/// the other on its stream (a non-null `observations` waits for them).
+/// the same layers, in any order), run on the calling thread while each layer's step runs
+/// on a thread of the library's. On a CUDA optimizer the steps are queued one after the
+/// other on its stream (a non-null `observations` waits for them).
 ///
 /// Returns `OK`; `INVALID_ARGUMENT` (as for the single-layer calls, naming the field;
 /// `steps` null or `n` negative, a layer given twice, `observations` overlapping an
-/// input); `OUT_OF_MEMORY`; `COMMUNICATION`. On an argument error nothing changes.
+/// input); `OUT_OF_MEMORY`; `COMMUNICATION`. On an argument error nothing changes; after
+/// another error on a CUDA optimizer, the steps before the failing one may have been
+/// queued.
 ///
 /// # Safety
 /// `steps` must address `n` `ThorLayerStep`s and every pointer in them the elements their
@@ -718,11 +721,18 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe_layers(
     })
 }
 
-/// `e` about step `i` of a call: its reason says which step.
+/// `e` about step `i` of a call: its reason says which step, and a conv step's fields are
+/// named as `ThorLayerStep` names them.
 fn in_step(i: usize, e: Error) -> Error {
+    let field = |arg: &'static str| match arg {
+        "input" => "acts",
+        "out_grad" => "out_grads",
+        "tensors" => "conv",
+        other => other,
+    };
     match e {
         Error::InvalidArgument { arg, reason } => Error::InvalidArgument {
-            arg,
+            arg: field(arg),
             reason: format!("steps[{i}]: {reason}"),
         },
         Error::Shape {
@@ -730,7 +740,7 @@ fn in_step(i: usize, e: Error) -> Error {
             expected,
             actual,
         } => Error::Shape {
-            arg,
+            arg: field(arg),
             expected: format!("steps[{i}]: {expected}"),
             actual,
         },

@@ -10,10 +10,11 @@ use rand::{Rng, SeedableRng};
 use thor_kernels::dist::{Communicator, LocalComm, LocalGroup};
 use thor_kernels_capi::*;
 
-/// The callbacks' `user`: a rank's communicator, and whether to fail.
+/// The callbacks' `user`: a rank's communicator, whether to fail, and the callbacks made.
 struct User {
     comm: LocalComm,
     fail: bool,
+    calls: usize,
 }
 
 fn counts(counts: *const i64, world: usize) -> Vec<usize> {
@@ -30,6 +31,7 @@ unsafe extern "C" fn reduce_scatter(
 ) -> i32 {
     // SAFETY: `user` is the rank's `User`; lengths as the header describes them.
     let u = unsafe { &mut *(user as *mut User) };
+    u.calls += 1;
     if u.fail {
         return 7;
     }
@@ -52,6 +54,7 @@ unsafe extern "C" fn all_gather(
 ) -> i32 {
     // SAFETY: as in reduce_scatter.
     let u = unsafe { &mut *(user as *mut User) };
+    u.calls += 1;
     let c = counts(c, u.comm.world());
     let total: usize = c.iter().sum();
     let (send, recv) = unsafe {
@@ -66,6 +69,7 @@ unsafe extern "C" fn all_gather(
 unsafe extern "C" fn all_reduce(user: *mut c_void, buf: *mut f64, n: i64) -> i32 {
     // SAFETY: as in reduce_scatter.
     let u = unsafe { &mut *(user as *mut User) };
+    u.calls += 1;
     let buf = unsafe { std::slice::from_raw_parts_mut(buf, n as usize) };
     i32::from(u.comm.all_reduce(buf).is_err())
 }
@@ -191,7 +195,11 @@ fn ranks_through_callbacks_match_one_optimizer() {
             .map(|comm| {
                 s.spawn(move || {
                     let rank = comm.rank();
-                    let mut user = User { comm, fail: false };
+                    let mut user = User {
+                        comm,
+                        fail: false,
+                        calls: 0,
+                    };
                     let opt = create(&mut user, world as i32);
                     let out = run(opt, rank * 10..rank * 10 + 10);
                     // SAFETY: made above; destroyed before `user` goes.
@@ -220,6 +228,7 @@ fn a_failing_callback_is_a_communication_error() {
     let mut user = User {
         comm: comms.into_iter().next().unwrap(),
         fail: true,
+        calls: 0,
     };
     let opt = create(&mut user, 1);
     let acts = vec![0.5f32; ROWS * D_IN];
@@ -387,7 +396,7 @@ fn run_two(opt: *mut ThorOptimizer, rows: std::ops::Range<usize>, together: bool
 #[test]
 fn layers_observed_together_through_callbacks_match_layer_by_layer() {
     let world = 2;
-    let run_group = |together: bool| -> Vec<Steps> {
+    let run_group = |together: bool| -> Vec<(Steps, usize)> {
         let comms = LocalGroup::new(world, Duration::from_secs(60)).unwrap();
         std::thread::scope(|s| {
             let hs: Vec<_> = comms
@@ -395,7 +404,11 @@ fn layers_observed_together_through_callbacks_match_layer_by_layer() {
                 .map(|comm| {
                     s.spawn(move || {
                         let rank = comm.rank();
-                        let mut user = User { comm, fail: false };
+                        let mut user = User {
+                            comm,
+                            fail: false,
+                            calls: 0,
+                        };
                         let opt = create(&mut user, world as i32);
                         let mut id = -1;
                         // SAFETY: a live optimizer.
@@ -413,7 +426,7 @@ fn layers_observed_together_through_callbacks_match_layer_by_layer() {
                         let out = run_two(opt, rank * half..(rank + 1) * half, together);
                         // SAFETY: made above; destroyed before `user` goes.
                         unsafe { thor_v1_optimizer_destroy(opt) };
-                        out
+                        (out, user.calls)
                     })
                 })
                 .collect();
@@ -421,10 +434,15 @@ fn layers_observed_together_through_callbacks_match_layer_by_layer() {
         })
     };
     let (joint, apart) = (run_group(true), run_group(false));
-    assert_eq!(joint, apart);
-    assert!(joint[0]
-        .iter()
-        .all(|(d, _)| d.iter().all(|&d| (0..=4).contains(&d))));
+    for ((j, nj), (a, na)) in joint.iter().zip(&apart) {
+        assert_eq!(j, a);
+        assert!(j
+            .iter()
+            .all(|(d, _)| d.iter().all(|&d| (0..=4).contains(&d))));
+        // Three steps: two or three joined collectives each, against four to six.
+        assert!((6..=9).contains(nj), "{nj} callbacks joined");
+        assert!(*na >= 12 && na > nj, "{na} callbacks layer by layer");
+    }
 }
 
 #[test]

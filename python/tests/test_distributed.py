@@ -58,8 +58,8 @@ def test_ranks_match_one_process_on_the_whole_batch(world, tmp_path):
             assert _max_rel(g, w) < 1e-4, f"rank {r}, parameter {i}"
         # Every rank saves the same, whole state (statistics gathered by state_dict()).
         assert got["engines"] == ranks[0]["engines"], f"rank {r}"
-        # The model's three layers observed together: at most three collectives per
-        # statistics step (layer by layer it would be two or three per layer).
+        # The model's three layers (one param group, so one engine) observed together: at
+        # most three collectives per statistics step (layer by layer two or three per layer).
         assert 2 * STEPS <= got["collectives"] <= 3 * STEPS, f"rank {r}: {got['collectives']} collectives"
     # That state holds the same statistics as the single process's (up to rounding): its
     # size and header agree, and loading it into a single-process optimizer works.

@@ -492,8 +492,11 @@ class _Hooks:
                 a = torch.cat([c.a for c in calls]).contiguous()
                 g = torch.cat([c.g.reshape(-1, c.g.shape[-1]) for c in calls]).float() * scale
                 g = g.contiguous()
-            by_engine.setdefault(layer.engine, []).append((layer, a, g))
-        # Each engine's layers in one call, in registration order (the same on every rank).
+            if layer.engine.collectives is None:
+                layer.engine.observe([(layer, a, g)])  # one at a time: less memory held
+            else:
+                by_engine.setdefault(layer.engine, []).append((layer, a, g))
+        # A distributed engine's layers in one call: their collectives joined.
         for engine, items in by_engine.items():
             engine.observe(sorted(items, key=lambda item: item[0].index))
 

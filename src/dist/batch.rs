@@ -53,6 +53,10 @@ struct State {
     calls: Vec<Option<Call>>,
     outs: Vec<Option<Out>>,
     failed: Option<String>,
+    /// Whether the participants may start (`None`: not yet; `Some(false)`: cancelled).
+    gate: Option<bool>,
+    /// Why the group is to be aborted: done by the driver, on its thread.
+    abort: Option<String>,
 }
 
 /// The joined collectives of `participants` steps on one rank.
@@ -90,6 +94,8 @@ impl Batch {
                 calls: (0..participants).map(|_| None).collect(),
                 outs: (0..participants).map(|_| None).collect(),
                 failed: None,
+                gate: None,
+                abort: None,
             }),
             cv: Condvar::new(),
         })
@@ -120,6 +126,43 @@ impl Batch {
         }
     }
 
+    /// Lets the participants start (`go`), or cancels the batch before any has: each then
+    /// leaves without running, and the group is not told (nothing was sent).
+    pub(crate) fn open(&self, go: bool) {
+        let mut st = self.lock();
+        st.gate = Some(go);
+        if !go {
+            st.failed = Some("the batch was cancelled before it started".into());
+        }
+        self.cv.notify_all();
+    }
+
+    /// Waits until the batch opens: whether participant `p` may run its step.
+    pub(crate) fn wait_open(&self) -> bool {
+        let mut st = self.lock();
+        loop {
+            if let Some(go) = st.gate {
+                return go;
+            }
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Breaks the batch: every pending and later collective fails, and the driver aborts
+    /// the group (on its thread) with `why`.
+    pub(crate) fn fail(&self, why: &str) {
+        let mut st = self.lock();
+        Self::fail_in(&mut st, why);
+        self.cv.notify_all();
+    }
+
+    fn fail_in(st: &mut State, why: &str) {
+        if st.failed.is_none() {
+            st.failed = Some(why.to_string());
+            st.abort = Some(why.to_string());
+        }
+    }
+
     /// Participant `p` is done: its step returned (`failure` says why it failed, which
     /// breaks the batch and the group) or panicked.
     pub(crate) fn leave(&self, p: usize, failure: Option<&str>) {
@@ -128,11 +171,7 @@ impl Batch {
         st.calls[p] = None;
         st.outs[p] = None;
         if let Some(why) = failure {
-            if st.failed.is_none() {
-                let why = format!("a layer's step failed: {why}");
-                st.base.abort(&why);
-                st.failed = Some(why);
-            }
+            Self::fail_in(&mut st, &format!("a layer's step failed: {why}"));
         }
         self.cv.notify_all();
     }
@@ -140,12 +179,23 @@ impl Batch {
     /// Runs the joined collectives on the calling thread (the one whose transport it is:
     /// some need their collectives on one thread) until every participant has left: a
     /// round whenever every running participant has a collective pending, those of the
-    /// kind that comes first. A collective that panics breaks the batch; the panic goes on
-    /// once every participant has left.
+    /// kind that comes first. The group's abort, when a participant failed, is made here
+    /// too. A collective or an abort that panics breaks the batch; the panic goes on once
+    /// every participant has left.
     pub(crate) fn drive(&self) {
         let mut st = self.lock();
         let mut panic = None;
-        while st.active.iter().any(|&a| a) {
+        while st.active.iter().any(|&a| a) || st.abort.is_some() {
+            if let Some(why) = st.abort.take() {
+                // The participants were told (`failed`) before the transport is.
+                self.cv.notify_all();
+                let base = &mut st.base;
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| base.abort(&why)));
+                if let Err(p) = r {
+                    panic.get_or_insert(p);
+                }
+                continue;
+            }
             let ready = st.failed.is_none()
                 && st
                     .active
@@ -171,11 +221,11 @@ impl Batch {
                         st.outs[p] = Some(out);
                     }
                 }
+                // The transport failed: it knows (a failed collective breaks the shared
+                // communicator for good).
                 Ok(Err(e)) => st.failed = Some(e.to_string()),
                 Err(p) => {
-                    let why = "a panic inside a joined collective";
-                    st.base.abort(why);
-                    st.failed = Some(why.into());
+                    Self::fail_in(&mut st, "a panic inside a joined collective");
                     panic = Some(p);
                 }
             }
@@ -385,7 +435,11 @@ impl Communicator for Participant {
         self.shared.failed()
     }
     fn abort(&mut self, why: &str) {
-        self.shared.abort(why);
+        match self.slot.get() {
+            // The batch's driver tells the transport, on its thread.
+            Some((batch, _)) => batch.fail(why),
+            None => self.shared.abort(why),
+        }
     }
 }
 
@@ -397,5 +451,125 @@ fn copy_out(out: Out, recv: &mut [f32]) -> Result<()> {
             Ok(())
         }
         Out::F64(_) => Err(broken("a reduce-scatter or all-gather received f64")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dist::LocalGroup;
+    use std::time::Duration;
+
+    /// Each rank: participant 0 runs a reduce-scatter, an all-reduce and an all-gather;
+    /// participant 1 leaves the reduce-scatter out and gathers nothing from rank 0. The
+    /// batch joins them into three collectives, and each participant gets what it would
+    /// have got alone.
+    #[test]
+    fn participants_with_different_collectives_get_their_own_results() {
+        let out = LocalGroup::run(2, Duration::from_secs(20), |comm| {
+            let r = comm.rank() as f32;
+            let shared = SharedComm::new(Box::new(comm));
+            let batch = Batch::new(shared.clone(), 2);
+            let (mut p0, s0) = Participant::new(shared.clone());
+            let (mut p1, s1) = Participant::new(shared.clone());
+            let (a, b) = std::thread::scope(|sc| {
+                let batch = &batch;
+                let h0 = sc.spawn(move || {
+                    let _j = s0.join(batch, 0);
+                    assert!(batch.wait_open());
+                    // Segments of 2 (to rank 0) and 1 (to rank 1).
+                    let send = [r + 1.0, r + 2.0, 10.0 * r + 3.0];
+                    let mut rs = vec![f32::NAN; [2, 1][r as usize]];
+                    p0.reduce_scatter(&send, &[2, 1], &mut rs).unwrap();
+                    let mut ar = [f64::from(r) + 1.0, 10.0];
+                    p0.all_reduce(&mut ar).unwrap();
+                    let mine: Vec<f32> = (0..[1, 2][r as usize])
+                        .map(|i| 5.0 * r + i as f32)
+                        .collect();
+                    let mut ag = vec![f32::NAN; 3];
+                    p0.all_gather(&mine, &[1, 2], &mut ag).unwrap();
+                    batch.leave(0, None);
+                    (rs, ar.to_vec(), ag)
+                });
+                let h1 = sc.spawn(move || {
+                    let _j = s1.join(batch, 1);
+                    assert!(batch.wait_open());
+                    let mut ar = [100.0 * f64::from(r)];
+                    p1.all_reduce(&mut ar).unwrap();
+                    let mine: Vec<f32> = if r == 0.0 { vec![] } else { vec![7.0] };
+                    let mut ag = vec![f32::NAN; 1];
+                    p1.all_gather(&mine, &[0, 1], &mut ag).unwrap();
+                    batch.leave(1, None);
+                    (ar.to_vec(), ag)
+                });
+                batch.open(true);
+                batch.drive();
+                (h0.join().unwrap(), h1.join().unwrap())
+            });
+            (a, b, shared.counters().collectives)
+        })
+        .unwrap();
+        for (rank, ((rs, ar0, ag0), (ar1, ag1), n)) in out.into_iter().enumerate() {
+            let want_rs = if rank == 0 {
+                vec![3.0, 5.0]
+            } else {
+                vec![16.0]
+            };
+            assert_eq!(rs, want_rs, "rank {rank}");
+            assert_eq!(ar0, vec![3.0, 20.0]);
+            assert_eq!(ag0, vec![0.0, 5.0, 6.0]);
+            assert_eq!(ar1, vec![100.0]);
+            assert_eq!(ag1, vec![7.0]);
+            assert_eq!(n, 3, "rank {rank}: three joined collectives");
+        }
+    }
+
+    #[test]
+    fn a_participant_that_fails_breaks_the_batch_and_the_group_from_the_driver() {
+        let mut comms = LocalGroup::new(1, Duration::from_secs(5)).unwrap();
+        let shared = SharedComm::new(Box::new(comms.pop().unwrap()));
+        let batch = Batch::new(shared.clone(), 2);
+        let (mut p0, s0) = Participant::new(shared.clone());
+        let driver = std::thread::current().id();
+        let e = std::thread::scope(|sc| {
+            let batch = &batch;
+            let h0 = sc.spawn(move || {
+                let _j = s0.join(batch, 0);
+                assert!(batch.wait_open());
+                let mut ar = [1.0f64];
+                let e = p0.all_reduce(&mut ar).unwrap_err();
+                batch.leave(0, Some(&e.to_string()));
+                e
+            });
+            sc.spawn(move || {
+                assert!(batch.wait_open());
+                assert_ne!(std::thread::current().id(), driver);
+                batch.leave(1, Some("out of memory"));
+            });
+            batch.open(true);
+            batch.drive();
+            h0.join().unwrap()
+        });
+        assert!(
+            matches!(&e, Error::Communication(m) if m.contains("out of memory")),
+            "{e}"
+        );
+        // The driver told the group.
+        assert!(shared.failed().is_some_and(|w| w.contains("out of memory")));
+        // A cancelled batch runs nothing and leaves the group whole.
+        let mut comms = LocalGroup::new(1, Duration::from_secs(5)).unwrap();
+        let shared = SharedComm::new(Box::new(comms.pop().unwrap()));
+        let batch = Batch::new(shared.clone(), 1);
+        std::thread::scope(|sc| {
+            let batch = &batch;
+            sc.spawn(move || {
+                assert!(!batch.wait_open());
+                batch.leave(0, None);
+            });
+            batch.open(false);
+            batch.drive();
+        });
+        assert!(shared.failed().is_none());
+        assert_eq!(shared.counters().collectives, 0);
     }
 }

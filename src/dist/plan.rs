@@ -65,6 +65,9 @@ pub struct OwnershipPlan {
     /// `order[starts[r]..starts[r + 1]]` are rank `r`'s blocks.
     starts: Vec<usize>,
     load: Vec<f64>,
+    /// Where a rotated plan's blocks start in the model ([`OwnershipPlan::rotated`]): part
+    /// of the fingerprint, so that two layers of one shape have different plans.
+    origin: usize,
 }
 
 impl OwnershipPlan {
@@ -132,6 +135,7 @@ impl OwnershipPlan {
             order,
             starts,
             load,
+            origin: 0,
         }
     }
 
@@ -141,7 +145,10 @@ impl OwnershipPlan {
     pub fn rotated(&self, first: usize) -> Self {
         let w = self.world;
         let owner = self.owner.iter().map(|&r| (r + first % w) % w).collect();
-        Self::from_owners(self.costs.clone(), owner, w)
+        Self {
+            origin: first,
+            ..Self::from_owners(self.costs.clone(), owner, w)
+        }
     }
 
     /// Number of ranks.
@@ -154,12 +161,14 @@ impl OwnershipPlan {
         self.owner.len()
     }
 
-    /// A fingerprint of the ownership (world size and every block's owner; FNV-1a folded to
-    /// 32 bits, so that its sum over any number of ranks is exact in an f64): the
-    /// distributed steps check that every rank runs the same plan.
+    /// A fingerprint of the ownership (world size, every block's owner and, for a rotated
+    /// plan, where it starts; FNV-1a folded to 32 bits, so that its sum over any number of
+    /// ranks is exact in an f64): the distributed steps check that every rank runs the same
+    /// plan, and so the same layer.
     pub fn fingerprint(&self) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for v in std::iter::once(self.world).chain(self.owner.iter().copied()) {
+        let head = [self.world, self.origin];
+        for v in head.into_iter().chain(self.owner.iter().copied()) {
             for byte in (v as u64).to_le_bytes() {
                 h = (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
             }
@@ -384,6 +393,22 @@ mod tests {
             matches!(e, Error::InvalidArgument { arg: "costs", .. }),
             "{e}"
         );
+    }
+
+    #[test]
+    fn layers_of_one_shape_have_different_fingerprints() {
+        // Two layers of 2 blocks each on 2 ranks: rotated by 0 and by 2, their owners are
+        // the same; where they start tells them apart.
+        let set = FactorSet::new(32, &[64]).unwrap();
+        let p = OwnershipPlan::new(&set, 2).unwrap();
+        let (a, b) = (p.rotated(0), p.rotated(2));
+        assert_eq!(
+            (0..2).map(|k| a.owner(k)).collect::<Vec<_>>(),
+            (0..2).map(|k| b.owner(k)).collect::<Vec<_>>()
+        );
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint(), p.rotated(0).fingerprint());
+        assert!(a.fingerprint() < 1 << 32);
     }
 
     #[test]

@@ -373,6 +373,11 @@ impl LayerCounters {
     }
 }
 
+/// Whether `e` is a batch's "not run" (a layer cancelled with the batch).
+fn first_err_cancelled(e: &Option<Error>) -> bool {
+    matches!(e, Some(Error::Communication(m)) if m.starts_with("not run"))
+}
+
 /// A registered layer: its shape, layouts and the engine that holds its state.
 #[derive(Debug)]
 struct LayerState {
@@ -831,8 +836,11 @@ impl Thor {
     /// On one rank of a group with host collectives ([`Thor::with_communicator`] on the
     /// CPU), the layers' steps run on threads of their own and their collectives are
     /// joined: three collectives for all the layers instead of three per layer (every rank
-    /// must pass the same layers in the same order), run by the communicator on the calling
-    /// thread. Elsewhere, and with one layer, they
+    /// must pass the same layers, in any order), run by the communicator on the calling
+    /// thread. One thread per layer, all at once (a layer's step may wait in a collective
+    /// for the others): their work runs on rayon's global pool, not on a pool the caller
+    /// installed; a thread that cannot start fails the call before any step runs. A step
+    /// that fails breaks the group (the other ranks' joined collectives would not line up). Elsewhere, and with one layer, they
     /// run one after the other, and an error in a layer's step (other than an argument
     /// error) comes after the layers before it have taken theirs.
     pub fn observe_layers(
@@ -879,19 +887,41 @@ impl Thor {
                 .map(|(l, (a, g))| l.engine.observe(be, a, g, damping))
                 .collect();
         };
+        // Participants in layer order, whatever order the caller gave (every rank must
+        // pass the same layers, not necessarily in the same order).
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| items[i].0 .0);
+        let mut participant = vec![0usize; items.len()];
+        for (p, &i) in order.iter().enumerate() {
+            participant[i] = p;
+        }
+        let slots = steps
+            .iter()
+            .map(|l| l.slot.clone())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::invalid("layers", "a layer without host collectives"))?;
         let batch = crate::dist::Batch::new(shared.clone(), items.len());
-        // The layers' steps on threads of their own; their joined collectives on this one.
+        // The layers' steps on threads of their own, started together once every thread
+        // runs (a thread that cannot start cancels the batch: nothing is sent, the group
+        // stays whole); their joined collectives on this thread.
         let outs: Vec<std::thread::Result<Result<Decision>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = steps
                 .into_iter()
                 .zip(inputs)
+                .zip(slots)
                 .enumerate()
-                .map(|(p, (l, (a, g)))| {
+                .map(|(i, ((l, (a, g)), slot))| {
                     let batch = &batch;
-                    let slot = l.slot.clone().expect("a host-collective layer has a slot");
-                    let spawned = std::thread::Builder::new()
-                        .name(format!("thor-layer-{p}"))
+                    let p = participant[i];
+                    std::thread::Builder::new()
+                        .name(format!("thor-layer-{}", items[i].0 .0))
                         .spawn_scoped(scope, move || {
+                            if !batch.wait_open() {
+                                batch.leave(p, None);
+                                return Ok(Err(Error::Communication(
+                                    "not run: the batch was cancelled".into(),
+                                )));
+                            }
                             let _joined = slot.join(batch, p);
                             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                                 l.engine.observe(be, a, g, damping)
@@ -902,14 +932,20 @@ impl Thor {
                                 Err(_) => batch.leave(p, Some("a panic")),
                             }
                             r
-                        });
-                    spawned.map_err(|e| {
-                        let why = format!("could not start a thread: {e}");
-                        batch.leave(p, Some(&why));
-                        Error::Communication(why)
-                    })
+                        })
+                        .map_err(|e| {
+                            batch.leave(p, None);
+                            Error::invalid(
+                                "layers",
+                                format!(
+                                    "could not start a thread per layer ({e}): nothing was run; \
+                                     observe fewer layers at once"
+                                ),
+                            )
+                        })
                 })
                 .collect();
+            batch.open(handles.iter().all(Result::is_ok));
             batch.drive();
             handles
                 .into_iter()
@@ -919,13 +955,22 @@ impl Thor {
                 })
                 .collect()
         });
+        if self.ones_bufs.len() > 1 {
+            self.ones_bufs.truncate(1);
+        }
         let mut decisions = Vec::with_capacity(outs.len());
         let mut first_err = None;
         for out in outs {
             match out {
                 Ok(Ok(d)) => decisions.push(d),
+                // The layer's own error (or why its thread did not start) before the
+                // batch's "not run".
                 Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
+                    let cancelled =
+                        matches!(&e, Error::Communication(m) if m.starts_with("not run"));
+                    if first_err.is_none() || (!cancelled && first_err_cancelled(&first_err)) {
+                        first_err = Some(e);
+                    }
                 }
                 Err(panic) => std::panic::resume_unwind(panic),
             }
