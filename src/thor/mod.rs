@@ -796,7 +796,19 @@ impl Thor {
             out_grads,
             rows,
         };
-        Ok(self.observe_layers(&[(id, item)])?[0])
+        self.observe_one(id, item)
+    }
+
+    /// One layer's statistics step (no allocation once the ones column is sized).
+    fn observe_one(&mut self, id: LayerId, item: LayerInputs<'_>) -> Result<Decision> {
+        let damping = self.damping();
+        let norm = self.cfg.conv_norm;
+        let l = layer_in(&mut self.layers, id)?;
+        if self.ones_bufs.is_empty() {
+            self.ones_bufs.push(Vec::new());
+        }
+        let (a, g) = step_inputs(&l.kind, item, norm, &mut self.ones_bufs[0])?;
+        l.engine.observe(&self.backend, a, g, damping)
     }
 
     /// [`Thor::observe`] for a [`LayerKind::Conv2d`] layer from its raw tensors, without
@@ -825,7 +837,7 @@ impl Thor {
             out_grad,
             grad_view,
         };
-        Ok(self.observe_layers(&[(id, item)])?[0])
+        self.observe_one(id, item)
     }
 
     /// The statistics steps of several layers at once, each as [`Thor::observe`] or
@@ -840,13 +852,18 @@ impl Thor {
     /// thread. One thread per layer, all at once (a layer's step may wait in a collective
     /// for the others): their work runs on rayon's global pool, not on a pool the caller
     /// installed; a thread that cannot start fails the call before any step runs. A step
-    /// that fails breaks the group (the other ranks' joined collectives would not line up). Elsewhere, and with one layer, they
-    /// run one after the other, and an error in a layer's step (other than an argument
-    /// error) comes after the layers before it have taken theirs.
+    /// that fails breaks the group (the other ranks' joined collectives would not line
+    /// up). Elsewhere, and with one layer, they run one after the other, and an error in a
+    /// layer's step (other than an argument error) comes after the layers before it have
+    /// taken theirs. Unlike [`Thor::observe`], a call with several layers allocates (its
+    /// lists, and the threads of a joined call).
     pub fn observe_layers(
         &mut self,
         items: &[(LayerId, LayerInputs<'_>)],
     ) -> Result<Vec<Decision>> {
+        if let [(id, item)] = items {
+            return Ok(vec![self.observe_one(*id, *item)?]);
+        }
         let damping = self.damping();
         let norm = self.cfg.conv_norm;
         // Each layer once; the inputs checked before anything runs.
