@@ -431,32 +431,65 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe(
             rows,
             conv: std::ptr::null(),
         };
-        // SAFETY: `opt` was checked above.
-        let device = unsafe { on_device(opt) };
-        let o = (
-            observation as *const i32,
-            usize::from(!observation.is_null()),
-        );
-        // SAFETY: the pointer contract of this function.
-        let checked = unsafe { step.check(t, o)? };
-        let decision = if device {
-            // SAFETY: the pointer contract of this function, checked above.
-            unsafe { checked.queue(t)? };
-            if observation.is_null() {
-                return Ok(());
-            }
-            t.last_decision(checked.id)?
-        } else {
-            // SAFETY: the pointer contract of this function, checked above.
-            let item = unsafe { checked.host()? };
-            t.observe_layers(&[item])?[0]
-        };
-        if !observation.is_null() {
-            // SAFETY: checked above, before anything changed.
-            unsafe { *observation = decision.code() };
-        }
+        // SAFETY: `opt` was checked above; the pointer contract of this function.
+        unsafe { observe_one(opt, t, step, observation)? };
         Ok(())
     })
+}
+
+/// One layer's statistics step from its checked `step`, its decision written to
+/// `observation` (null: none; on a CUDA optimizer a null one does not wait for the step).
+///
+/// # Safety
+/// `opt` checked and `t` its optimizer; the pointers of `step` and `observation` as the
+/// single-layer calls' contract gives them.
+unsafe fn observe_one(
+    opt: *mut ThorOptimizer,
+    t: &mut Thor,
+    step: ThorLayerStep,
+    observation: *mut i32,
+) -> Result<()> {
+    let o = (
+        observation as *const i32,
+        usize::from(!observation.is_null()),
+    );
+    // SAFETY: the caller's contract.
+    let checked = unsafe { step.check(t, o)? };
+    // SAFETY: `opt` was checked by the caller.
+    let decision = if unsafe { on_device(opt) } {
+        // SAFETY: the caller's contract, checked above.
+        unsafe { checked.queue(t)? };
+        if observation.is_null() {
+            return Ok(());
+        }
+        t.last_decision(checked.id)?
+    } else {
+        // SAFETY: the caller's contract, checked above.
+        match unsafe { checked.host()? } {
+            (
+                id,
+                LayerInputs::Dense {
+                    acts,
+                    out_grads,
+                    rows,
+                },
+            ) => t.observe(id, acts, out_grads, rows)?,
+            (
+                id,
+                LayerInputs::Conv {
+                    input,
+                    input_view,
+                    out_grad,
+                    grad_view,
+                },
+            ) => t.observe_conv(id, input, input_view, out_grad, grad_view)?,
+        }
+    };
+    if !observation.is_null() {
+        // SAFETY: checked above, before anything changed.
+        unsafe { *observation = decision.code() };
+    }
+    Ok(())
 }
 
 /// One layer's inputs for `thor_v1_optimizer_observe_layers`: a dense layer's activations
@@ -1221,29 +1254,8 @@ pub unsafe extern "C" fn thor_v1_optimizer_observe_conv(
             rows: 0,
             conv: tensors,
         };
-        let o = (
-            observation as *const i32,
-            usize::from(!observation.is_null()),
-        );
-        // SAFETY: the pointer contract of this function.
-        let checked = unsafe { step.check(t, o)? };
-        // SAFETY: `opt` was checked above.
-        let decision = if unsafe { on_device(opt) } {
-            // SAFETY: the pointer contract of this function, checked above.
-            unsafe { checked.queue(t)? };
-            if observation.is_null() {
-                return Ok(());
-            }
-            t.last_decision(checked.id)?
-        } else {
-            // SAFETY: the pointer contract of this function, checked above.
-            let item = unsafe { checked.host()? };
-            t.observe_layers(&[item])?[0]
-        };
-        if !observation.is_null() {
-            // SAFETY: checked above, before anything changed.
-            unsafe { *observation = decision.code() };
-        }
+        // SAFETY: `opt` was checked above; the pointer contract of this function.
+        unsafe { observe_one(opt, t, step, observation)? };
         Ok(())
     })
 }
