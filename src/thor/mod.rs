@@ -524,7 +524,8 @@ impl Thor {
     /// rank's end of the group. Every rank makes its optimizer with the same configuration,
     /// adds the same layers in the same order and calls [`Thor::observe`] (or
     /// [`Thor::observe_conv`]) for the same layers in the same order with its own local
-    /// batch; each such call is then three collectives, after which every rank holds the
+    /// batch ([`Thor::observe_layers`] for several layers at once: three collectives for all
+    /// of them); each such call is then three collectives, after which every rank holds the
     /// decision, counters and inverses one rank would compute from the union of the
     /// batches (a NaN on any rank skips the layer on all). The blocks of the model's layers
     /// are spread round-robin over the ranks: each rank accumulates its batch for every
