@@ -374,8 +374,8 @@ impl LayerCounters {
 }
 
 /// Whether `e` is a batch's "not run" (a layer cancelled with the batch).
-fn first_err_cancelled(e: &Option<Error>) -> bool {
-    matches!(e, Some(Error::Communication(m)) if m.starts_with("not run"))
+fn not_run(e: &Error) -> bool {
+    matches!(e, Error::Communication(m) if m.starts_with("not run"))
 }
 
 /// A registered layer: its shape, layouts and the engine that holds its state.
@@ -984,9 +984,10 @@ impl Thor {
                 // The layer's own error (or why its thread did not start) before the
                 // batch's "not run".
                 Ok(Err(e)) => {
-                    let cancelled =
-                        matches!(&e, Error::Communication(m) if m.starts_with("not run"));
-                    if first_err.is_none() || (!cancelled && first_err_cancelled(&first_err)) {
+                    if first_err
+                        .as_ref()
+                        .is_none_or(|f| not_run(f) && !not_run(&e))
+                    {
                         first_err = Some(e);
                     }
                 }
